@@ -1,0 +1,1 @@
+"""The plain data objects passed between pipeline stages, each with its own on-disk form."""

@@ -1,0 +1,90 @@
+"""transformers integration: `quant_method: "moecompress"` in config.json loads through from_pretrained.
+
+Registered on `import moecompress` (register_quantization_config / register_quantizer are transformers' public
+extension points). Without that import transformers refuses the checkpoint with "Unknown quantization type" —
+it never silently builds a wrong model.
+"""
+from __future__ import annotations
+
+import torch
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    register_quantization_config,
+    register_quantizer,
+)
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from moecompress.format.spec import FORMAT_VERSION, QUANT_METHOD, FormatSpec
+from moecompress.runtime.convert import prepare_kernels, replace_modules
+
+
+class MoecompressConfig(QuantizationConfigMixin):
+    """Mirror of format/spec.py FormatSpec in the shape transformers expects."""
+
+    def __init__(self, group_size: int = 64, symmetric: bool = False, experts: dict | None = None,
+                 linears: dict | None = None, format_version: int = FORMAT_VERSION, quant_method: str = QUANT_METHOD,
+                 **unknown):
+        self.quant_method = QUANT_METHOD
+        self.format_version = format_version
+        self.group_size = group_size
+        self.symmetric = symmetric
+        self.experts = experts or {}
+        self.linears = linears or {}
+        self.spec = FormatSpec.from_dict(self.to_dict())  # validates; raises MoecompressError on bad input
+
+    def to_dict(self) -> dict:
+        return {
+            "quant_method": QUANT_METHOD,
+            "format_version": self.format_version,
+            "group_size": self.group_size,
+            "symmetric": self.symmetric,
+            "experts": self.experts,
+            "linears": self.linears,
+        }
+
+    def to_diff_dict(self) -> dict:
+        return self.to_dict()
+
+    @classmethod
+    def from_spec(cls, spec: FormatSpec) -> "MoecompressConfig":
+        return cls(**spec.to_dict())
+
+
+class MoecompressQuantizer(HfQuantizer):
+    requires_calibration = True  # pre-quantized checkpoints only: moecompress quantizes offline
+
+    def __init__(self, quantization_config: MoecompressConfig, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        dtype = kwargs.get("dtype") or model.dtype
+        replace_modules(model, self.quantization_config.spec, dtype=dtype)
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        prepare_kernels(model, model.dtype)
+        return model
+
+    def get_new_dtype(self, converter, param, dtype):
+        # Keep the stored dtype of packed ints and float16 scales; other float tensors follow the requested dtype.
+        stored = param.get_dtype() if hasattr(param, "get_dtype") else str(param.dtype)
+        if stored in ("F16", "U8", "I32", "torch.float16", "torch.uint8", "torch.int32"):
+            return None
+        return super().get_new_dtype(converter, param, dtype)
+
+    def is_serializable(self):
+        return True
+
+    @property
+    def is_trainable(self):
+        return False
+
+
+def register() -> None:
+    """Idempotent registration with transformers' quantizer registries."""
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(MoecompressConfig)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(MoecompressQuantizer)
