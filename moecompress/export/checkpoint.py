@@ -21,14 +21,10 @@ from torch import nn
 from moecompress.arch.adapters import proj_bias, proj_weights
 from moecompress.arch.layout import ModelLayout
 from moecompress.artifacts.bit_plan import BitPlan
+from moecompress.artifacts.quantized import QuantizedTensors, expert_key
 from moecompress.errors import MoecompressError
 from moecompress.format.files import INDEX, write_manifest
 from moecompress.format.spec import ExpertsSpec, FormatSpec, group_prefix
-
-
-def expert_key(experts_path: str, proj: str, expert: int) -> str:
-    """Key of one expert projection in a QuantizedTensors mapping."""
-    return f"{experts_path}.{proj}.{expert}"
 
 
 def format_spec(plan: BitPlan, layout: ModelLayout, held: Mapping[str, set[int]] | None = None) -> FormatSpec:
@@ -48,13 +44,13 @@ def format_spec(plan: BitPlan, layout: ModelLayout, held: Mapping[str, set[int]]
     return FormatSpec(group_size=plan.group_size, symmetric=plan.symmetric, experts=experts, linears=linears)
 
 
-def packed_state_dict(model: nn.Module, layout: ModelLayout, spec: FormatSpec, quantized: Mapping,
+def packed_state_dict(model: nn.Module, layout: ModelLayout, spec: FormatSpec, quantized: QuantizedTensors,
                       dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
-    """Tensors of the checkpoint. `quantized` maps expert_key(...) / linear path -> QuantizedWeight."""
+    """Tensors of the checkpoint; `quantized` holds a QuantizedWeight per expert_key(...) / linear path."""
     def need(key):
-        if key not in quantized:
+        if key not in quantized.weights:
             raise MoecompressError(f"no quantized weights for {key}; run the quantize stage for this bit plan")
-        return quantized[key]
+        return quantized.weights[key]
 
     out: dict[str, torch.Tensor] = {}
     replaced = list(spec.experts) + list(spec.linears)
@@ -69,6 +65,7 @@ def packed_state_dict(model: nn.Module, layout: ModelLayout, spec: FormatSpec, q
         out[name] = t.detach().to(dtype) if t.is_floating_point() else t.detach()
     for m in layout.moe_layers:
         experts_module = model.get_submodule(m.experts_path)
+        out[f"{m.experts_path}.{m.projs[0].attr}"] = torch.empty(0, dtype=torch.uint8)  # marker, see format/spec.py
         for proj, by_bits in spec.experts[m.experts_path].groups.items():
             bias = proj_bias(experts_module, m, proj)
             for bits, ids in by_bits.items():
@@ -141,7 +138,7 @@ def write_checkpoint(out_dir: str | Path, config, tensors: dict[str, torch.Tenso
     return out_dir
 
 
-def export_checkpoint(model: nn.Module, layout: ModelLayout, plan: BitPlan, quantized: Mapping, out_dir: str | Path,
+def export_checkpoint(model: nn.Module, layout: ModelLayout, plan: BitPlan, quantized: QuantizedTensors, out_dir: str | Path,
                       tokenizer=None, dtype: torch.dtype = torch.bfloat16, held: Mapping[str, set[int]] | None = None,
                       **write_kwargs) -> Path:
     spec = format_spec(plan, layout, held)

@@ -11,6 +11,8 @@ Tensor names, below an experts module path P (e.g. "model.layers.0.mlp.experts")
     P.<proj>.b<b>.zeros    uint8   [n, out, in/group_size]   (asymmetric only)
     P.<proj>.b16.weight    bf16    [n, out, in]              (16 = kept in bf16)
     P.<proj>.b<b>.bias     dtype   [n, out]                  (experts with biases only)
+    P.gate_up_proj (or P.up_proj) uint8 [0]: empty marker under the model's own fused name, so that
+        transformers without moecompress stops on a size mismatch instead of building random experts;
 where n experts are listed, in increasing id order, in quantization_config.experts[P][proj][str(b)].
 Weights are in the canonical orientation [out, in] whatever the model's own storage layout.
 A quantized dense nn.Linear at path Q is stored as a group of one: Q.qweight [1, out, in*b/8], Q.scales,

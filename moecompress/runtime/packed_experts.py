@@ -53,6 +53,9 @@ class PackedExperts(nn.Module):
                 self.add_module(name, module)
         self._gate_fn = getattr(type(template), "_apply_gate", None)
         self.has_post_expert_norm = bool(getattr(template, "has_post_expert_norm", False))
+        # The fused tensor's own name, empty: transformers without moecompress stops on its size mismatch instead
+        # of building random experts in place of the missing fused weight (format/spec.py).
+        self.register_buffer(f"{self.proj_names[0]}_proj", torch.empty(0, dtype=torch.uint8, device=device))
         for name, in_f, out_f in projs:
             groups = {
                 bits: PackedGroup(ids, bits, in_f, out_f, group_size, symmetric, self.has_bias, dtype, device)

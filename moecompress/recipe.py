@@ -1,0 +1,274 @@
+"""Recipes: YAML files that map 1:1 onto frozen dataclasses. Unknown keys and bad values are errors.
+
+A recipe fixes every input of `moecompress quantize`, so a run is reproducible; the run writes its resolved recipe
+plus package versions and input hashes as `recipe.lock.yaml`, itself a valid recipe.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field, fields
+from enum import Enum
+from pathlib import Path
+
+import yaml
+
+from moecompress.errors import MoecompressError
+
+
+class Quantizer(str, Enum):
+    RTN = "rtn"
+    GPTQ = "gptq"
+
+
+class Granularity(str, Enum):
+    EXPERT = "expert"  # one bit-width per expert (all its projections)
+    PROJECTION = "projection"  # gate_up / up and down separately
+
+
+class SensitivityMethod(str, Enum):
+    HESSIAN = "hessian"  # tr(dW H dW^T) with the routing-weighted Hessians
+    MEASURED = "measured"  # actual MoE-block output error on held-out calibration tokens
+    LOSS_AWARE = "loss_aware"  # block output error weighted by squared loss gradients
+
+
+class Solver(str, Enum):
+    AUTO = "auto"
+    MILP = "milp"
+    LAGRANGIAN = "lagrangian"
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    dataset: str = "builtin:stdlib-calib"  # .txt / .jsonl(.gz) path, builtin:NAME, or hf:NAME[:CONFIG[:SPLIT[:COLUMN]]]
+    samples: int = 128
+    seq_len: int = 256
+    seed: int = 0
+    batch_size: int = 8
+    all_experts: bool = True  # also feed every token to every expert, for the Hessians of rare experts
+    min_tokens: int = 16  # below this an expert's routed Hessian is replaced by its all-tokens Hessian
+    layerwise: bool = False  # one decoder layer in memory at a time
+
+
+@dataclass(frozen=True)
+class SensitivityConfig:
+    method: SensitivityMethod = SensitivityMethod.HESSIAN
+    granularity: Granularity = Granularity.EXPERT
+    holdout: float = 0.25  # share of calibration sequences held out by the measured / loss-aware methods
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    avg_bits: float | None = None  # average bits per routed-expert weight, metadata included
+    megabytes: float | None = None  # or: total routed-expert bytes, in MiB
+
+    def __post_init__(self):
+        if (self.avg_bits is None) == (self.megabytes is None):
+            raise MoecompressError("budget: give exactly one of avg_bits or megabytes")
+        value = self.avg_bits if self.avg_bits is not None else self.megabytes
+        if value <= 0:
+            raise MoecompressError(f"budget: must be positive, got {value}")
+
+
+@dataclass(frozen=True)
+class AllocationConfig:
+    budget: BudgetConfig = field(default_factory=lambda: BudgetConfig(avg_bits=3.0))
+    candidates: tuple[int, ...] = (2, 3, 4, 8)
+    min_bits: int = 2
+    max_bits: int = 16
+    layer_min_bits: dict[int, int] = field(default_factory=dict)  # MoE layer -> minimum bits
+    solver: Solver = Solver.AUTO
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    method: Quantizer = Quantizer.GPTQ
+    group_size: int = 64
+    symmetric: bool = False
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = True  # static groups: the stored format stays contiguous groups
+
+
+@dataclass(frozen=True)
+class ProtectConfig:
+    """Pins by rule; the router is never quantized. 16 keeps bf16."""
+
+    attention: int = 16
+    shared_experts: int = 16
+    dense_mlp: int = 16
+    first_layers: int = 0  # pin every expert of the first N MoE layers to pin_bits
+    last_layers: int = 0
+    pin_bits: int = 8
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    dataset: str = "builtin:stdlib-eval"
+    samples: int = 32
+    seq_len: int = 256
+    seed: int = 1
+
+
+@dataclass(frozen=True)
+class Recipe:
+    model: str
+    output: str
+    revision: str | None = None
+    dtype: str = "bfloat16"  # dtype the model is loaded in for compression, and of the checkpoint's float tensors
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
+    allocation: AllocationConfig = field(default_factory=AllocationConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    protect: ProtectConfig = field(default_factory=ProtectConfig)
+    eval: EvalConfig | None = None
+    lock: dict | None = None  # written by a run (versions, input hashes); checked when present
+
+    def __post_init__(self):
+        validate(self)
+
+
+DTYPES = ("bfloat16", "float16", "float32")
+ALLOWED_BITS = (2, 3, 4, 8, 16)
+
+
+def validate(r: Recipe) -> None:
+    def need(ok: bool, key: str, msg: str):
+        if not ok:
+            raise MoecompressError(f"recipe key {key}: {msg}")
+
+    need(r.dtype in DTYPES, "dtype", f"got {r.dtype!r}; allowed: {', '.join(DTYPES)}")
+    c = r.calibration
+    need(c.samples > 0, "calibration.samples", f"must be > 0, got {c.samples}")
+    need(c.seq_len > 1, "calibration.seq_len", f"must be > 1, got {c.seq_len}")
+    need(c.batch_size > 0, "calibration.batch_size", f"must be > 0, got {c.batch_size}")
+    need(0 < r.sensitivity.holdout < 1, "sensitivity.holdout", f"must be in (0, 1), got {r.sensitivity.holdout}")
+    a = r.allocation
+    for b in a.candidates:
+        need(b in ALLOWED_BITS, "allocation.candidates", f"bits {b} not allowed; allowed: 2, 3, 4, 8, 16")
+    need(len(a.candidates) > 0, "allocation.candidates", "must not be empty")
+    need(a.min_bits in ALLOWED_BITS, "allocation.min_bits", f"got {a.min_bits}; allowed: 2, 3, 4, 8, 16")
+    need(a.max_bits in ALLOWED_BITS, "allocation.max_bits", f"got {a.max_bits}; allowed: 2, 3, 4, 8, 16")
+    need(a.min_bits <= a.max_bits, "allocation.min_bits", "must be <= allocation.max_bits")
+    need(any(a.min_bits <= b <= a.max_bits for b in a.candidates), "allocation.candidates",
+         "no candidate lies within [min_bits, max_bits]")
+    for layer, b in a.layer_min_bits.items():
+        need(b in ALLOWED_BITS, f"allocation.layer_min_bits.{layer}", f"got {b}; allowed: 2, 3, 4, 8, 16")
+    q = r.quantize
+    need(q.group_size >= 8 and q.group_size % 8 == 0, "quantize.group_size", f"must be a multiple of 8, got {q.group_size}")
+    need(0 <= q.damp < 1, "quantize.damp", f"must be in [0, 1), got {q.damp}")
+    need(q.block_size > 0, "quantize.block_size", f"must be > 0, got {q.block_size}")
+    p = r.protect
+    for key in ("attention", "shared_experts", "dense_mlp", "pin_bits"):
+        need(getattr(p, key) in ALLOWED_BITS, f"protect.{key}", f"got {getattr(p, key)}; allowed: 2, 3, 4, 8, 16")
+    need(p.first_layers >= 0 and p.last_layers >= 0, "protect.first_layers", "must be >= 0")
+
+
+# -- YAML <-> dataclasses --------------------------------------------------------------------------------------------
+def _build(cls, data, key: str):
+    """Build dataclass `cls` from a mapping, strictly: unknown keys and wrong types are errors naming the key."""
+    if not isinstance(data, dict):
+        raise MoecompressError(f"recipe key {key or '<top>'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise MoecompressError(f"recipe: unknown key {(key + '.' if key else '') + unknown[0]}; "
+                               f"allowed here: {', '.join(sorted(names))}")
+    kwargs = {name: _coerce(hints[name], value, f"{key}.{name}" if key else name) for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise MoecompressError(f"recipe key {key or '<top>'}: {exc}") from exc
+
+
+def _coerce(tp, value, key: str):
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if isinstance(tp, type) and issubclass(tp, Enum):
+        allowed = [m.value for m in tp]
+        if value not in allowed:
+            raise MoecompressError(f"recipe key {key}: got {value!r}; allowed: {', '.join(allowed)}")
+        return tp(value)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise MoecompressError(f"recipe key {key}: expected a list, got {value!r}")
+        return tuple(_coerce(args[0], v, key) for v in value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise MoecompressError(f"recipe key {key}: expected a mapping, got {value!r}")
+        return {_coerce(args[0], k, key): _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()} if args else value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise MoecompressError(f"recipe key {key}: expected true/false, got {value!r}")
+        return value
+    if tp in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (tp is int and value != int(value)):
+            raise MoecompressError(f"recipe key {key}: expected {tp.__name__}, got {value!r}")
+        return tp(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise MoecompressError(f"recipe key {key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def to_dict(obj) -> dict:
+    def plain(v):
+        if isinstance(v, Enum):
+            return v.value
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in fields(v)}
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(obj)
+
+
+def parse_override(item: str) -> tuple[list[str], object]:
+    if "=" not in item:
+        raise MoecompressError(f"--set expects key=value (e.g. allocation.budget.avg_bits=2.5), got {item!r}")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw)
+
+
+def recipe_from_dict(data: dict, overrides: list[str] = ()) -> Recipe:
+    data = dict(data or {})
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            node[part] = child = dict(child) if isinstance(child, dict) else {}
+            node = child
+        if path[-2:-1] == ["budget"]:  # a budget has exactly one of its keys: setting one replaces the other
+            node.clear()
+        node[path[-1]] = value
+    for required in ("model", "output"):
+        if required not in data:
+            raise MoecompressError(f"recipe: missing required key {required!r}")
+    return _build(Recipe, data, "")
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    path = Path(path)
+    if not path.exists():
+        raise MoecompressError(f"recipe file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise MoecompressError(f"recipe file {path} is not valid YAML: {exc}") from exc
+    return recipe_from_dict(data, overrides)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(to_dict(recipe), sort_keys=False)

@@ -1,0 +1,29 @@
+"""Shared fixtures. `tiny_model(model_type, seed=0, dtype=torch.float32, **config_overrides)` builds (once per
+session, then hands out deep copies, so tests may mutate them) a seeded eval-mode random model of a supported MoE
+architecture; see moecompress/arch/tiny.py for the shapes."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from moecompress.arch import supported_types
+from moecompress.arch import tiny as _tiny
+
+SUPPORTED_TYPES: list[str] = supported_types()
+
+_CACHE: dict = {}
+
+
+def _build(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    key = (model_type, seed, dtype, tuple(sorted((k, repr(v)) for k, v in overrides.items())))
+    if key not in _CACHE:
+        _CACHE[key] = _tiny.tiny_model(model_type, seed=seed, dtype=dtype, **overrides)
+    return copy.deepcopy(_CACHE[key])
+
+
+@pytest.fixture
+def tiny_model():
+    """Factory: `tiny_model("mixtral")` -> a fresh (deep-copied) seeded random model, eval mode."""
+    return _build
