@@ -115,7 +115,8 @@ class Recipe:
     model: str
     output: str
     revision: str | None = None
-    dtype: str = "bfloat16"  # dtype the model is loaded in for compression, and of the checkpoint's float tensors
+    dtype: str = "bfloat16"  # dtype of the checkpoint's float tensors
+    compute_dtype: str = "float32"  # dtype the model is loaded in for calibration, sensitivity and quantization
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
     allocation: AllocationConfig = field(default_factory=AllocationConfig)
@@ -138,6 +139,7 @@ def validate(r: Recipe) -> None:
             raise MoecompressError(f"recipe key {key}: {msg}")
 
     need(r.dtype in DTYPES, "dtype", f"got {r.dtype!r}; allowed: {', '.join(DTYPES)}")
+    need(r.compute_dtype in DTYPES, "compute_dtype", f"got {r.compute_dtype!r}; allowed: {', '.join(DTYPES)}")
     c = r.calibration
     need(c.samples > 0, "calibration.samples", f"must be > 0, got {c.samples}")
     need(c.seq_len > 1, "calibration.seq_len", f"must be > 1, got {c.seq_len}")

@@ -1,0 +1,45 @@
+"""report.md of a run: calibration coverage, allocation, checkpoint size, fallbacks, and evaluation if asked."""
+from __future__ import annotations
+
+import json
+
+from moecompress.artifacts.quantized import META_FILE
+from moecompress.pipeline.steps import ALLOC_REPORT, RunContext
+from moecompress.runtime.inspect import checkpoint_report, format_report
+
+
+def _allocation_lines(report: dict) -> list[str]:
+    keys = ("solver", "gap", "predicted_damage", "avg_bits_nominal", "avg_bits_effective", "bytes", "bf16_bytes",
+            "bits_histogram")
+    return [f"- {k}: {report[k]}" for k in keys if k in report]
+
+
+def write_report(ctx: RunContext) -> str:
+    out = ctx.out
+    parts = [f"# moecompress run: {out}", "", f"recipe: `{out / 'recipe.lock.yaml'}`", ""]
+    summary = out / "calibration" / "summary.md"
+    if summary.exists():
+        parts += ["## Calibration", "", summary.read_text().strip(), ""]
+    alloc = json.loads((out / "allocation" / ALLOC_REPORT).read_text())
+    parts += ["## Allocation", "", *_allocation_lines(alloc), "", "![bits](allocation/bits_heatmap.png)", ""]
+    fallbacks = json.loads((out / "quantized" / META_FILE).read_text())["fallbacks"]
+    parts += ["## Quantization", "", f"- fallbacks / notes: {len(fallbacks)} (see quantized/{META_FILE})", ""]
+    parts += ["## Checkpoint", "", format_report(checkpoint_report(out / "checkpoint")), ""]
+    if ctx.recipe.eval is not None:
+        parts += ["## Evaluation", "", _evaluate(ctx), ""]
+    text = "\n".join(parts)
+    (out / "report.md").write_text(text)
+    return text
+
+
+def _evaluate(ctx: RunContext) -> str:
+    from moecompress.evaluate import evaluate_checkpoint, write_results
+    from moecompress.builtin import resolve_dataset
+
+    e = ctx.recipe.eval
+    model, tokenizer, _ = ctx.load()
+    dataset = resolve_dataset(e.dataset)
+    results = [evaluate_checkpoint(ctx.model_path, tokenizer, dataset, e.samples, e.seq_len, e.seed, name="bf16"),
+               evaluate_checkpoint(ctx.out / "checkpoint", tokenizer, dataset, e.samples, e.seq_len, e.seed,
+                                   reference_model=model, name="moecompress")]
+    return write_results(results, ctx.out / "eval")

@@ -1,0 +1,149 @@
+"""Each stage of the main job as glue: read the previous stages' artifacts, call the stage, write its artifact.
+
+Every step has the signature `step(ctx, tmp)` and writes only into `tmp` (renamed into place by the runner).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moecompress.arch.layout import ModelLayout
+from moecompress.artifacts.bit_plan import BitPlan
+from moecompress.artifacts.calibration_stats import CalibrationStats
+from moecompress.artifacts.cost_table import CostTable
+from moecompress.artifacts.quantized import QuantizedTensors
+from moecompress.recipe import Quantizer, Recipe
+
+COST_FILE = "cost_table.json"
+PLAN_FILE = "bit_plan.json"
+ALLOC_REPORT = "report.json"
+
+
+@dataclass(frozen=True)
+class RunContext:
+    recipe: Recipe
+    out: Path
+    model_path: str
+    dataset_path: str
+    progress: bool
+    load: Callable[[], tuple]  # () -> (model, tokenizer, layout), loaded once per run
+
+    def dir(self, name: str) -> Path:
+        return self.out / name
+
+
+def load_model(model_path: str, revision: str | None, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from moecompress.arch.adapters import describe
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, revision=revision, dtype=dtype)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_path, revision=revision)
+    return model, tokenizer, describe(model)
+
+
+def protected_linears(recipe: Recipe, layout: ModelLayout) -> dict[str, int]:
+    """Dense linears quantized by the recipe's protect rules (16 = kept, so left out)."""
+    p = recipe.protect
+    rules = ((layout.attention_linears, p.attention), (layout.shared_expert_linears, p.shared_experts),
+             (layout.dense_mlp_linears, p.dense_mlp))
+    return {path: bits for paths, bits in rules if bits != 16 for path in paths}
+
+
+# -- the stages ------------------------------------------------------------------------------------------------------
+def calibrate_step(ctx: RunContext, tmp: Path) -> None:
+    from moecompress.calibrate.options import CalibrationOptions
+    from moecompress.calibrate.plots import save_plots
+    from moecompress.calibrate.report import format_summary
+    from moecompress.calibrate.run import calibrate
+
+    r, c = ctx.recipe, ctx.recipe.calibration
+    model, tokenizer, layout = ctx.load()
+    dense = tuple(protected_linears(r, layout)) if r.quantize.method == Quantizer.GPTQ else ()
+    options = CalibrationOptions(samples=c.samples, seq_len=c.seq_len, seed=c.seed, batch_size=c.batch_size,
+                                 hessians=True, dense_hessians=dense or False, all_experts=c.all_experts,
+                                 layerwise=c.layerwise, min_tokens=c.min_tokens, dtype=r.compute_dtype,
+                                 progress=ctx.progress)
+    stats = calibrate(ctx.model_path if c.layerwise else model, tokenizer, ctx.dataset_path, options)
+    stats.save(tmp)
+    save_plots(stats, tmp)
+    (tmp / "summary.md").write_text(format_summary(stats) + "\n")
+
+
+def sensitivity_step(ctx: RunContext, tmp: Path) -> None:
+    from moecompress.sensitivity import SensitivityOptions, estimate_costs
+
+    r = ctx.recipe
+    model, tokenizer, layout = ctx.load()
+    stats = CalibrationStats.load(ctx.dir("calibration"))
+    options = SensitivityOptions(method=r.sensitivity.method.value, granularity=r.sensitivity.granularity.value,
+                                 holdout=r.sensitivity.holdout)
+    candidates = tuple(sorted(set(r.allocation.candidates) | {16}))
+    cost = estimate_costs(model, layout, stats, options, candidates=candidates, group_size=r.quantize.group_size,
+                          symmetric=r.quantize.symmetric, tokenizer=tokenizer, dataset=ctx.dataset_path,
+                          calibration=r.calibration, progress=ctx.progress)
+    cost.save(tmp / COST_FILE)
+
+
+def allocation_inputs(recipe: Recipe, layout: ModelLayout):
+    """Budget and rules of the recipe, in the allocator's types (first/last-layer pins as key patterns)."""
+    from moecompress.allocate import AllocationRules, Budget
+
+    a, p = recipe.allocation, recipe.protect
+    budget = Budget(avg_bits=a.budget.avg_bits, megabytes=a.budget.megabytes)
+    n = layout.num_layers
+    pinned = set(range(min(p.first_layers, n))) | set(range(max(n - p.last_layers, 0), n))
+    pins = {f"{layout.moe_layers[i].experts_path}.*": p.pin_bits for i in sorted(pinned)}
+    rules = AllocationRules(candidates=tuple(sorted(set(a.candidates) | ({p.pin_bits} if pins else set()))),
+                            min_bits=a.min_bits, max_bits=a.max_bits, layer_min_bits=dict(a.layer_min_bits), pins=pins)
+    return budget, rules
+
+
+def allocate_step(ctx: RunContext, tmp: Path) -> None:
+    from moecompress.allocate import allocate, allocation_report, plot_bits_heatmap, to_bit_plan
+
+    r = ctx.recipe
+    cost = CostTable.load(ctx.dir("sensitivity") / COST_FILE)
+    _, _, layout = ctx.load()
+    budget, rules = allocation_inputs(r, layout)
+    allocation = allocate(cost, budget, rules, solver=r.allocation.solver.value)
+    plan = to_bit_plan(allocation, layout)
+    plan = dataclasses.replace(plan, linears={**plan.linears, **protected_linears(r, layout)})
+    plan.save(tmp / PLAN_FILE)
+    (tmp / ALLOC_REPORT).write_text(json.dumps(allocation_report(allocation), indent=1))
+    plot_bits_heatmap(plan, layout, tmp / "bits_heatmap.png")
+
+
+def quantize_step(ctx: RunContext, tmp: Path) -> None:
+    from moecompress.quantize.stage import QuantizeOptions, quantize_model
+
+    q = ctx.recipe.quantize
+    model, _, layout = ctx.load()
+    plan = BitPlan.load(ctx.dir("allocation") / PLAN_FILE)
+    stats = CalibrationStats.load(ctx.dir("calibration")) if q.method == Quantizer.GPTQ else None
+    options = QuantizeOptions(method=q.method.value, damp=q.damp, block_size=q.block_size, act_order=q.act_order,
+                              min_tokens=ctx.recipe.calibration.min_tokens)
+    quantize_model(model, layout, plan, stats, options, progress=ctx.progress).save(tmp)
+
+
+def export_step(ctx: RunContext, tmp: Path) -> None:
+    from moecompress.export.checkpoint import export_checkpoint
+    from moecompress.pipeline.run import DTYPES
+
+    model, tokenizer, layout = ctx.load()
+    plan = BitPlan.load(ctx.dir("allocation") / PLAN_FILE)
+    quantized = QuantizedTensors.load(ctx.dir("quantized"))
+    export_checkpoint(model, layout, plan, quantized, tmp, tokenizer=tokenizer, dtype=DTYPES[ctx.recipe.dtype],
+                      manifest={"recipe": "../recipe.lock.yaml"}, overwrite=True)
+
+
+STEPS: dict[str, Callable[[RunContext, Path], None]] = {
+    "calibrate": calibrate_step, "sensitivity": sensitivity_step, "allocate": allocate_step,
+    "quantize": quantize_step, "export": export_step,
+}
