@@ -32,7 +32,8 @@ def _eval(args) -> None:
 
     run_eval_command(resolve_model(args.model), resolve_dataset(args.dataset), samples=args.samples,
                      seq_len=args.seq_len, reference=resolve_model(args.reference) if args.reference else None,
-                     out=args.out)
+                     out=args.out, seed=args.seed, batch_size=args.batch_size, method=args.method,
+                     family=args.family, device=args.device, dtype=args.dtype)
 
 
 def _inspect(args) -> None:
@@ -89,7 +90,13 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--samples", type=int, default=64)
     e.add_argument("--seq-len", type=int, default=256)
     e.add_argument("--reference", help="uncompressed model, for the KL divergence")
-    e.add_argument("--out")
+    e.add_argument("--out", help="results directory (results.json/.md and pareto.png are merged across runs)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--batch-size", type=int, default=4)
+    e.add_argument("--method", help="label of this model in the results (default: from the checkpoint)")
+    e.add_argument("--family", help="series of the Pareto plot (default: the label before any '@')")
+    e.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    e.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
     e.set_defaults(func=_eval)
 
     i = sub.add_parser("inspect", help="per-layer bits and bytes of a checkpoint, or a shard placement")

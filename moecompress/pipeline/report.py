@@ -33,13 +33,16 @@ def write_report(ctx: RunContext) -> str:
 
 
 def _evaluate(ctx: RunContext) -> str:
-    from moecompress.evaluate import evaluate_checkpoint, write_results
     from moecompress.builtin import resolve_dataset
+    from moecompress.evaluate import evaluate_checkpoint, plot_pareto, write_results
 
     e = ctx.recipe.eval
     model, tokenizer, _ = ctx.load()
     dataset = resolve_dataset(e.dataset)
-    results = [evaluate_checkpoint(ctx.model_path, tokenizer, dataset, e.samples, e.seq_len, e.seed, name="bf16"),
-               evaluate_checkpoint(ctx.out / "checkpoint", tokenizer, dataset, e.samples, e.seq_len, e.seed,
-                                   reference_model=model, name="moecompress")]
-    return write_results(results, ctx.out / "eval")
+    common = dict(dataset=dataset, tokenizer=tokenizer, samples=e.samples, seq_len=e.seq_len, seed=e.seed,
+                  progress=ctx.progress)
+    results = [evaluate_checkpoint(model, method="uncompressed", family="bf16", **common),
+               evaluate_checkpoint(ctx.out / "checkpoint", reference=model, method="moecompress", **common)]
+    _, md = write_results(results, ctx.out / "eval")
+    plot_pareto(results, ctx.out / "eval" / "pareto.png")
+    return md.read_text().strip()
