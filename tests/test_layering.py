@@ -8,11 +8,12 @@ PKG = Path(__file__).resolve().parents[1] / "moecompress"
 COMPRESSION = {"calibrate", "sensitivity", "allocate", "quantize", "export", "shard", "pipeline", "builtin",
                "evaluate", "recipe", "cli"}
 STAGES = {"calibrate", "sensitivity", "allocate", "quantize", "export", "shard"}
-SHARED = {"arch", "artifacts", "format", "errors", "runtime"}
+# Algorithms other stages may use: the quantizers (sensitivity must measure the quantizer actually used).
+SHARED_ALGORITHMS = {"moecompress.quantize.rtn", "moecompress.quantize.gptq"}
 
 
 def _imports(path: Path) -> set[str]:
-    """Top-level moecompress subpackages a file imports (at any depth in the file)."""
+    """Top-level moecompress subpackages a file imports (at any depth in the file), shared algorithms excepted."""
     out = set()
     for node in ast.walk(ast.parse(path.read_text())):
         names = []
@@ -21,6 +22,8 @@ def _imports(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
         for name in names:
+            if any(name == m or name.startswith(m + ".") for m in SHARED_ALGORITHMS):
+                continue
             parts = name.split(".")
             if parts[0] == "moecompress" and len(parts) > 1:
                 out.add(parts[1])

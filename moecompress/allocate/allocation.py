@@ -1,0 +1,135 @@
+"""Choose every item's bit-width, globally across all MoE layers, for the least total damage within a byte budget."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from moecompress.allocate.rules import AllocationRules, Budget
+from moecompress.allocate.solvers import Solution, cheapest, relative_gap, solve_lagrangian, solve_milp, total
+from moecompress.arch.layout import ModelLayout
+from moecompress.artifacts.bit_plan import BitPlan
+from moecompress.artifacts.cost_table import ALL_PROJS, CostItem, CostTable
+from moecompress.errors import MoecompressError
+
+SOLVERS = ("auto", "milp", "lagrangian")
+AUTO_MILP_ABOVE_GAP = 1e-4  # "auto" runs the MILP only when the Lagrangian answer may be further than this from optimal
+
+
+@dataclass(frozen=True)
+class Allocation:
+    items: tuple[CostItem, ...]  # the cost table's items, in its order
+    bits: tuple[int, ...]  # chosen bit-width of each item
+    damage: float  # predicted total damage: sum of the chosen damages
+    bytes: int  # total stored bytes of the items at the chosen bits
+    budget_bytes: int
+    group_size: int
+    symmetric: bool
+    solver: str  # "milp" | "lagrangian"
+    lower_bound: float  # proven: no allocation within the budget and rules has less damage
+
+    @property
+    def gap(self) -> float:
+        """Relative distance to the proven lower bound: 0 means optimal (up to the MILP's tolerance)."""
+        return relative_gap(self.damage, self.lower_bound)
+
+
+def allocate(
+    cost: CostTable,
+    budget: Budget,
+    rules: AllocationRules = AllocationRules(),
+    solver: str = "auto",
+    *,
+    time_limit: float = 60.0,
+    mip_rel_gap: float = 1e-6,
+) -> Allocation:
+    """The least-damage choice of bits for every item of `cost` with total bytes <= the budget, under `rules`.
+
+    solver: "lagrangian" (fast, near optimal, with a proven lower bound), "milp" (exact up to `mip_rel_gap`, HiGHS,
+    `time_limit` seconds per solve) or "auto" (lagrangian, then milp only if the proven gap exceeds
+    AUTO_MILP_ABOVE_GAP: small problems, where one item is a large share of the damage). The Lagrangian answer is
+    always computed (milliseconds) and kept when the MILP finds no better one in its time.
+    """
+    if solver not in SOLVERS:
+        raise MoecompressError(f"unknown solver {solver!r}; allowed: {', '.join(SOLVERS)}")
+    items = cost.items
+    if not items:
+        raise MoecompressError("the cost table has no items to allocate")
+    allowed = rules.allowed(items)
+    k = max(len(a) for a in allowed)
+    nbytes = np.zeros((len(items), k), dtype=np.int64)  # [n, K] options of each item, padded
+    damage = np.zeros((len(items), k))
+    valid = np.zeros((len(items), k), dtype=bool)
+    for i, (it, cols) in enumerate(zip(items, allowed)):
+        nbytes[i, : len(cols)] = [it.bytes[j] for j in cols]
+        damage[i, : len(cols)] = [it.damage[j] for j in cols]
+        valid[i, : len(cols)] = True
+
+    numel = sum(it.numel for it in items if it.kind == "expert") or sum(it.numel for it in items)
+    budget_bytes = budget.to_bytes(numel)
+    least = int(total(nbytes, cheapest(nbytes, damage, valid)))
+    if budget_bytes < least:
+        raise MoecompressError(
+            f"budget {budget.describe(budget_bytes, numel)} is too small: the smallest feasible budget, every item "
+            f"at its lowest allowed bits, is {budget.describe(least, numel)}"
+        )
+
+    sol = solve_lagrangian(nbytes, damage, valid, budget_bytes)
+    lag_damage = total(damage, sol.choice)
+    if solver == "milp" or (solver == "auto" and relative_gap(lag_damage, sol.lower_bound) > AUTO_MILP_ABOVE_GAP):
+        exact = solve_milp(nbytes, damage, valid, budget_bytes, time_limit=time_limit, mip_rel_gap=mip_rel_gap)
+        if exact is not None and total(damage, exact.choice) <= lag_damage:
+            sol = Solution(exact.choice, max(exact.lower_bound, sol.lower_bound), exact.solver)
+
+    chosen = tuple(it.bits[cols[j]] for it, cols, j in zip(items, allowed, sol.choice))
+    predicted = math.fsum(damage[np.arange(len(items)), sol.choice])
+    return Allocation(
+        items=items,
+        bits=chosen,
+        damage=predicted,
+        bytes=int(total(nbytes, sol.choice)),
+        budget_bytes=budget_bytes,
+        group_size=cost.group_size,
+        symmetric=cost.symmetric,
+        solver=sol.solver,
+        lower_bound=min(sol.lower_bound, predicted),  # a bound above the value is float rounding
+    )
+
+
+def to_bit_plan(
+    allocation: Allocation, layout: ModelLayout, group_size: int | None = None, symmetric: bool | None = None
+) -> BitPlan:
+    """The BitPlan of an allocation: each item's bits on every projection it covers; linears by path.
+
+    `group_size` and `symmetric` default to the cost table's; other values are refused, since the byte counts the
+    allocation respected hold only for those.
+    """
+    for name, given, measured in (("group_size", group_size, allocation.group_size),
+                                  ("symmetric", symmetric, allocation.symmetric)):
+        if given is not None and given != measured:
+            raise MoecompressError(
+                f"{name}={given!r} differs from the cost table's {measured!r}, for which the bytes were budgeted"
+            )
+    experts = {m.experts_path: {p.name: [None] * m.num_experts for p in m.projs} for m in layout.moe_layers}
+    linears = {}
+    for it, b in zip(allocation.items, allocation.bits):
+        if it.kind == "linear":
+            linears[it.path] = b
+            continue
+        projs = experts.get(it.path, {})
+        names = tuple(projs) if it.proj == ALL_PROJS else (it.proj,)
+        if not projs or not set(names) <= set(projs) or not 0 <= it.expert < len(projs[names[0]]):
+            raise MoecompressError(f"item {it.key} names no expert projection of this model")
+        for proj in names:
+            projs[proj][it.expert] = b
+    for path, projs in experts.items():
+        for proj, bits in projs.items():
+            if None in bits:
+                raise MoecompressError(f"the allocation gives no bits to {path}.{bits.index(None)}.{proj}")
+    return BitPlan(
+        group_size=allocation.group_size,
+        symmetric=allocation.symmetric,
+        experts={path: {proj: tuple(bits) for proj, bits in projs.items()} for path, projs in experts.items()},
+        linears=linears,
+    )
