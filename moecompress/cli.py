@@ -53,7 +53,8 @@ def _shard(args) -> None:
     from moecompress.shard.command import run_shard_command
 
     run_shard_command(args.model, args.stats, args.servers, args.out, method=args.method,
-                      replicate=not args.no_replicate, trace_dataset=args.eval_dataset)
+                      replicate=not args.no_replicate, eval_stats=args.eval_stats,
+                      replicate_dense=not args.dense_on_one, balance_epsilon=args.balance_epsilon)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -110,7 +111,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--method", default="affinity", choices=("affinity", "greedy", "round_robin", "contiguous", "ilp"))
     s.add_argument("--no-replicate", action="store_true", help="do not replicate hot experts into spare memory")
-    s.add_argument("--eval-dataset", help="held-out text to replay routing on for the traffic report")
+    s.add_argument("--eval-stats", help="calibration directory made with --trace on held-out text: the traffic "
+                   "report replays its routing")
+    s.add_argument("--dense-on-one", action="store_true", help="non-expert weights on one server, not replicated")
+    s.add_argument("--balance-epsilon", type=float, default=0.1, help="max/mean routed tokens per server <= 1+eps")
     s.set_defaults(func=_shard)
     return p
 

@@ -13,6 +13,7 @@ from moecompress.errors import MoecompressError
 
 MANIFEST = "moecompress.json"
 INDEX = "model.safetensors.index.json"
+PLACEMENT_FILE = "placement.json"  # written by `moecompress shard` beside the server-K/ bundles
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -62,3 +63,22 @@ def verify_files(directory: str | Path, checksums: bool = True) -> None:
             )
         if checksums and sha256_file(directory / name) != recorded[name]["sha256"]:
             raise MoecompressError(f"{directory}/{name}: sha256 does not match {MANIFEST}: the file is corrupted or altered")
+
+
+def verify_bundles(out: str | Path) -> dict:
+    """Check every server bundle against placement.json's sha256 list; returns placement.json's content."""
+    out = Path(out)
+    if not (out / PLACEMENT_FILE).exists():
+        raise MoecompressError(f"{out} has no {PLACEMENT_FILE}; is it the output of `moecompress shard`?")
+    doc = json.loads((out / PLACEMENT_FILE).read_text())
+    for server, entries in doc["files"].items():
+        bundle = out / f"server-{server}"
+        if not bundle.is_dir():
+            raise MoecompressError(f"bundle {bundle} is missing (placement.json lists server {server})")
+        for rel, digest in entries.items():
+            path = out / rel
+            if not path.exists():
+                raise MoecompressError(f"{path} is missing from the bundles")
+            if sha256_file(path) != digest:
+                raise MoecompressError(f"{path}: sha256 does not match {PLACEMENT_FILE}; the bundle was altered")
+    return doc

@@ -6,6 +6,7 @@ import math
 SCALE_BYTES = 2  # float16 scale per group
 ZERO_BYTES = 1  # uint8 zero-point per group (asymmetric only)
 BF16_BYTES = 2
+DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F16": 2, "BF16": 2, "I32": 4, "F32": 4, "I64": 8, "F64": 8}  # safetensors
 
 
 def packed_weight_bytes(out_features: int, in_features: int, bits: int) -> int:

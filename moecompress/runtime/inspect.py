@@ -8,10 +8,10 @@ from safetensors import safe_open
 from torch import nn
 
 from moecompress.format.files import weight_files
+from moecompress.format.sizes import DTYPE_BYTES
 from moecompress.runtime.load import read_spec
 from moecompress.runtime.packed_group import PackedGroup
 
-_DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "U8": 1, "I8": 1, "I32": 4, "I64": 8, "F64": 8, "BOOL": 1}
 
 
 def tensor_table(directory: str | Path) -> dict[str, tuple[list[int], int]]:
@@ -25,7 +25,7 @@ def tensor_table(directory: str | Path) -> dict[str, tuple[list[int], int]]:
                 numel = 1
                 for d in shape:
                     numel *= d
-                out[key] = (shape, numel * _DTYPE_BYTES[sl.get_dtype()])
+                out[key] = (shape, numel * DTYPE_BYTES[sl.get_dtype()])
     return out
 
 
