@@ -1,0 +1,153 @@
+"""`moecompress quantize` end to end on a tiny model: budget respected, checkpoint loads, resume is byte-identical."""
+from __future__ import annotations
+
+import gzip
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import moecompress
+from moecompress.allocate.rules import MIB
+from moecompress.artifacts.bit_plan import BitPlan
+from moecompress.errors import MoecompressError
+from moecompress.pipeline import STAGES, quantize
+from moecompress.recipe import load_recipe, recipe_from_dict
+
+WORDS = ("def class return import self value list dict for while if else print open file data model expert "
+         "token layer server bits group scale zero weight router").split()
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A tiny qwen3_moe with a tokenizer, saved as a model directory, and a two-domain .jsonl.gz corpus."""
+    from conftest import _build
+
+    from moecompress.builtin.tokenizer import train_tokenizer
+
+    tmp = tmp_path_factory.mktemp("pipeline")
+    rng = random.Random(0)
+    docs = [{"domain": d, "text": " ".join(rng.choice(WORDS) for _ in range(400))} for d in ("a", "b") * 20]
+    with gzip.open(tmp / "data.jsonl.gz", "wt") as f:
+        for d in docs:
+            f.write(json.dumps(d) + "\n")
+    tokenizer = train_tokenizer((d["text"] for d in docs), vocab_size=300)
+    model = _build("qwen3_moe", vocab_size=320)
+    model.save_pretrained(tmp / "model")
+    tokenizer.save_pretrained(tmp / "model")
+    return tmp
+
+
+def _recipe(inputs: Path, out: str, **over) -> dict:
+    r = {"model": str(inputs / "model"), "output": str(inputs / out), "dtype": "float32",
+         "calibration": {"dataset": str(inputs / "data.jsonl.gz"), "samples": 8, "seq_len": 32, "batch_size": 4},
+         "allocation": {"budget": {"avg_bits": 3.5}, "candidates": [2, 3, 4, 8]},
+         "quantize": {"method": "gptq", "group_size": 32}}
+    for k, v in over.items():
+        r[k] = {**r.get(k, {}), **v} if isinstance(v, dict) else v
+    return r
+
+
+def _files(run: Path) -> dict[str, bytes]:
+    ck = run / "checkpoint"
+    return {p.name: p.read_bytes() for p in sorted(ck.iterdir()) if p.suffix in (".safetensors", ".json")}
+
+
+@pytest.fixture(scope="module")
+def full_run(inputs):
+    return quantize(recipe_from_dict(_recipe(inputs, "full")), progress=False)
+
+
+def test_budget_respected_and_checkpoint_loads(full_run):
+    report = json.loads((full_run / "allocation" / "report.json").read_text())
+    assert report["bytes"] <= report["budget_bytes"]
+    plan = BitPlan.load(full_run / "allocation" / "bit_plan.json")
+    used = {b for projs in plan.experts.values() for bits in projs.values() for b in bits}
+    assert len(used) >= 2  # a real mix, not one width
+    model = moecompress.from_pretrained(full_run / "checkpoint", dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[5, 6, 7, 8]])).logits).all()
+    assert (full_run / "report.md").exists() and (full_run / "allocation" / "bits_heatmap.png").exists()
+
+
+@pytest.mark.parametrize("stage", STAGES[:-1])
+def test_resume_after_each_stage_is_byte_identical(inputs, full_run, stage):
+    recipe = recipe_from_dict(_recipe(inputs, f"resume-{stage}"))
+    out = quantize(recipe, stop_after=stage, progress=False)
+    assert not (out / "checkpoint").exists()
+    quantize(recipe, progress=False)
+    assert _files(out) == _files(full_run)
+
+
+def test_killed_stage_leaves_no_complete_looking_output(inputs, full_run):
+    recipe = recipe_from_dict(_recipe(inputs, "killed"))
+    out = quantize(recipe, stop_after="quantize", progress=False)
+    (out / ".checkpoint.partial").mkdir()  # what a kill during export leaves behind
+    assert not (out / "checkpoint").exists()
+    quantize(recipe, progress=False)
+    assert _files(out) == _files(full_run)
+
+
+def test_lock_file_reproduces_the_bit_plan(inputs, full_run):
+    lock = load_recipe(full_run / "recipe.lock.yaml", [f"output={inputs / 'from-lock'}"])
+    assert lock.lock["versions"]["torch"] == torch.__version__
+    out = quantize(lock, stop_after="allocate", progress=False)
+    assert (out / "allocation" / "bit_plan.json").read_text() == (full_run / "allocation" / "bit_plan.json").read_text()
+
+
+def test_lock_detects_changed_input(inputs, full_run, tmp_path):
+    data = yaml.safe_load((full_run / "recipe.lock.yaml").read_text())
+    data["lock"]["inputs"]["dataset"]["sha256"] = "0" * 64
+    data["output"] = str(tmp_path / "x")
+    with pytest.raises(MoecompressError, match="changed"):
+        quantize(recipe_from_dict(data), progress=False)
+
+
+def test_other_recipe_in_same_directory_refused(inputs, full_run):
+    other = recipe_from_dict(_recipe(inputs, "full", allocation={"budget": {"avg_bits": 5.0}}))
+    with pytest.raises(MoecompressError, match="different recipe"):
+        quantize(other, progress=False)
+
+
+def test_infeasible_budget_names_the_minimum(inputs):
+    recipe = recipe_from_dict(_recipe(inputs, "tiny-budget", allocation={"budget": {"avg_bits": 0.5}}))
+    with pytest.raises(MoecompressError, match="avg_bits="):
+        quantize(recipe, progress=False)
+
+
+def test_megabyte_budget(inputs):
+    recipe = recipe_from_dict(_recipe(inputs, "mb", allocation={"budget": {"megabytes": 0.12}},
+                                      quantize={"method": "rtn"}))
+    out = quantize(recipe, stop_after="allocate", progress=False)
+    report = json.loads((out / "allocation" / "report.json").read_text())
+    assert report["bytes"] <= 0.12 * MIB
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"quantize": {"method": "awq"}}, "quantize.method: got 'awq'; allowed: rtn, gptq"),
+    ({"allocation": {"candidates": [5]}}, "allocation.candidates: bits 5 not allowed"),
+    ({"calibration": {"samples": 0}}, "calibration.samples: must be > 0"),
+    ({"calibration": {"sampels": 4}}, "unknown key calibration.sampels"),
+    ({"quantize": {"group_size": 12}}, "quantize.group_size: must be a multiple of 8"),
+    ({"sensitivity": {"method": "magic"}}, "sensitivity.method: got 'magic'; allowed: hessian, measured, loss_aware"),
+    ({"allocation": {"budget": {"avg_bits": 3, "megabytes": 2}}}, "exactly one of avg_bits or megabytes"),
+    ({"protect": {"attention": 5}}, "protect.attention: got 5"),
+    ({"dtype": "int8"}, "dtype: got 'int8'"),
+    ({"allocation": {"min_bits": 8, "max_bits": 4}}, "min_bits: must be <= allocation.max_bits"),
+])
+def test_invalid_recipe_fields_rejected(inputs, bad, message):
+    with pytest.raises(MoecompressError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        recipe_from_dict(_recipe(inputs, "bad", **bad))
+
+
+def test_cli_prints_one_line_error_and_exits_2(tmp_path):
+    (tmp_path / "r.yaml").write_text("model: x\noutput: y\nquantize: {method: awq}\n")
+    proc = subprocess.run([sys.executable, "-m", "moecompress.cli", "quantize", "--recipe", str(tmp_path / "r.yaml")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: recipe key quantize.method: got 'awq'; allowed: rtn, gptq"]
