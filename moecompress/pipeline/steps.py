@@ -85,9 +85,15 @@ def sensitivity_step(ctx: RunContext, tmp: Path) -> None:
     options = SensitivityOptions(method=r.sensitivity.method.value, granularity=r.sensitivity.granularity.value,
                                  holdout=r.sensitivity.holdout)
     candidates = tuple(sorted(set(r.allocation.candidates) | {16}))
+    batches = None
+    if options.method != "hessian":  # the measured methods re-run (the last `holdout` share of) these sequences
+        from moecompress.calibrate.dataset import build_calibration_data
+
+        c = r.calibration
+        data = build_calibration_data(ctx.dataset_path, tokenizer, c.samples, c.seq_len, c.seed)
+        batches = [(ids, mask) for ids, mask, _ in data.batches(c.batch_size)]
     cost = estimate_costs(model, layout, stats, options, candidates=candidates, group_size=r.quantize.group_size,
-                          symmetric=r.quantize.symmetric, tokenizer=tokenizer, dataset=ctx.dataset_path,
-                          calibration=r.calibration, progress=ctx.progress)
+                          symmetric=r.quantize.symmetric, calibration_batches=batches, progress=ctx.progress)
     cost.save(tmp / COST_FILE)
 
 

@@ -1,0 +1,112 @@
+"""The sensitivity stage: CalibrationStats (+ model, + held-out batches) -> CostTable.
+
+Methods (SensitivityOptions.method, as recipe.SensitivityMethod):
+- "hessian" (default): tr(dW H_w dW^T) from the routing-weighted calibration Hessians (hessian.py); no forward.
+- "measured": the real MoE-block output error on held-out sequences (measured.py).
+- "loss_aware": that error weighted by the loss gradient at the block output (loss_aware.py).
+All three give damage in one unit (squared block-output error per token; loss-aware: squared first-order loss
+change per token), comparable across experts and layers. Bytes per item come from format/sizes.py through
+artifacts.cost_table.build_cost_table. Dense linears get no items: their bits come from the recipe's pins.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from torch import nn
+
+from moecompress.arch.layout import ModelLayout
+from moecompress.artifacts.calibration_stats import CalibrationStats
+from moecompress.artifacts.cost_table import CostTable, build_cost_table
+from moecompress.errors import MoecompressError
+from moecompress.sensitivity.capture import holdout_batches
+from moecompress.sensitivity.deltas import QUANTIZERS, QuantizerSettings
+from moecompress.sensitivity.hessian import hessian_costs
+from moecompress.sensitivity.loss_aware import loss_aware_costs
+from moecompress.sensitivity.measured import measured_costs
+
+METHODS = ("hessian", "measured", "loss_aware")
+GRANULARITIES = ("expert", "projection")
+CANDIDATE_BITS = (2, 3, 4, 8, 16)
+
+
+def _value(v):
+    """A recipe enum (str Enum) or a plain string -> the plain string."""
+    return getattr(v, "value", v)
+
+
+@dataclass(frozen=True)
+class SensitivityOptions:
+    method: str = "hessian"  # "hessian" | "measured" | "loss_aware"  (recipe: sensitivity.method)
+    granularity: str = "expert"  # "expert": one item per expert | "projection": per (expert, proj)
+    quantizer: str = "rtn"  # how candidates are simulated: "rtn" (fast default) | "gptq" (per expert and bits)
+    prior_weight: float = 0.1  # Hessian floor for rarely routed experts, needs all_experts stats (hessian.py)
+    holdout: float = 0.25  # share of the calibration sequences (the last ones) the measured methods run
+    min_tokens: int = 16  # GPTQ: below this an expert uses the all-tokens Hessian (as the quantize stage)
+    damp: float = 0.01  # GPTQ settings, as QuantizeOptions
+    block_size: int = 128
+    act_order: bool = True
+
+    def __post_init__(self):
+        for name, allowed in (("method", METHODS), ("granularity", GRANULARITIES), ("quantizer", QUANTIZERS)):
+            v = _value(getattr(self, name))
+            object.__setattr__(self, name, v)
+            if v not in allowed:
+                raise MoecompressError(f"sensitivity {name} {v!r}; allowed: {', '.join(allowed)}")
+        if not 0 < self.holdout <= 1:
+            raise MoecompressError(f"sensitivity holdout must be in (0, 1], got {self.holdout}")
+        if not self.prior_weight >= 0:
+            raise MoecompressError(f"sensitivity prior_weight must be >= 0, got {self.prior_weight}")
+
+    def quantizer_settings(self, group_size: int, symmetric: bool) -> QuantizerSettings:
+        return QuantizerSettings(group_size=group_size, symmetric=symmetric, quantizer=self.quantizer,
+                                 damp=self.damp, block_size=self.block_size, act_order=self.act_order,
+                                 min_tokens=self.min_tokens)
+
+
+def _check_inputs(layout: ModelLayout, stats: CalibrationStats | None, candidates: tuple[int, ...],
+                  group_size: int) -> None:
+    bad = [b for b in candidates if b not in CANDIDATE_BITS]
+    if not candidates or bad:
+        raise MoecompressError(f"candidate bits {list(candidates)}: give one or more of {list(CANDIDATE_BITS)}")
+    for moe in layout.moe_layers:
+        for p in moe.projs:
+            if group_size <= 0 or p.in_features % group_size:
+                raise MoecompressError(f"group_size {group_size} does not divide {moe.experts_path}.{p.name} "
+                                       f"in_features {p.in_features}; pick a group_size that divides it")
+    if stats is not None:
+        want = tuple(m.experts_path for m in layout.moe_layers)
+        if tuple(stats.experts_paths) != want or any(m.num_experts != stats.num_experts for m in layout.moe_layers):
+            raise MoecompressError("the calibration statistics were recorded on another model (experts paths "
+                                   f"{list(stats.experts_paths)[:2]}..., expected {list(want)[:2]}...); re-calibrate")
+
+
+def estimate_costs(model: nn.Module, layout: ModelLayout, stats: CalibrationStats | None,
+                   config: SensitivityOptions = SensitivityOptions(), candidates: Iterable[int] = CANDIDATE_BITS,
+                   group_size: int = 64, symmetric: bool = False, calibration_batches: Iterable[tuple] | None = None,
+                   progress: bool = True) -> CostTable:
+    """What each candidate bit-width would cost, for every routed expert (or expert projection) of `model`.
+
+    stats: needed by the hessian method and by the gptq quantizer. calibration_batches: (input_ids [B, S],
+    attention_mask [B, S], ...) tuples, needed by the measured methods, which run the last `config.holdout` share
+    of the sequences.
+    """
+    candidates = tuple(sorted({int(b) for b in candidates}))
+    _check_inputs(layout, stats, candidates, group_size)
+    settings = config.quantizer_settings(group_size, symmetric)
+    if config.method == "hessian":
+        if stats is None:
+            raise MoecompressError("the hessian sensitivity method needs calibration statistics (run calibrate)")
+        damage = hessian_costs(model, layout, stats, candidates, settings, config.granularity, config.prior_weight,
+                               progress)
+        label = f"hessian-trace {config.quantizer}"
+    else:
+        if calibration_batches is None:
+            raise MoecompressError(f"the {config.method} sensitivity method needs calibration batches "
+                                   "(held-out sequences); pass calibration_batches or use method hessian")
+        batches = holdout_batches(calibration_batches, config.holdout)
+        costs = measured_costs if config.method == "measured" else loss_aware_costs
+        damage = costs(model, layout, batches, candidates, settings, config.granularity, stats, progress)
+        label = f"{config.method} {config.quantizer} holdout={config.holdout:g}"
+    return build_cost_table(layout, damage, group_size=group_size, symmetric=symmetric,
+                            method=f"{label} granularity={config.granularity}")
