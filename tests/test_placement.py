@@ -129,7 +129,8 @@ def test_load_balance_within_epsilon(planted, balance, skew):
     p = place_affinity(stats, b, 10_000, spec)
     assert group_balance(p, stats, per_layer) <= 1.1 + 1e-9
     replayed = expected_traffic(p, planted_trace(seed=3, skew=skew), HIDDEN)  # the counted tokens themselves
-    assert (replayed.layer_balance if per_layer else replayed.balance) == pytest.approx(group_balance(p, stats, per_layer))
+    measured = replayed.layer_balance if per_layer else replayed.balance
+    assert measured == pytest.approx(group_balance(p, stats, per_layer))
 
 
 def random_stats(seed, layers=2, experts=4, k=2, tokens=400):
@@ -142,19 +143,23 @@ def random_stats(seed, layers=2, experts=4, k=2, tokens=400):
     return RoutingStats.from_trace(RoutingTrace(chosen, np.full(chosen.shape, 1 / k), experts))
 
 
-@pytest.mark.parametrize("seed", range(6))
+TINY = [(2, 4, 2, seed) for seed in range(6)] + [(2, 6, 3, 0), (2, 6, 3, 1)]  # layers, experts, servers, seed
+
+
+@pytest.mark.parametrize("layers,experts,servers,seed", TINY)
 @pytest.mark.parametrize("balance", ["total", "layer"])
-def test_ilp_and_heuristic_agree_on_tiny_instances(seed, balance):
-    stats = random_stats(seed)
-    b = np.full((2, 4), 1000)
-    spec = ServerSpec(memory_bytes=(500 + 5000,) * 2, balance=balance, balance_epsilon=0.25)
+def test_ilp_and_heuristic_agree_on_tiny_instances(layers, experts, servers, seed, balance):
+    stats = random_stats(seed, layers, experts)
+    b = np.full((layers, experts), 1000)
+    spec = ServerSpec(memory_bytes=(500 + 1300 * layers * experts // servers,) * servers, balance=balance,
+                      balance_epsilon=0.25)
     graph = affinity_graph(stats, b, 500, spec)
     exact = place_ilp(stats, b, 500, spec)
     ours = place_affinity(stats, b, 500, spec)
     assert exact.method == "ilp"
     optimum, found = graph.objective(primaries(exact)), graph.objective(primaries(ours))
     assert optimum <= found + 1e-9
-    assert found <= optimum * 1.02 + 1e-9
+    assert found <= optimum * 1.02 + 1e-9  # measured: equal on all of these but one (0.2 % over)
 
 
 def test_ilp_and_heuristic_both_zero_on_separable_instance():
@@ -187,7 +192,7 @@ def test_too_small_memory_names_the_smallest_that_fits(replicate_dense):
     dense = 700
     need = 3 * 1000 + dense  # max(largest, total / servers) + dense; single dense: 3 experts beside it on one
     spec = ServerSpec(memory_bytes=(need - 1,) * 4, replicate_dense=replicate_dense)
-    with pytest.raises(MoecompressError, match=f"smallest memory per server that fits is {need} bytes"):
+    with pytest.raises(MoecompressError, match=f"smallest memory that fits, the same on every server, is {need} bytes"):
         place_affinity(stats, b, dense, spec)
     for place in ALL:
         p = place(stats, b, dense, ServerSpec(memory_bytes=(need,) * 4, replicate_dense=replicate_dense))
@@ -288,3 +293,20 @@ def test_estimate_is_exact_for_one_expert_per_token():
     b = np.full((3, 8), 100)
     p = place_round_robin(stats, b, 0, ServerSpec(memory_bytes=(10_000,) * 4))
     assert estimate_traffic(p, stats, HIDDEN) == pytest.approx(expected_traffic(p, trace, HIDDEN).bytes_per_token)
+
+
+def test_stats_from_trace_count_exactly():
+    trace = planted_trace(seed=5, tokens=200, layers=3, experts=8, k=3, clusters=2)
+    stats = RoutingStats.from_trace(trace)
+    tokens, coact, paths = np.zeros((3, 8)), np.zeros((3, 8, 8)), np.zeros((2, 8, 8))
+    for t in range(200):
+        for layer in range(3):
+            for i in trace.experts[t, layer]:
+                tokens[layer, i] += 1
+                for j in trace.experts[t, layer]:
+                    coact[layer, i, j] += i != j
+                if layer < 2:
+                    for j in trace.experts[t, layer + 1]:
+                        paths[layer, i, j] += 1
+    assert (stats.tokens == tokens).all() and (stats.coact == coact).all() and (stats.paths == paths).all()
+    assert stats.num_tokens == 200 and stats.top_k == 3

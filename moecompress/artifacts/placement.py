@@ -74,6 +74,10 @@ class Placement:
     def primary(self, layer: int, expert: int) -> int:
         return self.assignment[layer][expert][0]
 
+    def primaries(self) -> tuple[tuple[int, ...], ...]:
+        """[layer][expert] primary server of every expert."""
+        return tuple(tuple(servers[0] for servers in layer) for layer in self.assignment)
+
     def dense_bytes_on(self, server: int) -> int:
         return self.dense_bytes if server in self.dense_servers else 0
 
@@ -126,12 +130,12 @@ class Placement:
     def from_json(cls, d: dict) -> "Placement":
         p = cls(
             memory_bytes=tuple(int(m) for m in d["memory_bytes"]),
-            assignment=_grid(d["assignment"]),
+            assignment=as_grid(d["assignment"]),
             expert_bytes=tuple(tuple(int(b) for b in row) for row in d["expert_bytes"]),
             dense_bytes=int(d["dense_bytes"]),
             dense_servers=tuple(int(s) for s in d["dense_servers"]),
             devices_per_server=int(d.get("devices_per_server", 1)),
-            devices=_grid(d.get("devices", ())),
+            devices=as_grid(d.get("devices", ())),
             method=str(d.get("method", "")),
             files={int(s): {str(k): str(v) for k, v in f.items()} for s, f in d.get("files", {}).items()},
         )
@@ -148,5 +152,6 @@ class Placement:
         return cls.from_json(json.loads(Path(path).read_text()))
 
 
-def _grid(rows) -> Grid:
+def as_grid(rows) -> Grid:
+    """Nested [layer][expert][copy] ints (lists, arrays) as the tuples a Placement holds."""
     return tuple(tuple(tuple(int(x) for x in cell) for cell in row) for row in rows)

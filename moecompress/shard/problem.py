@@ -5,14 +5,18 @@ a set S of servers; it is sent to every server of S other than c (|S - {c}| mess
 local experts, and the partial sums are gathered on g, the server of S holding the largest routing weight
 (|S - {g}| messages). The token then sits on g for the next layer (dense weights replicated: its attention
 runs wherever it is). Holding the experts of a token's layer on fewer servers saves 2 messages per server;
-finding its next-layer experts on g saves 1. When the dense weights are held by one server h, every token
-lives on h (c = g = h): 2 |S - {h}| messages per layer.
+finding its next-layer experts on g saves 1. That is 2 messages per remote server when c holds one of the
+token's experts, one fewer when it holds none (the sum is gathered remotely). KV-cache movement of a token that
+changes server is not counted. When the dense weights are held by one server h, every token lives on h
+(c = g = h): 2 |S - {h}| messages per layer.
 
-Optimiser surrogate (the linearisation of the expected message count, `estimate_traffic` in traffic.py):
-a co-activated pair (i, j) on one server saves 2 * beta / T per token, with beta = 2/k (exact when a token's k
-experts sit all together); a path pair (i at l, j at l+1) on one server saves 1/(k T) (one of the k layer-l
-experts is where the token gathered). Single-dense mode adds a bonus 2 tokens/T for an expert on h.
-Minimising the weighted cut of this graph is what `place_affinity` does and what `place_ilp` solves exactly.
+Optimiser surrogate: linear in which pairs of experts share a server, so minimising it is a weighted graph
+cut. A co-activated pair (i, j) of a layer on one server saves 2 beta / T messages per token with beta = 2/k
+(a token's k experts all on one server are k(k-1)/2 pairs and save k-1 servers, 2 messages each). A path pair
+(i at l, j at l+1) on one server saves path_weight / (k T): the token gathered on the server of one of its k
+layer-l experts, and finding a layer-(l+1) expert there saves its dispatch. With the dense weights on one
+server h, an expert on h saves 2 tokens / T. `place_affinity` minimises this; `place_ilp` solves it exactly;
+`estimate_traffic` (traffic.py) is the non-linear estimate for reports; the replay measures.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import math
 import numpy as np
 import scipy.sparse as sp
 
-from moecompress.artifacts.placement import Placement
+from moecompress.artifacts.placement import Placement, as_grid
 from moecompress.errors import MoecompressError
 from moecompress.shard.partition import Graph, greedy_balanced
 from moecompress.shard.routing import RoutingStats
@@ -34,7 +38,7 @@ def affinity_graph(
     """The graph of `stats` for `spec`; raises MoecompressError with the smallest fitting memory if none fits."""
     L, E, N, k, T = stats.num_layers, stats.num_experts, spec.num_servers, stats.top_k, stats.num_tokens
     size = check_expert_bytes(expert_bytes, L, E).ravel()
-    capacity = np.array([m - (dense_bytes if s in spec.dense_servers else 0) for s, m in enumerate(spec.memory_bytes)])
+    capacity = np.array(spec.expert_capacity(dense_bytes))
     group = np.repeat(np.arange(L), E) if spec.balance == "layer" else np.zeros(L * E, dtype=np.int64)
     load = stats.tokens.ravel().astype(np.float64)
     packed = greedy_balanced(load, group, size, capacity, group.max() + 1) if (capacity >= 0).all() else None
@@ -74,7 +78,8 @@ def check_expert_bytes(expert_bytes, num_layers: int, num_experts: int) -> np.nd
 
 
 def min_server_memory(size: np.ndarray, dense_bytes: int, num_servers: int, replicate_dense: bool) -> int:
-    """Smallest memory, equal for every server, with which first-fit-decreasing packs all experts."""
+    """Smallest memory, the same on every server, with which our packing (largest expert first onto the server
+    with most free bytes) fits every expert; with one dense holder, server 0 holds the dense weights."""
     total, largest = int(size.sum()), int(size.max(initial=0))
     if replicate_dense:
         lo = dense_bytes + max(largest, math.ceil(total / num_servers))
@@ -83,8 +88,8 @@ def min_server_memory(size: np.ndarray, dense_bytes: int, num_servers: int, repl
     hi = dense_bytes + math.ceil(total / num_servers) + largest  # any greedy packing fits in this
 
     def fits(memory: int) -> bool:
-        dense = np.full(num_servers, dense_bytes) if replicate_dense else np.eye(num_servers, dtype=int)[0] * dense_bytes
-        capacity = memory - dense
+        holds_dense = replicate_dense | (np.arange(num_servers) == 0)
+        capacity = memory - np.where(holds_dense, dense_bytes, 0)
         return capacity.min() >= 0 and greedy_balanced(size, np.zeros_like(size), size, capacity, 1) is not None
 
     while lo < hi:
@@ -99,9 +104,9 @@ def raise_memory_error(size: np.ndarray, dense_bytes: int, spec: ServerSpec):
     raise MoecompressError(
         f"server memory too small to place the experts: {spec.num_servers} servers with "
         f"{', '.join(map(str, spec.memory_bytes))} bytes; the experts take {int(size.sum())} bytes (largest "
-        f"{int(size.max(initial=0))}) plus {dense_bytes} bytes of non-expert weights {where}. The smallest memory "
-        f"per server that fits is {need} bytes; give the servers more memory, add servers, or re-run the bit "
-        "allocation with the per-server budget"
+        f"{int(size.max(initial=0))}) plus {dense_bytes} bytes of non-expert weights {where}. The smallest "
+        f"memory that fits, the same on every server, is {need} bytes; give the servers more memory, add servers, "
+        "or re-run the bit allocation with the per-server budget"
     )
 
 
@@ -110,21 +115,18 @@ def to_placement(x: np.ndarray, expert_bytes, dense_bytes: int, spec: ServerSpec
     """A Placement holding node v = layer * E + expert on server x[v] (and device devices[v]); no replicas."""
     b = np.asarray(expert_bytes)
     L, E = b.shape
-    def grid(a):
-        return tuple(tuple((int(a[layer * E + e]),) for e in range(E)) for layer in range(L))
-
     return Placement(
         memory_bytes=spec.memory_bytes,
-        assignment=grid(x),
+        assignment=as_grid(np.reshape(x, (L, E, 1))),
         expert_bytes=tuple(tuple(int(v) for v in row) for row in b),
         dense_bytes=int(dense_bytes),
         dense_servers=spec.dense_servers,
         devices_per_server=spec.devices_per_server if devices is not None else 1,
-        devices=grid(devices) if devices is not None else (),
+        devices=as_grid(np.reshape(devices, (L, E, 1))) if devices is not None else (),
         method=method,
     )
 
 
 def primaries(placement: Placement) -> np.ndarray:
-    """[L * E] primary server of each node."""
-    return np.array([servers[0] for layer in placement.assignment for servers in layer], dtype=np.int64)
+    """[L * E] primary server of each node of the graph."""
+    return np.array(placement.primaries(), dtype=np.int64).ravel()

@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from moecompress.artifacts.placement import Placement
+from moecompress.artifacts.placement import Placement, as_grid
 from moecompress.errors import MoecompressError
 from moecompress.shard.routing import RoutingStats
 from moecompress.shard.spec import ServerSpec
@@ -24,8 +24,9 @@ def replicate_hot(
 ) -> Placement:
     """`placement` with replicas added (primaries unchanged); at most `max_replicas` copies added in all.
 
-    A copy is only put where the tokens it would draw (estimated from the counts) keep that server's load
-    within `spec`'s balance cap, so replication never breaks the balance the placement had.
+    A copy is only put where the tokens it would draw keep that server's load within `spec`'s balance cap
+    (or the placement's own balance, if worse). The draw is estimated from the counts, generously; a replay
+    can still find the balance somewhat worse than before (tokens also move between servers differently).
     """
     L, E, N = placement.num_layers, placement.num_experts, placement.num_servers
     if (stats.num_layers, stats.num_experts) != (L, E):
@@ -52,7 +53,9 @@ def replicate_hot(
     while heap and (max_replicas is None or added < max_replicas):
         _, layer, e = heapq.heappop(heap)
         size, grp = placement.expert_bytes[layer][e], group[layer]
-        drawn = np.minimum(_tokens_on(stats, servers, layer, e, N), on_primary[layer, e])  # [N]
+        drawn = np.full(N, on_primary[layer, e])  # [N] with one dense holder, every token sits there
+        if len(targets) > 1:
+            drawn = np.minimum(_tokens_on(stats, servers, layer, e, N), drawn)
         room = [s for s in targets if s not in servers[layer][e] and free[s] >= size and device_free[s].max() >= size
                 and drawn[s] > 0 and served[grp, s] + drawn[s] <= cap[grp]]
         if not room:
@@ -69,9 +72,8 @@ def replicate_hot(
         on_primary[layer, e] -= drawn[s]
         added += 1
         heapq.heappush(heap, (-stats.tokens[layer, e] / len(servers[layer][e]), layer, e))
-    grid = tuple(tuple(tuple(s) for s in row) for row in servers)
-    dev = tuple(tuple(tuple(d) for d in row) for row in devices) if devices is not None else ()
-    return replace(placement, assignment=grid, devices=dev, method=f"{placement.method}+replicas")
+    return replace(placement, assignment=as_grid(servers), devices=as_grid(devices) if devices is not None else (),
+                   method=f"{placement.method}+replicas")
 
 
 def _tokens_on(stats: RoutingStats, servers, layer: int, expert: int, num_servers: int) -> np.ndarray:

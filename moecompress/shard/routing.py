@@ -25,7 +25,9 @@ class RoutingTrace:
     def __post_init__(self):
         e, w = np.asarray(self.experts), np.asarray(self.weights)
         if e.ndim != 3 or e.shape != w.shape:
-            raise MoecompressError(f"trace experts and weights must both be [tokens, layers, k], got {e.shape}, {w.shape}")
+            raise MoecompressError(
+                f"trace experts and weights must both be [tokens, layers, k], got {e.shape} and {w.shape}"
+            )
         if e.size and (e.min() < 0 or e.max() >= self.num_experts):
             raise MoecompressError(f"trace expert ids must be in 0..{self.num_experts - 1}")
         object.__setattr__(self, "experts", e.astype(np.int64, copy=False))

@@ -1,6 +1,7 @@
 """ServerSpec: the edge servers a model is placed on, and its parser ("4x64MB", "64MB,64MB,32MB")."""
 from __future__ import annotations
 
+import numbers
 import re
 from dataclasses import dataclass
 
@@ -23,8 +24,9 @@ class ServerSpec:
       "total" (default) - each server's tokens summed over all MoE layers (servers work asynchronously);
       "layer" - each MoE layer separately (servers step layer by layer; stricter, as in expert parallelism).
     With "total" alone, holding whole consecutive layers per server (a pipeline) is allowed and can be optimal.
-    devices_per_server > 1 places experts on devices inside each server too (hierarchical); each device gets
-    an equal share of its server's memory left after the dense weights.
+    The balance target is the same for every server, whatever its memory. devices_per_server > 1 places
+    experts on devices inside each server too (hierarchical); each device gets an equal share of its server's
+    memory left after the dense weights.
     """
 
     memory_bytes: tuple[int, ...]  # per server
@@ -35,8 +37,9 @@ class ServerSpec:
     devices_per_server: int = 1
 
     def __post_init__(self):
-        if not self.memory_bytes or any(not isinstance(m, int) or m <= 0 for m in self.memory_bytes):
+        if not self.memory_bytes or any(not isinstance(m, numbers.Integral) or m <= 0 for m in self.memory_bytes):
             raise MoecompressError(f"server memory must be positive whole bytes, got {self.memory_bytes!r}")
+        object.__setattr__(self, "memory_bytes", tuple(int(m) for m in self.memory_bytes))
         if self.link_bandwidth is not None and not self.link_bandwidth > 0:
             raise MoecompressError(f"link bandwidth must be positive bytes/s, got {self.link_bandwidth!r}")
         if not self.balance_epsilon >= 0:
@@ -56,6 +59,14 @@ class ServerSpec:
         if self.replicate_dense:
             return tuple(range(self.num_servers))
         return (max(range(self.num_servers), key=lambda s: (self.memory_bytes[s], -s)),)
+
+    def expert_capacity(self, dense_bytes: int) -> tuple[int, ...]:
+        """Bytes each server has left for experts once it holds its dense weights (negative: not even those).
+
+        Their sum is the expert budget a bit allocation must meet for the model to fit (`--budget-from-servers`).
+        """
+        dense = set(self.dense_servers)
+        return tuple(m - (dense_bytes if s in dense else 0) for s, m in enumerate(self.memory_bytes))
 
 
 def parse_bytes(text: str) -> int:

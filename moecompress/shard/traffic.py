@@ -63,7 +63,7 @@ def expected_traffic(
     for layer, experts in enumerate(placement.assignment):
         for expert, servers in enumerate(experts):
             holds[layer, expert, list(servers)] = True
-    primary = np.array([[servers[0] for servers in layer] for layer in placement.assignment])  # [L, E]
+    primary = np.array(placement.primaries())  # [L, E]
     home = placement.dense_servers[0] if len(placement.dense_servers) == 1 else None
     messages, local, load = np.zeros(L), np.zeros(L), np.zeros((L, N))
     for start in range(0, trace.num_tokens, _CHUNK):
@@ -113,7 +113,7 @@ def estimate_traffic(placement: Placement, stats: RoutingStats, hidden_size: int
     discounted like n_s by P(n_s >= 1) / E[n_s]. A guide for the optimiser, not a measurement.
     """
     L, N, T, k = stats.num_layers, placement.num_servers, stats.num_tokens, stats.top_k
-    primary = np.array([[servers[0] for servers in layer] for layer in placement.assignment])  # [L, E]
+    primary = np.array(placement.primaries())  # [L, E]
     home = placement.dense_servers[0] if len(placement.dense_servers) == 1 else None
     messages = 0.0
     for layer in range(L):
