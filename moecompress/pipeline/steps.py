@@ -69,7 +69,7 @@ def calibrate_step(ctx: RunContext, tmp: Path) -> None:
     options = CalibrationOptions(samples=c.samples, seq_len=c.seq_len, seed=c.seed, batch_size=c.batch_size,
                                  hessians=True, dense_hessians=dense or False, all_experts=c.all_experts,
                                  layerwise=c.layerwise, min_tokens=c.min_tokens, dtype=r.compute_dtype,
-                                 progress=ctx.progress)
+                                 hessian_dir=str(tmp), progress=ctx.progress)
     stats = calibrate(ctx.model_path if c.layerwise else model, tokenizer, ctx.dataset_path, options)
     stats.save(tmp)
     save_plots(stats, tmp)
