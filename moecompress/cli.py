@@ -12,7 +12,10 @@ def _quantize(args) -> None:
     from moecompress.pipeline import quantize
     from moecompress.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe, args.set or [])
+    overrides = list(args.set or [])
+    if args.budget_from_servers:
+        overrides.append(f"allocation.budget.servers={args.budget_from_servers}")
+    recipe = load_recipe(args.recipe, overrides)
     quantize(recipe, out=args.out, stop_after=args.stop_after, progress=not args.quiet)
 
 
@@ -66,6 +69,8 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--out", help="run directory (default: the recipe's `output`)")
     q.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key, e.g. "
                    "allocation.budget.avg_bits=2.5 (repeatable)")
+    q.add_argument("--budget-from-servers", metavar="SPEC", help='size the bit allocation to fit these servers, '
+                   'e.g. "4x64MB" (= --set allocation.budget.servers=SPEC); then `moecompress shard` with the same SPEC')
     q.add_argument("--stop-after", choices=("calibrate", "sensitivity", "allocate", "quantize", "export"))
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=_quantize)

@@ -61,13 +61,14 @@ class SensitivityConfig:
 class BudgetConfig:
     avg_bits: float | None = None  # average bits per routed-expert weight, metadata included
     megabytes: float | None = None  # or: total routed-expert bytes, in MiB
+    servers: str | None = None  # or: what fits on these servers, e.g. "4x64MB" (their memory less the dense weights)
 
     def __post_init__(self):
-        if (self.avg_bits is None) == (self.megabytes is None):
-            raise MoecompressError("budget: give exactly one of avg_bits or megabytes")
-        value = self.avg_bits if self.avg_bits is not None else self.megabytes
-        if value <= 0:
-            raise MoecompressError(f"budget: must be positive, got {value}")
+        given = [v for v in (self.avg_bits, self.megabytes, self.servers) if v is not None]
+        if len(given) != 1:
+            raise MoecompressError("budget: give exactly one of avg_bits, megabytes or servers")
+        if self.servers is None and given[0] <= 0:
+            raise MoecompressError(f"budget: must be positive, got {given[0]}")
 
 
 @dataclass(frozen=True)

@@ -135,7 +135,7 @@ def test_megabyte_budget(inputs):
     ({"calibration": {"sampels": 4}}, "unknown key calibration.sampels"),
     ({"quantize": {"group_size": 12}}, "quantize.group_size: must be a multiple of 8"),
     ({"sensitivity": {"method": "magic"}}, "sensitivity.method: got 'magic'; allowed: hessian, measured, loss_aware"),
-    ({"allocation": {"budget": {"avg_bits": 3, "megabytes": 2}}}, "exactly one of avg_bits or megabytes"),
+    ({"allocation": {"budget": {"avg_bits": 3, "megabytes": 2}}}, "exactly one of avg_bits, megabytes or servers"),
     ({"protect": {"attention": 5}}, "protect.attention: got 5"),
     ({"dtype": "int8"}, "dtype: got 'int8'"),
     ({"allocation": {"min_bits": 8, "max_bits": 4}}, "min_bits: must be <= allocation.max_bits"),
@@ -151,3 +151,21 @@ def test_cli_prints_one_line_error_and_exits_2(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: recipe key quantize.method: got 'awq'; allowed: rtn, gptq"]
+
+
+def test_budget_from_servers_then_shard_fits(inputs, tmp_path):
+    from moecompress.pipeline.steps import dense_bytes, load_model
+    from moecompress.shard.command import run_shard_command
+
+    recipe = recipe_from_dict(_recipe(inputs, "servers"))
+    model, _, layout = load_model(recipe.model, None, torch.float32)
+    dense = dense_bytes(model, layout, recipe)
+    expert_bf16 = sum(p.numel() * 2 for m in layout.moe_layers for p in model.get_submodule(m.experts_path).parameters())
+    spec = f"2x{dense + int(0.22 * expert_bf16)}B"  # about 3.5 bits per expert weight across the two servers
+    recipe = recipe_from_dict(_recipe(inputs, "servers", allocation={"budget": {"servers": spec}}))
+    out = quantize(recipe, progress=False)
+    report = json.loads((out / "allocation" / "report.json").read_text())
+    assert report["bytes"] <= 2 * int(0.22 * expert_bf16)
+    placement = run_shard_command(str(out / "checkpoint"), str(out / "calibration"), spec, str(tmp_path / "bundles"),
+                                  replicate=False)
+    assert all(u <= m for u, m in zip(placement.server_bytes, placement.memory_bytes))

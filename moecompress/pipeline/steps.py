@@ -97,12 +97,54 @@ def sensitivity_step(ctx: RunContext, tmp: Path) -> None:
     cost.save(tmp / COST_FILE)
 
 
-def allocation_inputs(recipe: Recipe, layout: ModelLayout):
+def dense_bytes(model, layout: ModelLayout, recipe: Recipe) -> int:
+    """Stored bytes of everything but the routed experts, at the checkpoint's dtype and protect rules."""
+    from moecompress.format.sizes import matrix_bytes
+
+    itemsize = torch.empty(0, dtype=getattr(torch, recipe.dtype)).element_size()
+    experts = tuple(m.experts_path + "." for m in layout.moe_layers)
+    quantized = protected_linears(recipe, layout)
+    total, seen = 0, set()
+    for name, p in model.named_parameters(remove_duplicate=True):
+        module = name.rpartition(".")[0]
+        if name.startswith(experts) or p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        if module in quantized and name.endswith(".weight"):
+            total += matrix_bytes(p.shape[0], p.shape[1], quantized[module], recipe.quantize.group_size,
+                                  recipe.quantize.symmetric)
+        else:
+            total += p.numel() * itemsize
+    return total
+
+
+def server_budget(recipe: Recipe, model, layout: ModelLayout) -> int:
+    """Expert bytes that fit on the recipe's servers: their memory less the dense weights each must hold, less one
+    largest expert per server (whole experts do not pack a server to the byte)."""
+    from moecompress.artifacts.cost_table import expert_bytes
+    from moecompress.errors import MoecompressError
+    from moecompress.shard.spec import parse_servers
+
+    dense = dense_bytes(model, layout, recipe)
+    q, top = recipe.quantize, max(recipe.allocation.candidates)
+    largest = max(expert_bytes(m, "*", top, q.group_size, q.symmetric) for m in layout.moe_layers)
+    free = parse_servers(recipe.allocation.budget.servers).expert_capacity(dense)
+    capacity = sum(max(c - largest, 0) for c in free)
+    if capacity <= 0:
+        raise MoecompressError(f"servers {recipe.allocation.budget.servers} cannot even hold the dense weights "
+                               f"({dense} bytes each); give them more memory")
+    return capacity
+
+
+def allocation_inputs(recipe: Recipe, layout: ModelLayout, model=None):
     """Budget and rules of the recipe, in the allocator's types (first/last-layer pins as key patterns)."""
     from moecompress.allocate import AllocationRules, Budget
 
     a, p = recipe.allocation, recipe.protect
-    budget = Budget(avg_bits=a.budget.avg_bits, megabytes=a.budget.megabytes)
+    if a.budget.servers is not None:
+        budget = Budget(bytes=server_budget(recipe, model, layout))
+    else:
+        budget = Budget(avg_bits=a.budget.avg_bits, megabytes=a.budget.megabytes)
     n = layout.num_layers
     pinned = set(range(min(p.first_layers, n))) | set(range(max(n - p.last_layers, 0), n))
     pins = {f"{layout.moe_layers[i].experts_path}.*": p.pin_bits for i in sorted(pinned)}
@@ -116,8 +158,8 @@ def allocate_step(ctx: RunContext, tmp: Path) -> None:
 
     r = ctx.recipe
     cost = CostTable.load(ctx.dir("sensitivity") / COST_FILE)
-    _, _, layout = ctx.load()
-    budget, rules = allocation_inputs(r, layout)
+    model, _, layout = ctx.load()
+    budget, rules = allocation_inputs(r, layout, model)
     allocation = allocate(cost, budget, rules, solver=r.allocation.solver.value)
     plan = to_bit_plan(allocation, layout)
     plan = dataclasses.replace(plan, linears={**plan.linears, **protected_linears(r, layout)})
