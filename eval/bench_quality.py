@@ -35,9 +35,16 @@ from moecompress.quantize.stage import QuantizeOptions, quantize_model  # noqa: 
 from moecompress.sensitivity import SensitivityOptions, estimate_costs  # noqa: E402
 
 
-def fake_quantized(model, layout, plan: BitPlan, stats, method: str):
+def quantize_all(model, layout, stats, method: str, group_size: int) -> dict:
+    """bits -> QuantizedTensors of every expert at that width. Each matrix is quantized from the original weights
+    and its own Hessian, independently of the other experts' widths, so any plan is assembled from these."""
+    return {b: quantize_model(model, layout, BitPlan.uniform(layout, b, group_size), stats,
+                              QuantizeOptions(method=method), progress=False) for b in (2, 3, 4, 8)}
+
+
+def fake_quantized(model, layout, plan: BitPlan, by_bits: dict):
     """A copy of `model` with every planned expert weight replaced by its quantized-dequantized value."""
-    q = quantize_model(model, layout, plan, stats, QuantizeOptions(method=method), progress=False)
+    fallbacks = 0
     out = copy.deepcopy(model)
     for m in layout.moe_layers:
         experts = out.get_submodule(m.experts_path)
@@ -45,9 +52,11 @@ def fake_quantized(model, layout, plan: BitPlan, stats, method: str):
             w = proj_weights(experts, m, p.name).detach().clone()
             for e, bits in enumerate(plan.experts[m.experts_path][p.name]):
                 if bits != 16:
-                    w[e] = q.weights[expert_key(m.experts_path, p.name, e)].dequantize(w.dtype)
+                    key = expert_key(m.experts_path, p.name, e)
+                    w[e] = by_bits[bits].weights[key].dequantize(w.dtype)
+                    fallbacks += key in by_bits[bits].fallbacks
             set_proj_weights(experts, m, p.name, w)
-    return out, len(q.fallbacks)
+    return out, fallbacks
 
 
 def nominal_bits(plan: BitPlan, layout) -> float:
@@ -94,27 +103,41 @@ def main() -> None:
     ap.add_argument("--budgets", default="2.5,3.0", help="nominal average bits per routed-expert weight")
     ap.add_argument("--random-seeds", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "eval/results"))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--variants", default="hessian:expert:rtn",
+                    help="sensitivity variants of ours, METHOD:GRANULARITY:QUANTIZER, comma-separated; the first is "
+                         "'ours', the others are reported as 'ours[variant]'")
     args = ap.parse_args()
     torch.manual_seed(0)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.time()
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(args.device).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     layout = describe(model)
     g = args.group_size
     stats = calibrate(model, tokenizer, args.calib, CalibrationOptions(samples=args.calib_samples, seq_len=args.seq_len,
-                                                                       all_experts=True, progress=False))
-    cost = estimate_costs(model, layout, stats, SensitivityOptions(), candidates=(2, 3, 4, 8, 16), group_size=g,
-                          progress=False)
+                                                                       all_experts=True, progress=False,
+                                                                       device=args.device))
+    batches = [(i.to(args.device), m.to(args.device)) for i, m, _ in build_calibration_data(
+        args.calib, tokenizer, args.calib_samples, args.seq_len, seed=0).batches(8)]
+    costs = {}
+    for variant in args.variants.split(","):
+        method, granularity, quantizer = variant.split(":")
+        costs[variant] = estimate_costs(model, layout, stats, SensitivityOptions(method, granularity, quantizer),
+                                        candidates=(2, 3, 4, 8, 16), group_size=g, calibration_batches=batches,
+                                        progress=False)
+    variants = list(costs)
+    cost = costs[variants[0]]
     eval_data = build_calibration_data(args.eval, tokenizer, args.eval_samples, args.seq_len, seed=1)
-    print(f"calibrated + costs in {time.time() - t0:.0f}s", flush=True)
+    quantized = {method: quantize_all(model, layout, stats, method, g) for method in ("rtn", "gptq")}
+    print(f"calibrated, costs and every expert at 2/3/4/8 bits quantized in {time.time() - t0:.0f}s", flush=True)
 
     rows = []
 
     def run(name: str, family: str, plan: BitPlan | None, method: str):
         t = time.time()
-        m, fallbacks = (model, 0) if plan is None else fake_quantized(model, layout, plan, stats, method)
+        m, fallbacks = (model, 0) if plan is None else fake_quantized(model, layout, plan, quantized[method])
         r = evaluate(m, tokenizer, eval_data, reference_model=None if plan is None else model, method=name,
                      family=family, progress=False)
         bits = 16.0 if plan is None else nominal_bits(plan, layout)
@@ -133,6 +156,9 @@ def main() -> None:
         budget = Budget(avg_bits=avg + meta_bits)
         ours = to_bit_plan(allocate(cost, budget, rules), layout)
         run(f"ours gptq {avg}", "ours", ours, "gptq")
+        for variant in variants[1:]:
+            run(f"ours[{variant}] gptq {avg}", f"ours[{variant}]", to_bit_plan(allocate(costs[variant], budget, rules),
+                                                                               layout), "gptq")
         run(f"ours rtn {avg}", "ours rtn", ours, "rtn")
         popular = to_bit_plan(allocate(popularity_costs(cost, stats), budget, rules), layout)
         run(f"popularity-only gptq {avg}", "popularity-only", popular, "gptq")
@@ -152,7 +178,8 @@ def write(rows: list[dict], out: Path, args, seconds: float) -> None:
         lines.append(f"| {r['method']} | {r['avg_bits']:.3f} | {r['ppl']:.3f} | {r['ppl'] - base:+.3f} | "
                      f"{(r['kl'] or 0):.4f} | " + " | ".join(f"{r['domains'][d]:.2f}" for d in domains) + " |")
     goals = check_goals(rows, base)
-    text = "\n".join(lines + ["", *goals, "", f"({seconds:.0f}s; calib {args.calib_samples}x{args.seq_len}, "
+    machine = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    text = "\n".join(lines + ["", *goals, "", f"({seconds:.0f}s on {machine}; calib {args.calib_samples}x{args.seq_len}, "
                                                f"eval {args.eval_samples}x{args.seq_len} tokens, group {args.group_size})"])
     (out / "quality.md").write_text(text + "\n")
     (out / "quality.json").write_text(json.dumps(rows, indent=1))

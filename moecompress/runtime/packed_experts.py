@@ -15,24 +15,56 @@ from moecompress.runtime.packed_group import PackedGroup
 
 
 class ProjGroups(nn.Module):
-    """All bit-width groups of one projection: submodules named b<bits>."""
+    """All bit-width groups of one projection: submodules named b<bits>.
 
-    def __init__(self, groups: dict[int, PackedGroup]):
+    Rows are computed sorted by *position*: the groups in order, inside a group its slots in order. `route` sorts
+    the (token, expert) pairs that way and counts the rows of every position.
+    """
+
+    def __init__(self, groups: dict[int, PackedGroup], num_experts: int, out_features: int):
         super().__init__()
         for bits, group in sorted(groups.items()):
             self.add_module(f"b{bits}", group)
+        self.num_experts, self.out_features = num_experts, out_features
+        self._lookup: list[int] = []  # [num_experts + 1]: expert -> position, len(positions) where dropped
+        self._lookup_tensor: torch.Tensor | None = None  # made on first use, on the device of the routing
 
-    def forward_sorted(self, x: torch.Tensor, bounds: list[tuple[int, int, int]], out_features: int) -> torch.Tensor:
-        """x [S, in] sorted by expert; bounds: (expert, start, end) of each hit expert -> [S, out]."""
-        y = x.new_zeros(x.shape[0], out_features)  # [S, out]; rows of experts not held stay 0
+    def positions(self) -> list[int]:
+        """Expert id at every position."""
+        return [e for group in self.children() for e in group.experts]
+
+    def set_computed(self, experts: set[int]) -> None:
+        """Only these experts get rows (the others, and expert-parallel sentinels, contribute nothing)."""
+        positions = self.positions()
+        lookup = [len(positions)] * (self.num_experts + 1)  # the last entry: expert-parallel sentinels (and -1)
+        for pos, e in enumerate(positions):
+            if e in experts:
+                lookup[e] = pos
+        self._lookup, self._lookup_tensor = lookup, None
+
+    def route(self, flat_experts: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """flat_experts [S] -> (pair indices of the computed pairs sorted by position [R], rows per position)."""
+        if self._lookup_tensor is None or self._lookup_tensor.device != flat_experts.device:
+            self._lookup_tensor = torch.tensor(self._lookup, device=flat_experts.device)
+        num_positions = self._lookup[-1]
+        keys = self._lookup_tensor[flat_experts.clamp(max=self.num_experts)]  # [S]
+        order = torch.argsort(keys, stable=True)
+        counts = torch.bincount(keys, minlength=num_positions + 1)[:num_positions].tolist()
+        return order[: sum(counts)], counts
+
+    def forward_sorted(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """x [R, in] sorted by position, counts: rows per position -> [R, out]."""
+        outs, row, pos = [], 0, 0
         for group in self.children():
-            hit = [(group.slot[e], a, b) for e, a, b in bounds if e in group.slot]
-            if not hit:
-                continue
-            outs = group.linear([s for s, _, _ in hit], [x[a:b] for _, a, b in hit])
-            for (_, a, b), o in zip(hit, outs):
-                y[a:b] = o
-        return y
+            c = counts[pos:pos + len(group.experts)]
+            pos += len(group.experts)
+            rows = sum(c)
+            if rows:
+                outs.append(group.linear_sorted(x[row:row + rows], c))
+            row += rows
+        if not outs:
+            return x.new_zeros(0, self.out_features)
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 class PackedExperts(nn.Module):
@@ -61,7 +93,13 @@ class PackedExperts(nn.Module):
                 bits: PackedGroup(ids, bits, in_f, out_f, group_size, symmetric, self.has_bias, dtype, device)
                 for bits, ids in spec.groups.get(name, {}).items()
             }
-            self.add_module(name, ProjGroups(groups))
+            self.add_module(name, ProjGroups(groups, spec.num_experts, out_f))
+        # an expert is computed where every projection holds it (a bundle holds the same experts in all of them)
+        proj_groups = [getattr(self, name) for name in self.proj_names]
+        computed = set.intersection(*(set(p.positions()) for p in proj_groups))
+        for p in proj_groups:
+            p.set_computed(computed)
+        self._same_order = all(p.positions() == proj_groups[0].positions() for p in proj_groups)
 
     def held_experts(self) -> tuple[int, ...]:
         first = getattr(self, self.proj_names[0])
@@ -75,21 +113,19 @@ class PackedExperts(nn.Module):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         num_tokens, top_k = top_k_index.shape
         flat = top_k_index.reshape(-1)  # [S], S = T * K
-        order = torch.argsort(flat, stable=True)
-        sorted_experts = flat[order]
-        counts = torch.bincount(sorted_experts.clamp(max=self.num_experts), minlength=self.num_experts + 1)
-        ends = counts.cumsum(0).tolist()
-        bounds = [(e, ends[e] - int(counts[e]), ends[e]) for e in range(self.num_experts) if counts[e] > 0]
-        token = order // top_k
-        x = hidden_states[token]  # [S, H], grouped by expert
-        first, down = self.proj_names
-        h = getattr(self, first).forward_sorted(x, bounds, self.out_features[first])
+        first, down = (getattr(self, name) for name in self.proj_names)
+        order, counts = first.route(flat)  # [R] computed pairs, sorted by first's positions
+        h = first.forward_sorted(hidden_states[order // top_k], counts)  # [R, out_first]
         h = self._gate_fn(self, h) if self.has_gate else self.act_fn(h)
-        y = getattr(self, down).forward_sorted(h, bounds, self.out_features[down])
+        if not self._same_order:  # down groups its experts differently: re-sort the rows
+            down_order, counts = down.route(flat)
+            row_of_pair = torch.empty_like(flat)
+            row_of_pair[order] = torch.arange(order.shape[0], device=flat.device)
+            h, order = h[row_of_pair[down_order]], down_order
+        y = down.forward_sorted(h, counts)  # [R, H]
         if self.has_post_expert_norm:
             y = self.post_expert_norm(y)
         weights = top_k_weights.reshape(-1)[order]
-        weights = weights.masked_fill(sorted_experts >= self.num_experts, 0.0)  # expert-parallel sentinels
         y = y.float() * weights.float().unsqueeze(-1)
-        out = torch.zeros(num_tokens, y.shape[-1], dtype=torch.float32, device=y.device).index_add_(0, token, y)
+        out = torch.zeros(num_tokens, y.shape[-1], dtype=torch.float32, device=y.device).index_add_(0, order // top_k, y)
         return out.to(hidden_states.dtype)

@@ -1,16 +1,30 @@
 """One (projection, bit-width) group of a MoE layer's experts, stored packed and computed from the packed form.
 
-A group holds n experts (ids in `experts`) in the tensors the format names (see format/spec.py). On CPU, 4-bit groups
-are converted once by `prepare()` to PyTorch's int4 kernel layout (same size as our packed bytes); 2/3/8-bit groups
-dequantize only the experts a batch hits, together, for the duration of one call; 16-bit groups hold bf16 weights.
+A group holds n experts (ids in `experts`) in the tensors the format names (see format/spec.py). A call gets the
+rows of x sorted by slot (the expert's row in the stacked tensors) with the row count of every slot, and returns
+their outputs in the same order:
+
+- 16-bit: one grouped matmul over the stored bf16 weights.
+- 4-bit on CPU: converted once by `prepare()` to PyTorch's int4 kernel layout (same size as our packed bytes). Slots
+  with few rows (decode) run the int4 kernel; when the hit slots average `DEQUANT_MIN_ROWS` rows or more (prefill),
+  they are dequantized from that layout, a chunk at a time, and run as one grouped matmul.
+- 2/3/8-bit (and 4-bit elsewhere): the hit slots are dequantized, a chunk at a time, and run as one grouped matmul.
+
+Dequantized weights live for one chunk of one call: nothing beyond the packed form stays in memory.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-from moecompress.format.pack import dequantize, pack
+from moecompress.format.pack import pack, unpack
 from moecompress.runtime import cpu_int4
+
+# Rows per hit expert from which dequantize + bf16 matmul beats the int4 kernel: measured crossover 50-60 rows at
+# Qwen3-30B-A3B expert shapes (2048 x 1536), 1 and 2 threads, AVX-512 + AMX (eval/results/runtime.md).
+DEQUANT_MIN_ROWS = 56
+DEQUANT_CHUNK = 1 << 24  # weights dequantized at once (32 MiB in bf16): bounds the transient memory of a call
 
 
 class PackedGroup(nn.Module):
@@ -42,59 +56,136 @@ class PackedGroup(nn.Module):
         if has_bias:
             self.register_buffer("bias", torch.empty(n, out_features, dtype=dtype, **kw))
         self.slot = {e: i for i, e in enumerate(self.experts)}  # expert id -> row in the stacked tensors
-        self._int4: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per slot: (packed, scales_and_zeros)
+        self._int4_block: int | None = None  # blocked layout of the int4 kernel, when unpack_blocked can read it
+
+    @property
+    def _int4(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...] | None:
+        """(int4 packed [n, out, in/2], scales_and_zeros [n, in/g, out, 2]) once prepared (read by inspect)."""
+        return ((self.int4_weight, self.int4_sz),) if "int4_weight" in self._buffers else None
 
     # -- kernels ---------------------------------------------------------------------------------------------------
     def prepare(self, compute_dtype: torch.dtype) -> None:
         """Convert 4-bit groups on CPU to the int4 kernel layout, dropping our packed copy (no duplicate in memory)."""
-        if self.bits != 4 or self.qweight.device.type != "cpu" or not cpu_int4.available() or len(self.experts) == 0:
+        if self._int4 is not None or self.bits != 4 or len(self.experts) == 0:
             return
-        from moecompress.format.pack import unpack
-
+        if self.qweight.device.type != "cpu" or not cpu_int4.available():
+            return
+        n, out_f, in_f = len(self.experts), self.out_features, self.in_features
+        first = cpu_int4.pack_int4(unpack(self.qweight[0], 4, in_f))
+        packed = torch.empty(n, *first.shape, dtype=first.dtype)  # one allocation, filled an expert at a time
+        packed[0] = first
+        for i in range(1, n):
+            packed[i] = cpu_int4.pack_int4(unpack(self.qweight[i], 4, in_f))
         zeros = getattr(self, "zeros", None)
-        self._int4 = [
-            (
-                cpu_int4.pack_int4(unpack(self.qweight[i], 4, self.in_features)),
-                cpu_int4.scales_and_zeros(self.scales[i], None if zeros is None else zeros[i], compute_dtype),
-            )
-            for i in range(len(self.experts))
-        ]
+        # not persistent: state_dict() gives back `qweight` in the format's packing (_restore_qweight)
+        self.register_buffer("int4_weight", packed, persistent=False)
+        self.register_buffer("int4_sz", cpu_int4.scales_and_zeros(self.scales, zeros, compute_dtype), persistent=False)
+        self._int4_block = cpu_int4.block_layout(out_f, in_f)
         del self._buffers["qweight"]
         self._register_state_dict_hook(_restore_qweight)
 
+    def linear_sorted(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """x [R, in], rows sorted by slot, counts[s] rows for slot s (sum R) -> [R, out] in the same order."""
+        hit = [s for s, c in enumerate(counts) if c]
+        if not hit:
+            return x.new_empty(0, self.out_features)
+        if self.bits == 16:
+            w = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
+            y = _grouped_mm(x, w.transpose(-2, -1), counts)
+        elif self._int4 is not None and (self._int4_block is None or x.shape[0] < DEQUANT_MIN_ROWS * len(hit)):
+            y = torch.empty(x.shape[0], self.out_features, dtype=x.dtype, device=x.device)
+            start = 0
+            for s in hit:
+                end = start + counts[s]
+                y[start:end] = cpu_int4.int4_linear(x[start:end], self.int4_weight[s], self.group_size, self.int4_sz[s])
+                start = end
+        else:
+            y = self._dequantized_matmul(x, hit, [counts[s] for s in hit])
+        if "bias" in self._buffers:
+            y = y + self.bias[hit].to(y.dtype).repeat_interleave(torch.tensor([counts[s] for s in hit]), dim=0)
+        return y
+
     def linear(self, slots: list[int], chunks: list[torch.Tensor]) -> list[torch.Tensor]:
         """For each hit expert slot, its rows x [m, in] -> [m, out]; all slots of the group in one call."""
-        if self._int4 is not None:
-            outs = [cpu_int4.int4_linear(x, self._int4[s][0], self.group_size, self._int4[s][1]).to(x.dtype)
-                    for s, x in zip(slots, chunks)]
-        else:
-            w = self.dequantized(slots, chunks[0].dtype)  # [len(slots), out, in], transient
-            outs = [x @ w[i].t() for i, x in enumerate(chunks)]
-        if "bias" in self._buffers:
-            outs = [y + self.bias[s].to(y.dtype) for s, y in zip(slots, outs)]
-        return outs
+        order = sorted(range(len(slots)), key=slots.__getitem__)
+        counts = [0] * len(self.experts)
+        for i in order:
+            counts[slots[i]] += chunks[i].shape[0]
+        x = chunks[0] if len(chunks) == 1 else torch.cat([chunks[i] for i in order])
+        outs = dict(zip(order, self.linear_sorted(x, counts).split([chunks[i].shape[0] for i in order])))
+        return [outs[i] for i in range(len(slots))]
+
+    def _dequantized_matmul(self, x: torch.Tensor, hit: list[int], rows: list[int]) -> torch.Tensor:
+        """Hit slots dequantized a chunk at a time, each chunk one grouped matmul; x [R, in] -> [R, out]."""
+        per_slot = max(1, DEQUANT_CHUNK // (self.in_features * self.out_features))
+        outs, start = [], 0
+        for i in range(0, len(hit), per_slot):
+            slots, counts = hit[i:i + per_slot], rows[i:i + per_slot]
+            end = start + sum(counts)
+            w_t = self._weights_t(slots, x.dtype)  # [len(slots), in, out], transient
+            outs.append(_grouped_mm(x[start:end], w_t, counts))
+            start = end
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _weights_t(self, slots: list[int], dtype: torch.dtype) -> torch.Tensor:
+        """Transposed weights [len(slots), in, out] of the given slots in `dtype` (a view where that is free)."""
+        if self._int4 is not None and self._int4_block is not None:
+            # the kernel's own numbers: (q - 8) * s + zero = q * s + (zero - 8 s), s and zero in the compute dtype
+            n, groups = len(slots), self.in_features // self.group_size
+            sz = _rows(self.int4_sz, slots).to(dtype)  # [n, in/g, out, 2]
+            s = sz[..., 0].unsqueeze(-2).contiguous()  # [n, in/g, 1, out]; contiguous: addcmul vectorizes
+            shift = (sz[..., 1].unsqueeze(-2) - 8 * s).contiguous()
+            q_t = cpu_int4.unpack_blocked(_rows(self.int4_weight, slots), self._int4_block)  # [n, in, out] uint8
+            w_t = q_t.view(n, groups, self.group_size, self.out_features).to(dtype)
+            return torch.addcmul(shift, w_t, s, out=w_t).view(n, self.in_features, self.out_features)
+        return self.dequantized(slots, dtype).transpose(-2, -1)
 
     def dequantized(self, slots: list[int] | None = None, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-        """[len(slots), out, in] weights of the given slots (all when None)."""
-        idx = list(range(len(self.experts))) if slots is None else slots
+        """[len(slots), out, in] weights of the given slots (all when None): (q - z) * s in float32, then `dtype`."""
+        slots = list(range(len(self.experts))) if slots is None else list(slots)
         if self.bits == 16:
-            return self.weight[idx].to(dtype)
-        zeros = self.zeros[idx] if not self.symmetric else None
+            return _rows(self.weight, slots).to(dtype, copy=True)
+        n, groups = len(slots), self.in_features // self.group_size
         if self._int4 is not None:
-            q = torch.stack([cpu_int4.unpack_int4(self._int4[s][0], self.in_features, self.group_size) for s in idx])
-            qweight = pack(q, 4)
+            q = self._int4_integers(slots)
+        elif self.bits == 8:
+            q = _rows(self.qweight, slots)  # 8-bit values are stored as they are
         else:
-            qweight = self.qweight[idx]
-        return dequantize(qweight, self.scales[idx], zeros, self.bits, self.group_size, self.in_features, dtype)
+            q = unpack(_rows(self.qweight, slots), self.bits, self.in_features)  # [n, out, in] uint8
+        s = _rows(self.scales, slots).float().unsqueeze(-1)  # [n, out, groups, 1]
+        zeros = float(1 << (self.bits - 1)) if self.symmetric else _rows(self.zeros, slots).float().unsqueeze(-1)
+        # q * s - z * s is exactly (q - z) * s in float32: all three products fit in its 24-bit significand
+        w = torch.addcmul(-(zeros * s), q.reshape(n, self.out_features, groups, self.group_size), s)
+        return w.view(n, self.out_features, self.in_features).to(dtype)
+
+    def _int4_integers(self, slots: list[int]) -> torch.Tensor:
+        """uint8 [len(slots), out, in] integers of a prepared 4-bit group, exactly."""
+        if self._int4_block is not None:
+            return cpu_int4.unpack_blocked(_rows(self.int4_weight, slots), self._int4_block).transpose(-2, -1)
+        return torch.stack([cpu_int4.unpack_int4(self.int4_weight[s], self.in_features, self.group_size) for s in slots])
 
     def extra_repr(self) -> str:
         kernel = "int4-cpu" if self._int4 is not None else ("bf16" if self.bits == 16 else "dequant")
         return f"bits={self.bits}, experts={len(self.experts)}, in={self.in_features}, out={self.out_features}, kernel={kernel}"
 
 
+def _rows(t: torch.Tensor, slots: list[int]) -> torch.Tensor:
+    """t[slots] along dim 0: a view when the slots are consecutive, else one gather."""
+    if not slots or slots == list(range(slots[0], slots[0] + len(slots))):
+        return t[slots[0]:slots[0] + len(slots)] if slots else t[:0]
+    return t.index_select(0, torch.tensor(slots, device=t.device))
+
+
+def _grouped_mm(x: torch.Tensor, w_t: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """x [R, in] sorted by slot, w_t [n, in, out], counts[s] rows of slot s -> [R, out]."""
+    if x.device.type == "cpu" and hasattr(F, "grouped_mm"):
+        offs = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        return F.grouped_mm(x, w_t.to(x.dtype), offs=offs)
+    return torch.cat([a @ w.to(a.dtype) for a, w in zip(x.split(counts), w_t)])
+
+
 def _restore_qweight(module: PackedGroup, state_dict: dict, prefix: str, local_metadata) -> None:
     """state_dict of a prepared 4-bit group: put back `qweight` in the format's packing, exactly."""
     if module._int4 is None:
         return
-    q = torch.stack([cpu_int4.unpack_int4(p, module.in_features, module.group_size) for p, _ in module._int4])
-    state_dict[prefix + "qweight"] = pack(q, 4)
+    state_dict[prefix + "qweight"] = pack(module._int4_integers(list(range(len(module.experts)))).contiguous(), 4)

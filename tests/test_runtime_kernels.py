@@ -1,0 +1,88 @@
+"""The runtime's compute paths on one PackedGroup: every bit-width, both 4-bit CPU paths, chunking, bias, round trip."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moecompress.format.pack import dequantize, pack
+from moecompress.runtime import cpu_int4, packed_group
+from moecompress.runtime.packed_group import PackedGroup
+
+IN, OUT, GROUP = 128, 128, 32
+COUNTS = [5, 0, 70, 1, 0, 3]  # rows per slot: empty slots, a single row, one slot past the dequant threshold
+
+
+def make_group(bits: int, symmetric: bool = False, bias: bool = True, n: int = len(COUNTS), seed: int = 0):
+    """A float32 PackedGroup with random integers, scales, zeros and bias, and its reference weights [n, out, in]."""
+    gen = torch.Generator().manual_seed(seed)
+    group = PackedGroup(tuple(range(10, 10 + n)), bits, IN, OUT, GROUP, symmetric, bias, dtype=torch.float32)
+    if bits == 16:
+        group.weight.copy_(torch.randn(n, OUT, IN, generator=gen))
+        ref = group.weight.clone()
+    else:
+        q = torch.randint(0, 1 << bits, (n, OUT, IN), generator=gen).to(torch.uint8)
+        group.qweight.copy_(pack(q, bits))
+        group.scales.copy_((torch.rand(n, OUT, IN // GROUP, generator=gen) * 0.1 + 0.01).half())
+        zeros = None
+        if not symmetric:
+            zeros = torch.randint(0, 1 << bits, (n, OUT, IN // GROUP), generator=gen).to(torch.uint8)
+            group.zeros.copy_(zeros)
+        ref = dequantize(group.qweight, group.scales, zeros, bits, GROUP, IN, torch.float32)
+    if bias:
+        group.bias.copy_(torch.randn(n, OUT, generator=gen))
+    return group, ref
+
+
+def reference(x: torch.Tensor, counts: list[int], ref_w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    outs = []
+    for s, xs in enumerate(x.split(counts)):
+        if len(xs):
+            outs.append(xs @ ref_w[s].t() + (0 if bias is None else bias[s]))
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8, 16])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_every_path_matches_the_dequantized_reference(bits, symmetric, monkeypatch):
+    group, ref_w = make_group(bits, symmetric)
+    group.prepare(torch.float32)
+    x = torch.randn(sum(COUNTS), IN, generator=torch.Generator().manual_seed(1))
+    want = reference(x, COUNTS, ref_w, group.bias)
+    for min_rows, chunk in ((48, 1 << 24), (0, 1 << 24), (0, IN * OUT), (10**9, 1 << 24)):
+        monkeypatch.setattr(packed_group, "DEQUANT_MIN_ROWS", min_rows)
+        monkeypatch.setattr(packed_group, "DEQUANT_CHUNK", chunk)  # IN * OUT: one slot per chunk
+        got = group.linear_sorted(x, COUNTS)
+        assert got.shape == want.shape
+        assert (got - want).abs().max() < 1e-4 * want.abs().max()
+
+
+def test_linear_keeps_the_callers_order():
+    group, ref_w = make_group(8)
+    gen = torch.Generator().manual_seed(2)
+    chunks = [torch.randn(m, IN, generator=gen) for m in (3, 1, 4)]
+    outs = group.linear([4, 0, 2], chunks)
+    for s, x, y in zip([4, 0, 2], chunks, outs):
+        assert torch.allclose(y, x @ ref_w[s].t() + group.bias[s], atol=1e-4)
+
+
+def test_unpack_blocked_reads_the_int4_kernel_layout():
+    block = cpu_int4.block_layout(OUT, IN)
+    if block is None:
+        pytest.skip("PyTorch packs int4 in another layout on this CPU (the int4 kernel alone is used)")
+    q = torch.randint(0, 16, (3, OUT, IN), generator=torch.Generator().manual_seed(3)).to(torch.uint8)
+    packed = torch.stack([cpu_int4.pack_int4(m) for m in q])
+    assert torch.equal(cpu_int4.unpack_blocked(packed, block).transpose(-2, -1), q)
+    assert torch.equal(cpu_int4.unpack_int4(packed[1], IN, GROUP), q[1])
+
+
+def test_prepared_int4_group_is_its_packed_size_and_saves_exactly():
+    group, _ = make_group(4, bias=False)
+    before = {k: v.clone() for k, v in group.state_dict().items()}
+    group.prepare(torch.bfloat16)
+    if group._int4 is None:
+        pytest.skip("no CPU int4 kernel in this PyTorch build")
+    assert "qweight" not in group._buffers  # the format's copy is dropped, not duplicated
+    assert group.int4_weight.numel() == before["qweight"].numel()
+    after = group.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    group.prepare(torch.bfloat16)  # idempotent
