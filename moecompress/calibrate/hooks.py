@@ -24,32 +24,12 @@ from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
 
 from moecompress.arch import ModelLayout, MoELayer
+from moecompress.arch.experts_call import routing_args
 from moecompress.calibrate.recorder import RoutingRecorder
 from moecompress.errors import MoecompressError
 
 INTERFACE_NAME = "moecompress_calibrate"
 _TAP_ATTR = "_moecompress_calibrate_tap"
-_ROUTING_ARG_NAMES = (
-    ("hidden_states",),
-    ("top_k_index", "router_indices", "selected_experts", "topk_indices"),
-    ("top_k_weights", "routing_weights", "router_scores", "topk_weights"),
-)
-
-
-def _routing_args(args: tuple, kwargs: dict):
-    """(hidden_states, top_k_index, top_k_weights) from an experts call, positional or by name."""
-    out, args = [], list(args)
-    for names in _ROUTING_ARG_NAMES:
-        if args:
-            out.append(args.pop(0))
-            continue
-        found = [kwargs[n] for n in names if n in kwargs]
-        if not found:
-            raise MoecompressError(f"experts module called without {names[0]}; cannot record its routing")
-        out.append(found[0])
-    return tuple(out)
-
-
 def _recording_experts_forward(self, *args, **kwargs):
     tap = self.__dict__.get(_TAP_ATTR)
     if tap is None:
@@ -76,7 +56,7 @@ class _Tap:
         self.recorder, self.moe_layer, self.original = recorder, moe_layer, original
 
     def __call__(self, module, *args, **kwargs):
-        self.recorder.record_experts(self.moe_layer, module, *_routing_args(args, kwargs))
+        self.recorder.record_experts(self.moe_layer, module, *routing_args(args, kwargs))
         return self.original(module, *args, **kwargs)
 
 
@@ -123,7 +103,7 @@ class RoutingHooks:
 
     def _pre_hook(self, moe_layer: MoELayer):
         def hook(module, args, kwargs):
-            self.recorder.record_experts(moe_layer, module, *_routing_args(args, kwargs))
+            self.recorder.record_experts(moe_layer, module, *routing_args(args, kwargs))
         return hook
 
     def _dense_hook(self, path: str):

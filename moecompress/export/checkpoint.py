@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -23,7 +20,7 @@ from moecompress.arch.layout import ModelLayout
 from moecompress.artifacts.bit_plan import BitPlan
 from moecompress.artifacts.quantized import QuantizedTensors, expert_key
 from moecompress.errors import MoecompressError
-from moecompress.format.files import INDEX, write_manifest
+from moecompress.format.files import INDEX, atomic_dir, write_manifest
 from moecompress.format.spec import ExpertsSpec, FormatSpec, group_prefix
 
 
@@ -107,12 +104,7 @@ def write_checkpoint(out_dir: str | Path, config, tensors: dict[str, torch.Tenso
                      dtype: torch.dtype = torch.bfloat16, tokenizer=None, generation_config=None,
                      max_shard_size: int | str = "2GB", manifest: dict | None = None, overwrite: bool = False) -> Path:
     """Atomically write config.json (+quantization_config), safetensors shards, index, manifest, tokenizer."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise MoecompressError(f"{out_dir} already exists; choose another output directory or pass overwrite")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir, overwrite) as tmp:
         config = copy.deepcopy(config)
         config.quantization_config = spec.to_dict()
         config.dtype = str(dtype).removeprefix("torch.")
@@ -129,13 +121,7 @@ def write_checkpoint(out_dir: str | Path, config, tensors: dict[str, torch.Tenso
         if generation_config is not None:
             generation_config.save_pretrained(tmp)
         write_manifest(tmp, {"format": "moecompress", **(manifest or {})})
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir)
 
 
 def export_checkpoint(model: nn.Module, layout: ModelLayout, plan: BitPlan, quantized: QuantizedTensors, out_dir: str | Path,

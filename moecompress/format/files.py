@@ -7,6 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from moecompress.errors import MoecompressError
@@ -82,3 +87,21 @@ def verify_bundles(out: str | Path) -> dict:
             if sha256_file(path) != digest:
                 raise MoecompressError(f"{path}: sha256 does not match {PLACEMENT_FILE}; the bundle was altered")
     return doc
+
+
+@contextmanager
+def atomic_dir(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of `final` to write into; it becomes `final` only if the block completes."""
+    final = Path(final)
+    if final.exists() and not overwrite:
+        raise MoecompressError(f"{final} already exists; choose another output directory")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -75,6 +75,8 @@ def resident_bytes(model: nn.Module) -> int:
             tensors += [t for pair in m._int4 for t in pair]
     for t in tensors:
         st = t.untyped_storage()
+        if st.nbytes() == 0:  # an empty tensor mmapped from a file may share its data_ptr with the next tensor
+            continue
         if st.data_ptr() not in seen:
             seen.add(st.data_ptr())
             total += st.nbytes()

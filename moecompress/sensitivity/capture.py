@@ -15,29 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from moecompress.arch.experts_call import routing_args
 from moecompress.arch.layout import ModelLayout
 from moecompress.errors import MoecompressError
-
-_ARG_NAMES = (
-    ("hidden_states",),
-    ("top_k_index", "router_indices", "selected_experts", "topk_indices"),
-    ("top_k_weights", "routing_weights", "router_scores", "topk_weights"),
-)
-
-
-def routing_args(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(hidden_states, top_k_index, top_k_weights) of an experts call, positional or by name."""
-    out, rest = [], list(args)
-    for names in _ARG_NAMES:
-        if rest:
-            out.append(rest.pop(0))
-            continue
-        found = [kwargs[n] for n in names if n in kwargs]
-        if not found:
-            raise MoecompressError(f"experts module called without {names[0]}; cannot capture its routing")
-        out.append(found[0])
-    return tuple(out)
-
 
 @dataclass(frozen=True, eq=False)
 class LayerCapture:

@@ -7,9 +7,7 @@ layer is used: tensors are sliced from the checkpoint's safetensors, never re-qu
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -18,7 +16,7 @@ from safetensors.torch import save_file
 
 from moecompress.artifacts.placement import Placement
 from moecompress.errors import MoecompressError
-from moecompress.format.files import PLACEMENT_FILE, verify_files, weight_files, write_manifest
+from moecompress.format.files import PLACEMENT_FILE, atomic_dir, verify_files, weight_files, write_manifest
 from moecompress.format.spec import ExpertsSpec, FormatSpec
 
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
@@ -82,11 +80,7 @@ def write_bundles(checkpoint: str | Path, placement: Placement, out: str | Path,
     config, spec = read_spec_and_config(checkpoint)
     if placement.num_layers != len(spec.experts):
         raise MoecompressError(f"placement has {placement.num_layers} MoE layers, the checkpoint {len(spec.experts)}")
-    if out.exists() and not overwrite:
-        raise MoecompressError(f"{out} already exists; choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with atomic_dir(out, overwrite) as tmp:
         files = {}
         for server in range(placement.num_servers):
             sub = server_spec(spec, placement, server)
@@ -106,10 +100,4 @@ def write_bundles(checkpoint: str | Path, placement: Placement, out: str | Path,
         if traffic is not None:
             doc["traffic"] = traffic
         (tmp / PLACEMENT_FILE).write_text(json.dumps(doc, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return placement
