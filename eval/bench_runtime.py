@@ -109,8 +109,9 @@ def load(directory: Path, mmap: bool = True):
     return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16, **kwargs)
 
 
-def measure_load(directory: Path, threads: int, mmap: bool) -> dict:
-    """Run in a fresh process: RSS increase (anonymous + file-backed) of loading one model, its resident bytes."""
+def measure_load(directory: Path, threads: int, mmap: bool, prefill: tuple[int, int]) -> dict:
+    """Run in a fresh process: RSS increase (anonymous + file-backed) of loading one model, then after one prefill
+    forward (mmapped weights count once touched), and the model's resident bytes."""
     torch.set_num_threads(threads)
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -124,12 +125,17 @@ def measure_load(directory: Path, threads: int, mmap: bool) -> dict:
     model = load(directory, mmap)
     gc.collect()
     delta = {f: (vm_kib(f) - kib) * 1024 for f, kib in before.items()}
+    with torch.inference_mode():
+        model(torch.zeros(prefill, dtype=torch.long), use_cache=False, logits_to_keep=1)  # no big logits
+    gc.collect()
     return {"rss": delta["VmRSS"], "rss_anon": delta["RssAnon"], "rss_file": delta["RssFile"],
+            "rss_forward": (vm_kib("VmRSS") - before["VmRSS"]) * 1024,
             "resident": resident_bytes(model), "experts_impl": model.config._experts_implementation}
 
 
-def measure_load_subprocess(directory: Path, threads: int, mmap: bool = True) -> dict:
-    cmd = [sys.executable, __file__, "--measure-load", str(directory), "--threads", str(threads)]
+def measure_load_subprocess(directory: Path, threads: int, prefill: tuple[int, int], mmap: bool = True) -> dict:
+    cmd = [sys.executable, __file__, "--measure-load", str(directory), "--threads", str(threads),
+           "--prefill-a", "x".join(map(str, prefill))]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.run(cmd + ([] if mmap else ["--no-mmap"]), capture_output=True, text=True, env=env, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -172,10 +178,10 @@ def bench_one(key: str, bm: BenchModel, args, work: Path) -> list[dict]:
     rows = []
     for plan, d in dirs.items():
         print(f"[{key}] load {plan} in a fresh process", flush=True)
-        mem = measure_load_subprocess(d, args.threads)
-        no_mmap = measure_load_subprocess(d, args.threads, mmap=False)
+        mem = measure_load_subprocess(d, args.threads, bm.prefill)
+        no_mmap = measure_load_subprocess(d, args.threads, bm.prefill, mmap=False)
         rows.append({"model": bm.name, "plan": plan, "dir": d, "disk": disk_bytes(d), **mem,
-                     "rss_no_mmap": no_mmap["rss"]})
+                     "rss_no_mmap": no_mmap["rss"], "rss_forward_no_mmap": no_mmap["rss_forward"]})
     models = {r["plan"]: load(r["dir"]).eval() for r in rows}
     vocab = models["bf16"].config.vocab_size
     for phase, shape in (("prefill", bm.prefill), ("decode", bm.decode)):
@@ -207,8 +213,8 @@ def avg_bits(directory: Path) -> str:
 
 def table(rows: list[dict]) -> str:
     mb = 1 / 2**20
-    head = ("| model | expert bits | packed MB | resident MB | resident / packed | RSS increase MB (anon + file) "
-            "| RSS / packed | RSS / packed, disable_mmap | prefill tok/s median (best) | x bf16 median (best) "
+    head = ("| model | expert bits | packed MB | resident MB | resident / packed | RSS after load MB (anon + file) "
+            "| RSS / packed: load, +prefill | same, disable_mmap | prefill tok/s median (best) | x bf16 median (best) "
             "| decode tok/s median (best) | x bf16 median (best) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -216,7 +222,8 @@ def table(rows: list[dict]) -> str:
         cells = [r["model"], f"mixed {bits}" if r["plan"] == "mixed" else bits, f"{r['disk'] * mb:.1f}",
                  f"{r['resident'] * mb:.1f}", f"{r['resident'] / r['disk']:.3f}",
                  f"{r['rss'] * mb:.0f} ({r['rss_anon'] * mb:.0f} + {r['rss_file'] * mb:.0f})",
-                 f"{r['rss'] / r['disk']:.2f}", f"{r['rss_no_mmap'] / r['disk']:.2f}"]
+                 f"{r['rss'] / r['disk']:.2f}, {r['rss_forward'] / r['disk']:.2f}",
+                 f"{r['rss_no_mmap'] / r['disk']:.2f}, {r['rss_forward_no_mmap'] / r['disk']:.2f}"]
         for phase in ("prefill", "decode"):
             p = r[phase]
             cells += [f"{p['tok_s']:.1f} ({p['best']:.1f})", f"{p['x_bf16']:.2f} ({p['x_bf16_best']:.2f})"]
@@ -241,9 +248,9 @@ def report(rows: list[dict], args, models: dict[str, BenchModel], load: tuple[fl
         f"before, {load[1]:.1f} after, wall {secs / 60:.1f} min: under load the tokens/s are pessimistic; the x bf16 "
         "ratios compare rows timed under the same load.",
         "packed MB: tensor bytes of the checkpoint (bf16 row: the bf16 model). resident: "
-        "runtime.inspect.resident_bytes. RSS increase: VmRSS after minus before from_pretrained in a fresh process "
-        "(modeling code paged in first), split into anonymous and file-backed pages; disable_mmap: the same with "
-        "from_pretrained(..., disable_mmap=True).",
+        "runtime.inspect.resident_bytes. RSS: VmRSS increase over from_pretrained in a fresh process (modeling "
+        "code paged in first), split into anonymous and file-backed pages, and again after one prefill forward "
+        "(mmapped weights count once touched); disable_mmap: the same with from_pretrained(..., disable_mmap=True).",
         "",
         table(rows),
         "",
@@ -274,7 +281,7 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.measure_load:
-        print(json.dumps(measure_load(Path(args.measure_load), args.threads, mmap=not args.no_mmap)))
+        print(json.dumps(measure_load(Path(args.measure_load), args.threads, not args.no_mmap, args.prefill_a)))
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)

@@ -24,7 +24,9 @@ from moecompress.runtime import cpu_int4
 # Rows per hit expert from which dequantize + bf16 matmul beats the int4 kernel: measured crossover 50-60 rows at
 # Qwen3-30B-A3B expert shapes (2048 x 1536), 1 and 2 threads, AVX-512 + AMX (eval/results/runtime.md).
 DEQUANT_MIN_ROWS = 56
-DEQUANT_CHUNK = 1 << 24  # weights dequantized at once (32 MiB in bf16): bounds the transient memory of a call
+# Weights dequantized at once: bounds the transient memory of a call (16 MiB in float32), and stays under glibc's
+# mmap threshold so that the buffers are reused between chunks instead of page-faulted in afresh.
+DEQUANT_CHUNK = 1 << 22
 
 
 class PackedGroup(nn.Module):
@@ -71,16 +73,22 @@ class PackedGroup(nn.Module):
         if self.qweight.device.type != "cpu" or not cpu_int4.available():
             return
         n, out_f, in_f = len(self.experts), self.out_features, self.in_features
-        first = cpu_int4.pack_int4(unpack(self.qweight[0], 4, in_f))
-        packed = torch.empty(n, *first.shape, dtype=first.dtype)  # one allocation, filled an expert at a time
-        packed[0] = first
-        for i in range(1, n):
-            packed[i] = cpu_int4.pack_int4(unpack(self.qweight[i], 4, in_f))
+        block = cpu_int4.block_layout(out_f, in_f)
+        # Blocked layouts pack each block of rows on its own: convert 256 rows at a time, so that the transient
+        # int32 copies stay small and the allocator gives their memory back (whole experts otherwise).
+        rows = out_f if block is None else max(block, 256 // block * block)
+        first = cpu_int4.pack_int4(unpack(self.qweight[0, :rows], 4, in_f))
+        packed = torch.empty(n, out_f if block else first.shape[0], *first.shape[1:], dtype=first.dtype)
+        sz = torch.empty(n, in_f // self.group_size, out_f, 2, dtype=compute_dtype)
         zeros = getattr(self, "zeros", None)
+        for i in range(n):  # the results allocated once, filled a chunk at a time
+            for r in range(0, out_f, rows):
+                packed[i, r:r + rows] = cpu_int4.pack_int4(unpack(self.qweight[i, r:r + rows], 4, in_f))
+            sz[i] = cpu_int4.scales_and_zeros(self.scales[i], None if zeros is None else zeros[i], compute_dtype)
         # not persistent: state_dict() gives back `qweight` in the format's packing (_restore_qweight)
         self.register_buffer("int4_weight", packed, persistent=False)
-        self.register_buffer("int4_sz", cpu_int4.scales_and_zeros(self.scales, zeros, compute_dtype), persistent=False)
-        self._int4_block = cpu_int4.block_layout(out_f, in_f)
+        self.register_buffer("int4_sz", sz, persistent=False)
+        self._int4_block = block
         del self._buffers["qweight"]
         self._register_state_dict_hook(_restore_qweight)
 
@@ -155,7 +163,8 @@ class PackedGroup(nn.Module):
         s = _rows(self.scales, slots).float().unsqueeze(-1)  # [n, out, groups, 1]
         zeros = float(1 << (self.bits - 1)) if self.symmetric else _rows(self.zeros, slots).float().unsqueeze(-1)
         # q * s - z * s is exactly (q - z) * s in float32: all three products fit in its 24-bit significand
-        w = torch.addcmul(-(zeros * s), q.reshape(n, self.out_features, groups, self.group_size), s)
+        w = q.reshape(n, self.out_features, groups, self.group_size).to(torch.float32)
+        torch.addcmul(-(zeros * s), w, s, out=w)
         return w.view(n, self.out_features, self.in_features).to(dtype)
 
     def _int4_integers(self, slots: list[int]) -> torch.Tensor:
