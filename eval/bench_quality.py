@@ -4,6 +4,11 @@ On the trained reference model (../shared/models/refmoe-qwen3): calibrate on cal
 held-out eval.jsonl.gz, group size 64. Every configuration is evaluated with its dequantized weights written into
 the float model (tests/test_format.py shows the packed runtime gives the same logits to 2e-7).
 
+"ours" is the main job's method (recipes/refmoe-qwen3.yaml): loss-aware sensitivity, global allocation, GPTQ with
+the clipping search, then scale tuning (quantize/tune.py). Rows marked "no tuning" stop before the tuning, and
+"+ tune" rows apply the same tuning to uniform GPTQ, so the share of each part is visible. RTN baselines (uniform
+and random) are plain min/max round-to-nearest; "rtn-mse" rows use the clipping search.
+
     .venv/bin/python eval/bench_quality.py            # writes eval/results/quality.{md,json} and quality_pareto.png
 """
 from __future__ import annotations
@@ -25,38 +30,55 @@ from moecompress.allocate import AllocationRules, Budget, allocate, to_bit_plan 
 from moecompress.arch.adapters import describe, proj_weights, set_proj_weights  # noqa: E402
 from moecompress.artifacts.bit_plan import BitPlan  # noqa: E402
 from moecompress.artifacts.cost_table import CostItem, CostTable  # noqa: E402
-from moecompress.artifacts.quantized import expert_key  # noqa: E402
+from moecompress.artifacts.quantized import QuantizedTensors, expert_key  # noqa: E402
 from moecompress.calibrate.dataset import build_calibration_data  # noqa: E402
 from moecompress.calibrate.options import CalibrationOptions  # noqa: E402
 from moecompress.calibrate.run import calibrate  # noqa: E402
 from moecompress.evaluate import evaluate  # noqa: E402
 from moecompress.format.sizes import SCALE_BYTES, ZERO_BYTES  # noqa: E402
 from moecompress.quantize.stage import QuantizeOptions, quantize_model  # noqa: E402
+from moecompress.quantize.tune import TuneOptions, tune_scales  # noqa: E402
 from moecompress.sensitivity import SensitivityOptions, estimate_costs  # noqa: E402
+
+
+QUANTIZERS = {"rtn": QuantizeOptions(method="rtn", clip="minmax"), "rtn-mse": QuantizeOptions(method="rtn"),
+              "gptq": QuantizeOptions(method="gptq")}  # the product's GPTQ: clip "mse", no act-order
 
 
 def quantize_all(model, layout, stats, method: str, group_size: int) -> dict:
     """bits -> QuantizedTensors of every expert at that width. Each matrix is quantized from the original weights
     and its own Hessian, independently of the other experts' widths, so any plan is assembled from these."""
-    return {b: quantize_model(model, layout, BitPlan.uniform(layout, b, group_size), stats,
-                              QuantizeOptions(method=method), progress=False) for b in (2, 3, 4, 8)}
+    return {b: quantize_model(model, layout, BitPlan.uniform(layout, b, group_size), stats, QUANTIZERS[method],
+                              progress=False) for b in (2, 3, 4, 8)}
 
 
-def fake_quantized(model, layout, plan: BitPlan, by_bits: dict):
-    """A copy of `model` with every planned expert weight replaced by its quantized-dequantized value."""
-    fallbacks = 0
+def plan_tensors(layout, plan: BitPlan, by_bits: dict) -> QuantizedTensors:
+    """The QuantizedTensors of `plan`, each expert matrix taken from the quantization at its planned width."""
+    weights, fallbacks = {}, {}
+    for m in layout.moe_layers:
+        for p in m.projs:
+            for e, bits in enumerate(plan.experts[m.experts_path][p.name]):
+                if bits != 16:
+                    key = expert_key(m.experts_path, p.name, e)
+                    weights[key] = by_bits[bits].weights[key]
+                    if key in by_bits[bits].fallbacks:
+                        fallbacks[key] = by_bits[bits].fallbacks[key]
+    return QuantizedTensors(weights=weights, fallbacks=fallbacks)
+
+
+def fake_quantized(model, layout, quantized: QuantizedTensors):
+    """A copy of `model` with every quantized expert weight replaced by its dequantized value."""
     out = copy.deepcopy(model)
     for m in layout.moe_layers:
         experts = out.get_submodule(m.experts_path)
         for p in m.projs:
             w = proj_weights(experts, m, p.name).detach().clone()
-            for e, bits in enumerate(plan.experts[m.experts_path][p.name]):
-                if bits != 16:
-                    key = expert_key(m.experts_path, p.name, e)
-                    w[e] = by_bits[bits].weights[key].dequantize(w.dtype)
-                    fallbacks += key in by_bits[bits].fallbacks
+            for e in range(m.num_experts):
+                key = expert_key(m.experts_path, p.name, e)
+                if key in quantized.weights:
+                    w[e] = quantized.weights[key].dequantize(w.dtype)
             set_proj_weights(experts, m, p.name, w)
-    return out, fallbacks
+    return out
 
 
 def nominal_bits(plan: BitPlan, layout) -> float:
@@ -96,7 +118,7 @@ def main() -> None:
     ap.add_argument("--model", default=str(ROOT.parent / "shared/models/refmoe-qwen3"))
     ap.add_argument("--calib", default=str(ROOT.parent / "shared/data/corpus/calib.jsonl.gz"))
     ap.add_argument("--eval", default=str(ROOT.parent / "shared/data/corpus/eval.jsonl.gz"))
-    ap.add_argument("--calib-samples", type=int, default=128)
+    ap.add_argument("--calib-samples", type=int, default=512)
     ap.add_argument("--eval-samples", type=int, default=192)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--group-size", type=int, default=64)
@@ -104,7 +126,8 @@ def main() -> None:
     ap.add_argument("--random-seeds", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "eval/results"))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--variants", default="hessian:expert:rtn",
+    ap.add_argument("--tune-steps", type=int, default=300, help="scale tuning steps of ours (0: none)")
+    ap.add_argument("--variants", default="loss_aware:expert:rtn,hessian:expert:rtn",
                     help="sensitivity variants of ours, METHOD:GRANULARITY:QUANTIZER, comma-separated; the first is "
                          "'ours', the others are reported as 'ours[variant]'")
     args = ap.parse_args()
@@ -130,45 +153,52 @@ def main() -> None:
     variants = list(costs)
     cost = costs[variants[0]]
     eval_data = build_calibration_data(args.eval, tokenizer, args.eval_samples, args.seq_len, seed=1)
-    quantized = {method: quantize_all(model, layout, stats, method, g) for method in ("rtn", "gptq")}
+    quantized = {method: quantize_all(model, layout, stats, method, g) for method in QUANTIZERS}
     print(f"calibrated, costs and every expert at 2/3/4/8 bits quantized in {time.time() - t0:.0f}s", flush=True)
+    tune = TuneOptions(steps=args.tune_steps)
+    rows, tuned = [], []
 
-    rows = []
-
-    def run(name: str, family: str, plan: BitPlan | None, method: str):
+    def run(name: str, family: str, plan: BitPlan | None, method: str, tuning: bool = False):
         t = time.time()
-        m, fallbacks = (model, 0) if plan is None else fake_quantized(model, layout, plan, quantized[method])
+        q = None if plan is None else plan_tensors(layout, plan, quantized[method])
+        if tuning and args.tune_steps:
+            q, report = tune_scales(model, layout, q, batches, tune, progress=False)
+            tuned.append({"method": name, **report})
+        m = model if plan is None else fake_quantized(model, layout, q)
         r = evaluate(m, tokenizer, eval_data, reference_model=None if plan is None else model, method=name,
                      family=family, progress=False)
         bits = 16.0 if plan is None else nominal_bits(plan, layout)
         rows.append({"method": name, "family": family, "avg_bits": bits, "ppl": r.perplexity, "kl": r.kl,
-                     "domains": {d.name: d.perplexity for d in r.domains}, "fallbacks": fallbacks})
-        print(f"{name:28s} bits {bits:5.3f} ppl {r.perplexity:8.3f} kl {r.kl or 0:.4f}  ({time.time() - t:.0f}s)",
+                     "domains": {d.name: d.perplexity for d in r.domains}, "fallbacks": len(q.fallbacks) if q else 0})
+        print(f"{name:36s} bits {bits:5.3f} ppl {r.perplexity:8.3f} kl {r.kl or 0:.4f}  ({time.time() - t:.0f}s)",
               flush=True)
 
     run("bf16", "bf16", None, "rtn")
-    for method in ("rtn", "gptq"):
+    for method in QUANTIZERS:
         for b in (2, 3, 4):
             run(f"uniform {method} {b}-bit", f"uniform {method}", BitPlan.uniform(layout, b, g), method)
+    for b in (2, 3):
+        run(f"uniform gptq {b}-bit + tune", "uniform gptq + tune", BitPlan.uniform(layout, b, g), "gptq", True)
     meta_bits = (SCALE_BYTES + ZERO_BYTES) * 8 / g  # every candidate 2..8 stores the same scales and zeros
     rules = AllocationRules(candidates=(2, 3, 4, 8))
     for avg in (float(x) for x in args.budgets.split(",")):
         budget = Budget(avg_bits=avg + meta_bits)
         ours = to_bit_plan(allocate(cost, budget, rules), layout)
-        run(f"ours gptq {avg}", "ours", ours, "gptq")
+        run(f"ours gptq {avg}", "ours", ours, "gptq", True)
+        run(f"ours gptq {avg} (no tuning)", "ours (no tuning)", ours, "gptq")
         for variant in variants[1:]:
-            run(f"ours[{variant}] gptq {avg}", f"ours[{variant}]", to_bit_plan(allocate(costs[variant], budget, rules),
-                                                                               layout), "gptq")
-        run(f"ours rtn {avg}", "ours rtn", ours, "rtn")
+            run(f"ours[{variant}] gptq {avg} (no tuning)", f"ours[{variant}] (no tuning)",
+                to_bit_plan(allocate(costs[variant], budget, rules), layout), "gptq")
+        run(f"ours rtn-mse {avg}", "ours rtn-mse", ours, "rtn-mse")
         popular = to_bit_plan(allocate(popularity_costs(cost, stats), budget, rules), layout)
         run(f"popularity-only gptq {avg}", "popularity-only", popular, "gptq")
         for seed in range(args.random_seeds):
             run(f"random rtn {avg} s{seed}", "random rtn", shuffled(ours, layout, seed), "rtn")
         run(f"random gptq {avg} s0", "random gptq", shuffled(ours, layout, 0), "gptq")
-    write(rows, Path(args.out), args, time.time() - t0)
+    write(rows, tuned, Path(args.out), args, time.time() - t0)
 
 
-def write(rows: list[dict], out: Path, args, seconds: float) -> None:
+def write(rows: list[dict], tuned: list[dict], out: Path, args, seconds: float) -> None:
     out.mkdir(parents=True, exist_ok=True)
     base = rows[0]["ppl"]
     domains = list(rows[0]["domains"])
@@ -179,10 +209,13 @@ def write(rows: list[dict], out: Path, args, seconds: float) -> None:
                      f"{(r['kl'] or 0):.4f} | " + " | ".join(f"{r['domains'][d]:.2f}" for d in domains) + " |")
     goals = check_goals(rows, base)
     machine = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    text = "\n".join(lines + ["", *goals, "", f"({seconds:.0f}s on {machine}; calib {args.calib_samples}x{args.seq_len}, "
-                                               f"eval {args.eval_samples}x{args.seq_len} tokens, group {args.group_size})"])
+    tuning = [f"- scale tuning of {t['method']}: held-out calibration KL {t['holdout_kl_before']:.4f} -> "
+              f"{t['holdout_kl_after']:.4f} ({t['steps']} steps, {'kept' if t['kept'] else 'not kept'})" for t in tuned]
+    text = "\n".join(lines + ["", *goals, *tuning, "",
+                              f"({seconds:.0f}s on {machine}; calib {args.calib_samples}x{args.seq_len}, "
+                              f"eval {args.eval_samples}x{args.seq_len} tokens, group {args.group_size})"])
     (out / "quality.md").write_text(text + "\n")
-    (out / "quality.json").write_text(json.dumps(rows, indent=1))
+    (out / "quality.json").write_text(json.dumps({"rows": rows, "tuning": tuned}, indent=1))
     plot(rows, out / "quality_pareto.png")
     print(text)
 

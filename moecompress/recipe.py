@@ -21,6 +21,11 @@ class Quantizer(str, Enum):
     GPTQ = "gptq"
 
 
+class Clip(str, Enum):
+    MINMAX = "minmax"  # each group's grid spans its [min, max]
+    MSE = "mse"  # the range shrink with the least (diag-Hessian weighted) squared rounding error
+
+
 class Granularity(str, Enum):
     EXPERT = "expert"  # one bit-width per expert (all its projections)
     PROJECTION = "projection"  # gate_up / up and down separately
@@ -88,7 +93,19 @@ class QuantizeConfig:
     symmetric: bool = False
     damp: float = 0.01
     block_size: int = 128
-    act_order: bool = True  # static groups: the stored format stays contiguous groups
+    act_order: bool = False  # static groups when true; off measured better on refmoe-qwen3 (eval/bench_quality.py)
+    clip: Clip = Clip.MSE
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Scale tuning after quantization (quantize/tune.py); steps 0 skips it."""
+
+    steps: int = 0
+    lr: float = 3e-3
+    batch_size: int = 16  # calibration sequences per step
+    holdout: float = 0.1  # share of the calibration sequences kept out for the before/after check
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -122,6 +139,7 @@ class Recipe:
     sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
     allocation: AllocationConfig = field(default_factory=AllocationConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     protect: ProtectConfig = field(default_factory=ProtectConfig)
     eval: EvalConfig | None = None
     lock: dict | None = None  # written by a run (versions, input hashes); checked when present
@@ -161,6 +179,11 @@ def validate(r: Recipe) -> None:
     need(q.group_size >= 8 and q.group_size % 8 == 0, "quantize.group_size", f"must be a multiple of 8, got {q.group_size}")
     need(0 <= q.damp < 1, "quantize.damp", f"must be in [0, 1), got {q.damp}")
     need(q.block_size > 0, "quantize.block_size", f"must be > 0, got {q.block_size}")
+    t = r.tune
+    need(t.steps >= 0, "tune.steps", f"must be >= 0 (0 skips tuning), got {t.steps}")
+    need(t.lr > 0, "tune.lr", f"must be > 0, got {t.lr}")
+    need(t.batch_size > 0, "tune.batch_size", f"must be > 0, got {t.batch_size}")
+    need(0 < t.holdout < 1, "tune.holdout", f"must be in (0, 1), got {t.holdout}")
     p = r.protect
     for key in ("attention", "shared_experts", "dense_mlp", "pin_bits"):
         need(getattr(p, key) in ALLOWED_BITS, f"protect.{key}", f"got {getattr(p, key)}; allowed: 2, 3, 4, 8, 16")

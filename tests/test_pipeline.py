@@ -47,7 +47,7 @@ def _recipe(inputs: Path, out: str, **over) -> dict:
     r = {"model": str(inputs / "model"), "output": str(inputs / out), "dtype": "float32",
          "calibration": {"dataset": str(inputs / "data.jsonl.gz"), "samples": 8, "seq_len": 32, "batch_size": 4},
          "allocation": {"budget": {"avg_bits": 3.5}, "candidates": [2, 3, 4, 8]},
-         "quantize": {"method": "gptq", "group_size": 32}}
+         "quantize": {"method": "gptq", "group_size": 32}, "tune": {"steps": 3, "batch_size": 2}}
     for k, v in over.items():
         r[k] = {**r.get(k, {}), **v} if isinstance(v, dict) else v
     return r
@@ -139,6 +139,10 @@ def test_megabyte_budget(inputs):
     ({"protect": {"attention": 5}}, "protect.attention: got 5"),
     ({"dtype": "int8"}, "dtype: got 'int8'"),
     ({"allocation": {"min_bits": 8, "max_bits": 4}}, "min_bits: must be <= allocation.max_bits"),
+    ({"quantize": {"clip": "p99"}}, "quantize.clip: got 'p99'; allowed: minmax, mse"),
+    ({"tune": {"steps": -1}}, "tune.steps: must be >= 0"),
+    ({"tune": {"holdout": 1.5}}, "tune.holdout: must be in (0, 1)"),
+    ({"tune": {"stpes": 3}}, "unknown key tune.stpes"),
 ])
 def test_invalid_recipe_fields_rejected(inputs, bad, message):
     with pytest.raises(MoecompressError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -169,3 +173,9 @@ def test_budget_from_servers_then_shard_fits(inputs, tmp_path):
     placement = run_shard_command(str(out / "checkpoint"), str(out / "calibration"), spec, str(tmp_path / "bundles"),
                                   replicate=False)
     assert all(u <= m for u, m in zip(placement.server_bytes, placement.memory_bytes))
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_are_valid(path):
+    recipe = load_recipe(path)
+    assert recipe.model and recipe.output

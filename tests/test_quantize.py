@@ -238,3 +238,47 @@ def test_nn_linear_8_6(bits, act_order):
     assert w_hat.dtype == torch.bfloat16 and torch.isfinite(w_hat.float()).all()
     y, y_hat = x @ linear.weight.float().T, x @ w_hat.float().T
     assert ((y - y_hat).norm() / y.norm()) < {2: 0.6, 3: 0.3, 4: 0.15, 8: 0.01}[bits]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_clip_search_never_worse_than_minmax_per_group(bits, symmetric):
+    from moecompress.format.pack import dequantize_values
+    from moecompress.quantize.rtn import CLIP_GRID, clipped_params
+
+    gen = torch.Generator().manual_seed(bits)
+    w = torch.randn(16, 6, 32, generator=gen) ** 3  # heavy tails: clipping pays
+    importance = torch.rand(32, generator=gen)
+
+    def err(s, z):
+        zz = None if z is None else z[..., None]
+        d = dequantize_values(quantize_values(w, s[..., None], zz, bits), s[..., None], zz, bits) - w
+        return (d * d * importance).sum(-1)
+
+    s, z = clipped_params(w, bits, symmetric, importance)
+    best = err(s, z)
+    assert bool((best <= err(*quant_params(w, bits, symmetric)) + 1e-6).all())
+    assert float(best.sum()) < 0.98 * float(err(*quant_params(w, bits, symmetric)).sum())
+    # every chosen parameter pair is one of the grid's candidates
+    cands = [quant_params(w, bits, symmetric, shrink) for shrink in CLIP_GRID]
+    match = torch.zeros_like(best, dtype=torch.bool)
+    for cs, cz in cands:
+        match |= (cs == s) & (True if z is None else (cz == z))
+    assert bool(match.all())
+
+
+def test_mse_clip_through_rtn_gptq_and_options():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 64, generator=gen) ** 3
+    x = torch.randn(512, 64, generator=gen)
+    h = x.T @ x
+    mse = gptq_quantize(w, h, 2, 32, False, clip="mse").loss
+    assert mse < gptq_quantize(w, h, 2, 32, False, clip="minmax").loss
+    rtn = lambda clip: float(((w - quantize_rtn(w, 2, 32, False, clip).dequantize(torch.float32)) ** 2).sum())  # noqa: E731
+    assert rtn("mse") < rtn("minmax")
+    with pytest.raises(MoecompressError, match="clip 'p99'; allowed: minmax, mse"):
+        quantize_rtn(w, 2, 32, False, "p99")
+    from moecompress.quantize.stage import QuantizeOptions
+
+    with pytest.raises(MoecompressError, match="quantize clip"):
+        QuantizeOptions(clip="p99")

@@ -48,7 +48,7 @@ def test_every_path_matches_the_dequantized_reference(bits, symmetric, monkeypat
     group.prepare(torch.float32)
     x = torch.randn(sum(COUNTS), IN, generator=torch.Generator().manual_seed(1))
     want = reference(x, COUNTS, ref_w, group.bias)
-    for min_rows, chunk in ((48, 1 << 24), (0, 1 << 24), (0, IN * OUT), (10**9, 1 << 24)):
+    for min_rows, chunk in ((48, 1 << 24), (48, IN * OUT), (0, 1 << 24), (0, IN * OUT), (10**9, 1 << 24)):
         monkeypatch.setattr(packed_group, "DEQUANT_MIN_ROWS", min_rows)
         monkeypatch.setattr(packed_group, "DEQUANT_CHUNK", chunk)  # IN * OUT: one slot per chunk
         got = group.linear_sorted(x, COUNTS)

@@ -115,7 +115,7 @@ def test_hessian_down_damage_equals_brute_force(setup):
         w_dn = proj_weights(experts, m, "down").detach()
         x, expert, w = routed[m.layer]
         for bits in (2, 4):
-            dw = (w_dn - fake_quantize(w_dn, bits, GS, False)).double()  # down-only perturbation
+            dw = (w_dn - fake_quantize(w_dn, bits, GS, False, "mse")).double()  # down-only, the default clip
             for e in range(m.num_experts):
                 sel = expert == e
                 gate, up = (x[sel].double() @ w_gu[e].T).chunk(2, dim=-1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from moecompress.artifacts.quantized import META_FILE
-from moecompress.pipeline.steps import ALLOC_REPORT, RunContext
+from moecompress.pipeline.steps import ALLOC_REPORT, TUNE_REPORT, RunContext
 from moecompress.runtime.inspect import checkpoint_report, format_report
 
 
@@ -23,7 +23,13 @@ def write_report(ctx: RunContext) -> str:
     alloc = json.loads((out / "allocation" / ALLOC_REPORT).read_text())
     parts += ["## Allocation", "", *_allocation_lines(alloc), "", "![bits](allocation/bits_heatmap.png)", ""]
     fallbacks = json.loads((out / "quantized" / META_FILE).read_text())["fallbacks"]
-    parts += ["## Quantization", "", f"- fallbacks / notes: {len(fallbacks)} (see quantized/{META_FILE})", ""]
+    parts += ["## Quantization", "", f"- fallbacks / notes: {len(fallbacks)} (see quantized/{META_FILE})"]
+    tune = json.loads((out / "tuned" / TUNE_REPORT).read_text())
+    if tune.get("skipped"):
+        parts += ["- scale tuning: off (tune.steps 0)", ""]
+    else:
+        parts += [f"- scale tuning: {tune['steps']} steps, held-out KL {tune['holdout_kl_before']:.5f} -> "
+                  f"{tune['holdout_kl_after']:.5f} ({'kept' if tune['kept'] else 'no gain: untuned scales kept'})", ""]
     parts += ["## Checkpoint", "", format_report(checkpoint_report(out / "checkpoint")), ""]
     if ctx.recipe.eval is not None:
         parts += ["## Evaluation", "", _evaluate(ctx), ""]

@@ -1,7 +1,7 @@
 """The one module that knows the order of the stages of `moecompress quantize`.
 
     calibrate -> CalibrationStats -> sensitivity -> CostTable -> allocate -> BitPlan -> quantize
-    -> QuantizedTensors -> export -> checkpoint
+    -> QuantizedTensors -> tune -> QuantizedTensors (new scales; skipped when tune.steps is 0) -> export -> checkpoint
 
 Each stage writes its result under the run directory through a temporary sibling that is renamed into place when
 complete; a re-run skips the stages whose directory exists, so an interrupted run resumes where it stopped and a
@@ -22,9 +22,9 @@ from moecompress.pipeline import steps
 from moecompress.pipeline.lockfile import check_lock, job_identity, make_lock, read_lock, write_lock
 from moecompress.recipe import Recipe
 
-STAGES = ("calibrate", "sensitivity", "allocate", "quantize", "export")
+STAGES = ("calibrate", "sensitivity", "allocate", "quantize", "tune", "export")
 DIRS = {"calibrate": "calibration", "sensitivity": "sensitivity", "allocate": "allocation",
-        "quantize": "quantized", "export": "checkpoint"}
+        "quantize": "quantized", "tune": "tuned", "export": "checkpoint"}
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 

@@ -20,6 +20,7 @@ from moecompress.artifacts.quantized import QuantizedTensors
 from moecompress.recipe import Quantizer, Recipe
 
 COST_FILE = "cost_table.json"
+TUNE_REPORT = "tune.json"
 PLAN_FILE = "bit_plan.json"
 ALLOC_REPORT = "report.json"
 
@@ -82,19 +83,25 @@ def sensitivity_step(ctx: RunContext, tmp: Path) -> None:
     r = ctx.recipe
     model, tokenizer, layout = ctx.load()
     stats = CalibrationStats.load(ctx.dir("calibration"))
+    q = r.quantize
     options = SensitivityOptions(method=r.sensitivity.method.value, granularity=r.sensitivity.granularity.value,
-                                 holdout=r.sensitivity.holdout)
+                                 holdout=r.sensitivity.holdout, damp=q.damp, block_size=q.block_size,
+                                 act_order=q.act_order, clip=q.clip.value, min_tokens=r.calibration.min_tokens)
     candidates = tuple(sorted(set(r.allocation.candidates) | {16}))
-    batches = None
-    if options.method != "hessian":  # the measured methods re-run (the last `holdout` share of) these sequences
-        from moecompress.calibrate.dataset import build_calibration_data
-
-        c = r.calibration
-        data = build_calibration_data(ctx.dataset_path, tokenizer, c.samples, c.seq_len, c.seed)
-        batches = [(ids, mask) for ids, mask, _ in data.batches(c.batch_size)]
+    # the measured methods re-run (the last `holdout` share of) the calibration sequences
+    batches = None if options.method == "hessian" else calibration_batches(ctx, tokenizer)
     cost = estimate_costs(model, layout, stats, options, candidates=candidates, group_size=r.quantize.group_size,
                           symmetric=r.quantize.symmetric, calibration_batches=batches, progress=ctx.progress)
     cost.save(tmp / COST_FILE)
+
+
+def calibration_batches(ctx: RunContext, tokenizer) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The recipe's calibration sequences as (input_ids, attention_mask) batches, as the calibrate stage saw them."""
+    from moecompress.calibrate.dataset import build_calibration_data
+
+    c = ctx.recipe.calibration
+    data = build_calibration_data(ctx.dataset_path, tokenizer, c.samples, c.seq_len, c.seed)
+    return [(ids, mask) for ids, mask, _ in data.batches(c.batch_size)]
 
 
 def dense_bytes(model, layout: ModelLayout, recipe: Recipe) -> int:
@@ -176,8 +183,29 @@ def quantize_step(ctx: RunContext, tmp: Path) -> None:
     plan = BitPlan.load(ctx.dir("allocation") / PLAN_FILE)
     stats = CalibrationStats.load(ctx.dir("calibration")) if q.method == Quantizer.GPTQ else None
     options = QuantizeOptions(method=q.method.value, damp=q.damp, block_size=q.block_size, act_order=q.act_order,
-                              min_tokens=ctx.recipe.calibration.min_tokens)
+                              min_tokens=ctx.recipe.calibration.min_tokens, clip=q.clip.value)
     quantize_model(model, layout, plan, stats, options, progress=ctx.progress).save(tmp)
+
+
+def tune_step(ctx: RunContext, tmp: Path) -> None:
+    from moecompress.quantize.tune import TuneOptions, tune_scales
+
+    t = ctx.recipe.tune
+    if t.steps == 0:
+        (tmp / TUNE_REPORT).write_text(json.dumps({"steps": 0, "skipped": True}) + "\n")
+        return
+    model, tokenizer, layout = ctx.load()
+    quantized = QuantizedTensors.load(ctx.dir("quantized"))
+    options = TuneOptions(steps=t.steps, lr=t.lr, batch_size=t.batch_size, holdout=t.holdout, seed=t.seed)
+    tuned, report = tune_scales(model, layout, quantized, calibration_batches(ctx, tokenizer), options,
+                                progress=ctx.progress)
+    tuned.save(tmp)
+    (tmp / TUNE_REPORT).write_text(json.dumps(report, indent=1) + "\n")
+
+
+def final_quantized_dir(ctx: RunContext) -> Path:
+    """Where the quantized tensors the checkpoint is made of live: tuned/ when tuning ran, else quantized/."""
+    return ctx.dir("tuned") if ctx.recipe.tune.steps else ctx.dir("quantized")
 
 
 def export_step(ctx: RunContext, tmp: Path) -> None:
@@ -186,12 +214,12 @@ def export_step(ctx: RunContext, tmp: Path) -> None:
 
     model, tokenizer, layout = ctx.load()
     plan = BitPlan.load(ctx.dir("allocation") / PLAN_FILE)
-    quantized = QuantizedTensors.load(ctx.dir("quantized"))
+    quantized = QuantizedTensors.load(final_quantized_dir(ctx))
     export_checkpoint(model, layout, plan, quantized, tmp, tokenizer=tokenizer, dtype=DTYPES[ctx.recipe.dtype],
                       manifest={"recipe": "../recipe.lock.yaml"}, overwrite=True)
 
 
 STEPS: dict[str, Callable[[RunContext, Path], None]] = {
     "calibrate": calibrate_step, "sensitivity": sensitivity_step, "allocate": allocate_step,
-    "quantize": quantize_step, "export": export_step,
+    "quantize": quantize_step, "tune": tune_step, "export": export_step,
 }

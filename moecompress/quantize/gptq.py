@@ -14,7 +14,7 @@ import torch
 from moecompress.errors import MoecompressError
 from moecompress.format.pack import dequantize_values
 from moecompress.artifacts.quantized import QuantizedWeight
-from moecompress.quantize.rtn import check_quant_args, quant_params, quantize_rtn, quantize_values
+from moecompress.quantize.rtn import check_quant_args, group_params, quantize_rtn, quantize_values
 
 
 @dataclass(frozen=True)
@@ -40,13 +40,15 @@ def gptq_quantize(
     damp: float = 0.01,
     block_size: int = 128,
     act_order: bool = False,
+    clip: str = "minmax",
 ) -> GPTQResult:
     """GPTQ of w [out, in] under hessian [in, in] (e.g. X^T X of the calibration inputs), group-wise like RTN.
 
     Damping adds damp * mean(diag H) to the diagonal (retried once with 10x). Inputs never seen (diag H = 0) get
     a unit diagonal and their weights are set to 0 before quantizing: with no calibration signal, 0 is what
     GPTQ assumes they contribute. act_order processes columns by descending diag(H) with static groups (all group
-    parameters from the original weights, up front), so the stored format is unchanged. Falls back to RTN, with
+    parameters from the original weights, up front), so the stored format is unchanged. clip "mse" picks each group's
+    range by the clipping search of `rtn.clipped_params`, its inputs' errors weighted by diag H. Falls back to RTN, with
     the reason in `fallback`, when the hessian is all zero, not finite, or cannot be factored.
     """
     if w.dim() != 2:
@@ -70,11 +72,11 @@ def gptq_quantize(
     elif float(h.diagonal().sum()) == 0:
         fallback = "hessian is zero (no calibration tokens reached this weight)"
     else:
-        weight = _gptq(w.to(torch.float32), h, bits, group_size, symmetric, damp, block_size, act_order)
+        weight = _gptq(w.to(torch.float32), h, bits, group_size, symmetric, damp, block_size, act_order, clip)
         if weight is None:
             fallback = f"Cholesky of the damped hessian failed (damp {damp} and {10 * damp})"
     if weight is None:
-        weight = quantize_rtn(w, bits, group_size, symmetric)
+        weight = quantize_rtn(w, bits, group_size, symmetric, clip, h.diagonal() if h_finite else None)
     loss = layer_output_error(w, weight.dequantize(torch.float32), h) if h_finite else float("nan")
     return GPTQResult(weight=weight, fallback=fallback, loss=loss)
 
@@ -95,7 +97,7 @@ def _inverse_hessian_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor | No
 
 def _gptq(
     w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, symmetric: bool, damp: float, block_size: int,
-    act_order: bool,
+    act_order: bool, clip: str,
 ) -> QuantizedWeight | None:
     out_features, in_features = w.shape
     groups = in_features // group_size
@@ -108,7 +110,8 @@ def _gptq(
     scales = torch.empty(out_features, groups, dtype=torch.float16, device=w.device)  # [out, in/g]
     zeros = None if symmetric else torch.empty(out_features, groups, dtype=torch.uint8, device=w.device)
     if act_order:
-        s, z = quant_params(w.reshape(out_features, groups, group_size), bits, symmetric)  # static groups
+        s, z = group_params(w.reshape(out_features, groups, group_size), bits, symmetric, clip,
+                            h.diagonal().reshape(groups, group_size))  # static groups
         scales.copy_(s)
         if zeros is not None:
             zeros.copy_(z)
@@ -135,7 +138,7 @@ def _gptq(
             j = i1 + i
             g = group_of[j]
             if not act_order and j % group_size == 0:
-                s, z = quant_params(w1[:, i : i + group_size], bits, symmetric)
+                s, z = group_params(w1[:, i : i + group_size], bits, symmetric, clip, h.diagonal()[j : j + group_size])
                 scales[:, g] = s
                 if zeros is not None:
                     zeros[:, g] = z

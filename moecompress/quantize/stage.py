@@ -19,7 +19,7 @@ from moecompress.artifacts.calibration_stats import CalibrationStats
 from moecompress.artifacts.quantized import QuantizedTensors, expert_key
 from moecompress.errors import MoecompressError
 from moecompress.quantize.gptq import gptq_quantize, layer_output_error
-from moecompress.quantize.rtn import quantize_rtn
+from moecompress.quantize.rtn import CLIPS, quantize_rtn
 
 METHODS = ("rtn", "gptq")
 
@@ -29,12 +29,15 @@ class QuantizeOptions:
     method: str = "gptq"  # "rtn" | "gptq"
     damp: float = 0.01
     block_size: int = 128
-    act_order: bool = True
+    act_order: bool = False
     min_tokens: int = 16
+    clip: str = "mse"  # "minmax" | "mse": each group's range by a clipping search (rtn.clipped_params)
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise MoecompressError(f"quantize method {self.method!r}; allowed: {', '.join(METHODS)}")
+        if self.clip not in CLIPS:
+            raise MoecompressError(f"quantize clip {self.clip!r}; allowed: {', '.join(CLIPS)}")
 
 
 def expert_hessian(stats: CalibrationStats, layer: int, proj: str, expert: int, min_tokens: int):
@@ -49,11 +52,12 @@ def expert_hessian(stats: CalibrationStats, layer: int, proj: str, expert: int, 
 
 def _quantize(w: torch.Tensor, bits: int, plan: BitPlan, hessian, options: QuantizeOptions):
     """(QuantizedWeight, note). GPTQ keeps its result only where it beats RTN on the Hessian's output error."""
-    rtn = quantize_rtn(w, bits, plan.group_size, plan.symmetric)
+    importance = None if hessian is None else hessian.diagonal()
+    rtn = quantize_rtn(w, bits, plan.group_size, plan.symmetric, options.clip, importance)
     if options.method == "rtn" or hessian is None:
         return rtn, None
     res = gptq_quantize(w, hessian, bits, plan.group_size, plan.symmetric, damp=options.damp,
-                        block_size=options.block_size, act_order=options.act_order)
+                        block_size=options.block_size, act_order=options.act_order, clip=options.clip)
     if res.fallback:
         return res.weight, res.fallback
     if layer_output_error(w, rtn.dequantize(torch.float32), hessian) < res.loss:

@@ -6,13 +6,16 @@ their outputs in the same order:
 
 - 16-bit: one grouped matmul over the stored bf16 weights.
 - 4-bit on CPU: converted once by `prepare()` to PyTorch's int4 kernel layout (same size as our packed bytes). Slots
-  with few rows (decode) run the int4 kernel; when the hit slots average `DEQUANT_MIN_ROWS` rows or more (prefill),
-  they are dequantized from that layout, a chunk at a time, and run as one grouped matmul.
+  with few rows (decode) run the int4 kernel (its cost grows with the rows: it dequantizes per 4 rows); slots with
+  `DEQUANT_MIN_ROWS` rows or more (prefill) are dequantized from that layout, a chunk at a time, and run as grouped
+  matmuls (whole groups of small experts at once).
 - 2/3/8-bit (and 4-bit elsewhere): the hit slots are dequantized, a chunk at a time, and run as one grouped matmul.
 
 Dequantized weights live for one chunk of one call: nothing beyond the packed form stays in memory.
 """
 from __future__ import annotations
+
+import itertools
 
 import torch
 from torch import nn
@@ -22,7 +25,9 @@ from moecompress.format.pack import pack, unpack
 from moecompress.runtime import cpu_int4
 
 # Rows per hit expert from which dequantize + bf16 matmul beats the int4 kernel: measured crossover 50-60 rows at
-# Qwen3-30B-A3B expert shapes (2048 x 1536), 1 and 2 threads, AVX-512 + AMX (eval/results/runtime.md).
+# Qwen3-30B-A3B expert shapes (2048 x 1536), 1 and 2 threads, AVX-512 + AMX (eval/results/runtime.md). Per-slot
+# micro-benchmarks of cold experts put it at 64-96 rows, but 80 measured worse on model (b) prefill (0.56x vs 0.65x,
+# eval/bench_runtime.py --models b --plans 4, loaded machine).
 DEQUANT_MIN_ROWS = 56
 # Weights dequantized at once: bounds the transient memory of a call (16 MiB in float32), and stays under glibc's
 # mmap threshold so that the buffers are reused between chunks instead of page-faulted in afresh.
@@ -100,13 +105,8 @@ class PackedGroup(nn.Module):
         if self.bits == 16:
             w = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
             y = _grouped_mm(x, w.transpose(-2, -1), counts)
-        elif self._int4 is not None and (self._int4_block is None or x.shape[0] < DEQUANT_MIN_ROWS * len(hit)):
-            y = torch.empty(x.shape[0], self.out_features, dtype=x.dtype, device=x.device)
-            start = 0
-            for s in hit:
-                end = start + counts[s]
-                y[start:end] = cpu_int4.int4_linear(x[start:end], self.int4_weight[s], self.group_size, self.int4_sz[s])
-                start = end
+        elif self._int4 is not None:
+            y = self._int4_matmul(x, hit, counts)
         else:
             y = self._dequantized_matmul(x, hit, [counts[s] for s in hit])
         if "bias" in self._buffers:
@@ -122,6 +122,29 @@ class PackedGroup(nn.Module):
         x = chunks[0] if len(chunks) == 1 else torch.cat([chunks[i] for i in order])
         outs = dict(zip(order, self.linear_sorted(x, counts).split([chunks[i].shape[0] for i in order])))
         return [outs[i] for i in range(len(slots))]
+
+    def _int4_matmul(self, x: torch.Tensor, hit: list[int], counts: list[int]) -> torch.Tensor:
+        """Prepared 4-bit group: the int4 kernel for slots with few rows; slots with `DEQUANT_MIN_ROWS` rows or more
+        are dequantized and run as grouped matmuls, by runs of consecutive such slots. A group whose hit slots fit in
+        one dequant chunk (small experts) is dequantized whole as soon as one slot is big: one grouped matmul costs
+        less than many small calls. x [R, in] -> [R, out]."""
+        big = [self._int4_block is not None and counts[s] >= DEQUANT_MIN_ROWS for s in hit]
+        if all(big) or (any(big) and len(hit) * self.in_features * self.out_features <= DEQUANT_CHUNK):
+            return self._dequantized_matmul(x, hit, [counts[s] for s in hit])
+        y = torch.empty(x.shape[0], self.out_features, dtype=x.dtype, device=x.device)
+        start = 0
+        for dequant, run in itertools.groupby(zip(hit, big), key=lambda sb: sb[1]):  # a run's rows are contiguous
+            run = [s for s, _ in run]
+            if dequant:
+                rows = [counts[s] for s in run]
+                y[start:start + sum(rows)] = self._dequantized_matmul(x[start:start + sum(rows)], run, rows)
+                start += sum(rows)
+                continue
+            for s in run:
+                end = start + counts[s]
+                y[start:end] = cpu_int4.int4_linear(x[start:end], self.int4_weight[s], self.group_size, self.int4_sz[s])
+                start = end
+        return y
 
     def _dequantized_matmul(self, x: torch.Tensor, hit: list[int], rows: list[int]) -> torch.Tensor:
         """Hit slots dequantized a chunk at a time, each chunk one grouped matmul; x [R, in] -> [R, out]."""
@@ -143,8 +166,8 @@ class PackedGroup(nn.Module):
             sz = _rows(self.int4_sz, slots).to(dtype)  # [n, in/g, out, 2]
             s = sz[..., 0].unsqueeze(-2).contiguous()  # [n, in/g, 1, out]; contiguous: addcmul vectorizes
             shift = (sz[..., 1].unsqueeze(-2) - 8 * s).contiguous()
-            q_t = cpu_int4.unpack_blocked(_rows(self.int4_weight, slots), self._int4_block)  # [n, in, out] uint8
-            w_t = q_t.view(n, groups, self.group_size, self.out_features).to(dtype)
+            q_t = cpu_int4.unpack_blocked(_rows(self.int4_weight, slots), self._int4_block, dtype)  # [n, in, out]
+            w_t = q_t.view(n, groups, self.group_size, self.out_features)
             return torch.addcmul(shift, w_t, s, out=w_t).view(n, self.in_features, self.out_features)
         return self.dequantized(slots, dtype).transpose(-2, -1)
 

@@ -20,7 +20,7 @@ import torch
 from moecompress.artifacts.calibration_stats import CalibrationStats
 from moecompress.errors import MoecompressError
 from moecompress.quantize.gptq import gptq_quantize, layer_output_error
-from moecompress.quantize.rtn import fake_quantize
+from moecompress.quantize.rtn import CLIPS, fake_quantize, quantize_rtn
 
 QUANTIZERS = ("rtn", "gptq")
 
@@ -34,12 +34,15 @@ class QuantizerSettings:
     quantizer: str = "rtn"  # "rtn" | "gptq"
     damp: float = 0.01
     block_size: int = 128
-    act_order: bool = True
+    act_order: bool = False
     min_tokens: int = 16
+    clip: str = "mse"
 
     def __post_init__(self):
         if self.quantizer not in QUANTIZERS:
             raise MoecompressError(f"sensitivity quantizer {self.quantizer!r}; allowed: {', '.join(QUANTIZERS)}")
+        if self.clip not in CLIPS:
+            raise MoecompressError(f"sensitivity clip {self.clip!r}; allowed: {', '.join(CLIPS)}")
 
 
 def gptq_hessian(stats: CalibrationStats, layer: int, proj: str, expert: int, min_tokens: int):
@@ -68,7 +71,7 @@ def quant_error(w: torch.Tensor, bits: int, settings: QuantizerSettings,
     from `layer_gptq_hessians` (None: RTN for all)."""
     if bits == 16:
         return torch.zeros_like(w)
-    rtn = fake_quantize(w, bits, settings.group_size, settings.symmetric)  # [E, out, in]
+    rtn = fake_quantize(w, bits, settings.group_size, settings.symmetric, settings.clip)  # [E, out, in]
     if hessians is None:
         return w - rtn
     if len(hessians) != w.shape[0]:
@@ -78,9 +81,11 @@ def quant_error(w: torch.Tensor, bits: int, settings: QuantizerSettings,
         if h is None:
             continue
         h = h.to(device=w.device, dtype=torch.float32)
+        q[e] = quantize_rtn(w[e], bits, settings.group_size, settings.symmetric, settings.clip,
+                            h.diagonal()).dequantize(torch.float32)  # the stage's RTN: clip weighted by diag H
         res = gptq_quantize(w[e], h, bits, settings.group_size, settings.symmetric, damp=settings.damp,
-                            block_size=settings.block_size, act_order=settings.act_order)
-        if res.fallback is None and res.loss <= layer_output_error(w[e], rtn[e], h):
+                            block_size=settings.block_size, act_order=settings.act_order, clip=settings.clip)
+        if res.fallback is None and res.loss <= layer_output_error(w[e], q[e], h):
             q[e] = res.weight.dequantize(torch.float32)
     return w - q
 

@@ -45,7 +45,8 @@ class SensitivityOptions:
     min_tokens: int = 16  # GPTQ: below this an expert uses the all-tokens Hessian (as the quantize stage)
     damp: float = 0.01  # GPTQ settings, as QuantizeOptions
     block_size: int = 128
-    act_order: bool = True
+    act_order: bool = False
+    clip: str = "mse"  # group ranges as the quantize stage: "minmax" | "mse"
 
     def __post_init__(self):
         for name, allowed in (("method", METHODS), ("granularity", GRANULARITIES), ("quantizer", QUANTIZERS)):
@@ -61,7 +62,7 @@ class SensitivityOptions:
     def quantizer_settings(self, group_size: int, symmetric: bool) -> QuantizerSettings:
         return QuantizerSettings(group_size=group_size, symmetric=symmetric, quantizer=self.quantizer,
                                  damp=self.damp, block_size=self.block_size, act_order=self.act_order,
-                                 min_tokens=self.min_tokens)
+                                 min_tokens=self.min_tokens, clip=self.clip)
 
 
 def _check_inputs(layout: ModelLayout, stats: CalibrationStats | None, candidates: tuple[int, ...],
