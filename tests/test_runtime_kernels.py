@@ -86,3 +86,32 @@ def test_prepared_int4_group_is_its_packed_size_and_saves_exactly():
     after = group.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     group.prepare(torch.bfloat16)  # idempotent
+
+
+def test_one_pass_cpp_dequantization_matches_the_formula_and_the_bf16_path(monkeypatch):
+    from moecompress.runtime import cpu_dequant
+
+    if not cpu_int4.available() or cpu_int4.block_layout(OUT, IN) is None:
+        pytest.skip("no blocked CPU int4 layout on this CPU")
+    if not cpu_dequant.available():
+        pytest.skip("no C++ compiler: the torch-ops dequantization is used (covered above)")
+    group, ref_w = make_group(4, bias=False)
+    group.prepare(torch.bfloat16)
+    slots = [0, 2, 5]
+    got = group._weights_t(slots, torch.bfloat16)  # [3, in, out], the C++ kernel
+    sz = group.int4_sz[slots].to(torch.bfloat16).float()  # [3, in/g, out, 2]
+    s, shift = sz[..., 0].repeat_interleave(GROUP, 1), (sz[..., 1] - 8 * sz[..., 0]).repeat_interleave(GROUP, 1)
+    q_t = group._int4_integers(slots).transpose(-2, -1).float()  # [3, in, out]
+    assert torch.equal(got, (q_t * s + shift).to(torch.bfloat16))  # exactly the formula, rounded once
+    assert (got.float() - ref_w[slots].transpose(-2, -1)).abs().max() < 2e-2 * ref_w.abs().max()
+    # the whole group through both dequantization paths, in bf16
+    x = torch.randn(sum(COUNTS), IN, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    monkeypatch.setattr(packed_group, "FAST_DEQUANT_MIN_ROWS", 0)
+    fast = group.linear_sorted(x, COUNTS).float()
+    monkeypatch.setenv("MOECOMPRESS_NO_CPP", "1")
+    monkeypatch.setattr(cpu_dequant, "available", lambda: False)
+    monkeypatch.setattr(packed_group, "DEQUANT_MIN_ROWS", 0)
+    slow = group.linear_sorted(x, COUNTS).float()
+    want = reference(x.float(), COUNTS, ref_w, None)
+    assert (fast - want).abs().max() < 3e-2 * want.abs().max()
+    assert (fast - slow).abs().max() < 2e-2 * want.abs().max()

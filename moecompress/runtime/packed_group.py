@@ -22,13 +22,17 @@ from torch import nn
 from torch.nn import functional as F
 
 from moecompress.format.pack import pack, unpack
-from moecompress.runtime import cpu_int4
+from moecompress.runtime import cpu_dequant, cpu_int4
 
 # Rows per hit expert from which dequantize + bf16 matmul beats the int4 kernel: measured crossover 50-60 rows at
 # Qwen3-30B-A3B expert shapes (2048 x 1536), 1 and 2 threads, AVX-512 + AMX (eval/results/runtime.md). Per-slot
 # micro-benchmarks of cold experts put it at 64-96 rows, but 80 measured worse on model (b) prefill (0.56x vs 0.65x,
 # eval/bench_runtime.py --models b --plans 4, loaded machine).
 DEQUANT_MIN_ROWS = 56
+# The same crossover when the one-pass C++ dequantization (cpu_dequant.py) is available for bf16 compute: measured
+# 0.72x bf16 on model (b) prefill at 32 rows vs 0.58x with the torch-ops dequantization at 56
+# (eval/bench_runtime.py --models b --plans 4, 2 threads).
+FAST_DEQUANT_MIN_ROWS = 32
 # Weights dequantized at once: bounds the transient memory of a call (16 MiB in float32), and stays under glibc's
 # mmap threshold so that the buffers are reused between chunks instead of page-faulted in afresh.
 DEQUANT_CHUNK = 1 << 22
@@ -128,7 +132,9 @@ class PackedGroup(nn.Module):
         are dequantized and run as grouped matmuls, by runs of consecutive such slots. A group whose hit slots fit in
         one dequant chunk (small experts) is dequantized whole as soon as one slot is big: one grouped matmul costs
         less than many small calls. x [R, in] -> [R, out]."""
-        big = [self._int4_block is not None and counts[s] >= DEQUANT_MIN_ROWS for s in hit]
+        fast = x.dtype == torch.bfloat16 and cpu_dequant.available()
+        min_rows = FAST_DEQUANT_MIN_ROWS if fast else DEQUANT_MIN_ROWS
+        big = [self._int4_block is not None and counts[s] >= min_rows for s in hit]
         if all(big) or (any(big) and len(hit) * self.in_features * self.out_features <= DEQUANT_CHUNK):
             return self._dequantized_matmul(x, hit, [counts[s] for s in hit])
         y = torch.empty(x.shape[0], self.out_features, dtype=x.dtype, device=x.device)
@@ -163,6 +169,10 @@ class PackedGroup(nn.Module):
         if self._int4 is not None and self._int4_block is not None:
             # the kernel's own numbers: (q - 8) * s + zero = q * s + (zero - 8 s), s and zero in the compute dtype
             n, groups = len(slots), self.in_features // self.group_size
+            if dtype == torch.bfloat16 and cpu_dequant.available():  # one pass; shift and sum in float32, one rounding
+                sz = _rows(self.int4_sz, slots).to(dtype).float()
+                return cpu_dequant.dequant_blocked(_rows(self.int4_weight, slots), sz[..., 0], sz[..., 1] - 8 * sz[..., 0],
+                                                   self._int4_block, self.group_size)
             sz = _rows(self.int4_sz, slots).to(dtype)  # [n, in/g, out, 2]
             s = sz[..., 0].unsqueeze(-2).contiguous()  # [n, in/g, 1, out]; contiguous: addcmul vectorizes
             shift = (sz[..., 1].unsqueeze(-2) - 8 * s).contiguous()
