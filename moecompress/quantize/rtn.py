@@ -87,14 +87,16 @@ def clipped_params(
     return best[0], best[1]
 
 
+def check_clip(clip: str, key: str = "clip") -> None:
+    if clip not in CLIPS:
+        raise MoecompressError(f"{key} {clip!r}; allowed: {', '.join(CLIPS)}")
+
+
 def group_params(w: torch.Tensor, bits: int, symmetric: bool, clip: str = "minmax",
                  importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`quant_params` (clip "minmax") or `clipped_params` (clip "mse") of each group w [..., g]."""
-    if clip == "mse":
-        return clipped_params(w, bits, symmetric, importance)
-    if clip != "minmax":
-        raise MoecompressError(f"clip {clip!r}; allowed: {', '.join(CLIPS)}")
-    return quant_params(w, bits, symmetric)
+    check_clip(clip)
+    return clipped_params(w, bits, symmetric, importance) if clip == "mse" else quant_params(w, bits, symmetric)
 
 
 def quantize_values(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int) -> torch.Tensor:

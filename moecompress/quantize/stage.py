@@ -19,7 +19,7 @@ from moecompress.artifacts.calibration_stats import CalibrationStats
 from moecompress.artifacts.quantized import QuantizedTensors, expert_key
 from moecompress.errors import MoecompressError
 from moecompress.quantize.gptq import gptq_quantize, layer_output_error
-from moecompress.quantize.rtn import CLIPS, quantize_rtn
+from moecompress.quantize.rtn import check_clip, quantize_rtn
 
 METHODS = ("rtn", "gptq")
 
@@ -36,8 +36,7 @@ class QuantizeOptions:
     def __post_init__(self):
         if self.method not in METHODS:
             raise MoecompressError(f"quantize method {self.method!r}; allowed: {', '.join(METHODS)}")
-        if self.clip not in CLIPS:
-            raise MoecompressError(f"quantize clip {self.clip!r}; allowed: {', '.join(CLIPS)}")
+        check_clip(self.clip, "quantize clip")
 
 
 def expert_hessian(stats: CalibrationStats, layer: int, proj: str, expert: int, min_tokens: int):

@@ -97,12 +97,10 @@ def available() -> bool:
     return _module() is not None
 
 
-def dequant_blocked(packed: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, block: int, group: int,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
-    """packed uint8 [E, n, k/2] (blocked layout), scale / shift [E, k/group, n] -> bf16 [E, k, n] (transposed),
-    written into `out` when given (reusing a buffer saves the page faults of a fresh one)."""
+def dequant_blocked(packed: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, block: int,
+                    group: int) -> torch.Tensor:
+    """packed uint8 [E, n, k/2] (blocked layout), scale / shift [E, k/group, n] -> bf16 [E, k, n] (transposed)."""
     e, n, half_k = packed.shape
-    if out is None:
-        out = torch.empty(e, 2 * half_k, n, dtype=torch.bfloat16)
+    out = torch.empty(e, 2 * half_k, n, dtype=torch.bfloat16)
     return _module().dequant_blocked(packed.contiguous(), scale.float().contiguous(), shift.float().contiguous(),
                                      block, group, out)

@@ -7,8 +7,9 @@ their outputs in the same order:
 - 16-bit: one grouped matmul over the stored bf16 weights.
 - 4-bit on CPU: converted once by `prepare()` to PyTorch's int4 kernel layout (same size as our packed bytes). Slots
   with few rows (decode) run the int4 kernel (its cost grows with the rows: it dequantizes per 4 rows); slots with
-  `DEQUANT_MIN_ROWS` rows or more (prefill) are dequantized from that layout, a chunk at a time, and run as grouped
-  matmuls (whole groups of small experts at once).
+  `DEQUANT_MIN_ROWS` rows or more (`FAST_DEQUANT_MIN_ROWS` with the one-pass C++ dequantization of cpu_dequant.py)
+  are dequantized from that layout, a chunk at a time, and run as grouped matmuls (whole groups of small experts at
+  once).
 - 2/3/8-bit (and 4-bit elsewhere): the hit slots are dequantized, a chunk at a time, and run as one grouped matmul.
 
 Dequantized weights live for one chunk of one call: nothing beyond the packed form stays in memory.
@@ -98,6 +99,8 @@ class PackedGroup(nn.Module):
         self.register_buffer("int4_weight", packed, persistent=False)
         self.register_buffer("int4_sz", sz, persistent=False)
         self._int4_block = block
+        if block is not None and compute_dtype == torch.bfloat16:
+            cpu_dequant.available()  # builds the C++ kernel now (once per machine), not inside the first forward
         del self._buffers["qweight"]
         self._register_state_dict_hook(_restore_qweight)
 
@@ -129,11 +132,10 @@ class PackedGroup(nn.Module):
 
     def _int4_matmul(self, x: torch.Tensor, hit: list[int], counts: list[int]) -> torch.Tensor:
         """Prepared 4-bit group: the int4 kernel for slots with few rows; slots with `DEQUANT_MIN_ROWS` rows or more
-        are dequantized and run as grouped matmuls, by runs of consecutive such slots. A group whose hit slots fit in
+        (`FAST_DEQUANT_MIN_ROWS` when `_fast_dequant`) are dequantized and run as grouped matmuls, by runs of consecutive such slots. A group whose hit slots fit in
         one dequant chunk (small experts) is dequantized whole as soon as one slot is big: one grouped matmul costs
         less than many small calls. x [R, in] -> [R, out]."""
-        fast = x.dtype == torch.bfloat16 and cpu_dequant.available()
-        min_rows = FAST_DEQUANT_MIN_ROWS if fast else DEQUANT_MIN_ROWS
+        min_rows = FAST_DEQUANT_MIN_ROWS if self._fast_dequant(x.dtype) else DEQUANT_MIN_ROWS
         big = [self._int4_block is not None and counts[s] >= min_rows for s in hit]
         if all(big) or (any(big) and len(hit) * self.in_features * self.out_features <= DEQUANT_CHUNK):
             return self._dequantized_matmul(x, hit, [counts[s] for s in hit])
@@ -164,15 +166,19 @@ class PackedGroup(nn.Module):
             start = end
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
+    def _fast_dequant(self, dtype: torch.dtype) -> bool:
+        """Whether this prepared 4-bit group dequantizes with the one-pass C++ kernel for `dtype`."""
+        return self._int4_block is not None and dtype == torch.bfloat16 and cpu_dequant.available()
+
     def _weights_t(self, slots: list[int], dtype: torch.dtype) -> torch.Tensor:
         """Transposed weights [len(slots), in, out] of the given slots in `dtype` (a view where that is free)."""
         if self._int4 is not None and self._int4_block is not None:
             # the kernel's own numbers: (q - 8) * s + zero = q * s + (zero - 8 s), s and zero in the compute dtype
-            n, groups = len(slots), self.in_features // self.group_size
-            if dtype == torch.bfloat16 and cpu_dequant.available():  # one pass; shift and sum in float32, one rounding
+            if self._fast_dequant(dtype):  # one pass; shift and sum in float32, one rounding
                 sz = _rows(self.int4_sz, slots).to(dtype).float()
                 return cpu_dequant.dequant_blocked(_rows(self.int4_weight, slots), sz[..., 0], sz[..., 1] - 8 * sz[..., 0],
                                                    self._int4_block, self.group_size)
+            n, groups = len(slots), self.in_features // self.group_size
             sz = _rows(self.int4_sz, slots).to(dtype)  # [n, in/g, out, 2]
             s = sz[..., 0].unsqueeze(-2).contiguous()  # [n, in/g, 1, out]; contiguous: addcmul vectorizes
             shift = (sz[..., 1].unsqueeze(-2) - 8 * s).contiguous()

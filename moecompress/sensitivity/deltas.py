@@ -20,7 +20,7 @@ import torch
 from moecompress.artifacts.calibration_stats import CalibrationStats
 from moecompress.errors import MoecompressError
 from moecompress.quantize.gptq import gptq_quantize, layer_output_error
-from moecompress.quantize.rtn import CLIPS, fake_quantize, quantize_rtn
+from moecompress.quantize.rtn import check_clip, fake_quantize, quantize_rtn
 
 QUANTIZERS = ("rtn", "gptq")
 
@@ -41,8 +41,7 @@ class QuantizerSettings:
     def __post_init__(self):
         if self.quantizer not in QUANTIZERS:
             raise MoecompressError(f"sensitivity quantizer {self.quantizer!r}; allowed: {', '.join(QUANTIZERS)}")
-        if self.clip not in CLIPS:
-            raise MoecompressError(f"sensitivity clip {self.clip!r}; allowed: {', '.join(CLIPS)}")
+        check_clip(self.clip, "sensitivity clip")
 
 
 def gptq_hessian(stats: CalibrationStats, layer: int, proj: str, expert: int, min_tokens: int):
