@@ -1,11 +1,12 @@
-"""One-pass dequantization of PyTorch's blocked CPU int4 layout, as a small C++ kernel compiled on first use.
+"""One-pass dequantization of PyTorch's blocked CPU int4 layout, as a small C++ kernel compiled once per machine.
 
 With torch ops, turning the int4 layout into bf16 weights takes three passes over the weights (unpack the nibbles,
 convert, scale and shift); at Qwen3-30B-A3B expert sizes that costs more than the bf16 matmul that follows. This
 kernel reads each byte once and writes both of its weights, (q * scale + shift) rounded to bf16, in the transposed
 [in, out] order the grouped matmul takes. It is compiled with torch.utils.cpp_extension the first time it is needed
-(about a minute, cached in torch's extension directory); without a C++ compiler, or with MOECOMPRESS_NO_CPP=1,
-`available()` is False and callers keep the torch-ops path, which computes the same numbers.
+(when a 4-bit model computing in bf16 loads: about a minute, cached in torch's extension directory); without a C++
+compiler, or with MOECOMPRESS_NO_CPP=1, `available()` is False and callers keep the torch-ops path, the same formula
+in three passes (its shift is rounded to bf16 first, so results may differ in the last bf16 bit).
 """
 from __future__ import annotations
 
