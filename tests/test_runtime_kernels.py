@@ -88,13 +88,20 @@ def test_prepared_int4_group_is_its_packed_size_and_saves_exactly():
     group.prepare(torch.bfloat16)  # idempotent
 
 
-def test_one_pass_cpp_dequantization_matches_the_formula_and_the_bf16_path(monkeypatch):
-    from moecompress.runtime import cpu_dequant
+def cpp_kernels():
+    """cpu_kernels, or a skip where the C++ kernels cannot run here."""
+    from moecompress.runtime import cpu_kernels
 
     if not cpu_int4.available() or cpu_int4.block_layout(OUT, IN) is None:
         pytest.skip("no blocked CPU int4 layout on this CPU")
-    if not cpu_dequant.available():
+    if not cpu_kernels.available():
         pytest.skip("no C++ compiler: the torch-ops dequantization is used (covered above)")
+    return cpu_kernels
+
+
+def test_one_pass_cpp_dequantization_matches_the_formula_and_the_bf16_path(monkeypatch):
+    kernels = cpp_kernels()
+    monkeypatch.setattr(kernels, "amx", lambda: False)  # the dequantize + grouped matmul path, also on AMX CPUs
     group, ref_w = make_group(4, bias=False)
     group.prepare(torch.bfloat16)
     slots = [0, 2, 5]
@@ -109,9 +116,57 @@ def test_one_pass_cpp_dequantization_matches_the_formula_and_the_bf16_path(monke
     monkeypatch.setattr(packed_group, "FAST_DEQUANT_MIN_ROWS", 0)
     fast = group.linear_sorted(x, COUNTS).float()
     monkeypatch.setenv("MOECOMPRESS_NO_CPP", "1")
-    monkeypatch.setattr(cpu_dequant, "available", lambda: False)
+    monkeypatch.setattr(kernels, "available", lambda: False)
     monkeypatch.setattr(packed_group, "DEQUANT_MIN_ROWS", 0)
     slow = group.linear_sorted(x, COUNTS).float()
     want = reference(x.float(), COUNTS, ref_w, None)
     assert (fast - want).abs().max() < 3e-2 * want.abs().max()
     assert (fast - slow).abs().max() < 2e-2 * want.abs().max()
+
+
+def test_fused_amx_kernel_equals_a_matmul_with_the_dequantized_weights(monkeypatch):
+    kernels = cpp_kernels()
+    if not kernels.amx():
+        pytest.skip("no AMX BF16 on this CPU (or the OS does not grant it): dequantize + grouped matmul is used")
+    group, ref_w = make_group(4, bias=False)
+    group.prepare(torch.bfloat16)
+    assert group._fused(torch.bfloat16) and not group._fused(torch.float32)
+    gen = torch.Generator().manual_seed(4)
+    # slots out of order, an empty one, a partial 16-row tile, several tiles, and a last slot whose tile would run
+    # past the end of x
+    slots, counts = [4, 1, 0, 3, 5], [17, 0, 1, 40, 3]
+    x = torch.randn(sum(counts), IN, generator=gen).to(torch.bfloat16)
+    got = kernels.int4_mm(x, group.int4_weight, group.int4_sz, slots, counts, group._int4_block, GROUP)
+    w_t = group._weights_t(slots, torch.bfloat16).float()  # the same bf16 weights (tested exact above)
+    want = torch.cat([xs.float() @ w_t[i] for i, xs in enumerate(x.split(counts)) if len(xs)])
+    # float32 sums of exact bf16 products, rounded once to bf16: within half a bf16 ulp plus summation-order slack
+    assert ((got.float() - want).abs() <= 2**-8 * want.abs() + 1e-4 * want.abs().max()).all()
+    # the group: the fused kernel for its big slots, PyTorch's int4 kernel for the small ones, in the right order
+    x = torch.randn(sum(COUNTS), IN, generator=gen).to(torch.bfloat16)
+    want = reference(x.float(), COUNTS, ref_w, None)
+    for min_rows in (0, packed_group.FUSED_MIN_ROWS, 10**9):
+        monkeypatch.setattr(packed_group, "FUSED_MIN_ROWS", min_rows)
+        got = group.linear_sorted(x, COUNTS).float()
+        assert (got - want).abs().max() < 3e-2 * want.abs().max()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_fused_packed_kernel_equals_a_matmul_with_the_dequantized_weights(bits, symmetric):
+    kernels = cpp_kernels()
+    if not kernels.amx():
+        pytest.skip("no AMX BF16 on this CPU (or the OS does not grant it): dequantize + grouped matmul is used")
+    group, ref_w = make_group(bits, symmetric)  # not prepared: the format's own packing
+    gen = torch.Generator().manual_seed(5)
+    slots, counts = [4, 1, 0, 3, 5], [17, 0, 1, 40, 3]  # as above; x tiles are zero-padded, never read past x
+    x = torch.randn(sum(counts), IN, generator=gen).to(torch.bfloat16)
+    zeros = None if symmetric else group.zeros
+    got = kernels.packed_mm(x, group.qweight, group.scales, zeros, bits, GROUP, slots, counts)
+    w = group.dequantized(slots, torch.bfloat16).float()  # [5, out, in], (q - z) * s rounded once to bf16
+    want = torch.cat([xs.float() @ w[i].t() for i, xs in enumerate(x.split(counts)) if len(xs)])
+    assert ((got.float() - want).abs() <= 2**-8 * want.abs() + 1e-4 * want.abs().max()).all()
+    # the group takes this path for bf16 inputs, bias included
+    x = torch.randn(sum(COUNTS), IN, generator=gen).to(torch.bfloat16)
+    assert group._packed_fused(x) and not group._packed_fused(x.float())
+    want = reference(x.float(), COUNTS, ref_w, group.bias)
+    assert (group.linear_sorted(x, COUNTS).float() - want).abs().max() < 3e-2 * want.abs().max()

@@ -6,11 +6,12 @@ their outputs in the same order:
 
 - 16-bit: one grouped matmul over the stored bf16 weights.
 - 4-bit on CPU: converted once by `prepare()` to PyTorch's int4 kernel layout (same size as our packed bytes). Slots
-  with few rows (decode) run the int4 kernel (its cost grows with the rows: it dequantizes per 4 rows); slots with
-  `DEQUANT_MIN_ROWS` rows or more (`FAST_DEQUANT_MIN_ROWS` with the one-pass C++ dequantization of cpu_dequant.py)
-  are dequantized from that layout, a chunk at a time, and run as grouped matmuls (whole groups of small experts at
-  once).
-- 2/3/8-bit (and 4-bit elsewhere): the hit slots are dequantized, a chunk at a time, and run as one grouped matmul.
+  with few rows (decode) run PyTorch's int4 kernel (its cost grows with the rows: it dequantizes per 4 rows); slots
+  with more rows run our fused int4 x bf16 kernel where the CPU has AMX (`FUSED_MIN_ROWS`, cpu_kernels.py), else are
+  dequantized from that layout, a chunk at a time, and run as grouped matmuls (`DEQUANT_MIN_ROWS`, or
+  `FAST_DEQUANT_MIN_ROWS` with the one-pass C++ dequantization; whole groups of small experts at once).
+- 2/3/8-bit (and 4-bit elsewhere): where the CPU has AMX, our fused kernel reads the format's packing directly
+  (cpu_kernels.packed_mm); otherwise the hit slots are dequantized, a chunk at a time, and run as one grouped matmul.
 
 Dequantized weights live for one chunk of one call: nothing beyond the packed form stays in memory.
 """
@@ -23,20 +24,23 @@ from torch import nn
 from torch.nn import functional as F
 
 from moecompress.format.pack import pack, unpack
-from moecompress.runtime import cpu_dequant, cpu_int4
+from moecompress.runtime import cpu_int4, cpu_kernels
 
 # Rows per hit expert from which dequantize + bf16 matmul beats the int4 kernel: measured crossover 50-60 rows at
 # Qwen3-30B-A3B expert shapes (2048 x 1536), 1 and 2 threads, AVX-512 + AMX (eval/results/runtime.md). Per-slot
 # micro-benchmarks of cold experts put it at 64-96 rows, but 80 measured worse on model (b) prefill (0.56x vs 0.65x,
 # eval/bench_runtime.py --models b --plans 4, loaded machine).
 DEQUANT_MIN_ROWS = 56
-# The same crossover when the one-pass C++ dequantization (cpu_dequant.py) is available for bf16 compute: measured
+# The same crossover when the one-pass C++ dequantization (cpu_kernels.py) is available for bf16 compute: measured
 # 0.72x bf16 on model (b) prefill at 32 rows vs 0.58x with the torch-ops dequantization at 56
 # (eval/bench_runtime.py --models b --plans 4, 2 threads).
 FAST_DEQUANT_MIN_ROWS = 32
 # Weights dequantized at once: bounds the transient memory of a call (16 MiB in float32), and stays under glibc's
 # mmap threshold so that the buffers are reused between chunks instead of page-faulted in afresh.
 DEQUANT_CHUNK = 1 << 22
+# Rows per hit expert from which the fused AMX kernel (cpu_kernels.int4_mm) beats PyTorch's int4 kernel: measured
+# crossover 4-6 rows at Qwen3-30B-A3B expert shapes (2048 x 1536 and 768 x 2048), 2 threads.
+FUSED_MIN_ROWS = 6
 
 
 class PackedGroup(nn.Module):
@@ -77,10 +81,13 @@ class PackedGroup(nn.Module):
 
     # -- kernels ---------------------------------------------------------------------------------------------------
     def prepare(self, compute_dtype: torch.dtype) -> None:
-        """Convert 4-bit groups on CPU to the int4 kernel layout, dropping our packed copy (no duplicate in memory)."""
-        if self._int4 is not None or self.bits != 4 or len(self.experts) == 0:
+        """Convert 4-bit groups on CPU to the int4 kernel layout, dropping our packed copy (no duplicate in memory).
+        Packed groups computing in bf16 on CPU build the C++ kernels now (once per machine), not in the first forward."""
+        if self._int4 is not None or self.bits == 16 or len(self.experts) == 0 or self.qweight.device.type != "cpu":
             return
-        if self.qweight.device.type != "cpu" or not cpu_int4.available():
+        if compute_dtype == torch.bfloat16:
+            cpu_kernels.available()
+        if self.bits != 4 or not cpu_int4.available():
             return
         n, out_f, in_f = len(self.experts), self.out_features, self.in_features
         block = cpu_int4.block_layout(out_f, in_f)
@@ -99,8 +106,6 @@ class PackedGroup(nn.Module):
         self.register_buffer("int4_weight", packed, persistent=False)
         self.register_buffer("int4_sz", sz, persistent=False)
         self._int4_block = block
-        if block is not None and compute_dtype == torch.bfloat16:
-            cpu_dequant.available()  # builds the C++ kernel now (once per machine), not inside the first forward
         del self._buffers["qweight"]
         self._register_state_dict_hook(_restore_qweight)
 
@@ -114,6 +119,10 @@ class PackedGroup(nn.Module):
             y = _grouped_mm(x, w.transpose(-2, -1), counts)
         elif self._int4 is not None:
             y = self._int4_matmul(x, hit, counts)
+        elif self._packed_fused(x):
+            zeros = None if self.symmetric else self.zeros
+            y = cpu_kernels.packed_mm(x, self.qweight, self.scales, zeros, self.bits, self.group_size, hit,
+                                      [counts[s] for s in hit])
         else:
             y = self._dequantized_matmul(x, hit, [counts[s] for s in hit])
         if "bias" in self._buffers:
@@ -131,21 +140,22 @@ class PackedGroup(nn.Module):
         return [outs[i] for i in range(len(slots))]
 
     def _int4_matmul(self, x: torch.Tensor, hit: list[int], counts: list[int]) -> torch.Tensor:
-        """Prepared 4-bit group: the int4 kernel for slots with few rows; slots with `DEQUANT_MIN_ROWS` rows or more
-        (`FAST_DEQUANT_MIN_ROWS` when `_fast_dequant`) are dequantized and run as grouped matmuls, by runs of consecutive such slots. A group whose hit slots fit in
-        one dequant chunk (small experts) is dequantized whole as soon as one slot is big: one grouped matmul costs
-        less than many small calls. x [R, in] -> [R, out]."""
-        min_rows = FAST_DEQUANT_MIN_ROWS if self._fast_dequant(x.dtype) else DEQUANT_MIN_ROWS
+        """Prepared 4-bit group: PyTorch's int4 kernel for slots with few rows; slots with more (see `_min_rows`) run
+        the fused kernel, or are dequantized and run as grouped matmuls, by runs of consecutive such slots. A group
+        whose hit slots fit in one dequant chunk (small experts) is dequantized whole as soon as one slot is big: one
+        grouped matmul costs less than many small calls. x [R, in] -> [R, out]."""
+        min_rows = self._min_rows(x.dtype)
         big = [self._int4_block is not None and counts[s] >= min_rows for s in hit]
-        if all(big) or (any(big) and len(hit) * self.in_features * self.out_features <= DEQUANT_CHUNK):
-            return self._dequantized_matmul(x, hit, [counts[s] for s in hit])
+        fused = self._fused(x.dtype)
+        if all(big) or (not fused and any(big) and len(hit) * self.in_features * self.out_features <= DEQUANT_CHUNK):
+            return self._big_matmul(x, hit, [counts[s] for s in hit])
         y = torch.empty(x.shape[0], self.out_features, dtype=x.dtype, device=x.device)
         start = 0
-        for dequant, run in itertools.groupby(zip(hit, big), key=lambda sb: sb[1]):  # a run's rows are contiguous
+        for dense, run in itertools.groupby(zip(hit, big), key=lambda sb: sb[1]):  # a run's rows are contiguous
             run = [s for s, _ in run]
-            if dequant:
+            if dense:
                 rows = [counts[s] for s in run]
-                y[start:start + sum(rows)] = self._dequantized_matmul(x[start:start + sum(rows)], run, rows)
+                y[start:start + sum(rows)] = self._big_matmul(x[start:start + sum(rows)], run, rows)
                 start += sum(rows)
                 continue
             for s in run:
@@ -153,6 +163,17 @@ class PackedGroup(nn.Module):
                 y[start:end] = cpu_int4.int4_linear(x[start:end], self.int4_weight[s], self.group_size, self.int4_sz[s])
                 start = end
         return y
+
+    def _min_rows(self, dtype: torch.dtype) -> int:
+        if self._fused(dtype):
+            return FUSED_MIN_ROWS
+        return FAST_DEQUANT_MIN_ROWS if self._fast_dequant(dtype) else DEQUANT_MIN_ROWS
+
+    def _big_matmul(self, x: torch.Tensor, hit: list[int], rows: list[int]) -> torch.Tensor:
+        """Slots with many rows: the fused kernel where it runs, else dequantize + grouped matmul."""
+        if self._fused(x.dtype):
+            return cpu_kernels.int4_mm(x, self.int4_weight, self.int4_sz, hit, rows, self._int4_block, self.group_size)
+        return self._dequantized_matmul(x, hit, rows)
 
     def _dequantized_matmul(self, x: torch.Tensor, hit: list[int], rows: list[int]) -> torch.Tensor:
         """Hit slots dequantized a chunk at a time, each chunk one grouped matmul; x [R, in] -> [R, out]."""
@@ -168,16 +189,27 @@ class PackedGroup(nn.Module):
 
     def _fast_dequant(self, dtype: torch.dtype) -> bool:
         """Whether this prepared 4-bit group dequantizes with the one-pass C++ kernel for `dtype`."""
-        return self._int4_block is not None and dtype == torch.bfloat16 and cpu_dequant.available()
+        return self._int4_block is not None and dtype == torch.bfloat16 and cpu_kernels.available()
+
+    def _fused(self, dtype: torch.dtype) -> bool:
+        """Whether this prepared 4-bit group runs the fused AMX kernel for `dtype` (64-row blocks, in % 32 == 0)."""
+        return (self._fast_dequant(dtype) and self._int4_block == 64 and self.in_features % 32 == 0
+                and self.int4_sz.dtype == torch.bfloat16 and cpu_kernels.amx())
+
+    def _packed_fused(self, x: torch.Tensor) -> bool:
+        """Whether this group in the format's packing runs the fused AMX kernel for x (bf16 on CPU; shapes: out a
+        multiple of 64, the group a multiple of 32 dividing in)."""
+        return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and self.qweight.device.type == "cpu"
+                and self.out_features % 64 == 0 and self.group_size % 32 == 0 and self.in_features % self.group_size == 0
+                and self.scales.dtype == torch.float16 and cpu_kernels.amx())
 
     def _weights_t(self, slots: list[int], dtype: torch.dtype) -> torch.Tensor:
         """Transposed weights [len(slots), in, out] of the given slots in `dtype` (a view where that is free)."""
         if self._int4 is not None and self._int4_block is not None:
             # the kernel's own numbers: (q - 8) * s + zero = q * s + (zero - 8 s), s and zero in the compute dtype
-            if self._fast_dequant(dtype):  # one pass; shift and sum in float32, one rounding
-                sz = _rows(self.int4_sz, slots).to(dtype).float()
-                return cpu_dequant.dequant_blocked(_rows(self.int4_weight, slots), sz[..., 0], sz[..., 1] - 8 * sz[..., 0],
-                                                   self._int4_block, self.group_size)
+            if self._fast_dequant(dtype) and self.int4_sz.dtype == torch.bfloat16:  # one pass, one rounding
+                return cpu_kernels.dequant_blocked(self.int4_weight, self.int4_sz, slots, self._int4_block,
+                                                   self.group_size)
             n, groups = len(slots), self.in_features // self.group_size
             sz = _rows(self.int4_sz, slots).to(dtype)  # [n, in/g, out, 2]
             s = sz[..., 0].unsqueeze(-2).contiguous()  # [n, in/g, 1, out]; contiguous: addcmul vectorizes

@@ -1,0 +1,65 @@
+// Shared by the moecompress CPU kernels (compiled together by cpu_kernels.py).
+#pragma once
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <algorithm>
+#include <cstring>
+#include <vector>
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define MC_AVX512_BF16 1
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512VBMI__)
+#define MC_AMX 1
+#endif
+#endif
+
+namespace mc {
+
+// float -> bf16 bits, round to nearest even (finite inputs)
+inline uint16_t to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+inline float from_bf16(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline const uint16_t* bf16_data(const torch::Tensor& t) {
+  return reinterpret_cast<const uint16_t*>(t.data_ptr<c10::BFloat16>());
+}
+inline uint16_t* bf16_data(torch::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<c10::BFloat16>()); }
+
+// Whether the AMX kernels can run: compiled in, and the OS grants this process the AMX tile state (module.cpp).
+bool amx_available();
+
+// Rows of x per slot: slots int64 [S] (rows of the stacked weights), starts int64 [S + 1] (row offsets in x).
+struct Slots {
+  const int64_t* slot;
+  const int64_t* start;
+  int64_t S;
+  Slots(const torch::Tensor& slots, const torch::Tensor& starts, int64_t rows) {
+    TORCH_CHECK(slots.scalar_type() == torch::kInt64 && starts.scalar_type() == torch::kInt64 && slots.is_contiguous()
+                && starts.is_contiguous(), "slots, starts: contiguous int64");
+    slot = slots.data_ptr<int64_t>(), start = starts.data_ptr<int64_t>(), S = slots.size(0);
+    TORCH_CHECK(starts.size(0) == S + 1 && start[0] == 0 && start[S] == rows, "starts: row offsets from 0 to R");
+  }
+};
+
+#ifdef MC_AMX
+// All 8 tiles 16 rows x 64 bytes: C (float32 16 x 16), A (bf16 16 x 32), B (bf16 pairs 16 x 16 x 2).
+inline void configure_tiles() {
+  alignas(64) uint8_t cfg[64] = {};  // palette 1; bytes per row of each tile at 16 + 2t; rows at 48 + t
+  cfg[0] = 1;
+  for (int t = 0; t < 8; ++t) cfg[16 + 2 * t] = 64, cfg[48 + t] = 16;
+  asm volatile("" : : "r"(cfg) : "memory");  // GCC may drop stores that only ldtilecfg reads (seen with -O3)
+  _tile_loadconfig(cfg);
+}
+#endif
+
+}  // namespace mc
