@@ -170,3 +170,37 @@ def test_fused_packed_kernel_equals_a_matmul_with_the_dequantized_weights(bits, 
     assert group._packed_fused(x) and not group._packed_fused(x.float())
     want = reference(x.float(), COUNTS, ref_w, group.bias)
     assert (group.linear_sorted(x, COUNTS).float() - want).abs().max() < 3e-2 * want.abs().max()
+
+
+def test_fused_kernels_on_random_shapes_and_thread_counts():
+    """Both fused kernels against the exact bf16 weights: group sizes, widths, repeated and empty slots, 1-3 threads."""
+    import random
+
+    kernels = cpp_kernels()
+    if not kernels.amx():
+        pytest.skip("no AMX BF16 on this CPU (or the OS does not grant it)")
+    rng, threads = random.Random(0), torch.get_num_threads()
+    try:
+        for _ in range(16):
+            torch.set_num_threads(rng.choice([1, 2, 3]))
+            bits, g = rng.choice([2, 3, 4, 8]), rng.choice([32, 64, 128])
+            k, n, e = g * rng.choice([1, 3]), 64 * rng.choice([1, 3]), rng.choice([1, 4])
+            q = torch.randint(0, 1 << bits, (e, n, k), dtype=torch.uint8)
+            s = (torch.rand(e, n, k // g) * 0.1 + 1e-3).half()
+            z = None if rng.random() < 0.5 else torch.randint(0, 1 << bits, (e, n, k // g), dtype=torch.uint8)
+            slots = [rng.randrange(e) for _ in range(rng.randint(1, 5))]
+            counts = [rng.choice([0, 1, 16, 17, 33]) for _ in slots]
+            counts[0] = max(counts[0], 1)
+            x = torch.randn(sum(counts), k).to(torch.bfloat16)
+            zf = torch.full_like(s, 1 << (bits - 1), dtype=torch.float32) if z is None else z.float()
+            w = ((q.float() - zf.repeat_interleave(g, -1)) * s.float().repeat_interleave(g, -1)).to(torch.bfloat16)
+            want = torch.cat([xs.float() @ w[sl].float().t() for sl, xs in zip(slots, x.split(counts)) if len(xs)])
+            got = kernels.packed_mm(x, pack(q, bits), s, z, bits, g, slots, counts).float()
+            assert ((got - want).abs() <= 2**-8 * want.abs() + 1e-4 * want.abs().max()).all()
+            if bits == 4 and cpu_int4.block_layout(n, k) == 64:  # the int4 layout's own (bf16 scale, zero) numbers
+                packed = torch.stack([cpu_int4.pack_int4(m) for m in q])
+                sz = cpu_int4.scales_and_zeros(s, z, torch.bfloat16)
+                got = kernels.int4_mm(x, packed, sz, slots, counts, 64, g).float()
+                assert (got - want).abs().max() < 2e-2 * want.abs().max()
+    finally:
+        torch.set_num_threads(threads)

@@ -51,6 +51,14 @@ struct Slots {
   }
 };
 
+#ifdef MC_AVX512_BF16
+// 64 floats -> 64 bf16, round to nearest even
+inline void store_bf16_64(uint16_t* dst, const float* src) {
+  _mm512_storeu_si512(dst, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + 16), _mm512_loadu_ps(src)));
+  _mm512_storeu_si512(dst + 32, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + 48), _mm512_loadu_ps(src + 32)));
+}
+#endif
+
 #ifdef MC_AMX
 // All 8 tiles 16 rows x 64 bytes: C (float32 16 x 16), A (bf16 16 x 32), B (bf16 pairs 16 x 16 x 2).
 inline void configure_tiles() {

@@ -169,12 +169,7 @@ torch::Tensor int4_mm_amx(torch::Tensor x, torch::Tensor packed, torch::Tensor s
         }
         _tile_stored(0, cbuf, 256); _tile_stored(1, cbuf + 16, 256);
         _tile_stored(2, cbuf + 32, 256); _tile_stored(3, cbuf + 48, 256);
-        for (int64_t i = 0; i < rows; ++i) {
-          const float* c = cbuf + i * 64;
-          uint16_t* orow = o + (r0 + i) * n + c0;
-          _mm512_storeu_si512(orow, (__m512i)_mm512_cvtne2ps_pbh(_mm512_load_ps(c + 16), _mm512_load_ps(c)));
-          _mm512_storeu_si512(orow + 32, (__m512i)_mm512_cvtne2ps_pbh(_mm512_load_ps(c + 48), _mm512_load_ps(c + 32)));
-        }
+        for (int64_t i = 0; i < rows; ++i) mc::store_bf16_64(o + (r0 + i) * n + c0, cbuf + i * 64);
       }
     }
     _tile_release();

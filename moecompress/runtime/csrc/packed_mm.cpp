@@ -41,9 +41,34 @@ struct Unpack16 {
   }
 };
 
-// rows [r0, r0 + 64) of expert e -> A tiles: abuf[j][ks] = rows r0 + 16j .. + 16, k columns 32ks .. 32ks + 32
-void dequant_strip(const Packed& w, const Unpack16& unpack, int64_t e, int64_t r0, uint16_t* abuf) {
-  const int64_t steps = w.k / 32, per_group = w.group / 32, chunk = 2 * w.bits;  // bytes per 16 values
+// bits <= 4: 32 consecutive values (4 * bits bytes) into 32 uint16 lanes, the same way (vpermb, shift, mask).
+struct Unpack32 {
+  __m512i idx, shift, mask;
+  __mmask64 load;
+  explicit Unpack32(int64_t bits) {
+    alignas(64) uint8_t ix[64];
+    alignas(64) uint16_t sh[32];
+    for (int i = 0; i < 32; ++i) {
+      const int bit = i * static_cast<int>(bits);
+      ix[2 * i] = bit / 8, ix[2 * i + 1] = bit / 8 + 1, sh[i] = bit % 8;
+    }
+    idx = _mm512_load_si512(ix), shift = _mm512_load_si512(sh), mask = _mm512_set1_epi16((1 << bits) - 1);
+    load = (__mmask64(1) << (4 * bits)) - 1;
+  }
+  __m512i operator()(const uint8_t* src) const {
+    const __m512i raw = _mm512_maskz_loadu_epi8(load, src);
+    return _mm512_and_si512(_mm512_srlv_epi16(_mm512_permutexvar_epi8(idx, raw), shift), mask);
+  }
+};
+
+// rows [r0, r0 + 64) of expert e -> A tiles: abuf[j][ks] = rows r0 + 16j .. + 16, k columns 32ks .. 32ks + 32.
+// bits <= 4: each group's 2^bits weights (q - z) * s are computed once, and 32 integers at a time look them up
+// (vpermw); 8-bit: converted and scaled 16 at a time. Both give (q - z) * s exactly, rounded once to bf16.
+void dequant_strip(const Packed& w, int64_t e, int64_t r0, uint16_t* abuf) {
+  const int64_t steps = w.k / 32, per_group = w.group / 32;
+  const Unpack16 unpack16(w.bits);
+  const Unpack32 unpack32(w.bits <= 4 ? w.bits : 4);
+  const __m512 iota = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   for (int64_t r = 0; r < 64; ++r) {
     const uint8_t* src = w.row(e, r0 + r);
     uint16_t* dst = abuf + ((r / 16) * steps * 16 + r % 16) * 32;
@@ -51,9 +76,15 @@ void dequant_strip(const Packed& w, const Unpack16& unpack, int64_t e, int64_t r
       const int64_t gi = (e * w.n + r0 + r) * w.groups + g;
       const __m512 s = _mm512_set1_ps(static_cast<float>(w.s[gi]));
       const __m512 z = _mm512_set1_ps(w.z ? static_cast<float>(w.z[gi]) : static_cast<float>(1 << (w.bits - 1)));
+      if (w.bits <= 4) {
+        const __m512i table = (__m512i)_mm512_cvtne2ps_pbh(_mm512_setzero_ps(), _mm512_mul_ps(_mm512_sub_ps(iota, z), s));
+        for (int64_t ks = g * per_group; ks < (g + 1) * per_group; ++ks)
+          _mm512_storeu_si512(dst + ks * 512, _mm512_permutexvar_epi16(unpack32(src + ks * 4 * w.bits), table));
+        continue;
+      }
       for (int64_t ks = g * per_group; ks < (g + 1) * per_group; ++ks) {
-        const __m512 lo = _mm512_mul_ps(_mm512_sub_ps(unpack(src + 2 * ks * chunk), z), s);
-        const __m512 hi = _mm512_mul_ps(_mm512_sub_ps(unpack(src + (2 * ks + 1) * chunk), z), s);
+        const __m512 lo = _mm512_mul_ps(_mm512_sub_ps(unpack16(src + 2 * ks * 2 * w.bits), z), s);
+        const __m512 hi = _mm512_mul_ps(_mm512_sub_ps(unpack16(src + (2 * ks + 1) * 2 * w.bits), z), s);
         _mm512_storeu_si512(dst + ks * 512, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
       }
     }
@@ -93,21 +124,21 @@ torch::Tensor packed_mm_amx(torch::Tensor x, torch::Tensor qweight, torch::Tenso
       for (int64_t tile = first_tile[s]; tile < first_tile[s + 1]; ++tile) {
         const int64_t r0 = sl.start[s] + (tile - first_tile[s]) * 16, rows = std::min<int64_t>(16, sl.start[s + 1] - r0);
         uint32_t* dst = xv.data() + tile * steps * 256;
-        for (int64_t c = 0; c < 16; ++c)
-          for (int64_t t = 0; t < k / 2; ++t)  // t = 16 ks + t % 16
-            dst[(t / 16) * 256 + (t % 16) * 16 + c] = c < rows ? x32[(r0 + c) * (k / 2) + t] : 0u;
+        for (int64_t ks = 0; ks < steps; ++ks)  // one 1 KiB tile at a time, so that it stays in L1 while filled
+          for (int64_t c = 0; c < 16; ++c)
+            for (int64_t t = 0; t < 16; ++t)
+              dst[ks * 256 + t * 16 + c] = c < rows ? x32[(r0 + c) * (k / 2) + ks * 16 + t] : 0u;
       }
   });
   uint16_t* o = mc::bf16_data(out);
   at::parallel_for(0, (n / 64) * S, 1, [&](int64_t begin, int64_t end) {
     mc::configure_tiles();
-    const Unpack16 unpack(bits);
     std::vector<uint16_t> abuf(64 * k);
     alignas(64) float cbuf[4][16][16];
     for (int64_t u = begin; u < end; ++u) {
       const int64_t b = u / S, s = u % S;  // block-major: each thread gets a share of every slot's rows
       if (sl.start[s] == sl.start[s + 1]) continue;
-      dequant_strip(w, unpack, sl.slot[s], b * 64, abuf.data());
+      dequant_strip(w, sl.slot[s], b * 64, abuf.data());
       const uint16_t* a = abuf.data();
       for (int64_t tile = first_tile[s]; tile < first_tile[s + 1]; ++tile) {
         const uint32_t* bx = xv.data() + tile * steps * 256;
@@ -130,9 +161,7 @@ torch::Tensor packed_mm_amx(torch::Tensor x, torch::Tensor qweight, torch::Tenso
           alignas(64) float line[64];
           for (int j = 0; j < 4; ++j)
             for (int i = 0; i < 16; ++i) line[16 * j + i] = cbuf[j][i][c];
-          uint16_t* orow = o + (r0 + c) * n + b * 64;
-          _mm512_storeu_si512(orow, (__m512i)_mm512_cvtne2ps_pbh(_mm512_load_ps(line + 16), _mm512_load_ps(line)));
-          _mm512_storeu_si512(orow + 32, (__m512i)_mm512_cvtne2ps_pbh(_mm512_load_ps(line + 48), _mm512_load_ps(line + 32)));
+          mc::store_bf16_64(o + (r0 + c) * n + b * 64, line);
         }
       }
     }
