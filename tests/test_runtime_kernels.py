@@ -204,3 +204,20 @@ def test_fused_kernels_on_random_shapes_and_thread_counts():
                 assert (got - want).abs().max() < 2e-2 * want.abs().max()
     finally:
         torch.set_num_threads(threads)
+
+
+def test_kernels_refuse_bad_slots_and_offsets():
+    """Slot ids outside the stacked experts, or row offsets that do not cover x, are errors, never stray reads."""
+    kernels = cpp_kernels()
+    group, _ = make_group(4, bias=False)
+    group.prepare(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        kernels.dequant_blocked(group.int4_weight, group.int4_sz, [0, len(COUNTS)], group._int4_block, GROUP)
+    if not kernels.amx():
+        pytest.skip("no AMX BF16 on this CPU: the fused kernels are not built")
+    x = torch.zeros(3, IN, dtype=torch.bfloat16)
+    raw, _ = make_group(2, bias=False)
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        kernels.packed_mm(x, raw.qweight, raw.scales, raw.zeros, 2, GROUP, [-1], [3])
+    with pytest.raises(RuntimeError, match="starts"):
+        kernels.int4_mm(x, group.int4_weight, group.int4_sz, [0, 1], [2, 2], group._int4_block, GROUP)

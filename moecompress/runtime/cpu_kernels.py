@@ -13,10 +13,11 @@ reads back 4x the packed bytes (8x at 2 bits). The kernels here do better:
   matmul where there is no AMX.
 
 Each weight is rounded once to bf16 from its exact float32 value: q * scale + (zero - 8 * scale) from the int4
-layout's bf16 (scale, zero), (q - z) * s from our format. The module is compiled with torch.utils.cpp_extension the first time it is needed (when a 4-bit
-model computing in bf16 loads: about a minute, cached in torch's extension directory, per CPU and torch version).
-Without a C++ compiler, or with MOECOMPRESS_NO_CPP=1, `available()` is False and callers keep the torch-ops path
-(the same formula in three passes, its shift rounded to bf16 first: results may differ in the last bf16 bit).
+layout's bf16 (scale, zero), (q - z) * s from our format. The module is compiled with torch.utils.cpp_extension the
+first time it is needed (when a packed model computing in bf16 loads on CPU: a minute or two, cached in torch's
+extension directory per CPU, torch version and source). Without a C++ compiler, or with MOECOMPRESS_NO_CPP=1,
+`available()` is False and callers keep the torch-ops paths (the int4 one computes the same formula in three passes,
+its shift rounded to bf16 first: results may differ in the last bf16 bit).
 """
 from __future__ import annotations
 
@@ -46,8 +47,8 @@ def _module():
                     extra_cflags=["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"],
                     extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler, no ninja, failed build: the torch-ops path stays in use
-        warnings.warn(f"moecompress: the C++ int4 kernels are unavailable ({type(exc).__name__}: {str(exc)[:200]}); "
-                      f"using the slower torch-ops path")
+        warnings.warn(f"moecompress: the C++ CPU kernels are unavailable ({type(exc).__name__}: {str(exc)[:200]}); "
+                      f"using the slower torch-ops paths")
         return None
 
 
@@ -75,6 +76,11 @@ def _slots(slots: list[int]) -> torch.Tensor:
     return torch.tensor(slots, dtype=torch.int64)
 
 
+def _starts(counts: list[int]) -> torch.Tensor:
+    """Row offsets of each slot's rows in x: [0, c0, c0 + c1, ...]."""
+    return torch.tensor([0, *counts], dtype=torch.int64).cumsum(0)
+
+
 def dequant_blocked(packed: torch.Tensor, sz: torch.Tensor, slots: list[int], block: int, group: int) -> torch.Tensor:
     """packed uint8 [N, n, k/2] (blocked layout), sz bf16 [N, k/group, n, 2] -> bf16 [len(slots), k, n] (transposed)."""
     return _module().dequant_blocked(packed, sz, _slots(slots), block, group)
@@ -83,14 +89,12 @@ def dequant_blocked(packed: torch.Tensor, sz: torch.Tensor, slots: list[int], bl
 def int4_mm(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, slots: list[int], counts: list[int], block: int,
             group: int) -> torch.Tensor:
     """x bf16 [R, k], rows sorted by slot with counts[i] rows for slots[i] -> bf16 [R, n], x @ W[slot]^T per slot."""
-    starts = torch.tensor([0, *counts], dtype=torch.int64).cumsum(0)
-    return _module().int4_mm_amx(x.contiguous(), packed, sz, _slots(slots), starts, block, group)
+    return _module().int4_mm_amx(x.contiguous(), packed, sz, _slots(slots), _starts(counts), block, group)
 
 
 def packed_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
               group: int, slots: list[int], counts: list[int]) -> torch.Tensor:
     """x bf16 [R, k] sorted by slot (counts[i] rows for slots[i]); qweight [N, n, k*bits/8] in our packing, scales
     float16 / zeros uint8 [N, n, k/group] (zeros None: symmetric) -> bf16 [R, n], x @ W[slot]^T per slot."""
-    starts = torch.tensor([0, *counts], dtype=torch.int64).cumsum(0)
     zeros = torch.empty(0, dtype=torch.uint8) if zeros is None else zeros
-    return _module().packed_mm_amx(x.contiguous(), qweight, scales, zeros, bits, group, _slots(slots), starts)
+    return _module().packed_mm_amx(x.contiguous(), qweight, scales, zeros, bits, group, _slots(slots), _starts(counts))

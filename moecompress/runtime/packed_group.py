@@ -188,13 +188,14 @@ class PackedGroup(nn.Module):
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def _fast_dequant(self, dtype: torch.dtype) -> bool:
-        """Whether this prepared 4-bit group dequantizes with the one-pass C++ kernel for `dtype`."""
-        return self._int4_block is not None and dtype == torch.bfloat16 and cpu_kernels.available()
+        """Whether this prepared 4-bit group dequantizes with the one-pass C++ kernel for `dtype` (bf16 compute, and
+        the kernel's bf16 scale/zero table)."""
+        return (self._int4_block is not None and dtype == torch.bfloat16 and self.int4_sz.dtype == torch.bfloat16
+                and cpu_kernels.available())
 
     def _fused(self, dtype: torch.dtype) -> bool:
         """Whether this prepared 4-bit group runs the fused AMX kernel for `dtype` (64-row blocks, in % 32 == 0)."""
-        return (self._fast_dequant(dtype) and self._int4_block == 64 and self.in_features % 32 == 0
-                and self.int4_sz.dtype == torch.bfloat16 and cpu_kernels.amx())
+        return self._fast_dequant(dtype) and self._int4_block == 64 and self.in_features % 32 == 0 and cpu_kernels.amx()
 
     def _packed_fused(self, x: torch.Tensor) -> bool:
         """Whether this group in the format's packing runs the fused AMX kernel for x (bf16 on CPU; shapes: out a
@@ -207,7 +208,7 @@ class PackedGroup(nn.Module):
         """Transposed weights [len(slots), in, out] of the given slots in `dtype` (a view where that is free)."""
         if self._int4 is not None and self._int4_block is not None:
             # the kernel's own numbers: (q - 8) * s + zero = q * s + (zero - 8 s), s and zero in the compute dtype
-            if self._fast_dequant(dtype) and self.int4_sz.dtype == torch.bfloat16:  # one pass, one rounding
+            if self._fast_dequant(dtype):  # one pass, one rounding
                 return cpu_kernels.dequant_blocked(self.int4_weight, self.int4_sz, slots, self._int4_block,
                                                    self.group_size)
             n, groups = len(slots), self.in_features // self.group_size

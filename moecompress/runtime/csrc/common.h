@@ -38,16 +38,25 @@ inline uint16_t* bf16_data(torch::Tensor& t) { return reinterpret_cast<uint16_t*
 // Whether the AMX kernels can run: compiled in, and the OS grants this process the AMX tile state (module.cpp).
 bool amx_available();
 
+// slots: contiguous int64 ids of rows of the stacked weights, each in [0, experts)
+inline const int64_t* slot_ids(const torch::Tensor& slots, int64_t experts) {
+  TORCH_CHECK(slots.scalar_type() == torch::kInt64 && slots.is_contiguous(), "slots: contiguous int64");
+  const int64_t* id = slots.data_ptr<int64_t>();
+  for (int64_t i = 0; i < slots.size(0); ++i) TORCH_CHECK(id[i] >= 0 && id[i] < experts, "slot out of range");
+  return id;
+}
+
 // Rows of x per slot: slots int64 [S] (rows of the stacked weights), starts int64 [S + 1] (row offsets in x).
 struct Slots {
   const int64_t* slot;
   const int64_t* start;
   int64_t S;
-  Slots(const torch::Tensor& slots, const torch::Tensor& starts, int64_t rows) {
-    TORCH_CHECK(slots.scalar_type() == torch::kInt64 && starts.scalar_type() == torch::kInt64 && slots.is_contiguous()
-                && starts.is_contiguous(), "slots, starts: contiguous int64");
-    slot = slots.data_ptr<int64_t>(), start = starts.data_ptr<int64_t>(), S = slots.size(0);
+  Slots(const torch::Tensor& slots, const torch::Tensor& starts, int64_t experts, int64_t rows) {
+    slot = slot_ids(slots, experts), S = slots.size(0);
+    TORCH_CHECK(starts.scalar_type() == torch::kInt64 && starts.is_contiguous(), "starts: contiguous int64");
+    start = starts.data_ptr<int64_t>();
     TORCH_CHECK(starts.size(0) == S + 1 && start[0] == 0 && start[S] == rows, "starts: row offsets from 0 to R");
+    for (int64_t i = 0; i < S; ++i) TORCH_CHECK(start[i] <= start[i + 1], "starts: non-decreasing");
   }
 };
 

@@ -73,7 +73,7 @@ struct Block64 {
 torch::Tensor dequant_blocked(torch::Tensor packed, torch::Tensor sz, torch::Tensor slots, int64_t block, int64_t group) {
   const Int4 w = make_int4(packed, sz, block, group);
   const int64_t S = slots.size(0), n = w.n, k = w.k, nb = w.nb;
-  const int64_t* sl = slots.data_ptr<int64_t>();
+  const int64_t* sl = mc::slot_ids(slots, packed.size(0));
   torch::Tensor out = torch::empty({S, k, n}, torch::dtype(torch::kBFloat16));
   uint16_t* o = mc::bf16_data(out);
   at::parallel_for(0, S * nb, 1, [&](int64_t begin, int64_t end) {
@@ -115,7 +115,7 @@ torch::Tensor int4_mm_amx(torch::Tensor x, torch::Tensor packed, torch::Tensor s
   TORCH_CHECK(block == 64 && w.k % 32 == 0, "int4_mm_amx: 64-row blocks and k % 32 == 0");
   TORCH_CHECK(x.is_contiguous() && x.scalar_type() == torch::kBFloat16 && x.size(1) == w.k, "x: contiguous bf16 [R, k]");
   const int64_t n = w.n, k = w.k, nb = w.nb, R = x.size(0);
-  const mc::Slots sl(slots, starts, R);
+  const mc::Slots sl(slots, starts, packed.size(0), R);
   const int64_t S = sl.S;
   torch::Tensor out = torch::empty({R, n}, torch::dtype(torch::kBFloat16));
 #ifdef MC_AMX

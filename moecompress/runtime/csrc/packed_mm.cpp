@@ -108,7 +108,7 @@ torch::Tensor packed_mm_amx(torch::Tensor x, torch::Tensor qweight, torch::Tenso
   TORCH_CHECK(symmetric || (zeros.is_contiguous() && zeros.scalar_type() == torch::kUInt8 && zeros.sizes() == scales.sizes()),
               "zeros: empty, or contiguous uint8 shaped like scales");
   TORCH_CHECK(x.is_contiguous() && x.scalar_type() == torch::kBFloat16 && x.size(1) == k, "x: contiguous bf16 [R, k]");
-  const mc::Slots sl(slots, starts, R);
+  const mc::Slots sl(slots, starts, qweight.size(0), R);
   const int64_t S = sl.S, steps = k / 32;
   torch::Tensor out = torch::empty({R, n}, torch::dtype(torch::kBFloat16));
 #ifdef MC_AMX
