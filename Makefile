@@ -19,8 +19,15 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
+# The whole path a user walks: compress (the recipe's run directory), shard onto two servers (expert model: the home
+# holds the dense weights), then generate across them (the second server runs as a local process).
+DEMO := runs/demo
 demo: install
 	$(BIN)/moecompress quantize --recipe recipes/demo.yaml
+	rm -rf $(DEMO)/deploy
+	$(BIN)/moecompress shard --model $(DEMO)/checkpoint --stats $(DEMO)/calibration --servers 2x1.5MB --mode expert \
+		--out $(DEMO)/deploy
+	$(BIN)/moecompress generate --bundles $(DEMO)/deploy --prompt "def main(" --prompt "import os" --max-new-tokens 24
 
 test: install
 	$(BIN)/python -m pytest -q tests

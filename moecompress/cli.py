@@ -1,4 +1,4 @@
-"""`moecompress` command line: quantize (the main job), calibrate, eval, inspect, shard."""
+"""`moecompress` command line: quantize (the main job), calibrate, eval, inspect, shard, run, generate."""
 from __future__ import annotations
 
 import argparse
@@ -15,6 +15,8 @@ def _quantize(args) -> None:
     overrides = list(args.set or [])
     if args.budget_from_servers:
         overrides.append(f"allocation.budget.servers={args.budget_from_servers}")
+    if args.device:
+        overrides.append(f"device={args.device}")
     recipe = load_recipe(args.recipe, overrides)
     quantize(recipe, out=args.out, stop_after=args.stop_after, progress=not args.quiet)
 
@@ -33,15 +35,38 @@ def _eval(args) -> None:
     from moecompress.builtin import resolve_dataset, resolve_model
     from moecompress.evaluate.command import run_eval_command
 
+    if args.bundles:
+        return _eval_bundles(args)
+    if not args.model:
+        raise MoecompressError("eval needs --model (a checkpoint or model) or --bundles (a shard output)")
+
     run_eval_command(resolve_model(args.model), resolve_dataset(args.dataset), samples=args.samples,
                      seq_len=args.seq_len, reference=resolve_model(args.reference) if args.reference else None,
                      out=args.out, seed=args.seed, batch_size=args.batch_size, method=args.method,
-                     family=args.family, device=args.device, dtype=args.dtype)
+                     family=args.family, device=args.device, dtype=args.dtype,
+                     calibration=resolve_dataset(args.calibration) if args.calibration else None,
+                     keep_overlap=args.keep_overlap)
+
+
+def _verify(args) -> None:
+    from moecompress.runtime.verify import verify_path
+
+    print(verify_path(args.dir).line())
+
+
+def _verification_line(directory: str) -> str:
+    from moecompress.runtime.verify import verify_path
+
+    try:
+        return verify_path(directory).line()
+    except MoecompressError as exc:
+        return f"files DO NOT verify: {exc}"
 
 
 def _inspect(args) -> None:
     from pathlib import Path
 
+    print(_verification_line(args.dir))
     if (Path(args.dir) / "placement.json").exists():
         from moecompress.shard.inspect import format_placement
 
@@ -55,9 +80,70 @@ def _inspect(args) -> None:
 def _shard(args) -> None:
     from moecompress.shard.command import run_shard_command
 
-    run_shard_command(args.model, args.stats, args.servers, args.out, method=args.method,
-                      replicate=not args.no_replicate, eval_stats=args.eval_stats,
+    run_shard_command(args.model, args.stats, args.servers, args.out, method=args.method, mode=args.mode,
+                      balance=args.balance, replicate=not args.no_replicate, eval_stats=args.eval_stats,
                       replicate_dense=not args.dense_on_one, balance_epsilon=args.balance_epsilon)
+
+
+def _eval_bundles(args) -> None:
+    """eval --bundles: the evaluation's metrics on logits computed by the edge runtime (the CLI glues the two)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from moecompress.builtin import resolve_dataset
+    from moecompress.evaluate.report import format_table
+    from moecompress.evaluate.run import evaluate, load_model
+    from moecompress.runtime.edge import deploy
+    from moecompress.runtime.edge.commands import report_counters
+
+    dtype = getattr(torch, args.dtype or "float32")
+    reference = load_model(args.reference, dtype, "cpu") if args.reference else None
+    with deploy(args.bundles, simulate=args.simulate, servers=args.num_servers, timeout=args.timeout,
+                dtype=dtype) as d:
+        model = lambda input_ids, attention_mask, **_: SimpleNamespace(logits=d(input_ids, attention_mask))  # noqa: E731
+        result = evaluate(model, d.tokenizer, resolve_dataset(args.dataset), args.samples, args.seq_len, args.seed,
+                          reference_model=reference, batch_size=args.batch_size,
+                          method=args.method or f"bundles:{args.bundles}", reference=args.reference)
+        print(format_table([result]))
+        report_counters(d.counters, args.counters_out)
+
+
+def _edge_arguments(p, prompts: bool = True) -> None:
+    """Options of the commands that run a deployment (run, generate, eval --bundles)."""
+    p.add_argument("--simulate", action="store_true", help="run every server in this process (same outputs and "
+                   "counters as the real run), for planning without a cluster")
+    p.add_argument("--servers", dest="num_servers", type=int, help="number of servers (default: the placement's; a "
+                   "different number is refused)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds after which a silent server is reported")
+    p.add_argument("--counters-out", help="write the traffic/time/memory counters as JSON here")
+    if not prompts:
+        return
+    p.add_argument("--bundles", required=True, help="a `moecompress shard` output directory")
+    p.add_argument("--prompt", action="append", default=[], help="repeatable; one batch, left-padded")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--sample", action="store_true", help="sample (default: greedy)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the home bundle's)")
+
+
+def _generate(args) -> None:
+    from moecompress.runtime.edge.commands import run_command, run_generate
+
+    options = dict(max_new_tokens=args.max_new_tokens, sample=args.sample, temperature=args.temperature,
+                   top_p=args.top_p, seed=args.seed, simulate=args.simulate, counters_out=args.counters_out,
+                   tokenizer=args.tokenizer)
+    if args.command == "run":
+        run_command(args.bundles, args.prompt, servers=args.num_servers, timeout=args.timeout, dtype=args.dtype,
+                    **options)
+        return
+    if not args.prompt:
+        raise MoecompressError("generate needs at least one --prompt TEXT")
+    run_generate(args.bundles, args.prompt, servers=args.num_servers, timeout=args.timeout, dtype=args.dtype,
+                 **options)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -72,6 +158,8 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--budget-from-servers", metavar="SPEC", help='size the bit allocation to fit these servers, '
                    'e.g. "4x64MB" (= --set allocation.budget.servers=SPEC); then `moecompress shard` with the same SPEC')
     q.add_argument("--stop-after", choices=("calibrate", "sensitivity", "allocate", "quantize", "export"))
+    q.add_argument("--device", help="where calibration, sensitivity, GPTQ and tuning run: cpu (default), cuda or "
+                   "cuda:N (= --set device=...)")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=_quantize)
 
@@ -91,7 +179,9 @@ def parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_calibrate)
 
     e = sub.add_parser("eval", help="perplexity per domain, KL to a reference, bytes, average bits")
-    e.add_argument("--model", required=True, help="moecompress checkpoint or plain model")
+    e.add_argument("--model", help="moecompress checkpoint or plain model")
+    e.add_argument("--bundles", help="instead of --model: a `moecompress shard` output, run across its servers")
+    _edge_arguments(e, prompts=False)
     e.add_argument("--dataset", required=True)
     e.add_argument("--samples", type=int, default=64)
     e.add_argument("--seq-len", type=int, default=256)
@@ -103,7 +193,16 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--family", help="series of the Pareto plot (default: the label before any '@')")
     e.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     e.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+    e.add_argument("--calibration", help="calibration text: its overlap with --dataset (identical documents, "
+                   "lines of >= 40 chars) is reported and dropped from the evaluation text (default: the "
+                   "calibration dataset of the run that made the checkpoint, when found)")
+    e.add_argument("--keep-overlap", action="store_true", help="evaluate on the whole --dataset, overlap included")
     e.set_defaults(func=_eval)
+
+    v = sub.add_parser("verify", help="check a checkpoint, run directory or bundle set whole (sha256 of every file, "
+                       "quantization_config, tensor shapes); exits non-zero naming the first bad file")
+    v.add_argument("dir")
+    v.set_defaults(func=_verify)
 
     i = sub.add_parser("inspect", help="per-layer bits and bytes of a checkpoint, or a shard placement")
     i.add_argument("dir")
@@ -114,13 +213,32 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--stats", required=True, help="calibration directory (co-activation, paths)")
     s.add_argument("--servers", required=True, help='e.g. "4x64MB" or "64MB,64MB,32MB"')
     s.add_argument("--out", required=True)
-    s.add_argument("--method", default="affinity", choices=("affinity", "greedy", "round_robin", "contiguous", "ilp"))
+    s.add_argument("--mode", default="pipeline", choices=("pipeline", "expert"), help="execution model: pipeline "
+                   "(contiguous layer ranges per server) or expert (home server + experts spread over servers)")
+    s.add_argument("--method", choices=("fewest_servers", "all_servers", "affinity", "greedy_balanced", "round_robin",
+                                        "contiguous", "ilp"), help="pipeline: fewest_servers (default) or all_servers; "
+                   "expert: affinity (default), greedy_balanced, round_robin, contiguous, ilp")
+    s.add_argument("--balance", default="total", choices=("total", "layer"), help="expert model: routed tokens "
+                   "balanced over all layers summed, or every layer on its own")
     s.add_argument("--no-replicate", action="store_true", help="do not replicate hot experts into spare memory")
     s.add_argument("--eval-stats", help="calibration directory made with --trace on held-out text: the traffic "
                    "report replays its routing")
     s.add_argument("--dense-on-one", action="store_true", help="non-expert weights on one server, not replicated")
     s.add_argument("--balance-epsilon", type=float, default=0.1, help="max/mean routed tokens per server <= 1+eps")
     s.set_defaults(func=_shard)
+
+    r = sub.add_parser("run", help="run a deployment's servers (one machine: starts them all; under torchrun: this "
+                       "rank's server) and generate from --prompt or stdin lines",
+                       description="Several machines: on each, `torchrun --nnodes N --nproc-per-node 1 --node-rank K "
+                       "--master-addr HOST --master-port PORT -m moecompress.cli run --bundles OUT ...` with "
+                       "OUT/placement.json and OUT/server-K/ present (RANK = K); with `--rdzv-backend c10d "
+                       "--rdzv-endpoint HOST:PORT` ranks come in join order, so give every machine every server-K/. "
+                       "The home rank generates, the others serve.")
+    _edge_arguments(r)
+    r.set_defaults(func=_generate)
+    g = sub.add_parser("generate", help="generate text through a deployment's servers (greedy or sampling)")
+    _edge_arguments(g)
+    g.set_defaults(func=_generate)
     return p
 
 
@@ -131,6 +249,13 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except MoecompressError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # disk full, file too large, permission denied, read-only: the environment, not a bug
+        if exc.errno is None:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}; free space or fix permissions and re-run "
+              "(no incomplete output is left that looks complete)", file=sys.stderr)
         return 2
     return 0
 

@@ -6,7 +6,9 @@ plus package versions and input hashes as `recipe.lock.yaml`, itself a valid rec
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
+import warnings
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
@@ -64,7 +66,8 @@ class SensitivityConfig:
 
 @dataclass(frozen=True)
 class BudgetConfig:
-    avg_bits: float | None = None  # average bits per routed-expert weight, metadata included
+    avg_bits: float | None = None  # nominal bits per routed-expert weight (the bytes of that many bits per weight
+    # plus the group scales/zero-points every quantized weight carries; reports give stored_bits with them too)
     megabytes: float | None = None  # or: total routed-expert bytes, in MiB
     servers: str | None = None  # or: what fits on these servers, e.g. "4x64MB" (their memory less the dense weights)
 
@@ -135,6 +138,7 @@ class Recipe:
     revision: str | None = None
     dtype: str = "bfloat16"  # dtype of the checkpoint's float tensors
     compute_dtype: str = "float32"  # dtype the model is loaded in for calibration, sensitivity and quantization
+    device: str = "cpu"  # where calibration, sensitivity, GPTQ and tuning run: "cpu", "cuda" or "cuda:N"
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
     allocation: AllocationConfig = field(default_factory=AllocationConfig)
@@ -159,6 +163,8 @@ def validate(r: Recipe) -> None:
 
     need(r.dtype in DTYPES, "dtype", f"got {r.dtype!r}; allowed: {', '.join(DTYPES)}")
     need(r.compute_dtype in DTYPES, "compute_dtype", f"got {r.compute_dtype!r}; allowed: {', '.join(DTYPES)}")
+    need(isinstance(r.device, str) and re.fullmatch(r"cpu|cuda(:[0-9]+)?", r.device) is not None, "device",
+         f"got {r.device!r}; allowed: cpu, cuda, cuda:N")
     c = r.calibration
     need(c.samples > 0, "calibration.samples", f"must be > 0, got {c.samples}")
     need(c.seq_len > 1, "calibration.seq_len", f"must be > 1, got {c.seq_len}")
@@ -171,6 +177,13 @@ def validate(r: Recipe) -> None:
     need(a.min_bits in ALLOWED_BITS, "allocation.min_bits", f"got {a.min_bits}; allowed: 2, 3, 4, 8, 16")
     need(a.max_bits in ALLOWED_BITS, "allocation.max_bits", f"got {a.max_bits}; allowed: 2, 3, 4, 8, 16")
     need(a.min_bits <= a.max_bits, "allocation.min_bits", "must be <= allocation.max_bits")
+    if a.budget.avg_bits is not None:
+        need(a.budget.avg_bits <= 16, "allocation.budget.avg_bits", f"{a.budget.avg_bits} bits per weight is more "
+             "than bf16 (16): no allocation can use it; give at most 16")
+        top = max(b for b in a.candidates if a.min_bits <= b <= a.max_bits)
+        if a.budget.avg_bits >= top:
+            warnings.warn(f"recipe key allocation.budget.avg_bits: {a.budget.avg_bits} >= {top}, the widest candidate "
+                          "bit-width: every expert gets the widest candidate, the budget changes nothing", stacklevel=2)
     need(any(a.min_bits <= b <= a.max_bits for b in a.candidates), "allocation.candidates",
          "no candidate lies within [min_bits, max_bits]")
     for layer, b in a.layer_min_bits.items():
@@ -268,6 +281,9 @@ def parse_override(item: str) -> tuple[list[str], object]:
 
 
 def recipe_from_dict(data: dict, overrides: list[str] = ()) -> Recipe:
+    if data is not None and not isinstance(data, dict):
+        raise MoecompressError(f"recipe: expected a mapping of keys (model, output, calibration, ...), got a "
+                               f"{type(data).__name__}")
     data = dict(data or {})
     for item in overrides:
         path, value = parse_override(item)

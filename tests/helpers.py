@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import copy
+import gzip
+import json
+import random
+from pathlib import Path
 
 import torch
 
@@ -47,3 +51,26 @@ def quantize_tiny(model, plan: BitPlan | None = None, linears: dict | None = Non
     plan = plan or mixed_plan(layout, linears=linears)
     quantized = quantize_model(model, layout, plan, stats, QuantizeOptions(method=method), progress=False)
     return layout, plan, quantized
+
+
+JOB_WORDS = ("def class return import self value list dict for while if else print open file data model expert "
+             "token layer server bits group scale zero weight router").split()
+
+
+def make_job_inputs(tmp: Path, docs_per_domain: int, words: int) -> Path:
+    """A tiny qwen3_moe with a tokenizer saved as tmp/model, and a two-domain corpus tmp/data.jsonl.gz."""
+    from conftest import _build
+
+    from moecompress.builtin.tokenizer import train_tokenizer
+
+    rng = random.Random(0)
+    docs = [{"domain": d, "text": " ".join(rng.choice(JOB_WORDS) for _ in range(words))}
+            for d in ("a", "b") * docs_per_domain]
+    with gzip.open(tmp / "data.jsonl.gz", "wt") as f:
+        for d in docs:
+            f.write(json.dumps(d) + "\n")
+    tokenizer = train_tokenizer((d["text"] for d in docs), vocab_size=300)
+    model = _build("qwen3_moe", vocab_size=320)
+    model.save_pretrained(tmp / "model")
+    tokenizer.save_pretrained(tmp / "model")
+    return tmp

@@ -16,6 +16,7 @@ from moecompress.allocate import (
     plot_bits_heatmap,
     to_bit_plan,
 )
+from moecompress.allocate.rules import metadata_bytes
 from moecompress.arch.layout import ModelLayout, MoELayer, ProjSpec
 from moecompress.artifacts.bit_plan import BitPlan
 from moecompress.artifacts.cost_table import CostItem, CostTable, build_cost_table, item_key
@@ -184,6 +185,29 @@ def test_infeasible_budget_states_the_minimum_in_the_users_unit():
             allocate(cost, Budget(**{unit: below}), rules)
 
 
+@pytest.mark.parametrize("symmetric", (False, True))
+@pytest.mark.parametrize("group_size", (32, 64, 128))
+def test_nominal_avg_bits_buy_exactly_uniform_bytes(group_size, symmetric):
+    """avg_bits b (nominal) is the byte count of every expert at b bits, metadata included; 2.5 lies halfway."""
+    layout = tiny_layout(hidden=128, inter=64)
+    cost = build_cost_table(layout, {item_key(m.experts_path, e, "*"): {b: 4.0**-b for b in (2, 3, 4, 8)}
+                                     for m in layout.moe_layers for e in range(m.num_experts)},
+                            group_size=group_size, symmetric=symmetric, method="t")
+    numel = sum(it.numel for it in cost.items)
+    for b in (2, 3, 4, 8):
+        uniform = sum(it.bytes[it.bits.index(b)] for it in cost.items)
+        assert Budget(avg_bits=b).to_bytes(numel, metadata_bytes(cost.items)) == uniform
+        a = allocate(cost, Budget(avg_bits=b))
+        assert a.bits == (b,) * len(cost.items)  # equal damage per item: the uniform plan is the optimum
+        r = allocation_report(a)
+        assert r["avg_bits"] == b and r["stored_bits"] == pytest.approx(uniform * 8 / numel)
+        if group_size <= 64:  # divides every in_features (64 and 128): (2 or 3 bytes) x 8 bits per group
+            assert r["stored_bits"] == pytest.approx(b + (16 if symmetric else 24) / group_size)
+    half = Budget(avg_bits=2.5).to_bytes(numel, metadata_bytes(cost.items))
+    assert half == (sum(it.bytes[0] for it in cost.items) + sum(it.bytes[1] for it in cost.items)) // 2
+    assert allocation_report(allocate(cost, Budget(avg_bits=2.5)))["avg_bits"] == pytest.approx(2.5)
+
+
 def test_cost_table_json_round_trip_exact(tmp_path):
     cost = random_table(np.random.default_rng(7), 30)
     odd = CostItem("expert", "x.experts", "*", 0, None, 64, (2, 16), (0.1 + 0.2, 5e-324), (40, 128))
@@ -219,7 +243,8 @@ def test_bit_plan_bytes_equal_allocation_bytes(granularity, linears, symmetric, 
     plan = to_bit_plan(a, layout, group_size=32, symmetric=symmetric)
     assert plan_bytes(plan, layout, shapes) == a.bytes <= a.budget_bytes
     expert_numel = sum(it.numel for it in a.items if it.kind == "expert")  # linears spend the budget, not widen it
-    assert a.budget_bytes == int(3.7 * expert_numel / 8)
+    meta = (2 if symmetric else 3) / 32  # bytes of scales (+ zero-points) per weight at group 32
+    assert a.budget_bytes == int(3.7 * expert_numel / 8 + meta * expert_numel)
     assert BitPlan.from_json(plan.to_json()) == plan
     if granularity == "expert":  # one bit-width per expert, on all of its projections
         for projs in plan.experts.values():
@@ -236,13 +261,14 @@ def test_report_and_heatmap(tmp_path):
     r = allocation_report(a)
     assert r["bytes"] == a.bytes and r["damage"] == a.damage
     numel = sum(it.numel for it in a.items)
-    assert r["avg_bits_effective"] == pytest.approx(a.bytes * 8 / numel) and r["avg_bits_effective"] <= 4.0
-    assert r["avg_bits_nominal"] < r["avg_bits_effective"]  # metadata costs bits
+    assert r["stored_bits"] == pytest.approx(a.bytes * 8 / numel) and r["stored_bits"] <= 4.0 + 0.75
+    assert r["avg_bits"] == pytest.approx(r["stored_bits"] - 0.75)  # no 16-bit item here: every weight has 0.75
+    assert r["avg_bits"] <= 4.0 and "avg_bits_nominal" not in r and "avg_bits_effective" not in r
     assert sum(h["items"] for h in r["histogram"].values()) == len(a.items)
     assert sum(h["weight_share"] for h in r["histogram"].values()) == pytest.approx(1.0)
     assert set(r["per_layer_avg_bits"]) == {0, 1, 2}
     assert r["fraction_of_bf16"] == pytest.approx(a.bytes / (2 * numel))
-    assert r["uniform"][4]["bytes"] > a.budget_bytes  # group 32 metadata puts uniform 4-bit above 4.0 avg bits
+    assert r["uniform"][4]["bytes"] == a.budget_bytes  # avg_bits is nominal: 4.0 buys exactly uniform 4-bit
     assert r["damage"] <= r["uniform"][3]["damage"]  # uniform 3-bit fits, so the optimum is at least as good
     json.dumps(r)
     for what in (a, to_bit_plan(a, layout)):

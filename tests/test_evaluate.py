@@ -152,10 +152,14 @@ def test_evaluate_checkpoint_sizes(tiny_model, tmp_path, corpus):
     kw = dict(samples=4, seq_len=32, tokenizer=tok, progress=False)
     plain = evaluate_checkpoint(tmp_path / "plain", str(corpus), **kw)
     n = sum(p.numel() for p in model.parameters())
-    assert plain.method == "bf16" and plain.size == ModelSize(2 * n, 2 * n, 16.0, 16.0, "parameters")
+    assert plain.method == "bf16" and plain.size == ModelSize(2 * n, 2 * n, 16.0, 16.0, "parameters", 16.0)
     q = evaluate_checkpoint(tmp_path / "q4", str(corpus), reference=tmp_path / "plain", **kw)
     assert (q.method, q.family) == ("rtn@4", "rtn") and q.reference == str(tmp_path / "plain")
-    assert q.size.avg_bits == 4.0 and q.size.bytes == checkpoint_report(tmp_path / "q4")["total_bytes"]
+    report = checkpoint_report(tmp_path / "q4")
+    assert q.size.avg_bits == 4.0 and q.size.bytes == report["total_bytes"]
+    expert_weights = report["expert_bf16_bytes"] // 2  # group 32, asymmetric: 4 + 24 / 32 bits, + expert biases
+    assert q.size.stored_bits == pytest.approx(8 * report["expert_bytes"] / expert_weights)
+    assert 4.75 <= q.size.stored_bits < 4.8
     assert q.size.bf16_bytes == 2 * n  # every weight found, packed or not
     assert 4.0 < q.size.bits_per_weight < 16.0 and q.kl > 0 and q.tokens == plain.tokens
 
@@ -163,19 +167,19 @@ def test_evaluate_checkpoint_sizes(tiny_model, tmp_path, corpus):
 def test_results_round_trip_table_and_plot(tmp_path):
     doms = (DomainScore("code", 300, 1.2, 0.01), DomainScore("poem", 100, 2.0, 0.03))
     a = EvalResult("rtn@4", "rtn", "eval.jsonl", 8, 64, 0, 400, 1.4, doms, 0.015, "base",
-                   ModelSize(1_048_576, 4_194_304, 4.0, 4.5, "checkpoint"))
+                   ModelSize(1_048_576, 4_194_304, 4.0, 4.5, "checkpoint", 4.375))
     b = EvalResult("bf16", "bf16", "eval.jsonl", 8, 64, 0, 400, 1.3, (), None, None,
-                   ModelSize(4_194_304, 4_194_304, 16.0, 16.0, "parameters"))
+                   ModelSize(4_194_304, 4_194_304, 16.0, 16.0, "parameters", 16.0))
     c = EvalResult("rtn@3", "rtn", "eval.jsonl", 8, 64, 0, 400, 1.7)
     js, md = write_results([a, b, c], tmp_path)
     assert read_results(tmp_path) == [a, b, c]
     assert json.loads(js.read_text())["results"][0]["perplexity"] == pytest.approx(math.exp(1.4))
     lines = md.read_text().splitlines()
-    assert lines[0] == "| method | avg bits | bits/weight | MB | ppl | ppl code | ppl poem | KL |"
-    assert lines[2] == f"| rtn@4 | 4.00 | 4.50 | 1.00 | {math.exp(1.4):.3f} | {math.exp(1.2):.3f} | " \
+    assert lines[0] == "| method | avg bits | stored bits | bits/weight | MB | ppl | ppl code | ppl poem | KL |"
+    assert lines[2] == f"| rtn@4 | 4.00 | 4.375 | 4.50 | 1.00 | {math.exp(1.4):.3f} | {math.exp(1.2):.3f} | " \
                        f"{math.exp(2.0):.3f} | 0.0150 |"
-    assert lines[3] == f"| bf16 | 16.00 | 16.00 | 4.00 | {math.exp(1.3):.3f} | – | – | – |"
-    assert format_table([c]).splitlines()[2].startswith("| rtn@3 | – | – | – |")
+    assert lines[3] == f"| bf16 | 16.00 | 16.000 | 16.00 | 4.00 | {math.exp(1.3):.3f} | – | – | – |"
+    assert format_table([c]).splitlines()[2].startswith("| rtn@3 | – | – | – | – |")
     a2 = EvalResult(**{**a.__dict__, "nll": 1.35})
     assert merge_results([a, b], [a2]) == [b, a2]
     front = pareto_front([(4, 5.0), (3, 6.0), (8, 5.5), (16, 4.0), (2, 9.0)])

@@ -53,7 +53,9 @@ def test_mixed_plan_loads_and_matches_fake_quant(tiny_model, tmp_path, model_typ
     loaded.save_pretrained(tmp_path / "again")
     a, b = load_file(tmp_path / "ck" / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert torch.equal(_logits(moecompress.from_pretrained(tmp_path / "again", dtype=torch.float32)), out)
+    with pytest.raises(MoecompressError, match="no moecompress.json"):  # save_pretrained writes no manifest
+        moecompress.from_pretrained(tmp_path / "again", dtype=torch.float32)
+    assert torch.equal(_logits(moecompress.from_pretrained(tmp_path / "again", verify=False, dtype=torch.float32)), out)
 
 
 def test_bf16_checkpoint_close_to_reference(tiny_model, tmp_path):
@@ -141,8 +143,10 @@ def test_truncated_file_without_manifest_is_a_clear_error(checkpoint):
     (checkpoint / "moecompress.json").unlink()
     shard = sorted(checkpoint.glob("*.safetensors"))[0]
     shard.write_bytes(shard.read_bytes()[:1000])
-    with pytest.raises(MoecompressError, match="unreadable"):
+    with pytest.raises(MoecompressError, match="no moecompress.json"):
         moecompress.from_pretrained(checkpoint)
+    with pytest.raises(MoecompressError, match="truncated|impossible"):  # the headers are still checked
+        moecompress.from_pretrained(checkpoint, verify=False)
 
 
 def test_failed_export_writes_nothing(tiny_model, tmp_path):

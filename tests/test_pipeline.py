@@ -1,9 +1,7 @@
 """`moecompress quantize` end to end on a tiny model: budget respected, checkpoint loads, resume is byte-identical."""
 from __future__ import annotations
 
-import gzip
 import json
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -18,28 +16,15 @@ from moecompress.artifacts.bit_plan import BitPlan
 from moecompress.errors import MoecompressError
 from moecompress.pipeline import STAGES, quantize
 from moecompress.recipe import load_recipe, recipe_from_dict
+from helpers import make_job_inputs
 
-WORDS = ("def class return import self value list dict for while if else print open file data model expert "
-         "token layer server bits group scale zero weight router").split()
+
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """A tiny qwen3_moe with a tokenizer, saved as a model directory, and a two-domain .jsonl.gz corpus."""
-    from conftest import _build
-
-    from moecompress.builtin.tokenizer import train_tokenizer
-
-    tmp = tmp_path_factory.mktemp("pipeline")
-    rng = random.Random(0)
-    docs = [{"domain": d, "text": " ".join(rng.choice(WORDS) for _ in range(400))} for d in ("a", "b") * 20]
-    with gzip.open(tmp / "data.jsonl.gz", "wt") as f:
-        for d in docs:
-            f.write(json.dumps(d) + "\n")
-    tokenizer = train_tokenizer((d["text"] for d in docs), vocab_size=300)
-    model = _build("qwen3_moe", vocab_size=320)
-    model.save_pretrained(tmp / "model")
-    tokenizer.save_pretrained(tmp / "model")
+    tmp = make_job_inputs(tmp_path_factory.mktemp("pipeline"), 20, 400)
     return tmp
 
 

@@ -1,11 +1,14 @@
-"""The runtime's compute paths on one PackedGroup: every bit-width, both 4-bit CPU paths, chunking, bias, round trip."""
+"""The runtime's compute paths on one PackedGroup: every bit-width, both 4-bit CPU paths, chunking, bias, round trip.
+
+MOECOMPRESS_CPU_ISA=cpu:torch (the `int4_layout` fixture) forces the torch-ops / PyTorch int4 paths, and thereby the
+int4 layout, on every CPU; tests/test_cpu_kernels.py covers the low-bit kernels of the other ISAs."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from moecompress.format.pack import dequantize, pack
-from moecompress.runtime import cpu_int4, packed_group
+from moecompress.runtime import cpu_features, cpu_int4, kernel_registry, packed_group
 from moecompress.runtime.packed_group import PackedGroup
 
 IN, OUT, GROUP = 128, 128, 32
@@ -33,6 +36,12 @@ def make_group(bits: int, symmetric: bool = False, bias: bool = True, n: int = l
     return group, ref
 
 
+@pytest.fixture
+def int4_layout(monkeypatch):
+    """The registry's torch-ops ISA: 4-bit groups convert to PyTorch's int4 layout at prepare() on every CPU."""
+    monkeypatch.setenv(cpu_features.ISA_ENV, "cpu:torch")
+
+
 def reference(x: torch.Tensor, counts: list[int], ref_w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     outs = []
     for s, xs in enumerate(x.split(counts)):
@@ -43,7 +52,11 @@ def reference(x: torch.Tensor, counts: list[int], ref_w: torch.Tensor, bias: tor
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8, 16])
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_every_path_matches_the_dequantized_reference(bits, symmetric, monkeypatch):
+@pytest.mark.parametrize("isa", [None, "cpu:torch"])
+def test_every_path_matches_the_dequantized_reference(bits, symmetric, isa, monkeypatch):
+    """float32: the CPU's own kernels (exact tiles for float32 x) and the torch-ops / int4 paths."""
+    if isa:
+        monkeypatch.setenv(cpu_features.ISA_ENV, isa)
     group, ref_w = make_group(bits, symmetric)
     group.prepare(torch.float32)
     x = torch.randn(sum(COUNTS), IN, generator=torch.Generator().manual_seed(1))
@@ -75,7 +88,7 @@ def test_unpack_blocked_reads_the_int4_kernel_layout():
     assert torch.equal(cpu_int4.unpack_int4(packed[1], IN, GROUP), q[1])
 
 
-def test_prepared_int4_group_is_its_packed_size_and_saves_exactly():
+def test_prepared_int4_group_is_its_packed_size_and_saves_exactly(int4_layout):
     group, _ = make_group(4, bias=False)
     before = {k: v.clone() for k, v in group.state_dict().items()}
     group.prepare(torch.bfloat16)
@@ -99,7 +112,7 @@ def cpp_kernels():
     return cpu_kernels
 
 
-def test_one_pass_cpp_dequantization_matches_the_formula_and_the_bf16_path(monkeypatch):
+def test_one_pass_cpp_dequantization_matches_the_formula_and_the_bf16_path(int4_layout, monkeypatch):
     kernels = cpp_kernels()
     monkeypatch.setattr(kernels, "amx", lambda: False)  # the dequantize + grouped matmul path, also on AMX CPUs
     group, ref_w = make_group(4, bias=False)
@@ -167,7 +180,9 @@ def test_fused_packed_kernel_equals_a_matmul_with_the_dequantized_weights(bits, 
     assert ((got.float() - want).abs() <= 2**-8 * want.abs() + 1e-4 * want.abs().max()).all()
     # the group takes this path for bf16 inputs, bias included
     x = torch.randn(sum(COUNTS), IN, generator=gen).to(torch.bfloat16)
-    assert group._packed_fused(x) and not group._packed_fused(x.float())
+    assert kernel_registry.select(bits, "prefill", group, torch.bfloat16, layout="packed").name == "packed_amx"
+    assert kernel_registry.select(bits, "prefill", group, torch.float32, layout="packed").name != "packed_amx"
+    assert kernel_registry.select(bits, "decode", group, torch.bfloat16, layout="packed").name == "q8_avx512_vnni"
     want = reference(x.float(), COUNTS, ref_w, group.bias)
     assert (group.linear_sorted(x, COUNTS).float() - want).abs().max() < 3e-2 * want.abs().max()
 
@@ -206,7 +221,7 @@ def test_fused_kernels_on_random_shapes_and_thread_counts():
         torch.set_num_threads(threads)
 
 
-def test_kernels_refuse_bad_slots_and_offsets():
+def test_kernels_refuse_bad_slots_and_offsets(int4_layout):
     """Slot ids outside the stacked experts, or row offsets that do not cover x, are errors, never stray reads."""
     kernels = cpp_kernels()
     group, _ = make_group(4, bias=False)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moecompress.allocate.rules import AllocationRules, Budget
+from moecompress.allocate.rules import AllocationRules, Budget, metadata_bytes
 from moecompress.allocate.solvers import Solution, cheapest, relative_gap, solve_lagrangian, solve_milp, total
 from moecompress.arch.layout import ModelLayout
 from moecompress.artifacts.bit_plan import BitPlan
@@ -66,13 +66,14 @@ def allocate(
         damage[i, : len(cols)] = [it.damage[j] for j in cols]
         valid[i, : len(cols)] = True
 
-    numel = sum(it.numel for it in items if it.kind == "expert") or sum(it.numel for it in items)
-    budget_bytes = budget.to_bytes(numel)
+    experts = [it for it in items if it.kind == "expert"] or items
+    numel, meta = sum(it.numel for it in experts), metadata_bytes(experts)
+    budget_bytes = budget.to_bytes(numel, meta)
     least = int(total(nbytes, cheapest(nbytes, damage, valid)))
     if budget_bytes < least:
         raise MoecompressError(
-            f"budget {budget.describe(budget_bytes, numel)} is too small: the smallest feasible budget, every item "
-            f"at its lowest allowed bits, is {budget.describe(least, numel)}"
+            f"budget {budget.describe(budget_bytes, numel, meta)} is too small: the smallest feasible budget, every "
+            f"item at its lowest allowed bits, is {budget.describe(least, numel, meta)}"
         )
 
     sol = solve_lagrangian(nbytes, damage, valid, budget_bytes)

@@ -8,23 +8,25 @@ from moecompress.format.sizes import BF16_BYTES
 
 
 def _avg_bits(pairs) -> dict:
-    """Nominal (mean bits per weight) and effective (bytes incl. scales/zeros, per weight) bits of (item, bits)."""
+    """avg_bits: nominal (mean bits per weight, metadata not counted); stored_bits: stored bytes (scales and
+    zero-points included) x 8 per weight; of (item, bits) pairs."""
     numel = sum(it.numel for it, _ in pairs)
     nbytes = sum(it.bytes[it.bits.index(b)] for it, b in pairs)
     return {
         "numel": numel,
         "bytes": nbytes,
-        "avg_bits_nominal": sum(it.numel * b for it, b in pairs) / numel,
-        "avg_bits_effective": nbytes * 8 / numel,
+        "avg_bits": sum(it.numel * b for it, b in pairs) / numel,
+        "stored_bits": nbytes * 8 / numel,
     }
 
 
 def allocation_report(allocation: Allocation) -> dict:
-    """Histogram of bits, predicted damage, average bits two ways, bytes against bf16, mean bits per MoE layer.
+    """Histogram of bits, predicted damage, bits per weight two ways, bytes against bf16, mean bits per MoE layer.
 
-    The average bits, overall and per layer, are over the routed-expert items (`by_kind` has them per kind); `bytes`, `bf16_bytes` and the
-    histogram cover every item. `uniform` gives, for each bit-width every item can take, the damage and bytes of
-    putting every item there: the baselines the allocation should beat at equal bytes.
+    `avg_bits` (nominal) and `stored_bits` (metadata included), overall, and `avg_bits` per layer, are over the
+    routed-expert items (`by_kind` has them per kind); `bytes`, `bf16_bytes` and the histogram cover every item.
+    `uniform` gives, for each bit-width every item can take, the damage and bytes of putting every item there: the
+    baselines the allocation should beat at equal bytes.
     """
     pairs = list(zip(allocation.items, allocation.bits))
     everything = _avg_bits(pairs)
@@ -48,11 +50,11 @@ def allocation_report(allocation: Allocation) -> dict:
         "bytes": allocation.bytes,
         "bf16_bytes": bf16,
         "fraction_of_bf16": allocation.bytes / bf16,
-        **{k: v for k, v in _avg_bits(by_kind.get("expert") or pairs).items() if k.startswith("avg_bits")},
+        **{k: v for k, v in _avg_bits(by_kind.get("expert") or pairs).items() if k in ("avg_bits", "stored_bits")},
         "histogram": {
             b: {"items": h["items"], "weight_share": h["numel"] / everything["numel"]} for b, h in sorted(hist.items())
         },
-        "per_layer_avg_bits": {layer: _avg_bits(p)["avg_bits_nominal"] for layer, p in sorted(per_layer.items())},
+        "per_layer_avg_bits": {layer: _avg_bits(p)["avg_bits"] for layer, p in sorted(per_layer.items())},
         "by_kind": {kind: _avg_bits(p) for kind, p in sorted(by_kind.items())},
         "uniform": {
             b: {

@@ -12,16 +12,31 @@ from moecompress.errors import MoecompressError
 MIB = 2**20  # `megabytes` are MiB, as in the recipe
 
 
+def metadata_bytes(items) -> float:
+    """Bytes of the scales and zero-points the given cost items carry once quantized (the same at every bit-width
+    below 16; taken from each item's bytes at its lowest such bit-width less the packed bits; 0 for bf16-only)."""
+    total = 0.0
+    for it in items:
+        quantized = [(b, n) for b, n in zip(it.bits, it.bytes) if b != 16]
+        if quantized:
+            b, n = min(quantized)
+            total += n - it.numel * b / 8
+    return total
+
+
 @dataclass(frozen=True)
 class Budget:
     """Exactly one of three ways to give the byte budget of all the cost table's items together.
 
-    - `avg_bits`: stored bits per routed-expert weight, packed weights AND scales/zero-points counted:
-      budget bytes = floor(avg_bits * numel / 8), numel = the weights of the cost table's expert items (of all its
-      items if it has none). With group 64 asymmetric a 4-bit matrix costs 4.375 such bits.
+    - `avg_bits`: NOMINAL bits per routed-expert weight, scales and zero-points not counted. The budget is the bytes
+      of that many bits per weight plus the scales/zero-points the quantized weights carry anyway:
+      budget bytes = floor(avg_bits * numel / 8 + metadata), numel = the weights of the cost table's expert items
+      (of all its items if it has none), metadata = their scale/zero-point bytes (`metadata_bytes`). So avg_bits 3
+      is exactly the bytes of uniform 3-bit experts (3.375 stored bits per weight at group 64, asymmetric), and
+      2.5 lies halfway between uniform 2- and 3-bit.
     - `bytes`: the budget in bytes; `megabytes`: in MiB (2^20 bytes).
     The budget covers the bytes of every item of the cost table, dense linears and pinned items included.
-    Biases are never counted.
+    Biases are never counted. Reports call bytes x 8 / weights, metadata included, "stored bits".
     """
 
     avg_bits: float | None = None
@@ -37,16 +52,20 @@ class Budget:
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
             raise MoecompressError(f"budget {name} must be a positive number, got {value!r}")
 
-    def to_bytes(self, numel: int) -> int:
+    def to_bytes(self, numel: int, metadata: float) -> int:
+        """The budget in bytes, for `numel` routed-expert weights carrying `metadata` bytes of scales/zero-points."""
         if self.bytes is not None:
             return int(self.bytes)
-        exact = self.avg_bits * numel / 8 if self.avg_bits is not None else self.megabytes * MIB
+        exact = self.avg_bits * numel / 8 + metadata if self.avg_bits is not None else self.megabytes * MIB
         return math.floor(round(exact, 6))  # round first: 0.35 * 80 / 8 is 3.5, not 3.4999999999999996
 
-    def describe(self, nbytes: int, numel: int) -> str:
+    def describe(self, nbytes: int, numel: int, metadata: float) -> str:
         """`nbytes` in this budget's unit first, then in the others: the smallest such budget that holds it."""
-        avg = _round_up(nbytes * 8 / numel, 4, lambda v: Budget(avg_bits=v).to_bytes(numel) >= nbytes)
-        mb = _round_up(nbytes / MIB, 7, lambda v: Budget(megabytes=v).to_bytes(numel) >= nbytes)
+        def holds(unit: str):
+            return lambda v: Budget(**{unit: v}).to_bytes(numel, metadata) >= nbytes
+
+        avg = _round_up(max((nbytes - metadata) * 8 / numel, 1e-4), 4, holds("avg_bits"))
+        mb = _round_up(nbytes / MIB, 7, holds("megabytes"))
         units = {"avg_bits": f"avg_bits={avg:g}", "bytes": f"bytes={nbytes}", "megabytes": f"megabytes={mb:g}"}
         first = next(k for k in units if getattr(self, k) is not None)
         return ", ".join([units.pop(first), *units.values()])

@@ -1,9 +1,14 @@
 """Placement: which edge server (and device) holds each routed expert, written by `shard`, read by the runtime.
 
-`assignment[layer][expert]` is the tuple of servers holding a copy of that expert: the first is the primary,
-the others are replicas (a token uses a replica on its current server, else the primary). Every server holds
-the non-expert ("dense") weights when they are replicated, else only `dense_servers[0]` does. Bytes are exact
-on-disk bytes of each expert at its own bit-width (all its projections, scales and zeros).
+`mode` names the execution model (moecompress/execution/routing.py says what each moves):
+- "expert": requests are admitted at `home`, which holds the dense (non-expert) weights and the KV cache;
+  `assignment[layer][expert]` is the tuple of servers holding a copy of that expert, primary first (which copy
+  serves a token is routing.route_pairs). Every server of `dense_servers` holds the dense weights.
+- "pipeline": `layer_servers[i]` is the server of decoder layer i, contiguous ranges in order; each MoE layer's
+  experts are held once, by its layer's server; `server_dense_bytes[s]` is the non-expert bytes server s holds (its
+  layers' attention, norms and routers; the first stage also embeddings, final norm and lm_head).
+Bytes are exact on-disk bytes of each expert at its own bit-width (all its projections, scales and zeros).
+Files written before `mode` existed load as the expert model.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from pathlib import Path
 
 from moecompress.errors import MoecompressError
 
+MODES = ("expert", "pipeline")
 Grid = tuple[tuple[tuple[int, ...], ...], ...]  # [layer][expert] -> one int per copy
 
 
@@ -27,11 +33,22 @@ class Placement:
     devices: Grid = ()  # same shape as assignment: device of each copy on its server; () when one device
     method: str = ""  # the algorithm that produced it
     files: dict[int, dict[str, str]] = field(default_factory=dict)  # server -> {filename: sha256}
+    mode: str = "expert"  # execution model: expert | pipeline
+    home: int | None = None  # server admitting requests (holds dense weights + KV); None -> dense_servers[0]
+    layer_servers: tuple[int, ...] = ()  # pipeline: server of every decoder layer, non-decreasing
+    server_dense_bytes: tuple[int, ...] = ()  # pipeline: non-expert bytes held by each server
 
     def __post_init__(self):
         n = self.num_servers
         if n < 1:
             raise MoecompressError("a placement needs at least one server")
+        if self.mode not in MODES:
+            raise MoecompressError(f"placement mode {self.mode!r}; allowed: {', '.join(MODES)}")
+        object.__setattr__(self, "expert_bytes", tuple(tuple(int(b) for b in row) for row in self.expert_bytes))
+        object.__setattr__(self, "server_dense_bytes", tuple(int(b) for b in self.server_dense_bytes))
+        if self.home is None and self.dense_servers:
+            first = self.layer_servers[0] if self.layer_servers else self.dense_servers[0]
+            object.__setattr__(self, "home", int(first))
         if len(self.assignment) != len(self.expert_bytes) or any(
             len(a) != len(b) for a, b in zip(self.assignment, self.expert_bytes)
         ):
@@ -45,6 +62,13 @@ class Placement:
                     )
         if not self.dense_servers or not all(0 <= s < n for s in self.dense_servers):
             raise MoecompressError(f"dense_servers {self.dense_servers} must be server ids in 0..{n - 1}")
+        if self.home not in self.dense_servers:
+            raise MoecompressError(f"home server {self.home} must hold the dense weights (dense_servers "
+                                   f"{list(self.dense_servers)})")
+        if self.mode == "pipeline":
+            self._check_pipeline()
+        elif self.layer_servers or self.server_dense_bytes:
+            raise MoecompressError("layer_servers and server_dense_bytes belong to the pipeline mode only")
         if self.devices:
             shape = [[len(s) for s in layer] for layer in self.assignment]
             if [[len(d) for d in layer] for layer in self.devices] != shape:
@@ -54,6 +78,29 @@ class Placement:
         elif self.devices_per_server != 1:
             raise MoecompressError("a placement with several devices per server must give each copy's device")
         self.check_memory()
+
+    def _check_pipeline(self) -> None:
+        n, ls = self.num_servers, self.layer_servers
+        if not ls or any(not 0 <= s < n for s in ls) or any(b < a for a, b in zip(ls, ls[1:])):
+            raise MoecompressError(f"pipeline layer_servers {list(ls)} must be server ids in 0..{n - 1}, one per "
+                                   "decoder layer, in non-decreasing order (contiguous ranges)")
+        if len(self.server_dense_bytes) != n or any(b < 0 for b in self.server_dense_bytes):
+            raise MoecompressError(f"pipeline server_dense_bytes must give {n} non-negative byte counts")
+        if self.home != ls[0] or tuple(self.dense_servers) != tuple(sorted(set(ls))):
+            raise MoecompressError(f"pipeline: home must be the first stage ({ls[0]}) and dense_servers the stage "
+                                   f"servers {sorted(set(ls))}")
+        stage = [layer[0][0] for layer in self.assignment]
+        if any(len(set(c for copies in layer for c in copies)) != 1 or any(len(c) != 1 for c in layer)
+               for layer in self.assignment) or any(b < a for a, b in zip(stage, stage[1:])):
+            raise MoecompressError("pipeline: each MoE layer's experts must be held once, all on one server, with "
+                                   "the layers' servers in non-decreasing order")
+        if len(ls) == self.num_layers and tuple(stage) != tuple(ls):
+            raise MoecompressError(f"pipeline: MoE layers on servers {stage} disagree with layer_servers {list(ls)}")
+
+    @property
+    def stages(self) -> tuple[int, ...]:
+        """Pipeline: the servers holding layers, in order (a server appears once)."""
+        return tuple(dict.fromkeys(self.layer_servers))
 
     @property
     def num_servers(self) -> int:
@@ -79,6 +126,8 @@ class Placement:
         return tuple(tuple(servers[0] for servers in layer) for layer in self.assignment)
 
     def dense_bytes_on(self, server: int) -> int:
+        if self.server_dense_bytes:
+            return self.server_dense_bytes[server]
         return self.dense_bytes if server in self.dense_servers else 0
 
     @property
@@ -124,6 +173,10 @@ class Placement:
             "devices": [[list(d) for d in layer] for layer in self.devices],
             "expert_bytes": [list(b) for b in self.expert_bytes],
             "files": {str(s): dict(f) for s, f in sorted(self.files.items())},
+            "mode": self.mode,
+            "home": self.home,
+            "layer_servers": list(self.layer_servers),
+            "server_dense_bytes": list(self.server_dense_bytes),
         }
 
     @classmethod
@@ -138,6 +191,10 @@ class Placement:
             devices=as_grid(d.get("devices", ())),
             method=str(d.get("method", "")),
             files={int(s): {str(k): str(v) for k, v in f.items()} for s, f in d.get("files", {}).items()},
+            mode=str(d.get("mode", "expert")),
+            home=int(d["home"]) if d.get("home") is not None else None,
+            layer_servers=tuple(int(s) for s in d.get("layer_servers", ())),
+            server_dense_bytes=tuple(int(b) for b in d.get("server_dense_bytes", ())),
         )
         for key, value in (("num_servers", p.num_servers), ("server_bytes", list(p.server_bytes))):
             if key in d and d[key] != value:

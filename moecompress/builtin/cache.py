@@ -97,6 +97,12 @@ def resolve_model(spec: str) -> str:
     """`builtin:<name>` -> the local directory of that built-in model (built if missing); anything else unchanged."""
     if spec.startswith(MODEL_PREFIX):
         return str(builtin_model_dir(spec[len(MODEL_PREFIX):]))
+    path = Path(spec).expanduser()
+    if path.exists() and not path.is_dir():
+        raise MoecompressError(f"model {spec!r} is a file; give the model's directory (config.json, safetensors)")
+    if not path.exists() and (spec.startswith(("/", ".", "~")) or spec.count("/") > 1):
+        raise MoecompressError(f"model {spec!r} does not exist: give a local model directory, a hub id (owner/name) "
+                               "or builtin:NAME")
     return spec
 
 

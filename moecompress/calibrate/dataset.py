@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import zlib
 import random
 import re
 from collections.abc import Iterator
@@ -98,7 +99,15 @@ def read_documents(spec: DatasetSpec) -> list[tuple[str, str | None]]:
     """(text, domain or None) of every non-empty document, in source order."""
     if spec.hub:
         return _hub_documents(spec)
-    path = spec.source
+    try:
+        return _local_documents(spec.source)
+    except (UnicodeDecodeError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        kind = "gzip-compressed UTF-8 text" if spec.source.endswith(".gz") else "UTF-8 text"
+        raise MoecompressError(f"dataset {spec.source}: not {kind} ({type(exc).__name__}: {str(exc)[:100]}); "
+                               "give a .txt, .jsonl or .jsonl.gz file") from None
+
+
+def _local_documents(path: str) -> list[tuple[str, str | None]]:
     if path.endswith(".txt"):
         text = Path(path).read_text(encoding="utf-8")
         return [(p.strip(), None) for p in re.split(r"\n\s*\n", text) if p.strip()]
@@ -154,14 +163,20 @@ def _windows(docs: list[str], tokenizer, seq_len: int, rng: random.Random) -> It
 def build_calibration_data(dataset: DatasetSpec | str | Path, tokenizer, samples: int, seq_len: int,
                            seed: int = 0, progress: bool = False) -> CalibrationData:
     """`samples` sequences of `seq_len` tokens from `dataset` (see the module docstring for the rule)."""
-    from tqdm.auto import tqdm
-
     spec = dataset if isinstance(dataset, DatasetSpec) else DatasetSpec.parse(dataset)
     if samples < 1 or seq_len < 1:
         raise MoecompressError(f"samples and seq_len must be positive, got {samples} and {seq_len}")
     if tokenizer is None:
         raise MoecompressError("a tokenizer is needed to build calibration data from text")
-    docs = read_documents(spec)
+    return sequences_from_documents(read_documents(spec), tokenizer, samples, seq_len, seed, str(spec), progress)
+
+
+def sequences_from_documents(docs: list[tuple[str, str | None]], tokenizer, samples: int, seq_len: int,
+                             seed: int = 0, description: str = "", progress: bool = False) -> CalibrationData:
+    """`samples` sequences of `seq_len` tokens from (text, domain or None) documents, by the module's rule."""
+    from tqdm.auto import tqdm
+
+    spec = description or "documents"
     if not docs:
         raise MoecompressError(f"dataset {spec} has no non-empty document")
     has_domains = any(d is not None for _, d in docs)
@@ -198,5 +213,5 @@ def build_calibration_data(dataset: DatasetSpec | str | Path, tokenizer, samples
         attention_mask=torch.tensor(mask, dtype=torch.int64),
         domain_ids=torch.tensor(dom_ids, dtype=torch.int64) if has_domains else None,
         domains=tuple(names) if has_domains else (),
-        description=str(spec),
+        description=spec,
     )

@@ -39,6 +39,8 @@ class CalibrationOptions:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise MoecompressError(f"{name} must be a positive integer, got {v!r}")
+        if self.seq_len < 2:  # one token per sequence predicts nothing and routes almost nothing
+            raise MoecompressError(f"seq_len must be at least 2, got {self.seq_len}")
         if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
             raise MoecompressError(f"min_tokens must be a non-negative integer, got {self.min_tokens!r}")
         if self.hessian_dtype not in HESSIAN_DTYPES:

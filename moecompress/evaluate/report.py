@@ -17,14 +17,15 @@ def _num(x: float | None, fmt: str) -> str:
 
 
 def format_table(results: list[EvalResult]) -> str:
-    """Markdown: method | avg bits | bits/weight | MB | ppl | ppl per domain (union over results) | KL."""
+    """Markdown: method | avg bits | stored bits | bits/weight | MB | ppl | ppl per domain (union) | KL."""
     domains = sorted({d.name for r in results for d in r.domains})
-    head = ["method", "avg bits", "bits/weight", "MB", "ppl"] + [f"ppl {d}" for d in domains] + ["KL"]
+    head = ["method", "avg bits", "stored bits", "bits/weight", "MB", "ppl"] + [f"ppl {d}" for d in domains] + ["KL"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         s = r.size
         by_name = {d.name: d for d in r.domains}
-        row = [r.method, _num(s and s.avg_bits, ".2f"), _num(s and s.bits_per_weight, ".2f"),
+        row = [r.method, _num(s and s.avg_bits, ".2f"), _num(s and s.stored_bits, ".3f"),
+               _num(s and s.bits_per_weight, ".2f"),
                _num(s and s.bytes / 2**20, ".2f"), _num(r.perplexity, ".3f")]
         row += [_num(by_name[d].perplexity, ".3f") if d in by_name else "–" for d in domains]
         row.append(_num(r.kl, ".4f"))
@@ -39,7 +40,10 @@ def _describe(results: list[EvalResult]) -> str:
     out = "dataset: " + "; ".join(ds)
     if refs:
         out += "\nKL(reference || model) in nats per token; reference: " + ", ".join(refs)
-    return out + "\navg bits: nominal bits per routed-expert weight; bits/weight: all stored bytes x 8 / all weights"
+    for text in sorted({r.overlap.describe() for r in results if r.overlap is not None}):
+        out += "\n" + text
+    return out + ("\navg bits: nominal bits per routed-expert weight; stored bits: the routed experts' stored bytes "
+                  "(scales and zero-points included) x 8 per weight; bits/weight: all stored bytes x 8 / all weights")
 
 
 def write_results(results: list[EvalResult], out_dir: str | Path) -> tuple[Path, Path]:

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 from moecompress.errors import MoecompressError
+from moecompress.evaluate.overlap import TextOverlap
 
 
 @dataclass(frozen=True)
@@ -23,13 +24,15 @@ class DomainScore:
 @dataclass(frozen=True)
 class ModelSize:
     """Storage of a model. avg_bits: nominal bits per routed-expert weight (what the bit plan spends; 16 for a
-    plain model). bits_per_weight: every stored byte (scales, zeros, bf16 embeddings...) over every weight."""
+    plain model). stored_bits: the routed experts' stored bytes (scales and zero-points included) x 8 per weight.
+    bits_per_weight: every stored byte (scales, zeros, bf16 embeddings...) over every weight."""
 
     bytes: int
     bf16_bytes: int  # the same weights in bf16
     avg_bits: float
     bits_per_weight: float
     source: str  # "checkpoint" (read from safetensors headers) or "parameters" (a plain model, counted as bf16)
+    stored_bits: float | None = None  # None in results written before it was recorded
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ class EvalResult:
     kl: float | None = None  # mean KL(reference || model) per token, nats; None without a reference
     reference: str | None = None
     size: ModelSize | None = None
+    overlap: TextOverlap | None = None  # overlap of the evaluation text with the calibration text, when checked
 
     @property
     def perplexity(self) -> float:
@@ -77,7 +81,11 @@ class EvalResult:
         if size is not None:
             _check_keys(ModelSize, size, "size")
             size = ModelSize(**size)
-        return cls(**{**data, "domains": tuple(domains), "size": size})
+        overlap = data.get("overlap")
+        if overlap is not None:
+            _check_keys(TextOverlap, overlap, "overlap")
+            overlap = TextOverlap(**overlap)
+        return cls(**{**data, "domains": tuple(domains), "size": size, "overlap": overlap})
 
 
 def _check_keys(cls, data: dict, what: str) -> None:

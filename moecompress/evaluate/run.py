@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moecompress.calibrate.dataset import CalibrationData, DatasetSpec, build_calibration_data
+from moecompress.calibrate.dataset import CalibrationData, DatasetSpec, read_documents, sequences_from_documents
 from moecompress.errors import MoecompressError
 from moecompress.evaluate.metrics import target_mask, token_kl, token_nll
+from moecompress.evaluate.overlap import MIN_CHARS, TextOverlap, drop_overlap, text_overlap
 from moecompress.evaluate.result import DomainScore, EvalResult
 from moecompress.evaluate.size import checkpoint_size, parameter_size
 
@@ -40,32 +41,55 @@ def _logits(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits
 
 
-def load_eval_data(dataset: CalibrationData | DatasetSpec | str | Path, tokenizer, samples: int, seq_len: int,
-                   seed: int = 0) -> CalibrationData:
-    """Tokenized evaluation sequences; `builtin:` dataset names are resolved to their local file first."""
-    if isinstance(dataset, CalibrationData):
-        return dataset
+def read_text(dataset: DatasetSpec | str | Path) -> list[tuple[str, str | None]]:
+    """The (text, domain) documents of a dataset; `builtin:` names are resolved to their local file first."""
     if isinstance(dataset, str) and dataset.startswith("builtin:"):
         from moecompress.builtin import resolve_dataset
 
-        data = build_calibration_data(resolve_dataset(dataset), tokenizer, samples, seq_len, seed)
-        return replace(data, description=dataset)  # the name, not the cache path
-    return build_calibration_data(dataset, tokenizer, samples, seq_len, seed)
+        dataset = resolve_dataset(dataset)
+    return read_documents(dataset if isinstance(dataset, DatasetSpec) else DatasetSpec.parse(dataset))
+
+
+def prepare_eval_data(dataset: CalibrationData | DatasetSpec | str | Path, tokenizer, samples: int, seq_len: int,
+                      seed: int = 0, calibration: DatasetSpec | str | Path | None = None, keep_overlap: bool = False,
+                      min_chars: int = MIN_CHARS) -> tuple[CalibrationData, TextOverlap | None]:
+    """Tokenized evaluation sequences and, when the `calibration` dataset is given, the overlap of the two texts
+    (evaluate/overlap.py), dropped from the evaluation text unless `keep_overlap`. Tokenized data is used as is."""
+    if isinstance(dataset, CalibrationData):
+        return dataset, None
+    docs, name = read_text(dataset), str(dataset)  # the name, not a builtin's cache path
+    if calibration is None:
+        return sequences_from_documents(docs, tokenizer, samples, seq_len, seed, name), None
+    calib = [text for text, _ in read_text(calibration)]
+    overlap = text_overlap(calib, [text for text, _ in docs], min_chars, dropped=not keep_overlap)
+    if not keep_overlap:
+        docs, name = drop_overlap(calib, docs, min_chars), f"{name} without lines in {calibration}"
+    return sequences_from_documents(docs, tokenizer, samples, seq_len, seed, name), overlap
+
+
+def load_eval_data(dataset: CalibrationData | DatasetSpec | str | Path, tokenizer, samples: int, seq_len: int,
+                   seed: int = 0, calibration: DatasetSpec | str | Path | None = None,
+                   keep_overlap: bool = False) -> CalibrationData:
+    """Tokenized evaluation sequences (prepare_eval_data without the overlap count)."""
+    return prepare_eval_data(dataset, tokenizer, samples, seq_len, seed, calibration, keep_overlap)[0]
 
 
 @torch.no_grad()
 def evaluate(model, tokenizer, dataset: CalibrationData | DatasetSpec | str | Path, samples: int = 64,
              seq_len: int = 512, seed: int = 0, reference_model=None, batch_size: int = 4, method: str = "model",
-             family: str | None = None, reference: str | None = None, progress: bool = True) -> EvalResult:
+             family: str | None = None, reference: str | None = None, progress: bool = True,
+             calibration: DatasetSpec | str | Path | None = None, keep_overlap: bool = False) -> EvalResult:
     """Perplexity of `model` per domain and overall on `dataset`; mean KL(reference_model || model) when given.
 
     model / reference_model: causal LMs called as model(input_ids=, attention_mask=, use_cache=False).logits
     (their own devices; put them in eval mode). dataset: a dataset spec (see calibrate/dataset.py), a
     `builtin:` name, or already tokenized CalibrationData (then tokenizer, samples, seq_len and seed are unused).
+    calibration: the calibration dataset; its overlap with `dataset` is counted (result.overlap) and dropped from
+    the evaluation text unless `keep_overlap` (see prepare_eval_data).
     """
     if batch_size < 1:
         raise MoecompressError(f"batch_size must be a positive integer, got {batch_size!r}")
-    data = load_eval_data(dataset, tokenizer, samples, seq_len, seed)
+    data, overlap = prepare_eval_data(dataset, tokenizer, samples, seq_len, seed, calibration, keep_overlap)
     names = data.domains or (OVERALL,)
     nll_sum = torch.zeros(len(names), dtype=torch.float64)
     kl_sum = torch.zeros(len(names), dtype=torch.float64)
@@ -99,7 +123,7 @@ def evaluate(model, tokenizer, dataset: CalibrationData | DatasetSpec | str | Pa
         samples=data.num_sequences, seq_len=data.seq_len, seed=seed, tokens=total,
         nll=float(nll_sum.sum() / total), domains=domains,
         kl=float(kl_sum.sum() / total) if has_ref else None,
-        reference=(reference or "reference") if has_ref else None)
+        reference=(reference or "reference") if has_ref else None, overlap=overlap)
 
 
 def is_moecompress_checkpoint(path: str | Path) -> bool:
@@ -148,7 +172,8 @@ def evaluate_checkpoint(model: str | Path | nn.Module, dataset: CalibrationData 
                         tokenizer=None, reference: str | Path | nn.Module | None = None, samples: int = 64,
                         seq_len: int = 512, seed: int = 0, batch_size: int = 4, method: str | None = None,
                         family: str | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                        progress: bool = True) -> EvalResult:
+                        progress: bool = True, calibration: DatasetSpec | str | Path | None = None,
+                        keep_overlap: bool = False) -> EvalResult:
     """evaluate() plus the model's size: a moecompress checkpoint (a directory, or a model loaded from one) is
     measured from its files; any other model counts its parameters in bf16 at 16 bits.
 
@@ -171,7 +196,7 @@ def evaluate_checkpoint(model: str | Path | nn.Module, dataset: CalibrationData 
     default_method, default_family = _method_label(source) if compressed else ("bf16", None)
     result = evaluate(model, tokenizer, dataset, samples, seq_len, seed, reference_model=reference,
                       batch_size=batch_size, method=method or default_method, family=family or default_family,
-                      reference=ref_label, progress=progress)
+                      reference=ref_label, progress=progress, calibration=calibration, keep_overlap=keep_overlap)
     size = checkpoint_size(source) if compressed else parameter_size(model)
     return replace(result, size=size)
 

@@ -22,8 +22,9 @@ def checkpoint_size(directory: str | Path) -> ModelSize:
     """Size of a moecompress checkpoint directory.
 
     avg_bits: mean over the routed-expert weights of their nominal bits, weighted by weight count (from
-    checkpoint_report). bits_per_weight: all stored bytes x 8 over all weights, where a packed group counts its
-    unpacked weights and any other tensor (embeddings, norms, attention) its elements.
+    checkpoint_report); stored_bits: the routed experts' stored bytes (scales, zero-points, biases) x 8 per weight.
+    bits_per_weight: all stored bytes x 8 over all weights, where a packed group counts its unpacked weights and any
+    other tensor (embeddings, norms, attention) its elements.
     """
     report = checkpoint_report(directory)
     spec = read_spec(directory)
@@ -40,7 +41,8 @@ def checkpoint_size(directory: str | Path) -> ModelSize:
     total = report["total_bytes"]
     return ModelSize(bytes=total, bf16_bytes=2 * weights,
                      avg_bits=expert_bit_weights / expert_weights if expert_weights else 16.0,
-                     bits_per_weight=8 * total / weights if weights else 16.0, source="checkpoint")
+                     bits_per_weight=8 * total / weights if weights else 16.0, source="checkpoint",
+                     stored_bits=8 * report["expert_bytes"] / expert_weights if expert_weights else 16.0)
 
 
 def parameter_size(model: nn.Module) -> ModelSize:
@@ -52,4 +54,4 @@ def parameter_size(model: nn.Module) -> ModelSize:
             seen.add(ptr)
             weights += p.numel()
     return ModelSize(bytes=2 * weights, bf16_bytes=2 * weights, avg_bits=16.0, bits_per_weight=16.0,
-                     source="parameters")
+                     source="parameters", stored_bits=16.0)

@@ -20,6 +20,7 @@ Q.zeros (asymmetric), Q.bias [1, out] (if any).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from moecompress.errors import MoecompressError
@@ -71,35 +72,30 @@ class FormatSpec:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "FormatSpec":
+    def from_dict(cls, d) -> "FormatSpec":
+        """Parse a quantization_config strictly: every field typed and bounded, unknown keys refused."""
+        if not isinstance(d, dict):
+            raise MoecompressError(f"quantization_config must be a mapping, got {type(d).__name__}")
         if d.get("quant_method") != QUANT_METHOD:
             raise MoecompressError(f"not a moecompress checkpoint: quant_method is {d.get('quant_method')!r}")
         version = d.get("format_version")
-        if version != FORMAT_VERSION:
+        if version != FORMAT_VERSION or type(version) is not int:
             raise MoecompressError(
                 f"checkpoint format_version {version!r} is not supported by this moecompress "
                 f"(it reads version {FORMAT_VERSION}); upgrade moecompress or re-export the checkpoint"
             )
-        try:
-            experts = {}
-            for path, entry in d["experts"].items():
-                entry = dict(entry)
-                n = int(entry.pop("num_experts"))
-                groups = {}
-                for proj, by_bits in entry.items():
-                    if proj not in PROJS:
-                        raise MoecompressError(f"{path}: unknown projection {proj!r}; allowed: {', '.join(PROJS)}")
-                    groups[proj] = {int(b): tuple(sorted(int(e) for e in ids)) for b, ids in by_bits.items()}
-                experts[path] = ExpertsSpec(num_experts=n, groups=groups)
-            spec = cls(
-                group_size=int(d["group_size"]),
-                symmetric=bool(d["symmetric"]),
-                experts=experts,
-                linears={k: int(v) for k, v in d.get("linears", {}).items()},
-                version=version,
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise MoecompressError(f"malformed moecompress quantization_config: {exc!r}") from exc
+        unknown = sorted(set(d) - CONFIG_KEYS)
+        if unknown:
+            raise MoecompressError(f"quantization_config: unknown key {unknown[0]!r}; allowed: {', '.join(sorted(CONFIG_KEYS))}")
+        experts_d = _need(d, "experts", dict, "quantization_config")
+        experts = {_module_path(path): _experts_spec(path, entry) for path, entry in experts_d.items()}
+        linears_d = d.get("linears", {})
+        if not isinstance(linears_d, dict):
+            raise MoecompressError("quantization_config.linears must map module paths to bits")
+        linears = {_module_path(path): _int(b, f"linears.{path}", 2, 8) for path, b in linears_d.items()}
+        spec = cls(group_size=_int(_need(d, "group_size", int, "quantization_config"), "group_size", 8, MAX_GROUP),
+                   symmetric=_need(d, "symmetric", bool, "quantization_config"), experts=experts, linears=linears,
+                   version=version)
         spec.validate()
         return spec
 
@@ -107,6 +103,7 @@ class FormatSpec:
         if self.group_size < 8 or self.group_size % 8:
             raise MoecompressError(f"group_size must be a positive multiple of 8, got {self.group_size}")
         for path, spec in self.experts.items():
+            held = None
             for proj, by_bits in spec.groups.items():
                 seen: set[int] = set()
                 for b, ids in by_bits.items():
@@ -114,13 +111,72 @@ class FormatSpec:
                         raise MoecompressError(
                             f"{path}.{proj}: unsupported bits {b}; allowed: {', '.join(map(str, ALL_BITS))}"
                         )
+                    if not ids:
+                        raise MoecompressError(f"{path}.{proj}: the {b}-bit group lists no expert")
                     for e in ids:
                         if not 0 <= e < spec.num_experts or e in seen:
-                            raise MoecompressError(f"{path}.{proj}: expert id {e} out of range or listed twice")
+                            raise MoecompressError(f"{path}.{proj}: expert id {e} out of range "
+                                                   f"0..{spec.num_experts - 1} or listed twice")
                         seen.add(e)
+                if held is not None and seen != held:
+                    raise MoecompressError(f"{path}: projections hold different experts ({sorted(held)} vs "
+                                           f"{sorted(seen)} in {proj}); every projection must hold the same experts")
+                held = seen
         for path, b in self.linears.items():
             if b not in QUANT_BITS:
                 raise MoecompressError(f"{path}: unsupported bits {b} for a dense linear; allowed: 2, 3, 4, 8")
+            if any(path == p or path.startswith(p + ".") for p in self.experts):
+                raise MoecompressError(f"linears.{path} lies inside an experts module")
+
+
+CONFIG_KEYS = {"quant_method", "format_version", "group_size", "symmetric", "experts", "linears"}
+MAX_GROUP = 1 << 20
+MAX_EXPERTS = 1 << 16  # an upper bound far above any model's; the model's own count is checked at load
+MODULE_PATH = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
+
+
+def _need(d: dict, key: str, tp: type, where: str):
+    if key not in d:
+        raise MoecompressError(f"{where}: missing key {key!r}")
+    value = d[key]
+    if type(value) is not tp:
+        raise MoecompressError(f"{where}.{key} must be {tp.__name__}, got {value!r}")
+    return value
+
+
+def _int(value, where: str, lo: int, hi: int) -> int:
+    if type(value) is not int or not lo <= value <= hi:
+        raise MoecompressError(f"quantization_config.{where} must be an integer in {lo}..{hi}, got {value!r}")
+    return value
+
+
+def _module_path(path) -> str:
+    if not isinstance(path, str) or not MODULE_PATH.fullmatch(path):
+        raise MoecompressError(f"quantization_config: {path!r} is not a module path (dotted names)")
+    return path
+
+
+def _experts_spec(path: str, entry) -> ExpertsSpec:
+    if not isinstance(entry, dict):
+        raise MoecompressError(f"quantization_config.experts.{path} must be a mapping")
+    entry = dict(entry)
+    n = _int(entry.pop("num_experts", None), f"experts.{path}.num_experts", 1, MAX_EXPERTS)
+    if not entry:
+        raise MoecompressError(f"quantization_config.experts.{path} lists no projection")
+    groups = {}
+    for proj, by_bits in entry.items():
+        if proj not in PROJS:
+            raise MoecompressError(f"{path}: unknown projection {proj!r}; allowed: {', '.join(PROJS)}")
+        if not isinstance(by_bits, dict) or not by_bits:
+            raise MoecompressError(f"quantization_config.experts.{path}.{proj} must map bits to expert ids")
+        groups[proj] = {}
+        for b, ids in by_bits.items():
+            if not isinstance(b, (str, int)) or type(b) is bool or str(b) not in {str(x) for x in ALL_BITS}:
+                raise MoecompressError(f"{path}.{proj}: unsupported bits {b!r}; allowed: {', '.join(map(str, ALL_BITS))}")
+            if not isinstance(ids, (list, tuple)):
+                raise MoecompressError(f"quantization_config.experts.{path}.{proj}.{b} must be a list of expert ids")
+            groups[proj][int(b)] = tuple(sorted(_int(e, f"experts.{path}.{proj}.{b}", 0, n - 1) for e in ids))
+    return ExpertsSpec(num_experts=n, groups=groups)
 
 
 def group_prefix(experts_path: str, proj: str, bits: int) -> str:

@@ -9,8 +9,7 @@ from moecompress.runtime.inspect import checkpoint_report, format_report
 
 
 def _allocation_lines(report: dict) -> list[str]:
-    keys = ("solver", "gap", "predicted_damage", "avg_bits_nominal", "avg_bits_effective", "bytes", "bf16_bytes",
-            "bits_histogram")
+    keys = ("solver", "gap", "predicted_damage", "avg_bits", "stored_bits", "bytes", "bf16_bytes", "bits_histogram")
     return [f"- {k}: {report[k]}" for k in keys if k in report]
 
 
@@ -46,7 +45,7 @@ def _evaluate(ctx: RunContext) -> str:
     model, tokenizer, _ = ctx.load()
     dataset = resolve_dataset(e.dataset)
     common = dict(dataset=dataset, tokenizer=tokenizer, samples=e.samples, seq_len=e.seq_len, seed=e.seed,
-                  progress=ctx.progress)
+                  progress=ctx.progress, calibration=ctx.dataset_path)
     results = [evaluate_checkpoint(model, method="uncompressed", family="bf16", **common),
                evaluate_checkpoint(ctx.out / "checkpoint", reference=model, method="moecompress", **common)]
     _, md = write_results(results, ctx.out / "eval")

@@ -3,9 +3,11 @@
     calibrate -> CalibrationStats -> sensitivity -> CostTable -> allocate -> BitPlan -> quantize
     -> QuantizedTensors -> tune -> QuantizedTensors (new scales; skipped when tune.steps is 0) -> export -> checkpoint
 
-Each stage writes its result under the run directory through a temporary sibling that is renamed into place when
-complete; a re-run skips the stages whose directory exists, so an interrupted run resumes where it stopped and a
-killed run never leaves a checkpoint that looks complete.
+Each stage writes its result under the run directory through a temporary sibling (`.<dir>.partial`) that gets a
+checksum manifest and is renamed into place when complete; a re-run removes the temporary directories a killed run
+left, checks the finished stages against their manifests and skips them, so an interrupted run resumes where it
+stopped and a killed run never leaves a checkpoint that looks complete. Resuming compares the recipe and the input
+files with the lock file and refuses a change.
 """
 from __future__ import annotations
 
@@ -17,9 +19,11 @@ from pathlib import Path
 
 import torch
 
+from moecompress.calibrate.command import require_finite_weights
 from moecompress.errors import MoecompressError
+from moecompress.format.files import MANIFEST, read_json_object, verify_files, verify_listed, write_manifest
 from moecompress.pipeline import steps
-from moecompress.pipeline.lockfile import check_lock, job_identity, make_lock, read_lock, write_lock
+from moecompress.pipeline.lockfile import check_lock, check_resume, make_lock, read_lock, write_lock
 from moecompress.recipe import Recipe
 
 STAGES = ("calibrate", "sensitivity", "allocate", "quantize", "tune", "export")
@@ -29,34 +33,78 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 
 def run_stage(out: Path, stage: str, produce: Callable[[Path], None]) -> tuple[Path, bool]:
-    """Run `produce(tmp_dir)` unless the stage's directory exists; returns (directory, ran)."""
+    """Run `produce(tmp_dir)` unless the stage's directory exists (and verifies); returns (directory, ran)."""
     final = out / DIRS[stage]
     if final.exists():
+        check_finished(final, stage)
         return final, False
     tmp = out / f".{DIRS[stage]}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    produce(tmp)
-    os.replace(tmp, final)
+    try:
+        produce(tmp)
+        if stage != "export":  # the checkpoint writes its own manifest (with config.json and weights)
+            write_manifest(tmp, {"stage": stage})
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return final, True
 
 
+def check_finished(final: Path, stage: str) -> None:
+    """A finished stage's files still match its manifest (runs written before stage manifests are trusted)."""
+    if stage == "export":
+        verify_files(final)
+    elif (final / MANIFEST).exists():
+        verify_listed(final)
+
+
+def clean_partials(out: Path) -> None:
+    """Remove what killed runs left: `.<dir>.partial` stage directories and atomic writes inside them."""
+    for p in out.iterdir() if out.is_dir() else ():
+        if p.name.startswith(".") and ".partial" in p.name:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
 def prepare_run(recipe: Recipe, out: Path) -> tuple[str, str]:
-    """Resolve inputs, check the lock, and refuse to resume a directory that holds another job."""
+    """Resolve inputs, check the lock, and refuse to resume a directory whose recipe or inputs changed."""
     from moecompress.builtin import resolve_dataset, resolve_model
 
     model_path = resolve_model(recipe.model)
     dataset_path = resolve_dataset(recipe.calibration.dataset)
+    check_model_config(model_path, recipe)
     if recipe.lock:
         check_lock(recipe, recipe.lock)
+    if out.exists() and not out.is_dir():
+        raise MoecompressError(f"--out {out} is a file; give a directory")
     previous = read_lock(out)
-    if previous is not None and job_identity(previous) != job_identity(recipe):
-        raise MoecompressError(f"{out} holds a run of a different recipe (see {out}/recipe.lock.yaml); "
-                               "choose another --out or delete that directory")
+    if previous is not None:
+        check_resume(out, previous, recipe, model_path, dataset_path)
+    elif out.is_dir() and any(p for p in out.iterdir() if p.name in DIRS.values()):
+        raise MoecompressError(f"{out} holds stage directories but no recipe.lock.yaml; delete it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
+    clean_partials(out)
     if previous is None:
         write_lock(out, recipe, make_lock(recipe, model_path, dataset_path))
     return model_path, dataset_path
+
+
+def check_model_config(model_path: str, recipe: Recipe) -> None:
+    """A local model directory has a readable config.json whose context fits the recipe's sequence lengths."""
+    path = Path(model_path)
+    if not path.is_dir():
+        return  # a hub id: transformers resolves it
+    config = read_json_object(path / "config.json", "model config")
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    limit = text.get("max_position_embeddings")
+    if type(limit) is not int:
+        return
+    for key, seq_len in (("calibration.seq_len", recipe.calibration.seq_len),
+                         ("eval.seq_len", recipe.eval.seq_len if recipe.eval else 0)):
+        if seq_len > limit:
+            raise MoecompressError(f"recipe key {key}: {seq_len} tokens exceed the model's max_position_embeddings "
+                                   f"{limit} ({path / 'config.json'}); use at most {limit}")
 
 
 def quantize(recipe: Recipe, out: str | Path | None = None, stop_after: str | None = None,
@@ -65,11 +113,14 @@ def quantize(recipe: Recipe, out: str | Path | None = None, stop_after: str | No
     if stop_after is not None and stop_after not in STAGES:
         raise MoecompressError(f"--stop-after {stop_after!r}; allowed: {', '.join(STAGES)}")
     out = Path(out or recipe.output)
+    steps.check_device(recipe.device)  # before anything is written
     model_path, dataset_path = prepare_run(recipe, out)
 
     @cache
     def load():
-        return steps.load_model(model_path, recipe.revision, DTYPES[recipe.compute_dtype])
+        loaded = steps.load_model(model_path, recipe.revision, DTYPES[recipe.compute_dtype], recipe.device)
+        require_finite_weights(loaded[0], model_path)  # before any stage computes statistics from them
+        return loaded
 
     ctx = steps.RunContext(recipe, out, model_path, dataset_path, progress, load)
     for stage in STAGES:

@@ -17,6 +17,7 @@ from moecompress.artifacts.bit_plan import BitPlan
 from moecompress.artifacts.calibration_stats import CalibrationStats
 from moecompress.artifacts.cost_table import CostTable
 from moecompress.artifacts.quantized import QuantizedTensors
+from moecompress.errors import MoecompressError
 from moecompress.recipe import Quantizer, Recipe
 
 COST_FILE = "cost_table.json"
@@ -38,12 +39,27 @@ class RunContext:
         return self.out / name
 
 
-def load_model(model_path: str, revision: str | None, dtype: torch.dtype):
+def check_device(device: str) -> None:
+    """Refuse a device this machine does not have, with what to do instead."""
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            why = "this torch is a CPU build" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise MoecompressError(f"device {device!r}: CUDA is not available here ({why}, torch {torch.__version__}); "
+                                   "use --device cpu, or install a CUDA build of torch on a machine with a GPU")
+        index = torch.device(device).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise MoecompressError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                                   f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+
+
+def load_model(model_path: str, revision: str | None, dtype: torch.dtype, device: str = "cpu"):
+    """The model in eval mode on `device` (calibration, sensitivity, GPTQ and tuning run where it is)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from moecompress.arch.adapters import describe
 
-    model = AutoModelForCausalLM.from_pretrained(model_path, revision=revision, dtype=dtype)
+    check_device(device)
+    model = AutoModelForCausalLM.from_pretrained(model_path, revision=revision, dtype=dtype).to(device)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(model_path, revision=revision)
     return model, tokenizer, describe(model)
@@ -70,7 +86,7 @@ def calibrate_step(ctx: RunContext, tmp: Path) -> None:
     options = CalibrationOptions(samples=c.samples, seq_len=c.seq_len, seed=c.seed, batch_size=c.batch_size,
                                  hessians=True, dense_hessians=dense or False, all_experts=c.all_experts,
                                  layerwise=c.layerwise, min_tokens=c.min_tokens, dtype=r.compute_dtype,
-                                 hessian_dir=str(tmp), progress=ctx.progress)
+                                 hessian_dir=str(tmp), device=r.device, progress=ctx.progress)
     stats = calibrate(ctx.model_path if c.layerwise else model, tokenizer, ctx.dataset_path, options)
     stats.save(tmp)
     save_plots(stats, tmp)
@@ -129,7 +145,6 @@ def server_budget(recipe: Recipe, model, layout: ModelLayout) -> int:
     """Expert bytes that fit on the recipe's servers: their memory less the dense weights each must hold, less one
     largest expert per server (whole experts do not pack a server to the byte)."""
     from moecompress.artifacts.cost_table import expert_bytes
-    from moecompress.errors import MoecompressError
     from moecompress.shard.spec import parse_servers
 
     dense = dense_bytes(model, layout, recipe)
@@ -213,6 +228,7 @@ def export_step(ctx: RunContext, tmp: Path) -> None:
     from moecompress.pipeline.run import DTYPES
 
     model, tokenizer, layout = ctx.load()
+    model.to("cpu")  # the last stage: the checkpoint is written from host memory (the report evaluates on the CPU)
     plan = BitPlan.load(ctx.dir("allocation") / PLAN_FILE)
     quantized = QuantizedTensors.load(final_quantized_dir(ctx))
     export_checkpoint(model, layout, plan, quantized, tmp, tokenizer=tokenizer, dtype=DTYPES[ctx.recipe.dtype],

@@ -6,7 +6,7 @@ recorded one (all_experts mode), and otherwise falls back to RTN; every fallback
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -16,7 +16,7 @@ from moecompress.arch.adapters import proj_weights
 from moecompress.arch.layout import ModelLayout
 from moecompress.artifacts.bit_plan import BitPlan
 from moecompress.artifacts.calibration_stats import CalibrationStats
-from moecompress.artifacts.quantized import QuantizedTensors, expert_key
+from moecompress.artifacts.quantized import QuantizedTensors, QuantizedWeight, expert_key
 from moecompress.errors import MoecompressError
 from moecompress.quantize.gptq import gptq_quantize, layer_output_error
 from moecompress.quantize.rtn import check_clip, quantize_rtn
@@ -90,4 +90,10 @@ def quantize_model(model: nn.Module, layout: ModelLayout, plan: BitPlan, stats: 
         weights[path], fallback = _quantize(w, bits, plan, hessian, options)
         if fallback:
             fallbacks[path] = fallback
-    return QuantizedTensors(weights=weights, fallbacks=fallbacks, method=options.method)
+    return QuantizedTensors(weights={k: _on_cpu(w) for k, w in weights.items()}, fallbacks=fallbacks,
+                            method=options.method)
+
+
+def _on_cpu(w: QuantizedWeight) -> QuantizedWeight:
+    """The result in host memory, whatever device the model (and so GPTQ) ran on."""
+    return replace(w, q=w.q.cpu(), scales=w.scales.cpu(), zeros=None if w.zeros is None else w.zeros.cpu())

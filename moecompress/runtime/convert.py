@@ -9,6 +9,7 @@ from torch import nn
 
 from moecompress.errors import MoecompressError
 from moecompress.format.spec import FormatSpec
+from moecompress.runtime.file_pages import release_unused
 from moecompress.runtime.packed_experts import PackedExperts
 from moecompress.runtime.packed_group import PackedGroup
 from moecompress.runtime.packed_linear import PackedLinear
@@ -59,7 +60,13 @@ def replace_modules(model: nn.Module, spec: FormatSpec, dtype: torch.dtype, devi
 
 
 def prepare_kernels(model: nn.Module, compute_dtype: torch.dtype) -> None:
-    """Convert packed groups to the fastest kernel layout of their device (after weights are loaded)."""
+    """Convert packed groups to the fastest kernel layout of their device (after weights are loaded), dropping the
+    file pages that only converted tensors read (file_pages.py) as soon as each group is converted: RSS holds each
+    weight once, and the peak exceeds that by one group."""
+    release_unused(model)  # tensors transformers converted while loading (dtype changes, fused experts)
     for module in model.modules():
         if isinstance(module, PackedGroup):
+            before = {t.data_ptr() for t in module.buffers()}
             module.prepare(compute_dtype)
+            if {t.data_ptr() for t in module.buffers()} != before:
+                release_unused(model)

@@ -40,12 +40,16 @@ def _module():
     try:
         from torch.utils.cpp_extension import load
 
+        from moecompress.runtime.build_lock import build_directory, build_guard
+
         # -march=native: the build is cached per CPU (flags hashed into the name), torch version and source
         text = "".join(p.read_text() for p in SOURCES + HEADERS)
         tag = hashlib.sha256((_cpu_flags() + torch.__version__ + text).encode()).hexdigest()[:12]
-        return load(name=f"moecompress_cpu_kernels_{tag}", sources=[str(p) for p in SOURCES],
-                    extra_cflags=["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"],
-                    extra_ldflags=["-fopenmp"], verbose=False)
+        name = f"moecompress_cpu_kernels_{tag}"
+        with build_guard(build_directory(name)):  # survives a build killed earlier
+            return load(name=name, sources=[str(p) for p in SOURCES],
+                        extra_cflags=["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"],
+                        extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler, no ninja, failed build: the torch-ops path stays in use
         warnings.warn(f"moecompress: the C++ CPU kernels are unavailable ({type(exc).__name__}: {str(exc)[:200]}); "
                       f"using the slower torch-ops paths")

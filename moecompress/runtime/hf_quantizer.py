@@ -6,7 +6,8 @@ it never silently builds a wrong model.
 """
 from __future__ import annotations
 
-import torch
+from pathlib import Path
+
 from transformers.quantizers.auto import (
     AUTO_QUANTIZATION_CONFIG_MAPPING,
     AUTO_QUANTIZER_MAPPING,
@@ -16,23 +17,27 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from moecompress.errors import MoecompressError
 from moecompress.format.spec import FORMAT_VERSION, QUANT_METHOD, FormatSpec
 from moecompress.runtime.convert import prepare_kernels, replace_modules
+from moecompress.runtime.validate import check_load
 
 
 class MoecompressConfig(QuantizationConfigMixin):
     """Mirror of format/spec.py FormatSpec in the shape transformers expects."""
 
-    def __init__(self, group_size: int = 64, symmetric: bool = False, experts: dict | None = None,
-                 linears: dict | None = None, format_version: int = FORMAT_VERSION, quant_method: str = QUANT_METHOD,
-                 **unknown):
+    def __init__(self, **fields):
+        """`fields` are config.json's quantization_config, parsed strictly (missing or unknown keys are errors)."""
+        if not fields:  # transformers may build a default instance to compare against
+            fields = {"format_version": FORMAT_VERSION, "group_size": 64, "symmetric": False, "experts": {}}
+        self.spec = FormatSpec.from_dict({"quant_method": QUANT_METHOD, **fields})
+        d = self.spec.to_dict()
         self.quant_method = QUANT_METHOD
-        self.format_version = format_version
-        self.group_size = group_size
-        self.symmetric = symmetric
-        self.experts = experts or {}
-        self.linears = linears or {}
-        self.spec = FormatSpec.from_dict(self.to_dict())  # validates; raises MoecompressError on bad input
+        self.format_version = d["format_version"]
+        self.group_size = d["group_size"]
+        self.symmetric = d["symmetric"]
+        self.experts = d["experts"]
+        self.linears = d["linears"]
 
     def to_dict(self) -> dict:
         return {
@@ -58,9 +63,13 @@ class MoecompressQuantizer(HfQuantizer):
     def __init__(self, quantization_config: MoecompressConfig, **kwargs):
         super().__init__(quantization_config, **kwargs)
 
-    def _process_model_before_weight_loading(self, model, **kwargs):
-        dtype = kwargs.get("dtype") or model.dtype
-        replace_modules(model, self.quantization_config.spec, dtype=dtype)
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        """Check the directory's files and structure (runtime/validate.py), then swap in the packed modules."""
+        if not checkpoint_files:
+            raise MoecompressError("a moecompress checkpoint loads from its directory (config.json, safetensors "
+                                   "and moecompress.json), not from a state_dict")
+        spec, dtype = self.quantization_config.spec, kwargs.get("dtype") or model.dtype
+        check_load(model, spec, Path(checkpoint_files[0]).parent, lambda: replace_modules(model, spec, dtype=dtype))
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):

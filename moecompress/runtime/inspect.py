@@ -1,14 +1,14 @@
 """`moecompress inspect DIR`: per-layer bits and bytes of a checkpoint, read from its headers (no model load)."""
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path
 
-from safetensors import safe_open
 from torch import nn
 
 from moecompress.format.files import weight_files
-from moecompress.format.sizes import DTYPE_BYTES
+from moecompress.format.headers import ALL_DTYPES, read_header
 from moecompress.runtime.load import read_spec
 from moecompress.runtime.packed_group import PackedGroup
 
@@ -18,14 +18,8 @@ def tensor_table(directory: str | Path) -> dict[str, tuple[list[int], int]]:
     """Shape and bytes of every stored tensor, from the safetensors headers."""
     directory, out = Path(directory), {}
     for name in weight_files(directory):
-        with safe_open(directory / name, "pt") as f:
-            for key in f.keys():
-                sl = f.get_slice(key)
-                shape = list(sl.get_shape())
-                numel = 1
-                for d in shape:
-                    numel *= d
-                out[key] = (shape, numel * DTYPE_BYTES[sl.get_dtype()])
+        for key, header in read_header(directory / name).items():  # checked headers: a damaged file is an error
+            out[key] = (list(header.shape), math.prod(header.shape) * ALL_DTYPES[header.dtype])
     return out
 
 

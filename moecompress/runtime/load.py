@@ -1,44 +1,100 @@
 """Loading moecompress checkpoints: the one entry point that checks files before transformers reads them."""
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 
 from safetensors import SafetensorError
 
 from moecompress.errors import MoecompressError
-from moecompress.format.files import verify_files
+from moecompress.format.files import MANIFEST, NO_VERIFY_ENV, PLACEMENT_FILE, read_json_object, refuse_partial, verify_files
 from moecompress.format.spec import FormatSpec
 from moecompress.runtime.hf_quantizer import register
+from moecompress.runtime.validate import files_checked
+
+BUNDLE_FILE = "bundle.json"  # a server bundle's description of itself (written by `moecompress shard`)
 
 
 def read_spec(directory: str | Path) -> FormatSpec:
     path = Path(directory) / "config.json"
     if not path.exists():
         raise MoecompressError(f"{directory}: no config.json; expected a moecompress checkpoint directory")
-    qc = json.loads(path.read_text()).get("quantization_config")
+    qc = read_json_object(path, "model config").get("quantization_config")
     if not qc:
         raise MoecompressError(
             f"{directory} is not a moecompress checkpoint (config.json has no quantization_config); "
             "load plain models with transformers.AutoModelForCausalLM.from_pretrained"
         )
-    return FormatSpec.from_dict(qc)
+    try:
+        return FormatSpec.from_dict(qc)
+    except MoecompressError as exc:
+        raise MoecompressError(f"{path}: {exc}") from None
+
+
+def check_checkpoint(directory: str | Path, verify: bool = True) -> FormatSpec:
+    """Refuse an unfinished write, check every file against the manifest (when `verify`), parse the spec."""
+    if not Path(directory).is_dir():
+        raise MoecompressError(f"{directory} is not a directory; give a moecompress checkpoint directory")
+    refuse_partial(directory)
+    spec = read_spec(directory)  # first: a plain model directory gets "not a moecompress checkpoint"
+    if verify and os.environ.get(NO_VERIFY_ENV) != "1":
+        verify_files(directory)
+    return spec
 
 
 def from_pretrained(directory: str | Path, *, verify: bool = True, **kwargs):
-    """Load a moecompress checkpoint (or one server's bundle) as a transformers model.
+    """Load a moecompress checkpoint (or one server's bundle that holds a full model) as a transformers model.
 
     Checks that the directory is a moecompress checkpoint and that no weight file is missing, truncated or altered
-    (sha256 against moecompress.json when `verify`), then calls AutoModelForCausalLM.from_pretrained.
+    (sha256 against moecompress.json when `verify`), then calls AutoModelForCausalLM.from_pretrained. A server
+    bundle that holds only experts (or only some layers) is refused: it is not a full model.
     """
+    check_checkpoint(directory, verify)
+    refuse_partial_bundle(directory)
+    return _load(directory, **kwargs)
+
+
+def bundle_holds(directory: str | Path) -> str | None:
+    """What a server bundle holds ("full", "experts", "layers"), from its bundle.json (or, for bundles written before
+    bundle.json, from the placement.json beside it); None for a plain checkpoint."""
+    directory = Path(directory)
+    if (directory / BUNDLE_FILE).exists():
+        return str(read_json_object(directory / BUNDLE_FILE, "bundle description").get("holds", "full"))
+    manifest, placement = directory / MANIFEST, directory.parent / PLACEMENT_FILE
+    if not (manifest.exists() and placement.exists()):
+        return None
+    server = read_json_object(manifest, "checksum manifest").get("server")
+    if type(server) is not int:
+        return None
+    dense = read_json_object(placement, "placement").get("dense_servers", ())
+    return "full" if isinstance(dense, list) and server in dense else "experts"
+
+
+def refuse_partial_bundle(directory: str | Path) -> None:
+    holds = bundle_holds(directory)
+    if holds not in (None, "full"):
+        server = Path(directory).name.removeprefix("server-")
+        raise MoecompressError(
+            f"{directory} holds only {holds}: this is server {server}'s bundle of a deployment, not a full model; "
+            f"run it with `moecompress run/generate --bundles {Path(directory).parent}`"
+        )
+
+
+def load_checkpoint(directory: str | Path, *, verify: bool = True, **kwargs):
+    """from_pretrained without the partial-bundle check (the edge runtime loads a home server's bundle with it)."""
+    check_checkpoint(directory, verify)
+    return _load(directory, **kwargs)
+
+
+def _load(directory: str | Path, **kwargs):
+    """transformers' from_pretrained on a checked directory (the quantizer's hook skips re-hashing it)."""
     from transformers import AutoModelForCausalLM
 
     if "quantization_config" in kwargs:
         raise MoecompressError("do not pass quantization_config: a moecompress checkpoint carries its own in config.json")
-    read_spec(directory)
-    verify_files(directory, checksums=verify)
     register()
     try:
-        return AutoModelForCausalLM.from_pretrained(str(directory), **kwargs)
+        with files_checked(directory):
+            return AutoModelForCausalLM.from_pretrained(str(directory), **kwargs)
     except SafetensorError as exc:
         raise MoecompressError(f"{directory}: a safetensors file is unreadable ({exc}); re-export the checkpoint") from exc

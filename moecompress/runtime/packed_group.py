@@ -5,15 +5,19 @@ rows of x sorted by slot (the expert's row in the stacked tensors) with the row 
 their outputs in the same order:
 
 - 16-bit: one grouped matmul over the stored bf16 weights.
-- 4-bit on CPU: converted once by `prepare()` to PyTorch's int4 kernel layout (same size as our packed bytes). Slots
-  with few rows (decode) run PyTorch's int4 kernel (its cost grows with the rows: it dequantizes per 4 rows); slots
-  with more rows run our fused int4 x bf16 kernel where the CPU has AMX (`FUSED_MIN_ROWS`, cpu_kernels.py), else are
-  dequantized from that layout, a chunk at a time, and run as grouped matmuls (`DEQUANT_MIN_ROWS`, or
-  `FAST_DEQUANT_MIN_ROWS` with the one-pass C++ dequantization; whole groups of small experts at once).
-- 2/3/8-bit (and 4-bit elsewhere): where the CPU has AMX, our fused kernel reads the format's packing directly
-  (cpu_kernels.packed_mm); otherwise the hit slots are dequantized, a chunk at a time, and run as one grouped matmul.
+- 2/3/4/8-bit on CPU: the kernels kernel_registry.py looks up for the CPU's ISA, bit-width and path: slots with
+  fewer rows than the prefill kernel's measured crossover take the `decode` kernel (without AMX: int8 activations x packed weights), the
+  others the `prefill` kernel (without AMX: dequantized tiles + GEMM), by runs of consecutive slots.
+- 4-bit where the registry's kernel reads PyTorch's int4 layout (AMX CPUs; no C++ compiler): converted once by
+  `prepare()` (same size as our packed bytes). Slots with few rows (decode) run PyTorch's int4 kernel (its cost grows
+  with the rows: it dequantizes per 4 rows); slots with more rows run our fused int4 x bf16 kernel where the CPU has
+  AMX (`FUSED_MIN_ROWS`, cpu_kernels.py), else are dequantized from that layout, a chunk at a time, and run as
+  grouped matmuls (`DEQUANT_MIN_ROWS`, or `FAST_DEQUANT_MIN_ROWS` with the one-pass C++ dequantization; whole groups
+  of small experts at once).
+- Elsewhere (other devices, no C++ compiler): the hit slots are dequantized, a chunk at a time, and run as one
+  grouped matmul.
 
-Dequantized weights live for one chunk of one call: nothing beyond the packed form stays in memory.
+Dequantized weights live for one tile or chunk of one call: nothing beyond the packed form stays in memory.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from moecompress.format.pack import pack, unpack
-from moecompress.runtime import cpu_int4, cpu_kernels
+from moecompress.runtime import cpu_int4, cpu_kernels, kernel_registry
 
 # Rows per hit expert from which dequantize + bf16 matmul beats the int4 kernel: measured crossover 50-60 rows at
 # Qwen3-30B-A3B expert shapes (2048 x 1536), 1 and 2 threads, AVX-512 + AMX (eval/results/runtime.md). Per-slot
@@ -41,6 +45,9 @@ DEQUANT_CHUNK = 1 << 22
 # Rows per hit expert from which the fused AMX kernel (cpu_kernels.int4_mm) beats PyTorch's int4 kernel: measured
 # crossover 4-6 rows at Qwen3-30B-A3B expert shapes (2048 x 1536 and 768 x 2048), 2 threads.
 FUSED_MIN_ROWS = 6
+# Rows per hit expert from which the registry's `prefill` kernel replaces its `decode` kernel (packed groups); None:
+# the prefill kernel's own measured crossover (Kernel.min_rows).
+PREFILL_MIN_ROWS: int | None = None
 
 
 class PackedGroup(nn.Module):
@@ -85,10 +92,12 @@ class PackedGroup(nn.Module):
         Packed groups computing in bf16 on CPU build the C++ kernels now (once per machine), not in the first forward."""
         if self._int4 is not None or self.bits == 16 or len(self.experts) == 0 or self.qweight.device.type != "cpu":
             return
-        if compute_dtype == torch.bfloat16:
-            cpu_kernels.available()
-        if self.bits != 4 or not cpu_int4.available():
+        # looking the kernels up builds the C++ modules they need, now rather than in the first forward
+        layouts = {kernel_registry.select(self.bits, path, self, compute_dtype).layout for path in kernel_registry.PATHS}
+        if "int4" not in layouts:
             return
+        if compute_dtype == torch.bfloat16:
+            cpu_kernels.available()  # the one-pass C++ dequantization of the int4 layout
         n, out_f, in_f = len(self.experts), self.out_features, self.in_features
         block = cpu_int4.block_layout(out_f, in_f)
         # Blocked layouts pack each block of rows on its own: convert 256 rows at a time, so that the transient
@@ -119,10 +128,8 @@ class PackedGroup(nn.Module):
             y = _grouped_mm(x, w.transpose(-2, -1), counts)
         elif self._int4 is not None:
             y = self._int4_matmul(x, hit, counts)
-        elif self._packed_fused(x):
-            zeros = None if self.symmetric else self.zeros
-            y = cpu_kernels.packed_mm(x, self.qweight, self.scales, zeros, self.bits, self.group_size, hit,
-                                      [counts[s] for s in hit])
+        elif x.device.type == "cpu" and self.qweight.device.type == "cpu":
+            y = self._packed_matmul(x, hit, [counts[s] for s in hit])
         else:
             y = self._dequantized_matmul(x, hit, [counts[s] for s in hit])
         if "bias" in self._buffers:
@@ -138,6 +145,24 @@ class PackedGroup(nn.Module):
         x = chunks[0] if len(chunks) == 1 else torch.cat([chunks[i] for i in order])
         outs = dict(zip(order, self.linear_sorted(x, counts).split([chunks[i].shape[0] for i in order])))
         return [outs[i] for i in range(len(slots))]
+
+    def _packed_matmul(self, x: torch.Tensor, hit: list[int], rows: list[int]) -> torch.Tensor:
+        """Format-packed group on CPU: the registry's decode kernel for slots with fewer rows than its prefill
+        kernel's `min_rows` (or PREFILL_MIN_ROWS), the prefill kernel for the others, by runs of consecutive slots of one kind. x [R, in] -> [R, out]."""
+        decode, prefill = (kernel_registry.select(self.bits, path, self, x.dtype, layout="packed")
+                           for path in kernel_registry.PATHS)
+        min_rows = prefill.min_rows if PREFILL_MIN_ROWS is None else PREFILL_MIN_ROWS
+        big = [r >= min_rows for r in rows]
+        if decode is prefill or not any(big) or all(big):
+            return (prefill if all(big) else decode).run(self, x, hit, rows)
+        y = torch.empty(x.shape[0], self.out_features, dtype=x.dtype, device=x.device)
+        start, i = 0, 0
+        for many, run in itertools.groupby(big):
+            n = len(list(run))
+            end = start + sum(rows[i:i + n])
+            y[start:end] = (prefill if many else decode).run(self, x[start:end], hit[i:i + n], rows[i:i + n])
+            start, i = end, i + n
+        return y
 
     def _int4_matmul(self, x: torch.Tensor, hit: list[int], counts: list[int]) -> torch.Tensor:
         """Prepared 4-bit group: PyTorch's int4 kernel for slots with few rows; slots with more (see `_min_rows`) run
@@ -197,13 +222,6 @@ class PackedGroup(nn.Module):
         """Whether this prepared 4-bit group runs the fused AMX kernel for `dtype` (64-row blocks, in % 32 == 0)."""
         return self._fast_dequant(dtype) and self._int4_block == 64 and self.in_features % 32 == 0 and cpu_kernels.amx()
 
-    def _packed_fused(self, x: torch.Tensor) -> bool:
-        """Whether this group in the format's packing runs the fused AMX kernel for x (bf16 on CPU; shapes: out a
-        multiple of 64, the group a multiple of 32 dividing in)."""
-        return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and self.qweight.device.type == "cpu"
-                and self.out_features % 64 == 0 and self.group_size % 32 == 0 and self.in_features % self.group_size == 0
-                and self.scales.dtype == torch.float16 and cpu_kernels.amx())
-
     def _weights_t(self, slots: list[int], dtype: torch.dtype) -> torch.Tensor:
         """Transposed weights [len(slots), in, out] of the given slots in `dtype` (a view where that is free)."""
         if self._int4 is not None and self._int4_block is not None:
@@ -246,7 +264,7 @@ class PackedGroup(nn.Module):
         return torch.stack([cpu_int4.unpack_int4(self.int4_weight[s], self.in_features, self.group_size) for s in slots])
 
     def extra_repr(self) -> str:
-        kernel = "int4-cpu" if self._int4 is not None else ("bf16" if self.bits == 16 else "dequant")
+        kernel = "int4-cpu" if self._int4 is not None else ("bf16" if self.bits == 16 else "packed")
         return f"bits={self.bits}, experts={len(self.experts)}, in={self.in_features}, out={self.out_features}, kernel={kernel}"
 
 

@@ -1,21 +1,27 @@
 """`moecompress shard`: place a checkpoint's experts on servers and write one bundle per server."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from moecompress.artifacts.calibration_stats import CalibrationStats
+from moecompress.artifacts.placement import Placement
 from moecompress.errors import MoecompressError
+from moecompress.execution.replay import Call, decode_calls, replay
+from moecompress.format.files import verify_files, weight_files
 from moecompress.format.sizes import DTYPE_BYTES
-from moecompress.format.files import weight_files
-from moecompress.shard.bundles import read_spec_and_config, split_group_key, write_bundles
-from moecompress.shard.compare import METHODS
-from moecompress.shard.replicate import replicate_hot
+from moecompress.shard.bundles import (
+    decoder_layer_of,
+    moe_decoder_layers,
+    read_spec_and_config,
+    split_group_key,
+    write_bundles,
+)
+from moecompress.shard.compare import DEFAULT_MODE, check_method, place, traffic_row
+from moecompress.shard.layers import LayerSizes
 from moecompress.shard.routing import RoutingStats, RoutingTrace
-from moecompress.shard.spec import ServerSpec, parse_servers
-from moecompress.shard.traffic import estimate_traffic, expected_traffic
+from moecompress.shard.spec import parse_servers
 
 
 def routing_stats(stats: CalibrationStats) -> RoutingStats:
@@ -32,52 +38,77 @@ def routing_trace(stats: CalibrationStats) -> RoutingTrace:
 
 def checkpoint_sizes(checkpoint: Path) -> tuple[np.ndarray, int]:
     """Exact stored bytes of every expert ([L, E]: its rows of every group tensor) and of everything else."""
+    sizes = checkpoint_layer_sizes(checkpoint)
+    return sizes.expert_bytes, sizes.dense_bytes
+
+
+def checkpoint_layer_sizes(checkpoint: Path) -> LayerSizes:
+    """Stored bytes by layer: every expert, every decoder layer's other tensors, and the rest (embeddings, head)."""
     from safetensors import safe_open
 
-    _, spec = read_spec_and_config(checkpoint)
+    config, spec = read_spec_and_config(Path(checkpoint))
     paths = list(spec.experts)
-    expert_bytes = np.zeros((len(paths), max(es.num_experts for es in spec.experts.values())), dtype=np.int64)
-    dense = 0
-    for name in weight_files(checkpoint):
-        with safe_open(checkpoint / name, "pt") as f:
+    num_experts = max((es.num_experts for es in spec.experts.values()), default=0)  # 0: a bundle holding none
+    expert_bytes = np.zeros((len(paths), num_experts), dtype=np.int64)
+    moe = moe_decoder_layers(spec)
+    num_decoder = int(config.get("num_hidden_layers") or config.get("text_config", {}).get("num_hidden_layers")
+                      or max(moe, default=-1) + 1)
+    layer_dense = np.zeros(num_decoder, dtype=np.int64)
+    head = 0
+    for name in weight_files(Path(checkpoint)):
+        with safe_open(Path(checkpoint) / name, "pt") as f:
             for key in f.keys():
                 t = f.get_slice(key)
                 nbytes = int(np.prod(t.get_shape(), dtype=np.int64)) * DTYPE_BYTES[t.get_dtype()]
                 group = split_group_key(key, spec)
                 if group is None:
-                    dense += nbytes
+                    layer = decoder_layer_of(key, spec)
+                    if layer is None:
+                        head += nbytes
+                    else:
+                        layer_dense[layer] += nbytes
                     continue
                 path, proj, bits, _ = group
                 ids = spec.experts[path].groups[proj][bits]
                 expert_bytes[paths.index(path), list(ids)] += nbytes // len(ids)
-    return expert_bytes, dense
+    return LayerSizes(expert_bytes=expert_bytes, moe_decoder_layers=moe,
+                      layer_dense_bytes=tuple(int(b) for b in layer_dense), head_bytes=int(head))
 
 
-def place(stats: RoutingStats, expert_bytes: np.ndarray, dense_bytes: int, spec: ServerSpec, method: str,
-          replicate: bool):
-    if method not in METHODS:
-        raise MoecompressError(f"placement method {method!r}; allowed: {', '.join(METHODS)}")
-    placement = METHODS[method](stats, expert_bytes, dense_bytes, spec)
-    return replicate_hot(placement, stats, spec) if replicate else placement
+def replay_report(placement: Placement, trace: RoutingTrace, seq_len: int, hidden_size: int, payload_bytes: int,
+                  moe_layers) -> dict:
+    """The eval trace replayed as prefills of `seq_len` tokens and as single-sequence decoding of the same text."""
+    T, report = trace.num_tokens, {}
+    chunks = [min(seq_len, T - i) for i in range(0, T, seq_len)]
+    for name, calls in (("prefill", [Call(1, n, n) for n in chunks]),
+                        ("decode", [c for n in chunks for c in decode_calls(n, 1)])):
+        counters = replay(placement, trace.experts, calls, hidden_size, payload_bytes, moe_layers)
+        report[name] = {**traffic_row(placement, counters, moe_layers), "calls": counters.calls,
+                        "tokens": counters.tokens, "messages": int(counters.messages.sum()),
+                        "bytes": int(counters.bytes.sum()), "hops": int(counters.hops.sum())}
+    return report
 
 
-def run_shard_command(model: str, stats: str, servers: str, out: str, method: str = "affinity",
-                      replicate: bool = True, eval_stats: str | None = None, replicate_dense: bool = True,
-                      balance_epsilon: float = 0.1, payload_bytes: int = 2):
+def run_shard_command(model: str, stats: str, servers: str, out: str, method: str | None = None,
+                      mode: str = DEFAULT_MODE, balance: str = "total", replicate: bool = True,
+                      eval_stats: str | None = None, replicate_dense: bool = True, balance_epsilon: float = 0.1,
+                      payload_bytes: int = 2):
+    method = check_method(mode, method)  # before any file is read
     checkpoint = Path(model)
+    verify_files(checkpoint)  # every file against its manifest before any size is read from it
     config, _ = read_spec_and_config(checkpoint)
     calib = CalibrationStats.load(stats)
     rstats = routing_stats(calib)
-    expert_bytes, dense_bytes = checkpoint_sizes(checkpoint)
-    spec = parse_servers(servers, replicate_dense=replicate_dense, balance_epsilon=balance_epsilon)
-    placement = place(rstats, expert_bytes, dense_bytes, spec, method, replicate)
+    sizes = checkpoint_layer_sizes(checkpoint)
+    spec = parse_servers(servers, replicate_dense=replicate_dense, balance_epsilon=balance_epsilon,
+                         balance=balance, mode=mode)
+    placement = place(rstats, sizes, spec, method, replicate)
     hidden = config.get("hidden_size") or config.get("text_config", {}).get("hidden_size")
-    traffic = {"estimate_bytes_per_token": estimate_traffic(placement, rstats, hidden, payload_bytes),
-               "payload_bytes": payload_bytes}
+    traffic = {"payload_bytes": payload_bytes}
     if eval_stats:
-        report = expected_traffic(placement, routing_trace(CalibrationStats.load(eval_stats)), hidden, payload_bytes,
-                                  spec.link_bandwidth)
-        traffic["replay"] = report.to_json()
+        held_out = CalibrationStats.load(eval_stats)
+        traffic["replay"] = replay_report(placement, routing_trace(held_out), held_out.seq_len, hidden,
+                                          payload_bytes, sizes.moe_decoder_layers)
     placement = write_bundles(checkpoint, placement, out, traffic=traffic)
     from moecompress.shard.inspect import format_placement
 

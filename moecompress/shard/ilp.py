@@ -1,9 +1,9 @@
 """Exact placement for small instances, to measure the heuristic's gap: a mixed-integer program (scipy milp).
 
 It minimises exactly the objective `place_affinity` minimises (problem.py): the weighted cut of the affinity
-graph minus the home-server bonus, i.e. the linearised expected message count per token, under the same
-memory and load caps. Variables: x[v, s] = 1 when node v sits on server s; z[u, v] >= x[u, s] - x[v, s] for
-every server s, so z = 1 exactly when the edge (u, v) is cut. The replayed traffic is not what it solves.
+graph minus the home-server bonus, i.e. the linearised expected message count per token of the expert model,
+under the same memory and load caps. Variables: x[v, s] = 1 when node v sits on server s; z[u, v] >= x[u, s] -
+x[v, s] for every server s, so z = 1 exactly when the edge (u, v) is cut. The replayed traffic is not what it solves.
 """
 from __future__ import annotations
 
@@ -25,13 +25,12 @@ def place_ilp(
     dense_bytes: int,
     spec: ServerSpec,
     *,
-    path_weight: float = 1.0,
     time_limit: float = 60.0,
 ) -> Placement:
     """The optimal placement (method "ilp"; "ilp-timeout" if the time limit stopped the solver first)."""
     if spec.devices_per_server > 1:
         raise MoecompressError("the exact placement places servers only; use devices_per_server=1")
-    g = affinity_graph(stats, expert_bytes, dense_bytes, spec, path_weight)
+    g = affinity_graph(stats, expert_bytes, dense_bytes, spec)
     x, optimal = solve_partition(g, time_limit)
     return to_placement(x, expert_bytes, dense_bytes, spec, "ilp" if optimal else "ilp-timeout")
 

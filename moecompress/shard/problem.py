@@ -1,22 +1,16 @@
-"""The placement problem as a graph: nodes are (layer, expert), edges the routing affinities.
+"""The expert-model placement problem as a graph: nodes are (layer, expert), edges the routing affinities.
 
-Cost model (also in traffic.py): a token sits on a *current server* c. At a MoE layer its top-k experts sit on
-a set S of servers; it is sent to every server of S other than c (|S - {c}| messages), each server sums its
-local experts, and the partial sums are gathered on g, the server of S holding the largest routing weight
-(|S - {g}| messages). The token then sits on g for the next layer (dense weights replicated: its attention
-runs wherever it is). Holding the experts of a token's layer on fewer servers saves 2 messages per server;
-finding its next-layer experts on g saves 1. That is 2 messages per remote server when c holds one of the
-token's experts, one fewer when it holds none (the sum is gathered remotely). KV-cache movement of a token that
-changes server is not counted. When the dense weights are held by one server h, every token lives on h
-(c = g = h): 2 |S - {h}| messages per layer.
+Cost model = the expert execution model of moecompress/execution/routing.py (the runtime's, the replay's): every
+token lives on the home server h (dense weights, KV cache). At a MoE layer its k pairs are computed on a set S of
+servers (route_pairs); the home sends its hidden state once to every server of S other than h and each returns
+one partial sum: 2 |S - {h}| messages (rows) per token and layer. An expert on h costs nothing; experts that fire
+together on the same remote server share one send. Nothing depends on the previous layer (no activation paths).
 
-Optimiser surrogate: linear in which pairs of experts share a server, so minimising it is a weighted graph
-cut. A co-activated pair (i, j) of a layer on one server saves 2 beta / T messages per token with beta = 2/k
-(a token's k experts all on one server are k(k-1)/2 pairs and save k-1 servers, 2 messages each). A path pair
-(i at l, j at l+1) on one server saves path_weight / (k T): the token gathered on the server of one of its k
-layer-l experts, and finding a layer-(l+1) expert there saves its dispatch. With the dense weights on one
-server h, an expert on h saves 2 tokens / T. `place_affinity` minimises this; `place_ilp` solves it exactly;
-`estimate_traffic` (traffic.py) is the non-linear estimate for reports; the replay measures.
+Optimiser surrogate, linear in which pairs of experts share a server (a weighted graph cut plus a bonus per node
+on h), in messages per token: each (token, expert) not on h costs 2/k, each co-activated pair on different
+servers 2 x 2/k. It is exact when a token's experts are all on h (0), all on one remote server (2) or on k
+distinct remote servers (2k); it over-counts tokens split between h and one remote server. `place_affinity`
+minimises it; `place_ilp` solves it exactly; the replay (execution/replay.py) measures the real count.
 """
 from __future__ import annotations
 
@@ -32,9 +26,7 @@ from moecompress.shard.routing import RoutingStats
 from moecompress.shard.spec import ServerSpec
 
 
-def affinity_graph(
-    stats: RoutingStats, expert_bytes, dense_bytes: int, spec: ServerSpec, path_weight: float = 1.0
-) -> Graph:
+def affinity_graph(stats: RoutingStats, expert_bytes, dense_bytes: int, spec: ServerSpec) -> Graph:
     """The graph of `stats` for `spec`; raises MoecompressError with the smallest fitting memory if none fits."""
     L, E, N, k, T = stats.num_layers, stats.num_experts, spec.num_servers, stats.top_k, stats.num_tokens
     size = check_expert_bytes(expert_bytes, L, E).ravel()
@@ -44,17 +36,11 @@ def affinity_graph(
     packed = greedy_balanced(load, group, size, capacity, group.max() + 1) if (capacity >= 0).all() else None
     if packed is None:
         raise_memory_error(size, dense_bytes, spec)
-    blocks: list[list] = [[None] * L for _ in range(L)]
-    for layer in range(L):
-        blocks[layer][layer] = sp.csr_matrix(stats.coact[layer] * (2 * (2 / k) / T) if k > 1 else (E, E))
-        if layer + 1 < L:
-            blocks[layer][layer + 1] = sp.csr_matrix(stats.paths[layer] * (path_weight / (k * T)))
-            blocks[layer + 1][layer] = blocks[layer][layer + 1].T
-    weights = sp.csr_matrix(sp.bmat(blocks)) if L > 1 else sp.csr_matrix(blocks[0][0])
+    coact = [stats.coact[layer] * (1 - np.eye(E)) * (2 * (2 / k) / T) for layer in range(L)]  # [E, E] each
+    weights = sp.csr_matrix(sp.block_diag([sp.csr_matrix(c) for c in coact]))
     weights.eliminate_zeros()
     bias = np.zeros((L * E, N))
-    if not spec.replicate_dense:
-        bias[:, spec.dense_servers[0]] = 2 * load / T
+    bias[:, spec.home] = 2 * load / (k * T)  # an expert on the home is never sent
     caps = balance_caps(load, group, packed, N, int(group.max()) + 1, spec.balance_epsilon)
     return Graph(weights, bias, load, group, size, capacity, caps)
 

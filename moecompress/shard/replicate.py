@@ -2,9 +2,10 @@
 
 Repeatedly take the expert with the highest load per copy and add a copy of it on a server that has room
 for it and holds none yet, until no expert fits anywhere. The copy goes to the server where it would draw
-the most tokens (those that visit that server anyway or sit there: a token uses a copy there rather than
-travel to the primary), provided the load it draws keeps that server within the balance cap. With the dense
-weights on one server every token sits there, so copies go only there. Memory is never exceeded.
+the most tokens under the expert model's routing (execution/routing.route_pairs): a copy on the home draws every
+token of the expert; a copy elsewhere draws the tokens that visit that server anyway (a co-activated expert held
+only there). It must keep that server within the balance cap. Memory is never exceeded. Pipeline placements
+hold every expert once, on its layer's server: they get no replicas.
 """
 from __future__ import annotations
 
@@ -26,9 +27,11 @@ def replicate_hot(
 
     A copy is only put where the tokens it would draw keep that server's load within `spec`'s balance cap
     (or the placement's own balance, if worse). The draw is estimated from the counts, generously; a replay
-    can still find the balance somewhat worse than before (tokens also move between servers differently).
+    can still find the balance somewhat worse than estimated.
     """
     L, E, N = placement.num_layers, placement.num_experts, placement.num_servers
+    if placement.mode != "expert":
+        return placement
     if (stats.num_layers, stats.num_experts) != (L, E):
         raise MoecompressError(f"routing stats are {stats.num_layers} x {stats.num_experts}, placement {L} x {E}")
     servers = [[list(s) for s in layer] for layer in placement.assignment]
@@ -38,7 +41,6 @@ def replicate_hot(
     device_free = np.array([[(m - placement.dense_bytes_on(s)) // D] * D for s, m in enumerate(placement.memory_bytes)])
     for (s, d), used in placement.device_bytes().items():
         device_free[s, d] -= used  # [N, D] expert bytes each device may still take
-    targets = list(placement.dense_servers) if len(placement.dense_servers) == 1 else list(range(N))
     group = np.arange(L) if spec.balance == "layer" else np.zeros(L, dtype=np.int64)
     served = np.zeros((group.max() + 1, N))  # estimated routed load per (balance group, server)
     for layer in range(L):
@@ -53,10 +55,11 @@ def replicate_hot(
     while heap and (max_replicas is None or added < max_replicas):
         _, layer, e = heapq.heappop(heap)
         size, grp = placement.expert_bytes[layer][e], group[layer]
-        drawn = np.full(N, on_primary[layer, e])  # [N] with one dense holder, every token sits there
-        if len(targets) > 1:
-            drawn = np.minimum(_tokens_on(stats, servers, layer, e, N), drawn)
-        room = [s for s in targets if s not in servers[layer][e] and free[s] >= size and device_free[s].max() >= size
+        if placement.home in servers[layer][e]:
+            continue  # every token already uses the copy on its home
+        drawn = np.minimum(_tokens_on(stats, servers, layer, e, N), on_primary[layer, e])  # [N]
+        drawn[placement.home] = on_primary[layer, e]
+        room = [s for s in range(N) if s not in servers[layer][e] and free[s] >= size and device_free[s].max() >= size
                 and drawn[s] > 0 and served[grp, s] + drawn[s] <= cap[grp]]
         if not room:
             continue  # no copy of this expert helps anywhere more; the next hottest may
@@ -78,12 +81,9 @@ def replicate_hot(
 
 def _tokens_on(stats: RoutingStats, servers, layer: int, expert: int, num_servers: int) -> np.ndarray:
     """[N] upper estimate of the tokens wanting (layer, expert) that a copy on each server would draw: those
-    visiting it anyway (a co-activated expert there) and those sitting there (path-linked experts of the
-    previous layer there, k pairs a token). Over-estimating keeps the balance cap safe."""
+    visiting it anyway (a co-activated expert held there). Over-estimating keeps the balance cap safe."""
     want = np.zeros(num_servers)
     for j, held in enumerate(servers[layer]):
-        want[held[0]] += stats.coact[layer, expert, j]
-    if layer > 0:
-        for i, held in enumerate(servers[layer - 1]):
-            want[held[0]] += stats.paths[layer - 1, i, expert] / stats.top_k
+        if j != expert:
+            want[held[0]] += stats.coact[layer, expert, j]
     return want

@@ -5,6 +5,7 @@ import numbers
 import re
 from dataclasses import dataclass
 
+from moecompress.artifacts.placement import MODES
 from moecompress.errors import MoecompressError
 
 BALANCE_MODES = ("total", "layer")
@@ -20,10 +21,13 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 class ServerSpec:
     """Servers and the placement constraints.
 
+    mode: the execution model placed for (moecompress/execution/routing.py): "expert" (requests admitted at the
+    home server, dense_servers[0]; experts anywhere) or "pipeline" (contiguous layer ranges per server).
     balance: which routed-token counts must stay within `1 + balance_epsilon` of the mean server:
       "total" (default) - each server's tokens summed over all MoE layers (servers work asynchronously);
       "layer" - each MoE layer separately (servers step layer by layer; stricter, as in expert parallelism).
-    With "total" alone, holding whole consecutive layers per server (a pipeline) is allowed and can be optimal.
+    With "total", a whole MoE layer on one server is allowed (for the expert model: one row out and one back per
+    token, and the other servers idle during that layer); "layer" keeps every layer spread (expert parallelism).
     The balance target is the same for every server, whatever its memory. devices_per_server > 1 places
     experts on devices inside each server too (hierarchical); each device gets an equal share of its server's
     memory left after the dense weights.
@@ -35,6 +39,7 @@ class ServerSpec:
     balance_epsilon: float = 0.1
     balance: str = "total"
     devices_per_server: int = 1
+    mode: str = "expert"
 
     def __post_init__(self):
         if not self.memory_bytes or any(not isinstance(m, numbers.Integral) or m <= 0 for m in self.memory_bytes):
@@ -46,6 +51,8 @@ class ServerSpec:
             raise MoecompressError(f"balance epsilon must be >= 0, got {self.balance_epsilon!r}")
         if self.balance not in BALANCE_MODES:
             raise MoecompressError(f"balance must be one of {', '.join(BALANCE_MODES)}, got {self.balance!r}")
+        if self.mode not in MODES:
+            raise MoecompressError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if not isinstance(self.devices_per_server, int) or self.devices_per_server < 1:
             raise MoecompressError(f"devices per server must be a positive integer, got {self.devices_per_server!r}")
 
@@ -59,6 +66,11 @@ class ServerSpec:
         if self.replicate_dense:
             return tuple(range(self.num_servers))
         return (max(range(self.num_servers), key=lambda s: (self.memory_bytes[s], -s)),)
+
+    @property
+    def home(self) -> int:
+        """Expert model: the server admitting requests (it holds the dense weights and the KV cache)."""
+        return self.dense_servers[0]
 
     def expert_capacity(self, dense_bytes: int) -> tuple[int, ...]:
         """Bytes each server has left for experts once it holds its dense weights (negative: not even those).

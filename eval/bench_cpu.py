@@ -1,0 +1,298 @@
+"""CPU benchmark against llama.cpp: true token-by-token generation, prefill, process RSS and the bandwidth bound.
+
+Models: (a) ../shared/models/refmoe-qwen3, (b) a random-init Qwen3-MoE with Qwen3-30B-A3B's MoE dimensions (hidden
+2048, 128 experts of width 768, top-8, 2 layers, 32k vocab; refmoe-qwen3's tokenizer so that llama.cpp converts it).
+Ours: bf16, and RTN at uniform 8/4/3/2 expert bits and a mixed plan (dense linears: see `plan_for`). llama.cpp: the
+same bf16 weights converted with its own convert_hf_to_gguf.py, quantized to Q8_0/Q4_0/Q4_K_M/Q3_K_M/Q2_K
+(eval/bench_cpu_llama.py builds it from the llama-cpp-python sdist).
+
+Every configuration runs in a fresh process (RSS is per process), configurations interleaved over --rounds rounds;
+medians. Ours: prefill = one 512-token forward (logits of the last token); decode = 64 greedy tokens one at a time
+with the KV cache after a 128-token prompt, batch 1 and 4 (only the 64 steps timed). llama.cpp: llama-bench -p 512
+(prefill) and llama-batched-bench -npp 128 -ntg 64 -npl 1,4 (decode after the same prompt).
+
+    .venv/bin/python eval/bench_cpu.py                                   # everything (~8 min on an idle 2-core box)
+    .venv/bin/python eval/bench_cpu.py --models b --plans bf16,4 --gguf Q4_0 --rounds 1
+    .venv/bin/python eval/bench_cpu.py --models b --plans 4 --no-llama --rounds 1   # ours only
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import bench_cpu_llama as llama
+import bench_runtime as rt
+from bench_cpu_report import active_bytes_gguf, active_bytes_hf, cpu_info, write_report
+
+REPO = Path(__file__).resolve().parents[1]
+PLANS = ("bf16", "8", "4", "3", "2", "mixed")
+# The GGUF type each of our plans is compared with (decode goal: ours >= llama.cpp at the matching type).
+MATCH = {"bf16": "bf16", "8": "Q8_0", "4": "Q4_0", "3": "Q3_K_M", "2": "Q2_K"}
+GROUP_SIZE = {"a": 64, "b": 128}
+
+
+# -- models and checkpoints -------------------------------------------------------------------------------------------
+def build_model_b(out: Path, ref: Path, vocab: int) -> None:
+    """Random-init Qwen3-30B-A3B MoE dims (bench_runtime.build_random_30b_dims), with refmoe-qwen3's tokenizer."""
+    if (out / "config.json").exists():
+        return
+    print("[b] building the random-init model", flush=True)
+    rt.build_random_30b_dims(out, vocab)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(ref / name, out / name)
+
+
+def plan_for(layout, name: str, group_size: int, dense_bits: str):
+    """rt.plan_for's expert bits, plus the attention linears quantized as llama.cpp's types do (its Q4_0..Q2_K keep
+    3-6 bits there, Q8_0 8): 8 bits for plan 8, else 4; `dense_bits="16"` keeps them bf16. lm_head stays bf16 (the
+    layout does not list it; llama.cpp stores it at Q6_K or Q8_0)."""
+    plan = rt.plan_for(layout, name, group_size)
+    if dense_bits == "16":
+        return plan
+    bits = 8 if name == "8" else 4 if dense_bits == "match" else int(dense_bits)
+    linears = {p: bits for p in layout.attention_linears}
+    return replace(plan, linears=linears)
+
+
+def export_plans(bf16_dir: Path, work: Path, key: str, plans, group_size: int, dense_bits: str) -> dict[str, Path]:
+    import gc
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from moecompress.arch.adapters import describe
+    from moecompress.export.checkpoint import export_checkpoint
+    from moecompress.quantize.stage import QuantizeOptions, quantize_model
+
+    dirs = {p: work / f"{key}-{p}-dense{dense_bits}" for p in plans}
+    todo = [p for p in plans if not (dirs[p] / "config.json").exists()]
+    if todo:
+        model = AutoModelForCausalLM.from_pretrained(bf16_dir, dtype=torch.bfloat16)
+        layout = describe(model)
+        for p in todo:
+            print(f"[{key}] quantize + export plan {p}", flush=True)
+            plan = plan_for(layout, p, group_size, dense_bits)
+            options = QuantizeOptions(method="rtn", clip="minmax")  # random weights: the range search buys nothing
+            quantized = quantize_model(model, layout, plan, None, options, progress=False)
+            export_checkpoint(model, layout, plan, quantized, dirs[p], overwrite=True)
+            del quantized
+            gc.collect()
+    return dirs
+
+
+# -- ours: one configuration in this (fresh) process ------------------------------------------------------------------
+def measure_ours(directory: Path, threads: int, prefill: int, prompt: int, gen: int, batches: list[int]) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import moecompress  # noqa: F401  (imported before the baseline RSS)
+
+    with torch.device("meta"):  # page in the modeling code first: library memory is not model memory
+        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory))
+    base, lib_base = rt.vm_kib("VmRSS") * 1024, shared_library_rss()
+    t0 = time.perf_counter()
+    model = rt.load(directory).eval()
+    load_s = time.perf_counter() - t0
+    out = {"rss_base": base, "rss_load": rt.vm_kib("VmRSS") * 1024, "hwm_load": rt.vm_kib("VmHWM") * 1024,
+           "rss_anon_load": rt.vm_kib("RssAnon") * 1024, "rss_file_load": rt.vm_kib("RssFile") * 1024,
+           "load_s": load_s}
+    vocab = model.config.vocab_size
+    gen_ids = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # as model.generate does
+        _generate(model, torch.randint(0, vocab, (1, 32), generator=gen_ids), 4)  # warm-up (kernels, allocator)
+        ids = torch.randint(0, vocab, (1, prefill), generator=gen_ids)
+        t0 = time.perf_counter()
+        model(ids, use_cache=True, logits_to_keep=1)
+        out["prefill"] = prefill / (time.perf_counter() - t0)
+        for b in batches:
+            secs = _generate(model, torch.randint(0, vocab, (b, prompt), generator=gen_ids), gen)
+            out[f"decode_b{b}"] = b * gen / secs
+    out["hwm_end"] = rt.vm_kib("VmHWM") * 1024
+    out["rss_end"] = rt.vm_kib("VmRSS") * 1024
+    out["rss_libs_added"] = shared_library_rss() - lib_base
+    return out
+
+
+def shared_library_rss() -> int:
+    """Resident bytes of this process's mappings of shared libraries (.so): code, not model memory (the C++ kernel
+    modules load after the baseline)."""
+    total, lib = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if len(head) >= 5 and "-" in head[0] and not head[0].endswith(":"):
+                lib = len(head) > 5 and ".so" in head[5]
+            elif lib and line.startswith("Rss:"):
+                total += int(head[1]) * 1024
+    return total
+
+
+def _generate(model, prompt_ids, gen: int) -> float:
+    """Greedy generation, one token per forward with the KV cache; seconds of the `gen` decode steps."""
+    import torch
+
+    out = model(prompt_ids, use_cache=True, logits_to_keep=1)
+    past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    t0 = time.perf_counter()
+    for _ in range(gen):
+        out = model(nxt, past_key_values=past, use_cache=True)
+        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    torch.cpu.synchronize() if hasattr(torch, "cpu") else None
+    return time.perf_counter() - t0
+
+
+def ours_subprocess(directory: Path, args) -> dict:
+    cmd = [sys.executable, __file__, "--measure", str(directory), "--threads", str(args.threads), "--prefill",
+           str(args.prefill), "--prompt", str(args.prompt), "--gen", str(args.gen), "--batches",
+           ",".join(map(str, args.batches))]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode:
+        raise RuntimeError(f"measuring {directory} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 7) -> float:
+    """Bytes/s of a large float32 sum (read-only streaming) with `threads` threads, best of `repeats`."""
+    import torch
+
+    torch.set_num_threads(threads)
+    x = torch.ones(int(gib * 2**30) // 4)
+    x.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best
+
+
+# -- orchestration ----------------------------------------------------------------------------------------------------
+def prepare(args) -> tuple[list[tuple], object]:
+    """Build, export and convert; the configurations (model key, engine, plan or GGUF type, path), each of our
+    plans followed by its matching llama.cpp type, so that a cut-short run still compares pairs."""
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    ref = (REPO / args.ref_model).resolve()
+    lib = None if args.no_llama else llama.ensure_built(Path(args.llama_dir))
+    configs = []
+    for key in args.models:
+        bf16_dir = ref if key == "a" else work / "b-bf16"
+        if key == "b":
+            build_model_b(bf16_dir, ref, args.vocab_b)
+        quant = [p for p in args.plans if p != "bf16"]
+        dirs = {"bf16": bf16_dir} if "bf16" in args.plans else {}
+        dirs.update(export_plans(bf16_dir, work, key, quant, GROUP_SIZE[key], args.dense_bits))
+        ggufs = {} if lib is None else llama.convert(lib, bf16_dir, work / f"{key}-gguf",
+                                                     [t for t in args.gguf if t != "bf16"])
+        ggufs = {t: ggufs[t] for t in ["bf16", *args.gguf] if t in ggufs}
+        for p, d in dirs.items():
+            configs.append((key, "ours", p, d, bf16_dir))
+            if MATCH.get(p) in ggufs:
+                configs.append((key, "llama.cpp", MATCH[p], ggufs.pop(MATCH[p]), bf16_dir))
+        configs += [(key, "llama.cpp", t, g, bf16_dir) for t, g in ggufs.items()]
+    return configs, lib
+
+
+def run(args, configs, lib, report) -> dict:
+    """Measure every configuration `args.rounds` times, interleaved; `report(result)` after each measurement."""
+    print(f"read bandwidth ({args.threads} threads) ...", flush=True)
+    bandwidth = json.loads(subprocess.run([sys.executable, __file__, "--bandwidth", "--threads", str(args.threads)],
+                                          capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+    samples: dict[int, list[dict]] = {i: [] for i in range(len(configs))}
+    static = {}
+    for i, (key, engine, plan, path, hf_dir) in enumerate(configs):
+        static[i] = {"model": key, "engine": engine, "plan": plan, "path": str(path)}
+        if engine == "llama.cpp":
+            static[i].update(bytes=llama.file_bytes(path),
+                             active=active_bytes_gguf(path, args.batches, hf_dir, lib.source / "gguf-py"))
+        else:
+            static[i].update(bytes=rt.disk_bytes(path), active=active_bytes_hf(path, args.batches))
+    result = {"rows": [], "bandwidth": bandwidth, "cpu": cpu_info(), "match": MATCH}
+    for r in range(args.rounds):
+        for i, (key, engine, plan, path, _) in enumerate(configs):
+            print(f"round {r + 1}/{args.rounds}: [{key}] {engine} {plan}", flush=True)
+            try:
+                if engine == "ours":
+                    samples[i].append(ours_subprocess(path, args))
+                else:
+                    res = llama.llama_bench(lib, path, args.threads, args.prefill, args.gen)
+                    res.update(llama.batched_bench(lib, path, args.threads, args.prompt, args.gen, args.batches))
+                    samples[i].append(res)
+            except RuntimeError as exc:  # one broken configuration does not stop the others
+                print(f"  failed: {exc}", flush=True)
+                static[i].setdefault("errors", []).append(str(exc)[-1500:])
+            result["rows"] = [_row(static[k], samples[k], r + 1) for k in static if samples[k]]
+            report(result)
+    return result
+
+
+def _row(static: dict, samples: list[dict], rounds: int) -> dict:
+    keys = [k for k, v in samples[0].items() if isinstance(v, (int, float))]
+    return {**static, **{k: statistics.median(s[k] for s in samples) for k in keys}, "samples": samples,
+            "rounds_done": rounds}
+
+
+def parse_args(argv=None):
+    csv = lambda s: [x for x in s.split(",") if x]  # noqa: E731
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="b,a", type=csv, help="which of a (refmoe-qwen3), b (30B-A3B dims)")
+    ap.add_argument("--plans", default=",".join(PLANS), type=csv, help=f"ours, of {','.join(PLANS)}")
+    ap.add_argument("--gguf", default=",".join(llama.GGUF_TYPES), type=csv, help="llama.cpp types (bf16 always runs)")
+    ap.add_argument("--dense-bits", default="match", choices=("match", "16", "8", "4"),
+                    help="bits of the attention linears in our quantized plans (match: 8 for plan 8, else 4)")
+    ap.add_argument("--no-llama", action="store_true", help="ours only")
+    ap.add_argument("--prepare-only", action="store_true", help="build, export and convert the models, then stop")
+    ap.add_argument("--llama-dir", default=str(llama.DEFAULT_DIR), help="llama.cpp source + build cache")
+    ap.add_argument("--ref-model", default="../shared/models/refmoe-qwen3", help="model (a), relative to the repo")
+    ap.add_argument("--vocab-b", type=int, default=32768)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--prefill", type=int, default=512)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--gen", type=int, default=64)
+    ap.add_argument("--batches", default="1,4", type=lambda s: [int(x) for x in csv(s)])
+    ap.add_argument("--workdir", default="/tmp/moecompress-bench-cpu", help="checkpoints are kept here and reused")
+    ap.add_argument("--out", default="eval/results/cpu.md")
+    ap.add_argument("--measure", help=argparse.SUPPRESS)
+    ap.add_argument("--bandwidth", action="store_true", help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.measure:
+        print(json.dumps(measure_ours(Path(args.measure), args.threads, args.prefill, args.prompt, args.gen,
+                                      args.batches)))
+        return
+    if args.bandwidth:
+        print(json.dumps(read_bandwidth(args.threads)))
+        return
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    configs, lib = prepare(args)
+    if args.prepare_only:
+        return
+    t0, load0 = time.time(), os.getloadavg()[0]
+    command = "python eval/bench_cpu.py " + " ".join(sys.argv[1:] if argv is None else argv)
+
+    def report(result: dict) -> str:
+        result.update(command=command, wall_s=time.time() - t0, load=(load0, os.getloadavg()[0]),
+                      threads=args.threads, shapes={"prefill": args.prefill, "prompt": args.prompt, "gen": args.gen,
+                                                    "batches": args.batches})
+        return write_report(result, REPO / args.out)
+
+    print(report(run(args, configs, lib, report)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""Counters of a deployment's traffic, load, time and memory: what the runtime sends, counted where it sends it.
+
+The runtime's dispatcher and the placement stage's replay call the same `add_*` methods with the same arguments,
+so their counts are identical by construction. The wire format is fixed here (see `expert_message_bytes` and
+`pipeline_hop_bytes`); one message is one header (when the protocol sends one) plus its payload.
+
+Critical path: `hops` counts sequential one-way network transfers per forward call (an expert-model MoE layer with
+any remote server costs 2: the requests go out in parallel, the replies come back in parallel; a pipeline hop
+costs 1). Round trips = hops / 2.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from moecompress.errors import MoecompressError
+
+HEADER_INTS = 8  # int64 fields of a request header: op, layer, rows, top_k, 4 spare/op-specific
+HEADER_BYTES = HEADER_INTS * 8
+ID_BYTES, WEIGHT_BYTES = 4, 4  # int32 expert ids and float32 routing weights of every request row
+
+
+def expert_message_bytes(rows: int, hidden_size: int, top_k: int, elem_bytes: int) -> tuple[int, int]:
+    """(request, reply) bytes of one expert-model exchange of `rows` token rows with one server."""
+    if rows <= 0:
+        return 0, 0
+    request = HEADER_BYTES + rows * (hidden_size * elem_bytes + top_k * (ID_BYTES + WEIGHT_BYTES))
+    return request, rows * hidden_size * elem_bytes
+
+
+def pipeline_hop_bytes(tokens: int, hidden_size: int, elem_bytes: int, mask_elems: int) -> int:
+    """Bytes of one pipeline hop: header, hidden [tokens, H], the 2-D attention mask (int8), positions (int32)."""
+    return HEADER_BYTES + tokens * hidden_size * elem_bytes + mask_elems + tokens * 4
+
+
+class Counters:
+    """Per MoE/decoder layer and per link accumulations of a run (mutable; the runtime owns one per deployment)."""
+
+    def __init__(self, num_servers: int, num_layers: int):
+        if num_servers < 1 or num_layers < 0:
+            raise MoecompressError("counters need at least one server and a non-negative number of layers")
+        N, L = num_servers, num_layers
+        self.num_servers, self.num_layers = N, L
+        self.calls = 0  # forward calls
+        self.tokens = 0  # token rows processed (padding included)
+        self.messages = np.zeros((L, N, N), np.int64)  # [layer, src, dst]
+        self.bytes = np.zeros((L, N, N), np.int64)
+        self.hops = np.zeros(L, np.int64)  # sequential one-way hops, summed over calls
+        self.pairs = np.zeros((L, N), np.int64)  # routed (token, expert) pairs computed per server
+        self.exchange_seconds = np.zeros(N)
+        self.compute_seconds = np.zeros(N)
+        self.peak_memory_bytes = np.zeros(N, np.int64)
+
+    def add_call(self, tokens: int) -> None:
+        """One forward call of `tokens` token rows (a decode step of B sequences: B rows)."""
+        self.calls += 1
+        self.tokens += int(tokens)
+
+    def add_expert_exchange(self, layer: int, home: int, rows, pairs, hidden_size: int, top_k: int,
+                            elem_bytes: int) -> None:
+        """One expert-model MoE layer: rows[n] token rows sent to server n (0 for the home), pairs[n] computed."""
+        rows = [int(r) for r in rows]
+        self.pairs[layer] += np.asarray(pairs, np.int64)
+        remote = False
+        for n, r in enumerate(rows):
+            if n == home or r <= 0:
+                continue
+            request, reply = expert_message_bytes(r, hidden_size, top_k, elem_bytes)
+            self._send(layer, home, n, request)
+            self._send(layer, n, home, reply)
+            remote = True
+        if remote:
+            self.hops[layer] += 2
+
+    def add_stage_hop(self, layer: int, src: int, dst: int, tokens: int, hidden_size: int, elem_bytes: int,
+                      mask_elems: int) -> None:
+        """One pipeline hop src -> dst carrying the hidden state of `tokens` rows, charged to decoder layer `layer`
+        (the first layer of the receiving stage; the hop back to the home is charged to the last layer)."""
+        self._send(layer, src, dst, pipeline_hop_bytes(tokens, hidden_size, elem_bytes, mask_elems))
+        self.hops[layer] += 1
+
+    def add_stage_return(self, layer: int, src: int, dst: int, tokens: int, hidden_size: int,
+                         elem_bytes: int) -> None:
+        """The last stage's hop back to the home: the final hidden state only (no header), charged to the last layer."""
+        self._send(layer, src, dst, tokens * hidden_size * elem_bytes)
+        self.hops[layer] += 1
+
+    def add_stage_pairs(self, layer: int, server: int, pairs: int) -> None:
+        self.pairs[layer, server] += int(pairs)
+
+    def add_time(self, server: int, exchange: float = 0.0, compute: float = 0.0) -> None:
+        self.exchange_seconds[server] += exchange
+        self.compute_seconds[server] += compute
+
+    def note_memory(self, server: int, peak_bytes: int) -> None:
+        self.peak_memory_bytes[server] = max(int(self.peak_memory_bytes[server]), int(peak_bytes))
+
+    def _send(self, layer: int, src: int, dst: int, nbytes: int) -> None:
+        self.messages[layer, src, dst] += 1
+        self.bytes[layer, src, dst] += nbytes
+
+    def merge(self, other: "Counters") -> "Counters":
+        """Add `other`'s counts into this one (peak memory: the larger); returns self."""
+        if (other.num_servers, other.num_layers) != (self.num_servers, self.num_layers):
+            raise MoecompressError("cannot merge counters of different deployments")
+        self.calls += other.calls
+        self.tokens += other.tokens
+        for name in ("messages", "bytes", "hops", "pairs", "exchange_seconds", "compute_seconds"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.peak_memory_bytes = np.maximum(self.peak_memory_bytes, other.peak_memory_bytes)
+        return self
+
+    def counts(self) -> dict:
+        """The exact counts (no times, no memory): what a replay must reproduce."""
+        return {"calls": self.calls, "tokens": self.tokens, "messages": self.messages.tolist(),
+                "bytes": self.bytes.tolist(), "hops": self.hops.tolist(), "pairs": self.pairs.tolist()}
+
+    def to_json(self) -> dict:
+        total_bytes = int(self.bytes.sum())
+        return {
+            "num_servers": self.num_servers,
+            "num_layers": self.num_layers,
+            **self.counts(),
+            "total": {
+                "messages": int(self.messages.sum()),
+                "bytes": total_bytes,
+                "hops": int(self.hops.sum()),
+                "bytes_per_token": total_bytes / self.tokens if self.tokens else 0.0,
+                "hops_per_call": float(self.hops.sum()) / self.calls if self.calls else 0.0,
+                "bytes_per_link": self.bytes.sum(0).tolist(),
+                "pairs_per_server": self.pairs.sum(0).tolist(),
+            },
+            "exchange_seconds": self.exchange_seconds.tolist(),
+            "compute_seconds": self.compute_seconds.tolist(),
+            "peak_memory_bytes": self.peak_memory_bytes.tolist(),
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Counters":
+        c = cls(int(d["num_servers"]), int(d["num_layers"]))
+        c.calls, c.tokens = int(d["calls"]), int(d["tokens"])
+        for name in ("messages", "bytes", "hops", "pairs", "peak_memory_bytes"):
+            setattr(c, name, np.asarray(d[name], np.int64).reshape(getattr(c, name).shape))
+        for name in ("exchange_seconds", "compute_seconds"):
+            setattr(c, name, np.asarray(d[name], np.float64))
+        return c
+
+    def save(self, path) -> None:
+        from pathlib import Path
+
+        Path(path).write_text(json.dumps(self.to_json(), indent=1))
+
+    def table(self) -> str:
+        """Per layer, then per server, then totals: a plain-text table."""
+        N = self.num_servers
+        lines = [f"{self.calls} forward calls, {self.tokens} token rows, {N} servers",
+                 f"{'layer':>5} {'messages':>9} {'bytes':>12} {'hops':>6}  pairs per server"]
+        for layer in range(self.num_layers):
+            pairs = " ".join(f"{int(p):>7}" for p in self.pairs[layer])
+            lines.append(f"{layer:>5} {int(self.messages[layer].sum()):>9} {int(self.bytes[layer].sum()):>12} "
+                         f"{int(self.hops[layer]):>6}  {pairs}")
+        lines.append(f"{'all':>5} {int(self.messages.sum()):>9} {int(self.bytes.sum()):>12} {int(self.hops.sum()):>6}  "
+                     + " ".join(f"{int(p):>7}" for p in self.pairs.sum(0)))
+        if self.tokens:
+            lines.append(f"bytes per token row {self.bytes.sum() / self.tokens:.1f}; one-way hops per call "
+                         f"{self.hops.sum() / max(self.calls, 1):.2f}")
+        lines.append(f"{'server':>6} {'sent B':>12} {'received B':>12} {'compute s':>10} {'exchange s':>10} "
+                     f"{'peak MiB':>9}")
+        link = self.bytes.sum(0)
+        for n in range(N):
+            lines.append(f"{n:>6} {int(link[n].sum()):>12} {int(link[:, n].sum()):>12} "
+                         f"{self.compute_seconds[n]:>10.3f} "
+                         f"{self.exchange_seconds[n]:>10.3f} {self.peak_memory_bytes[n] / 2**20:>9.1f}")
+        return "\n".join(lines)

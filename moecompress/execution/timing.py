@@ -1,0 +1,90 @@
+"""The time model: modeled seconds of a run from its Counters and a link profile (pure functions).
+
+modeled time = compute on the critical path + sequential one-way hops x link latency + critical bytes / bandwidth.
+
+Assumptions, stated once: every server has one full-duplex link of the profile's rate to a switch and one-way
+latency per message. In the expert model all bytes go through the home's link (requests out, then replies in,
+two sequential phases per MoE layer), so every byte is on the critical path; in the pipeline model the hops are
+sequential, so again every byte is. Compute on the critical path (`critical_compute`): the pipeline runs its stages
+one after the other; in the expert model the home computes its own pairs of a MoE layer while the other servers
+compute theirs (as the runtime's dispatcher does), so each MoE layer costs its busiest rank.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from moecompress.errors import MoecompressError
+from moecompress.execution.counters import Counters
+
+_RATE = {"bit": 1 / 8, "kbit": 1e3 / 8, "mbit": 1e6 / 8, "gbit": 1e9 / 8,
+         "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9}
+_TIME = {"s": 1.0, "ms": 1e-3, "us": 1e-6}
+
+
+@dataclass(frozen=True)
+class LinkProfile:
+    name: str
+    bytes_per_second: float
+    latency_seconds: float  # one way, per message
+
+    def __post_init__(self):
+        if not self.bytes_per_second > 0 or not self.latency_seconds >= 0:
+            raise MoecompressError(f"link {self.name!r}: rate must be > 0 and latency >= 0")
+
+    def describe(self) -> str:
+        return f"{self.name}: {self.bytes_per_second * 8 / 1e6:g} Mbit/s, {self.latency_seconds * 1e3:g} ms one way"
+
+
+PROFILES = {
+    "lan": LinkProfile("lan", 1e9 / 8, 0.5e-3),
+    "wan": LinkProfile("wan", 100e6 / 8, 5e-3),
+}
+
+
+def parse_profile(text: str) -> LinkProfile:
+    """'lan', 'wan', or 'NAME=RATE,LATENCY' with RATE like 1Gbit/s, 100Mbit, 50MB/s and LATENCY like 2ms."""
+    text = text.strip()
+    if text in PROFILES:
+        return PROFILES[text]
+    m = re.fullmatch(r"([A-Za-z0-9_-]+)=\s*([\d.]+)\s*([A-Za-z]+)(?:/s)?\s*,\s*([\d.]+)\s*(s|ms|us)", text)
+    unit = m.group(3).lower() if m else None
+    if not m or unit not in _RATE:
+        raise MoecompressError(
+            f"cannot read a link profile from {text!r}; use one of {', '.join(PROFILES)} or NAME=RATE,LATENCY, "
+            "e.g. edge=100Mbit/s,5ms (rate units bit kbit Mbit Gbit B KB MB GB per second; latency s ms us)"
+        )
+    return LinkProfile(m.group(1), float(m.group(2)) * _RATE[unit], float(m.group(4)) * _TIME[m.group(5)])
+
+
+def critical_compute(layer_rank_seconds, home_seconds: float, mode: str) -> float:
+    """Compute seconds on the critical path of one call.
+
+    layer_rank_seconds [layers, N]: what each rank computes of each layer (pipeline: a stage computes its whole
+    layers; expert model: each rank its pairs of the MoE layer); home_seconds: what only the home computes besides
+    (expert model: embeddings, attention, routers, head; pipeline: embeddings and head). Pipeline stages run one
+    after the other (sum); in the expert model the home computes its own pairs while the other servers compute
+    theirs (per layer: the busiest rank).
+    """
+    rows = [[float(x) for x in row] for row in layer_rank_seconds]
+    if mode == "pipeline":
+        return home_seconds + sum(sum(row) for row in rows)
+    return home_seconds + sum(max(row, default=0.0) for row in rows)
+
+
+@dataclass(frozen=True)
+class ModeledTime:
+    seconds: float  # total modeled seconds of all the calls
+    compute: float
+    latency: float
+    transfer: float
+
+    def per(self, count: float) -> float:
+        return self.seconds / count if count else 0.0
+
+
+def modeled_time(counters: Counters, profile: LinkProfile, compute_seconds: float) -> ModeledTime:
+    """Modeled seconds of the calls counted in `counters`, given their compute on the critical path."""
+    latency = float(counters.hops.sum()) * profile.latency_seconds
+    transfer = float(counters.bytes.sum()) / profile.bytes_per_second
+    return ModeledTime(compute_seconds + latency + transfer, compute_seconds, latency, transfer)

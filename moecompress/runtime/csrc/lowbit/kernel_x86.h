@@ -1,0 +1,241 @@
+// The x86 SIMD kernels, compiled once per ISA: included by isa_avx2.cpp (AVX2 + FMA + F16C) and isa_avx512_vnni.cpp
+// (the same plus AVX-512 VL/VNNI: vpdpbusd on 256-bit vectors) after their target pragma, with MC_VNNI 0 or 1.
+// Everything here has internal linkage, so that the two compilations never stand in for each other at link time.
+//
+// Per block of 32 inputs: unpack the weights into 32 uint8 lanes (a few shifts and masks, see block_order), then
+//   AVX2:  vpmaddubsw (uint8 weights x int8 activations -> int16 pairs; bits <= 4 sum up to 8 blocks in int16),
+//          vpmaddwd with ones -> int32. 8-bit weights go through the sign trick on q - 128 (|q - 128| <= 128 keeps
+//          the int16 pair sums below 2^15), the 128 folded into the zero point.
+//   VNNI:  vpdpbusd: uint8 x int8, four products summed straight into int32 (no saturation for any bit-width).
+// Per group: its int32 sum times s * dx into a float32 accumulator; per output the zero-point term
+// sum_g s * z * dx * sum(xq) (computed 8 groups at a time) is subtracted.
+#pragma once
+#include <immintrin.h>
+#include <cstring>
+#include <vector>
+#include "lowbit.h"
+
+#ifndef MC_VNNI
+#error "define MC_VNNI before including kernel_x86.h"
+#endif
+
+namespace mc_lowbit {
+namespace {
+
+inline uint64_t load_u64(const uint8_t* p) { uint64_t v; std::memcpy(&v, p, 8); return v; }
+inline uint32_t load_u32(const uint8_t* p) { uint32_t v; std::memcpy(&v, p, 4); return v; }
+
+// 32 weights (4 * BITS bytes) -> 32 uint8 lanes in block_order.
+template <int BITS> inline __m256i unpack(const uint8_t* p);
+
+template <> inline __m256i unpack<2>(const uint8_t* p) {  // lane 8t + j <- input 4j + t: qword t shifted by 2t
+  const __m256i v = _mm256_srlv_epi64(_mm256_set1_epi64x(static_cast<long long>(load_u64(p))), _mm256_set_epi64x(6, 4, 2, 0));
+  return _mm256_and_si256(v, _mm256_set1_epi8(3));
+}
+
+template <> inline __m256i unpack<4>(const uint8_t* p) {  // lane 16h + j <- input 2j + h: low nibbles, then high ones
+  const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_and_si256(_mm256_srlv_epi64(v, _mm256_set_epi64x(4, 4, 0, 0)), _mm256_set1_epi8(15));
+}
+
+template <> inline __m256i unpack<3>(const uint8_t* p) {
+  // four 24-bit words (8 inputs each); dword lane L = c + 4h holds word c shifted by 12h; its byte b gets bits
+  // 3b .. 3b+2 of that: lane 4L + b <- input 8c + 4h + b. Reads exactly the 12 bytes.
+  __m128i raw = _mm_cvtsi64_si128(static_cast<long long>(load_u64(p)));
+  raw = _mm_insert_epi32(raw, static_cast<int>(load_u32(p + 8)), 2);
+  const __m256i bytes = _mm256_broadcastsi128_si256(raw);
+  const __m256i spread = _mm256_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1,
+                                          0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1);
+  const __m256i v = _mm256_srlv_epi32(_mm256_shuffle_epi8(bytes, spread), _mm256_setr_epi32(0, 0, 0, 0, 12, 12, 12, 12));
+  const __m256i b0 = _mm256_and_si256(v, _mm256_set1_epi32(0x7));
+  const __m256i b1 = _mm256_and_si256(_mm256_slli_epi32(v, 5), _mm256_set1_epi32(0x700));
+  const __m256i b2 = _mm256_and_si256(_mm256_slli_epi32(v, 10), _mm256_set1_epi32(0x70000));
+  const __m256i b3 = _mm256_and_si256(_mm256_slli_epi32(v, 15), _mm256_set1_epi32(0x7000000));
+  return _mm256_or_si256(_mm256_or_si256(b0, b1), _mm256_or_si256(b2, b3));
+}
+
+template <> inline __m256i unpack<8>(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// The zero point used with the int32 sums: the AVX2 8-bit path computes with q - 128.
+template <int BITS> constexpr int zero_shift() { return (BITS == 8 && !MC_VNNI) ? 128 : 0; }
+
+// Per weight row, its groups' float factors, 8 groups at a time (tail scalar): sd[m][g] = s * dx[m][g], the factor
+// of group g's int32 sum, and the zero-point term sum_g s * z * dx * isum, subtracted once per output.
+template <int BITS, int MR>
+inline void row_factors(const Weights& w, int64_t e, int64_t r, const float* const* dx, const float* const* xs,
+                        float* const* sd, float* corr) {
+  const int64_t base = w.at(e, r, 0);
+  const float shift = static_cast<float>(zero_shift<BITS>());
+  __m256 cv[MR];
+  for (int m = 0; m < MR; ++m) cv[m] = _mm256_setzero_ps();
+  int64_t g = 0;
+  for (; g + 8 <= w.groups; g += 8) {
+    const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.s + base + g)));
+    const __m256 z = w.z ? _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.z + base + g))))
+                         : _mm256_set1_ps(static_cast<float>(1 << (BITS - 1)));
+    const __m256 sz = _mm256_mul_ps(s, _mm256_sub_ps(z, _mm256_set1_ps(shift)));
+    for (int m = 0; m < MR; ++m) {
+      _mm256_storeu_ps(sd[m] + g, _mm256_mul_ps(s, _mm256_loadu_ps(dx[m] + g)));
+      cv[m] = _mm256_fmadd_ps(sz, _mm256_loadu_ps(xs[m] + g), cv[m]);
+    }
+  }
+  for (int m = 0; m < MR; ++m) corr[m] = hsum(cv[m]);
+  for (; g < w.groups; ++g) {
+    const float s = _cvtsh_ss(w.s[base + g]), sz = s * (static_cast<float>(w.zero(base + g)) - shift);
+    for (int m = 0; m < MR; ++m) sd[m][g] = s * dx[m][g], corr[m] += sz * xs[m][g];
+  }
+}
+
+// MR rows of x (x0 ..) against weight rows r0 .. r1 of expert e, NR weight rows at a time ((r1 - r0) % NR == 0):
+// each activation block is loaded once for NR rows, each unpacked weight block used for MR rows, and the NR * MR
+// accumulators are independent chains.
+template <int BITS, int MR, int NR>
+void rows_kernel(const Weights& w, const Acts& a, int64_t e, int64_t r0, int64_t r1, int64_t x0, float* y) {
+  const int64_t bpg = w.group / 32, G = w.group;
+  const int8_t* xr[MR];
+  const float* dx[MR];
+  std::vector<float> buf((1 + NR) * MR * w.groups);  // xs[m] = dx * isum per group; sd[j][m] per weight row
+  float* xs[MR];
+  float* sd[NR][MR];
+  for (int m = 0; m < MR; ++m) {
+    xr[m] = a.xq + (x0 + m) * a.k, dx[m] = a.dx + (x0 + m) * a.groups, xs[m] = buf.data() + m * w.groups;
+    for (int j = 0; j < NR; ++j) sd[j][m] = buf.data() + ((1 + j) * MR + m) * w.groups;
+    const int32_t* is = a.isum + (x0 + m) * a.groups;
+    for (int64_t g = 0; g < w.groups; ++g) xs[m][g] = dx[m][g] * static_cast<float>(is[g]);
+  }
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t r = r0; r < r1; r += NR) {
+    const uint8_t* src[NR];
+    float corr[NR][MR];
+    __m256 facc[NR][MR];
+    for (int j = 0; j < NR; ++j) {
+      src[j] = w.row(e, r + j);
+      row_factors<BITS, MR>(w, e, r + j, dx, xs, sd[j], corr[j]);
+      for (int m = 0; m < MR; ++m) facc[j][m] = _mm256_setzero_ps();
+    }
+    for (int64_t g = 0; g < w.groups; ++g) {
+      __m256i iacc[NR][MR];
+      for (int j = 0; j < NR; ++j)
+        for (int m = 0; m < MR; ++m) iacc[j][m] = _mm256_setzero_si256();
+#if MC_VNNI
+      for (int64_t b = 0; b < bpg; ++b) {
+        __m256i xv[MR];
+        for (int m = 0; m < MR; ++m) xv[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr[m] + g * G + 32 * b));
+        for (int j = 0; j < NR; ++j) {
+          const __m256i wv = unpack<BITS>(src[j] + (g * bpg + b) * 4 * BITS);
+          for (int m = 0; m < MR; ++m) iacc[j][m] = _mm256_dpbusd_epi32(iacc[j][m], wv, xv[m]);
+        }
+      }
+#else
+      if constexpr (BITS == 8) {
+        for (int64_t b = 0; b < bpg; ++b) {
+          __m256i xv[MR];
+          for (int m = 0; m < MR; ++m) xv[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr[m] + g * G + 32 * b));
+          for (int j = 0; j < NR; ++j) {
+            const __m256i ws = _mm256_xor_si256(unpack<8>(src[j] + (g * bpg + b) * 32), _mm256_set1_epi8(-128));  // q - 128
+            const __m256i aw = _mm256_sign_epi8(ws, ws);  // |q - 128| as uint8 (128 stays 0x80 = 128)
+            for (int m = 0; m < MR; ++m)
+              iacc[j][m] = _mm256_add_epi32(iacc[j][m], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[m], ws)), ones));
+          }
+        }
+      } else {
+        for (int64_t b0 = 0; b0 < bpg; b0 += 8) {  // int16 pair sums <= 2 * 15 * 127 each: 8 blocks stay below 2^15
+          __m256i acc16[NR][MR];
+          for (int j = 0; j < NR; ++j)
+            for (int m = 0; m < MR; ++m) acc16[j][m] = _mm256_setzero_si256();
+          const int64_t b1 = b0 + 8 < bpg ? b0 + 8 : bpg;
+          for (int64_t b = b0; b < b1; ++b) {
+            __m256i xv[MR];
+            for (int m = 0; m < MR; ++m) xv[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr[m] + g * G + 32 * b));
+            for (int j = 0; j < NR; ++j) {
+              const __m256i wv = unpack<BITS>(src[j] + (g * bpg + b) * 4 * BITS);
+              for (int m = 0; m < MR; ++m) acc16[j][m] = _mm256_add_epi16(acc16[j][m], _mm256_maddubs_epi16(wv, xv[m]));
+            }
+          }
+          for (int j = 0; j < NR; ++j)
+            for (int m = 0; m < MR; ++m) iacc[j][m] = _mm256_add_epi32(iacc[j][m], _mm256_madd_epi16(acc16[j][m], ones));
+        }
+      }
+#endif
+      for (int j = 0; j < NR; ++j)
+        for (int m = 0; m < MR; ++m)
+          facc[j][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[j][m]), _mm256_broadcast_ss(sd[j][m] + g), facc[j][m]);
+    }
+    for (int j = 0; j < NR; ++j)
+      for (int m = 0; m < MR; ++m) y[(x0 + m) * w.n + r + j] = hsum(facc[j][m]) - corr[j][m];
+  }
+}
+
+// NR weight rows at a time where the accumulators fit the registers (NR * MR <= 4 with AVX2's 16, <= 8 with
+// AVX-512's 32), the last rows one by one.
+template <int BITS, int MR>
+void rows_any(const Weights& w, const Acts& a, int64_t e, int64_t r0, int64_t r1, int64_t x0, float* y) {
+  constexpr int NR = MC_VNNI ? (MR <= 2 ? 4 : 2) : (MR <= 2 ? 2 : 1);
+  const int64_t split = r0 + (r1 - r0) / NR * NR;
+  rows_kernel<BITS, MR, NR>(w, a, e, r0, split, x0, y);
+  if (split < r1) rows_kernel<BITS, MR, 1>(w, a, e, split, r1, x0, y);
+}
+
+template <int BITS>
+void decode_bits(const Weights& w, const Acts& a, int64_t e, int64_t r0, int64_t r1, int64_t x0, int64_t rows, float* y) {
+  int64_t m = 0;
+  for (; m + 4 <= rows; m += 4) rows_any<BITS, 4>(w, a, e, r0, r1, x0 + m, y);
+  switch (rows - m) {
+    case 3: rows_any<BITS, 3>(w, a, e, r0, r1, x0 + m, y); break;
+    case 2: rows_any<BITS, 2>(w, a, e, r0, r1, x0 + m, y); break;
+    case 1: rows_any<BITS, 1>(w, a, e, r0, r1, x0 + m, y); break;
+    default: break;
+  }
+}
+
+void decode_any(const Weights& w, const Acts& a, int64_t e, int64_t r0, int64_t r1, int64_t x0, int64_t rows, float* y) {
+  switch (w.bits) {
+    case 2: decode_bits<2>(w, a, e, r0, r1, x0, rows, y); break;
+    case 3: decode_bits<3>(w, a, e, r0, r1, x0, rows, y); break;
+    case 4: decode_bits<4>(w, a, e, r0, r1, x0, rows, y); break;
+    default: decode_bits<8>(w, a, e, r0, r1, x0, rows, y); break;
+  }
+}
+
+// (q - z) * s of rows r0 .. r1 in block order: 8 lanes at a time, uint8 -> int32 -> float, exact.
+template <int BITS>
+void dequant_bits(const Weights& w, int64_t e, int64_t r0, int64_t r1, float* tile) {
+  const int64_t bpg = w.group / 32;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* src = w.row(e, r);
+    float* dst = tile + (r - r0) * w.k;
+    for (int64_t g = 0; g < w.groups; ++g) {
+      const int64_t gi = w.at(e, r, g);
+      const __m256 s = _mm256_set1_ps(_cvtsh_ss(w.s[gi]));
+      const __m256 z = _mm256_set1_ps(static_cast<float>(w.zero(gi)));
+      for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) {
+        const __m256i v = unpack<BITS>(src + b * 4 * BITS);
+        const __m128i half[2] = {_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)};
+        for (int j = 0; j < 4; ++j) {
+          const __m128i eight = (j & 1) ? _mm_unpackhi_epi64(half[j / 2], half[j / 2]) : half[j / 2];
+          const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(eight));
+          _mm256_storeu_ps(dst + 32 * b + 8 * j, _mm256_mul_ps(_mm256_sub_ps(q, z), s));
+        }
+      }
+    }
+  }
+}
+
+void dequant_any(const Weights& w, int64_t e, int64_t r0, int64_t r1, float* tile) {
+  switch (w.bits) {
+    case 2: dequant_bits<2>(w, e, r0, r1, tile); break;
+    case 3: dequant_bits<3>(w, e, r0, r1, tile); break;
+    case 4: dequant_bits<4>(w, e, r0, r1, tile); break;
+    default: dequant_bits<8>(w, e, r0, r1, tile); break;
+  }
+}
+
+}  // namespace
+}  // namespace mc_lowbit

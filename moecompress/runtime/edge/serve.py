@@ -1,0 +1,135 @@
+"""A non-home rank: check and load its own bundle, join the process group, answer requests until told to stop.
+
+Run by the local launcher (`python -m moecompress.runtime.edge.serve ...`) or by `moecompress run` under torchrun.
+It receives a fixed-size header, then the payload the header announces, from its upstream rank (the home in the
+expert model, the previous stage in the pipeline model), computes, and sends the result on (to the home, or to the
+next stage). Pings keep it waiting; a stop message (forwarded down a pipeline) ends it. Exit codes: 2 refused
+bundle or bad input (one `error:` line on stderr), 3 lost the home or a neighbour (timeout or closed connection).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from moecompress.errors import MoecompressError
+from moecompress.runtime.edge import wire
+
+
+def serve(handler, rank: int, upstream: int, downstream: int | None, home: int, world_size: int,
+          device: torch.device) -> None:
+    import torch.distributed as dist
+
+    exchange = 0.0
+    while True:
+        head = wire.empty_header().to(device)
+        dist.recv(head, upstream)  # idle wait: not exchange time
+        h = head.cpu().tolist()
+        op = h[0]
+        start = time.perf_counter()
+        if op in (wire.OP_STOP, wire.OP_PING, wire.OP_RESET):
+            handler.control(op)
+            if downstream is not None:
+                dist.send(head, downstream)
+            if op == wire.OP_STOP:
+                return
+            continue
+        payload = torch.empty(wire.payload_bytes(h), dtype=torch.uint8, device=device)
+        if payload.numel():
+            dist.recv(payload, upstream)
+        if op == wire.OP_STATS:
+            stats = payload.cpu().view(torch.float64) if payload.numel() else torch.zeros(world_size * 3,
+                                                                                          dtype=torch.float64)
+            compute, own_exchange, peak = handler.stats()
+            stats[rank * 3:rank * 3 + 3] = torch.tensor([compute, exchange + own_exchange, peak], dtype=torch.float64)
+            if downstream is not None:
+                dist.send(wire.header(wire.OP_STATS, rows=world_size, a=1).to(device), downstream)
+                dist.send(wire.as_bytes(stats).to(device), downstream)
+            else:
+                dist.send(stats.to(device), home)
+            continue
+        exchange += time.perf_counter() - start
+        for dst, out_head, out_payload in handler.handle(h, payload.cpu()):
+            start = time.perf_counter()
+            if out_head is not None:
+                dist.send(out_head.to(device), dst)
+            dist.send(out_payload.to(device), dst)
+            exchange += time.perf_counter() - start
+
+
+def neighbours(info) -> tuple[int, int | None]:
+    """(upstream, downstream) of a non-home rank: the home in the expert model, the adjacent stages in the pipeline."""
+    from moecompress.execution.routing import Mode
+
+    if info.mode == Mode.EXPERT:
+        return info.home, None
+    stages = list(info.stages)
+    if info.server not in stages:
+        return info.home, None  # holds no layer: only control messages come
+    i = stages.index(info.server)
+    return stages[i - 1], (stages[i + 1] if i + 1 < len(stages) else None)
+
+
+def build_handler(info, dtype: torch.dtype):
+    from moecompress.execution.routing import Mode
+    from moecompress.runtime.edge.rank_model import ExpertServer, load_experts
+
+    if info.mode == Mode.EXPERT:
+        return ExpertServer(info.server, info.home, load_experts(info, dtype))
+    from moecompress.runtime.edge.pipeline import IdleServer, StageServer
+
+    return StageServer.load(info, dtype) if info.server in info.stages else IdleServer()
+
+
+def run_rank(out: str, rank: int, world_size: int, init_method: str, timeout: float, dtype: torch.dtype,
+             ready: str | None = None) -> None:
+    """Everything a non-home rank does; raises MoecompressError for refusals (before any exchange)."""
+    import torch.distributed as dist
+
+    from moecompress.runtime.edge.bundle import read_bundle
+
+    info = read_bundle(out, rank, world_size=world_size)
+    if rank == info.home:
+        raise MoecompressError(f"rank {rank} is the home server; it runs the model (deploy / moecompress generate)")
+    handler = build_handler(info, dtype)
+    upstream, downstream = neighbours(info)
+    if ready:
+        Path(ready).write_text("ready")
+    device = torch.device("cpu")  # gloo over TCP; see transport.py for NCCL
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout))
+    try:
+        serve(handler, rank, upstream, downstream, info.home, world_size, device)
+    finally:
+        dist.destroy_process_group()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--bundles", required=True)
+    p.add_argument("--rank", type=int, required=True)
+    p.add_argument("--world-size", type=int, required=True)
+    p.add_argument("--init-method", required=True)
+    p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--ready")
+    a = p.parse_args(argv)
+    try:
+        run_rank(a.bundles, a.rank, a.world_size, a.init_method, a.timeout, getattr(torch, a.dtype), a.ready)
+    except MoecompressError as exc:
+        print(f"error: server {a.rank}: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except RuntimeError as exc:  # gloo timeout or closed connection: the home or a neighbour is gone
+        line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"error: server {a.rank}: lost contact with another server within {a.timeout:g} s ({line})",
+              file=sys.stderr, flush=True)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

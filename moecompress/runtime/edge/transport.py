@@ -1,0 +1,201 @@
+"""How the home's messages reach the other servers: in one process (simulation) or over torch.distributed.
+
+A message is a header (int64 [8], wire.py) and, for most ops, one uint8 payload whose size the header determines.
+The home `request`s work from a server and later takes the `reply` (payload only, size known to the home). A
+server's `Handler` turns a request into outgoing messages: a reply to the home, or (pipeline) the next stage's
+request. `InProcess` runs the servers' handlers in the calling process on the very same bytes; `TorchDistributed`
+sends them to one process per server (gloo on CPU, NCCL on GPU).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from datetime import timedelta
+from typing import Protocol
+
+import torch
+
+from moecompress.errors import MoecompressError
+from moecompress.runtime.edge import wire
+
+Outgoing = list[tuple[int, "torch.Tensor | None", torch.Tensor]]  # (destination, header or None, payload)
+
+
+class Handler(Protocol):
+    def handle(self, head: list[int], payload: torch.Tensor) -> Outgoing: ...
+
+    def control(self, op: int) -> None: ...
+
+    def stats(self) -> list[float]: ...
+
+
+class InProcess:
+    """N virtual servers in this process: every request runs the destination's handler on the encoded bytes."""
+
+    def __init__(self, home: int, handlers: dict[int, Handler], world_size: int):
+        self.rank, self.home, self.world_size = home, home, world_size
+        self.handlers = handlers
+        self._replies: dict[int, deque] = {n: deque() for n in range(world_size)}
+
+    def request(self, dst: int, head: torch.Tensor, payload: torch.Tensor | None) -> None:
+        queue = [(dst, head, payload)]
+        while queue:
+            d, h, p = queue.pop(0)
+            if d == self.home:
+                continue
+            out = self.handlers[d].handle(h.tolist(), p)
+            for nxt, nh, np_ in out:
+                if nxt == self.home:
+                    self._replies[d].append(np_)
+                else:
+                    queue.append((nxt, nh, np_))
+
+    def reply(self, src: int, nbytes: int) -> torch.Tensor:
+        payload = self._replies[src].popleft()
+        if payload.numel() != nbytes:
+            raise MoecompressError(f"server {src} replied {payload.numel()} bytes, {nbytes} expected")
+        return payload
+
+    def control(self, op: int) -> None:
+        for handler in self.handlers.values():
+            handler.control(op)
+
+    def gather_stats(self) -> dict[int, list[float]]:
+        return {n: h.stats() for n, h in self.handlers.items()}
+
+    def close(self) -> None:
+        self.control(wire.OP_STOP)
+
+
+class TorchDistributed:
+    """The home's end of a torch.distributed process group; the other ranks run `serve`.
+
+    `watch(rank) -> str | None` (from the launcher) says why a rank is gone, to name it in errors. While the home
+    is idle a thread sends keep-alive pings, so that servers waiting for work time out only when the home is gone.
+    """
+
+    def __init__(self, home: int, world_size: int, timeout: float, device: torch.device, watch=None,
+                 downstream: list[int] | None = None, chain_end: dict[int, int] | None = None):
+        self.rank, self.home, self.world_size = home, home, world_size
+        self.timeout, self.device, self.watch = timeout, device, watch
+        self.downstream = downstream if downstream is not None else [n for n in range(world_size) if n != home]
+        self.chain_end = chain_end or {}  # pipeline: first stage after the home -> the last stage (answers)
+        self.lock = threading.RLock()
+        self._pending: list = []
+        self.exchange_seconds = 0.0
+        self._closed = threading.Event()
+        self._last = time.monotonic()
+        self._pinger = threading.Thread(target=self._ping_loop, daemon=True)
+        self._pinger.start()
+
+    def _ping_loop(self) -> None:
+        interval = max(self.timeout / 4, 0.05)
+        while not self._closed.wait(interval):
+            if time.monotonic() - self._last >= interval and self.lock.acquire(blocking=False):
+                try:
+                    if not self._closed.is_set():
+                        for n in self.downstream:
+                            self._send(n, wire.header(wire.OP_PING), None)
+                        self._last = time.monotonic()
+                except Exception:  # the next real exchange reports the failure, naming the rank
+                    pass
+                finally:
+                    self.lock.release()
+
+    def _send(self, dst: int, head: torch.Tensor, payload: torch.Tensor | None) -> None:
+        import torch.distributed as dist
+
+        self._pending.append(dist.isend(head.to(self.device), dst))
+        if payload is not None:
+            self._pending.append(dist.isend(payload.to(self.device), dst))
+
+    def request(self, dst: int, head: torch.Tensor, payload: torch.Tensor | None) -> None:
+        start = time.perf_counter()
+        with self.lock:
+            try:
+                self._send(dst, head, payload)
+            except RuntimeError as exc:
+                raise self._failure(dst, exc) from exc
+        self.exchange_seconds += time.perf_counter() - start
+
+    def reply(self, src: int, nbytes: int) -> torch.Tensor:
+        import torch.distributed as dist
+
+        start = time.perf_counter()
+        buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        with self.lock:
+            try:
+                dist.recv(buf, src)
+                for work in self._pending:
+                    work.wait()
+                self._pending.clear()
+            except RuntimeError as exc:
+                raise self._failure(src, exc) from exc
+            self._last = time.monotonic()
+        self.exchange_seconds += time.perf_counter() - start
+        return buf.cpu()
+
+    def control(self, op: int) -> None:
+        with self.lock:
+            for n in self.downstream:
+                try:
+                    self._send(n, wire.header(op), None)
+                except RuntimeError as exc:
+                    raise self._failure(n, exc) from exc
+            self._last = time.monotonic()
+
+    def gather_stats(self) -> dict[int, list[float]]:
+        """[compute s, exchange s, peak bytes] of every other server (a stats request goes down every chain)."""
+        import torch.distributed as dist
+
+        out = {}
+        with self.lock:
+            n = self.home
+            try:
+                for n in self.downstream:
+                    self._send(n, wire.header(wire.OP_STATS, rows=self.world_size), None)
+                for n in self.downstream:
+                    buf = torch.empty(self.world_size * 3, dtype=torch.float64, device=self.device)
+                    dist.recv(buf, src=self._last_of_chain(n))
+                    rows = buf.cpu().reshape(self.world_size, 3)
+                    for r in range(self.world_size):
+                        if rows[r].abs().sum() > 0:
+                            out[r] = rows[r].tolist()
+                for work in self._pending:
+                    work.wait()
+                self._pending.clear()
+            except RuntimeError as exc:
+                raise self._failure(n, exc) from exc
+        return out
+
+    def _last_of_chain(self, first: int) -> int:
+        return self.chain_end.get(first, first)
+
+    def _failure(self, rank: int, exc: BaseException) -> MoecompressError:
+        """Name the rank at fault: one that exited (any: a pipeline stage can fail mid-chain), else `rank`."""
+        if self.watch:
+            for other in [rank] + [n for n in range(self.world_size) if n not in (rank, self.home)]:
+                why = self.watch(other)
+                if why is not None:
+                    return MoecompressError(f"server {other} {why}; stopping the deployment")
+        line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return MoecompressError(f"server {rank} did not answer within {self.timeout:g} s or closed its connection "
+                                f"({line}); stopping the deployment")
+
+    def abandon(self) -> None:
+        """After a failure: stop pinging; the servers stop on their own (lost home) or are killed by the launcher."""
+        self._closed.set()
+        self._pending.clear()
+
+    def close(self) -> None:
+        self._closed.set()
+        self._pinger.join(timeout=5)
+        try:
+            self.control(wire.OP_STOP)
+            with self.lock:
+                for work in self._pending:
+                    work.wait(timedelta(seconds=self.timeout))
+                self._pending.clear()
+        except (RuntimeError, MoecompressError):
+            pass

@@ -1,0 +1,98 @@
+"""The bytes that cross between servers: a fixed-size header, then one flat uint8 payload.
+
+Sizes are the ones moecompress/execution/counters.py counts (a test holds them equal). Header fields (int64):
+[op, layer, rows, top_k, dtype code, a, b, c]; the op-specific a, b, c are documented where each op is built.
+"""
+from __future__ import annotations
+
+import torch
+
+from moecompress.errors import MoecompressError
+from moecompress.execution.counters import HEADER_INTS, ID_BYTES, WEIGHT_BYTES
+
+OP_STOP, OP_PING, OP_EXPERT, OP_STATS, OP_STAGE, OP_RESET = 0, 1, 2, 3, 4, 5
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+assert ID_BYTES == 4 and WEIGHT_BYTES == 4  # int32 ids, float32 weights below
+
+
+def header(op: int, layer: int = 0, rows: int = 0, top_k: int = 0, dtype: torch.dtype = torch.float32,
+           a: int = 0, b: int = 0, c: int = 0) -> torch.Tensor:
+    return torch.tensor([op, layer, rows, top_k, DTYPES.index(dtype), a, b, c], dtype=torch.int64)  # [HEADER_INTS]
+
+
+def empty_header() -> torch.Tensor:
+    return torch.empty(HEADER_INTS, dtype=torch.int64)
+
+
+def dtype_of(code: int) -> torch.dtype:
+    if not 0 <= code < len(DTYPES):
+        raise MoecompressError(f"a message carries unknown dtype code {code}; are all servers the same version?")
+    return DTYPES[code]
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.uint8).reshape(-1)
+
+
+def _view(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A payload segment as `dtype` (copied when its offset is not aligned for that dtype)."""
+    return (part if part.storage_offset() % dtype.itemsize == 0 else part.clone()).view(dtype)
+
+
+def encode_request(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """hidden [R, H] (model dtype), ids [R, k] (a server's pairs; others = num_experts), weights [R, k]."""
+    return torch.cat([as_bytes(hidden), as_bytes(ids.to(torch.int32)), as_bytes(weights.to(torch.float32))])
+
+
+def request_payload_bytes(rows: int, hidden_size: int, top_k: int, dtype: torch.dtype) -> int:
+    return rows * (hidden_size * dtype.itemsize + top_k * (ID_BYTES + WEIGHT_BYTES))
+
+
+def decode_request(payload: torch.Tensor, rows: int, hidden_size: int, top_k: int, dtype: torch.dtype):
+    """-> (hidden [R, H], ids [R, k] long, weights [R, k] float32)."""
+    n_h = rows * hidden_size * dtype.itemsize
+    n_i = rows * top_k * ID_BYTES
+    hidden = _view(payload[:n_h], dtype).reshape(rows, hidden_size)
+    ids = _view(payload[n_h:n_h + n_i], torch.int32).reshape(rows, top_k).long()
+    weights = _view(payload[n_h + n_i:], torch.float32).reshape(rows, top_k)
+    return hidden, ids, weights
+
+
+def decode_rows(payload: torch.Tensor, rows: int, hidden_size: int, dtype: torch.dtype) -> torch.Tensor:
+    return _view(payload, dtype).reshape(rows, hidden_size)
+
+
+def encode_stage(hidden: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """A pipeline hop: hidden [B, S, H], 2-D attention mask [B, S_kv] (int8), position ids [B, S] (int32)."""
+    return torch.cat([as_bytes(hidden), as_bytes(mask.to(torch.int8)), as_bytes(positions.to(torch.int32))])
+
+
+def decode_stage(payload: torch.Tensor, batch: int, seq: int, kv: int, hidden_size: int, dtype: torch.dtype):
+    n_h = batch * seq * hidden_size * dtype.itemsize
+    hidden = _view(payload[:n_h], dtype).reshape(batch, seq, hidden_size)
+    mask = _view(payload[n_h:n_h + batch * kv], torch.int8).reshape(batch, kv).long()
+    positions = _view(payload[n_h + batch * kv:], torch.int32).reshape(batch, seq).long()
+    return hidden, mask, positions
+
+
+def stage_header(first_layer: int, batch: int, seq: int, kv: int, hidden_size: int, dtype: torch.dtype,
+                 past: int) -> torch.Tensor:
+    """OP_STAGE: layer = the receiving stage's first layer, rows = batch, top_k = seq, a = kv, b = H, c = past."""
+    return header(OP_STAGE, first_layer, batch, seq, dtype, kv, hidden_size, past)
+
+
+def request_header(layer: int, rows: int, top_k: int, dtype: torch.dtype, hidden_size: int) -> torch.Tensor:
+    """OP_EXPERT: a = hidden size."""
+    return header(OP_EXPERT, layer, rows, top_k, dtype, hidden_size)
+
+
+def payload_bytes(head: list[int]) -> int:
+    """Size of the payload following a header (0: none)."""
+    op, _, rows, top_k, code, a, b, _ = head
+    if op == OP_EXPERT:
+        return request_payload_bytes(rows, a, top_k, dtype_of(code))
+    if op == OP_STAGE:
+        return rows * top_k * b * dtype_of(code).itemsize + rows * a + rows * top_k * 4
+    if op == OP_STATS:
+        return rows * 3 * 8 if a else 0
+    return 0
