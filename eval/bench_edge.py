@@ -16,6 +16,8 @@ routed pairs, the home's own share overlapping the others', as the dispatcher do
 Pipeline stages compute their layers one after the other.
 
     .venv/bin/python eval/bench_edge.py        # writes eval/results/edge.{md,json}
+    .venv/bin/python eval/bench_edge.py --big --samples 32 --seq-len 128 --eval-samples 16 --eval-len 128 --reps 3
+        # random-init model with Qwen3-30B-A3B's MoE dims, 4 layers, untrained routing: eval/results/edge_30b.{md,json}
 """
 from __future__ import annotations
 
@@ -51,6 +53,15 @@ CONFIGS = [  # (row name, mode, method, replicas, balance)
     ("pipeline: fewest_servers", "pipeline", "fewest_servers", False, "total"),
 ]
 BATCHES = (1, 8)
+BIG_NOTE = ("Random-init Qwen3-MoE with Qwen3-30B-A3B's MoE dims (hidden 2048, 128 experts of width 768, top-8, "
+            "32/4 heads of 128), {layers} decoder layers, vocab 8192 (refmoe-qwen3's tokenizer); 4-bit RTN experts "
+            "(group 128), dense weights bf16. ROUTING IS NOT TRAINED: its random routers route the real text "
+            "near uniformly, so the expert model's placements find little co-activation structure; the compute "
+            "per layer is that of the real dims. Decode only. {layers} layers: a real 48-layer model has "
+            "48/{layers}x the per-token compute and (expert model) up to 48/{layers}x the round trips; the "
+            "pipeline's hops per token depend on its stages, not on depth.\n")
+BIG_CONFIGS = ("expert: greedy_balanced", "expert: affinity (ours)", "pipeline: all_servers",
+               "pipeline: fewest_servers")
 
 
 def export_4bit(model_path: str, work: Path) -> Path:
@@ -135,12 +146,64 @@ def calls_for(trace: np.ndarray, batch: int, kind: str) -> tuple[np.ndarray, lis
 def run_model(path: str, args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import moecompress
-
     t0 = time.time()
     checkpoint = export_4bit(path, Path(args.work))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
+    return place_and_replay(Path(path).name, model, tokenizer, checkpoint, args, CONFIGS, ("decode", "prefill"), t0)
+
+
+def build_big(args) -> tuple[Path, Path]:
+    """A random-init Qwen3-MoE with Qwen3-30B-A3B's MoE dims (the config of bench_runtime.build_random_30b_dims:
+    hidden 2048, 128 experts of width 768, top-8, 32/4 heads of 128) with `args.big_layers` decoder layers, vocab
+    8192 = refmoe-qwen3's tokenizer, whose files it gets; RTN 4-bit experts (group 128, min-max ranges, dense weights
+    bf16) exported by bench_cpu.export_plans."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    sys.path.insert(0, str(ROOT / "eval"))
+    import bench_cpu
+    import bench_runtime
+
+    work = Path(args.work)
+    dims = work / "big-30b-dims-bf16"  # bench_runtime's model (2 layers): its config gives the dims
+    if not (dims / "config.json").exists():
+        bench_runtime.build_random_30b_dims(dims, vocab=8192)
+    bf16 = work / f"big-30b-dims-{args.big_layers}l-bf16"
+    if not (bf16 / "config.json").exists():
+        config = AutoConfig.from_pretrained(dims)
+        config.num_hidden_layers = args.big_layers
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(bf16)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (bf16 / name).write_bytes((Path(args.tokenizer) / name).read_bytes())
+    checkpoint = bench_cpu.export_plans(bf16, work, f"big-30b-dims-{args.big_layers}l", ["4"],
+                                        bench_cpu.GROUP_SIZE["b"], "16")["4"]
+    return bf16, checkpoint
+
+
+def run_big(args) -> dict:
+    """--big: the expert model's and the pipeline's placements on the random-init 30B-A3B-dims model; routing of its
+    untrained routers on real text (near uniform)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.time()
+    bf16, checkpoint = build_big(args)
+    model = AutoModelForCausalLM.from_pretrained(bf16, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    if len(tokenizer) > model.config.vocab_size:
+        raise SystemExit(f"tokenizer has {len(tokenizer)} ids, the model's vocab is {model.config.vocab_size}")
+    configs = [c for c in CONFIGS if c[0] in BIG_CONFIGS]
+    res = place_and_replay(f"random-init Qwen3-MoE, 30B-A3B MoE dims, {args.big_layers} layers (routing NOT trained)", model,
+                           tokenizer, checkpoint, args, configs, ("decode",), t0)
+    res["routing_trained"] = False
+    return res
+
+
+def place_and_replay(name: str, model, tokenizer, checkpoint: Path, args, configs, kinds, t0: float) -> dict:
+    """Routing of `model` (calibration split: placement; held-out eval: replay), compute of the runtime model
+    loaded from `checkpoint`, and every configuration at every server count."""
+    import moecompress
+
     layout = describe(model)
     calib = calibrate(model, tokenizer, args.calib, CalibrationOptions(samples=args.samples, seq_len=args.seq_len,
                                                                        hessians=False, progress=False))
@@ -155,25 +218,26 @@ def run_model(path: str, args) -> dict:
     stats = routing_stats(calib)
     sizes = checkpoint_layer_sizes(checkpoint)
     hidden = model.config.hidden_size
+    del model
     runtime_model = moecompress.from_pretrained(checkpoint, dtype=torch.bfloat16).eval()
     compute = {(kind, b): measure_compute(runtime_model, layout, b, 1 if kind == "decode" else args.eval_len,
                                           args.eval_len, args.reps)
-               for kind in ("decode", "prefill") for b in BATCHES}
+               for kind in kinds for b in BATCHES}
     del runtime_model
-    print(f"{Path(path).name}: routing + compute measured in {time.time() - t0:.0f}s", flush=True)
-    replays = {(kind, b): calls_for(trace, b, kind) for kind in ("decode", "prefill") for b in BATCHES}
-    result = {"model": Path(path).name, "hidden_size": hidden, "dense_bytes": sizes.dense_bytes,
+    print(f"{name}: routing + compute measured in {time.time() - t0:.0f}s", flush=True)
+    replays = {(kind, b): calls_for(trace, b, kind) for kind in kinds for b in BATCHES}
+    result = {"model": name, "hidden_size": hidden, "dense_bytes": sizes.dense_bytes,
               "expert_bytes": int(sizes.expert_bytes.sum()), "eval_tokens": T, "calib_tokens": calib.num_tokens,
               "compute": {f"{k}-{b}": v for (k, b), v in compute.items()}, "servers": {}}
     for n in args.servers:
         memory = int(sizes.dense_bytes + args.slack * sizes.expert_bytes.sum() / n)
         rows = []
-        for name, mode, method, replicas, balance in CONFIGS:
+        for row_name, mode, method, replicas, balance in configs:
             spec = ServerSpec(memory_bytes=(memory,) * n, mode=mode, balance=balance, replicate_dense=False)
             p = place(stats, sizes, spec, method, replicate=False)
             if replicas:
                 p = replicate_hot(p, stats, spec)
-            row = {"name": name, "mode": mode, "method": p.method, "balance_rule": balance}
+            row = {"name": row_name, "mode": mode, "method": p.method, "balance_rule": balance}
             for (kind, b), (experts, calls) in replays.items():
                 c = replay(p, experts, calls, hidden, 2, sizes.moe_decoder_layers)
                 tr = traffic_row(p, c, sizes.moe_decoder_layers)
@@ -221,13 +285,16 @@ def markdown(results: list[dict]) -> str:
                       "worst layer | decode ms/token LAN B=1 / B=8 | decode ms/token WAN B=1 / B=8 | prefill tok/s LAN "
                       "B=1 / B=8 | prefill tok/s WAN B=1 / B=8 |", "|---|---|---|---|---|---|---|---|"]
             for r in block["rows"]:
-                d1, d8, p1, p8 = r["decode-1"], r["decode-8"], r["prefill-1"], r["prefill-8"]
+                d1, d8 = r["decode-1"], r["decode-8"]
+                p1, p8 = r.get("prefill-1"), r.get("prefill-8")
+                bal = p8 or d8  # routed-pair balance: of the prefill replay, else (--big) of the decode replay
+                prefill = (f"{p1['lan_tokens_per_s']:.0f} / {p8['lan_tokens_per_s']:.0f} | "
+                           f"{p1['wan_tokens_per_s']:.0f} / {p8['wan_tokens_per_s']:.0f}") if p8 else "- | -"
                 lines.append(
                     f"| {r['name']} | {d1['bytes_per_token']:.0f} | {d1['round_trips_per_call']:.2f} | "
-                    f"{p8['balance']:.2f} / {p8['layer_balance']:.2f} | {d1['lan_ms_per_token']:.2f} / "
+                    f"{bal['balance']:.2f} / {bal['layer_balance']:.2f} | {d1['lan_ms_per_token']:.2f} / "
                     f"{d8['lan_ms_per_token']:.2f} | {d1['wan_ms_per_token']:.2f} / {d8['wan_ms_per_token']:.2f} | "
-                    f"{p1['lan_tokens_per_s']:.0f} / {p8['lan_tokens_per_s']:.0f} | {p1['wan_tokens_per_s']:.0f} / "
-                    f"{p8['wan_tokens_per_s']:.0f} |")
+                    f"{prefill} |")
             d = block["default"]
             lines.append("")
             lines.append(f"Default (`{d['default']}`) vs best baseline, modeled decode ms/token: " + "; ".join(
@@ -301,6 +368,11 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out", default=str(ROOT / "eval/results"))
     ap.add_argument("--work", default="/tmp/moecompress-bench-edge", help="exported 4-bit checkpoints (reused)")
+    ap.add_argument("--big", action="store_true", help="only: a random-init model with Qwen3-30B-A3B's MoE dims (2 "
+                    "layers, untrained routing on real text), decode only (writes edge_30b.{md,json})")
+    ap.add_argument("--big-layers", type=int, default=4, help="--big: decoder layers (a 2-layer pipeline cannot "
+                    "fit a stage in 4 servers' equal memory: one layer holds half the experts)")
+    ap.add_argument("--tokenizer", default=str(ROOT.parent / "shared/models/refmoe-qwen3"), help="--big: tokenizer")
     ap.add_argument("--real-run", action="store_true", help="only: the runtime's real run (gloo processes) vs the "
                     "replay, on refmoe-qwen3 (writes edge_real_run.json)")
     args = ap.parse_args()
@@ -312,14 +384,17 @@ def main() -> None:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "edge_real_run.json").write_text(json.dumps(res, indent=1))
         return
-    results = [run_model(m, args) for m in args.models.split(",")]
+    results = [run_big(args)] if args.big else [run_model(m, args) for m in args.models.split(",")]
+    stem = "edge_30b" if args.big else "edge"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     text = markdown(results) + f"\n({time.time() - t0:.0f}s; torch {torch.__version__}, 1 thread; placed from " \
         f"{args.samples} x {args.seq_len} calibration tokens, replayed {args.eval_samples} x {args.eval_len} held-out " \
         "eval tokens)\n"
-    (out / "edge.md").write_text(text)
-    (out / "edge.json").write_text(json.dumps(results, indent=1))
+    if args.big:
+        text = BIG_NOTE.format(layers=args.big_layers) + text
+    (out / f"{stem}.md").write_text(text)
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
     print(text)
 
 

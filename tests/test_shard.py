@@ -15,7 +15,8 @@ from moecompress.calibrate.options import CalibrationOptions
 from moecompress.calibrate.run import calibrate
 from moecompress.errors import MoecompressError
 from moecompress.export.checkpoint import export_checkpoint
-from moecompress.format.files import MANIFEST, PLACEMENT_FILE, sha256_file, verify_bundles
+from moecompress.format.bundle_set import verify_bundles
+from moecompress.format.files import MANIFEST, PLACEMENT_FILE, sha256_file
 from moecompress.shard.bundles import BUNDLE_FILE
 from moecompress.shard.command import checkpoint_layer_sizes, checkpoint_sizes, run_shard_command
 

@@ -288,7 +288,7 @@ def test_bad_placement_refused(bundles, edit, match):
 
 
 def test_garbage_placement_and_missing_bundle(bundles):
-    from moecompress.format.files import verify_bundles
+    from moecompress.format.bundle_set import verify_bundles
 
     shutil.rmtree(bundles / "server-1")
     with pytest.raises(MoecompressError, match="server-1 is missing"):

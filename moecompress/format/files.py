@@ -224,7 +224,3 @@ def _alive(pid: int) -> bool:
     except (PermissionError, OverflowError):
         return pid > 0
     return True
-
-
-# The bundle set's check lives with the bundle set; it is re-exported here, where loaders have always found it.
-from moecompress.format.bundle_set import verify_bundles  # noqa: E402

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from moecompress.errors import MoecompressError
-from moecompress.format.files import verify_bundles
+from moecompress.format.bundle_set import verify_bundles
 
 
 def load_bundles(out: str | Path, dtype: torch.dtype = torch.float32, **kwargs) -> nn.Module:

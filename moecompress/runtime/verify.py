@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 
 from moecompress.errors import MoecompressError
+from moecompress.format.bundle_set import verify_bundles
 from moecompress.format.files import (
     MANIFEST,
     PLACEMENT_FILE,
     is_partial,
     refuse_partial,
-    verify_bundles,
     verify_files,
     verify_listed,
 )
