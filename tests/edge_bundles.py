@@ -9,6 +9,7 @@ from moecompress.artifacts.placement import Placement
 from moecompress.export.checkpoint import export_checkpoint
 from moecompress.shard.bundles import write_bundles
 from moecompress.shard.command import checkpoint_sizes
+from moecompress.runtime.edge import deploy
 
 IDS = torch.randint(3, 128, (3, 10), generator=torch.Generator().manual_seed(7))
 MASK = torch.ones_like(IDS)
@@ -72,3 +73,24 @@ def pipeline_bundles(ck, out, layer_servers: tuple[int, ...], servers: int):
                                 mode="pipeline", layer_servers=layer_servers,
                                 server_dense_bytes=(int(dense_bytes),) * servers), out)
     return out
+
+
+def run_calls(d):
+    """The same calls on any deployment: one forward, one greedy generation -> (logits, tokens, exact counts)."""
+    logits = d(IDS, MASK)
+    tokens = d.generate(IDS, MASK, max_new_tokens=NEW_TOKENS, stop_at_eos=False)
+    return logits, tokens, d.counters.counts()
+
+
+def processes_equal_simulation(out, ref_logits, ref_tokens):
+    """Run the bundles in OUT simulated and as real processes: both give the reference outputs (float32, 1e-5) and
+    the real run counts exactly what the simulation counts. Returns the real run's counters."""
+    with deploy(out, simulate=True) as d:
+        _, _, sim_counts = run_calls(d)
+    with deploy(out, simulate=False, timeout=60) as d:
+        logits, tokens, counts = run_calls(d)
+        counters = d.counters
+    assert (logits - ref_logits).abs().max() <= 1e-5
+    assert torch.equal(tokens, ref_tokens)
+    assert counts == sim_counts
+    return counters

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from edge_bundles import IDS, MASK, NEW_TOKENS, checkpoint, expert_bundles
+from edge_bundles import IDS, MASK, checkpoint, expert_bundles, processes_equal_simulation, run_calls
 
 import moecompress
 from moecompress.errors import MoecompressError
@@ -28,13 +28,6 @@ def built(tmp_path_factory):
     return ck.parent, logits, tokens
 
 
-def _run(d):
-    """The same calls on any deployment: one forward, one greedy generation."""
-    logits = d(IDS, MASK)
-    tokens = d.generate(IDS, MASK, max_new_tokens=NEW_TOKENS, stop_at_eos=False)
-    return logits, tokens, d.counters.counts()
-
-
 def test_wire_sizes_are_the_counted_sizes():
     hidden, ids, w = torch.randn(5, 64), torch.randint(0, 8, (5, 2)), torch.rand(5, 2)
     request, reply = expert_message_bytes(5, 64, 2, 4)
@@ -47,7 +40,7 @@ def test_wire_sizes_are_the_counted_sizes():
 def test_simulation_equals_single_process_model(built):
     tmp, ref_logits, ref_tokens = built
     with deploy(tmp / "out2", simulate=True) as d:
-        logits, tokens, counts = _run(d)
+        logits, tokens, counts = run_calls(d)
         assert d.counters.pairs[:, 1].sum() > 0  # server 1 really computed pairs
     assert (logits - ref_logits).abs().max() <= 1e-5
     assert torch.equal(tokens, ref_tokens)
@@ -74,7 +67,7 @@ def test_replay_of_the_recorded_trace_predicts_the_counts_exactly(built):
 
     tmp, _, _ = built
     with deploy(tmp / "out4", simulate=True, record=True) as d:
-        _, _, counts = _run(d)
+        _, _, counts = run_calls(d)
         experts, _, calls = d.trace()
     predicted = replay(Placement.load(tmp / "out4" / "placement.json"), experts, [Call(*c) for c in calls], 64, 4)
     assert predicted.counts() == counts
@@ -83,9 +76,9 @@ def test_replay_of_the_recorded_trace_predicts_the_counts_exactly(built):
 def test_two_processes_equal_model_and_simulation_counts(built):
     tmp, ref_logits, ref_tokens = built
     with deploy(tmp / "out2", simulate=True) as d:
-        _, _, sim_counts = _run(d)
+        _, _, sim_counts = run_calls(d)
     with deploy(tmp / "out2", simulate=False, timeout=60) as d:
-        logits, tokens, counts = _run(d)
+        logits, tokens, counts = run_calls(d)
         assert (logits - ref_logits).abs().max() <= 1e-5
         assert torch.equal(tokens, ref_tokens)
         assert counts == sim_counts
@@ -116,13 +109,7 @@ def test_hung_server_is_named_within_the_timeout(built):
 @pytest.mark.slow
 def test_four_processes_equal_model_and_simulation_counts(built):
     tmp, ref_logits, ref_tokens = built
-    with deploy(tmp / "out4", simulate=True) as d:
-        _, _, sim_counts = _run(d)
-    with deploy(tmp / "out4", simulate=False, timeout=60) as d:
-        logits, tokens, counts = _run(d)
-    assert (logits - ref_logits).abs().max() <= 1e-5
-    assert torch.equal(tokens, ref_tokens)
-    assert counts == sim_counts
+    processes_equal_simulation(tmp / "out4", ref_logits, ref_tokens)
 
 
 def test_refusals_before_any_exchange(built, tmp_path):

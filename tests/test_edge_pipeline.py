@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from edge_bundles import IDS, MASK, NEW_TOKENS, checkpoint, pipeline_bundles
+from edge_bundles import IDS, MASK, NEW_TOKENS, checkpoint, pipeline_bundles, processes_equal_simulation, run_calls
 
 from moecompress.execution.counters import HEADER_BYTES
 from moecompress.runtime.edge import deploy
@@ -19,17 +19,11 @@ def built(tmp_path_factory):
     return ck.parent, logits, tokens
 
 
-def _run(d):
-    logits = d(IDS, MASK)
-    tokens = d.generate(IDS, MASK, max_new_tokens=NEW_TOKENS, stop_at_eos=False)
-    return logits, tokens, d.counters.counts()
-
-
 @pytest.mark.parametrize("name", ["pipe2", "pipe3", "pipe4"])
 def test_simulated_stages_equal_single_process_model(built, name):
     tmp, ref_logits, ref_tokens = built
     with deploy(tmp / name, simulate=True) as d:
-        logits, tokens, counts = _run(d)
+        logits, tokens, counts = run_calls(d)
         calls = list(d.calls)
     assert [s for _, s, _ in calls] == [10, 10] + [1] * (NEW_TOKENS - 1)  # forward, prefill, decode steps
     assert (logits - ref_logits).abs().max() <= 1e-5
@@ -51,26 +45,14 @@ def test_simulated_stages_equal_single_process_model(built, name):
 
 def test_two_stage_processes_equal_model_and_simulation_counts(built):
     tmp, ref_logits, ref_tokens = built
-    with deploy(tmp / "pipe2", simulate=True) as d:
-        _, _, sim_counts = _run(d)
-    with deploy(tmp / "pipe2", simulate=False, timeout=60) as d:
-        logits, tokens, counts = _run(d)
-    assert (logits - ref_logits).abs().max() <= 1e-5
-    assert torch.equal(tokens, ref_tokens)
-    assert counts == sim_counts
+    processes_equal_simulation(tmp / "pipe2", ref_logits, ref_tokens)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["pipe3", "pipe4"])
 def test_three_and_four_processes_equal_model_and_simulation_counts(built, name):
     tmp, ref_logits, ref_tokens = built
-    with deploy(tmp / name, simulate=True) as d:
-        _, _, sim_counts = _run(d)
-    with deploy(tmp / name, simulate=False, timeout=60) as d:
-        logits, tokens, counts = _run(d)
-    assert (logits - ref_logits).abs().max() <= 1e-5
-    assert torch.equal(tokens, ref_tokens)
-    assert counts == sim_counts
+    processes_equal_simulation(tmp / name, ref_logits, ref_tokens)
 
 
 @pytest.mark.slow
