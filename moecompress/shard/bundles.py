@@ -139,10 +139,14 @@ def bundle_description(placement: Placement, server: int, placement_sha256: str)
 
 
 def write_bundles(checkpoint: str | Path, placement: Placement, out: str | Path, traffic: dict | None = None,
-                  overwrite: bool = False) -> Placement:
-    """Write OUT/server-K/ for every server and OUT/placement.json (with every file's sha256); atomically."""
+                  overwrite: bool = False, verify: bool = True) -> Placement:
+    """Write OUT/server-K/ for every server and OUT/placement.json (with every file's sha256); atomically.
+
+    `verify=False` only where the caller has just verified the checkpoint's files (the shard command does, before it
+    reads any size), so that they are hashed once."""
     checkpoint, out = Path(checkpoint), Path(out)
-    verify_files(checkpoint)
+    if verify:
+        verify_files(checkpoint)
     config, spec = read_spec_and_config(checkpoint)
     if placement.num_layers != len(spec.experts):
         raise MoecompressError(f"placement has {placement.num_layers} MoE layers, the checkpoint {len(spec.experts)}")
