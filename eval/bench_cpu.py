@@ -50,19 +50,22 @@ def build_model_b(out: Path, ref: Path, vocab: int) -> None:
         shutil.copy(ref / name, out / name)
 
 
-def plan_for(layout, name: str, group_size: int, dense_bits: str):
+def plan_for(layout, name: str, group_size: int, dense_bits: str, head_bits: str = "16"):
     """rt.plan_for's expert bits, plus the attention linears quantized as llama.cpp's types do (its Q4_0..Q2_K keep
-    3-6 bits there, Q8_0 8): 8 bits for plan 8, else 4; `dense_bits="16"` keeps them bf16. lm_head stays bf16 (the
-    layout does not list it; llama.cpp stores it at Q6_K or Q8_0)."""
+    3-6 bits there, Q8_0 8): 8 bits for plan 8, else 4; `dense_bits="16"` keeps them bf16. lm_head stays bf16 unless
+    `head_bits` says otherwise (llama.cpp stores it at Q6_K, or Q8_0 for Q8_0; only for untied embeddings)."""
     plan = rt.plan_for(layout, name, group_size)
-    if dense_bits == "16":
-        return plan
-    bits = 8 if name == "8" else 4 if dense_bits == "match" else int(dense_bits)
-    linears = {p: bits for p in layout.attention_linears}
-    return replace(plan, linears=linears)
+    linears = {}
+    if dense_bits != "16":
+        bits = 8 if name == "8" else 4 if dense_bits == "match" else int(dense_bits)
+        linears = {p: bits for p in layout.attention_linears}
+    if head_bits != "16":
+        linears["lm_head"] = int(head_bits)
+    return replace(plan, linears=linears) if linears else plan
 
 
-def export_plans(bf16_dir: Path, work: Path, key: str, plans, group_size: int, dense_bits: str) -> dict[str, Path]:
+def export_plans(bf16_dir: Path, work: Path, key: str, plans, group_size: int, dense_bits: str,
+                 head_bits: str = "16") -> dict[str, Path]:
     import gc
 
     import torch
@@ -72,14 +75,15 @@ def export_plans(bf16_dir: Path, work: Path, key: str, plans, group_size: int, d
     from moecompress.export.checkpoint import export_checkpoint
     from moecompress.quantize.stage import QuantizeOptions, quantize_model
 
-    dirs = {p: work / f"{key}-{p}-dense{dense_bits}" for p in plans}
+    head = "" if head_bits == "16" else f"-head{head_bits}"
+    dirs = {p: work / f"{key}-{p}-dense{dense_bits}{head}" for p in plans}
     todo = [p for p in plans if not (dirs[p] / "config.json").exists()]
     if todo:
         model = AutoModelForCausalLM.from_pretrained(bf16_dir, dtype=torch.bfloat16)
         layout = describe(model)
         for p in todo:
             print(f"[{key}] quantize + export plan {p}", flush=True)
-            plan = plan_for(layout, p, group_size, dense_bits)
+            plan = plan_for(layout, p, group_size, dense_bits, head_bits)
             options = QuantizeOptions(method="rtn", clip="minmax")  # random weights: the range search buys nothing
             quantized = quantize_model(model, layout, plan, None, options, progress=False)
             export_checkpoint(model, layout, plan, quantized, dirs[p], overwrite=True)
@@ -151,11 +155,13 @@ def _generate(model, prompt_ids, gen: int) -> float:
     return time.perf_counter() - t0
 
 
-def ours_subprocess(directory: Path, args) -> dict:
+def ours_subprocess(directory: Path, args, fused: bool = True) -> dict:
     cmd = [sys.executable, __file__, "--measure", str(directory), "--threads", str(args.threads), "--prefill",
            str(args.prefill), "--prompt", str(args.prompt), "--gen", str(args.gen), "--batches",
            ",".join(map(str, args.batches))]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    if not fused:  # PackedExperts' general path at decode too (runtime/cpu_moe.py)
+        env["MOECOMPRESS_CPU_FUSED_TOKENS"] = "0"
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
         raise RuntimeError(f"measuring {directory} failed:\n{proc.stderr[-3000:]}")
@@ -192,12 +198,15 @@ def prepare(args) -> tuple[list[tuple], object]:
             build_model_b(bf16_dir, ref, args.vocab_b)
         quant = [p for p in args.plans if p != "bf16"]
         dirs = {"bf16": bf16_dir} if "bf16" in args.plans else {}
-        dirs.update(export_plans(bf16_dir, work, key, quant, GROUP_SIZE[key], args.dense_bits))
+        head = args.head_bits if key == "b" else "16"  # model (a) ties lm_head to the embeddings
+        dirs.update(export_plans(bf16_dir, work, key, quant, GROUP_SIZE[key], args.dense_bits, head))
         ggufs = {} if lib is None else llama.convert(lib, bf16_dir, work / f"{key}-gguf",
                                                      [t for t in args.gguf if t != "bf16"])
         ggufs = {t: ggufs[t] for t in ["bf16", *args.gguf] if t in ggufs}
         for p, d in dirs.items():
             configs.append((key, "ours", p, d, bf16_dir))
+            if args.compare_fused and p != "bf16":
+                configs.append((key, "ours-unfused", p, d, bf16_dir))
             if MATCH.get(p) in ggufs:
                 configs.append((key, "llama.cpp", MATCH[p], ggufs.pop(MATCH[p]), bf16_dir))
         configs += [(key, "llama.cpp", t, g, bf16_dir) for t, g in ggufs.items()]
@@ -223,8 +232,8 @@ def run(args, configs, lib, report) -> dict:
         for i, (key, engine, plan, path, _) in enumerate(configs):
             print(f"round {r + 1}/{args.rounds}: [{key}] {engine} {plan}", flush=True)
             try:
-                if engine == "ours":
-                    samples[i].append(ours_subprocess(path, args))
+                if engine.startswith("ours"):
+                    samples[i].append(ours_subprocess(path, args, fused=engine == "ours"))
                 else:
                     res = llama.llama_bench(lib, path, args.threads, args.prefill, args.gen)
                     res.update(llama.batched_bench(lib, path, args.threads, args.prompt, args.gen, args.batches))
@@ -251,7 +260,11 @@ def parse_args(argv=None):
     ap.add_argument("--gguf", default=",".join(llama.GGUF_TYPES), type=csv, help="llama.cpp types (bf16 always runs)")
     ap.add_argument("--dense-bits", default="match", choices=("match", "16", "8", "4"),
                     help="bits of the attention linears in our quantized plans (match: 8 for plan 8, else 4)")
+    ap.add_argument("--head-bits", default="16", choices=("16", "8", "4"),
+                    help="bits of lm_head in our quantized plans of model (b) (16: bf16; llama.cpp uses Q6_K / Q8_0)")
     ap.add_argument("--no-llama", action="store_true", help="ours only")
+    ap.add_argument("--compare-fused", action="store_true",
+                    help="also run each quantized plan of ours without the fused MoE decode call (engine ours-unfused)")
     ap.add_argument("--prepare-only", action="store_true", help="build, export and convert the models, then stop")
     ap.add_argument("--llama-dir", default=str(llama.DEFAULT_DIR), help="llama.cpp source + build cache")
     ap.add_argument("--ref-model", default="../shared/models/refmoe-qwen3", help="model (a), relative to the repo")
@@ -286,7 +299,7 @@ def main(argv=None) -> None:
     command = "python eval/bench_cpu.py " + " ".join(sys.argv[1:] if argv is None else argv)
 
     def report(result: dict) -> str:
-        result.update(command=command, wall_s=time.time() - t0, load=(load0, os.getloadavg()[0]),
+        result.update(command=command, head_bits=args.head_bits, wall_s=time.time() - t0, load=(load0, os.getloadavg()[0]),
                       threads=args.threads, shapes={"prefill": args.prefill, "prompt": args.prompt, "gen": args.gen,
                                                     "batches": args.batches})
         return write_report(result, REPO / args.out)

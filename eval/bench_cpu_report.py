@@ -75,7 +75,7 @@ def engine_table(rows: list[dict], bw: float, batches) -> list[str]:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         bound = {b: b * bw / r["active"][f"b{b}"] for b in batches}
-        ours = r["engine"] == "ours"
+        ours = r["engine"].startswith("ours")
         cells = [r["engine"], r["plan"], f"{r['bytes'] * MB:.1f}", f"{r['active']['b1'] * MB:.1f}",
                  _fmt(r.get("prefill"))]
         cells += [_fmt(r.get(f"decode_b{b}")) for b in batches] + [f"{bound[b]:.0f}" for b in batches]
@@ -132,8 +132,11 @@ def write_report(result: dict, out: Path) -> str:
              "buffers and any repacked weights). RSS incr after run / file: that increase less shared libraries loaded "
              "meanwhile (the C++ kernel modules), over the checkpoint's tensor bytes (packed + dense).",
              "RTN with min-max ranges (random weights: quality is not measured here); our quantized plans also "
-             "quantize the attention linears (8-bit for plan 8, else 4-bit, group as the experts); lm_head, router "
-             "and norms stay bf16. Group size: 64 for (a), 128 for (b).",
+             "quantize the attention linears (8-bit for plan 8, else 4-bit, group as the experts); "
+             + ("lm_head, router and norms stay bf16" if result.get("head_bits", "16") == "16" else
+                f"lm_head {result['head_bits']}-bit in model (b) (tied to the embeddings in (a): bf16), router and "
+                "norms bf16") + ". Group size: 64 for (a), 128 for (b). ours-unfused: ours without the fused MoE "
+             "decode call (runtime/cpu_moe.py), i.e. per-group kernel calls with routing in Python.",
              ""]
     for key in dict.fromkeys(r["model"] for r in result["rows"]):
         rows = [r for r in result["rows"] if r["model"] == key]

@@ -10,10 +10,16 @@ and fewest_servers. Time model (execution/timing.py): measured compute on the cr
 latency + bytes / bandwidth, LAN (1 Gbit/s, 0.5 ms) and WAN (100 Mbit/s, 5 ms), with 1 and 8 concurrent sequences.
 
 Compute: per decoder layer and per MoE experts block, measured (thread CPU time) with forward hooks on the exported
-checkpoint loaded by the runtime (moecompress.from_pretrained: packed 4-bit experts, bf16, 1 thread) in one process; the engine's
-simulation mode was not used for timing. Expert-model ranks compute their share of each layer's experts time (by
-routed pairs, the home's own share overlapping the others', as the dispatcher does); the home computes the rest.
-Pipeline stages compute their layers one after the other.
+checkpoint loaded by the runtime (moecompress.from_pretrained: the packed 4-bit modules every rank runs, bf16, 1
+thread) in one process, as a ComputeProfile; timing.profile_compute puts it on the critical path of each placement
+(the code `moecompress shard --mode auto` plans with): expert-model ranks compute their share of each layer's experts
+time (by routed pairs, the home's own share overlapping the others', as the dispatcher does), the home the rest;
+pipeline stages one after the other. eval/bench_edge_sim.py compares this compute with the runtime's own simulation.
+
+"auto: ..." rows: what `moecompress shard` (default --mode auto) chooses for each link profile and batch, from the
+calibration trace and the measured profile, then replayed on the held-out text like every other row. The last table
+per server count compares it with the best baseline (expert contiguous / round_robin / greedy_balanced, pipeline
+all_servers): chosen with the matching --link/--batch, and chosen with the defaults (--link lan --batch 1).
 
     .venv/bin/python eval/bench_edge.py        # writes eval/results/edge.{md,json}
     .venv/bin/python eval/bench_edge.py --big --samples 32 --seq-len 128 --eval-samples 16 --eval-len 128 --reps 3
@@ -37,10 +43,11 @@ from moecompress.arch.adapters import describe  # noqa: E402
 from moecompress.calibrate.options import CalibrationOptions  # noqa: E402
 from moecompress.calibrate.run import calibrate  # noqa: E402
 from moecompress.execution.replay import Call, replay  # noqa: E402
-from moecompress.execution.timing import PROFILES, critical_compute, modeled_time  # noqa: E402
+from moecompress.execution.timing import PROFILES, ComputeProfile, modeled_time, profile_compute  # noqa: E402
 from moecompress.shard import ServerSpec, place, replicate_hot, traffic_row  # noqa: E402
 from moecompress.shard.command import checkpoint_layer_sizes, routing_stats  # noqa: E402
-from moecompress.shard.compare import BASELINES, DEFAULT_METHOD, DEFAULT_MODE  # noqa: E402
+from moecompress.shard.choose import choose_placement  # noqa: E402
+from moecompress.shard.compare import BASELINES  # noqa: E402
 
 CONFIGS = [  # (row name, mode, method, replicas, balance)
     ("expert: contiguous", "expert", "contiguous", False, "total"),
@@ -56,12 +63,10 @@ BATCHES = (1, 8)
 BIG_NOTE = ("Random-init Qwen3-MoE with Qwen3-30B-A3B's MoE dims (hidden 2048, 128 experts of width 768, top-8, "
             "32/4 heads of 128), {layers} decoder layers, vocab 8192 (refmoe-qwen3's tokenizer); 4-bit RTN experts "
             "(group 128), dense weights bf16. ROUTING IS NOT TRAINED: its random routers route the real text "
-            "near uniformly, so the expert model's placements find little co-activation structure; the compute "
+            "near uniformly (recorded with the bf16 model), so the expert model's placements find little co-activation structure; the compute "
             "per layer is that of the real dims. Decode only. {layers} layers: a real 48-layer model has "
             "48/{layers}x the per-token compute and (expert model) up to 48/{layers}x the round trips; the "
             "pipeline's hops per token depend on its stages, not on depth.\n")
-BIG_CONFIGS = ("expert: greedy_balanced", "expert: affinity (ours)", "pipeline: all_servers",
-               "pipeline: fewest_servers")
 
 
 def export_4bit(model_path: str, work: Path) -> Path:
@@ -118,18 +123,12 @@ def measure_compute(model, layout, batch: int, new_tokens: int, context: int, re
     return {"total": float(totals[best]), "layers": layer_t[best], "moe": moe_t[best]}
 
 
-def call_compute(placement, counters, compute: dict) -> float:
-    """Compute seconds on the critical path of one call (timing.critical_compute) from measured layer times."""
-    N = placement.num_servers
-    head = compute["total"] - sum(compute["layers"])
-    if placement.mode == "pipeline":
-        rows = [[compute["layers"][d] if s == server else 0.0 for s in range(N)]
-                for d, server in enumerate(placement.layer_servers)]
-        return critical_compute(rows, head, "pipeline")
-    pairs = counters.pairs.astype(np.float64)  # [L, N]
-    share = pairs / np.maximum(pairs.sum(1, keepdims=True), 1)
-    rows = [[t * share[layer, s] for s in range(N)] for layer, t in enumerate(compute["moe"])]
-    return critical_compute(rows, compute["total"] - sum(compute["moe"]), "expert")
+def as_profile(compute: dict, batch: int, context: int, moe_decoder_layers) -> ComputeProfile:
+    """measure_compute's result as the ComputeProfile that `moecompress shard` plans with (execution/timing.py)."""
+    return ComputeProfile(batch=batch, context=context, layer_seconds=tuple(compute["layers"]),
+                          moe_seconds=tuple(compute["moe"]), moe_decoder_layers=tuple(moe_decoder_layers),
+                          head_seconds=max(compute["total"] - sum(compute["layers"]), 0.0),
+                          source="bench_edge: runtime model, thread CPU time, min of reps")
 
 
 def calls_for(trace: np.ndarray, batch: int, kind: str) -> tuple[np.ndarray, list[Call]]:
@@ -188,11 +187,11 @@ def run_big(args) -> dict:
 
     t0 = time.time()
     bf16, checkpoint = build_big(args)
-    model = AutoModelForCausalLM.from_pretrained(bf16, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(bf16, dtype=torch.bfloat16).eval()  # routing in bf16: 5 GB less
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     if len(tokenizer) > model.config.vocab_size:
         raise SystemExit(f"tokenizer has {len(tokenizer)} ids, the model's vocab is {model.config.vocab_size}")
-    configs = [c for c in CONFIGS if c[0] in BIG_CONFIGS]
+    configs = [c for c in CONFIGS if c[4] == "total"]  # every placement but the layer-balance variant
     res = place_and_replay(f"random-init Qwen3-MoE, 30B-A3B MoE dims, {args.big_layers} layers (routing NOT trained)", model,
                            tokenizer, checkpoint, args, configs, ("decode",), t0)
     res["routing_trained"] = False
@@ -206,7 +205,7 @@ def place_and_replay(name: str, model, tokenizer, checkpoint: Path, args, config
 
     layout = describe(model)
     calib = calibrate(model, tokenizer, args.calib, CalibrationOptions(samples=args.samples, seq_len=args.seq_len,
-                                                                       hessians=False, progress=False))
+                                                                       hessians=False, progress=False, trace=True))
     held = calibrate(model, tokenizer, args.eval, CalibrationOptions(samples=args.eval_samples, seq_len=args.eval_len,
                                                                      hessians=False, progress=False, trace=True,
                                                                      seed=1))
@@ -229,6 +228,28 @@ def place_and_replay(name: str, model, tokenizer, checkpoint: Path, args, config
     result = {"model": name, "hidden_size": hidden, "dense_bytes": sizes.dense_bytes,
               "expert_bytes": int(sizes.expert_bytes.sum()), "eval_tokens": T, "calib_tokens": calib.num_tokens,
               "compute": {f"{k}-{b}": v for (k, b), v in compute.items()}, "servers": {}}
+    profiles = {key: as_profile(c, key[1], args.eval_len, sizes.moe_decoder_layers) for key, c in compute.items()}
+    calib_trace = calib.trace_indices.numpy().astype(np.int64)
+
+    def evaluate(p, row_name: str, mode: str, balance: str) -> dict:
+        row = {"name": row_name, "mode": mode, "method": p.method, "balance_rule": balance}
+        for (kind, b), (experts, calls) in replays.items():
+            c = replay(p, experts, calls, hidden, 2, sizes.moe_decoder_layers)
+            tr = traffic_row(p, c, sizes.moe_decoder_layers)
+            crit = profile_compute(p, c, profiles[(kind, b)])
+            key = f"{kind}-{b}"
+            row[key] = {"bytes_per_token": tr["bytes_per_token"], "round_trips_per_call": tr["hops_per_call"] / 2,
+                        "hops_per_call": tr["hops_per_call"], "balance": tr["balance"],
+                        "layer_balance": tr["layer_balance"], "compute_per_call": crit}
+            for prof in PROFILES.values():
+                t = modeled_time(c, prof, crit * c.calls)
+                if kind == "decode":
+                    row[key][f"{prof.name}_ms_per_token"] = 1e3 * t.seconds / c.calls
+                else:
+                    row[key][f"{prof.name}_tokens_per_s"] = c.tokens / t.seconds
+        row.update(copies=tr["copies"], stages=tr["stages"], max_server_bytes=tr["max_server_bytes"])
+        return row
+
     for n in args.servers:
         memory = int(sizes.dense_bytes + args.slack * sizes.expert_bytes.sum() / n)
         rows = []
@@ -237,40 +258,40 @@ def place_and_replay(name: str, model, tokenizer, checkpoint: Path, args, config
             p = place(stats, sizes, spec, method, replicate=False)
             if replicas:
                 p = replicate_hot(p, stats, spec)
-            row = {"name": row_name, "mode": mode, "method": p.method, "balance_rule": balance}
-            for (kind, b), (experts, calls) in replays.items():
-                c = replay(p, experts, calls, hidden, 2, sizes.moe_decoder_layers)
-                tr = traffic_row(p, c, sizes.moe_decoder_layers)
-                crit = call_compute(p, c, compute[(kind, b)])
-                key = f"{kind}-{b}"
-                row[key] = {"bytes_per_token": tr["bytes_per_token"], "round_trips_per_call": tr["hops_per_call"] / 2,
-                            "hops_per_call": tr["hops_per_call"], "balance": tr["balance"],
-                            "layer_balance": tr["layer_balance"], "compute_per_call": crit}
-                for prof in PROFILES.values():
-                    t = modeled_time(c, prof, crit * c.calls)
-                    if kind == "decode":
-                        row[key][f"{prof.name}_ms_per_token"] = 1e3 * t.seconds / c.calls
-                    else:
-                        row[key][f"{prof.name}_tokens_per_s"] = c.tokens / t.seconds
-            row.update(copies=tr["copies"], stages=tr["stages"], max_server_bytes=tr["max_server_bytes"])
-            rows.append(row)
-        result["servers"][str(n)] = {"memory_bytes": memory, "rows": rows, "default": default_check(rows)}
+            rows.append(evaluate(p, row_name, mode, balance))
+        # what `moecompress shard` (--mode auto) chooses for each link profile and batch: from the calibration
+        # trace and the measured profile; then measured like every row on the held-out replay
+        auto, chosen = {}, {}
+        for b in BATCHES:
+            for prof in PROFILES.values():
+                spec = ServerSpec(memory_bytes=(memory,) * n, replicate_dense=False)
+                p, report = choose_placement(stats, sizes, spec, calib_trace, args.seq_len, hidden, 2,
+                                             profiles[("decode", b)], prof, replicate=True)
+                label = f"auto: {report['chosen']}" + (" + replicas" if "replicas" in p.method else "")
+                if label not in chosen:
+                    chosen[label] = evaluate(p, label, p.mode, "total")
+                auto[f"{prof.name}-{b}"] = {"chosen": label, "report": report}
+        result["servers"][str(n)] = {"memory_bytes": memory, "rows": rows, "auto_rows": list(chosen.values()),
+                                     "auto": auto, "default": default_check(rows, chosen, auto)}
         print(f"  {n} servers done ({time.time() - t0:.0f}s)", flush=True)
     return result
 
 
-def default_check(rows: list[dict]) -> dict:
-    """The default configuration's modeled decode time against the best baseline's, per profile and batch."""
-    default = next(r for r in rows if r["mode"] == DEFAULT_MODE and r["method"] == DEFAULT_METHOD[DEFAULT_MODE])
+def default_check(rows: list[dict], chosen: dict, auto: dict) -> dict:
+    """Modeled decode time (held-out replay) of what `shard` chooses against the best baseline, per profile and
+    batch: `matched` = chosen with that --link/--batch; `plain` = chosen with the defaults (--link lan --batch 1)."""
     baselines = [r for r in rows if r["method"] in BASELINES]
-    out = {"default": default["name"]}
+    out = {}
     for b in BATCHES:
         for prof in PROFILES:
             key, metric = f"decode-{b}", f"{prof}_ms_per_token"
             best = min(baselines, key=lambda r: r[key][metric])
-            mine = default[key][metric]
-            out[f"{prof}-{b}"] = {"default_ms": mine, "best_baseline": best["name"], "best_baseline_ms": best[key][metric],
-                                  "faster_by": 1 - mine / best[key][metric]}
+            entry = {"best_baseline": best["name"], "best_baseline_ms": best[key][metric]}
+            for which, cond in (("matched", f"{prof}-{b}"), ("plain", "lan-1")):
+                r = chosen[auto[cond]["chosen"]]
+                entry[which] = {"name": r["name"], "ms": r[key][metric],
+                                "faster_by": 1 - r[key][metric] / best[key][metric]}
+            out[f"{prof}-{b}"] = entry
     return out
 
 
@@ -284,7 +305,7 @@ def markdown(results: list[dict]) -> str:
                       "| configuration | bytes/token (decode, B=1) | round trips / decoded token | balance summed / "
                       "worst layer | decode ms/token LAN B=1 / B=8 | decode ms/token WAN B=1 / B=8 | prefill tok/s LAN "
                       "B=1 / B=8 | prefill tok/s WAN B=1 / B=8 |", "|---|---|---|---|---|---|---|---|"]
-            for r in block["rows"]:
+            for r in block["rows"] + block["auto_rows"]:
                 d1, d8 = r["decode-1"], r["decode-8"]
                 p1, p8 = r.get("prefill-1"), r.get("prefill-8")
                 bal = p8 or d8  # routed-pair balance: of the prefill replay, else (--big) of the decode replay
@@ -295,11 +316,15 @@ def markdown(results: list[dict]) -> str:
                     f"{bal['balance']:.2f} / {bal['layer_balance']:.2f} | {d1['lan_ms_per_token']:.2f} / "
                     f"{d8['lan_ms_per_token']:.2f} | {d1['wan_ms_per_token']:.2f} / {d8['wan_ms_per_token']:.2f} | "
                     f"{prefill} |")
-            d = block["default"]
-            lines.append("")
-            lines.append(f"Default (`{d['default']}`) vs best baseline, modeled decode ms/token: " + "; ".join(
-                f"{k}: {v['default_ms']:.2f} vs {v['best_baseline_ms']:.2f} ({v['best_baseline']}), "
-                f"{v['faster_by']:+.1%}" for k, v in d.items() if k != "default"))
+            lines += ["", "`moecompress shard` (--mode auto) vs the best baseline, modeled decode ms/token on the "
+                      "held-out replay (chosen from the calibration trace):", "",
+                      "| link, B | best baseline | chosen with that --link/--batch | faster by | chosen with the "
+                      "defaults (lan, B=1) | faster by |", "|---|---|---|---|---|---|"]
+            for k, v in block["default"].items():
+                m, pl = v["matched"], v["plain"]
+                lines.append(f"| {k} | {v['best_baseline']} {v['best_baseline_ms']:.2f} | {m['name']} "
+                             f"{m['ms']:.2f} | {m['faster_by']:+.1%} | {pl['name']} {pl['ms']:.2f} | "
+                             f"{pl['faster_by']:+.1%} |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,11 +1,18 @@
-"""Check the time model against real runs: two ranks (gloo) in Linux network namespaces joined by a veth pair whose
-both ends are rate-limited with `tc qdisc ... tbf`. This kernel has no netem, so no latency is added: the model uses
-the veth's own one-way latency (half the ping round trip). For each rate: measured wall time of a prefill and of
-decoding, against the time model (execution/timing.py) = compute + hops x latency + bytes / rate, where compute is
-measured in the same setting without a rate limit (less its own modeled network time).
+"""Check the time model against real runs: two ranks (gloo) in Linux network namespaces joined by a veth pair.
 
-Needs root and `ip netns`; creates namespaces mcplace0/1 (10.231.77.1-2), removes them afterwards; skips (exit 0,
-with the reason) when they cannot be created.
+Each condition sets the link: a rate limit on both veth ends with `tc qdisc ... tbf`, and/or the runtime's own
+per-message link emulation (MOECOMPRESS_LINK_DELAY=LATENCY[,RATE], runtime/edge/transport.py: every rank sleeps the
+one-way latency before each message it sends -- the home once per send phase -- plus bytes / RATE when a rate is
+given). This kernel has no netem, so latency comes only from that emulation (and the veth's own, measured as half
+a TCP ping-pong). tbf shapes only the average rate: a message that fits its bucket passes at once, which is why
+decoding (0.5-7 KB per message) needs the emulated serialisation to see the rate. For each condition: measured wall
+time of a prefill and per decoded token, against the time model (execution/timing.py) = compute + hops x latency +
+bytes / rate, where compute is measured in the same setting with no limit and no delay (less its own tiny network
+time) and rate is the emulated one if given, else tbf's.
+
+Needs root and `ip netns`; creates namespaces mcplace0/1 (10.231.77.1-2), removes them afterwards (also on errors
+and interrupts); skips (exit 0, with the reason) when not root or when they cannot be created. `--budget` bounds the
+total time: conditions left when it is spent are skipped and listed.
 
     .venv/bin/python eval/bench_edge_netns.py     # writes eval/results/edge_netns.{md,json}
 """
@@ -105,8 +112,11 @@ def one_way_latency() -> float:
         echo.wait(timeout=10)
 
 
-def run(out: Path, steps: int, prompt: int, timeout: float) -> dict:
-    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": ADDR[0], "MASTER_PORT": str(PORT), "OMP_NUM_THREADS": "1",
+def run(out: Path, steps: int, prompt: int, timeout: float, delay: str | None = None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "MOECOMPRESS_LINK_DELAY"}
+    if delay:
+        env["MOECOMPRESS_LINK_DELAY"] = delay
+    env = {**env, "WORLD_SIZE": "2", "MASTER_ADDR": ADDR[0], "MASTER_PORT": str(PORT), "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(ROOT)}
     tmp = Path(tempfile.mkdtemp(prefix="mcplace-netns-"))
     server = subprocess.Popen(
@@ -152,50 +162,102 @@ def bundles(work: Path) -> dict[str, Path]:
     return outs
 
 
+CONDITIONS = (  # (name, tbf rate or None, MOECOMPRESS_LINK_DELAY or None); the first is the compute baseline
+    ("none", None, None),
+    ("tbf 4mbit", "4mbit", None),
+    ("delay 5ms", None, "5ms"),
+    ("delay 5ms + 20Mbit/s", None, "5ms,20Mbit/s"),
+    ("tbf 20mbit + delay 5ms", "20mbit", "5ms"),
+)
+
+
+def delay_parts(delay: str | None) -> tuple[float, float | None]:
+    """(emulated one-way latency s, emulated rate bytes/s or None) of a MOECOMPRESS_LINK_DELAY value."""
+    from moecompress.runtime.edge.transport import DELAY_ENV, LinkDelay
+
+    if not delay:
+        return 0.0, None
+    old = os.environ.get(DELAY_ENV)
+    os.environ[DELAY_ENV] = delay
+    try:
+        d = LinkDelay.from_env()
+    finally:
+        os.environ.pop(DELAY_ENV) if old is None else os.environ.__setitem__(DELAY_ENV, old)
+    return d.latency, d.rate
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rates", default="1mbit,4mbit", help="tbf rates (tc syntax); a run without limit comes first")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--timeout", type=float, default=120.0)
+    ap.add_argument("--budget", type=float, default=1500.0, help="seconds for all runs; later conditions skipped")
     ap.add_argument("--work", default="/tmp/moecompress-bench-edge")
     ap.add_argument("--out", default=str(ROOT / "eval/results"))
+    ap.add_argument("--modes", default="expert,pipeline", help="execution models to run, in this order")
+    ap.add_argument("--conditions", help="comma-separated condition names (default: all)")
+    ap.add_argument("--append", action="store_true", help="add to the rows already in OUT/edge_netns.json")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "eval"))
+    conditions = [c for c in CONDITIONS if not args.conditions or c[0] == "none"
+                  or c[0] in args.conditions.split(",")]
+    if os.geteuid() != 0:
+        print("skipped: network namespaces and tc need root (run with sudo)")
+        return
     try:
         setup(None)
     except (subprocess.CalledProcessError, FileNotFoundError) as exc:
         print(f"skipped: cannot create network namespaces ({getattr(exc, 'stderr', exc)})")
+        teardown()
         return
-    rows = []
+    old = Path(args.out) / "edge_netns.json"
+    rows = json.loads(old.read_text()) if args.append and old.exists() else []
+    rows = [r for r in rows if "condition" in r]  # rows of this version only
+    skipped, t0 = [], time.time()
     try:
         outs = bundles(Path(args.work))
-        for mode, out in outs.items():
-            base = None
-            for rate in [None, *args.rates.split(",")]:
+        for mode in args.modes.split(","):
+            out, base = outs[mode], None
+            for name, rate, delay in conditions:
+                if time.time() - t0 > args.budget:
+                    skipped.append(f"{mode}: {name}")
+                    continue
                 setup(rate)
                 lat = one_way_latency()
-                r = run(out, args.steps, args.prompt, args.timeout)
-                per_s = rate_bytes(rate) if rate else None
+                r = run(out, args.steps, args.prompt, args.timeout, delay)
                 pc, dc = r["prefill_counts"], r["decode_counts"]
                 if base is None:  # compute = unlimited wall - its own (tiny) network time
                     base = (r["prefill_s"] - pc["hops"] * lat, r["decode_s_per_token"] - dc["hops"] * lat)
-                    rows.append({"mode": mode, "rate": "none", "latency_ms": lat * 1e3, **r})
+                    rows.append({"mode": mode, "condition": name, "latency_ms": lat * 1e3, **r})
+                    print(rows[-1], flush=True)
                     continue
-                model_prefill = base[0] + pc["hops"] * lat + pc["bytes"] / per_s
-                model_decode = base[1] + dc["hops"] * lat + dc["bytes"] / per_s
-                rows.append({"mode": mode, "rate": rate, "latency_ms": lat * 1e3, **r,
-                             "model_prefill_s": model_prefill, "model_decode_s_per_token": model_decode})
+                emu_lat, emu_rate = delay_parts(delay)
+                per_s = emu_rate or (rate_bytes(rate) if rate else None)
+                total_lat = lat + emu_lat
+                transfer = (lambda b: b / per_s) if per_s else (lambda b: 0.0)
+                rows.append({"mode": mode, "condition": name, "latency_ms": lat * 1e3, "emulated_latency_ms":
+                             emu_lat * 1e3, "modeled_rate_bytes_per_s": per_s, **r,
+                             "model_prefill_s": base[0] + pc["hops"] * total_lat + transfer(pc["bytes"]),
+                             "model_decode_s_per_token": base[1] + dc["hops"] * total_lat + transfer(dc["bytes"])})
                 print(rows[-1], flush=True)
     finally:
         teardown()
-    lines = ["| model | rate | one-way latency ms | prefill s measured / modeled | decode ms/token measured / modeled | bytes prefill / "
-             "per decoded token |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| model | condition | veth one-way latency ms | prefill s measured / modeled | decode ms/token measured "
+             "/ modeled (error) | hops prefill / per decoded token | bytes prefill / per decoded token |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['mode']} | {r['rate']} | {r['latency_ms']:.3f} | {r['prefill_s']:.3f} / {r.get('model_prefill_s', float('nan')):.3f}"
-                     f" | {r['decode_s_per_token'] * 1e3:.1f} / {r.get('model_decode_s_per_token', float('nan')) * 1e3:.1f}"
-                     f" | {r['prefill_counts']['bytes']} / {r['decode_counts']['bytes']:.0f} |")
+        md = r.get("model_decode_s_per_token")
+        err = f" ({r['decode_s_per_token'] / md - 1:+.0%})" if md else ""
+        lines.append(f"| {r['mode']} | {r['condition']} | {r['latency_ms']:.3f} | {r['prefill_s']:.3f} / "
+                     f"{r.get('model_prefill_s', float('nan')):.3f} | {r['decode_s_per_token'] * 1e3:.1f} / "
+                     f"{(md or float('nan')) * 1e3:.1f}{err} | {r['prefill_counts']['hops']:.0f} / "
+                     f"{r['decode_counts']['hops']:.0f} | {r['prefill_counts']['bytes']:.0f} / "
+                     f"{r['decode_counts']['bytes']:.0f} |")
+    if skipped:
+        lines.append(f"\nSkipped (over --budget {args.budget:g} s): {', '.join(skipped)}")
+    lines.append(f"\n({time.time() - t0:.0f} s; {args.steps} decode steps after an 8-token prompt, prefill of "
+                 f"{args.prompt} tokens; each the fastest of 3; refmoe-qwen3 4-bit, bf16, 1 thread per rank; load average "
+                 f"at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "edge_netns.md").write_text("\n".join(lines) + "\n")

@@ -8,6 +8,12 @@ matmuls over bf16 weights (what transformers computes for unquantized experts), 
 
     .venv/bin/python eval/bench_kernels.py                      # 2 threads, rows 1 and 4, every available path
     .venv/bin/python eval/bench_kernels.py --rows 1 4 16 64 --paths decode prefill
+    .venv/bin/python eval/bench_kernels.py --layer --rows 1 4          # a whole MoE layer: fused call vs per group
+
+--layer: one MoE layer of 128 experts (top-8, gate_up + SiLU gate + down, Qwen3-30B-A3B dims) for `rows` tokens,
+ms per layer call: the fused decode call (runtime/cpu_moe.py) against PackedExperts' general path (per-group
+kernel calls with routing in Python), median and min over repeats (min: the least disturbed run on a shared box);
+--cpu-time --threads 1 measures process CPU time instead, which other processes' scheduling does not inflate.
 """
 from __future__ import annotations
 
@@ -40,6 +46,70 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def layer(bits: int, experts: int, group: int, gen: torch.Generator):
+    """A PackedExperts layer at Qwen3-30B-A3B dims, all experts at `bits`, random packed weights, transformers' gate."""
+    from torch import nn
+    from transformers.activations import ACT2FN
+    from transformers.integrations.moe import _default_apply_gate
+
+    from moecompress.format.spec import ExpertsSpec
+    from moecompress.runtime.packed_experts import PackedExperts
+
+    class Template(nn.Module):
+        has_gate, has_bias, has_post_expert_norm, _apply_gate = True, False, False, _default_apply_gate
+
+        def __init__(self):
+            super().__init__()
+            self.act_fn = ACT2FN["silu"]
+
+    (hidden, two_inter), inter = SHAPES["gate_up"], SHAPES["down"][0]
+    spec = ExpertsSpec(experts, {p: {bits: tuple(range(experts))} for p in ("gate_up", "down")})
+    mod = PackedExperts(Template(), [("gate_up", hidden, two_inter), ("down", inter, hidden)], spec, group, False)
+    for proj in ("gate_up", "down"):
+        for g in getattr(mod, proj).children():
+            qw, sc, z = make(bits, experts, g.in_features, g.out_features, group, gen)
+            g.qweight.copy_(qw), g.scales.copy_(sc), g.zeros.copy_(z)
+    return mod
+
+
+def layer_main(args) -> None:
+    from moecompress.runtime import cpu_moe
+
+    gen = torch.Generator().manual_seed(0)
+    clock = time.process_time if args.cpu_time else time.perf_counter
+    print(f"{'CPU time' if args.cpu_time else 'wall time'}, threads {args.threads}, best ISA {cpu_features.best_isa()}, MoE layer of {args.experts} experts, top-{args.hit}, "
+          f"bf16 hidden, median (min) of {args.repeats}")
+    print("| bits | tokens | fused ms | general ms | fused GB/s weights |")
+    print("|---|---|---|---|---|")
+    default = cpu_moe.FUSED_MAX_TOKENS
+    for bits in args.bits:
+        mod = layer(bits, args.experts, args.group, gen)
+        for rows in args.rows:
+            x = torch.randn(rows, SHAPES["gate_up"][0], generator=gen).to(torch.bfloat16)
+            idx = torch.stack([torch.randperm(args.experts, generator=gen)[:args.hit] for _ in range(rows)])
+            w = torch.rand(rows, args.hit, generator=gen).to(torch.bfloat16)
+            res = {}
+            for name, limit in (("fused", default), ("general", 0)):
+                cpu_moe.FUSED_MAX_TOKENS = limit
+                res[name] = timed_all(lambda: mod(x, idx, w), args.repeats, clock)
+            cpu_moe.FUSED_MAX_TOKENS = default
+            hit = len(set(idx.flatten().tolist()))
+            nbytes = sum(b.numel() * b.element_size() for b in mod.buffers()) / args.experts * hit
+            med, low = res["fused"]
+            print(f"| {bits} | {rows} | {med * 1e3:.3f} ({low * 1e3:.3f}) | {res['general'][0] * 1e3:.3f} "
+                  f"({res['general'][1] * 1e3:.3f}) | {nbytes / low / 1e9:.1f} |")
+
+
+def timed_all(fn, repeats: int, clock=time.perf_counter) -> tuple[float, float]:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = clock()
+        fn()
+        times.append(clock() - t)
+    return statistics.median(times), min(times)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, nargs="+", default=[1, 4])
@@ -53,8 +123,13 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--group", type=int, default=128)
     p.add_argument("--int4", action="store_true", help="also PyTorch's int4 kernel (4-bit)")
+    p.add_argument("--layer", action="store_true", help="a whole MoE layer: the fused decode call vs the general path")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="--layer: process CPU time instead of wall time (with --threads 1: robust on a shared machine)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.layer:
+        return layer_main(args)
     features = cpu_features.detect()
     isas = args.isas or [i for i in ("cpu:amx", "cpu:avx512_vnni", "cpu:avx2") if features.has(i)]
     if "cpu:amx" in isas and not cpu_kernels.amx():

@@ -15,8 +15,14 @@ after the post-quantization step (scale tuning, quantize/tune.py). `avg bits` is
 
     .venv/bin/python eval/bench_quality.py --model ../shared/models/refmoe-olmoe   # -> eval/results/quality_<name>.*
 
-Rows are written as they finish; --deadline-s stops starting new tuned rows after that many seconds (the untuned
-rows all come first), so a bounded run still yields a complete untuned table.
+Post-quantization steps (--post, each a set of rows with the same step applied to ours, popularity-only and uniform
+GPTQ): `tune` (end-to-end scale tuning, quantize/tune.py), `router` (router refit to the quantized model,
+quantize/router.py), `blockwise` (per-layer output reconstruction of the scales, quantize/blockwise.py), and chains
+such as `blockwise+router`. Goals are checked for each, ours against baselines with the same step.
+
+Rows are written as they finish; --deadline-s stops starting new post-quantization rows after that many seconds (the
+plain rows all come first), so a bounded run still yields a complete table without them. The allocator's solver and
+proven gap of every plan are recorded in the JSON (`allocations`).
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ import json
 import random
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -43,10 +50,13 @@ from moecompress.calibrate.options import CalibrationOptions  # noqa: E402
 from moecompress.calibrate.run import calibrate  # noqa: E402
 from moecompress.evaluate import evaluate, prepare_eval_data  # noqa: E402
 from moecompress.format.sizes import matrix_bytes  # noqa: E402
+from moecompress.quantize.blockwise import BlockwiseOptions, reconstruct_blocks  # noqa: E402
+from moecompress.quantize.router import RouterFitOptions, refit_routers  # noqa: E402
 from moecompress.quantize.stage import QuantizeOptions, quantize_model  # noqa: E402
-from moecompress.quantize.tune import TuneOptions, tune_scales  # noqa: E402
+from moecompress.quantize.tune import TuneOptions, quantized_weights, tune_scales  # noqa: E402
 from moecompress.sensitivity import SensitivityOptions, estimate_costs  # noqa: E402
 
+POST_STEPS = ("tune", "router", "blockwise", "blockwise+router", "blockwise+tune", "tune+router")
 QUANTIZERS = {"rtn": QuantizeOptions(method="rtn", clip="minmax"),  # context only: plain min/max round-to-nearest
               "gptq": QuantizeOptions(method="gptq")}  # the product's GPTQ: clip "mse", no act-order
 
@@ -72,9 +82,13 @@ def plan_tensors(layout, plan: BitPlan, by_bits: dict) -> QuantizedTensors:
     return QuantizedTensors(weights=weights, fallbacks=fallbacks)
 
 
-def fake_quantized(model, layout, quantized: QuantizedTensors):
-    """A copy of `model` with every quantized expert weight replaced by its dequantized value."""
+def fake_quantized(model, layout, quantized: QuantizedTensors, routers: dict | None = None):
+    """A copy of `model` with every quantized expert weight replaced by its dequantized value (and the routers
+    in `routers`, path -> weight [E, H], replaced)."""
     out = copy.deepcopy(model)
+    with torch.no_grad():
+        for path, w in (routers or {}).items():
+            out.get_submodule(path).weight.copy_(w)
     for m in layout.moe_layers:
         experts = out.get_submodule(m.experts_path)
         for p in m.projs:
@@ -137,11 +151,18 @@ def main() -> None:
     ap.add_argument("--budgets", default="2.5,3.0", help="nominal average bits per routed-expert weight")
     ap.add_argument("--random-seeds", type=int, default=3)
     ap.add_argument("--tune-steps", type=int, default=300, help="scale tuning steps of the tuned rows (0: none)")
-    ap.add_argument("--sensitivity", default="loss_aware:projection", help="ours: METHOD:GRANULARITY")
+    ap.add_argument("--post", default="router,blockwise,tune",
+                    help="post-quantization steps, each a row set (comma-separated; '+' chains steps in order): "
+                         + ", ".join(POST_STEPS))
+    ap.add_argument("--router-steps", type=int, default=RouterFitOptions().steps, help="L-BFGS steps per router")
+    ap.add_argument("--blockwise-steps", type=int, default=BlockwiseOptions().steps, help="Adam steps per MoE layer")
+    ap.add_argument("--skip-rtn", action="store_true", help="leave out the uniform RTN context rows")
+    ap.add_argument("--sensitivity", default="loss_aware:projection", help="ours: METHOD:GRANULARITY[:QUANTIZER]")
     ap.add_argument("--variants", default="loss_aware:expert",
                     help="levers tried against ours, METHOD:GRANULARITY, comma-separated ('' for none): reported as "
                          "ours[variant], with the same budgets, quantizer and tuning")
-    ap.add_argument("--deadline-s", type=float, default=None, help="start no tuned row after this many seconds")
+    ap.add_argument("--deadline-s", type=float, default=None,
+                    help="start no post-quantization row after this many seconds")
     ap.add_argument("--skip-untuned", action="store_true", help="run only bf16 and the tuned rows")
     ap.add_argument("--skip", default="", help="methods whose tuned row not to run (comma-separated, e.g. measured "
                     "in an earlier run with the same settings)")
@@ -164,58 +185,81 @@ def main() -> None:
         args.calib, tokenizer, args.calib_samples, args.seq_len, seed=0).batches(8)]
     costs = {}
     for variant in [args.sensitivity] + [v for v in args.variants.split(",") if v]:
-        method, granularity = variant.split(":")
-        costs[variant] = estimate_costs(model, layout, stats, SensitivityOptions(method, granularity),
+        method, granularity, *quantizer = variant.split(":")  # METHOD:GRANULARITY[:QUANTIZER (rtn|gptq)]
+        costs[variant] = estimate_costs(model, layout, stats, SensitivityOptions(method, granularity, *quantizer),
                                         candidates=(2, 3, 4, 8, 16), group_size=g, calibration_batches=batches,
                                         progress=False)
     cost = costs[args.sensitivity]
     eval_data, overlap = prepare_eval_data(args.eval, tokenizer, args.eval_samples, args.seq_len, seed=1,
                                            calibration=args.calib, keep_overlap=args.keep_overlap)
     quantized = {m: quantize_all(model, layout, stats, m, g) for m in QUANTIZERS
-                 if m == "gptq" or not args.skip_untuned}
+                 if m == "gptq" or not (args.skip_untuned or args.skip_rtn)}
     print(f"{name}: calibrated, costs and every expert at 2/3/4/8 bits quantized in {time.time() - t0:.0f}s\n"
           f"{overlap.describe()}", flush=True)
-    tune = TuneOptions(steps=args.tune_steps)
+    posts = [x for x in args.post.split(",") if x]
+    bad = [x for x in posts if x not in POST_STEPS]
+    if bad:
+        raise SystemExit(f"--post {bad}: allowed {', '.join(POST_STEPS)}")
+    options = {"tune": TuneOptions(steps=args.tune_steps), "router": RouterFitOptions(steps=args.router_steps),
+               "blockwise": BlockwiseOptions(steps=args.blockwise_steps)}
     rows, tuned = [], []
     info = {"model": name, "path": args.model, "device": machine(args.device), "overlap": overlap.__dict__,
             "args": vars(args)}
 
-    def run(label: str, family: str, plan: BitPlan | None, method: str = "gptq", tuning: bool = False, **extra):
+    def run(label: str, family: str, plan: BitPlan | None, method: str = "gptq", post: str = "", **extra):
         t = time.time()
-        q = None if plan is None else plan_tensors(layout, plan, quantized[method])
-        if tuning:
-            q, report = tune_scales(model, layout, q, batches, tune, progress=False)
-            tuned.append({"method": label, **report})
-        m = model if plan is None else fake_quantized(model, layout, q)
+        q, routers = (None, None) if plan is None else (plan_tensors(layout, plan, quantized[method]), None)
+        for step in post.split("+") if post else ():
+            if step == "tune":
+                q, report = tune_scales(model, layout, q, batches, options["tune"], progress=False)
+            elif step == "blockwise":
+                q, report = reconstruct_blocks(model, layout, q, batches, options["blockwise"])
+            else:  # router: refit to the quantized experts (after any scale fitting)
+                routers, report = refit_routers(model, layout, quantized_weights(model, layout, q), batches,
+                                                options["router"])
+            tuned.append({"method": label, "step": step, **report})
+        m = model if plan is None else fake_quantized(model, layout, q, routers)
         r = evaluate(m, tokenizer, eval_data, reference_model=None if plan is None else model, method=label,
                      family=family, progress=False)
-        rows.append({"method": label, "family": family, "tuned": tuning, **plan_size(plan, layout),
-                     "ppl": r.perplexity, "kl": r.kl, "domains": {d.name: d.perplexity for d in r.domains},
+        rows.append({"method": label + (f" + {post}" if post else ""), "family": family, "tuned": post == "tune",
+                     "post": post, **plan_size(plan, layout), "ppl": r.perplexity, "kl": r.kl,
+                     "domains": {d.name: d.perplexity for d in r.domains},
                      "fallbacks": len(q.fallbacks) if q else 0, **extra})
-        print(f"{name} {label:36s} ppl {r.perplexity:8.3f} kl {r.kl or 0:.4f}  ({time.time() - t:.0f}s)", flush=True)
+        print(f"{name} {rows[-1]['method']:44s} ppl {r.perplexity:8.3f} kl {r.kl or 0:.4f}  ({time.time() - t:.0f}s)",
+              flush=True)
         write(rows, tuned, info, Path(args.out), name, time.time() - t0)
 
     rules = AllocationRules(candidates=(2, 3, 4, 8))
     plans = {}
+    solves = info.setdefault("allocations", {})
+
+    def solve(what: str, table: CostTable, avg: float) -> BitPlan:
+        """The plan, with the solver and its proven gap recorded (a MILP stopped by its time limit shows here)."""
+        a = allocate(table, Budget(avg_bits=avg), rules)
+        solves[f"{what} {avg}"] = {"solver": a.solver, "gap": a.gap, "damage": a.damage}
+        return to_bit_plan(a, layout)
+
     for avg in (float(x) for x in args.budgets.split(",")):
-        ours = to_bit_plan(allocate(cost, Budget(avg_bits=avg), rules), layout)
-        plans[avg] = {"ours": ours, "popularity-only": to_bit_plan(allocate(popularity_costs(cost, stats),
-                                                                            Budget(avg_bits=avg), rules), layout),
+        ours = solve("ours", cost, avg)
+        plans[avg] = {"ours": ours, "popularity-only": solve("popularity-only", popularity_costs(cost, stats), avg),
                       **{f"random s{s}": shuffled(ours, layout, s) for s in range(args.random_seeds)},
-                      **{f"ours[{v}]": to_bit_plan(allocate(c, Budget(avg_bits=avg), rules), layout)
-                         for v, c in costs.items() if v != args.sensitivity}}
+                      **{f"ours[{v}]": solve(f"ours[{v}]", c, avg) for v, c in costs.items() if v != args.sensitivity}}
     uniform = {b: BitPlan.uniform(layout, b, g) for b in (2, 3, 4)}
 
     run("bf16", "bf16", None)
     if not args.skip_untuned:
-        for b, plan in uniform.items():
-            run(f"uniform rtn {b}-bit", "uniform rtn (context)", plan, "rtn")
+        if not args.skip_rtn:
+            for b, plan in uniform.items():
+                run(f"uniform rtn {b}-bit", "uniform rtn (context)", plan, "rtn")
         for b, plan in uniform.items():
             run(f"uniform gptq {b}-bit", "uniform gptq", plan)
         for avg, by in plans.items():
             for what, plan in by.items():
                 run(f"{what} gptq {avg}", "random" if what.startswith("random") else what, plan, budget=avg)
-    if args.tune_steps:  # in order of what the goals need most
+    skip = {x.strip() for x in args.skip.split(",") if x.strip()}
+    for post in posts:  # in order of what the goals need most
+        if post == "tune" and not args.tune_steps:
+            continue
         first, rest = list(plans)[0], list(plans)[1:]
         variants = [w for w in plans[first] if w.startswith("ours[")]
         order = [(f"{w} gptq {first}", w, plans[first][w], first) for w in ("ours", "popularity-only", *variants)]
@@ -224,14 +268,19 @@ def main() -> None:
         order += [(f"random s{s} gptq {a}", "random", plans[a][f"random s{s}"], a)
                   for s in range(args.random_seeds) for a in plans]
         order += [("uniform gptq 4-bit", "uniform gptq", uniform[4], None)]
-        skip = {x.strip() for x in args.skip.split(",") if x.strip()}
         for label, family, plan, avg in order:
-            if label in skip:
+            if label in skip or f"{label} + {post}" in skip:
                 continue
             if args.deadline_s is not None and time.time() - t0 > args.deadline_s:
-                print(f"{name}: deadline reached; tuned row {label!r} and later ones not run", flush=True)
+                print(f"{name}: deadline reached; row {label!r} + {post} and later ones not run", flush=True)
                 break
-            run(f"{label} + tune", family, plan, tuning=True, **({"budget": avg} if avg else {}))
+            try:
+                run(label, family, plan, post=post, **({"budget": avg} if avg else {}))
+            except Exception as exc:  # one broken step must not lose the other steps' rows: reported, then skipped
+                traceback.print_exc()
+                info.setdefault("errors", []).append(f"{label} + {post}: {type(exc).__name__}: {exc}")
+                info["note"] = "FAILED rows: " + "; ".join(info["errors"])
+                break
     write(rows, tuned, info, Path(args.out), name, time.time() - t0, final=True)
 
 
@@ -254,19 +303,39 @@ def write(rows: list[dict], tuned: list[dict], info: dict, out: Path, name: str,
             f"calib.jsonl.gz ({ov['identical_documents']} identical documents, {ov['overlapping_lines']} of "
             f"{ov['long_lines']} lines of >= {ov['min_chars']} chars).", *([info["note"]] if info.get("note") else []),
             ""]
-    tuning = [f"- tuning of {t['method']}: held-out calibration KL {t['holdout_kl_before']:.4f} -> "
-              f"{t['holdout_kl_after']:.4f} ({'kept' if t['kept'] else 'not kept'})" for t in tuned]
+    tuning = [step_line(t) for t in tuned]
     text = "\n".join(head + table(rows) + [""] + goals(rows) + [""] + tuning)
     (out / f"quality_{name}.md").write_text(text + "\n")
     (out / f"quality_{name}.json").write_text(json.dumps({**info, "seconds": seconds, "final": final, "rows": rows,
                                                           "tuning": tuned}, indent=1))
     if final:
-        plot(rows, out / f"quality_{name}.png", name)
+        try:
+            plot(rows, out / f"quality_{name}.png", name)
+        except ImportError as e:  # a machine without matplotlib still gets the table
+            print(f"no plot: {e}", flush=True)
         print(text, flush=True)
 
 
-def _find(rows: list[dict], method: str, tuned: bool) -> dict | None:
-    return next((r for r in rows if r["method"] == method + (" + tune" if tuned else "")), None)
+def step_line(t: dict) -> str:
+    """One line per post-quantization step run: its held-out check."""
+    step = t.get("step", "tune")
+    if step == "tune":
+        return (f"- tune of {t['method']}: held-out calibration KL {t['holdout_kl_before']:.4f} -> "
+                f"{t['holdout_kl_after']:.4f} ({'kept' if t['kept'] else 'not kept'})")
+    key = "kl" if step == "router" else "err"
+    per = ", ".join(f"{x[f'holdout_{key}_before']:.4g}->{x[f'holdout_{key}_after']:.4g}{'' if x['kept'] else ' (not kept)'}"
+                    for x in t["layers"])
+    what = "routing KL" if step == "router" else "output error"
+    return f"- {step} of {t['method']}: held-out {what} per MoE layer {per}"
+
+
+def _post(r: dict) -> str:
+    """The row's post-quantization steps ('' none); rows of older runs have only `tuned`."""
+    return r.get("post", "tune" if r["tuned"] else "")
+
+
+def _find(rows: list[dict], method: str, post: str) -> dict | None:
+    return next((r for r in rows if r["method"] == method + (f" + {post}" if post else "")), None)
 
 
 def with_random_means(rows: list[dict]) -> list[dict]:
@@ -275,10 +344,10 @@ def with_random_means(rows: list[dict]) -> list[dict]:
     for r in rows:
         out.append(r)
         if r["family"] == "random":
-            seen.setdefault((r["budget"], r["tuned"]), []).append(r)
-    for (budget, tuning), rs in seen.items():
+            seen.setdefault((r["budget"], _post(r)), []).append(r)
+    for (budget, post), rs in seen.items():
         last = max(out.index(r) for r in rs)
-        mean = {**rs[0], "method": f"random gptq {budget} (mean of {len(rs)})" + (" + tune" if tuning else ""),
+        mean = {**rs[0], "method": f"random gptq {budget} (mean of {len(rs)})" + (f" + {post}" if post else ""),
                 "ppl": sum(r["ppl"] for r in rs) / len(rs), "kl": sum(r["kl"] for r in rs) / len(rs),
                 "family": "random mean", "seeds": len(rs)}
         out.insert(last + 1, mean)
@@ -291,10 +360,10 @@ def _display_order(r: dict) -> tuple:
     if fam == "bf16":
         return (0,)
     if fam.startswith("uniform"):
-        return (1 if "rtn" in fam else 2, r["tuned"], r["avg_bits"])
+        return (1 if "rtn" in fam else 2, _post(r), r["avg_bits"])
     rank = 0 if fam == "ours" else 1 if fam.startswith("ours[") else 2 if fam == "popularity-only" else \
         3 if fam == "random" else 4
-    return (3, r.get("budget", r["avg_bits"]), r["tuned"], rank, r["method"])
+    return (3, r.get("budget", r["avg_bits"]), _post(r), rank, r["method"])
 
 
 def table(rows: list[dict]) -> list[str]:
@@ -305,28 +374,29 @@ def table(rows: list[dict]) -> list[str]:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if r["family"] not in ("bf16", "random", "uniform rtn (context)"):
-            groups.setdefault((round(r["avg_bits"], 3), r["tuned"]), []).append(r)
+            groups.setdefault((round(r["avg_bits"], 3), _post(r)), []).append(r)
     bold = set()
     for rs in groups.values():
         ranked = sorted(rs, key=lambda r: r["ppl"])
         if len(ranked) > 1 and ranked[0]["ppl"] < ranked[1]["ppl"]:
             bold.add(id(ranked[0]))
-    lines = ["| method | tuning | avg bits | stored bits | expert MiB | ppl | Δppl | KL |",
+    lines = ["| method | post-quantization | avg bits | stored bits | expert MiB | ppl | Δppl | KL |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         b = (lambda x: f"**{x}**") if id(r) in bold else (lambda x: x)
-        lines.append(f"| {b(r['method'])} | {'yes' if r['tuned'] else 'no'} | {r['avg_bits']:.3f} | "
+        lines.append(f"| {b(r['method'])} | {_post(r) or '-'} | {r['avg_bits']:.3f} | "
                      f"{r['stored_bits']:.3f} | {r['expert_bytes'] / 2**20:.3f} | {b(format(r['ppl'], '.3f'))} | "
                      f"{b(format(r['ppl'] - base, '+.3f'))} | {(r['kl'] or 0):.4f} |")
     return lines
 
 
 def goals(rows: list[dict], low: float = 2.5, high: float = 3.0) -> list[str]:
-    """The issue's goals, each checked without and with tuning (ours against baselines with the same tuning)."""
-    base = _find(rows, "bf16", False)["ppl"]
+    """The issue's goals, each checked for every set of post-quantization steps (ours against baselines with the
+    same steps)."""
+    base = _find(rows, "bf16", "")["ppl"]
     out = []
-    for tuned in (False, True):
-        tag = "with tuning" if tuned else "without tuning"
+    for tuned in dict.fromkeys(_post(r) for r in rows):
+        tag = "with tuning" if tuned == "tune" else f"with {tuned}" if tuned else "without tuning"
         ours, ours_hi = _find(rows, f"ours gptq {low}", tuned), _find(rows, f"ours gptq {high}", tuned)
         pop = _find(rows, f"popularity-only gptq {low}", tuned)
         u2, u3 = _find(rows, "uniform gptq 2-bit", tuned), _find(rows, "uniform gptq 3-bit", tuned)
@@ -348,6 +418,12 @@ def goals(rows: list[dict], low: float = 2.5, high: float = 3.0) -> list[str]:
             out.append(f"- {tag}: ours@{low} ppl {ours['ppl']:.3f} vs uniform GPTQ 3-bit {u3['ppl']:.3f} "
                        f"(goal: as good, with {fewer:.0%} fewer expert bytes): "
                        f"{'MET' if ours['ppl'] <= u3['ppl'] else 'MISSED'}")
+        for what, avg in ((w, a) for a in (low, high) for w in ("ours", "popularity-only", "uniform")):
+            label = f"{what} gptq {avg}" if what != "uniform" else f"uniform gptq {int(avg)}-bit"
+            mine, plain = _find(rows, label, tuned), _find(rows, label, "")
+            if tuned and mine and plain and (what != "uniform" or avg == int(avg)):
+                out.append(f"- {tag}: {label} Δppl {mine['ppl'] - base:+.3f} vs {plain['ppl'] - base:+.3f} without it "
+                           f"(x{(mine['ppl'] - base) / (plain['ppl'] - base):.3f})")
     return out
 
 
@@ -359,7 +435,7 @@ def plot(rows: list[dict], path: Path, name: str) -> None:
     families = {}
     for r in rows:
         if r["family"] != "bf16":
-            families.setdefault(r["family"] + (" + tune" if r["tuned"] else ""), []).append(r)
+            families.setdefault(r["family"] + (f" + {_post(r)}" if _post(r) else ""), []).append(r)
     for fam, rs in families.items():
         rs = sorted(rs, key=lambda r: r["avg_bits"])
         ax.plot([r["avg_bits"] for r in rs], [r["ppl"] for r in rs], "o-" if "uniform" in fam else "x", label=fam)

@@ -82,7 +82,28 @@ def _shard(args) -> None:
 
     run_shard_command(args.model, args.stats, args.servers, args.out, method=args.method, mode=args.mode,
                       balance=args.balance, replicate=not args.no_replicate, eval_stats=args.eval_stats,
-                      replicate_dense=not args.dense_on_one, balance_epsilon=args.balance_epsilon)
+                      replicate_dense=not args.dense_on_one, balance_epsilon=args.balance_epsilon,
+                      link=args.link, batch=args.batch, compute_profile=args.compute_profile)
+
+
+def _profile(args) -> None:
+    from moecompress.shard.profile import measure_profile, save_profiles
+
+    torch_threads(args.threads)
+    profiles = [measure_profile(args.model, batch=int(b), context=args.context, reps=args.reps)
+                for b in str(args.batch).split(",")]
+    save_profiles(profiles, args.out)
+    for p in profiles:
+        print(f"batch {p.batch}: {1e3 * (p.head_seconds + sum(p.layer_seconds)):.2f} ms per decode step, experts "
+              f"{1e3 * sum(p.moe_seconds):.2f} ms ({p.source})")
+    print(f"wrote {args.out}")
+
+
+def torch_threads(n: int | None) -> None:
+    import torch
+
+    if n:
+        torch.set_num_threads(n)
 
 
 def _eval_bundles(args) -> None:
@@ -100,7 +121,7 @@ def _eval_bundles(args) -> None:
     dtype = getattr(torch, args.dtype or "float32")
     reference = load_model(args.reference, dtype, "cpu") if args.reference else None
     with deploy(args.bundles, simulate=args.simulate, servers=args.num_servers, timeout=args.timeout,
-                dtype=dtype) as d:
+                dtype=dtype, tokens=args.tokens, similarity=args.token_similarity) as d:
         model = lambda input_ids, attention_mask, **_: SimpleNamespace(logits=d(input_ids, attention_mask))  # noqa: E731
         result = evaluate(model, d.tokenizer, resolve_dataset(args.dataset), args.samples, args.seq_len, args.seed,
                           reference_model=reference, batch_size=args.batch_size,
@@ -117,6 +138,12 @@ def _edge_arguments(p, prompts: bool = True) -> None:
                    "different number is refused)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds after which a silent server is reported")
     p.add_argument("--counters-out", help="write the traffic/time/memory counters as JSON here")
+    p.add_argument("--tokens", help="token policies of the expert model, e.g. "
+                   "'int8+protect:first=4+prune_server:threshold=0.2' (policies joined by +, knobs name=value; "
+                   "int8/fp8/bf16 alone: that payload both ways), or a YAML file with a `tokens:` section; "
+                   "default: off (the lossless exchange)")
+    p.add_argument("--token-similarity", help="[MoE layers, experts, experts] expert similarity (.pt, or "
+                   ".safetensors with key `similarity`) for the substitute policy")
     if not prompts:
         return
     p.add_argument("--bundles", required=True, help="a `moecompress shard` output directory")
@@ -135,7 +162,7 @@ def _generate(args) -> None:
 
     options = dict(max_new_tokens=args.max_new_tokens, sample=args.sample, temperature=args.temperature,
                    top_p=args.top_p, seed=args.seed, simulate=args.simulate, counters_out=args.counters_out,
-                   tokenizer=args.tokenizer)
+                   tokenizer=args.tokenizer, tokens=args.tokens, similarity=args.token_similarity)
     if args.command == "run":
         run_command(args.bundles, args.prompt, servers=args.num_servers, timeout=args.timeout, dtype=args.dtype,
                     **options)
@@ -213,8 +240,15 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--stats", required=True, help="calibration directory (co-activation, paths)")
     s.add_argument("--servers", required=True, help='e.g. "4x64MB" or "64MB,64MB,32MB"')
     s.add_argument("--out", required=True)
-    s.add_argument("--mode", default="pipeline", choices=("pipeline", "expert"), help="execution model: pipeline "
-                   "(contiguous layer ranges per server) or expert (home server + experts spread over servers)")
+    s.add_argument("--mode", default="auto", choices=("auto", "pipeline", "expert"), help="execution model: auto "
+                   "(default: with --method, its model; else every method of both models, the fastest by modeled "
+                   "decode time on --link for --batch sequences), pipeline (contiguous layer ranges per server) or "
+                   "expert (home server + experts spread over servers)")
+    s.add_argument("--link", default="lan", help="--mode auto: the servers' link, lan (1 Gbit/s, 0.5 ms), wan "
+                   "(100 Mbit/s, 5 ms) or NAME=RATE,LATENCY, e.g. edge=200Mbit/s,2ms")
+    s.add_argument("--batch", type=int, default=1, help="--mode auto: concurrent sequences decoded")
+    s.add_argument("--compute-profile", help="--mode auto: a `moecompress profile` file measured on the target "
+                   "servers (default: measured here, on this machine)")
     s.add_argument("--method", choices=("fewest_servers", "all_servers", "affinity", "greedy_balanced", "round_robin",
                                         "contiguous", "ilp"), help="pipeline: fewest_servers (default) or all_servers; "
                    "expert: affinity (default), greedy_balanced, round_robin, contiguous, ilp")
@@ -226,6 +260,16 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--dense-on-one", action="store_true", help="non-expert weights on one server, not replicated")
     s.add_argument("--balance-epsilon", type=float, default=0.1, help="max/mean routed tokens per server <= 1+eps")
     s.set_defaults(func=_shard)
+
+    pr = sub.add_parser("profile", help="measure a checkpoint's decode compute per layer on this machine (run it on "
+                        "a target server; `shard --compute-profile FILE` plans with it)")
+    pr.add_argument("--model", required=True, help="moecompress checkpoint directory")
+    pr.add_argument("--out", required=True, help="JSON file to write")
+    pr.add_argument("--batch", default="1,8", help="comma-separated concurrent sequences, e.g. 1,8")
+    pr.add_argument("--context", type=int, default=128, help="cached tokens before the measured decode step")
+    pr.add_argument("--reps", type=int, default=5, help="decode steps measured (the fastest is kept)")
+    pr.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    pr.set_defaults(func=_profile)
 
     r = sub.add_parser("run", help="run a deployment's servers (one machine: starts them all; under torchrun: this "
                        "rank's server) and generate from --prompt or stdin lines",

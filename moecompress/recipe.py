@@ -102,13 +102,17 @@ class QuantizeConfig:
 
 @dataclass(frozen=True)
 class TuneConfig:
-    """Scale tuning after quantization (quantize/tune.py); steps 0 skips it."""
+    """Post-quantization steps, in this order: block-wise output reconstruction of the scales
+    (quantize/blockwise.py), end-to-end scale tuning (quantize/tune.py), router refit (quantize/router.py).
+    Each is off at 0 steps."""
 
     steps: int = 0
     lr: float = 3e-3
     batch_size: int = 16  # calibration sequences per step
     holdout: float = 0.1  # share of the calibration sequences kept out for the before/after check
     seed: int = 0
+    blockwise_steps: int = 0  # Adam steps per MoE layer fitting its scales to the layer's output (0: off)
+    router_steps: int = 0  # L-BFGS steps refitting each router to the quantized model's routing (0: off)
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,14 @@ class ProtectConfig:
     first_layers: int = 0  # pin every expert of the first N MoE layers to pin_bits
     last_layers: int = 0
     pin_bits: int = 8
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """What the checkpoint holds for the runtime's expert store (issue 12)."""
+
+    copy_bits: int | None = None  # a second copy of every routed expert at these bits (2, 3, 4 or 8), for
+    # computing a missing expert at low precision; its bytes come out of allocation.budget; null: no copies
 
 
 @dataclass(frozen=True)
@@ -145,7 +157,11 @@ class Recipe:
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     protect: ProtectConfig = field(default_factory=ProtectConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
     eval: EvalConfig | None = None
+    # token policies of the edge runtime's expert model (execution/tokens: a spec string, a list of {name: ..., knob:
+    # ...} or a mapping {name: {knob: ...}}); `moecompress generate/run/eval --bundles --tokens RECIPE.yaml` reads it
+    tokens: typing.Any = None
     lock: dict | None = None  # written by a run (versions, input hashes); checked when present
 
     def __post_init__(self):
@@ -154,6 +170,7 @@ class Recipe:
 
 DTYPES = ("bfloat16", "float16", "float32")
 ALLOWED_BITS = (2, 3, 4, 8, 16)
+COPY_BITS = (2, 3, 4, 8)  # store.copy_bits (artifacts/bit_plan.py COPY_BITS)
 
 
 def validate(r: Recipe) -> None:
@@ -197,10 +214,21 @@ def validate(r: Recipe) -> None:
     need(t.lr > 0, "tune.lr", f"must be > 0, got {t.lr}")
     need(t.batch_size > 0, "tune.batch_size", f"must be > 0, got {t.batch_size}")
     need(0 < t.holdout < 1, "tune.holdout", f"must be in (0, 1), got {t.holdout}")
+    need(t.blockwise_steps >= 0, "tune.blockwise_steps", f"must be >= 0 (0: off), got {t.blockwise_steps}")
+    need(t.router_steps >= 0, "tune.router_steps", f"must be >= 0 (0: off), got {t.router_steps}")
     p = r.protect
     for key in ("attention", "shared_experts", "dense_mlp", "pin_bits"):
         need(getattr(p, key) in ALLOWED_BITS, f"protect.{key}", f"got {getattr(p, key)}; allowed: 2, 3, 4, 8, 16")
     need(p.first_layers >= 0 and p.last_layers >= 0, "protect.first_layers", "must be >= 0")
+    if r.tokens is not None:
+        from moecompress.execution.tokens.policy import build_pipeline
+
+        try:
+            build_pipeline(r.tokens)
+        except MoecompressError as exc:
+            raise MoecompressError(f"recipe key tokens: {exc}") from None
+    need(r.store.copy_bits in COPY_BITS + (None,), "store.copy_bits",
+         f"got {r.store.copy_bits!r}; allowed: {', '.join(map(str, COPY_BITS))}, or null for no copies")
 
 
 # -- YAML <-> dataclasses --------------------------------------------------------------------------------------------

@@ -52,7 +52,8 @@ def test_goals_from_the_numbers():
     assert "ours@3.0 ppl 10.600 vs uniform GPTQ 3-bit 10.600 (goal: lower): MISSED" in untuned[2]
     assert untuned[3].endswith("MET") and "17% fewer expert bytes" in untuned[3]
     tuned = [g for g in out if "with tuning" in g]
-    assert len(tuned) == 1 and "= 0.889 (goal <= 0.75): MISSED" in tuned[0]  # 0.4 / 0.45
+    assert len(tuned) == 3 and "= 0.889 (goal <= 0.75): MISSED" in tuned[0]  # 0.4 / 0.45
+    assert tuned[1] == "- with tuning: ours gptq 2.5 Δppl +0.400 vs +0.500 without it (x0.800)"
 
 
 @pytest.mark.parametrize("seed", (0, 1))
@@ -70,3 +71,16 @@ def test_shuffled_plan_keeps_the_bit_histogram(seed):
     assert bench.plan_size(out, layout) == bench.plan_size(plan, layout)  # same bits, same bytes
     for projs_bits in out.experts.values():
         assert projs_bits["gate_up"] == projs_bits["down"]  # whole experts move
+
+
+def test_post_quantization_rows_are_grouped_and_compared_with_the_same_step():
+    rows = ROWS + [
+        {**_row("ours gptq 2.5", "ours", 2.5, 10.45), "method": "ours gptq 2.5 + router", "post": "router"},
+        {**_row("popularity-only gptq 2.5", "popularity-only", 2.5, 10.9), "method": "popularity-only gptq 2.5 + router",
+         "post": "router"},
+    ]
+    bold = [line.split(" | ")[0].strip("| *") for line in bench.table(rows)[2:] if "**" in line]
+    assert "ours gptq 2.5 + router" in bold  # its group: the router rows at 2.5 bits only
+    out = [g for g in bench.goals(rows) if g.startswith("- with router")]
+    assert "= 0.500 (goal <= 0.75): MET" in out[0]  # 0.45 / 0.9, both with the router refit
+    assert "ours gptq 2.5 Δppl +0.450 vs +0.500 without it (x0.900)" in out[-2]

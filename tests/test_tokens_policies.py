@@ -62,10 +62,10 @@ def test_default_is_send_once_lossless():
     servers = route_pairs(ctx.holds, ctx.primary, ctx.topk_ids, ctx.home)
     assert torch.equal(plan.servers, servers)
     assert torch.equal(plan.groups >= 0, sent_rows(servers, ctx.home, N))
-    assert same_plan(plan, lossless_plan(ctx)) and plan.dispatch_precision == "bf16"
+    assert same_plan(plan, lossless_plan(ctx)) and plan.dispatch_precision == "native"
     experts, w = toy_experts()
     out = execute_plan(ctx, plan, [experts] * N)
-    torch.testing.assert_close(out, reference_output(ctx, plan, w), rtol=0, atol=2e-2)  # bf16 payloads
+    torch.testing.assert_close(out, reference_output(ctx, plan, w), rtol=0, atol=1e-5)  # native payloads: exact
     for spec in ("", "none", [], {}):
         assert torch.equal(execute_plan(ctx, build_pipeline(spec).plan(ctx), [experts] * N), out)
 
@@ -220,7 +220,8 @@ def test_payload_precisions():
         q, scale = quantize_payload(x, "fp8")
         rel = (dequantize_payload(q, scale, torch.float32) - x).abs() / x.abs().amax(-1, keepdim=True)
         assert rel.max() < 0.04
-    with pytest.raises(MoecompressError, match="allowed: bf16, int8"):
+    assert row_bytes("native", H, 4) == 4 * H and torch.equal(quantize_payload(x, "native")[0], x)
+    with pytest.raises(MoecompressError, match="allowed: native, bf16, int8"):
         quantize_payload(x, "int4")
 
 
@@ -237,7 +238,7 @@ def test_traffic_agrees_with_counters_and_the_naive_exchange_costs_more():
     assert naive.dispatch_rows == remote_pairs > tr.dispatch_rows and naive.bytes > tr.bytes
     small = plan_traffic(ctx, build_pipeline("precision:dispatch=int8,return=int8").plan(ctx))
     assert small.dispatch_rows == tr.dispatch_rows
-    assert small.bytes == tr.bytes - (tr.dispatch_rows + tr.return_rows) * (2 * H - (H + 2))
+    assert small.bytes == tr.bytes - (tr.dispatch_rows + tr.return_rows) * (4 * H - (H + 2))  # float32 native
     assert tr.remote_tokens == tr.lossless_remote_tokens == int(((plan.servers != 0).any(-1)).sum())
 
 
@@ -258,8 +259,11 @@ def test_specs_parse_alike_and_bad_ones_are_clear_errors():
         build_pipeline("prune_server:relative=maybe")
     with pytest.raises(MoecompressError, match="knob=value"):
         build_pipeline("fuse:0.9")
-    with pytest.raises(MoecompressError, match="allowed: bf16"):
+    with pytest.raises(MoecompressError, match="allowed: native, bf16"):
         build_pipeline("precision:dispatch=int3")
+    assert build_pipeline("int8").spec == "precision:dispatch=int8,return=int8"
+    with pytest.raises(MoecompressError, match="payload shorthands native, bf16, int8"):
+        build_pipeline("int4")
     with pytest.raises(MoecompressError, match="cannot be combined"):
         build_pipeline("per_pair+fuse:threshold=0.9")
 
@@ -290,3 +294,34 @@ def test_user_policy_found_by_name():
     assert replace(plan).notes == ("protect", "drop_remote")
     with pytest.raises(MoecompressError, match="stage"):
         register_policy(type("Bad", (), {"name": "bad", "stage": "later"}), registry)
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_localize_takes_the_routers_next_local_choices(renormalize):
+    from dataclasses import replace
+
+    g = torch.Generator().manual_seed(4)
+    base = make_ctx(renormalize)
+    logits = torch.randn(T, E, generator=g)
+    probs = torch.softmax(logits, -1)
+    ids = probs.topk(K, -1).indices
+    w = probs.gather(1, ids)
+    w = w / w.sum(-1, keepdim=True) if renormalize else w
+    ctx = replace(base, topk_ids=ids, topk_weights=w, router_logits=logits)
+    assert same_plan(build_pipeline("localize:threshold=0").plan(ctx), lossless_plan(ctx))
+    plan = build_pipeline("protect:first=2+localize:threshold=1.01").plan(ctx)
+    free = ctx.position >= 2
+    lossless = lossless_plan(ctx)
+    moved = free & (lossless.servers != 0).any(-1)
+    assert moved.sum() > 10 and (plan.servers[free] <= 0).all()  # home holds 3 < K experts: the 4th pair is dropped
+    assert torch.equal(plan.servers[~moved], lossless.servers[~moved])
+    local = ctx.holds[:, 0]
+    masked = logits.masked_fill(~local, float("-inf"))
+    expect = masked.topk(int(local.sum()), -1).indices  # [T, 3] the router's best experts among the home's
+    n = expect.shape[1]
+    assert torch.equal(plan.experts[moved][:, :n], expect[moved]) and (plan.servers[moved][:, n:] == PRUNED).all()
+    p = probs.gather(1, expect)
+    p = p / p.sum(-1, keepdim=True) if renormalize else p
+    torch.testing.assert_close(plan.weights[moved][:, :n], p[moved].to(plan.weights.dtype))
+    with pytest.raises(MoecompressError, match="router's logits"):
+        build_pipeline("localize:threshold=0.5").plan(base)

@@ -10,7 +10,7 @@ from moecompress.allocate.rules import AllocationRules, Budget, metadata_bytes
 from moecompress.allocate.solvers import Solution, cheapest, relative_gap, solve_lagrangian, solve_milp, total
 from moecompress.arch.layout import ModelLayout
 from moecompress.artifacts.bit_plan import BitPlan
-from moecompress.artifacts.cost_table import ALL_PROJS, CostItem, CostTable
+from moecompress.artifacts.cost_table import ALL_PROJS, CostItem, CostTable, expert_bytes
 from moecompress.errors import MoecompressError
 
 SOLVERS = ("auto", "milp", "lagrangian")
@@ -22,12 +22,13 @@ class Allocation:
     items: tuple[CostItem, ...]  # the cost table's items, in its order
     bits: tuple[int, ...]  # chosen bit-width of each item
     damage: float  # predicted total damage: sum of the chosen damages
-    bytes: int  # total stored bytes of the items at the chosen bits
-    budget_bytes: int
+    bytes: int  # total stored bytes of the items at the chosen bits (the low-bit copies not included)
+    budget_bytes: int  # the whole budget: items' bytes + copy_bytes <= budget_bytes
     group_size: int
     symmetric: bool
     solver: str  # "milp" | "lagrangian"
     lower_bound: float  # proven: no allocation within the budget and rules has less damage
+    copy_bytes: int = 0  # bytes of the low-bit copies of the experts, taken out of the budget before the items
 
     @property
     def gap(self) -> float:
@@ -43,6 +44,7 @@ def allocate(
     *,
     time_limit: float = 60.0,
     mip_rel_gap: float = 1e-6,
+    copy_bytes: int = 0,
 ) -> Allocation:
     """The least-damage choice of bits for every item of `cost` with total bytes <= the budget, under `rules`.
 
@@ -50,6 +52,10 @@ def allocate(
     `time_limit` seconds per solve) or "auto" (lagrangian, then milp only if the proven gap exceeds
     AUTO_MILP_ABOVE_GAP: small problems, where one item is a large share of the damage). The Lagrangian answer is
     always computed (milliseconds) and kept when the MILP finds no better one in its time.
+
+    copy_bytes: bytes of the experts' low-bit copies (`copies_bytes`); they come out of the budget first, the items
+    share the rest. `avg_bits` budgets keep their nominal meaning: avg_bits 3 is the bytes of uniform 3-bit experts,
+    copies included; the items then average fewer bits.
     """
     if solver not in SOLVERS:
         raise MoecompressError(f"unknown solver {solver!r}; allowed: {', '.join(SOLVERS)}")
@@ -69,17 +75,21 @@ def allocate(
     experts = [it for it in items if it.kind == "expert"] or items
     numel, meta = sum(it.numel for it in experts), metadata_bytes(experts)
     budget_bytes = budget.to_bytes(numel, meta)
+    if not (isinstance(copy_bytes, int) and copy_bytes >= 0):
+        raise MoecompressError(f"copy_bytes must be a non-negative integer, got {copy_bytes!r}")
+    items_budget = budget_bytes - copy_bytes
     least = int(total(nbytes, cheapest(nbytes, damage, valid)))
-    if budget_bytes < least:
+    if items_budget < least:
+        copies = f" plus the low-bit copies' {copy_bytes} bytes" if copy_bytes else ""
         raise MoecompressError(
             f"budget {budget.describe(budget_bytes, numel, meta)} is too small: the smallest feasible budget, every "
-            f"item at its lowest allowed bits, is {budget.describe(least, numel, meta)}"
+            f"item at its lowest allowed bits{copies}, is {budget.describe(least + copy_bytes, numel, meta)}"
         )
 
-    sol = solve_lagrangian(nbytes, damage, valid, budget_bytes)
+    sol = solve_lagrangian(nbytes, damage, valid, items_budget)
     lag_damage = total(damage, sol.choice)
     if solver == "milp" or (solver == "auto" and relative_gap(lag_damage, sol.lower_bound) > AUTO_MILP_ABOVE_GAP):
-        exact = solve_milp(nbytes, damage, valid, budget_bytes, time_limit=time_limit, mip_rel_gap=mip_rel_gap)
+        exact = solve_milp(nbytes, damage, valid, items_budget, time_limit=time_limit, mip_rel_gap=mip_rel_gap)
         if exact is not None and total(damage, exact.choice) <= lag_damage:
             sol = Solution(exact.choice, max(exact.lower_bound, sol.lower_bound), exact.solver)
 
@@ -95,7 +105,15 @@ def allocate(
         symmetric=cost.symmetric,
         solver=sol.solver,
         lower_bound=min(sol.lower_bound, predicted),  # a bound above the value is float rounding
+        copy_bytes=copy_bytes,
     )
+
+
+def copies_bytes(layout: ModelLayout, bits: int | None, group_size: int, symmetric: bool) -> int:
+    """Stored bytes of a `bits` copy of every routed expert (all its projections); 0 when bits is None."""
+    if bits is None:
+        return 0
+    return sum(m.num_experts * expert_bytes(m, ALL_PROJS, bits, group_size, symmetric) for m in layout.moe_layers)
 
 
 def to_bit_plan(

@@ -26,7 +26,8 @@ def allocation_report(allocation: Allocation) -> dict:
     `avg_bits` (nominal) and `stored_bits` (metadata included), overall, and `avg_bits` per layer, are over the
     routed-expert items (`by_kind` has them per kind); `bytes`, `bf16_bytes` and the histogram cover every item.
     `uniform` gives, for each bit-width every item can take, the damage and bytes of putting every item there: the
-    baselines the allocation should beat at equal bytes.
+    baselines the allocation should beat at equal bytes. `copy_bytes` are the experts' low-bit copies (not in
+    `bytes`, `avg_bits` or `stored_bits`); `total_bytes` = bytes + copy_bytes <= budget_bytes.
     """
     pairs = list(zip(allocation.items, allocation.bits))
     everything = _avg_bits(pairs)
@@ -48,6 +49,8 @@ def allocation_report(allocation: Allocation) -> dict:
         "gap": allocation.gap,
         "budget_bytes": allocation.budget_bytes,
         "bytes": allocation.bytes,
+        "copy_bytes": allocation.copy_bytes,
+        "total_bytes": allocation.bytes + allocation.copy_bytes,
         "bf16_bytes": bf16,
         "fraction_of_bf16": allocation.bytes / bf16,
         **{k: v for k, v in _avg_bits(by_kind.get("expert") or pairs).items() if k in ("avg_bits", "stored_bits")},

@@ -11,6 +11,7 @@ from pathlib import Path
 from moecompress.errors import MoecompressError
 
 BITS = (2, 3, 4, 8, 16)  # every bit-width the format stores; 16 = bf16
+COPY_BITS = (2, 3, 4, 8)  # bit-widths a low-bit copy may take
 
 
 @dataclass(frozen=True)
@@ -21,9 +22,14 @@ class BitPlan:
     experts: dict[str, dict[str, tuple[int, ...]]]
     # dense nn.Linear path -> bits (attention, shared experts, dense MLPs); absent = kept bf16
     linears: dict[str, int] = field(default_factory=dict)
+    # bits of a second, low-bit copy of every routed expert (format/copies.py); None: no copies
+    copy_bits: int | None = None
 
     def __post_init__(self):
         check_group_size(self.group_size)
+        if self.copy_bits is not None and self.copy_bits not in COPY_BITS:
+            raise MoecompressError(f"unsupported copy_bits {self.copy_bits!r}; allowed: "
+                                   f"{', '.join(map(str, COPY_BITS))} (or none)")
         for path, projs in self.experts.items():
             for proj, bits in projs.items():
                 for b in bits:
@@ -37,6 +43,7 @@ class BitPlan:
             "symmetric": self.symmetric,
             "experts": {p: {k: list(v) for k, v in projs.items()} for p, projs in self.experts.items()},
             "linears": dict(self.linears),
+            **({"copy_bits": self.copy_bits} if self.copy_bits is not None else {}),
         }
 
     @classmethod
@@ -46,6 +53,7 @@ class BitPlan:
             symmetric=bool(d["symmetric"]),
             experts={p: {k: tuple(int(b) for b in v) for k, v in projs.items()} for p, projs in d["experts"].items()},
             linears={k: int(v) for k, v in d.get("linears", {}).items()},
+            copy_bits=None if d.get("copy_bits") is None else int(d["copy_bits"]),
         )
 
     def save(self, path: str | Path) -> None:

@@ -2,7 +2,8 @@
 
 Keys: "<experts_path>.<proj>.<expert>" for experts (see `expert_key`), the module path for dense linears.
 On disk: `quantized.safetensors` (packed qweight, scales, zeros per key) + `quantized.json` (bits, group size,
-fallbacks), so export can run without re-quantizing.
+fallbacks), so export can run without re-quantizing. The low-bit copies of the experts (when the plan has copy_bits)
+are a second QuantizedTensors in the same directory under the stem `copies` (`copies.safetensors`, `copies.json`).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from moecompress.format.pack import dequantize_unpacked, pack, unpack
 
 TENSORS_FILE = "quantized.safetensors"
 META_FILE = "quantized.json"
+COPIES_STEM = "copies"
 
 
 def expert_key(experts_path: str, proj: str, expert: int) -> str:
@@ -52,7 +54,8 @@ class QuantizedTensors:
     fallbacks: dict[str, str] = field(default_factory=dict)  # key -> why RTN was used instead of GPTQ
     method: str = "rtn"
 
-    def save(self, directory: str | Path) -> None:
+    def save(self, directory: str | Path, stem: str = "quantized") -> None:
+        """`stem`.safetensors and `stem`.json in `directory` (quantized.*, or copies.* for the low-bit copies)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors, meta = {}, {}
@@ -62,15 +65,15 @@ class QuantizedTensors:
             if qw.zeros is not None:
                 tensors[f"{key}::zeros"] = qw.zeros.contiguous()
             meta[key] = {"bits": qw.bits, "group_size": qw.group_size, "in_features": qw.q.shape[-1]}
-        save_file(tensors, directory / TENSORS_FILE)
-        (directory / META_FILE).write_text(json.dumps(
+        save_file(tensors, directory / f"{stem}.safetensors")
+        (directory / f"{stem}.json").write_text(json.dumps(
             {"method": self.method, "fallbacks": self.fallbacks, "weights": meta}, indent=1, sort_keys=True))
 
     @classmethod
-    def load(cls, directory: str | Path) -> "QuantizedTensors":
+    def load(cls, directory: str | Path, stem: str = "quantized") -> "QuantizedTensors":
         directory = Path(directory)
-        meta = json.loads((directory / META_FILE).read_text())
-        tensors = load_file(directory / TENSORS_FILE)
+        meta = json.loads((directory / f"{stem}.json").read_text())
+        tensors = load_file(directory / f"{stem}.safetensors")
         weights = {}
         for key, m in meta["weights"].items():
             q = unpack(tensors[f"{key}::qweight"], m["bits"], m["in_features"])

@@ -8,7 +8,7 @@ from torch import nn
 
 from moecompress.evaluate.result import ModelSize
 from moecompress.runtime.inspect import checkpoint_report, tensor_table
-from moecompress.runtime.load import read_spec
+from moecompress.format.spec import read_spec
 
 
 def _numel(shape: list[int]) -> int:

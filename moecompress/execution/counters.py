@@ -4,6 +4,11 @@ The runtime's dispatcher and the placement stage's replay call the same `add_*` 
 so their counts are identical by construction. The wire format is fixed here (see `expert_message_bytes` and
 `pipeline_hop_bytes`); one message is one header (when the protocol sends one) plus its payload.
 
+Token policies (`execution/tokens`, off by default) are counted per MoE layer next to the traffic: pairs pruned and
+substituted, token rows before fusion and rows saved by fusion, tokens needing a remote server (with and without
+the policies: at batch 1 each is one round trip), hops saved (calls whose layer became local), and bytes by payload
+precision. With no policy (`token_policy == "none"`) `counts()` is exactly the lossless runtime's.
+
 Critical path: `hops` counts sequential one-way network transfers per forward call (an expert-model MoE layer with
 any remote server costs 2: the requests go out in parallel, the replies come back in parallel; a pipeline hop
 costs 1). Round trips = hops / 2.
@@ -18,6 +23,8 @@ from moecompress.errors import MoecompressError
 
 HEADER_INTS = 8  # int64 fields of a request header: op, layer, rows, top_k, 4 spare/op-specific
 HEADER_BYTES = HEADER_INTS * 8
+TOKEN_FIELDS = ("pruned_pairs", "substituted_pairs", "token_rows", "fused_rows", "remote_tokens",
+                "lossless_remote_tokens", "saved_hops")
 ID_BYTES, WEIGHT_BYTES = 4, 4  # int32 expert ids and float32 routing weights of every request row
 
 
@@ -51,6 +58,9 @@ class Counters:
         self.exchange_seconds = np.zeros(N)
         self.compute_seconds = np.zeros(N)
         self.peak_memory_bytes = np.zeros(N, np.int64)
+        self.token_policy = "none"  # the spec of the token policies in use
+        self.token = {name: np.zeros(L, np.int64) for name in TOKEN_FIELDS}  # per MoE layer
+        self.bytes_by_precision: dict[str, int] = {}
 
     def add_call(self, tokens: int) -> None:
         """One forward call of `tokens` token rows (a decode step of B sequences: B rows)."""
@@ -61,17 +71,31 @@ class Counters:
                             elem_bytes: int) -> None:
         """One expert-model MoE layer: rows[n] token rows sent to server n (0 for the home), pairs[n] computed."""
         rows = [int(r) for r in rows]
+        messages = [(n, *expert_message_bytes(r, hidden_size, top_k, elem_bytes)) for n, r in enumerate(rows)
+                    if n != home and r > 0]
+        self.add_exchange(layer, home, messages, pairs)
+
+    def add_exchange(self, layer: int, home: int, messages, pairs, dispatch_precision: str = "native",
+                     return_precision: str = "native") -> None:
+        """One expert-model MoE layer of any wire format: messages [(server, request bytes, reply bytes)] (one request
+        and one reply each), pairs[n] computed on server n."""
         self.pairs[layer] += np.asarray(pairs, np.int64)
         remote = False
-        for n, r in enumerate(rows):
-            if n == home or r <= 0:
+        for n, request, reply in messages:
+            if n == home or request <= 0:
                 continue
-            request, reply = expert_message_bytes(r, hidden_size, top_k, elem_bytes)
             self._send(layer, home, n, request)
             self._send(layer, n, home, reply)
+            for precision, nbytes in ((dispatch_precision, request), (return_precision, reply)):
+                self.bytes_by_precision[precision] = self.bytes_by_precision.get(precision, 0) + int(nbytes)
             remote = True
         if remote:
             self.hops[layer] += 2
+
+    def add_token_stats(self, layer: int, stats: dict) -> None:
+        """Token-policy counts of one MoE layer of one call (`execution.tokens.traffic.token_stats`)."""
+        for name in TOKEN_FIELDS:
+            self.token[name][layer] += int(stats[name])
 
     def add_stage_hop(self, layer: int, src: int, dst: int, tokens: int, hidden_size: int, elem_bytes: int,
                       mask_elems: int) -> None:
@@ -109,12 +133,28 @@ class Counters:
         for name in ("messages", "bytes", "hops", "pairs", "exchange_seconds", "compute_seconds"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.peak_memory_bytes = np.maximum(self.peak_memory_bytes, other.peak_memory_bytes)
+        for name in TOKEN_FIELDS:
+            self.token[name] = self.token[name] + other.token[name]
+        for precision, nbytes in other.bytes_by_precision.items():
+            self.bytes_by_precision[precision] = self.bytes_by_precision.get(precision, 0) + nbytes
         return self
 
     def counts(self) -> dict:
-        """The exact counts (no times, no memory): what a replay must reproduce."""
-        return {"calls": self.calls, "tokens": self.tokens, "messages": self.messages.tolist(),
-                "bytes": self.bytes.tolist(), "hops": self.hops.tolist(), "pairs": self.pairs.tolist()}
+        """The exact counts (no times, no memory): what a replay must reproduce (with token policies in use, their
+        counts too)."""
+        out = {"calls": self.calls, "tokens": self.tokens, "messages": self.messages.tolist(),
+               "bytes": self.bytes.tolist(), "hops": self.hops.tolist(), "pairs": self.pairs.tolist()}
+        if self.token_policy != "none":
+            out["token_policies"] = self.token_counts()
+        return out
+
+    def token_counts(self) -> dict:
+        """Token-policy counts: the spec, per-layer arrays, totals, bytes by payload precision."""
+        totals = {name: int(v.sum()) for name, v in self.token.items()}
+        return {"spec": self.token_policy, **{name: v.tolist() for name, v in self.token.items()},
+                "total": totals, "bytes_by_precision": dict(sorted(self.bytes_by_precision.items())),
+                "round_trips_saved": {"calls": totals["saved_hops"] // 2, "token_layers":
+                                      totals["lossless_remote_tokens"] - totals["remote_tokens"]}}
 
     def to_json(self) -> dict:
         total_bytes = int(self.bytes.sum())
@@ -134,6 +174,7 @@ class Counters:
             "exchange_seconds": self.exchange_seconds.tolist(),
             "compute_seconds": self.compute_seconds.tolist(),
             "peak_memory_bytes": self.peak_memory_bytes.tolist(),
+            "token_policies": self.token_counts(),
         }
 
     @classmethod
@@ -144,6 +185,11 @@ class Counters:
             setattr(c, name, np.asarray(d[name], np.int64).reshape(getattr(c, name).shape))
         for name in ("exchange_seconds", "compute_seconds"):
             setattr(c, name, np.asarray(d[name], np.float64))
+        tok = d.get("token_policies")
+        if tok:
+            c.token_policy = tok["spec"]
+            c.token = {name: np.asarray(tok[name], np.int64) for name in TOKEN_FIELDS}
+            c.bytes_by_precision = {k: int(v) for k, v in tok["bytes_by_precision"].items()}
         return c
 
     def save(self, path) -> None:
@@ -165,6 +211,15 @@ class Counters:
         if self.tokens:
             lines.append(f"bytes per token row {self.bytes.sum() / self.tokens:.1f}; one-way hops per call "
                          f"{self.hops.sum() / max(self.calls, 1):.2f}")
+        if self.token_policy != "none":
+            t = self.token_counts()
+            tot = t["total"]
+            lines.append(f"token policies {self.token_policy}: pairs pruned {tot['pruned_pairs']}, substituted "
+                         f"{tot['substituted_pairs']}; rows fused {tot['fused_rows']} of {tot['token_rows']}; round "
+                         f"trips saved {t['round_trips_saved']['calls']} (calls), "
+                         f"{t['round_trips_saved']['token_layers']} of {tot['lossless_remote_tokens']} (token x layer)")
+            lines.append("bytes by payload precision: " + ", ".join(f"{k} {v}" for k, v in
+                                                                     t["bytes_by_precision"].items()))
         lines.append(f"{'server':>6} {'sent B':>12} {'received B':>12} {'compute s':>10} {'exchange s':>10} "
                      f"{'peak MiB':>9}")
         link = self.bytes.sum(0)

@@ -88,3 +88,69 @@ def modeled_time(counters: Counters, profile: LinkProfile, compute_seconds: floa
     latency = float(counters.hops.sum()) * profile.latency_seconds
     transfer = float(counters.bytes.sum()) / profile.bytes_per_second
     return ModeledTime(compute_seconds + latency + transfer, compute_seconds, latency, transfer)
+
+
+@dataclass(frozen=True)
+class ComputeProfile:
+    """Measured compute seconds of one decode call (`batch` sequences, one new token each, `context` keys cached)
+    of a checkpoint on one kind of server: what the time model charges for compute.
+
+    layer_seconds [D]: each whole decoder layer (attention, norms, router and its MoE block); moe_seconds [L]: the
+    experts block of each MoE layer alone (part of its decoder layer's time); head_seconds: the rest of a call
+    (embeddings, final norm, lm_head). Measure it on the target servers (`moecompress profile`) to plan for them.
+    """
+
+    batch: int
+    context: int
+    layer_seconds: tuple[float, ...]
+    moe_seconds: tuple[float, ...]
+    moe_decoder_layers: tuple[int, ...]  # [L] the decoder layer of each MoE layer
+    head_seconds: float
+    source: str = ""  # where and how it was measured
+
+    def __post_init__(self):
+        if len(self.moe_seconds) != len(self.moe_decoder_layers):
+            raise MoecompressError("compute profile: one moe_seconds entry per MoE layer")
+        if any(t < 0 for t in (*self.layer_seconds, *self.moe_seconds, self.head_seconds)):
+            raise MoecompressError("compute profile: seconds must be >= 0")
+
+    def to_json(self) -> dict:
+        return {"batch": self.batch, "context": self.context, "layer_seconds": list(self.layer_seconds),
+                "moe_seconds": list(self.moe_seconds), "moe_decoder_layers": list(self.moe_decoder_layers),
+                "head_seconds": self.head_seconds, "source": self.source}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ComputeProfile":
+        try:
+            return cls(int(d["batch"]), int(d["context"]), tuple(map(float, d["layer_seconds"])),
+                       tuple(map(float, d["moe_seconds"])), tuple(map(int, d["moe_decoder_layers"])),
+                       float(d["head_seconds"]), str(d.get("source", "")))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MoecompressError(f"not a compute profile ({exc}); write one with `moecompress profile`") from exc
+
+
+def profile_compute(placement, counters: Counters, profile: ComputeProfile) -> float:
+    """Compute seconds on the critical path of one call of the profile's shape on `placement` (critical_compute).
+
+    Pipeline: each stage computes its decoder layers, the home also the head. Expert model: the home computes the
+    head and every decoder layer but its experts; each server computes the share of a MoE layer's experts time that
+    its routed pairs (from `counters`) are of the layer's pairs.
+    """
+    import numpy as np
+
+    N = placement.num_servers
+    if len(profile.moe_seconds) != placement.num_layers and placement.mode == "expert":
+        raise MoecompressError(f"compute profile has {len(profile.moe_seconds)} MoE layers, the placement "
+                               f"{placement.num_layers}: it was measured on another model")
+    if placement.mode == "pipeline":
+        if len(profile.layer_seconds) != len(placement.layer_servers):
+            raise MoecompressError(f"compute profile has {len(profile.layer_seconds)} decoder layers, the placement "
+                                   f"{len(placement.layer_servers)}: it was measured on another model")
+        rows = [[t if s == server else 0.0 for s in range(N)]
+                for t, server in zip(profile.layer_seconds, placement.layer_servers)]
+        return critical_compute(rows, profile.head_seconds, "pipeline")
+    pairs = counters.pairs.astype(np.float64)  # [L, N]
+    share = pairs / np.maximum(pairs.sum(1, keepdims=True), 1)
+    rows = [[t * share[layer, s] for s in range(N)] for layer, t in enumerate(profile.moe_seconds)]
+    home = profile.head_seconds + sum(profile.layer_seconds) - sum(profile.moe_seconds)
+    return critical_compute(rows, home, "expert")

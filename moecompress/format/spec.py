@@ -14,6 +14,10 @@ Tensor names, below an experts module path P (e.g. "model.layers.0.mlp.experts")
     P.gate_up_proj (or P.up_proj) uint8 [0]: empty marker under the model's own fused name, so that
         transformers without moecompress stops on a size mismatch instead of building random experts;
 where n experts are listed, in increasing id order, in quantization_config.experts[P][proj][str(b)].
+Low-bit copies (optional, `quantization_config.experts[P].copy_bits`, absent = none): a second copy of EVERY expert
+of P at copy_bits, one group per projection of all num_experts experts in id order, in its own file
+`expert_copies.safetensors` (format/copies.py) under copy_prefix(P, proj, copy_bits): `.qweight`, `.scales`,
+`.zeros`, `.bias` laid out as the main groups' (same group_size and symmetry).
 Weights are in the canonical orientation [out, in] whatever the model's own storage layout.
 A quantized dense nn.Linear at path Q is stored as a group of one: Q.qweight [1, out, in*b/8], Q.scales,
 Q.zeros (asymmetric), Q.bias [1, out] (if any).
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from moecompress.errors import MoecompressError
 
@@ -39,6 +44,7 @@ class ExpertsSpec:
     num_experts: int  # experts of the full model layer (ids 0..num_experts-1)
     # proj -> bits -> expert ids held at that bit-width (sorted)
     groups: dict[str, dict[int, tuple[int, ...]]]
+    copy_bits: int | None = None  # bits of the low-bit copy of every expert (format/copies.py); None: no copies
 
     def held(self, proj: str) -> tuple[int, ...]:
         return tuple(sorted(e for ids in self.groups[proj].values() for e in ids))
@@ -55,6 +61,12 @@ class FormatSpec:
     linears: dict[str, int] = field(default_factory=dict)  # dense nn.Linear path -> bits (2/3/4/8)
     version: int = FORMAT_VERSION
 
+    @property
+    def copy_bits(self) -> int | None:
+        """The bits of the low-bit copies (the same for every experts module); None when there are none."""
+        bits = {es.copy_bits for es in self.experts.values()} - {None}
+        return bits.pop() if len(bits) == 1 else None
+
     def to_dict(self) -> dict:
         return {
             "quant_method": QUANT_METHOD,
@@ -64,6 +76,7 @@ class FormatSpec:
             "experts": {
                 path: {
                     "num_experts": spec.num_experts,
+                    **({"copy_bits": spec.copy_bits} if spec.copy_bits is not None else {}),
                     **{proj: {str(b): list(ids) for b, ids in sorted(g.items())} for proj, g in spec.groups.items()},
                 }
                 for path, spec in self.experts.items()
@@ -102,7 +115,14 @@ class FormatSpec:
     def validate(self) -> None:
         if self.group_size < 8 or self.group_size % 8:
             raise MoecompressError(f"group_size must be a positive multiple of 8, got {self.group_size}")
+        copy_bits = {es.copy_bits for es in self.experts.values()} - {None}
+        if len(copy_bits) > 1:
+            raise MoecompressError(f"experts modules have copies at different bits {sorted(copy_bits)}; one copy_bits "
+                                   "for all of them")
         for path, spec in self.experts.items():
+            if spec.copy_bits is not None and spec.copy_bits not in QUANT_BITS:
+                raise MoecompressError(f"{path}: unsupported copy_bits {spec.copy_bits}; allowed: "
+                                       f"{', '.join(map(str, QUANT_BITS))}")
             held = None
             for proj, by_bits in spec.groups.items():
                 seen: set[int] = set()
@@ -161,6 +181,10 @@ def _experts_spec(path: str, entry) -> ExpertsSpec:
         raise MoecompressError(f"quantization_config.experts.{path} must be a mapping")
     entry = dict(entry)
     n = _int(entry.pop("num_experts", None), f"experts.{path}.num_experts", 1, MAX_EXPERTS)
+    copy_bits = entry.pop("copy_bits", None)
+    if copy_bits is not None and (type(copy_bits) is not int or copy_bits not in QUANT_BITS):
+        raise MoecompressError(f"quantization_config.experts.{path}.copy_bits must be one of "
+                               f"{', '.join(map(str, QUANT_BITS))}, got {copy_bits!r}")
     if not entry:
         raise MoecompressError(f"quantization_config.experts.{path} lists no projection")
     groups = {}
@@ -176,8 +200,32 @@ def _experts_spec(path: str, entry) -> ExpertsSpec:
             if not isinstance(ids, (list, tuple)):
                 raise MoecompressError(f"quantization_config.experts.{path}.{proj}.{b} must be a list of expert ids")
             groups[proj][int(b)] = tuple(sorted(_int(e, f"experts.{path}.{proj}.{b}", 0, n - 1) for e in ids))
-    return ExpertsSpec(num_experts=n, groups=groups)
+    return ExpertsSpec(num_experts=n, groups=groups, copy_bits=copy_bits)
 
 
 def group_prefix(experts_path: str, proj: str, bits: int) -> str:
     return f"{experts_path}.{proj}.b{bits}"
+
+
+def copy_prefix(experts_path: str, proj: str, bits: int) -> str:
+    """Prefix of the low-bit copy group of every expert of one projection (in expert_copies.safetensors)."""
+    return f"{experts_path}.{proj}.copy.b{bits}"
+
+
+def read_spec(directory: str | Path) -> FormatSpec:
+    """The FormatSpec of a checkpoint or bundle directory (its config.json's quantization_config)."""
+    path = Path(directory) / "config.json"
+    if not path.exists():
+        raise MoecompressError(f"{directory}: no config.json; expected a moecompress checkpoint directory")
+    from moecompress.format.files import read_json_object
+
+    qc = read_json_object(path, "model config").get("quantization_config")
+    if not qc:
+        raise MoecompressError(
+            f"{directory} is not a moecompress checkpoint (config.json has no quantization_config); "
+            "load plain models with transformers.AutoModelForCausalLM.from_pretrained"
+        )
+    try:
+        return FormatSpec.from_dict(qc)
+    except MoecompressError as exc:
+        raise MoecompressError(f"{path}: {exc}") from None

@@ -9,7 +9,8 @@ from moecompress.runtime.inspect import checkpoint_report, format_report
 
 
 def _allocation_lines(report: dict) -> list[str]:
-    keys = ("solver", "gap", "predicted_damage", "avg_bits", "stored_bits", "bytes", "bf16_bytes", "bits_histogram")
+    keys = ("solver", "gap", "predicted_damage", "avg_bits", "stored_bits", "bytes", "copy_bytes", "bf16_bytes",
+            "bits_histogram")
     return [f"- {k}: {report[k]}" for k in keys if k in report]
 
 

@@ -17,8 +17,6 @@ from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
-import torch
-
 from moecompress.calibrate.command import require_finite_weights
 from moecompress.errors import MoecompressError
 from moecompress.format.files import MANIFEST, read_json_object, verify_files, verify_listed, write_manifest
@@ -29,7 +27,6 @@ from moecompress.recipe import Recipe
 STAGES = ("calibrate", "sensitivity", "allocate", "quantize", "tune", "export")
 DIRS = {"calibrate": "calibration", "sensitivity": "sensitivity", "allocate": "allocation",
         "quantize": "quantized", "tune": "tuned", "export": "checkpoint"}
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def run_stage(out: Path, stage: str, produce: Callable[[Path], None]) -> tuple[Path, bool]:
@@ -118,7 +115,7 @@ def quantize(recipe: Recipe, out: str | Path | None = None, stop_after: str | No
 
     @cache
     def load():
-        loaded = steps.load_model(model_path, recipe.revision, DTYPES[recipe.compute_dtype], recipe.device)
+        loaded = steps.load_model(model_path, recipe.revision, steps.DTYPES[recipe.compute_dtype], recipe.device)
         require_finite_weights(loaded[0], model_path)  # before any stage computes statistics from them
         return loaded
 

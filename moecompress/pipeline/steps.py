@@ -20,6 +20,7 @@ from moecompress.artifacts.quantized import QuantizedTensors
 from moecompress.errors import MoecompressError
 from moecompress.recipe import Quantizer, Recipe
 
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 COST_FILE = "cost_table.json"
 TUNE_REPORT = "tune.json"
 PLAN_FILE = "bit_plan.json"
@@ -176,22 +177,25 @@ def allocation_inputs(recipe: Recipe, layout: ModelLayout, model=None):
 
 
 def allocate_step(ctx: RunContext, tmp: Path) -> None:
-    from moecompress.allocate import allocate, allocation_report, plot_bits_heatmap, to_bit_plan
+    from moecompress.allocate import allocate, allocation_report, copies_bytes, plot_bits_heatmap, to_bit_plan
 
     r = ctx.recipe
     cost = CostTable.load(ctx.dir("sensitivity") / COST_FILE)
     model, _, layout = ctx.load()
     budget, rules = allocation_inputs(r, layout, model)
-    allocation = allocate(cost, budget, rules, solver=r.allocation.solver.value)
+    copy_bits = r.store.copy_bits  # the low-bit copies' bytes come out of the budget first
+    allocation = allocate(cost, budget, rules, solver=r.allocation.solver.value,
+                          copy_bytes=copies_bytes(layout, copy_bits, cost.group_size, cost.symmetric))
     plan = to_bit_plan(allocation, layout)
-    plan = dataclasses.replace(plan, linears={**plan.linears, **protected_linears(r, layout)})
+    plan = dataclasses.replace(plan, linears={**plan.linears, **protected_linears(r, layout)}, copy_bits=copy_bits)
     plan.save(tmp / PLAN_FILE)
     (tmp / ALLOC_REPORT).write_text(json.dumps(allocation_report(allocation), indent=1))
     plot_bits_heatmap(plan, layout, tmp / "bits_heatmap.png")
 
 
 def quantize_step(ctx: RunContext, tmp: Path) -> None:
-    from moecompress.quantize.stage import QuantizeOptions, quantize_model
+    from moecompress.artifacts.quantized import COPIES_STEM
+    from moecompress.quantize.stage import QuantizeOptions, quantize_copies, quantize_model
 
     q = ctx.recipe.quantize
     model, _, layout = ctx.load()
@@ -200,39 +204,66 @@ def quantize_step(ctx: RunContext, tmp: Path) -> None:
     options = QuantizeOptions(method=q.method.value, damp=q.damp, block_size=q.block_size, act_order=q.act_order,
                               min_tokens=ctx.recipe.calibration.min_tokens, clip=q.clip.value)
     quantize_model(model, layout, plan, stats, options, progress=ctx.progress).save(tmp)
+    if plan.copy_bits is not None:
+        quantize_copies(model, layout, plan, stats, options, progress=ctx.progress).save(tmp, stem=COPIES_STEM)
+
+
+def post_options(recipe: Recipe):
+    from moecompress.quantize.post import BlockwiseOptions, PostOptions, RouterFitOptions, TuneOptions
+
+    t = recipe.tune
+    return PostOptions(blockwise=BlockwiseOptions(steps=t.blockwise_steps, holdout=t.holdout, seed=t.seed),
+                       tune=TuneOptions(steps=t.steps, lr=t.lr, batch_size=t.batch_size, holdout=t.holdout, seed=t.seed),
+                       router=RouterFitOptions(steps=t.router_steps, holdout=t.holdout))
 
 
 def tune_step(ctx: RunContext, tmp: Path) -> None:
-    from moecompress.quantize.tune import TuneOptions, tune_scales
+    from moecompress.quantize.post import post_quantize, save_routers
 
-    t = ctx.recipe.tune
-    if t.steps == 0:
+    options = post_options(ctx.recipe)
+    if not options.active:
         (tmp / TUNE_REPORT).write_text(json.dumps({"steps": 0, "skipped": True}) + "\n")
         return
     model, tokenizer, layout = ctx.load()
     quantized = QuantizedTensors.load(ctx.dir("quantized"))
-    options = TuneOptions(steps=t.steps, lr=t.lr, batch_size=t.batch_size, holdout=t.holdout, seed=t.seed)
-    tuned, report = tune_scales(model, layout, quantized, calibration_batches(ctx, tokenizer), options,
-                                progress=ctx.progress)
+    tuned, routers, report = post_quantize(model, layout, quantized, calibration_batches(ctx, tokenizer), options,
+                                           progress=ctx.progress)
     tuned.save(tmp)
+    save_routers(routers, tmp)
     (tmp / TUNE_REPORT).write_text(json.dumps(report, indent=1) + "\n")
 
 
 def final_quantized_dir(ctx: RunContext) -> Path:
-    """Where the quantized tensors the checkpoint is made of live: tuned/ when tuning ran, else quantized/."""
-    return ctx.dir("tuned") if ctx.recipe.tune.steps else ctx.dir("quantized")
+    """Where the quantized tensors the checkpoint is made of live: tuned/ when a post-quantization step ran,
+    else quantized/."""
+    return ctx.dir("tuned") if post_options(ctx.recipe).active else ctx.dir("quantized")
 
 
 def export_step(ctx: RunContext, tmp: Path) -> None:
+    from moecompress.artifacts.quantized import COPIES_STEM
     from moecompress.export.checkpoint import export_checkpoint
-    from moecompress.pipeline.run import DTYPES
+    from moecompress.export.stats import expert_stats_from_calibration
+    from moecompress.quantize.post import load_routers
 
     model, tokenizer, layout = ctx.load()
     model.to("cpu")  # the last stage: the checkpoint is written from host memory (the report evaluates on the CPU)
     plan = BitPlan.load(ctx.dir("allocation") / PLAN_FILE)
     quantized = QuantizedTensors.load(final_quantized_dir(ctx))
-    export_checkpoint(model, layout, plan, quantized, tmp, tokenizer=tokenizer, dtype=DTYPES[ctx.recipe.dtype],
-                      manifest={"recipe": "../recipe.lock.yaml"}, overwrite=True)
+    # the low-bit copies are never scale-tuned: always those of the quantize stage
+    copies = None if plan.copy_bits is None else QuantizedTensors.load(ctx.dir("quantized"), stem=COPIES_STEM)
+    stats = expert_stats_from_calibration(CalibrationStats.load(ctx.dir("calibration")))
+    routers = load_routers(final_quantized_dir(ctx))  # refitted routers (tune.router_steps), written for the export
+    saved = {p: model.get_submodule(p).weight.detach().clone() for p in routers}
+    try:
+        with torch.no_grad():
+            for p, w in routers.items():
+                model.get_submodule(p).weight.copy_(w)
+        export_checkpoint(model, layout, plan, quantized, tmp, tokenizer=tokenizer, dtype=DTYPES[ctx.recipe.dtype],
+                          manifest={"recipe": "../recipe.lock.yaml"}, overwrite=True, expert_stats=stats, copies=copies)
+    finally:  # the loaded model stays the unquantized reference (the report evaluates against it)
+        with torch.no_grad():
+            for p, w in saved.items():
+                model.get_submodule(p).weight.copy_(w)
 
 
 STEPS: dict[str, Callable[[RunContext, Path], None]] = {

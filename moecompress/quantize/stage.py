@@ -3,6 +3,8 @@
 GPTQ uses the routing-weighted Hessian of the expert's own tokens (its error reaches the output scaled by the
 routing weight). An expert that saw fewer than `min_tokens` tokens uses the all-tokens Hessian when calibration
 recorded one (all_experts mode), and otherwise falls back to RTN; every fallback is recorded with its reason.
+With a plan's copy_bits, `quantize_copies` makes the low-bit copy of every expert projection with the same
+quantizer and Hessians.
 """
 from __future__ import annotations
 
@@ -65,13 +67,14 @@ def _quantize(w: torch.Tensor, bits: int, plan: BitPlan, hessian, options: Quant
 
 
 def quantize_model(model: nn.Module, layout: ModelLayout, plan: BitPlan, stats: CalibrationStats | None,
-                   options: QuantizeOptions = QuantizeOptions(), progress: bool = True) -> QuantizedTensors:
+                   options: QuantizeOptions = QuantizeOptions(), progress: bool = True,
+                   desc: str = "quantize experts") -> QuantizedTensors:
     if options.method == "gptq" and stats is None:
         raise MoecompressError("GPTQ needs calibration statistics with Hessians; use method rtn or calibrate first")
     weights, fallbacks = {}, {}
     jobs = [(m, p.name, e) for m in layout.moe_layers for p in m.projs
             for e, b in enumerate(plan.experts[m.experts_path][p.name]) if b != 16]
-    for m, proj, e in tqdm(jobs, desc="quantize experts", disable=not progress):
+    for m, proj, e in tqdm(jobs, desc=desc, disable=not progress):
         key = expert_key(m.experts_path, proj, e)
         bits = plan.experts[m.experts_path][proj][e]
         w = proj_weights(model.get_submodule(m.experts_path), m, proj)[e].detach().float()
@@ -92,6 +95,17 @@ def quantize_model(model: nn.Module, layout: ModelLayout, plan: BitPlan, stats: 
             fallbacks[path] = fallback
     return QuantizedTensors(weights={k: _on_cpu(w) for k, w in weights.items()}, fallbacks=fallbacks,
                             method=options.method)
+
+
+def quantize_copies(model: nn.Module, layout: ModelLayout, plan: BitPlan, stats: CalibrationStats | None,
+                    options: QuantizeOptions = QuantizeOptions(), progress: bool = True) -> QuantizedTensors:
+    """The low-bit copy of EVERY expert projection at plan.copy_bits (whatever its main bits), quantized exactly as
+    quantize_model would quantize it at those bits (same method, Hessian choice, clip search and GPTQ-vs-RTN rule)."""
+    if plan.copy_bits is None:
+        raise MoecompressError("the bit plan has no copy_bits; nothing to copy")
+    at_copy_bits = replace(plan, experts={path: {proj: (plan.copy_bits,) * len(bits) for proj, bits in projs.items()}
+                                          for path, projs in plan.experts.items()}, linears={}, copy_bits=None)
+    return quantize_model(model, layout, at_copy_bits, stats, options, progress=progress, desc="quantize copies")
 
 
 def _on_cpu(w: QuantizedWeight) -> QuantizedWeight:

@@ -101,6 +101,16 @@ def _weights(params: list[_Param], scales: list[torch.Tensor], dtype: torch.dtyp
     return out
 
 
+def quantized_weights(model: nn.Module, layout: ModelLayout, quantized: QuantizedTensors) -> dict[str, torch.Tensor]:
+    """Parameter name -> dequantized weight, in the model's dtype and layout, for every parameter that holds a
+    quantized matrix of `quantized` (experts not in it keep their weights): substituted with
+    torch.func.functional_call, this is the quantized model without copying `model`."""
+    dtype = next(model.parameters()).dtype
+    params = _params(model, layout, quantized)
+    with torch.no_grad():
+        return _weights(params, [p.scales for p in params], dtype)
+
+
 def _kl(model: nn.Module, weights: dict | None, ids: torch.Tensor, mask: torch.Tensor,
         teacher: torch.Tensor) -> torch.Tensor:
     """Mean over real tokens of KL(teacher || model) of the next-token distributions; teacher = log-probs."""

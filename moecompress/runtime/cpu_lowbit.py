@@ -60,8 +60,10 @@ def available() -> bool:
 
 
 def _slots_starts(slots: list[int], counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    starts = torch.tensor([0, *counts], dtype=torch.int64).cumsum(0)
-    return torch.tensor(slots, dtype=torch.int64), starts
+    starts = [0]
+    for c in counts:
+        starts.append(starts[-1] + c)
+    return torch.tensor(slots, dtype=torch.int64), torch.tensor(starts, dtype=torch.int64)
 
 
 def _zeros(zeros: torch.Tensor | None) -> torch.Tensor:

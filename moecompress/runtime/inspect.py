@@ -9,7 +9,7 @@ from torch import nn
 
 from moecompress.format.files import weight_files
 from moecompress.format.headers import ALL_DTYPES, read_header
-from moecompress.runtime.load import read_spec
+from moecompress.format.spec import read_spec
 from moecompress.runtime.packed_group import PackedGroup
 
 

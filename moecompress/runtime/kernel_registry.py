@@ -1,9 +1,10 @@
-"""Which kernel computes a packed group on CPU: one plain dict keyed by (ISA, bits, path), looked up, never branched.
+"""Which kernel computes a packed group on CPU or CUDA: one plain dict keyed by (ISA, bits, path), looked up, never branched.
 
 `path` is `decode` (few rows per expert; PackedGroup sends slots with fewer than PREFILL_MIN_ROWS rows there) or
 `prefill` (many rows). Each key lists kernels best first; `select` takes the first one that is built here and
 supports the group's shapes, and walks down to the next ISA (cpu_features.ISA_ORDER) when none does. The ISA to
-start from is the CPU's best, read at run time (cpu_features.best_isa; MOECOMPRESS_CPU_ISA forces a lower one).
+start from is the CPU's best, read at run time (cpu_features.best_isa; MOECOMPRESS_CPU_ISA forces a lower one), or
+`cuda` for a group on a CUDA device.
 
 | ISA              | 2/3/8-bit decode        | 2/3/8-bit prefill        | 4-bit decode            | 4-bit prefill            |
 |------------------|-------------------------|--------------------------|-------------------------|--------------------------|
@@ -13,6 +14,11 @@ start from is the CPU's best, read at run time (cpu_features.best_isa; MOECOMPRE
 | cpu:neon_dotprod | q8_neon_dotprod         | tile_mm_portable         | q8_neon_dotprod         | tile_mm_portable         |
 | cpu:portable     | q8_portable             | tile_mm_portable         | q8_portable             | tile_mm_portable         |
 | cpu:torch        | dequant (torch ops)     | dequant                  | int4, else dequant      | int4, else dequant       |
+| cuda             | triton_decode           | triton_prefill           | triton_decode           | triton_prefill           |
+
+cuda: the Triton kernels of runtime/cuda/ (bf16 / float16 x; the format's packing read as it is, no repack); whole
+MoE layers on CUDA run them from PackedExperts.forward with device-side routing (runtime/cuda/experts.py), this
+entry serves PackedGroup.linear. Without Triton or for other shapes: dequant.
 
 q8_*: int8 activations x low-bit weights, integer dot products (cpu_lowbit.decode); used for bfloat16 / float16
 activations, while float32 activations take the exact tile_mm kernel on both paths unless
@@ -23,6 +29,10 @@ dotprod takes the portable kernels. int4: 4-bit groups converted at load to PyTo
 PackedGroup.prepare looks for); the AMX kernels are cpu_kernels.py's. A 4-bit group on a CPU without AMX keeps the
 format's packing. *A 4-bit group not converted (prepare() not called)
 takes q8_avx512_vnni / packed_amx. float32 x on AMX CPUs: the avx512_vnni row. 16-bit groups are plain matmuls and never looked up.
+
+A whole MoE layer of at most cpu_moe.FUSED_MAX_TOKENS tokens (decode steps) runs in one C++ call (cpu_moe.py) when
+every group of its two projections takes a q8_* decode kernel here (all of one ISA) and the gate is the default
+SiLU one: the same kernels, with the routing, the activation and the weighted sum in C++ too.
 """
 from __future__ import annotations
 
@@ -33,7 +43,7 @@ from typing import Callable
 import torch
 
 from moecompress.errors import MoecompressError
-from moecompress.runtime import cpu_features, cpu_int4, cpu_kernels, cpu_lowbit
+from moecompress.runtime import cpu_features, cpu_int4, cpu_kernels, cpu_lowbit, cuda
 
 PATHS = ("decode", "prefill")
 # Rows per expert from which the prefill kernels beat q8 decode, Qwen3-30B-A3B expert shapes, group 128, 2 threads,
@@ -136,12 +146,34 @@ for _bits in (2, 3, 4, 8):
 del _bits, _path, _isa
 
 
+def _cuda_kernel(path: str) -> Kernel:
+    def run(group, x, slots, counts):
+        from moecompress.runtime.cuda import experts
+
+        return experts.linear_sorted(group, x, slots, counts, path)
+
+    def supports(group, dtype):
+        from moecompress.runtime.cuda import experts
+
+        return experts.group_supported(group, dtype)
+
+    return Kernel(f"triton_{path}", "packed", run, cuda.available, supports, 16 if path == "prefill" else 0)
+
+
+CUDA = {path: _cuda_kernel(path) for path in PATHS}
+for _bits in (2, 3, 4, 8):
+    for _path in PATHS:
+        KERNELS[("cuda", _bits, _path)] = (CUDA[_path],)
+del _bits, _path
+
+
 def select(bits: int, path: str, group, dtype: torch.dtype, isa: str | None = None, layout: str | None = None) -> Kernel:
     """The kernel for a group of `bits` on `path` with x in `dtype`: the first one listed for the ISA (default: the
     CPU's best) that is available and supports the group (and reads `layout`, when given), else the same for the
     next ISA down."""
-    start = cpu_features.ISA_ORDER.index(isa or cpu_features.best_isa())
-    for candidate in cpu_features.ISA_ORDER[start:]:
+    isa = isa or ("cuda" if group.scales.device.type == "cuda" else cpu_features.best_isa())
+    order = cpu_features.ISA_ORDER
+    for candidate in order[order.index(isa):] if isa in order else (isa,):
         for kernel in KERNELS.get((candidate, bits, path), ()):
             if (layout is None or kernel.layout == layout) and kernel.available() and kernel.supports(group, dtype):
                 return kernel

@@ -8,27 +8,11 @@ from safetensors import SafetensorError
 
 from moecompress.errors import MoecompressError
 from moecompress.format.files import MANIFEST, NO_VERIFY_ENV, PLACEMENT_FILE, read_json_object, refuse_partial, verify_files
-from moecompress.format.spec import FormatSpec
+from moecompress.format.spec import FormatSpec, read_spec
 from moecompress.runtime.hf_quantizer import register
 from moecompress.runtime.validate import files_checked
 
 BUNDLE_FILE = "bundle.json"  # a server bundle's description of itself (written by `moecompress shard`)
-
-
-def read_spec(directory: str | Path) -> FormatSpec:
-    path = Path(directory) / "config.json"
-    if not path.exists():
-        raise MoecompressError(f"{directory}: no config.json; expected a moecompress checkpoint directory")
-    qc = read_json_object(path, "model config").get("quantization_config")
-    if not qc:
-        raise MoecompressError(
-            f"{directory} is not a moecompress checkpoint (config.json has no quantization_config); "
-            "load plain models with transformers.AutoModelForCausalLM.from_pretrained"
-        )
-    try:
-        return FormatSpec.from_dict(qc)
-    except MoecompressError as exc:
-        raise MoecompressError(f"{path}: {exc}") from None
 
 
 def check_checkpoint(directory: str | Path, verify: bool = True) -> FormatSpec:
@@ -42,16 +26,31 @@ def check_checkpoint(directory: str | Path, verify: bool = True) -> FormatSpec:
     return spec
 
 
-def from_pretrained(directory: str | Path, *, verify: bool = True, **kwargs):
+def from_pretrained(directory: str | Path, *, verify: bool = True, expert_budget: int | None = None, store=None,
+                    **kwargs):
     """Load a moecompress checkpoint (or one server's bundle that holds a full model) as a transformers model.
 
     Checks that the directory is a moecompress checkpoint and that no weight file is missing, truncated or altered
     (sha256 against moecompress.json when `verify`), then calls AutoModelForCausalLM.from_pretrained. A server
     bundle that holds only experts (or only some layers) is refused: it is not a full model.
+
+    expert_budget (bytes) or store (a runtime.store.StoreConfig): keep at most that many bytes of experts in memory,
+    the rest read from the checkpoint's files on use (runtime/store/); the store is `model.expert_store`.
     """
     check_checkpoint(directory, verify)
     refuse_partial_bundle(directory)
-    return _load(directory, **kwargs)
+    model = _load(directory, **kwargs)
+    if expert_budget is not None or store is not None:
+        from moecompress.runtime.store import StoreConfig, attach_store
+        from moecompress.format.expert_stats import EXPERT_STATS_FILE
+        from moecompress.runtime.store.store import default_config
+
+        has_stats = (Path(directory) / EXPERT_STATS_FILE).exists()
+        config = store if store is not None else default_config(expert_budget, has_stats)
+        if not isinstance(config, StoreConfig):
+            raise MoecompressError(f"store must be a moecompress.runtime.store.StoreConfig, got {type(config).__name__}")
+        model.expert_store = attach_store(model, directory, config)
+    return model
 
 
 def bundle_holds(directory: str | Path) -> str | None:

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 from moecompress.format.spec import ExpertsSpec
+from moecompress.runtime import cpu_moe, cuda
+from moecompress.runtime.cuda import experts as cuda_experts
 from moecompress.runtime.packed_group import PackedGroup
 
 
@@ -100,6 +102,7 @@ class PackedExperts(nn.Module):
         for p in proj_groups:
             p.set_computed(computed)
         self._same_order = all(p.positions() == proj_groups[0].positions() for p in proj_groups)
+        self.expert_store = None  # a store.LayerView when an ExpertStore holds the experts (runtime/store/)
 
     def held_experts(self) -> tuple[int, ...]:
         first = getattr(self, self.proj_names[0])
@@ -111,6 +114,13 @@ class PackedExperts(nn.Module):
                 group.prepare(compute_dtype)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        if self.expert_store is not None:  # experts live in a budgeted cache: same compute, one expert at a time
+            return self.expert_store.forward(self, hidden_states, top_k_index, top_k_weights)
+        if hidden_states.is_cuda and cuda.available() and cuda_experts.supports(self, hidden_states):
+            return cuda_experts.forward(self, hidden_states, top_k_index, top_k_weights)  # Triton, no host sync
+        fused = cpu_moe.fused_layer(self, hidden_states)  # CPU decode: the whole layer in one C++ call
+        if fused is not None:
+            return fused(hidden_states, top_k_index, top_k_weights)
         num_tokens, top_k = top_k_index.shape
         flat = top_k_index.reshape(-1)  # [S], S = T * K
         first, down = (getattr(self, name) for name in self.proj_names)

@@ -128,7 +128,7 @@ class PackedGroup(nn.Module):
             y = _grouped_mm(x, w.transpose(-2, -1), counts)
         elif self._int4 is not None:
             y = self._int4_matmul(x, hit, counts)
-        elif x.device.type == "cpu" and self.qweight.device.type == "cpu":
+        elif x.device.type in ("cpu", "cuda") and self.qweight.device == x.device:  # CUDA: runtime/cuda/ kernels
             y = self._packed_matmul(x, hit, [counts[s] for s in hit])
         else:
             y = self._dequantized_matmul(x, hit, [counts[s] for s in hit])

@@ -1,7 +1,8 @@
 """`moecompress verify DIR`: check a checkpoint, a run directory or a bundle set whole, without loading weights.
 
 - checkpoint: every file against the manifest (sizes, sha256, nothing unlisted), the quantization_config strictly,
-  and the safetensors headers against the meta-device model skeleton (runtime/validate.py);
+  and the safetensors headers against the meta-device model skeleton (runtime/validate.py); the low-bit copies and
+  the expert statistics against the format (format/copies.py, format/expert_stats.py);
 - bundle set (placement.json): verify_bundles, then each server bundle's structure;
 - run directory (recipe.lock.yaml): every finished stage directory against its manifest, and the checkpoint.
 The first problem is a MoecompressError naming the file.
@@ -15,6 +16,8 @@ import torch
 
 from moecompress.errors import MoecompressError
 from moecompress.format.bundle_set import verify_bundles
+from moecompress.format.copies import check_copies
+from moecompress.format.expert_stats import read_expert_stats
 from moecompress.format.files import (
     MANIFEST,
     PLACEMENT_FILE,
@@ -71,6 +74,8 @@ def verify_checkpoint(directory: str | Path) -> Verified:
     holds = bundle_holds(directory)
     if holds != "layers":  # a pipeline stage's bundle holds some layers only: its files are checked, not its skeleton
         check_structure(directory, spec, partial=holds not in (None, "full"))
+    check_copies(directory, spec)  # expert_copies.safetensors exactly as copy_bits implies
+    read_expert_stats(directory)  # expert_stats.safetensors (when present) well formed
     return Verified("checkpoint", str(directory), len(verify_listed(directory, checksums=False)))
 
 

@@ -34,7 +34,8 @@ from moecompress.format.spec import ExpertsSpec, FormatSpec
 
 BUNDLE_FILE = "bundle.json"
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-              "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja")
+              "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja",
+              "expert_stats.safetensors")  # format/expert_stats.py: copied unchanged, indexed by global expert id
 
 
 def read_spec_and_config(checkpoint: Path) -> tuple[dict, FormatSpec]:

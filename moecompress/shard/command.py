@@ -1,6 +1,7 @@
 """`moecompress shard`: place a checkpoint's experts on servers and write one bundle per server."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,9 @@ from moecompress.shard.bundles import (
     split_group_key,
     write_bundles,
 )
-from moecompress.shard.compare import DEFAULT_MODE, check_method, place, traffic_row
+from moecompress.execution.timing import parse_profile
+from moecompress.shard.choose import choose_placement, format_choice, synthetic_trace
+from moecompress.shard.compare import AUTO, check_method, mode_of, place, traffic_row
 from moecompress.shard.layers import LayerSizes
 from moecompress.shard.routing import RoutingStats, RoutingTrace
 from moecompress.shard.spec import parse_servers
@@ -90,10 +93,17 @@ def replay_report(placement: Placement, trace: RoutingTrace, seq_len: int, hidde
 
 
 def run_shard_command(model: str, stats: str, servers: str, out: str, method: str | None = None,
-                      mode: str = DEFAULT_MODE, balance: str = "total", replicate: bool = True,
+                      mode: str = AUTO, balance: str = "total", replicate: bool = True,
                       eval_stats: str | None = None, replicate_dense: bool = True, balance_epsilon: float = 0.1,
-                      payload_bytes: int = 2):
-    method = check_method(mode, method)  # before any file is read
+                      payload_bytes: int = 2, link: str = "lan", batch: int = 1, compute_profile: str | None = None):
+    """mode "auto" (default): with --method, that method's execution model; without, every method of both models,
+    the fastest by modeled decode time on `link` for `batch` sequences (compute from `compute_profile`, a
+    `moecompress profile` file measured on the servers, else measured here on this machine)."""
+    if mode == AUTO and method is not None:
+        mode = mode_of(method)
+    if mode != AUTO:
+        method = check_method(mode, method)  # before any file is read
+    link_profile = parse_profile(link)
     checkpoint = Path(model)
     verify_files(checkpoint)  # every file against its manifest before any size is read from it
     config, _ = read_spec_and_config(checkpoint)
@@ -101,10 +111,15 @@ def run_shard_command(model: str, stats: str, servers: str, out: str, method: st
     rstats = routing_stats(calib)
     sizes = checkpoint_layer_sizes(checkpoint)
     spec = parse_servers(servers, replicate_dense=replicate_dense, balance_epsilon=balance_epsilon,
-                         balance=balance, mode=mode)
-    placement = place(rstats, sizes, spec, method, replicate)
+                         balance=balance, mode="expert" if mode == AUTO else mode)
     hidden = config.get("hidden_size") or config.get("text_config", {}).get("hidden_size")
     traffic = {"payload_bytes": payload_bytes}
+    if mode == AUTO:
+        placement, traffic["choice"] = auto_placement(checkpoint, calib, rstats, sizes, spec, hidden, payload_bytes,
+                                                      link_profile, batch, compute_profile, eval_stats, replicate)
+        print(format_choice(traffic["choice"]))
+    else:
+        placement = place(rstats, sizes, spec, method, replicate)
     if eval_stats:
         held_out = CalibrationStats.load(eval_stats)
         traffic["replay"] = replay_report(placement, routing_trace(held_out), held_out.seq_len, hidden,
@@ -114,3 +129,29 @@ def run_shard_command(model: str, stats: str, servers: str, out: str, method: st
 
     print(format_placement(out))
     return placement
+
+
+def auto_placement(checkpoint: Path, calib: CalibrationStats, rstats: RoutingStats, sizes: LayerSizes, spec,
+                   hidden: int, payload_bytes: int, link, batch: int, compute_profile: str | None,
+                   eval_stats: str | None, replicate: bool):
+    """--mode auto: the routing trace of the calibration (else of --eval-stats, else drawn from the counts) and the
+    compute profile (from the file, else measured here) decide between every placement of both models."""
+    from moecompress.shard.profile import load_profile, measure_profile
+
+    if compute_profile:
+        profile = load_profile(compute_profile, batch)
+    else:
+        profile = measure_profile(checkpoint, batch=batch, context=calib.seq_len, reps=3)
+        profile = replace(profile, source="measured on this machine: " + profile.source)
+    seq_len = calib.seq_len
+    if calib.trace_indices is not None:
+        experts, source = calib.trace_indices.numpy(), "calibration trace"
+    elif eval_stats and CalibrationStats.load(eval_stats).trace_indices is not None:
+        held = CalibrationStats.load(eval_stats)
+        experts, source, seq_len = held.trace_indices.numpy(), "--eval-stats trace", held.seq_len
+    else:
+        experts, source = synthetic_trace(rstats), "drawn from the calibration counts (no trace recorded)"
+    placement, report = choose_placement(rstats, sizes, spec, experts.astype(np.int64), seq_len, hidden,
+                                         payload_bytes, profile, link, replicate)
+    report["trace"] = source
+    return placement, report

@@ -34,7 +34,17 @@ PIPELINE_METHODS = {"all_servers": place_all_servers, "fewest_servers": place_fe
 METHODS = {"expert": EXPERT_METHODS, "pipeline": PIPELINE_METHODS}
 BASELINES = ("contiguous", "round_robin", "greedy_balanced", "all_servers")  # what ours is compared against
 DEFAULT_METHOD = {"expert": "affinity", "pipeline": "fewest_servers"}
-DEFAULT_MODE = "pipeline"  # chosen by eval/bench_edge.py: fastest modeled decode on both reference models
+DEFAULT_MODE = "pipeline"  # the mode of `place(...)` without one; `moecompress shard` defaults to AUTO
+AUTO = "auto"  # choose the execution model and method by the time model (shard/choose.py)
+
+
+def mode_of(method: str) -> str:
+    """The execution model a placement method belongs to; MoecompressError naming every method otherwise."""
+    for mode, methods in METHODS.items():
+        if method in methods:
+            return mode
+    raise MoecompressError(f"placement method {method!r} does not exist; allowed: "
+                           f"{', '.join(m for ms in METHODS.values() for m in ms)}")
 
 
 def place(stats: RoutingStats, sizes: LayerSizes, spec: ServerSpec, method: str | None = None,

@@ -1,8 +1,9 @@
-"""Payload precision of the rows exchanged at a MoE layer: bf16, int8 with a per-row scale, fp8 (e4m3) with a per-row
-scale where torch has `float8_e4m3fn`.
+"""Payload precision of the rows exchanged at a MoE layer: native (the model's dtype, as is: the lossless default),
+bf16, int8 with a per-row scale, fp8 (e4m3) with a per-row scale where torch has `float8_e4m3fn`.
 
 `quantize_payload` gives what goes on the wire, `dequantize_payload` what the receiver computes with; `row_bytes`
-is the size of one row of H values. Scales are stored as float16 (2 bytes per row).
+is the size of one row of H values. Scales are stored as float16 (2 bytes per row). `PRECISION_CODES` is the order
+in which the edge runtime's wire headers number them.
 """
 from __future__ import annotations
 
@@ -15,9 +16,17 @@ _FP8_MAX = 448.0
 SCALE_BYTES = 2  # float16 per-row scale
 
 
+PRECISION_CODES = ("native", "bf16", "int8", "fp8")
+
+
 def precisions() -> tuple[str, ...]:
     """The payload precisions this torch supports."""
-    return ("bf16", "int8") + (("fp8",) if _FP8 is not None else ())
+    return ("native", "bf16", "int8") + (("fp8",) if _FP8 is not None else ())
+
+
+def scaled(precision: str) -> bool:
+    """The precision sends a per-row scale."""
+    return precision in ("int8", "fp8")
 
 
 def check_precision(name: str) -> str:
@@ -26,9 +35,11 @@ def check_precision(name: str) -> str:
     return name
 
 
-def row_bytes(precision: str, hidden_size: int) -> int:
-    """Bytes on the wire for one row of `hidden_size` values."""
+def row_bytes(precision: str, hidden_size: int, elem_bytes: int = 2) -> int:
+    """Bytes on the wire for one row of `hidden_size` values (`elem_bytes`: the model dtype's, for native)."""
     check_precision(precision)
+    if precision == "native":
+        return elem_bytes * hidden_size
     return 2 * hidden_size if precision == "bf16" else hidden_size + SCALE_BYTES
 
 
@@ -40,6 +51,8 @@ def _scale(x: torch.Tensor, qmax: float) -> torch.Tensor:
 def quantize_payload(x: torch.Tensor, precision: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(values as sent [R, H], per-row scale [R, 1] float32 or None) of rows `x` [R, H]."""
     check_precision(precision)
+    if precision == "native":
+        return x, None
     if precision == "bf16":
         return x.to(torch.bfloat16), None
     if precision == "int8":

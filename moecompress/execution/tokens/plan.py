@@ -42,9 +42,13 @@ class LayerContext:
     sequence: torch.Tensor  # [T] long: the sequence each token belongs to
     position: torch.Tensor  # [T] long: the token's position in its sequence
     renormalize: bool  # the router renormalises its top-k weights (Qwen3: yes, OLMoE: no)
+    router_logits: torch.Tensor | None = None  # [T, E] the router's logits, where the caller has them
 
     def __post_init__(self):
         T, k = self.topk_ids.shape
+        if self.router_logits is not None and self.router_logits.shape != (T, self.holds.shape[0]):
+            raise MoecompressError(f"router_logits must be [T={T}, E={self.holds.shape[0]}], got "
+                                   f"{tuple(self.router_logits.shape)}")
         if self.hidden.ndim != 2 or self.hidden.shape[0] != T:
             raise MoecompressError(f"hidden must be [T={T}, H], got {tuple(self.hidden.shape)}")
         if self.topk_weights.shape != (T, k):
@@ -82,8 +86,8 @@ class DispatchPlan:
     weights: torch.Tensor  # [T, k] float: weight of each pair's output (0 where pruned)
     groups: torch.Tensor  # [T, N] long: token whose row carries t to server n (t unless fused), -1: not sent
     protected: torch.Tensor  # [T] bool: never pruned nor fused
-    dispatch_precision: str = "bf16"
-    return_precision: str = "bf16"
+    dispatch_precision: str = "native"  # the model's dtype as is (lossless); see payload.py
+    return_precision: str = "native"
     per_pair: bool = False  # naive exchange: one row per remote (token, expert) pair instead of per (token, server)
     notes: tuple = field(default=())  # (policy name, ...) applied, in order
 

@@ -7,7 +7,8 @@ that call it get the same plan. Policies run in stage order dedup -> protect -> 
 within a stage: in the order given), starting from the lossless send-once plan (`plan.lossless_plan`).
 
 Spec strings (command line, recipe): policies joined by `+`, each `name` or `name:knob=value,knob=value`, e.g.
-`protect:first=4+prune_server:threshold=0.05,relative=true+precision:dispatch=int8`. The same as a list of dicts
+`protect:first=4+prune_server:threshold=0.05,relative=true+precision:dispatch=int8` (`int8`, `fp8`, `bf16` alone:
+that payload both ways). The same as a list of dicts
 (`[{"name": "prune_server", "threshold": 0.05}]`) or one dict `{name: {knob: value}}`. An empty spec, None or "none"
 is the lossless default. A user policy: a dataclass with ClassVars `name` and `stage` and knob fields, registered with
 `register_policy(cls)` (or passed in a registry dict of your own to `build_pipeline`).
@@ -24,7 +25,7 @@ from moecompress.errors import MoecompressError
 from moecompress.execution.tokens.fuse import Fuse
 from moecompress.execution.tokens.payload import check_precision
 from moecompress.execution.tokens.plan import DispatchPlan, LayerContext, lossless_plan
-from moecompress.execution.tokens.prune import Protect, PruneLayer, PruneServer, SkipWeakest, Substitute
+from moecompress.execution.tokens.prune import Localize, Protect, PruneLayer, PruneServer, SkipWeakest, Substitute
 
 STAGES = ("dedup", "protect", "prune", "fuse", "precision")
 
@@ -74,7 +75,7 @@ class Precision:
 
 
 POLICIES: dict[str, type] = {cls.name: cls for cls in (PerPair, Protect, PruneServer, PruneLayer, SkipWeakest,
-                                                        Substitute, Fuse, Precision)}
+                                                        Substitute, Localize, Fuse, Precision)}
 
 
 def register_policy(cls: type, registry: dict[str, type] = POLICIES) -> type:
@@ -139,10 +140,16 @@ def _convert(policy: str, knob: str, kind, value):
     return value
 
 
+PRECISION_ALIASES = ("native", "bf16", "int8", "fp8")  # `int8` = precision:dispatch=int8,return=int8
+
+
 def make_policy(name: str, knobs: dict, registry: dict[str, type] = POLICIES):
     """One policy from its name and knob values (strings are parsed), validated."""
+    if name in PRECISION_ALIASES and name not in registry and not knobs:
+        return Precision(dispatch=name, return_=name)
     if name not in registry:
-        raise MoecompressError(f"unknown token policy {name!r}; allowed: {', '.join(sorted(registry))}")
+        raise MoecompressError(f"unknown token policy {name!r}; allowed: {', '.join(sorted(registry))} (and the "
+                               f"payload shorthands {', '.join(PRECISION_ALIASES)})")
     cls = registry[name]
     fields = {_knob(f.name): f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
     unknown = sorted(set(knobs) - set(fields))

@@ -1,13 +1,10 @@
-"""What a dispatch plan sends, counted with the wire format of `execution.counters` (pure functions).
+"""What a dispatch plan sends, counted with the edge runtime's wire format (pure functions).
 
-Request to server n (when it gets any row): `counters.HEADER_BYTES` + per row its payload (`payload.row_bytes` at the
-dispatch precision) + `top_k` x (ID_BYTES + WEIGHT_BYTES) per token the row carries (a fused row carries the ids and
-weights of each member). Reply: per row at the return precision; a fused group returns min(members, experts it
-computes there) rows. The naive exchange (`per_pair`) sends one row per remote pair with one id and one weight.
+Messages and bytes come from `exchange.py` (the batches the runtime's dispatcher encodes), so `plan_traffic` counts
+exactly what the runtime sends for the same plan; `token_stats` gives the per-layer counts of the runtime's
+`Counters.add_token_stats` (pairs pruned / substituted, rows fused, remote tokens, round trips saved).
 `alone_bytes` counts the same plan as if every token were its own call (one message per token and server: decode
-at batch 1). With bf16 payloads and no fusion these are exactly `counters.expert_message_bytes`, so this module
-and the Counters fed with `exchange_args` agree; the counts Counters has no field for (pairs pruned / substituted,
-rows fused, round trips saved, bytes by precision) are in `PlanTraffic`.
+at batch 1, no fusion). `exchange_args` feeds `Counters.add_expert_exchange` for lossless-format plans.
 """
 from __future__ import annotations
 
@@ -16,8 +13,10 @@ from dataclasses import asdict, dataclass
 import torch
 
 from moecompress.execution.counters import HEADER_BYTES, ID_BYTES, WEIGHT_BYTES
+from moecompress.execution.routing import route_pairs
+from moecompress.execution.tokens.exchange import batch_messages, server_batches
 from moecompress.execution.tokens.payload import row_bytes
-from moecompress.execution.tokens.plan import DispatchPlan, LayerContext, lossless_plan
+from moecompress.execution.tokens.plan import DispatchPlan, LayerContext
 
 
 @dataclass(frozen=True)
@@ -54,62 +53,54 @@ def _remote(plan: DispatchPlan, home: torch.Tensor) -> torch.Tensor:
     return (plan.servers >= 0) & (plan.servers != home[:, None])  # [T, k]
 
 
-def plan_traffic(ctx: LayerContext, plan: DispatchPlan) -> PlanTraffic:
+def lossless_remote(ctx: LayerContext) -> torch.Tensor:
+    """[T] bool: the token needs a remote server at this layer without any policy."""
+    servers = route_pairs(ctx.holds, ctx.primary, ctx.topk_ids, ctx.home)
+    return (servers != ctx.home[:, None]).any(-1)
+
+
+def token_stats(ctx: LayerContext, plan: DispatchPlan, batches=None) -> dict:
+    """Per-layer counts of `Counters.add_token_stats` for one plan."""
+    batches = server_batches(ctx, plan) if batches is None else batches
+    remote = _remote(plan, ctx.home).any(-1)
+    lossless = lossless_remote(ctx)
+    token_rows = int((plan.groups >= 0).sum()) if not plan.per_pair else sum(b.num_members for b in batches)
+    return dict(pruned_pairs=int((plan.servers < 0).sum()),
+                substituted_pairs=int(((plan.experts != ctx.topk_ids) & (plan.servers >= 0)).sum()),
+                token_rows=token_rows, fused_rows=sum(b.num_members - b.num_rows for b in batches),
+                remote_tokens=int(remote.sum()), lossless_remote_tokens=int(lossless.sum()),
+                saved_hops=2 if bool(lossless.any()) and not bool(remote.any()) else 0)
+
+
+def plan_traffic(ctx: LayerContext, plan: DispatchPlan, elem_bytes: int | None = None) -> PlanTraffic:
+    """Traffic of `plan`; `elem_bytes` of the model dtype (native payloads; default: the hidden states' dtype)."""
     T, k = ctx.topk_ids.shape
-    H, N = ctx.hidden_size, ctx.num_servers
-    remote = _remote(plan, ctx.home)
-    d_row, r_row = row_bytes(plan.dispatch_precision, H), row_bytes(plan.return_precision, H)
-    sent = plan.groups >= 0  # [T, N]
-    token_rows = int(sent.sum())
-    d_bytes = r_bytes = d_rows = r_rows = messages = 0
-    for n in range(N):
-        members = torch.nonzero(sent[:, n]).squeeze(1)
-        if len(members) == 0:
-            continue
-        messages += 2
-        if plan.per_pair:
-            rows = int(((plan.servers == n) & remote).sum())
-            d_rows, r_rows = d_rows + rows, r_rows + rows
-            d_bytes += HEADER_BYTES + rows * (d_row + ID_BYTES + WEIGHT_BYTES)
-            r_bytes += rows * r_row
-            continue
-        reps, inverse = torch.unique(plan.groups[members, n], return_inverse=True)
-        size = torch.bincount(inverse, minlength=len(reps))  # members per group
-        on_n = plan.servers[members] == n  # [M, k]
-        expert_hit = torch.zeros(len(reps), ctx.num_experts + 1, dtype=torch.bool)
-        ids = torch.where(on_n, plan.experts[members], torch.full_like(on_n, ctx.num_experts, dtype=torch.long))
-        expert_hit[inverse[:, None].expand_as(ids), ids] = True
-        union = expert_hit[:, :-1].sum(-1)  # experts each group computes on n
-        returned = torch.minimum(size, union)
-        d_rows += len(reps)
-        r_rows += int(returned.sum())
-        d_bytes += HEADER_BYTES + len(reps) * d_row + len(members) * k * (ID_BYTES + WEIGHT_BYTES)
-        r_bytes += int(returned.sum()) * r_row
-    lossless = _remote(lossless_plan(ctx), ctx.home).any(-1)
-    if plan.per_pair:
-        n_alone = int(remote.sum())
-        alone = n_alone * (HEADER_BYTES + d_row + ID_BYTES + WEIGHT_BYTES + r_row)
-    else:
-        alone = token_rows * (HEADER_BYTES + d_row + k * (ID_BYTES + WEIGHT_BYTES) + r_row)
+    H = ctx.hidden_size
+    elem = ctx.hidden.dtype.itemsize if elem_bytes is None else int(elem_bytes)
+    batches = server_batches(ctx, plan)
+    msgs = batch_messages(ctx, plan, batches, elem)
+    stats = token_stats(ctx, plan, batches)
+    d_row, r_row = row_bytes(plan.dispatch_precision, H, elem), row_bytes(plan.return_precision, H, elem)
+    k_sent = 1 if plan.per_pair else k
+    alone = stats["token_rows"] * (HEADER_BYTES + d_row + k_sent * (ID_BYTES + WEIGHT_BYTES) + r_row)
     return PlanTraffic(
-        tokens=T, pairs=T * k, pruned_pairs=int((plan.servers < 0).sum()),
-        substituted_pairs=int(((plan.experts != ctx.topk_ids) & (plan.servers >= 0)).sum()),
-        token_rows=token_rows, dispatch_rows=d_rows,
-        fused_rows=0 if plan.per_pair else token_rows - d_rows, return_rows=r_rows, messages=messages,
-        dispatch_bytes=d_bytes, return_bytes=r_bytes, alone_bytes=alone,
-        remote_tokens=int(remote.any(-1).sum()), lossless_remote_tokens=int(lossless.sum()),
-        round_trip=int(bool(remote.any())),
+        tokens=T, pairs=T * k, pruned_pairs=stats["pruned_pairs"], substituted_pairs=stats["substituted_pairs"],
+        token_rows=stats["token_rows"], dispatch_rows=sum(b.num_rows for b in batches),
+        fused_rows=stats["fused_rows"], return_rows=sum(m[3] for m in msgs), messages=2 * len(msgs),
+        dispatch_bytes=sum(m[1] for m in msgs), return_bytes=sum(m[2] for m in msgs), alone_bytes=alone,
+        remote_tokens=stats["remote_tokens"], lossless_remote_tokens=stats["lossless_remote_tokens"],
+        round_trip=int(stats["remote_tokens"] > 0),
         dispatch_precision=plan.dispatch_precision, return_precision=plan.return_precision,
     )
 
 
-def exchange_args(ctx: LayerContext, plan: DispatchPlan, home: int) -> dict:
+def exchange_args(ctx: LayerContext, plan: DispatchPlan, home: int, elem_bytes: int | None = None) -> dict:
     """Keyword arguments of `Counters.add_expert_exchange` for this plan (rows and pairs per server). Exact for
-    send-once plans without fusion; int8/fp8 scales and fused replies are beyond its format (see PlanTraffic)."""
+    native send-once plans without fusion (the lossless format); `plan_traffic` counts every plan."""
     N = ctx.num_servers
     rows = [int((plan.groups[:, n] == torch.arange(ctx.num_tokens)).sum()) if n != home else 0 for n in range(N)]
     live = plan.servers >= 0
     pairs = [int((live & (plan.servers == n)).sum()) for n in range(N)]
-    elem = 2 if plan.dispatch_precision == "bf16" else 1
+    elem = ctx.hidden.dtype.itemsize if elem_bytes is None else int(elem_bytes)
     return dict(layer=ctx.layer, home=home, rows=rows, pairs=pairs, hidden_size=ctx.hidden_size,
                 top_k=ctx.topk_ids.shape[1], elem_bytes=elem)

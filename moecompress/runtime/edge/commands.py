@@ -30,13 +30,15 @@ def _under_torchrun() -> bool:
 def run_generate(bundles: str, prompts: list[str], max_new_tokens: int = 32, sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None, simulate: bool = False,
                  servers: int | None = None, timeout: float = 60.0, counters_out: str | None = None,
-                 dtype: str = "float32", tokenizer: str | None = None) -> list[str]:
+                 dtype: str = "float32", tokenizer: str | None = None, tokens=None,
+                 similarity=None) -> list[str]:
     """Generate continuations of `prompts` (one left-padded batch); prints them and the counters table."""
     if max_new_tokens < 1:
         raise MoecompressError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     if not 0 < top_p <= 1 or temperature <= 0:
         raise MoecompressError("--top-p must be in (0, 1] and --temperature positive")
-    with deploy(bundles, simulate=simulate, servers=servers, timeout=timeout, dtype=getattr(torch, dtype)) as d:
+    with deploy(bundles, simulate=simulate, servers=servers, timeout=timeout, dtype=getattr(torch, dtype),
+                tokens=tokens, similarity=similarity) as d:
         if tokenizer:
             from transformers import AutoTokenizer
 

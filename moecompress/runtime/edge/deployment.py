@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -22,9 +21,10 @@ from moecompress.runtime.edge.transport import InProcess, TorchDistributed
 
 class Deployment:
     def __init__(self, model, info: BundleInfo, transport, counters: Counters, tokenizer=None, servers=None,
-                 recorder: list | None = None):
+                 recorder: list | None = None, tokens=None):
         self.model, self.info, self.transport, self._counters = model, info, transport, counters
         self.tokenizer, self.servers, self.recorder = tokenizer, servers, recorder
+        self.tokens = tokens  # dispatcher.TokenSettings when token policies are on
         self._closed = False
         self.calls: list[tuple[int, int, int]] = []  # (sequences, new tokens, keys attended) of every forward call
         self._hook = model.register_forward_pre_hook(self._count_call, with_kwargs=True)
@@ -33,11 +33,37 @@ class Deployment:
         ids = args[0] if args else kwargs.get("input_ids")
         self._counters.add_call(ids.numel())
         mask = kwargs.get("attention_mask")
+        if self.tokens is not None:
+            self.tokens.set_call(ids, mask)
         self.calls.append((ids.shape[0], ids.shape[1], mask.shape[1] if mask is not None else ids.shape[1]))
 
     @property
     def home(self) -> int:
         return self.info.home
+
+    def set_tokens(self, tokens=None, similarity=None) -> None:
+        """Switch the token policies of the running deployment (the servers need nothing: every request says what
+        it carries); None: off. The counters keep counting; see `reset_counters`."""
+        from moecompress.runtime.edge.dispatcher import DispatchedExperts
+        from moecompress.runtime.edge.tokens import resolve_pipeline, token_settings
+
+        pipeline = resolve_pipeline(tokens)
+        settings = token_settings(self.info, pipeline, similarity) if pipeline.policies else None
+        for module in self.model.modules():
+            if isinstance(module, DispatchedExperts):
+                module.tokens = settings
+        self.tokens = settings
+        self._counters.token_policy = pipeline.spec
+
+    def reset_counters(self) -> Counters:
+        """Start counting afresh (the counts so far are returned); the servers' times and memory stay cumulative."""
+        old = self._counters
+        self._counters = Counters(old.num_servers, old.num_layers)
+        self._counters.token_policy = old.token_policy
+        for module in self.model.modules():
+            if getattr(module, "counters", None) is old:
+                module.counters = self._counters
+        return old
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -165,15 +191,23 @@ class Deployment:
 
 
 def deploy(out: str | Path, simulate: bool = True, servers: int | None = None, dtype: torch.dtype = torch.float32,
-           timeout: float = 60.0, record: bool = False, verify: bool = True) -> Deployment:
+           timeout: float = 60.0, record: bool = False, verify: bool = True, tokens=None,
+           similarity=None) -> Deployment:
     """Run the bundles in `out` (a `moecompress shard` output) as one model, this process being the home server.
 
     simulate: all servers in this process (InProcess transport), else one gloo process per server (started here,
     or, under torchrun, already started: this must then be the home's rank). servers: the expected number (another
     is refused). timeout: seconds after which a silent server is named and the deployment stopped (also the gloo
     timeout). record: keep the routing of every call for `Deployment.trace()` (expert model). verify: check the
-    bundle files' sha256 against their manifests. Use as a context manager, or call close().
+    bundle files' sha256 against their manifests. tokens: token policies of the expert model (a spec string such as
+    "int8+protect:first=4+prune_server:threshold=0.2", a recipe YAML file with a `tokens` section, a list or dict,
+    or a TokenPipeline; see execution/tokens/policy.py; None: off, the lossless exchange). similarity: [L, E, E]
+    expert similarity for the `substitute` policy (a tensor or a file, see `token_settings`). Use as a context
+    manager, or call close().
     """
+    from moecompress.runtime.edge.tokens import resolve_pipeline
+
+    pipeline = resolve_pipeline(tokens)  # a bad spec is refused before anything starts
     out = Path(out)
     doc, _ = placement_doc(out)
     num_servers = len(doc["memory_bytes"])
@@ -190,6 +224,12 @@ def deploy(out: str | Path, simulate: bool = True, servers: int | None = None, d
     info = read_bundle(out, int(home_guess), world_size=world, verify=verify)
     counters = Counters(num_servers, _counted_layers(info))
     recorder = [] if record else None
+    settings = None
+    if pipeline.policies:
+        from moecompress.runtime.edge.tokens import token_settings
+
+        settings = token_settings(info, pipeline, similarity)
+        counters.token_policy = pipeline.spec
     launched = None
     if simulate:
         from moecompress.runtime.edge.serve import build_handler
@@ -208,24 +248,24 @@ def deploy(out: str | Path, simulate: bool = True, servers: int | None = None, d
             launched = LocalServers(out, num_servers, info.home, timeout, str(dtype).removeprefix("torch."))
             launched.wait_ready(load_timeout=max(timeout, 600.0))  # a first load may compile kernels
             init, watch = launched.init_method, launched.watch
+        from moecompress.runtime.edge.transport import init_group
+
         try:
-            dist.init_process_group("gloo", init_method=init, rank=info.home, world_size=num_servers,
-                                    timeout=timedelta(seconds=timeout))
+            device = init_group(init, info.home, num_servers, timeout)  # gloo on CPU, NCCL on CUDA
         except RuntimeError as exc:
             if launched is not None:
                 launched.close(grace=1.0)
             raise MoecompressError(f"the servers did not all join within {timeout:g} s ({exc})") from exc
         downstream, chain_end = _downstream(info)
-        transport = TorchDistributed(info.home, num_servers, timeout, torch.device("cpu"), watch, downstream,
-                                     chain_end)
+        transport = TorchDistributed(info.home, num_servers, timeout, device, watch, downstream, chain_end)
     try:
-        model, tokenizer = _home_model(info, dtype, transport, counters, recorder)
+        model, tokenizer = _home_model(info, dtype, transport, counters, recorder, settings)
     except BaseException:
         transport.close()
         if launched is not None:
             launched.close()
         raise
-    return Deployment(model, info, transport, counters, tokenizer, launched, recorder)
+    return Deployment(model, info, transport, counters, tokenizer, launched, recorder, settings)
 
 
 def _counted_layers(info: BundleInfo) -> int:
@@ -242,7 +282,7 @@ def _downstream(info: BundleInfo) -> tuple[list[int], dict[int, int]]:
     return (stages[:1] + idle), ({stages[0]: stages[-1]} if stages else {})
 
 
-def _home_model(info: BundleInfo, dtype, transport, counters, recorder):
+def _home_model(info: BundleInfo, dtype, transport, counters, recorder, settings=None):
     from moecompress.runtime.edge.dispatcher import install_dispatchers
     from moecompress.runtime.edge.rank_model import load_full
 
@@ -253,7 +293,7 @@ def _home_model(info: BundleInfo, dtype, transport, counters, recorder):
         return home_pipeline_model(info, dtype, transport, counters), tokenizer
     model = load_full(info, dtype)
     install_dispatchers(model, info.experts_paths, ExpertTables.from_assignment(info.assignment, info.num_servers),
-                        info.home, transport, counters, recorder)
+                        info.home, transport, counters, recorder, settings)
     return model, tokenizer
 
 

@@ -21,7 +21,7 @@ from moecompress.format.files import weight_files
 from moecompress.runtime.convert import prepare_kernels, replace_modules
 from moecompress.runtime.edge import wire
 from moecompress.runtime.edge.bundle import BundleInfo
-from moecompress.runtime.load import read_spec
+from moecompress.format.spec import read_spec
 from moecompress.runtime.packed_experts import PackedExperts
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -24,6 +23,9 @@ def serve(handler, rank: int, upstream: int, downstream: int | None, home: int, 
           device: torch.device) -> None:
     import torch.distributed as dist
 
+    from moecompress.runtime.edge.transport import LinkDelay, message_bytes
+
+    delay = LinkDelay.from_env()  # emulated link (MOECOMPRESS_LINK_DELAY), counted as exchange time
     exchange = 0.0
     while True:
         head = wire.empty_header().to(device)
@@ -55,6 +57,8 @@ def serve(handler, rank: int, upstream: int, downstream: int | None, home: int, 
         exchange += time.perf_counter() - start
         for dst, out_head, out_payload in handler.handle(h, payload.cpu()):
             start = time.perf_counter()
+            if delay is not None:
+                delay.before_send(message_bytes(out_head) + message_bytes(out_payload), first=True)
             if out_head is not None:
                 dist.send(out_head.to(device), dst)
             dist.send(out_payload.to(device), dst)
@@ -74,12 +78,46 @@ def neighbours(info) -> tuple[int, int | None]:
     return stages[i - 1], (stages[i + 1] if i + 1 < len(stages) else None)
 
 
+class PlanServer:
+    """An expert server that also answers token-policy requests (OP_PLAN: rows at a payload precision, fused rows
+    with their multiplicities; execution/tokens/exchange.py); everything else goes to the wrapped ExpertServer."""
+
+    def __init__(self, inner, num_experts: int):
+        self.inner, self.num_experts = inner, num_experts
+
+    def handle(self, head: list[int], payload: torch.Tensor):
+        if head[0] != wire.OP_PLAN:
+            return self.inner.handle(head, payload)
+        from moecompress.execution.tokens.exchange import reply_layout
+
+        layer, dtype = head[1], wire.dtype_of(head[4])
+        rows, sizes, ids, weights, ret = wire.decode_plan_request(payload, head)
+        member_rows = torch.repeat_interleave(torch.arange(len(sizes)), sizes)  # [M] row of each member
+        layout = reply_layout(member_rows, sizes, ids, self.num_experts)
+        k = ids.shape[1]
+        one_hot_ids = torch.full((len(layout.expert_ids), k), self.num_experts, dtype=torch.long)
+        one_hot_ids[:, 0] = layout.expert_ids
+        one_hot_w = torch.zeros(len(layout.expert_ids), k, dtype=weights.dtype)
+        one_hot_w[:, 0] = 1.0
+        x = torch.cat([rows[member_rows[layout.per_member]], rows[layout.expert_rows]])
+        out = self.inner.compute(layer, x, torch.cat([ids[layout.per_member], one_hot_ids]),
+                                 torch.cat([weights[layout.per_member], one_hot_w]))
+        return [(self.inner.home, None, wire.encode_values(out.to(dtype), ret))]
+
+    def control(self, op: int) -> None:
+        self.inner.control(op)
+
+    def stats(self) -> list[float]:
+        return self.inner.stats()
+
+
 def build_handler(info, dtype: torch.dtype):
     from moecompress.execution.routing import Mode
     from moecompress.runtime.edge.rank_model import ExpertServer, load_experts
 
     if info.mode == Mode.EXPERT:
-        return ExpertServer(info.server, info.home, load_experts(info, dtype))
+        num_experts = len(info.assignment[0]) if info.assignment else 0
+        return PlanServer(ExpertServer(info.server, info.home, load_experts(info, dtype)), num_experts)
     from moecompress.runtime.edge.pipeline import IdleServer, StageServer
 
     return StageServer.load(info, dtype) if info.server in info.stages else IdleServer()
@@ -99,9 +137,9 @@ def run_rank(out: str, rank: int, world_size: int, init_method: str, timeout: fl
     upstream, downstream = neighbours(info)
     if ready:
         Path(ready).write_text("ready")
-    device = torch.device("cpu")  # gloo over TCP; see transport.py for NCCL
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=timeout))
+    from moecompress.runtime.edge.transport import init_group
+
+    device = init_group(init_method, rank, world_size, timeout)  # gloo on CPU, NCCL on CUDA (transport.py)
     try:
         serve(handler, rank, upstream, downstream, info.home, world_size, device)
     finally:

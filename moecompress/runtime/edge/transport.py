@@ -4,13 +4,25 @@ A message is a header (int64 [8], wire.py) and, for most ops, one uint8 payload 
 The home `request`s work from a server and later takes the `reply` (payload only, size known to the home). A
 server's `Handler` turns a request into outgoing messages: a reply to the home, or (pipeline) the next stage's
 request. `InProcess` runs the servers' handlers in the calling process on the very same bytes; `TorchDistributed`
-sends them to one process per server (gloo on CPU, NCCL on GPU).
+sends them to one process per server (gloo on CPU, NCCL on GPU: `init_group`).
+
+Device: `MOECOMPRESS_EDGE_DEVICE=cuda` (inherited by the servers a launcher starts) puts each rank's exchange on
+its own GPU (`cuda:LOCAL_RANK`, else `cuda:RANK`; one GPU per rank) and the process group on NCCL: headers and
+payloads are sent and received as CUDA tensors. The default, `cpu`, is gloo over TCP. The ranks' compute stays on
+the CPU either way (the packed experts' kernels are CPU kernels).
+
+Link emulation (tests of the time model without netem): `MOECOMPRESS_LINK_DELAY=LATENCY[,RATE]` (e.g. `5ms` or
+`5ms,100Mbit/s`) makes every rank sleep before each message it sends: the one-way latency, plus the message's
+bytes / RATE when a rate is given (serialisation). Counted as exchange time. See `LinkDelay`.
 """
 from __future__ import annotations
 
+import os
+import re
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Protocol
 
@@ -28,6 +40,74 @@ class Handler(Protocol):
     def control(self, op: int) -> None: ...
 
     def stats(self) -> list[float]: ...
+
+
+DEVICE_ENV = "MOECOMPRESS_EDGE_DEVICE"
+DELAY_ENV = "MOECOMPRESS_LINK_DELAY"
+BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
+
+
+def exchange_device(rank: int) -> torch.device:
+    """The device a rank exchanges tensors on, from MOECOMPRESS_EDGE_DEVICE (cpu | cuda); CUDA: one GPU per rank."""
+    kind = os.environ.get(DEVICE_ENV, "cpu").strip().lower() or "cpu"
+    if kind not in BACKENDS:
+        raise MoecompressError(f"{DEVICE_ENV}={kind!r}; allowed: {', '.join(BACKENDS)}")
+    if kind == "cpu":
+        return torch.device("cpu")
+    index = int(os.environ.get("LOCAL_RANK", rank))
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if index >= count:
+        raise MoecompressError(f"{DEVICE_ENV}=cuda: rank {rank} needs GPU {index}, this machine has {count} "
+                               "(one GPU per rank)")
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def init_group(init_method: str, rank: int, world_size: int, timeout: float) -> torch.device:
+    """Join the deployment's process group on the backend of this rank's exchange device (gloo: CPU, NCCL: CUDA);
+    returns that device."""
+    import torch.distributed as dist
+
+    device = exchange_device(rank)
+    dist.init_process_group(BACKENDS[device.type], init_method=init_method, rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout))
+    return device
+
+
+_RATE = {"bit": 1 / 8, "kbit": 1e3 / 8, "mbit": 1e6 / 8, "gbit": 1e9 / 8, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9}
+_TIME = {"s": 1.0, "ms": 1e-3, "us": 1e-6}
+
+
+@dataclass(frozen=True)
+class LinkDelay:
+    """Emulated link: sleep latency (+ bytes / rate) before each message a rank sends. From MOECOMPRESS_LINK_DELAY
+    ('5ms' or '5ms,100Mbit/s'); `None` when unset. One message = a header and its payload (counters.py). A server
+    pays the latency on every message; the home once per send phase (its requests to several servers of one layer
+    go out in parallel, as the time model's hops count them); the rate is paid per byte by whoever sends."""
+
+    latency: float  # seconds, one way
+    rate: float | None = None  # bytes per second, None: no serialisation delay
+
+    @classmethod
+    def from_env(cls) -> "LinkDelay | None":
+        text = os.environ.get(DELAY_ENV, "").strip()
+        if not text:
+            return None
+        m = re.fullmatch(r"([\d.]+)\s*(s|ms|us)\s*(?:,\s*([\d.]+)\s*([A-Za-z]+)(?:/s)?)?", text)
+        if not m or (m.group(4) and m.group(4).lower() not in _RATE):
+            raise MoecompressError(f"{DELAY_ENV}={text!r}: write LATENCY[,RATE], e.g. 5ms or 5ms,100Mbit/s")
+        rate = float(m.group(3)) * _RATE[m.group(4).lower()] if m.group(3) else None
+        return cls(float(m.group(1)) * _TIME[m.group(2)], rate)
+
+    def before_send(self, nbytes: int, first: bool) -> None:
+        """Sleep for a message part of `nbytes`; `first`: the part that opens a message (pays the latency)."""
+        seconds = (self.latency if first else 0.0) + (nbytes / self.rate if self.rate else 0.0)
+        if seconds > 0:
+            time.sleep(seconds)
+
+
+def message_bytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
 
 
 class InProcess:
@@ -81,6 +161,8 @@ class TorchDistributed:
         self.timeout, self.device, self.watch = timeout, device, watch
         self.downstream = downstream if downstream is not None else [n for n in range(world_size) if n != home]
         self.chain_end = chain_end or {}  # pipeline: first stage after the home -> the last stage (answers)
+        self.delay = LinkDelay.from_env()
+        self._phase_open = True  # the next request opens a send phase (pays the latency once: sent in parallel)
         self.lock = threading.RLock()
         self._pending: list = []
         self.exchange_seconds = 0.0
@@ -90,22 +172,27 @@ class TorchDistributed:
         self._pinger.start()
 
     def _ping_loop(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # a new thread starts on GPU 0
         interval = max(self.timeout / 4, 0.05)
         while not self._closed.wait(interval):
             if time.monotonic() - self._last >= interval and self.lock.acquire(blocking=False):
                 try:
                     if not self._closed.is_set():
                         for n in self.downstream:
-                            self._send(n, wire.header(wire.OP_PING), None)
+                            self._send(n, wire.header(wire.OP_PING), None, delay=False)  # not counted either
                         self._last = time.monotonic()
                 except Exception:  # the next real exchange reports the failure, naming the rank
                     pass
                 finally:
                     self.lock.release()
 
-    def _send(self, dst: int, head: torch.Tensor, payload: torch.Tensor | None) -> None:
+    def _send(self, dst: int, head: torch.Tensor, payload: torch.Tensor | None, delay: bool = True) -> None:
         import torch.distributed as dist
 
+        if self.delay is not None and delay:
+            self.delay.before_send(message_bytes(head) + message_bytes(payload), first=self._phase_open)
+            self._phase_open = False
         self._pending.append(dist.isend(head.to(self.device), dst))
         if payload is not None:
             self._pending.append(dist.isend(payload.to(self.device), dst))
@@ -127,6 +214,7 @@ class TorchDistributed:
         with self.lock:
             try:
                 dist.recv(buf, src)
+                self._phase_open = True
                 for work in self._pending:
                     work.wait()
                 self._pending.clear()
@@ -140,7 +228,7 @@ class TorchDistributed:
         with self.lock:
             for n in self.downstream:
                 try:
-                    self._send(n, wire.header(op), None)
+                    self._send(n, wire.header(op), None, delay=False)  # control: not counted
                 except RuntimeError as exc:
                     raise self._failure(n, exc) from exc
             self._last = time.monotonic()
@@ -154,7 +242,7 @@ class TorchDistributed:
             n = self.home
             try:
                 for n in self.downstream:
-                    self._send(n, wire.header(wire.OP_STATS, rows=self.world_size), None)
+                    self._send(n, wire.header(wire.OP_STATS, rows=self.world_size), None, delay=False)
                 for n in self.downstream:
                     buf = torch.empty(self.world_size * 3, dtype=torch.float64, device=self.device)
                     dist.recv(buf, src=self._last_of_chain(n))

@@ -9,8 +9,12 @@ import torch
 
 from moecompress.errors import MoecompressError
 from moecompress.execution.counters import HEADER_INTS, ID_BYTES, WEIGHT_BYTES
+from moecompress.execution.tokens.exchange import MULTIPLICITY_BYTES
+from moecompress.execution.tokens.payload import (
+    PRECISION_CODES, SCALE_BYTES, dequantize_payload, quantize_payload, row_bytes,
+)
 
-OP_STOP, OP_PING, OP_EXPERT, OP_STATS, OP_STAGE, OP_RESET = 0, 1, 2, 3, 4, 5
+OP_STOP, OP_PING, OP_EXPERT, OP_STATS, OP_STAGE, OP_RESET, OP_PLAN = 0, 1, 2, 3, 4, 5, 6
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 assert ID_BYTES == 4 and WEIGHT_BYTES == 4  # int32 ids, float32 weights below
 
@@ -86,11 +90,91 @@ def request_header(layer: int, rows: int, top_k: int, dtype: torch.dtype, hidden
     return header(OP_EXPERT, layer, rows, top_k, dtype, hidden_size)
 
 
+# -- token policies: rows at a payload precision, fused rows with multiplicities (execution/tokens/exchange.py) --
+
+def plan_header(layer: int, rows: int, members: int, top_k: int, dtype: torch.dtype, hidden_size: int,
+                dispatch: str, ret: str) -> torch.Tensor:
+    """OP_PLAN: rows = rows sent, top_k = ids per member, a = hidden size, b = members, c = precision codes
+    (dispatch + 8 x return)."""
+    return header(OP_PLAN, layer, rows, top_k, dtype, hidden_size, members,
+                  PRECISION_CODES.index(dispatch) + 8 * PRECISION_CODES.index(ret))
+
+
+def plan_precisions(head: list[int]) -> tuple[str, str]:
+    c = head[7]
+    if not (0 <= c % 8 < len(PRECISION_CODES) and 0 <= c // 8 < len(PRECISION_CODES)):
+        raise MoecompressError(f"a message carries unknown payload precision code {c}; are all servers the same "
+                               "version?")
+    return PRECISION_CODES[c % 8], PRECISION_CODES[c // 8]
+
+
+def encode_values(x: torch.Tensor, precision: str) -> torch.Tensor:
+    """Rows x [R, H] at `precision`: the values, then (int8 / fp8) one float16 scale per row."""
+    values, scale = quantize_payload(x, precision)
+    parts = [as_bytes(values)]
+    if scale is not None:
+        parts.append(as_bytes(scale.reshape(-1).to(torch.float16)))
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def decode_values(payload: torch.Tensor, rows: int, hidden_size: int, precision: str,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """[R, H] in `dtype` from the bytes `encode_values` wrote."""
+    if precision == "native":
+        return _view(payload, dtype).reshape(rows, hidden_size)
+    if precision == "bf16":
+        return _view(payload, torch.bfloat16).reshape(rows, hidden_size).to(dtype)
+    wire_dtype = torch.int8 if precision == "int8" else torch.float8_e4m3fn
+    n = rows * hidden_size
+    values = _view(payload[:n], wire_dtype).reshape(rows, hidden_size)
+    scale = _view(payload[n:n + rows * SCALE_BYTES], torch.float16).reshape(rows, 1).float()
+    return dequantize_payload(values, scale, dtype)
+
+
+def encode_plan_request(rows: torch.Tensor, sizes: torch.Tensor, fused: bool, ids: torch.Tensor,
+                        weights: torch.Tensor, precision: str) -> torch.Tensor:
+    """rows [R, H] (model dtype), sizes [R] (sent when fused), ids / weights [M, k'] of the members in row order."""
+    parts = [encode_values(rows, precision)]
+    if fused:
+        parts.append(as_bytes(sizes.to(torch.int32)))
+    parts += [as_bytes(ids.to(torch.int32)), as_bytes(weights.to(torch.float32))]
+    return torch.cat(parts)
+
+
+def decode_plan_request(payload: torch.Tensor, head: list[int]):
+    """-> (rows [R, H] model dtype, sizes [R] long, ids [M, k'] long, weights [M, k'] float32, return precision)."""
+    _, _, rows, top_k, code, hidden_size, members, _ = head
+    dtype = dtype_of(code)
+    dispatch, ret = plan_precisions(head)
+    n_v = rows * row_bytes(dispatch, hidden_size, dtype.itemsize)
+    values = decode_values(payload[:n_v], rows, hidden_size, dispatch, dtype)
+    at = n_v
+    if members > rows:
+        sizes = _view(payload[at:at + rows * MULTIPLICITY_BYTES], torch.int32).long()
+        at += rows * MULTIPLICITY_BYTES
+    else:
+        sizes = torch.ones(rows, dtype=torch.long)
+    n_i = members * top_k * ID_BYTES
+    ids = _view(payload[at:at + n_i], torch.int32).reshape(members, top_k).long()
+    weights = _view(payload[at + n_i:], torch.float32).reshape(members, top_k)
+    return values, sizes, ids, weights, ret
+
+
+def plan_payload_bytes(head: list[int]) -> int:
+    _, _, rows, top_k, code, hidden_size, members, _ = head
+    dispatch, _ = plan_precisions(head)
+    multiplicities = rows * MULTIPLICITY_BYTES if members > rows else 0
+    return (rows * row_bytes(dispatch, hidden_size, dtype_of(code).itemsize) + multiplicities
+            + members * top_k * (ID_BYTES + WEIGHT_BYTES))
+
+
 def payload_bytes(head: list[int]) -> int:
     """Size of the payload following a header (0: none)."""
     op, _, rows, top_k, code, a, b, _ = head
     if op == OP_EXPERT:
         return request_payload_bytes(rows, a, top_k, dtype_of(code))
+    if op == OP_PLAN:
+        return plan_payload_bytes(head)
     if op == OP_STAGE:
         return rows * top_k * b * dtype_of(code).itemsize + rows * a + rows * top_k * 4
     if op == OP_STATS:

@@ -5,12 +5,11 @@
 #include <algorithm>
 #include <cmath>
 #include <vector>
-#include "lowbit.h"
+#include "ops.h"
 
 namespace {
 using namespace mc_lowbit;
 
-using DecodeFn = void (*)(const Weights&, const Acts&, int64_t, int64_t, int64_t, int64_t, int64_t, float*);
 using DequantFn = void (*)(const Weights&, int64_t, int64_t, int64_t, float*);
 // By Isa id. The VNNI kernels dequantize tiles as AVX2 does (same block order).
 #if defined(__x86_64__) || defined(_M_X64)
@@ -27,23 +26,6 @@ constexpr DequantFn kDequant[] = {dequant_portable};
 constexpr int64_t kIsas = 1;
 #endif
 constexpr int64_t kDecodeRows = 64;  // weight rows per work unit of the decode kernels
-
-Weights weights(const torch::Tensor& qweight, const torch::Tensor& scales, const torch::Tensor& zeros, int64_t bits,
-                int64_t group) {
-  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8, "bits: 2, 3, 4 or 8");
-  TORCH_CHECK(qweight.dim() == 3 && qweight.is_contiguous() && qweight.scalar_type() == torch::kUInt8,
-              "qweight: contiguous uint8 [N, n, k*bits/8]");
-  TORCH_CHECK(scales.is_contiguous() && scales.scalar_type() == torch::kHalf, "scales: contiguous float16");
-  const int64_t n = qweight.size(1), k = qweight.size(2) * 8 / bits;
-  TORCH_CHECK(group % 32 == 0 && k % group == 0, "shapes: group a multiple of 32 dividing in_features");
-  TORCH_CHECK(scales.dim() == 3 && scales.size(0) == qweight.size(0) && scales.size(1) == n && scales.size(2) == k / group,
-              "scales: [N, n, k/group]");
-  const bool symmetric = zeros.numel() == 0;
-  TORCH_CHECK(symmetric || (zeros.is_contiguous() && zeros.scalar_type() == torch::kUInt8 && zeros.sizes() == scales.sizes()),
-              "zeros: empty, or contiguous uint8 shaped like scales");
-  return Weights{qweight.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()),
-                 symmetric ? nullptr : zeros.data_ptr<uint8_t>(), n, k, bits, group, k / group, qweight.size(2)};
-}
 
 struct SlotRows {  // slots int64 [S] (rows of the stacked weights), starts int64 [S + 1] (row offsets in x)
   const int64_t* slot;
@@ -69,6 +51,51 @@ void check_isa(int64_t isa, bool dequant = false) {
 
 }  // namespace
 
+namespace mc_lowbit {
+
+Weights weights(const torch::Tensor& qweight, const torch::Tensor& scales, const torch::Tensor& zeros, int64_t bits,
+                int64_t group) {
+  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8, "bits: 2, 3, 4 or 8");
+  TORCH_CHECK(qweight.dim() == 3 && qweight.is_contiguous() && qweight.scalar_type() == torch::kUInt8,
+              "qweight: contiguous uint8 [N, n, k*bits/8]");
+  TORCH_CHECK(scales.is_contiguous() && scales.scalar_type() == torch::kHalf, "scales: contiguous float16");
+  const int64_t n = qweight.size(1), k = qweight.size(2) * 8 / bits;
+  TORCH_CHECK(group % 32 == 0 && k % group == 0, "shapes: group a multiple of 32 dividing in_features");
+  TORCH_CHECK(scales.dim() == 3 && scales.size(0) == qweight.size(0) && scales.size(1) == n && scales.size(2) == k / group,
+              "scales: [N, n, k/group]");
+  const bool symmetric = zeros.numel() == 0;
+  TORCH_CHECK(symmetric || (zeros.is_contiguous() && zeros.scalar_type() == torch::kUInt8 && zeros.sizes() == scales.sizes()),
+              "zeros: empty, or contiguous uint8 shaped like scales");
+  return Weights{qweight.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()),
+                 symmetric ? nullptr : zeros.data_ptr<uint8_t>(), n, k, bits, group, k / group, qweight.size(2)};
+}
+
+DecodeFn decode_kernel(int64_t isa) {
+  check_isa(isa);
+  return kDecode[isa];
+}
+
+void lane_order(int64_t bits, int64_t isa, int order[32]) {
+  for (int i = 0; i < 32; ++i) order[i] = isa == kPortable ? i : block_order(bits, i);
+}
+
+float quantize_group(const float* src, int64_t group, const int* order, int8_t* dst, int32_t* isum) {
+  float amax = 0.f;
+  for (int64_t i = 0; i < group; ++i) amax = std::max(amax, std::fabs(src[i]));
+  const float inv = amax > 0.f ? 127.f / amax : 0.f;
+  int32_t s = 0;
+  for (int64_t i = 0; i < group; ++i) {
+    const int v = static_cast<int>(std::nearbyint(src[i] * inv));
+    const int c = std::min(127, std::max(-127, v));
+    dst[(i / 32) * 32 + order[i % 32]] = static_cast<int8_t>(c);
+    s += c;
+  }
+  *isum = s;
+  return amax / 127.f;
+}
+
+}  // namespace mc_lowbit
+
 // x float32 [R, k] -> (xq int8 [R, k] in the ISA's block order, dx float32 [R, k/group], isum int32 [R, k/group]):
 // per row and group, dx = max|x| / 127, xq = round(x / dx) (half to even), isum = sum(xq).
 std::vector<torch::Tensor> quantize_rows(torch::Tensor x, int64_t group, int64_t bits, int64_t isa) {
@@ -81,27 +108,14 @@ std::vector<torch::Tensor> quantize_rows(torch::Tensor x, int64_t group, int64_t
   auto dx = torch::empty({R, groups}, torch::kFloat);
   auto isum = torch::empty({R, groups}, torch::kInt);
   int order[32];
-  for (int i = 0; i < 32; ++i) order[i] = isa == kPortable ? i : block_order(bits, i);
+  lane_order(bits, isa, order);
   const float* xs = x.data_ptr<float>();
   int8_t* q = xq.data_ptr<int8_t>();
   float* d = dx.data_ptr<float>();
   int32_t* sum = isum.data_ptr<int32_t>();
   at::parallel_for(0, R * groups, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t u = begin; u < end; ++u) {
-      const float* src = xs + u * group;  // row u / groups, group u % groups: contiguous in x
-      int8_t* dst = q + u * group;
-      float amax = 0.f;
-      for (int64_t i = 0; i < group; ++i) amax = std::max(amax, std::fabs(src[i]));
-      const float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-      int32_t s = 0;
-      for (int64_t i = 0; i < group; ++i) {
-        const int v = static_cast<int>(std::nearbyint(src[i] * inv));
-        const int c = std::min(127, std::max(-127, v));
-        dst[(i / 32) * 32 + order[i % 32]] = static_cast<int8_t>(c);
-        s += c;
-      }
-      d[u] = scale, sum[u] = s;
-    }
+    for (int64_t u = begin; u < end; ++u)  // row u / groups, group u % groups: contiguous in x
+      d[u] = quantize_group(xs + u * group, group, order, q + u * group, sum + u);
   });
   return {xq, dx, isum};
 }
@@ -184,5 +198,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode", &decode, "x @ W^T per slot with int8 activations (few rows per slot)");
   m.def("dequant_tile", &dequant_tile, "rows of one slot dequantized, float32, in the ISA's block order");
   m.def("tile_linear", &tile_linear, "x @ W^T per slot through dequantized tiles and at::mm (many rows per slot)");
+  m.def("moe_decode", &mc_lowbit::moe_decode, "a MoE layer of a few tokens: gate_up, silu(gate) * up, down, weighted sum");
   m.def("block_order", &block_order_tensor, "lane of each input of a 32-input block in the SIMD kernels");
 }

@@ -1,0 +1,112 @@
+"""The MoE layer of a few tokens (decode) on CPU in one C++ call (csrc/lowbit/moe.cpp).
+
+Per token step, PackedExperts' general path routes in Python (sort, count, gather), calls each projection's groups
+one by one and re-quantizes the activations per call: at batch 1 that overhead costs more than the experts' integer
+dot products. Where the layer fits the fused call, every routed expert's gate_up projection, silu(gate) * up, the
+down projection and the routing-weighted sum run in one call, with the same decode kernels the registry picks for
+the groups (int8 activations x packed weights, kernel_registry.py), the activations quantized once per row and
+projection, and the work split over (expert, block of output rows) across threads.
+
+It applies (`fused_layer`) when: at most FUSED_MAX_TOKENS tokens; CPU tensors; every group of both projections is
+format-packed (2/3/4/8-bit, not converted to the int4 layout) and the registry's decode kernel for it is a `q8_*`
+one, all of one ISA (so x is bf16/fp16, or MOECOMPRESS_INT8_ACTIVATIONS=always); the experts module is the default
+gated one (transformers' `_default_apply_gate` with SiLU), without bias or post-expert norm. Elsewhere the general
+path runs. The result differs from the general path only by rounding: the gate_up output and the activation stay
+float32 here (the general path rounds them to x's dtype between the calls).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from moecompress.errors import MoecompressError
+from moecompress.runtime import cpu_features, cpu_lowbit, kernel_registry
+
+# Tokens per call up to which the layer runs fused (decode steps of batch <= 8); MOECOMPRESS_CPU_FUSED_TOKENS=N sets
+# another limit (0: never fused, e.g. to compare with the general path in eval/bench_cpu.py --compare-fused).
+FUSED_MAX_TOKENS = 8
+FUSED_TOKENS_ENV = "MOECOMPRESS_CPU_FUSED_TOKENS"
+_CACHE_ATTR = "_cpu_moe_fused"  # per module: {settings key: FusedLayer or None}
+
+
+@dataclass(frozen=True)
+class FusedLayer:
+    args: tuple  # both projections' groups (qweight, scales, zeros, bits lists) and expert maps, made once
+    group_size: int
+    isa: str
+
+    def __call__(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """hidden [T, H], top_k_index [T, K], top_k_weights [T, K] -> [T, H] in hidden's dtype."""
+        y = cpu_lowbit._module().moe_decode(hidden.float().contiguous(), top_k_index.long().contiguous(),
+                                            top_k_weights.float().contiguous(), *self.args, self.group_size,
+                                            cpu_lowbit.ISA_ID[self.isa])
+        return y.to(hidden.dtype)
+
+
+def fused_layer(module, hidden: torch.Tensor) -> FusedLayer | None:
+    """The fused call for this PackedExperts module and these hidden states, or None (the general path runs)."""
+    if hidden.shape[0] > _max_tokens() or hidden.device.type != "cpu":
+        return None
+    key = (hidden.dtype, os.environ.get(cpu_features.ISA_ENV), os.environ.get(kernel_registry.INT8_ACTIVATIONS_ENV))
+    cache = module.__dict__.setdefault(_CACHE_ATTR, {})
+    if key not in cache:
+        cache[key] = _build(module, hidden.dtype)
+    return cache[key]
+
+
+def _max_tokens() -> int:
+    value = os.environ.get(FUSED_TOKENS_ENV)
+    if value is None:
+        return FUSED_MAX_TOKENS
+    if not value.isdigit():
+        raise MoecompressError(f"{FUSED_TOKENS_ENV}={value!r}: give a whole number of tokens (0: never fused)")
+    return int(value)
+
+
+def _gated_silu(module) -> bool:
+    try:
+        from transformers.activations import SiLUActivation
+        from transformers.integrations.moe import _default_apply_gate
+    except ImportError:
+        return False
+    act = getattr(module, "act_fn", None)
+    return (module.has_gate and module._gate_fn is _default_apply_gate and isinstance(act, (SiLUActivation, torch.nn.SiLU))
+            and not module.has_bias and not module.has_post_expert_norm and len(module.proj_names) == 2)
+
+
+def _build(module, dtype: torch.dtype) -> FusedLayer | None:
+    if not _gated_silu(module) or not cpu_lowbit.available():
+        return None
+    first, down = (getattr(module, name) for name in module.proj_names)
+    args, isas, group_sizes = [], set(), set()
+    for proj in (first, down):
+        groups = list(proj.children())
+        qs, ss, zs, bits = [], [], [], []
+        for g in groups:
+            if g.bits == 16 or g._int4 is not None or g.qweight.device.type != "cpu" or not len(g.experts):
+                return None
+            kernel = kernel_registry.select(g.bits, "decode", g, dtype, layout="packed")
+            if not kernel.name.startswith("q8_"):
+                return None
+            isas.add("cpu:" + kernel.name.removeprefix("q8_"))
+            group_sizes.add(g.group_size)
+            qs.append(g.qweight)
+            ss.append(g.scales)
+            zs.append(torch.empty(0, dtype=torch.uint8) if g.symmetric else g.zeros)
+            bits.append(g.bits)
+        where = torch.full((module.num_experts, 2), -1, dtype=torch.int64)  # expert -> (group, slot)
+        for gi, g in enumerate(groups):
+            for slot, e in enumerate(g.experts):
+                if 0 <= e < module.num_experts:
+                    where[e] = torch.tensor([gi, slot])
+        args += [qs, ss, zs, bits, where]
+    if len(isas) != 1 or len(group_sizes) != 1:
+        return None
+    # only the experts both projections compute (ProjGroups.set_computed: the last lookup entry marks the others)
+    for where, proj in ((args[4], first), (args[9], down)):
+        for e in range(module.num_experts):
+            if proj._lookup[e] == proj._lookup[-1]:
+                where[e] = -1
+    return FusedLayer(tuple(args), group_sizes.pop(), isas.pop())

@@ -1,0 +1,156 @@
+// The MoE layer of a few tokens (decode) in one call: every routed expert's gate_up projection, silu(gate) * up,
+// the down projection and the routing-weighted sum, with the decode kernels (int8 activations x packed weights).
+//
+// Each projection comes as its groups (one per bit-width: qweight, scales, zeros, bits) and a map expert ->
+// (group, slot), group -1 where the expert is not computed here. The (token, k) pairs whose expert both projections
+// hold are sorted by (group, slot, token, k); each pair's row is quantized to int8 once, per group of `group` inputs,
+// in the lane order of its group's bit-width, and the experts' rows are computed together with at::parallel_for
+// over (expert, block of output rows). The activation and the weighted sum are in float32.
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <cmath>
+#include <vector>
+#include "ops.h"
+
+namespace mc_lowbit {
+namespace {
+
+constexpr int64_t kRowsPerUnit = 64;  // weight rows per work unit, as the per-group decode
+
+struct Proj {
+  std::vector<Weights> groups;
+  const int64_t* map;  // [E, 2]
+  int64_t experts;
+};
+
+Proj proj(const std::vector<torch::Tensor>& q, const std::vector<torch::Tensor>& s, const std::vector<torch::Tensor>& z,
+          const std::vector<int64_t>& bits, const torch::Tensor& map, int64_t group) {
+  TORCH_CHECK(q.size() == s.size() && q.size() == z.size() && q.size() == bits.size() && !q.empty(),
+              "one qweight, scales, zeros and bits per group");
+  TORCH_CHECK(map.scalar_type() == torch::kInt64 && map.is_contiguous() && map.dim() == 2 && map.size(1) == 2,
+              "map: int64 [experts, 2] (group, slot)");
+  Proj p{{}, map.data_ptr<int64_t>(), map.size(0)};
+  for (size_t i = 0; i < q.size(); ++i) {
+    p.groups.push_back(weights(q[i], s[i], z[i], bits[i], group));
+    TORCH_CHECK(p.groups[i].n == p.groups[0].n && p.groups[i].k == p.groups[0].k, "groups of one projection: same shapes");
+  }
+  for (int64_t e = 0; e < p.experts; ++e) {
+    const int64_t g = p.map[2 * e], slot = p.map[2 * e + 1];
+    TORCH_CHECK(g < 0 || (g < static_cast<int64_t>(q.size()) && slot >= 0 && slot < q[g].size(0)), "map: slot out of range");
+  }
+  return p;
+}
+
+struct Pair {
+  int64_t t, k, group, slot;  // token, its k-th expert; where the projection holds it
+};
+
+// Rows `src` [P, k] (float32; row i of the result is src row rows[i]) quantized into acts: row i in the lane order
+// of pairs[i]'s group's bit-width. Then every expert (run of equal group, slot) against its rows, into y [P, n].
+void project(const Proj& p, const std::vector<Pair>& pairs, const float* src, const std::vector<int64_t>& rows,
+             int64_t group, int64_t isa, float* y) {
+  const int64_t P = static_cast<int64_t>(pairs.size()), k = p.groups[0].k, groups = k / group, n = p.groups[0].n;
+  std::vector<int8_t> xq(P * k);
+  std::vector<float> dx(P * groups);
+  std::vector<int32_t> isum(P * groups);
+  for (int64_t i = 0; i < P; ++i) {
+    int order[32];
+    lane_order(p.groups[pairs[i].group].bits, isa, order);
+    for (int64_t g = 0; g < groups; ++g)
+      dx[i * groups + g] = quantize_group(src + rows[i] * k + g * group, group, order, xq.data() + i * k + g * group,
+                                          isum.data() + i * groups + g);
+  }
+  const Acts a{xq.data(), dx.data(), isum.data(), k, groups};
+  std::vector<int64_t> starts{0};  // runs of one expert
+  for (int64_t i = 1; i <= P; ++i)
+    if (i == P || pairs[i].group != pairs[i - 1].group || pairs[i].slot != pairs[i - 1].slot) starts.push_back(i);
+  const int64_t runs = static_cast<int64_t>(starts.size()) - 1, blocks = (n + kRowsPerUnit - 1) / kRowsPerUnit;
+  const DecodeFn fn = decode_kernel(isa);
+  at::parallel_for(0, runs * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t r = u / blocks, r0 = (u % blocks) * kRowsPerUnit, first = starts[r];
+      const Pair& pr = pairs[first];
+      fn(p.groups[pr.group], a, pr.slot, r0, std::min(n, r0 + kRowsPerUnit), first, starts[r + 1] - first, y);
+    }
+  });
+}
+
+std::vector<Pair> sorted_pairs(const std::vector<Pair>& pairs) {
+  std::vector<Pair> out = pairs;
+  std::stable_sort(out.begin(), out.end(), [](const Pair& a, const Pair& b) {
+    return a.group != b.group ? a.group < b.group : a.slot < b.slot;
+  });
+  return out;
+}
+
+}  // namespace
+
+torch::Tensor moe_decode(torch::Tensor x, torch::Tensor topk_index, torch::Tensor topk_weights,
+                         std::vector<torch::Tensor> gu_q, std::vector<torch::Tensor> gu_s, std::vector<torch::Tensor> gu_z,
+                         std::vector<int64_t> gu_bits, torch::Tensor gu_map, std::vector<torch::Tensor> dn_q,
+                         std::vector<torch::Tensor> dn_s, std::vector<torch::Tensor> dn_z, std::vector<int64_t> dn_bits,
+                         torch::Tensor dn_map, int64_t group, int64_t isa) {
+  decode_kernel(isa);  // checks the ISA
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kFloat, "x: contiguous float32 [T, H]");
+  TORCH_CHECK(topk_index.scalar_type() == torch::kInt64 && topk_index.is_contiguous() && topk_index.dim() == 2 &&
+              topk_index.size(0) == x.size(0), "top_k_index: contiguous int64 [T, K]");
+  TORCH_CHECK(topk_weights.scalar_type() == torch::kFloat && topk_weights.is_contiguous() &&
+              topk_weights.sizes() == topk_index.sizes(), "top_k_weights: contiguous float32 [T, K]");
+  const Proj gu = proj(gu_q, gu_s, gu_z, gu_bits, gu_map, group), dn = proj(dn_q, dn_s, dn_z, dn_bits, dn_map, group);
+  const int64_t T = x.size(0), K = topk_index.size(1), H = x.size(1), N1 = gu.groups[0].n, I = dn.groups[0].k;
+  TORCH_CHECK(gu.groups[0].k == H && dn.groups[0].n == H && N1 == 2 * I && gu.experts == dn.experts,
+              "shapes: gate_up [2I, H], down [H, I], one map entry per expert in both");
+  auto out = torch::zeros({T, H}, torch::kFloat);
+  const int64_t* idx = topk_index.data_ptr<int64_t>();
+  std::vector<Pair> pairs;
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t e = idx[t * K + k];
+      if (e >= 0 && e < gu.experts && gu.map[2 * e] >= 0 && dn.map[2 * e] >= 0)
+        pairs.push_back({t, k, gu.map[2 * e], gu.map[2 * e + 1]});
+    }
+  if (pairs.empty()) return out;
+  const int64_t P = static_cast<int64_t>(pairs.size());
+  // gate_up: x's token rows, by gate_up's (group, slot)
+  const std::vector<Pair> first = sorted_pairs(pairs);
+  std::vector<int64_t> rows(P);
+  for (int64_t i = 0; i < P; ++i) rows[i] = first[i].t;
+  std::vector<float> h(P * N1), act(P * I);
+  project(gu, first, x.data_ptr<float>(), rows, group, isa, h.data());
+  for (int64_t i = 0; i < P; ++i)
+    for (int64_t j = 0; j < I; ++j) {
+      const float g = h[i * N1 + j];
+      act[i * I + j] = g / (1.f + std::exp(-g)) * h[i * N1 + I + j];
+    }
+  // down: the activations' rows, by down's (group, slot)
+  std::vector<Pair> second = first;
+  for (int64_t i = 0; i < P; ++i) {
+    const int64_t e = idx[first[i].t * K + first[i].k];
+    second[i].group = dn.map[2 * e], second[i].slot = dn.map[2 * e + 1], rows[i] = i;  // rows[i]: act row of pair i
+  }
+  std::vector<int64_t> order(P);
+  for (int64_t i = 0; i < P; ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+    return second[a].group != second[b].group ? second[a].group < second[b].group : second[a].slot < second[b].slot;
+  });
+  std::vector<Pair> down_pairs(P);
+  std::vector<int64_t> down_rows(P);
+  for (int64_t i = 0; i < P; ++i) down_pairs[i] = second[order[i]], down_rows[i] = order[i];
+  std::vector<float> yd(P * H);
+  project(dn, down_pairs, act.data(), down_rows, group, isa, yd.data());
+  // the weighted sum per token, its experts in k order
+  std::vector<int64_t> row_of(T * K, -1);
+  for (int64_t i = 0; i < P; ++i) row_of[down_pairs[i].t * K + down_pairs[i].k] = i;
+  const float* w = topk_weights.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t i = row_of[t * K + k];
+      if (i < 0) continue;
+      const float wk = w[t * K + k];
+      for (int64_t c = 0; c < H; ++c) o[t * H + c] += yd[i * H + c] * wk;
+    }
+  return out;
+}
+
+}  // namespace mc_lowbit

@@ -1,0 +1,31 @@
+// What the torch-facing files of the low-bit module share (module.cpp defines these; moe.cpp uses them).
+#pragma once
+#include <torch/extension.h>
+#include <vector>
+#include "lowbit.h"
+
+namespace mc_lowbit {
+
+using DecodeFn = void (*)(const Weights&, const Acts&, int64_t, int64_t, int64_t, int64_t, int64_t, float*);
+
+// The decode kernel of an Isa id (checked: one is built here).
+DecodeFn decode_kernel(int64_t isa);
+
+// One packed group's tensors as Weights (checked: dtypes, contiguity, shapes).
+Weights weights(const torch::Tensor& qweight, const torch::Tensor& scales, const torch::Tensor& zeros, int64_t bits,
+                int64_t group);
+
+// The lane of each input of a 32-input block for `bits` on `isa` (natural order on the portable kernels).
+void lane_order(int64_t bits, int64_t isa, int order[32]);
+
+// One group of `group` float inputs -> int8 at lanes `order` of each block; returns dx (= max|x| / 127), sets *isum.
+float quantize_group(const float* src, int64_t group, const int* order, int8_t* dst, int32_t* isum);
+
+// The MoE layer of a few tokens in one call (moe.cpp): x float32 [T, H] -> float32 [T, H].
+torch::Tensor moe_decode(torch::Tensor x, torch::Tensor topk_index, torch::Tensor topk_weights,
+                         std::vector<torch::Tensor> gu_q, std::vector<torch::Tensor> gu_s, std::vector<torch::Tensor> gu_z,
+                         std::vector<int64_t> gu_bits, torch::Tensor gu_map, std::vector<torch::Tensor> dn_q,
+                         std::vector<torch::Tensor> dn_s, std::vector<torch::Tensor> dn_z, std::vector<int64_t> dn_bits,
+                         torch::Tensor dn_map, int64_t group, int64_t isa);
+
+}  // namespace mc_lowbit

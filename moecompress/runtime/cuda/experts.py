@@ -1,0 +1,124 @@
+"""The MoE layer on CUDA from packed groups, and the group-level entry of the kernel registry.
+
+`forward(experts, hidden_states, top_k_index, top_k_weights)` computes a PackedExperts layer with no host sync:
+routing tables on the device (routing.py), one kernel launch per (projection, bit-width) group, the model's own
+gate between the projections, the routing weights applied in the down kernel, the top_k outputs of each token summed
+in float32 in a fixed order. Shapes depend only on the number of tokens, so a whole decode step can be captured in a
+CUDA graph (warm up once first: Triton compiles at the first call).
+
+Paths: up to DECODE_ROWS tokens per call (and <= routing.SMALL_PAIRS pairs) take the decode path (one program
+builds the routing tables; every hit expert is one block of rows, so its packed bytes are read once per column
+tile); one token per call runs gemv_kernel there (CUDA cores; launch.GEMV_ENABLED), 2-16 tokens packed_kernel.
+More tokens take the prefill path (tables by torch ops, row blocks of 16-64, packed_kernel with wide tiles).
+"""
+from __future__ import annotations
+
+import torch
+
+from moecompress.runtime.cuda import launch, routing
+
+
+def _proj_groups(proj):
+    """(group, first position) of each non-empty group of a ProjGroups, in position order."""
+    out, pos = [], 0
+    for group in proj.children():
+        if group.experts:
+            out.append((group, pos))
+        pos += len(group.experts)
+    return out, pos
+
+
+def _lookup(proj, device) -> torch.Tensor:
+    """expert id -> position (ProjGroups' own table, cached on it as its `route` does)."""
+    if proj._lookup_tensor is None or proj._lookup_tensor.device != device:
+        proj._lookup_tensor = torch.tensor(proj._lookup, device=device)
+    return proj._lookup_tensor
+
+
+def supports(experts, x: torch.Tensor) -> bool:
+    """Whether this layer runs on the CUDA kernels for activations x (shapes and dtypes the kernels take)."""
+    if not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    for name in experts.proj_names:
+        for group in getattr(experts, name).children():
+            if group.experts and not group_supported(group, x.dtype):
+                return False
+    return True
+
+
+def group_supported(group, dtype: torch.dtype) -> bool:
+    if group.bits == 16:
+        return group.weight.is_cuda and group.weight.is_contiguous() and group.weight.dtype == dtype
+    q = group.qweight
+    return (q.is_cuda and q.is_contiguous() and q.data_ptr() % 4 == 0 and group.in_features % 32 == 0
+            and group.in_features % group.group_size == 0
+            and group.group_size % launch.values_per_unit(group.bits)[0] == 0 and group.scales.is_contiguous()
+            and group.scales.dtype == torch.float16 and (group.symmetric or group.zeros.is_contiguous())
+            and dtype in (torch.bfloat16, torch.float16))
+
+
+def _path(tokens: int, pairs: int) -> str:
+    return "decode" if tokens <= launch.DECODE_ROWS and pairs <= routing.SMALL_PAIRS else "prefill"
+
+
+def _tables(proj, flat: torch.Tensor, path: str, pairs: int):
+    groups, positions = _proj_groups(proj)
+    keys = _lookup(proj, flat.device)[flat.clamp(max=proj.num_experts)]  # [S]; -1 -> the last entry (dropped)
+    rows = launch.DECODE_ROWS if path == "decode" else launch.prefill_rows(pairs, positions)
+    return groups, routing.build(keys, positions, rows, small=path == "decode")
+
+
+def _grid_m(tables: routing.Tables, n_slots: int, pairs: int) -> int:
+    if tables.small:
+        return min(n_slots, pairs)
+    return min(n_slots, pairs) + pairs // tables.block_rows
+
+
+def _project(proj, groups, tables, x, out, row_div, path, weights=None, one_token=False) -> None:
+    pairs = tables.order.numel()
+    configs = launch.DECODE if path == "decode" else launch.PREFILL
+    for group, pos0 in groups:
+        launch.run(group, x, tables, pos0, _grid_m(tables, len(group.experts), pairs), out, row_div,
+                   configs[group.bits], weights, gemv=one_token and launch.GEMV_ENABLED)
+
+
+def forward(experts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+    """PackedExperts.forward on CUDA: hidden_states [T, H], top_k_index / top_k_weights [T, K] -> [T, H]."""
+    tokens, top_k = top_k_index.shape
+    pairs = tokens * top_k
+    x = hidden_states.contiguous()
+    flat = top_k_index.reshape(-1)
+    first, down = (getattr(experts, name) for name in experts.proj_names)
+    path = _path(tokens, pairs)
+    groups, tables = _tables(first, flat, path, pairs)
+    h = torch.empty(pairs, first.out_features, dtype=x.dtype, device=x.device)  # [S, out_first], by pair
+    _project(first, groups, tables, x, h, top_k, path, one_token=tokens == 1)
+    h = experts._gate_fn(experts, h) if experts.has_gate else experts.act_fn(h)
+    h = h.contiguous()
+    if not experts._same_order:
+        groups, tables = _tables(down, flat, path, pairs)
+    else:
+        groups = _proj_groups(down)[0]
+    hidden = down.out_features
+    if experts.has_post_expert_norm:
+        y = torch.zeros(pairs, hidden, dtype=x.dtype, device=x.device)
+        _project(down, groups, tables, h, y, 1, path, one_token=tokens == 1)
+        y = experts.post_expert_norm(y).float() * top_k_weights.reshape(-1, 1).float()
+    else:
+        y = torch.zeros(pairs, hidden, dtype=torch.float32, device=x.device)  # [S, H], weighted, by pair
+        _project(down, groups, tables, h, y, 1, path, top_k_weights.reshape(-1).contiguous(), one_token=tokens == 1)
+    return y.view(tokens, top_k, hidden).sum(1).to(hidden_states.dtype)
+
+
+def linear_sorted(group, x: torch.Tensor, slots: list[int], counts: list[int], path: str) -> torch.Tensor:
+    """One group, rows sorted by slot (PackedGroup.linear_sorted / the kernel registry): x [R, in] -> [R, out],
+    bias not added (linear_sorted adds it)."""
+    per_slot = [0] * len(group.experts)
+    for s, c in zip(slots, counts):
+        per_slot[s] = c
+    rows = launch.DECODE_ROWS if path == "decode" else launch.prefill_rows(sum(counts), len(slots))
+    tables = routing.from_counts(per_slot, rows, x.device)
+    out = torch.empty(x.shape[0], group.out_features, dtype=x.dtype, device=x.device)
+    config = (launch.DECODE if path == "decode" else launch.PREFILL)[group.bits]
+    launch.run(group, x.contiguous(), tables, 0, tables.blocks.shape[0], out, 1, config, with_bias=False)
+    return out

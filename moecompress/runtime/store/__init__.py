@@ -1,0 +1,15 @@
+"""Storage layer of the runtime: a tiered expert store (issue 12).
+
+Experts live in a slow tier (the checkpoint's safetensors files, or pinned CPU memory on a GPU box) and are computed
+from a fast-tier cache of single-expert slots under a byte budget: pinning by routing mass per byte, eviction policies
+by name, prefetch of layer l+1 while layer l computes, optional low-bit copies for misses of low routing weight.
+
+    model = moecompress.from_pretrained(ckpt, expert_budget=2 << 30)            # defaults: store.DEFAULTS
+    model.expert_store.counters()                                               # hits, misses, bytes/token, ...
+"""
+from moecompress.runtime.store.attach import attach_store, detach_store
+from moecompress.runtime.store.policies import EVICTION_POLICIES
+from moecompress.runtime.store.prefetch import PREDICTORS
+from moecompress.runtime.store.store import ExpertStore, StoreConfig
+
+__all__ = ["attach_store", "detach_store", "EVICTION_POLICIES", "PREDICTORS", "ExpertStore", "StoreConfig"]

@@ -1,0 +1,243 @@
+"""The fast tier: a per-expert slot table under a byte budget, filled from a slow tier and evicted by a policy.
+
+A slot holds one expert of one MoE layer: one single-expert PackedGroup per projection (the format's packed rows, so
+the kernels compute it exactly as in the fully resident model). Keys are (layer, expert), layer = MoE ordinal.
+
+Budget (bytes): resident slots + reads in flight (space is reserved before a read starts) + the resident low-bit
+copies never exceed it. A forward call holds one expert at a time (all its projections), so the smallest workable
+budget is the largest expert of any layer plus the low-bit copies; pinned slots are chosen so that this room stays.
+
+Thread safety: one condition variable guards the table; reads run outside it (the prefetch thread's and the forward's
+reads overlap with computation). An expert being computed or read is never evicted.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from moecompress.errors import MoecompressError
+from moecompress.runtime.packed_group import PackedGroup
+from moecompress.runtime.store.counters import StoreCounters
+from moecompress.runtime.store.policies import EVICTION_POLICIES
+
+
+@dataclass(frozen=True)
+class ProjShape:
+    """What a single-expert PackedGroup of one projection needs besides its tensors."""
+
+    bits: int
+    in_features: int
+    out_features: int
+    has_bias: bool
+    dtype: torch.dtype
+
+
+@dataclass
+class Slot:
+    groups: dict[str, PackedGroup]  # proj -> single-expert group
+    nbytes: int
+    pinned: bool = False
+    prefetched: bool = False  # read by the prefetcher and not used yet
+    in_use: int = 0
+
+
+@dataclass
+class StoreLayout:
+    """Per layer: expert -> proj -> ProjShape, and the resident bytes of each expert (all projections)."""
+
+    shapes: list[dict[int, dict[str, ProjShape]]]
+    nbytes: dict[tuple[int, int], int]
+    group_size: int
+    symmetric: bool
+    compute_dtype: torch.dtype
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+
+class ExpertCache:
+    def __init__(self, layout: StoreLayout, tier, budget: int, policy: str = "lru", value: dict | None = None,
+                 reserved_bytes: int = 0, copy_note: str = ""):
+        """tier.read_expert(key) -> {(proj, name): tensor}; reserved_bytes: resident beside the slots (low-bit copies)."""
+        if policy not in EVICTION_POLICIES:
+            raise MoecompressError(f"unknown eviction policy {policy!r}; allowed: {', '.join(EVICTION_POLICIES)}")
+        self.layout, self.tier = layout, tier
+        self.budget = int(budget)
+        self.capacity = self.budget - reserved_bytes  # bytes the slots may use
+        key, largest = max(layout.nbytes.items(), key=lambda kv: kv[1])
+        self.min_budget = largest + reserved_bytes
+        if self.budget < self.min_budget:
+            raise MoecompressError(
+                f"expert budget {self.budget} bytes is below the smallest workable budget {self.min_budget} bytes: "
+                f"the largest expert (MoE layer {key[0]}, expert {key[1]}: {largest} bytes, all projections) must fit"
+                f"{copy_note}; give an expert budget of at least {self.min_budget} bytes")
+        self.policy = EVICTION_POLICIES[policy](value)
+        self.slots: dict[tuple[int, int], Slot] = {}
+        self.inflight: set[tuple[int, int]] = set()
+        self.used = 0  # bytes of the slots
+        self.reserved = 0  # bytes of reads in flight
+        self.peak = 0  # highest used + reserved + reserved_bytes seen
+        self.extra = reserved_bytes
+        self.copy_bytes = reserved_bytes  # resident low-bit copies (attach_store sets it when they are outside)
+        self.cond = threading.Condition()
+        self.counters = StoreCounters()
+
+    # -- table operations (call with self.cond held) ----------------------------------------------------------------
+    def _evict(self, key) -> None:
+        slot = self.slots.pop(key)
+        self.used -= slot.nbytes
+        self.policy.on_evict(key)
+        self.counters.evictions += 1
+
+    def _reserve(self, nbytes: int, wait: bool, key=None) -> bool | None:
+        """Make room for nbytes and reserve it; False (wait=False) when only pinned or busy slots could go; None when
+        `key` became resident or in flight (read by another thread) while this one waited for room."""
+        while self.used + self.reserved + nbytes > self.capacity:
+            if key is not None and (key in self.slots or key in self.inflight):
+                return None
+            evictable = {k for k, s in self.slots.items() if not s.pinned and s.in_use == 0}
+            victim = self.policy.victim(evictable)
+            if victim is not None:
+                self._evict(victim)
+                continue
+            if not wait:
+                return False
+            if not self.reserved and not any(s.in_use for s in self.slots.values()):
+                raise MoecompressError(f"expert cache of {self.capacity} bytes cannot make room for {nbytes} bytes "
+                                       f"(pinned: {self.counters.pinned_bytes} bytes)")
+            self.cond.wait()  # a read in flight or a slot in use elsewhere will free its share
+        self.reserved += nbytes
+        self.peak = max(self.peak, self.used + self.reserved + self.extra)
+        return True
+
+    def _insert(self, key, slot: Slot) -> None:
+        self.reserved -= slot.nbytes
+        self.used += slot.nbytes
+        self.slots[key] = slot
+        self.policy.on_insert(key)
+        self.inflight.discard(key)
+        self.peak = max(self.peak, self.used + self.reserved + self.extra)
+        self.cond.notify_all()
+
+    # -- reading ----------------------------------------------------------------------------------------------------
+    def _build(self, key) -> Slot:
+        layer, e = key
+        tensors = self.tier.read_expert(key)
+        groups = {}
+        for proj, shape in self.layout.shapes[layer][e].items():
+            g = PackedGroup((e,), shape.bits, shape.in_features, shape.out_features, self.layout.group_size,
+                            self.layout.symmetric, shape.has_bias, shape.dtype, device="meta")
+            for name in list(g._buffers):
+                t = tensors.get((proj, name))
+                if t is None:
+                    raise MoecompressError(f"expert {e} of MoE layer {layer}: tensor {proj}.{name} missing in the file")
+                g._buffers[name] = t.to(self.layout.device)
+            g.prepare(self.layout.compute_dtype)
+            groups[proj] = g
+        return Slot(groups, self.layout.nbytes[key])
+
+    def fill(self, key, *, pinned: bool = False, prefetched: bool = False, wait: bool = True) -> bool:
+        """Read `key` into a slot (no-op if resident or in flight); False when no room could be made (wait=False)."""
+        with self.cond:
+            if key in self.slots or key in self.inflight:
+                return True
+            reserved = self._reserve(self.layout.nbytes[key], wait, key)
+            if not reserved:
+                return reserved is None  # None: another thread read it while this one waited for room
+            if key in self.slots or key in self.inflight:  # read by another thread during the last wait
+                self.reserved -= self.layout.nbytes[key]
+                self.cond.notify_all()
+                return True
+            self.inflight.add(key)
+        try:
+            slot = self._build(key)
+        except BaseException:
+            with self.cond:
+                self.reserved -= self.layout.nbytes[key]
+                self.inflight.discard(key)
+                self.cond.notify_all()
+            raise
+        slot.pinned, slot.prefetched = pinned, prefetched
+        with self.cond:
+            self._insert(key, slot)
+            if prefetched:
+                self.counters.prefetches += 1
+            if pinned:
+                self.counters.pinned_bytes += slot.nbytes
+        return True
+
+    def classify(self, requests: list[tuple[tuple[int, int], bool]]) -> list[str]:
+        """For one layer call's experts [(key, may_substitute)]: "hit" (resident: marked in use now, so nothing
+        evicts it before it is computed; release it after), "copy" (not resident and may be substituted: the low-bit
+        copy computes it, nothing read) or "miss" (to be read: `wait_for` it). Counted here."""
+        kinds = []
+        with self.cond:
+            for key, substitute in requests:
+                slot = self.slots.get(key)
+                if slot is not None:
+                    self.counters.hits += 1
+                    self._use(key, slot, late=False)
+                    kinds.append("hit")
+                elif substitute and key not in self.inflight:
+                    self.counters.substitutions += 1
+                    kinds.append("copy")
+                else:
+                    self.counters.misses += 1
+                    kinds.append("miss")
+        return kinds
+
+    def wait_for(self, key) -> Slot:
+        """A missed expert's slot, marked in use: waits for its read in flight (the prefetcher's or a reader's), or
+        reads it here; the wait is stall time."""
+        start = time.perf_counter()
+        while True:
+            with self.cond:
+                while key in self.inflight:
+                    self.cond.wait()
+                slot = self.slots.get(key)
+                if slot is not None:
+                    self.counters.stall_s += time.perf_counter() - start
+                    return self._use(key, slot, late=True)
+            self.fill(key)
+
+    def _use(self, key, slot: Slot, late: bool) -> Slot:
+        slot.in_use += 1
+        self.policy.on_use(key)
+        if slot.prefetched:
+            slot.prefetched = False
+            self.counters.useful_prefetches += 1
+            self.counters.late_prefetches += late
+        return slot
+
+    def release(self, key) -> None:
+        with self.cond:
+            self.slots[key].in_use -= 1
+            self.cond.notify_all()
+
+    def end_layer(self, layer: int) -> None:
+        """A layer's call is over: policies that keep nothing beyond the running layer drop its unpinned slots."""
+        if self.policy.keep_after_layer:
+            return
+        with self.cond:
+            for key in [k for k, s in self.slots.items() if k[0] == layer and not s.pinned and not s.in_use]:
+                self._evict(key)
+            self.cond.notify_all()
+
+    def pin(self, value: dict, share: float) -> None:
+        """Pin experts by value per byte (highest first) up to `share` of the slots' capacity, leaving room for the
+        largest expert (what a miss needs); read now, counted as bytes at load."""
+        room = self.capacity - max(self.layout.nbytes.values())
+        limit, total = min(share * self.capacity, room), 0
+        before = self.tier.bytes_read
+        for key in sorted(value, key=lambda k: (-value[k], k)):
+            nb = self.layout.nbytes[key]
+            if total + nb > limit:
+                continue
+            total += nb
+            self.fill(key, pinned=True)
+        self.counters.bytes_at_load += self.tier.bytes_read - before
+
+    def resident(self) -> set[tuple[int, int]]:
+        with self.cond:
+            return set(self.slots)

@@ -1,0 +1,189 @@
+"""ExpertStore: the experts of a loaded model computed from a budgeted cache (cache.py) over a slow tier (tiers.py),
+with pinning, prefetch (prefetch.py) and optional low-bit copies. Each PackedExperts module calls `forward` through
+its `expert_store` hook (a `LayerView`); routing, gate and activation stay the model's own.
+
+Exactness: every routed expert is computed from its own packed rows with the same kernels, row order and summation
+order as the fully resident PackedExperts, so with exact settings (no `copy_threshold`) outputs equal the fully
+resident model's bit for bit, whatever the budget, policy or prediction. One condition, from the CPU kernels'
+threading: the prefill tile kernel splits an expert into 128-row strips run in parallel, each strip's at::mm then
+single-threaded; a call with a single strip runs inline and its at::mm may use several threads (another summation
+order). Experts are computed one at a time here, so a projection with at most 128 outputs (toy shapes only; every
+real MoE has more) can differ in the last float32 bits unless torch runs one thread.
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from moecompress.errors import MoecompressError
+from moecompress.runtime.store.cache import ExpertCache
+from moecompress.runtime.store.policies import EVICTION_POLICIES
+from moecompress.runtime.store.prefetch import PREDICTORS, Prefetcher
+
+TIERS = ("file", "pinned")
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    budget: int  # bytes of fast memory for experts: resident slots + reads in flight + low-bit copies
+    policy: str = "lru"  # eviction: policies.EVICTION_POLICIES
+    pin_share: float = 0.0  # share of the slots pinned at load by routing mass per byte (needs statistics)
+    prefetch: str | None = None  # predictor: prefetch.PREDICTORS; None = no prefetch
+    prefetch_width: int | None = None  # experts read ahead per layer call (None: the call's top-k)
+    copy_threshold: float | None = None  # a miss routed below this weight runs on the low-bit copy (None: never)
+    copies_in_budget: bool = True  # the resident low-bit copies count inside `budget` (else they come on top)
+    domain: str | None = None  # pin by this domain's mass (the statistics' domains)
+    tier: str = "file"  # "file": safetensors read bypassing the page cache; "pinned": pinned CPU memory -> GPU
+    direct_io: bool = True  # O_DIRECT reads (else plain reads + posix_fadvise DONTNEED)
+    read_threads: int = 4  # demand reads in flight at once
+
+    def __post_init__(self):
+        if type(self.budget) is not int or self.budget < 0:
+            raise MoecompressError(f"expert budget must be a whole number of bytes, got {self.budget!r}")
+        if self.policy not in EVICTION_POLICIES:
+            raise MoecompressError(f"unknown eviction policy {self.policy!r}; allowed: {', '.join(EVICTION_POLICIES)}")
+        if self.prefetch is not None and self.prefetch not in PREDICTORS:
+            raise MoecompressError(f"unknown prefetch predictor {self.prefetch!r}; allowed: {', '.join(PREDICTORS)}")
+        if not 0.0 <= self.pin_share <= 1.0:
+            raise MoecompressError(f"pin_share must be in 0..1, got {self.pin_share}")
+        if self.tier not in TIERS:
+            raise MoecompressError(f"unknown store tier {self.tier!r}; allowed: {', '.join(TIERS)}")
+        if self.prefetch_width is not None and self.prefetch_width < 1:
+            raise MoecompressError(f"prefetch_width must be at least 1, got {self.prefetch_width}")
+
+
+def default_config(budget: int, has_stats: bool = True) -> StoreConfig:
+    """The defaults chosen on both reference models (eval/results/store.md); pinning only with statistics."""
+    return StoreConfig(budget=int(budget), **DEFAULTS, pin_share=DEFAULT_PIN_SHARE if has_stats else 0.0)
+
+
+DEFAULTS = {"policy": "lru", "prefetch": "router"}
+DEFAULT_PIN_SHARE = 0.5
+
+
+class ExpertStore:
+    def __init__(self, cache: ExpertCache, config: StoreConfig, predictor=None, copies: dict | None = None):
+        """copies: layer -> proj -> PackedGroup holding every expert's low-bit copy (slot e = expert e)."""
+        self.cache, self.config, self.predictor = cache, config, predictor
+        self.copies = copies or {}
+        self.prefetcher = Prefetcher(cache) if predictor is not None else None
+        # demand reads of one layer call run in parallel, beside the compute of its resident experts
+        self._readers = ThreadPoolExecutor(max_workers=config.read_threads, thread_name_prefix="moecompress-read")
+        self._baseline = cache.tier.bytes_read
+        self._calls = 0  # layer calls so far
+        self.first_layer = min(layer for layer, _ in cache.layout.nbytes)  # tokens are counted there
+
+    # -- the experts module's compute -------------------------------------------------------------------------------
+    def forward(self, layer: int, module, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        """PackedExperts.forward with the experts taken from the cache, one expert (all projections) at a time."""
+        num_tokens, top_k = top_k_index.shape
+        if layer == self.first_layer:
+            self.cache.counters.tokens += num_tokens
+        if self.prefetcher is not None:
+            self.prefetcher.begin_call()
+            self._predict(layer, hidden, top_k_index, top_k_weights)
+        flat = top_k_index.reshape(-1)  # [S], S = T * K
+        flat_w = top_k_weights.reshape(-1)
+        first_name, down_name = module.proj_names
+        first, down = getattr(module, first_name), getattr(module, down_name)
+        order, counts = first.route(flat)  # [R] computed pairs sorted by first's positions
+        positions = first.positions()
+        threshold = self.config.copy_threshold
+        copies = self.copies.get(layer)
+        plan, row = [], 0  # (expert, its pair indices), in position order
+        for pos, c in enumerate(counts):
+            if c:
+                plan.append((positions[pos], order[row:row + c]))
+                row += c
+        may_copy = [copies is not None and threshold is not None and float(flat_w[rows].max()) < threshold
+                    for _, rows in plan]
+        kinds = self.cache.classify([((layer, e), sub) for (e, _), sub in zip(plan, may_copy)])
+        self._calls += 1
+        for (e, _), kind in zip(plan, kinds):  # misses are read by the reader threads while the hits compute
+            if kind == "miss":
+                self._readers.submit(self._read_ahead, self._calls, (layer, e))
+        pieces = [None] * len(plan)
+        for i in sorted(range(len(plan)), key=lambda i: kinds[i] == "miss"):  # hits and copies first
+            e, rows = plan[i]
+            x = hidden[rows // top_k]
+            if kinds[i] == "copy":  # the resident low-bit copy computes it
+                pieces[i] = self._expert(module, x, copies[first_name], copies[down_name], e, len(rows))
+                continue
+            slot = self.cache.slots[(layer, e)] if kinds[i] == "hit" else self.cache.wait_for((layer, e))
+            try:
+                pieces[i] = self._expert(module, x, slot.groups[first_name], slot.groups[down_name], 0, len(rows))
+            finally:
+                self.cache.release((layer, e))
+        self.cache.end_layer(layer)
+        if not pieces:
+            return torch.zeros_like(hidden)
+        y = torch.cat(pieces) if len(pieces) > 1 else pieces[0]  # [R, H] in `order`
+        if not module._same_order:  # the fully resident module sums in down's position order: so do we
+            down_order, _ = down.route(flat)
+            row_of_pair = torch.empty_like(flat)
+            row_of_pair[order] = torch.arange(order.shape[0], device=flat.device)
+            y, order = y[row_of_pair[down_order]], down_order
+        weights = flat_w[order]
+        y = y.float() * weights.float().unsqueeze(-1)
+        out = torch.zeros(num_tokens, y.shape[-1], dtype=torch.float32, device=y.device).index_add_(0, order // top_k, y)
+        return out.to(hidden.dtype)
+
+    def _read_ahead(self, call: int, key) -> None:
+        if call == self._calls:  # a read still queued when its layer call is over is dropped
+            self.cache.fill(key)
+
+    @staticmethod
+    def _expert(module, x: torch.Tensor, first, down, slot: int, rows: int) -> torch.Tensor:
+        counts = [0] * len(first.experts)
+        counts[slot] = rows
+        h = first.linear_sorted(x, counts)
+        h = module._gate_fn(module, h) if module.has_gate else module.act_fn(h)
+        y = down.linear_sorted(h, counts)
+        return module.post_expert_norm(y) if module.has_post_expert_norm else y
+
+    def _predict(self, layer: int, hidden, top_k_index, top_k_weights) -> None:
+        scores = self.predictor.scores(layer, hidden, top_k_index, top_k_weights)
+        if scores is None or layer + 1 >= len(self.cache.layout.shapes):
+            return
+        width = min(self.config.prefetch_width or top_k_index.shape[1], scores.shape[0])
+        held = self.cache.layout.shapes[layer + 1]
+        ranked = [e for e in torch.topk(scores.float().cpu(), width).indices.tolist() if e in held]
+        if ranked:
+            self.prefetcher.request(layer + 1, ranked)
+
+    # -- counters and life cycle ------------------------------------------------------------------------------------
+    def counters(self) -> dict:
+        c = self.cache.counters
+        c.bytes_fetched = self.cache.tier.bytes_read - self._baseline
+        return {**c.summary(), "budget": self.cache.budget, "min_budget": self.cache.min_budget,
+                "peak_bytes": self.cache.peak, "copy_bytes": self.cache.copy_bytes,
+                "copies_in_budget": self.config.copies_in_budget}
+
+    def reset_counters(self) -> None:
+        """Zero the per-run counters (pinned bytes and bytes at load stay)."""
+        with self.cache.cond:
+            old = self.cache.counters
+            self.cache.counters = type(old)(pinned_bytes=old.pinned_bytes, bytes_at_load=old.bytes_at_load)
+            self._baseline = self.cache.tier.bytes_read
+
+    def close(self) -> None:
+        self._readers.shutdown(wait=True)
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+            self.prefetcher = None
+        close = getattr(self.cache.tier, "close", None)
+        if close:
+            close()
+
+
+class LayerView:
+    """What a PackedExperts module holds as its `expert_store`: the store and its MoE ordinal."""
+
+    def __init__(self, store: ExpertStore, layer: int):
+        self.store, self.layer = store, layer
+
+    def forward(self, module, hidden, top_k_index, top_k_weights):
+        return self.store.forward(self.layer, module, hidden, top_k_index, top_k_weights)

@@ -1,0 +1,165 @@
+"""Slow tiers of the expert store: where an expert lives while it is not in the fast-tier cache.
+
+- `FileTier`: the packed tensors in the checkpoint's own safetensors files, one expert's rows read on demand. Reads
+  bypass the page cache (O_DIRECT into page-aligned buffers; where the file system refuses O_DIRECT, a plain read
+  followed by posix_fadvise(POSIX_FADV_DONTNEED) on the range), so read times are the device's, not the page cache's.
+  Bytes read from the file (aligned ranges included) are counted.
+- `PinnedTier` (GPU box): every expert's packed rows held once in pinned CPU memory; a read is a host -> GPU copy on a
+  side CUDA stream, waited for by the reading thread only.
+
+A read returns {(proj, name): tensor} for one expert, name in qweight/scales/zeros/weight/bias, each tensor
+[1, ...] in the dtype the loaded model's own buffer had (so computing from it equals the fully resident model).
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moecompress.errors import MoecompressError
+from moecompress.format.files import weight_files
+from moecompress.format.headers import read_header
+
+ALIGN = 4096
+ST_DTYPES = {"U8": torch.uint8, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+             "I32": torch.int32, "I8": torch.int8}
+
+
+@dataclass(frozen=True)
+class RowSource:
+    """One expert's row of one stored tensor: file, absolute byte offset, bytes, stored dtype, row shape."""
+
+    file: str
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def tensor_index(directory: str | Path) -> dict[str, tuple[str, int, torch.dtype, tuple[int, ...]]]:
+    """name -> (file, absolute offset of its data, dtype, shape) over every safetensors file of a checkpoint."""
+    directory = Path(directory)
+    out = {}
+    for rel in weight_files(directory):
+        path = directory / rel
+        read_header(path)  # checks every offset against the file's size first
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            doc = json.loads(f.read(n))
+        for name, entry in doc.items():
+            if name != "__metadata__":
+                out[name] = (str(path), 8 + n + entry["data_offsets"][0], ST_DTYPES.get(entry["dtype"]),
+                             tuple(entry["shape"]))
+    return out
+
+
+def row_source(index: dict, name: str, slot: int) -> RowSource:
+    if name not in index:
+        raise MoecompressError(f"tensor {name} is not in the checkpoint's safetensors files; re-export the checkpoint")
+    file, offset, dtype, shape = index[name]
+    row = shape[1:]
+    nbytes = torch.Size(row).numel() * torch.empty(0, dtype=dtype).element_size()
+    return RowSource(file, offset + slot * nbytes, nbytes, dtype, row)
+
+
+class FileTier:
+    """Reads expert rows from the safetensors files with the page cache bypassed; thread-safe."""
+
+    def __init__(self, direct: bool = True):
+        self.direct = direct
+        self._fds: dict[tuple[str, bool], int] = {}
+        self._lock = threading.Lock()
+        self.bytes_read = 0  # bytes transferred from the files (aligned ranges included)
+
+    def _fd(self, file: str) -> tuple[int, bool]:
+        with self._lock:
+            for direct in ((True, False) if self.direct else (False,)):
+                if (file, direct) in self._fds:
+                    return self._fds[(file, direct)], direct
+            if self.direct and hasattr(os, "O_DIRECT"):
+                try:
+                    fd = os.open(file, os.O_RDONLY | os.O_DIRECT)
+                    self._fds[(file, True)] = fd
+                    return fd, True
+                except OSError:  # tmpfs and some others refuse O_DIRECT: fall back to fadvise
+                    pass
+            fd = os.open(file, os.O_RDONLY)
+            self._fds[(file, False)] = fd
+            return fd, False
+
+    def read_row(self, src: RowSource, dtype: torch.dtype) -> torch.Tensor:
+        """The row as a fresh tensor [1, *shape] of `dtype`."""
+        fd, direct = self._fd(src.file)
+        # The row keeps its address modulo 64 from the file (where the loaded model's memory-mapped tensor had it):
+        # some dense kernels (a one-row float GEMV) pick their code path, hence summation order, by alignment.
+        raw = torch.empty(src.nbytes + 64, dtype=torch.uint8)
+        skew = (src.offset - raw.data_ptr()) % 64
+        dst_t = raw[skew:skew + src.nbytes]
+        out = dst_t.view(src.dtype).view((1, *src.shape))
+        dst = dst_t.numpy()
+        if direct:
+            start = src.offset // ALIGN * ALIGN
+            length = -(-(src.offset + src.nbytes - start) // ALIGN) * ALIGN
+            buf = mmap.mmap(-1, length)  # page-aligned, as O_DIRECT needs
+            try:
+                got = os.preadv(fd, [buf], start)
+                if got < src.offset + src.nbytes - start:
+                    raise MoecompressError(f"{src.file}: short read at byte {src.offset} (file truncated?)")
+                head = src.offset - start
+                dst[:] = memoryview(buf)[head:head + src.nbytes]
+            finally:
+                buf.close()
+            read = length
+        else:
+            got = os.preadv(fd, [dst], src.offset)
+            if got < src.nbytes:
+                raise MoecompressError(f"{src.file}: short read at byte {src.offset} (file truncated?)")
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, src.offset, src.nbytes, os.POSIX_FADV_DONTNEED)
+            read = src.nbytes
+        with self._lock:
+            self.bytes_read += read
+        return out if dtype == src.dtype else out.to(dtype)
+
+    def read(self, sources: dict[tuple[str, str], tuple[RowSource, torch.dtype]]) -> dict:
+        return {key: self.read_row(src, dtype) for key, (src, dtype) in sources.items()}
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
+class PinnedTier:
+    """GPU box: all experts' rows in pinned CPU memory (read once from the files), copied to `device` on a side stream."""
+
+    def __init__(self, file_tier: FileTier, all_sources: dict, device: torch.device):
+        if not torch.cuda.is_available():
+            raise MoecompressError("the pinned-memory tier needs CUDA; on a CPU box use the file tier")
+        self.device = torch.device(device)
+        self.file_tier = file_tier
+        self._host = {key: {k: t.pin_memory() for k, t in file_tier.read(srcs).items()}
+                      for key, srcs in all_sources.items()}
+        self._stream = torch.cuda.Stream(self.device)
+        self._compute = torch.cuda.default_stream(self.device)
+        self._lock = threading.Lock()
+        self.bytes_read = 0  # bytes copied host -> GPU
+
+    def read_expert(self, key) -> dict:
+        host = self._host[key]
+        with torch.cuda.stream(self._stream):
+            out = {k: t.to(self.device, non_blocking=True) for k, t in host.items()}
+            done = torch.cuda.Event()
+            done.record(self._stream)
+        done.synchronize()  # this (reading) thread waits; the compute stream never does
+        for t in out.values():
+            t.record_stream(self._compute)  # freed memory is not reused by the side stream while compute reads it
+        with self._lock:
+            self.bytes_read += sum(t.numel() * t.element_size() for t in out.values())
+        return out

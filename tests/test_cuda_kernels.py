@@ -1,0 +1,207 @@
+"""CUDA (Triton) kernels for packed experts against the dequantize-then-matmul reference.
+
+Every bit-width (2/3/4/8 and bf16 groups), asymmetric and symmetric, the decode and prefill paths, several tile
+shapes, mixed bit-widths in one layer, dropped experts, and a CUDA-graph replay equal to eager.
+Skipped where CUDA or Triton is missing (CI): the reason is moecompress.runtime.cuda.unavailable_reason().
+`random_experts` is also what eval/bench_gpu.py measures.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from moecompress.format.pack import dequantize, pack
+from moecompress.format.spec import ExpertsSpec
+from moecompress.runtime import cuda
+from moecompress.runtime.packed_experts import PackedExperts
+
+GROUP = 128
+
+
+class GatedTemplate(nn.Module):
+    """Stands in for a transformers experts module: SiLU gate on the first half of gate_up (Qwen3 / Mixtral)."""
+
+    has_gate = True
+
+    def __init__(self):
+        super().__init__()
+        self.act_fn = nn.SiLU()
+
+    def _apply_gate(self, h):
+        gate, up = h.chunk(2, dim=-1)
+        return self.act_fn(gate) * up
+
+
+def random_experts(num_experts: int, hidden: int, inter: int, bits: list[int], *, group_size: int = GROUP,
+                   symmetric: bool = False, held: list[int] | None = None, device="cuda", dtype=torch.bfloat16,
+                   seed: int = 0, template: nn.Module | None = None) -> PackedExperts:
+    """A PackedExperts layer with random integers/scales/zeros, made on `device`: expert e at bits[e] in both
+    projections. held: the experts this layer holds (default all; the others are computed elsewhere and contribute
+    nothing). template: the model's experts module whose gate is used (default GatedTemplate)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    held = list(range(num_experts)) if held is None else held
+    by_bits: dict[int, tuple[int, ...]] = {}
+    for e in held:
+        by_bits.setdefault(bits[e], ())
+        by_bits[bits[e]] += (e,)
+    spec = ExpertsSpec(num_experts, {"gate_up": dict(by_bits), "down": dict(by_bits)})
+    layer = PackedExperts(template if template is not None else GatedTemplate(),
+                          [("gate_up", hidden, 2 * inter), ("down", inter, hidden)], spec, group_size, symmetric,
+                          dtype=dtype, device=device)
+    kw = dict(generator=gen, device=device)
+    for proj in ("gate_up", "down"):
+        for group in getattr(layer, proj).children():
+            n, out_f, in_f = len(group.experts), group.out_features, group.in_features
+            if group.bits == 16:
+                group.weight.copy_((torch.randn(n, out_f, in_f, **kw) / in_f ** 0.5).to(dtype))
+                continue
+            for i in range(n):  # one expert at a time: bounded temporaries at real sizes
+                q = torch.randint(0, 1 << group.bits, (out_f, in_f), **kw).to(torch.uint8)
+                group.qweight[i].copy_(pack(q, group.bits))
+            scale = 2.0 / ((1 << group.bits) * in_f ** 0.5)
+            group.scales.copy_((torch.rand(group.scales.shape, **kw) + 0.5).mul(scale).half())
+            if not symmetric:
+                group.zeros.copy_(torch.randint(0, 1 << group.bits, group.zeros.shape, **kw).to(torch.uint8))
+    return layer
+
+
+def dequantized_weights(group, dtype) -> torch.Tensor:
+    """[n, out, in] weights of a group as the reference computes them: float32 (q - z) * s, rounded to dtype."""
+    if group.bits == 16:
+        return group.weight.float()
+    zeros = None if group.symmetric else group.zeros
+    w = dequantize(group.qweight, group.scales, zeros, group.bits, group.group_size, group.in_features, torch.float32)
+    return w.to(dtype).float()
+
+
+def reference_layer(layer: PackedExperts, x: torch.Tensor, top_k_index, top_k_weights) -> torch.Tensor:
+    """float32 dequantize-then-matmul, pair by pair (rounding h to x's dtype like the kernels)."""
+    weights = {}
+    for proj in ("gate_up", "down"):
+        for group in getattr(layer, proj).children():
+            w = dequantized_weights(group, x.dtype)
+            for slot, e in enumerate(group.experts):
+                weights[proj, e] = w[slot]
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+    for t in range(x.shape[0]):
+        for k in range(top_k_index.shape[1]):
+            e = int(top_k_index[t, k])
+            if ("down", e) not in weights:
+                continue
+            h = (x[t].float() @ weights["gate_up", e].t()).to(x.dtype)
+            a = layer._gate_fn(layer, h[None])[0]
+            y = (a.float() @ weights["down", e].t()).to(x.dtype)
+            out[t] += y.float() * top_k_weights[t, k].float()
+    return out
+
+
+def routing(tokens: int, num_experts: int, top_k: int, device, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(tokens, num_experts, generator=gen)
+    w, idx = torch.softmax(logits, -1).topk(top_k, dim=-1)
+    return idx.to(device), (w / w.sum(-1, keepdim=True)).to(device)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+pytestmark = pytest.mark.skipif(not cuda.available(), reason=f"CUDA kernels: {cuda.unavailable_reason()}")
+MIXED = [2, 3, 4, 8, 16, 3, 2, 4]  # bits of experts 0..7: every bit-width in one layer
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8, 16])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("tokens", [1, 4, 16, 96])  # 1-16: decode path; 96: prefill path
+def test_layer_matches_reference_every_bit_width(bits, symmetric, tokens):
+    from moecompress.runtime.cuda import experts as cuda_experts
+
+    layer = random_experts(8, 128, 128, [bits] * 8, symmetric=symmetric, seed=bits)
+    x = torch.randn(tokens, 128, device="cuda").to(torch.bfloat16)
+    idx, w = routing(tokens, 8, 2, "cuda", seed=tokens)
+    assert cuda_experts.supports(layer, x)
+    out = cuda_experts.forward(layer, x, idx, w)
+    assert out.dtype == torch.bfloat16 and out.isfinite().all()
+    assert rel_err(out, reference_layer(layer, x, idx, w)) < 1e-2
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 16, 200])
+def test_mixed_bit_widths_in_one_layer_and_dropped_experts(tokens):
+    """Groups of five bit-widths in one layer; experts 5 and 6 held elsewhere contribute nothing; the
+    PackedExperts module itself dispatches to the CUDA kernels."""
+    layer = random_experts(8, 256, 128, MIXED, held=[0, 1, 2, 3, 4, 7], seed=1)
+    x = torch.randn(tokens, 256, device="cuda").to(torch.bfloat16)
+    idx, w = routing(tokens, 8, 3, "cuda", seed=tokens)
+    out = layer(x, idx, w)
+    assert rel_err(out, reference_layer(layer, x, idx, w)) < 1e-2
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("block_n,block_k", [(32, 64), (64, 256), (128, 128)])
+def test_any_tile_shape(bits, block_n, block_k, monkeypatch):
+    """Group size 32 (scales per unit) and 128 (one scale per step, or per unit), K not a multiple of the step."""
+    from moecompress.runtime.cuda import experts as cuda_experts, launch
+
+    config = launch.Config(block_n, block_k)
+    monkeypatch.setitem(launch.DECODE, bits, config)
+    monkeypatch.setitem(launch.PREFILL, bits, config)
+    for group_size, hidden, inter in ((32, 384, 160), (128, 640, 384)):
+        layer = random_experts(4, hidden, inter, [bits] * 4, group_size=group_size, seed=group_size)
+        for tokens in (2, 40):
+            x = torch.randn(tokens, hidden, device="cuda").to(torch.bfloat16)
+            idx, w = routing(tokens, 4, 2, "cuda")
+            out = cuda_experts.forward(layer, x, idx, w)
+            assert rel_err(out, reference_layer(layer, x, idx, w)) < 1e-2, (group_size, tokens)
+
+
+def test_group_entry_matches_dequantized_matmul():
+    """PackedGroup.linear on CUDA (the kernel registry's ("cuda", bits, path) entries), rows of some slots only."""
+    layer = random_experts(6, 256, 128, [2, 3, 4, 8, 3, 2], seed=3)
+    for group in layer.gate_up.children():
+        w = dequantized_weights(group, torch.bfloat16)
+        for rows in (1, 5, 70):
+            chunks = [torch.randn(rows, 256, device="cuda").to(torch.bfloat16) for _ in group.experts]
+            outs = group.linear(list(range(len(chunks))), chunks)
+            for s, (c, o) in enumerate(zip(chunks, outs)):
+                assert rel_err(o, c.float() @ w[s].t()) < 1e-2
+
+
+def test_small_routing_tables_equal_the_torch_ones():
+    from moecompress.runtime.cuda import routing as r
+
+    gen = torch.Generator().manual_seed(0)
+    for pairs, positions in ((1, 5), (8, 128), (128, 128), (64, 8), (32, 40)):
+        keys = torch.randint(0, positions + 1, (pairs,), generator=gen)
+        keys = keys.cuda()
+        if int(torch.bincount(keys, minlength=positions + 1)[:positions].max()) > 16:
+            continue
+        small, big = r.build(keys, positions, 16, small=True), r.build_torch(keys, positions, 16)
+        assert torch.equal(small.order, big.order)
+        assert torch.equal(small.first, big.first.clamp(max=small.blocks.shape[0]))
+        n = small.blocks.shape[0]
+        used = small.blocks[:, 0] < positions
+        assert torch.equal(small.blocks[used], big.blocks[:n][used])
+        assert (big.blocks[n:, 0] == positions).all()
+
+
+@pytest.mark.parametrize("tokens", [4, 64])
+def test_cuda_graph_replay_equals_eager(tokens):
+    layer = random_experts(16, 256, 128, [2, 3, 4, 3] * 4, seed=5)
+    x = torch.randn(tokens, 256, device="cuda").to(torch.bfloat16)
+    idx, w = routing(tokens, 16, 4, "cuda", seed=1)
+    static = [x.clone(), idx.clone(), w.clone()]
+    with torch.no_grad():
+        layer(*static)  # compiles the kernels (outside the capture)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = layer(*static)
+        for seed in (2, 3):  # new inputs into the captured buffers
+            x2 = torch.randn(tokens, 256, device="cuda").to(torch.bfloat16)
+            idx2, w2 = routing(tokens, 16, 4, "cuda", seed=seed)
+            for buf, new in zip(static, (x2, idx2, w2)):
+                buf.copy_(new)
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out, layer(x2, idx2, w2))

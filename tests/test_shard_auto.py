@@ -1,0 +1,133 @@
+"""`moecompress shard --mode auto`: every placement of both execution models timed by the time model (replayed
+counters + a measured compute profile + a link profile); the fastest is written and the report says by how much."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import quantize_tiny
+
+from moecompress.calibrate.dataset import CalibrationData
+from moecompress.calibrate.options import CalibrationOptions
+from moecompress.calibrate.run import calibrate
+from moecompress.errors import MoecompressError
+from moecompress.execution.timing import PROFILES, ComputeProfile, modeled_time, parse_profile, profile_compute
+from moecompress.export.checkpoint import export_checkpoint
+from moecompress.format.files import PLACEMENT_FILE
+from moecompress.shard.command import checkpoint_layer_sizes, run_shard_command
+from moecompress.shard.profile import load_profile, measure_profile, save_profiles
+
+
+@pytest.fixture(scope="module")
+def ck(tmp_path_factory):
+    from conftest import _build
+
+    tmp = tmp_path_factory.mktemp("auto")
+    model = _build("qwen3_moe")
+    layout, plan, quantized = quantize_tiny(model)
+    export_checkpoint(model, layout, plan, quantized, tmp / "ck", dtype=torch.float32)
+    ids = torch.randint(3, 128, (8, 32), generator=torch.Generator().manual_seed(0))
+    stats = calibrate(model, None, CalibrationData(input_ids=ids, attention_mask=torch.ones_like(ids)),
+                      CalibrationOptions(samples=8, seq_len=32, hessians=False, trace=True, progress=False))
+    stats.save(tmp / "stats")
+    sizes = checkpoint_layer_sizes(tmp / "ck")
+    tmp.joinpath("memory").write_text(str(int(sizes.dense_bytes + sizes.expert_bytes.sum() * 0.7)))
+    return tmp
+
+
+def _profile(sizes, layer_ms: float, moe_ms: float, batch: int = 1) -> ComputeProfile:
+    D = len(sizes.layer_dense_bytes)
+    moe = [d for d in range(D) if d in sizes.moe_decoder_layers]
+    return ComputeProfile(batch=batch, context=32, layer_seconds=tuple(
+        (layer_ms + (moe_ms if d in moe else 0.0)) / 1e3 for d in range(D)),
+        moe_seconds=(moe_ms / 1e3,) * len(sizes.moe_decoder_layers), moe_decoder_layers=sizes.moe_decoder_layers,
+        head_seconds=0.0, source="test")
+
+
+def _shard(ck, tmp_path, name, profile, link, servers=2):
+    path = tmp_path / f"{name}.json"
+    save_profiles([profile], path)
+    memory = int(ck.joinpath("memory").read_text())
+    out = tmp_path / name
+    run_shard_command(str(ck / "ck"), str(ck / "stats"), f"{servers}x{memory}B", str(out), link=link,
+                      compute_profile=str(path))
+    return json.loads((out / PLACEMENT_FILE).read_text())
+
+
+def test_auto_picks_the_fastest_candidate_by_the_time_model(ck, tmp_path):
+    sizes = checkpoint_layer_sizes(ck / "ck")
+    # experts dominate compute and the link is fast: spreading them (expert model) must win
+    heavy = _shard(ck, tmp_path, "heavy", _profile(sizes, 0.1, 50.0), "fast=100Gbit/s,1us")
+    # no compute to spread and a slow link: the fewest hops (pipeline) must win
+    light = _shard(ck, tmp_path, "light", _profile(sizes, 0.0, 0.0), "wan")
+    assert heavy["mode"] == "expert" and light["mode"] == "pipeline"
+    for doc in (heavy, light):
+        choice = doc["traffic"]["choice"]
+        timed = [r for r in choice["candidates"] if "error" not in r]
+        assert len(timed) == 6
+        best = min(timed, key=lambda r: r["ms_per_step"])
+        assert choice["chosen"] == best["name"] == f"{doc['mode']}: {doc['method'].split('+')[0]}"
+        for r in timed:  # the report's margins are the modeled times' ratio, and the parts add up
+            assert r["chosen_faster_by"] == pytest.approx(1 - best["ms_per_step"] / r["ms_per_step"])
+            assert r["ms_per_step"] == pytest.approx(r["compute_ms"] + r["latency_ms"] + r["transfer_ms"])
+            assert r["chosen_faster_by"] >= 0
+    # with the light profile every time is latency + transfer: hops x 5 ms + bytes / 12.5 MB/s
+    for r in light["traffic"]["choice"]["candidates"]:
+        assert r["compute_ms"] == 0.0
+        assert r["latency_ms"] == pytest.approx(r["round_trips_per_step"] * 2 * 5.0)
+        assert r["transfer_ms"] == pytest.approx(r["bytes_per_step"] / 12.5e6 * 1e3)
+
+
+def test_profile_compute_on_the_critical_path():
+    from moecompress.artifacts.placement import Placement
+    from moecompress.execution.counters import Counters
+
+    prof = ComputeProfile(batch=1, context=4, layer_seconds=(3.0, 5.0), moe_seconds=(2.0, 4.0),
+                          moe_decoder_layers=(0, 1), head_seconds=1.0)
+    pipe = Placement(assignment=(((0,),) * 2, ((1,),) * 2), expert_bytes=((1,) * 2,) * 2, dense_bytes=1,
+                     dense_servers=(0, 1), mode="pipeline", layer_servers=(0, 1), memory_bytes=(100, 100),
+                     server_dense_bytes=(1, 1))
+    assert profile_compute(pipe, Counters(2, 2), prof) == 1.0 + 3.0 + 5.0  # stages one after the other
+    expert = Placement(assignment=(((0,), (1,)), ((0,), (1,))), expert_bytes=((1,) * 2,) * 2, dense_bytes=1,
+                       dense_servers=(0,), memory_bytes=(100, 100))
+    c = Counters(2, 2)
+    c.pairs[:] = [[1, 3], [2, 2]]  # layer 0: server 1 computes 3/4 of the pairs; layer 1: half each
+    # home: head + dense parts (1 + (3-2) + (5-4)) = 3; layer 0 busiest 2 x 3/4, layer 1 4 x 1/2
+    assert profile_compute(expert, c, prof) == pytest.approx(3.0 + 1.5 + 2.0)
+    assert modeled_time(c, PROFILES["lan"], 1.0).seconds == pytest.approx(1.0)  # no hops, no bytes counted
+
+
+def test_measured_profile_and_errors(ck, tmp_path):
+    sizes = checkpoint_layer_sizes(ck / "ck")
+    prof = measure_profile(ck / "ck", batch=2, context=8, reps=1, dtype=torch.float32)
+    assert len(prof.layer_seconds) == len(sizes.layer_dense_bytes) and prof.batch == 2
+    assert len(prof.moe_seconds) == len(sizes.moe_decoder_layers)
+    assert all(m <= prof.layer_seconds[d] for m, d in zip(prof.moe_seconds, prof.moe_decoder_layers))
+    assert sum(prof.moe_seconds) > 0
+    save_profiles([prof], tmp_path / "p.json")
+    assert load_profile(tmp_path / "p.json", 2) == prof
+    with pytest.raises(MoecompressError, match=r"batch sizes \[2\], not 8"):
+        load_profile(tmp_path / "p.json", 8)
+    with pytest.raises(MoecompressError, match="NAME=RATE,LATENCY"):
+        parse_profile("lan2")
+    assert parse_profile("edge=200Mbit/s,2ms").latency_seconds == pytest.approx(2e-3)
+
+
+def test_method_implies_its_mode(ck, tmp_path):
+    memory = int(ck.joinpath("memory").read_text())
+    p = run_shard_command(str(ck / "ck"), str(ck / "stats"), f"2x{memory}B", str(tmp_path / "o"),
+                          method="greedy_balanced", replicate=False)
+    assert p.mode == "expert" and p.method == "greedy_balanced"
+    with pytest.raises(MoecompressError, match="does not exist; allowed: contiguous"):
+        run_shard_command(str(ck / "ck"), str(ck / "stats"), f"2x{memory}B", str(tmp_path / "p"), method="greedy")
+
+
+def test_profile_command_writes_a_loadable_profile(ck, tmp_path, capsys):
+    from moecompress.cli import main
+
+    out = tmp_path / "prof.json"
+    assert main(["profile", "--model", str(ck / "ck"), "--out", str(out), "--batch", "1,2", "--context", "8",
+                 "--reps", "1"]) == 0
+    assert [load_profile(out, b).batch for b in (1, 2)] == [1, 2]
+    assert "wrote" in capsys.readouterr().out

@@ -1,0 +1,316 @@
+"""The tiered expert store (runtime/store/): exact outputs under every exact policy and budget, the budget held, wrong
+predictions harmless, low-bit substitution only under its threshold, the smallest workable budget."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moecompress
+from moecompress.arch.adapters import describe, proj_weights
+from moecompress.errors import MoecompressError
+from moecompress.export.checkpoint import export_checkpoint
+from moecompress.format.expert_stats import ExpertStats, write_expert_stats
+from moecompress.quantize.rtn import quantize_rtn
+from moecompress.runtime.packed_experts import PackedExperts
+from moecompress.runtime.store import StoreConfig, attach_store
+
+from helpers import quantize_tiny
+
+STEPS = 3  # decode steps after the prompt
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A small qwen3_moe checkpoint with every bit-width (float32), its statistics, and 2-bit RTN copies. Every
+    projection has at least 256 outputs, as in real models: see store.py on exactness and kernel threading."""
+    from conftest import _build
+
+    model = _build("qwen3_moe", hidden_size=256, moe_intermediate_size=128, intermediate_size=128)
+    layout, plan, quantized = quantize_tiny(model)
+    out = tmp_path_factory.mktemp("store") / "ck"
+    export_checkpoint(model, layout, plan, quantized, out, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    L, E = len(layout.moe_layers), layout.moe_layers[0].num_experts
+    stats = ExpertStats.from_counts(torch.rand(L, E, generator=gen), torch.randint(0, 9, (L, E), generator=gen),
+                                    torch.rand(L - 1, E, E, generator=gen))
+    write_expert_stats(out, stats)
+    copies = {}
+    for layer, m in enumerate(layout.moe_layers):
+        experts = model.get_submodule(m.experts_path)
+        copies[layer] = {}
+        for p in m.projs:
+            qw = quantize_rtn(proj_weights(experts, m, p.name).detach().float(), 2, plan.group_size, plan.symmetric)
+            copies[layer][p.name] = {"bits": 2, "qweight": qw.packed(), "scales": qw.scales, "zeros": qw.zeros}
+    return out, copies
+
+
+def _load(ckpt_dir):
+    """A fresh fully resident model. Loaded, not deep-copied: a copy moves the memory-mapped weights to other
+    addresses, and a one-row float GEMV may sum in another order at another alignment."""
+    return moecompress.from_pretrained(ckpt_dir, dtype=torch.float32, verify=False).eval()
+
+
+def _run(model) -> list[torch.Tensor]:
+    """Prompt logits, then STEPS greedy decode steps with a KV cache: every step's logits."""
+    ids = torch.tensor([[5, 17, 3, 99, 42, 7, 64, 8], [1, 2, 3, 4, 5, 6, 7, 9]])
+    outs = []
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        outs.append(out.logits)
+        past = out.past_key_values
+        for _ in range(STEPS):
+            nxt = out.logits[:, -1:].argmax(-1)
+            out = model(nxt, cache=past, use_cache=True)
+            past = out.past_key_values
+            outs.append(out.logits)
+    return outs
+
+
+@pytest.fixture(scope="module")
+def reference(ckpt):
+    return _run(_load(ckpt[0]))
+
+
+def _total_and_min(ckpt_dir) -> tuple[int, int]:
+    model = _load(ckpt_dir)
+    store = attach_store(model, ckpt_dir, StoreConfig(budget=1 << 40))
+    try:
+        return sum(store.cache.layout.nbytes.values()), store.cache.min_budget
+    finally:
+        store.close()
+
+
+@pytest.fixture(scope="module")
+def sizes(ckpt):
+    return _total_and_min(ckpt[0])
+
+
+def _store_run(ckpt_dir, config: StoreConfig, **kw):
+    model = _load(ckpt_dir)
+    store = attach_store(model, ckpt_dir, config, **kw)
+    try:
+        return _run(model), store.counters()
+    finally:
+        store.close()
+
+
+GRID = [(p, s) for p in ("lru", "lfu", "popularity", "demand") for s in (0.0, 0.3, 0.6, 1.0)]
+FAST = {("lru", 0.0), ("lru", 0.6), ("lru", 1.0), ("lfu", 0.3), ("popularity", 0.3), ("demand", 0.6)}
+
+
+@pytest.mark.parametrize("policy,share", [pytest.param(*ps, marks=() if ps in FAST else pytest.mark.slow) for ps in GRID])
+def test_exact_under_every_policy_and_budget(ckpt, reference, sizes, policy, share):
+    total, smallest = sizes
+    budget = max(smallest, int(share * total))
+    outs, c = _store_run(ckpt[0], StoreConfig(budget=budget, policy=policy))
+    for got, ref in zip(outs, reference):
+        assert torch.equal(got, ref)
+    assert c["peak_bytes"] <= budget
+    assert c["uses"] == c["hits"] + c["misses"] and c["substitutions"] == 0
+    if share == 1.0 and policy != "demand":  # everything fits: each expert read once, nothing evicted
+        assert c["evictions"] == 0 and c["bytes_fetched"] <= total + c["misses"] * 6 * 8192  # O_DIRECT alignment
+    if share == 0.0:
+        assert c["misses"] > 0 and c["bytes_fetched"] > 0
+
+
+@pytest.mark.parametrize("prefetch,direct_io", [("paths", True), ("router", False), ("both", True)])
+def test_pinning_and_prefetch_exact_and_within_budget(ckpt, reference, sizes, prefetch, direct_io):
+    total, smallest = sizes
+    budget = max(smallest, total // 2)
+    outs, c = _store_run(ckpt[0], StoreConfig(budget=budget, pin_share=0.5, prefetch=prefetch, direct_io=direct_io))
+    for got, ref in zip(outs, reference):
+        assert torch.equal(got, ref)
+    assert 0 < c["pinned_bytes"] <= budget // 2
+    assert c["peak_bytes"] <= budget
+    assert c["prefetches"] > 0 and 0 <= c["useful_prefetches"] <= c["prefetches"]
+
+
+class WrongPredictor:
+    """Ranks first the experts layer l+1's router likes least."""
+
+    def __init__(self, model):
+        self.routers = [m.gate.weight for m in (layer.mlp for layer in model.model.layers)]
+
+    def scores(self, layer, hidden, top_k_index, top_k_weights):
+        if layer + 1 >= len(self.routers):
+            return None
+        return -torch.softmax(hidden @ self.routers[layer + 1].t(), -1).sum(0)
+
+
+def test_a_wrong_prediction_never_changes_results(ckpt, reference, sizes):
+    total, smallest = sizes
+    model = _load(ckpt[0])
+    store = attach_store(model, ckpt[0], StoreConfig(budget=max(smallest, total // 3)), predictor=WrongPredictor(model))
+    try:
+        outs = _run(model)
+        c = store.counters()
+    finally:
+        store.close()
+    for got, ref in zip(outs, reference):
+        assert torch.equal(got, ref)
+    assert c["prefetches"] > 0 and c["prefetch_accuracy"] < 0.5
+
+
+def _substitution_run(ckpt_dir, copies, budget, threshold):
+    """Run with copies; record every experts call's routing and every acquire (key, substituted)."""
+    model = _load(ckpt_dir)
+    store = attach_store(model, ckpt_dir, StoreConfig(budget=budget, copy_threshold=threshold), copies=copies)
+    calls, acquired = [], []
+    hooks = [m.register_forward_pre_hook(lambda mod, args: calls.append((args[1].clone(), args[2].clone())))
+             for m in model.modules() if isinstance(m, PackedExperts)]
+    classify = store.cache.classify
+
+    def recording(requests):
+        kinds = classify(requests)
+        acquired.extend((key, kind == "copy") for (key, _), kind in zip(requests, kinds))
+        return kinds
+
+    store.cache.classify = recording
+    try:
+        outs = _run(model)
+        return outs, store.counters(), calls, acquired
+    finally:
+        for h in hooks:
+            h.remove()
+        store.close()
+
+
+def test_low_bit_substitution_only_under_threshold_and_counted(ckpt, reference, sizes):
+    ckpt_dir, copies = ckpt
+    total, smallest = sizes
+    copy_bytes = sum(t.numel() * t.element_size() for by in copies.values() for d in by.values()
+                     for k, t in d.items() if k != "bits")
+    budget = smallest + copy_bytes + total // 4
+    # threshold 0: never substitutes, exact
+    outs, c, _, _ = _substitution_run(ckpt_dir, copies, budget, 0.0)
+    assert c["substitutions"] == 0 and c["copy_bytes"] == copy_bytes and c["peak_bytes"] <= budget
+    assert all(torch.equal(a, b) for a, b in zip(outs, reference))
+    # a middle threshold: substituted uses all have routing weight below it, and are counted
+    threshold = 0.45
+    outs, c, calls, acquired = _substitution_run(ckpt_dir, copies, budget, threshold)
+    assert c["peak_bytes"] <= budget
+    num_layers = len(copies)
+    per_call = []  # (layer, expert) -> max routing weight, in call order
+    for i, (idx, w) in enumerate(calls):
+        layer = i % num_layers
+        weights = {}
+        for e, v in zip(idx.reshape(-1).tolist(), w.reshape(-1).tolist()):
+            weights[e] = max(weights.get(e, 0.0), v)
+        per_call.extend(((layer, e), weights[e]) for e in sorted(weights))
+    by_key = {}
+    for key, weight in per_call:
+        by_key.setdefault(key, []).append(weight)
+    substituted = [key for key, sub in acquired if sub]
+    assert len(substituted) == c["substitutions"] > 0
+    lows = sum(1 for key, weight in per_call if weight < threshold)
+    assert c["substitutions"] <= lows
+    for key, sub in acquired:
+        if sub:  # this use's weight is among those below the threshold
+            assert min(by_key[key]) < threshold
+    assert not all(torch.equal(a, b) for a, b in zip(outs, reference))  # copies do change results
+
+
+def test_budget_below_the_largest_expert_is_a_clear_error(ckpt, sizes):
+    total, smallest = sizes
+    model = _load(ckpt[0])
+    stored = 0
+    for m in model.modules():
+        if isinstance(m, PackedExperts):
+            for proj in m.proj_names:
+                for g in getattr(m, proj).children():
+                    per_expert = sum(t.numel() * t.element_size() for t in g.buffers()) // len(g.experts)
+                    stored = max(stored, per_expert)
+    assert smallest >= stored  # at least the largest single projection
+    with pytest.raises(MoecompressError, match=f"smallest workable budget {smallest} bytes"):
+        attach_store(model, ckpt[0], StoreConfig(budget=smallest - 1))
+    with pytest.raises(MoecompressError, match="smallest workable budget"):
+        moecompress.from_pretrained(ckpt[0], dtype=torch.float32, verify=False, expert_budget=smallest - 1)
+
+
+def test_from_pretrained_with_a_budget(ckpt, reference, sizes):
+    total, smallest = sizes
+    model = moecompress.from_pretrained(ckpt[0], dtype=torch.float32, verify=False, expert_budget=total // 2)
+    try:
+        outs = _run(model)
+        c = model.expert_store.counters()
+    finally:
+        model.expert_store.close()
+    assert all(torch.equal(a, b) for a, b in zip(outs, reference))
+    assert c["pinned_bytes"] > 0 and c["peak_bytes"] <= total // 2 and c["tokens"] == 2 * 8 + 2 * STEPS
+
+
+def test_bad_settings_are_clear_errors():
+    with pytest.raises(MoecompressError, match="unknown eviction policy 'fifo'"):
+        StoreConfig(budget=1, policy="fifo")
+    with pytest.raises(MoecompressError, match="unknown prefetch predictor"):
+        StoreConfig(budget=1, prefetch="oracle")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the pinned-memory -> GPU tier needs CUDA")
+def test_gpu_tier_exact(ckpt, sizes):
+    total, smallest = sizes
+    model = moecompress.from_pretrained(ckpt[0], dtype=torch.float32, verify=False, device_map="cuda")
+    ids = torch.tensor([[5, 17, 3, 99, 42, 7, 64, 8]], device="cuda")
+    with torch.no_grad():
+        ref = model(ids).logits
+    store = attach_store(model, ckpt[0], StoreConfig(budget=max(smallest, total // 3), tier="pinned",
+                                                     prefetch="router"))
+    try:
+        with torch.no_grad():
+            got = model(ids).logits
+        c = store.counters()
+    finally:
+        store.close()
+    assert torch.equal(got, ref) and c["peak_bytes"] <= max(smallest, total // 3) and c["misses"] > 0
+
+
+def test_one_rank_s_experts_under_a_store(ckpt, reference, sizes):
+    """The edge runtime's form: some MoE layers' modules with their global ordinals and paths (layer 0 stays whole)."""
+    total, smallest = sizes
+    model = _load(ckpt[0])
+    paths = {layer: f"model.layers.{layer}.mlp.experts" for layer in (1, 2)}
+    modules = {layer: model.get_submodule(p) for layer, p in paths.items()}
+    store = attach_store(None, ckpt[0], StoreConfig(budget=smallest, pin_share=0.0, prefetch="paths"),
+                         modules=modules, paths=paths)
+    try:
+        outs = _run(model)
+        c = store.counters()
+    finally:
+        store.close()
+    assert all(torch.equal(a, b) for a, b in zip(outs, reference))
+    assert c["misses"] > 0 and c["peak_bytes"] <= smallest and set(k[0] for k in store.cache.layout.nbytes) == {1, 2}
+
+
+def test_two_threads_filling_one_expert_read_it_once():
+    """Two readers wait for room for the same expert; the second must find it resident (or in flight), not read it
+    again over the first's slot (that leaked its bytes and left a slot `in use` forever: a deadlock under load)."""
+    import threading
+
+    from moecompress.runtime.store.cache import ExpertCache, Slot, StoreLayout
+
+    layout = StoreLayout(shapes=[{0: {}, 1: {}}], nbytes={(0, 0): 100, (0, 1): 100}, group_size=32, symmetric=False,
+                         compute_dtype=torch.float32)
+    reads = []
+
+    class Recorded(ExpertCache):
+        def _build(self, key):
+            reads.append(key)
+            return Slot({}, self.layout.nbytes[key])
+
+    cache = Recorded(layout, tier=None, budget=100)  # room for one expert
+    cache.fill((0, 1))
+    assert cache.classify([((0, 1), False)]) == ["hit"]  # (0, 1) in use: no room until it is released
+    threads = [threading.Thread(target=cache.fill, args=((0, 0),)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    while sum(t.is_alive() for t in threads) < 2:
+        pass
+    import time
+    time.sleep(0.2)  # both are waiting for room
+    cache.release((0, 1))
+    for t in threads:
+        t.join(timeout=10)
+    assert not any(t.is_alive() for t in threads)
+    assert reads == [(0, 1), (0, 0)]
+    assert set(cache.slots) == {(0, 0)} and cache.used == 100 and cache.reserved == 0
+    assert cache.slots[(0, 0)].in_use == 0
