@@ -260,8 +260,9 @@ def parse_args(argv=None):
     ap.add_argument("--gguf", default=",".join(llama.GGUF_TYPES), type=csv, help="llama.cpp types (bf16 always runs)")
     ap.add_argument("--dense-bits", default="match", choices=("match", "16", "8", "4"),
                     help="bits of the attention linears in our quantized plans (match: 8 for plan 8, else 4)")
-    ap.add_argument("--head-bits", default="16", choices=("16", "8", "4"),
-                    help="bits of lm_head in our quantized plans of model (b) (16: bf16; llama.cpp uses Q6_K / Q8_0)")
+    ap.add_argument("--head-bits", default="8", choices=("16", "8", "4"),
+                    help="bits of lm_head in our quantized plans of model (b) (default 8, as close as our widths come "
+                         "to llama.cpp's: it stores the output matrix at Q6_K, Q8_0 in Q8_0 files; 16: bf16)")
     ap.add_argument("--no-llama", action="store_true", help="ours only")
     ap.add_argument("--compare-fused", action="store_true",
                     help="also run each quantized plan of ours without the fused MoE decode call (engine ours-unfused)")

@@ -11,13 +11,17 @@ latency + bytes / bandwidth, LAN (1 Gbit/s, 0.5 ms) and WAN (100 Mbit/s, 5 ms), 
 
 Compute: per decoder layer and per MoE experts block, measured (thread CPU time) with forward hooks on the exported
 checkpoint loaded by the runtime (moecompress.from_pretrained: the packed 4-bit modules every rank runs, bf16, 1
-thread) in one process, as a ComputeProfile; timing.profile_compute puts it on the critical path of each placement
-(the code `moecompress shard --mode auto` plans with): expert-model ranks compute their share of each layer's experts
-time (by routed pairs, the home's own share overlapping the others', as the dispatcher does), the home the rest;
-pipeline stages one after the other. eval/bench_edge_sim.py compares this compute with the runtime's own simulation.
+thread) in one process, as a ComputeProfile (decode: shard/profile.measure_profile, what `moecompress profile`
+writes, with the expert model's dispatch measured on the runtime's own dispatcher; prefill: layers only, no
+dispatch); timing.profile_compute puts it on the critical path of each placement (the code `moecompress shard --mode
+auto` plans with): expert-model ranks compute their share of each layer's experts time (by routed pairs, the home's
+own share overlapping the others', as the dispatcher does) plus their requests' decoding/encoding, the home the
+rest plus its routing and each request's handling; pipeline stages one after the other. eval/bench_edge_sim.py
+compares this compute with the runtime's own simulation.
 
 "auto: ..." rows: what `moecompress shard` (default --mode auto) chooses for each link profile and batch, from the
-calibration trace and the measured profile, then replayed on the held-out text like every other row. The last table
+calibration trace and the measured profile (a baseline is kept unless another candidate is modeled faster by more
+than 2 %, shard/choose.py), then replayed on the held-out text like every other row. The last table
 per server count compares it with the best baseline (expert contiguous / round_robin / greedy_balanced, pipeline
 all_servers): chosen with the matching --link/--batch, and chosen with the defaults (--link lan --batch 1).
 
@@ -48,6 +52,7 @@ from moecompress.shard import ServerSpec, place, replicate_hot, traffic_row  # n
 from moecompress.shard.command import checkpoint_layer_sizes, routing_stats  # noqa: E402
 from moecompress.shard.choose import choose_placement  # noqa: E402
 from moecompress.shard.compare import BASELINES  # noqa: E402
+from moecompress.shard.profile import measure_profile  # noqa: E402
 
 CONFIGS = [  # (row name, mode, method, replicas, balance)
     ("expert: contiguous", "expert", "contiguous", False, "total"),
@@ -219,9 +224,13 @@ def place_and_replay(name: str, model, tokenizer, checkpoint: Path, args, config
     hidden = model.config.hidden_size
     del model
     runtime_model = moecompress.from_pretrained(checkpoint, dtype=torch.bfloat16).eval()
-    compute = {(kind, b): measure_compute(runtime_model, layout, b, 1 if kind == "decode" else args.eval_len,
-                                          args.eval_len, args.reps)
-               for kind in kinds for b in BATCHES}
+    # decode: `moecompress profile`'s own measurement (dispatch included); prefill: per layer only (no dispatch)
+    decode = {b: measure_profile(checkpoint, batch=b, context=args.eval_len, reps=args.reps, model=runtime_model)
+              for b in BATCHES if "decode" in kinds}
+    compute = {(kind, b): measure_compute(runtime_model, layout, b, args.eval_len, args.eval_len, args.reps)
+               for kind in kinds for b in BATCHES if kind == "prefill"}
+    compute.update({("decode", b): {"total": p.head_seconds + sum(p.layer_seconds), "layers": list(p.layer_seconds),
+                                    "moe": list(p.moe_seconds), "profile": p.to_json()} for b, p in decode.items()})
     del runtime_model
     print(f"{name}: routing + compute measured in {time.time() - t0:.0f}s", flush=True)
     replays = {(kind, b): calls_for(trace, b, kind) for kind in kinds for b in BATCHES}
@@ -229,6 +238,7 @@ def place_and_replay(name: str, model, tokenizer, checkpoint: Path, args, config
               "expert_bytes": int(sizes.expert_bytes.sum()), "eval_tokens": T, "calib_tokens": calib.num_tokens,
               "compute": {f"{k}-{b}": v for (k, b), v in compute.items()}, "servers": {}}
     profiles = {key: as_profile(c, key[1], args.eval_len, sizes.moe_decoder_layers) for key, c in compute.items()}
+    profiles.update({("decode", b): p for b, p in decode.items()})
     calib_trace = calib.trace_indices.numpy().astype(np.int64)
 
     def evaluate(p, row_name: str, mode: str, balance: str) -> dict:
@@ -267,7 +277,7 @@ def place_and_replay(name: str, model, tokenizer, checkpoint: Path, args, config
                 spec = ServerSpec(memory_bytes=(memory,) * n, replicate_dense=False)
                 p, report = choose_placement(stats, sizes, spec, calib_trace, args.seq_len, hidden, 2,
                                              profiles[("decode", b)], prof, replicate=True)
-                label = f"auto: {report['chosen']}" + (" + replicas" if "replicas" in p.method else "")
+                label = f"auto: {report['chosen']}"
                 if label not in chosen:
                     chosen[label] = evaluate(p, label, p.mode, "total")
                 auto[f"{prof.name}-{b}"] = {"chosen": label, "report": report}

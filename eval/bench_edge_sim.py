@@ -3,8 +3,10 @@ simulation: the same decode steps run through `deploy(..., simulate=True)` (N vi
 built from its own bundle), timing every decode call and every virtual server's compute (the handlers' own
 `compute_seconds`), next to what the ComputeProfile predicts for that placement (execution/timing.py).
 
-What the simulation adds beyond the profile's layers: encoding/decoding the messages and the dispatcher's gather
-and index_add (expert model) or the stage handover (pipeline); the profile has none of it. Timers: perf_counter in
+What the simulation adds beyond the profile's layers: encoding/decoding the messages and the dispatcher's routing,
+gather and index_add (expert model) or the stage handover (pipeline). The profile measures the expert model's part
+(ComputeProfile.dispatch/message/serve_seconds, from the runtime's own dispatcher): the table shows the difference
+without and with it. The stage handover is not modeled. Timers: perf_counter in
 the simulation, thread CPU time in the profile (1 thread, so equal unless preempted); min over steps for both.
 
     .venv/bin/python eval/bench_edge_sim.py     # refmoe-qwen3 4-bit: writes eval/results/edge_sim.{md,json}
@@ -26,7 +28,7 @@ sys.path.insert(0, str(ROOT / "eval"))
 
 from bench_edge import export_4bit  # noqa: E402
 
-from moecompress.execution.timing import profile_compute  # noqa: E402
+from moecompress.execution.timing import add_dispatch, profile_compute  # noqa: E402
 from moecompress.runtime.edge import deploy  # noqa: E402
 from moecompress.shard import ServerSpec, place  # noqa: E402
 from moecompress.shard.bundles import write_bundles  # noqa: E402
@@ -110,20 +112,27 @@ def main() -> None:
                 else:
                     predicted[s] = sum(t * share[layer, s] for layer, t in enumerate(prof.moe_seconds))
             total = prof.head_seconds + sum(prof.layer_seconds)
+            dispatch = 0.0
+            if mode == "expert":  # what every rank spends on the dispatch (one process: all of it adds up)
+                extra = [[0.0] * n for _ in range(p.num_layers)]
+                dispatch = add_dispatch(extra, p.home, c, prof) + sum(map(sum, extra))
             rows.append({"case": f"{mode}: {method}, {n} servers", "batch": b, "sim_wall_ms": 1e3 * sim["wall"],
                          "sim_cpu_ms": 1e3 * sim["cpu"],
-                         "profile_total_ms": 1e3 * total,
+                         "profile_total_ms": 1e3 * total, "profile_dispatch_ms": 1e3 * dispatch,
                          "profile_critical_ms": 1e3 * profile_compute(p, c, prof),
                          "servers": {str(s): {"sim_ms": 1e3 * v, "profile_ms": 1e3 * predicted[s]}
                                      for s, v in sim["servers"].items()}})
             print(rows[-1], flush=True)
     lines = ["| placement | B | simulation per decode step (all virtual servers, one process): wall / thread CPU ms "
-             "| profile: sum of layers + head ms | difference (CPU time) | virtual servers' compute (wall) ms, "
-             "simulation / profile |", "|---|---|---|---|---|---|"]
+             "| profile: layers + head ms | + dispatch ms | difference (CPU time) without / with dispatch | virtual "
+             "servers' compute (wall) ms, simulation / profile |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         srv = "; ".join(f"{s}: {v['sim_ms']:.2f} / {v['profile_ms']:.2f}" for s, v in r["servers"].items())
+        with_dispatch = r["profile_total_ms"] + r["profile_dispatch_ms"]
         lines.append(f"| {r['case']} | {r['batch']} | {r['sim_wall_ms']:.2f} / {r['sim_cpu_ms']:.2f} | "
-                     f"{r['profile_total_ms']:.2f} | {r['sim_cpu_ms'] / r['profile_total_ms'] - 1:+.1%} | {srv} |")
+                     f"{r['profile_total_ms']:.2f} | {r['profile_dispatch_ms']:.2f} | "
+                     f"{r['sim_cpu_ms'] / r['profile_total_ms'] - 1:+.1%} / {r['sim_cpu_ms'] / with_dispatch - 1:+.1%} "
+                     f"| {srv} |")
     lines.append(f"\n({time.time() - t0:.0f} s; {Path(args.model).name} 4-bit (group 64), bf16, 1 thread; decode "
                  f"after {args.context} tokens, {args.steps} steps, min over steps; profile: min of {args.reps})")
     out = Path(args.out)

@@ -2,23 +2,27 @@
 
 Run on a CUDA machine (results: eval/results/gpu.md, copied from --out):
 
-    python eval/bench_gpu.py --out $OUT            # everything below
-    python eval/bench_gpu.py --out $OUT --quick    # fewer shapes, plus the kernel-variant sweep
+    PYTHONPATH=. python eval/bench_gpu.py --out $OUT --skip tinygemm    # everything below (about 5 minutes)
+    PYTHONPATH=. python eval/bench_gpu.py --out $OUT --quick            # Qwen3 shape only in the layer table
 
 1. Ceilings: device-to-device copy bandwidth (bytes read + written) and a bf16 8192^3 matmul, measured here.
-2. MoE layers at real sizes: Qwen3-30B-A3B (hidden 2048, 128 experts of 768, top-8) and Mixtral-8x7B (hidden 4096,
-   8 experts of 14336, top-2), bit mix 25 % 2 / 50 % 3 / 25 % 4-bit (per expert, both projections) and uniform
-   4-bit, group 128, random packed weights: decode 1/4/16 tokens and prefill 2048 tokens. Each timed call gets a
-   different routing (16 routings rotated: the active experts change, so they come from HBM, not the 60 MB L2).
-   Decode is timed eager and as CUDA-graph replays of 16 back-to-back calls; prefill eager. Baseline: transformers'
-   Qwen3MoeExperts in bf16 with each experts implementation (grouped_mm, batched_mm where it fits in memory,
-   eager), graph-captured where it captures; the fastest counts. Floor: packed bytes of the distinct active experts
-   / measured copy bandwidth.
-3. Memory: resident bytes of a layer's experts (torch.cuda.memory_allocated) vs their packed bytes; the
-   transient workspace of a call.
+2. Sweeps (Qwen3 and Mixtral layers): the pair path's tile (columns per program, warps, groups per program = split
+   of K, lop3 on/off), pair path against the routing-table path at 4 and 16 tokens, prefill tiles and row blocks.
+   The setting with the lowest geometric mean of each sweep is used for the rest of the run (printed; launch.py's
+   defaults are the ones chosen on an H200). Also the pair path against the tables path at real sizes (rel. diff).
+3. MoE layers with real sizes: Qwen3-30B-A3B (hidden 2048, 128 experts of 768, top-8) and Mixtral-8x7B (hidden
+   4096, 8 experts of 14336, top-2), bit mix 25 % 2 / 50 % 3 / 25 % 4-bit (per expert, both projections) and
+   uniform 4-bit, group 128, random packed weights: decode 1/4/16 tokens and prefill 2048 tokens. Each timed call
+   gets a different routing (16 routings rotated: the active experts change, so they come from HBM, not the 60 MB
+   L2). Decode is timed eager and as CUDA-graph replays of 16 back-to-back calls; prefill eager. Baseline:
+   transformers' Qwen3MoeExperts in bf16 with each experts implementation (grouped_mm, batched_mm where it fits in
+   memory, eager), graph-captured where it captures; the fastest counts. Floor: packed bytes of the distinct active
+   experts / measured copy bandwidth. Memory: resident bytes of a layer's experts (torch.cuda.memory_allocated) vs
+   their packed bytes; the transient workspace of a call.
 4. End to end: refmoe-qwen3 (checkpoints exported on the CPU with RTN, carried in .gpu_carry/) and a random-init
-   Qwen3-30B-A3B-dims model with --layers layers: forward of 8 x 256 tokens and greedy token-by-token generation
-   (batch 1, eager loop with a KV cache), packed vs bf16 (grouped_mm).
+   Qwen3-30B-A3B-dims model with --layers layers: forward of 8 x 256 tokens, greedy token-by-token generation
+   (batch 1) as an eager loop with a DynamicCache and with each step one CUDA graph (StaticCache; in a child
+   process per model, so that a failure there cannot stop the run), packed vs bf16 (grouped_mm and batched_mm).
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
 from test_cuda_kernels import random_experts  # noqa: E402  (the tests' random layer builder)
 
 from moecompress.runtime.cuda import launch  # noqa: E402
@@ -222,36 +227,90 @@ def layer_rows(args, peak, rows: list, write=lambda: None) -> list[dict]:
     return rows
 
 
-def variant_rows(peak) -> list[dict]:
-    """Decode and prefill kernel variants on the Qwen3 mix layer (which Config the defaults should be)."""
-    shape = SHAPES["qwen3-30b-a3b"]
-    bits = bits_for(shape["experts"], MIXES["mix 2/3/4"])
-    layer = random_experts(shape["experts"], shape["hidden"], shape["inter"], bits, group_size=GROUP_SIZE, device="cuda")
-    variants = {"decode 32x256": launch.Config(32, 256), "decode 64x256": launch.Config(64, 256),
-                "decode 32x512": launch.Config(32, 512), "decode 32x128": launch.Config(32, 128),
-                "prefill 128x128 w8": launch.Config(128, 128, 8), "prefill 128x64 w8": launch.Config(128, 64, 8),
-                "prefill 64x128 w4": launch.Config(64, 128, 4)}
-    rows, saved = [], (dict(launch.DECODE), dict(launch.PREFILL))
-    for tokens in (1, 16, 2048):
-        inputs = routings(tokens, shape, ROTATE if tokens <= 16 else 2)
+def _layer(model: str, mix: str, template=None):
+    shape = SHAPES[model]
+    return random_experts(shape["experts"], shape["hidden"], shape["inter"], bits_for(shape["experts"], MIXES[mix]),
+                          group_size=GROUP_SIZE, device="cuda", template=template)
+
+
+def _sweep(name: str, settings: dict, cases: list, rows: list) -> dict:
+    """Time every setting (a dict of launch attributes) on every case (model, mix, tokens); set launch to the
+    setting with the lowest geometric mean over the cases and return it."""
+    saved = {k: getattr(launch, k) for k in next(iter(settings.values()))}
+    score = {}
+    for model, mix, tokens in cases:
+        layer = _layer(model, mix)
+        inputs = routings(tokens, SHAPES[model], ROTATE if tokens <= 16 else 2)
         calls = [lambda x=x, i=i, w=w: layer(x, i, w) for x, i, w in inputs]
-        for name, config in variants.items():
-            if (tokens > 16) != name.startswith("prefill"):
-                continue
-            for bits in (2, 3, 4, 8):
-                launch.DECODE[bits] = config
-                launch.PREFILL[bits] = config
+        for label, setting in settings.items():
+            for k, v in setting.items():
+                setattr(launch, k, v)
             try:
                 us = time_calls(calls, graph=tokens <= 16)
-            except Exception as exc:  # noqa: BLE001
-                print(f"variant {name} T={tokens}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
-                continue
-            rows.append(dict(tokens=tokens, variant=name, us=us))
-            print(f"variant T={tokens:5d} {name:16s} {us:9.1f} us", flush=True)
-        launch.DECODE.update(saved[0])
-        launch.PREFILL.update(saved[1])
+            except Exception as exc:  # noqa: BLE001 (a setting that does not compile or run: reported, skipped)
+                print(f"{name} {label} {model} {mix} T={tokens}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                us = float("inf")
+            score.setdefault(label, []).append(us)
+            if us != float("inf"):
+                rows.append(dict(tokens=tokens, variant=f"{name}: {label} ({model}, {mix})", us=us))
+            print(f"{name:8s} {label:28s} {model:14s} {mix:9s} T={tokens:5d} {us:9.1f} us", flush=True)
+            for k, v in saved.items():
+                setattr(launch, k, v)
+        del layer, calls
+        gc.collect()
+        torch.cuda.empty_cache()
+    ok = {k: statistics.geometric_mean(v) for k, v in score.items() if all(t != float("inf") for t in v)}
+    if not ok:
+        print(f"{name}: no setting ran", flush=True)
+        return None
+    best = min(ok, key=ok.get)
+    for k, v in settings[best].items():
+        setattr(launch, k, v)
+    rows.append(dict(tokens=0, variant=f"{name}: chosen {best}", us=float("nan")))
+    print(f"{name}: chosen {best} {settings[best]}", flush=True)
+    return settings[best]
+
+
+def variant_rows(args) -> list[dict]:
+    """Tile sweeps; the best setting of each sweep becomes launch's default for the rest of the run."""
+    rows = []
+    pair = {f"BN {bn} w{w} {g} groups/program": dict(PAIR_BLOCK_N=bn, PAIR_WARPS=w, PAIR_GROUPS_PER_PROGRAM=g)
+            for bn, w, g in ((16, 2, 4), (16, 4, 4), (32, 4, 4), (16, 2, 2), (32, 2, 2), (16, 2, 8))}
+    pair["BN 16 w2 4 groups/program, no lop3"] = dict(PAIR_BLOCK_N=16, PAIR_WARPS=2, PAIR_GROUPS_PER_PROGRAM=4,
+                                                      PAIR_ASM=False)
+    # the pair path against the routing-table path at real sizes: the same function (rel. difference)
+    layer = _layer("qwen3-30b-a3b", "mix 2/3/4")
+    for tokens in (1, 16):
+        x, idx, w = routings(tokens, SHAPES["qwen3-30b-a3b"], 1, seed=9)[0]
+        saved = launch.PAIR_TOKENS
+        try:
+            with torch.no_grad():
+                a = layer(x, idx, w).float()
+                launch.PAIR_TOKENS = 0
+                b = layer(x, idx, w).float()
+            diff = float((a - b).norm() / b.norm())
+        except Exception as exc:  # noqa: BLE001
+            print(f"pair vs tables: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+            diff = float("nan")
+        launch.PAIR_TOKENS = saved
+        rows.append(dict(tokens=tokens, variant="pair path vs tables path, rel. difference (qwen3 mix)", us=diff))
+        print(f"pair vs tables T={tokens}: rel diff {diff:.2e}", flush=True)
     del layer
-    torch.cuda.empty_cache()
+    if _sweep("pair", pair, [("qwen3-30b-a3b", "mix 2/3/4", 1), ("mixtral-8x7b", "mix 2/3/4", 1)], rows) is None:
+        launch.PAIR_TOKENS = 0
+    # the pair path against the routing-table path (packed_kernel, tensor cores) at 4 and 16 tokens
+    _sweep("decode", {"pair path": dict(PAIR_TOKENS=16), "tables path": dict(PAIR_TOKENS=0),
+                      "pair path to 4 tokens": dict(PAIR_TOKENS=4)},
+           [("qwen3-30b-a3b", "mix 2/3/4", 4), ("qwen3-30b-a3b", "mix 2/3/4", 16), ("mixtral-8x7b", "4-bit", 16)],
+           rows)
+    configs = {"128x128 w8 s3 BM<=128": (launch.Config(128, 128, 8, 3), 128),
+               "128x64 w8 s3 BM<=128": (launch.Config(128, 64, 8, 3), 128),
+               "256x64 w8 s3 BM<=128": (launch.Config(256, 64, 8, 3), 128),
+               "128x64 w8 s3 BM<=256": (launch.Config(128, 64, 8, 3), 256),
+               "64x128 w8 s3 BM<=256": (launch.Config(64, 128, 8, 3), 256)}
+    prefill = {name: dict(PREFILL={b: c for b in (2, 3, 4, 8, 16)}, PREFILL_TALL={b: c for b in (2, 3, 4, 8, 16)},
+                          PREFILL_MAX_ROWS=rows_) for name, (c, rows_) in configs.items()}
+    _sweep("prefill", prefill, [("qwen3-30b-a3b", "mix 2/3/4", 2048), ("mixtral-8x7b", "4-bit", 2048)], rows)
     return rows
 
 
@@ -328,52 +387,167 @@ def time_model(model, vocab: int, new_tokens: int) -> dict:
     return {"forward_8x256_ms": fwd / 1e3, "decode_ms_per_token": statistics.median(times), "logits": logits}
 
 
-def end_to_end(args) -> list[dict]:
+def _rewind(cache, n: int) -> None:
+    """Put a StaticCache back to n cached tokens: its layers count the tokens written in a device tensor of their own
+    (cumulative_length, advanced in place by every step: also by warm-ups and graph replays) and write there,
+    whatever cache_position says; without this the replays run past the cache (index_copy_ out of bounds)."""
+    for layer in cache.layers:
+        counter = getattr(layer, "cumulative_length", None)
+        if isinstance(counter, torch.Tensor):
+            counter.fill_(n)
+
+
+def decode_graph_ms(model, prompt, new_tokens: int, graph: bool = True, runs: int = 3):
+    """Greedy generation, batch 1, with a StaticCache and each one-token step replayed as one CUDA graph (the next
+    token is picked on the device: no host sync per token). Median ms per token of `runs` runs. graph=False: the
+    same steps called eagerly (returns (ms, tokens of the last run): a check of the step on any device)."""
+    from transformers import StaticCache
+
+    n, dev = prompt.shape[1], prompt.device
+    cache = StaticCache(config=model.config, max_cache_len=n + new_tokens + 8)
+    out = model(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(n, device=dev), use_cache=True)
+    first = out.logits[:, -1:].argmax(-1)
+    ids = first.clone()
+    pos = torch.tensor([n], device=dev)
+
+    def step():
+        return model(input_ids=ids, past_key_values=cache, cache_position=pos, use_cache=True).logits
+
+    if graph:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                _rewind(cache, n)
+                step()
+        torch.cuda.current_stream().wait_stream(stream)
+        sync()
+        cuda_graph = torch.cuda.CUDAGraph()
+        _rewind(cache, n)
+        with torch.cuda.graph(cuda_graph):
+            logits = step()
+        run_step = cuda_graph.replay
+    else:
+        logits = None
+    times, tokens = [], []
+    for _ in range(runs):
+        pos.fill_(n)
+        ids.copy_(first)
+        _rewind(cache, n)
+        tokens = []
+        if dev.type == "cuda":
+            sync()
+        t = time.perf_counter()
+        for _ in range(new_tokens):
+            if graph:
+                run_step()
+            else:
+                logits = step()
+            ids.copy_(logits[:, -1:].argmax(-1))
+            pos.add_(1)
+            if not graph:
+                tokens.append(int(ids))
+        if dev.type == "cuda":
+            sync()
+        times.append((time.perf_counter() - t) / new_tokens * 1e3)
+    return statistics.median(times) if graph else (statistics.median(times), tokens)
+
+
+E2E_VARIANTS = {"refmoe-qwen3": ["bf16 grouped_mm", "bf16 batched_mm", "packed mix", "packed 4bit"],
+                "random": ["bf16 grouped_mm", "bf16 batched_mm", "packed mix 2/3/4", "packed 4-bit"]}
+
+
+def build_model(kind: str, variant: str, layers: int):
+    """One end-to-end model on the GPU: refmoe-qwen3 (bf16, or the packed checkpoints exported on the CPU with RTN
+    and carried in .gpu_carry/) or a random-init Qwen3-30B-A3B-dims model with `layers` layers (bf16, or its
+    experts replaced by random packed ones at a bit mix, the bf16 modules' gate kept)."""
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
     import moecompress
 
-    rows = []
     carry = ROOT / ".gpu_carry"
-    if (carry / "refmoe-qwen3-bf16").exists():
-        bf16 = AutoModelForCausalLM.from_pretrained(carry / "refmoe-qwen3-bf16", dtype=torch.bfloat16).cuda().eval()
-        set_impl(bf16, "grouped_mm")
-        ref = time_model(bf16, bf16.config.vocab_size, args.new_tokens)
-        rows.append(dict(model="refmoe-qwen3", variant="bf16 grouped_mm", **{k: v for k, v in ref.items() if k != "logits"}))
-        del bf16
-        for name in ("mix", "4bit"):
-            path = carry / f"refmoe-qwen3-{name}"
-            if not path.exists():
-                continue
-            model = moecompress.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda").eval()
-            r = time_model(model, model.config.vocab_size, args.new_tokens)
-            err = float((r["logits"] - ref["logits"]).norm() / ref["logits"].norm())
-            rows.append(dict(model="refmoe-qwen3", variant=f"packed {name}", logits_rel_diff_vs_bf16=err,
-                             **{k: v for k, v in r.items() if k != "logits"}))
-            del model
-            torch.cuda.empty_cache()
+    if kind == "refmoe-qwen3":
+        if variant.startswith("bf16"):
+            model = AutoModelForCausalLM.from_pretrained(carry / "refmoe-qwen3-bf16", dtype=torch.bfloat16)
+            model = model.cuda().eval()
+            set_impl(model, variant.split()[1])
+            return model
+        return moecompress.from_pretrained(carry / f"refmoe-qwen3-{variant.split()[1]}", dtype=torch.bfloat16,
+                                           device_map="cuda").eval()
     config = Qwen3MoeConfig(vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
-                            num_hidden_layers=args.layers, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                            num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
                             num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1,
                             mlp_only_layers=[], max_position_embeddings=4096, tie_word_embeddings=False)
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
-    set_impl(model, "grouped_mm")
-    r = time_model(model, config.vocab_size, args.new_tokens)
-    rows.append(dict(model=f"random Qwen3-30B-A3B dims, {args.layers} layers", variant="bf16 grouped_mm",
-                     **{k: v for k, v in r.items() if k != "logits"}))
-    templates = [layer.mlp.experts for layer in model.model.layers]  # the bf16 modules: their gate is used
-    for mix_name, mix in MIXES.items():
-        for i, layer in enumerate(model.model.layers):
-            layer.mlp.experts = None
-            gc.collect()
-            torch.cuda.empty_cache()
-            layer.mlp.experts = random_experts(128, 2048, 768, bits_for(128, mix, seed=i), group_size=GROUP_SIZE,
-                                               device="cuda", template=templates[i], seed=i)
-        r = time_model(model, config.vocab_size, args.new_tokens)
-        rows.append(dict(model=f"random Qwen3-30B-A3B dims, {args.layers} layers", variant=f"packed {mix_name}",
-                         **{k: v for k, v in r.items() if k != "logits"}))
+    if variant.startswith("bf16"):
+        set_impl(model, variant.split()[1])
+        return model
+    mix = MIXES[variant.removeprefix("packed ")]
+    for i, layer in enumerate(model.model.layers):
+        template = layer.mlp.experts  # the bf16 module: its gate is used
+        layer.mlp.experts = random_experts(128, 2048, 768, bits_for(128, mix, seed=i), group_size=GROUP_SIZE,
+                                           device="cuda", template=template, seed=i)
+        del template
+        gc.collect()
+        torch.cuda.empty_cache()
+    return model
+
+
+def graph_decode_child(spec: str, args) -> None:
+    """--graph-decode KIND:VARIANT: build one model, print its graph-replayed decode time (a child process, so that
+    a failure on the device cannot stop the main benchmark)."""
+    kind, variant = spec.split(":", 1)
+    model = build_model(kind, variant, args.layers)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    prompt = torch.randint(0, model.config.vocab_size, (1, 32), device="cuda", generator=gen)
+    with torch.no_grad():
+        ms = decode_graph_ms(model, prompt, args.new_tokens)
+    print("GRAPH_RESULT " + json.dumps(dict(spec=spec, ms=ms)), flush=True)
+
+
+def graph_decode(kind: str, variant: str, args) -> float:
+    import subprocess
+
+    cmd = [sys.executable, __file__, "--graph-decode", f"{kind}:{variant}", "--layers", str(args.layers),
+           "--new-tokens", str(args.new_tokens)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        print(f"graph decode {kind} {variant}: timed out", flush=True)
+        return float("nan")
+    for line in proc.stdout.splitlines():
+        if line.startswith("GRAPH_RESULT "):
+            return json.loads(line.removeprefix("GRAPH_RESULT "))["ms"]
+    err = [line for line in proc.stderr.splitlines() if "Error" in line or "error" in line]
+    print(f"graph decode {kind} {variant}: failed: {' | '.join(err[-3:])[:400]}", flush=True)
+    return float("nan")
+
+
+def end_to_end(args) -> list[dict]:
+    rows = []
+    for kind, variants in E2E_VARIANTS.items():
+        if kind == "refmoe-qwen3" and not (ROOT / ".gpu_carry" / "refmoe-qwen3-bf16").exists():
+            continue
+        name = kind if kind != "random" else f"random Qwen3-30B-A3B dims, {args.layers} layers"
+        ref = None
+        for variant in variants:
+            row = dict(model=name, variant=variant)
+            if variant != "bf16 batched_mm":  # batched_mm gathers a weight copy per pair: decode only
+                model = build_model(kind, variant, args.layers)
+                r = time_model(model, model.config.vocab_size, args.new_tokens)
+                if ref is None:
+                    ref = r["logits"]
+                elif kind == "refmoe-qwen3":
+                    row["logits_rel_diff_vs_bf16"] = float((r["logits"] - ref).norm() / ref.norm())
+                row.update({k: v for k, v in r.items() if k != "logits"})
+                del model
+                gc.collect()
+                torch.cuda.empty_cache()
+            row["decode_graph_ms_per_token"] = graph_decode(kind, variant, args)
+            print(row, flush=True)
+            rows.append(row)
     return rows
 
 
@@ -399,13 +573,19 @@ def report(info: dict, rows: list[dict], variants: list[dict], e2e: list[dict], 
                           else f"{k} {v['error']}" for k, v in r["bf16"].items())
         lines.append(f"- {r['model']} {r['mix']} T={r['tokens']}: {impls}")
     if variants:
-        lines += ["", "## Kernel variants (Qwen3 mix layer; launch.Config(BN, BK, warps)) and PyTorch's int4 kernel", "",
+        lines += ["", "## Sweeps (µs per layer call; decode graph-replayed; the chosen setting is used below)", "",
                   "| tokens | variant | µs |", "|---|---|---|"]
-        lines += [f"| {v['tokens']} | {v['variant']} | {v['us']:.1f} |" for v in variants]
+        lines += [f"| {v['tokens']} | {v['variant']} | {v['us']:.3g} |" for v in variants]
+        if "chosen" in info:
+            lines += ["", f"Settings chosen by the sweeps and used for every table of this run: {info['chosen']}"]
     if e2e:
-        lines += ["", "## End to end (forward 8 x 256 tokens; greedy decode batch 1, eager loop with KV cache)", "",
-                  "| model | variant | forward ms | decode ms / token | logits rel. diff vs bf16 |", "|---|---|---|---|---|"]
-        lines += [f"| {r['model']} | {r['variant']} | {r['forward_8x256_ms']:.2f} | {r['decode_ms_per_token']:.2f} | "
+        lines += ["", "## End to end (forward 8 x 256 tokens; greedy decode batch 1: eager loop with a DynamicCache, "
+                  "and each step one CUDA graph with a StaticCache)", "",
+                  "| model | variant | forward ms | decode ms / token, eager | decode ms / token, graph | "
+                  "logits rel. diff vs bf16 |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['variant']} | {r.get('forward_8x256_ms', float('nan')):.2f} | "
+                  f"{r.get('decode_ms_per_token', float('nan')):.2f} | "
+                  f"{r.get('decode_graph_ms_per_token', float('nan')):.2f} | "
                   f"{r.get('logits_rel_diff_vs_bf16', float('nan')):.3f} |" for r in e2e]
     return "\n".join(lines) + "\n"
 
@@ -413,18 +593,20 @@ def report(info: dict, rows: list[dict], variants: list[dict], e2e: list[dict], 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "eval" / "results")
-    parser.add_argument("--quick", action="store_true", help="Qwen3 shape only, plus the kernel-variant sweep")
+    parser.add_argument("--quick", action="store_true", help="Qwen3 shape only in the layer table")
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16, 2048])
     parser.add_argument("--layers", type=int, default=4, help="decoder layers of the random 30B-dims model")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--skip", nargs="*", default=[], choices=["layers", "variants", "e2e", "tinygemm"])
+    parser.add_argument("--graph-decode", help=argparse.SUPPRESS)  # child process of graph_decode
     args = parser.parse_args(argv)
+    if args.graph_decode:
+        graph_decode_child(args.graph_decode, args)
+        return
     t0 = time.time()
     info = ceilings()
     print(info, flush=True)
     peak = info["copy_GBps"]
-    if args.quick:
-        SHAPES.pop("mixtral-8x7b")
     args.out.mkdir(parents=True, exist_ok=True)
     name = "gpu-quick" if args.quick else "gpu"
     rows, variants, e2e = [], [], []
@@ -441,9 +623,15 @@ def main(argv=None) -> None:
             variants += tinygemm_rows()
         except Exception as exc:  # noqa: BLE001 (report and go on)
             print(f"tinygemm: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
-    if args.quick and "variants" not in args.skip:
-        variants += variant_rows(peak)
+    if "variants" not in args.skip:
+        variants += variant_rows(args)
+        info["chosen"] = dict(pair_block_n=launch.PAIR_BLOCK_N, pair_warps=launch.PAIR_WARPS,
+                              pair_tokens=launch.PAIR_TOKENS, prefill=str(launch.PREFILL[4]),
+                              prefill_tall=str(launch.PREFILL_TALL[4]),
+                              prefill_max_rows=launch.PREFILL_MAX_ROWS)
     write()
+    if args.quick:
+        SHAPES.pop("mixtral-8x7b")
     if "layers" not in args.skip:
         layer_rows(args, peak, rows, write)
     write()

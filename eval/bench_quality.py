@@ -20,6 +20,13 @@ GPTQ): `tune` (end-to-end scale tuning, quantize/tune.py), `router` (router refi
 quantize/router.py), `blockwise` (per-layer output reconstruction of the scales, quantize/blockwise.py), and chains
 such as `blockwise+router`. Goals are checked for each, ours against baselines with the same step.
 
+Allocation levers beside `--variants`: `--progressive N` adds ours[progressive] (pipeline/progressive.py: N rounds
+of fixing the most damaging items and re-measuring the rest in the model quantized as planned); `--dense 1` (default)
+adds ours[dense] (the attention linears allocated together with the experts from their loss-aware costs) and
+ours[attn8] (attention 8-bit by rule), both at the same TOTAL bytes as the other rows: experts at the budget plus
+attention in bf16 (the `attention MiB` column). Every plan is allocated deterministically (allocate/solvers.py);
+popularity-only is allocated twice and must come out the same.
+
 Rows are written as they finish; --deadline-s stops starting new post-quantization rows after that many seconds (the
 plain rows all come first), so a bounded run still yields a complete table without them. The allocator's solver and
 proven gap of every plan are recorded in the JSON (`allocations`).
@@ -28,6 +35,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
+import hashlib
 import json
 import random
 import sys
@@ -50,22 +59,26 @@ from moecompress.calibrate.options import CalibrationOptions  # noqa: E402
 from moecompress.calibrate.run import calibrate  # noqa: E402
 from moecompress.evaluate import evaluate, prepare_eval_data  # noqa: E402
 from moecompress.format.sizes import matrix_bytes  # noqa: E402
+from moecompress.pipeline.progressive import ProgressiveOptions, progressive_allocation  # noqa: E402
 from moecompress.quantize.blockwise import BlockwiseOptions, reconstruct_blocks  # noqa: E402
 from moecompress.quantize.router import RouterFitOptions, refit_routers  # noqa: E402
 from moecompress.quantize.stage import QuantizeOptions, quantize_model  # noqa: E402
 from moecompress.quantize.tune import TuneOptions, quantized_weights, tune_scales  # noqa: E402
 from moecompress.sensitivity import SensitivityOptions, estimate_costs  # noqa: E402
+from moecompress.sensitivity.linears import linear_shapes  # noqa: E402
 
 POST_STEPS = ("tune", "router", "blockwise", "blockwise+router", "blockwise+tune", "tune+router")
 QUANTIZERS = {"rtn": QuantizeOptions(method="rtn", clip="minmax"),  # context only: plain min/max round-to-nearest
               "gptq": QuantizeOptions(method="gptq")}  # the product's GPTQ: clip "mse", no act-order
 
 
-def quantize_all(model, layout, stats, method: str, group_size: int) -> dict:
-    """bits -> QuantizedTensors of every expert at that width. Each matrix is quantized from the original weights
-    and its own Hessian, independently of the other experts' widths, so any plan is assembled from these."""
-    return {b: quantize_model(model, layout, BitPlan.uniform(layout, b, group_size), stats, QUANTIZERS[method],
-                              progress=False) for b in (2, 3, 4, 8)}
+def quantize_all(model, layout, stats, method: str, group_size: int, linears: tuple[str, ...] = ()) -> dict:
+    """bits -> QuantizedTensors of every expert (and of the dense `linears`) at that width. Each matrix is quantized
+    from the original weights and its own Hessian, independently of the other matrices' widths, so any plan is
+    assembled from these."""
+    return {b: quantize_model(model, layout, dataclasses.replace(BitPlan.uniform(layout, b, group_size),
+                                                                 linears={p: b for p in linears}),
+                              stats, QUANTIZERS[method], progress=False) for b in (2, 3, 4, 8)}
 
 
 def plan_tensors(layout, plan: BitPlan, by_bits: dict) -> QuantizedTensors:
@@ -79,6 +92,9 @@ def plan_tensors(layout, plan: BitPlan, by_bits: dict) -> QuantizedTensors:
                     weights[key] = by_bits[bits].weights[key]
                     if key in by_bits[bits].fallbacks:
                         fallbacks[key] = by_bits[bits].fallbacks[key]
+    for path, bits in plan.linears.items():
+        if bits != 16:
+            weights[path] = by_bits[bits].weights[path]
     return QuantizedTensors(weights=weights, fallbacks=fallbacks)
 
 
@@ -98,11 +114,18 @@ def fake_quantized(model, layout, quantized: QuantizedTensors, routers: dict | N
                 if key in quantized.weights:
                     w[e] = quantized.weights[key].dequantize(w.dtype).to(w.device)
             set_proj_weights(experts, m, p.name, w)
+    with torch.no_grad():
+        for path in layout.attention_linears + layout.shared_expert_linears + layout.dense_mlp_linears:
+            if path in quantized.weights:
+                lin = out.get_submodule(path)
+                lin.weight.copy_(quantized.weights[path].dequantize(lin.weight.dtype).to(lin.weight.device))
     return out
 
 
-def plan_size(plan: BitPlan | None, layout) -> dict:
-    """Nominal bits (avg_bits), stored bits with scales/zero-points, and bytes of the routed experts of `plan`."""
+def plan_size(plan: BitPlan | None, layout, shapes: dict | None = None) -> dict:
+    """Nominal bits (avg_bits), stored bits with scales/zero-points, and bytes of the routed experts of `plan`;
+    with `shapes` (path -> (out, in) of the attention linears) also their bytes (bf16 unless the plan quantizes
+    them)."""
     num = den = nbytes = 0
     for m in layout.moe_layers:
         for p in m.projs:
@@ -111,7 +134,13 @@ def plan_size(plan: BitPlan | None, layout) -> dict:
                 num, den = num + b * n, den + n
                 nbytes += matrix_bytes(p.out_features, p.in_features, b, plan.group_size if plan else 64,
                                        plan.symmetric if plan else False)
-    return {"avg_bits": num / den, "stored_bits": 8 * nbytes / den, "expert_bytes": nbytes}
+    out = {"avg_bits": num / den, "stored_bits": 8 * nbytes / den, "expert_bytes": nbytes}
+    if shapes:
+        lin = plan.linears if plan else {}
+        out["dense_bytes"] = sum(matrix_bytes(o, i, lin.get(p, 16), 64 if plan is None else plan.group_size,
+                                              False if plan is None else plan.symmetric)
+                                 for p, (o, i) in shapes.items())
+    return out
 
 
 def shuffled(plan: BitPlan, layout, seed: int) -> BitPlan:
@@ -161,6 +190,15 @@ def main() -> None:
     ap.add_argument("--variants", default="loss_aware:expert",
                     help="levers tried against ours, METHOD:GRANULARITY, comma-separated ('' for none): reported as "
                          "ours[variant], with the same budgets, quantizer and tuning")
+    ap.add_argument("--progressive", type=int, default=0,
+                    help="rounds of progressive allocation (pipeline/progressive.py) reported as ours[progressive] "
+                         "(0: no such rows)")
+    ap.add_argument("--fix-share", type=float, default=ProgressiveOptions().fix_share,
+                    help="progressive allocation: share of the predicted damage whose items are fixed each round")
+    ap.add_argument("--dense", type=int, default=1,
+                    help="1: rows ours[dense] (the attention linears allocated in the same total budget as the "
+                         "experts, from their loss-aware costs) and ours[attn8] (attention pinned to 8 bits by rule, "
+                         "same total budget); 0: none")
     ap.add_argument("--deadline-s", type=float, default=None,
                     help="start no post-quantization row after this many seconds")
     ap.add_argument("--skip-untuned", action="store_true", help="run only bf16 and the tuned rows")
@@ -178,21 +216,27 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     layout = describe(model)
     g = args.group_size
+    attn = tuple(layout.attention_linears) if args.dense else ()
+    shapes = linear_shapes(model, tuple(layout.attention_linears))
     stats = calibrate(model, tokenizer, args.calib, CalibrationOptions(samples=args.calib_samples, seq_len=args.seq_len,
                                                                        all_experts=True, progress=False,
+                                                                       dense_hessians=attn or False,
                                                                        device=args.device))
     batches = [(i.to(args.device), m.to(args.device)) for i, m, _ in build_calibration_data(
         args.calib, tokenizer, args.calib_samples, args.seq_len, seed=0).batches(8)]
     costs = {}
     for variant in [args.sensitivity] + [v for v in args.variants.split(",") if v]:
         method, granularity, *quantizer = variant.split(":")  # METHOD:GRANULARITY[:QUANTIZER (rtn|gptq)]
+        main = variant == args.sensitivity and method == "loss_aware"
         costs[variant] = estimate_costs(model, layout, stats, SensitivityOptions(method, granularity, *quantizer),
                                         candidates=(2, 3, 4, 8, 16), group_size=g, calibration_batches=batches,
-                                        progress=False)
-    cost = costs[args.sensitivity]
+                                        progress=False, linears=attn if main else ())
+    with_dense = costs[args.sensitivity]  # the experts' items are the same with or without the linears
+    cost = costs[args.sensitivity] = dataclasses.replace(
+        with_dense, items=tuple(it for it in with_dense.items if it.kind == "expert"))
     eval_data, overlap = prepare_eval_data(args.eval, tokenizer, args.eval_samples, args.seq_len, seed=1,
                                            calibration=args.calib, keep_overlap=args.keep_overlap)
-    quantized = {m: quantize_all(model, layout, stats, m, g) for m in QUANTIZERS
+    quantized = {m: quantize_all(model, layout, stats, m, g, attn if m == "gptq" else ()) for m in QUANTIZERS
                  if m == "gptq" or not (args.skip_untuned or args.skip_rtn)}
     print(f"{name}: calibrated, costs and every expert at 2/3/4/8 bits quantized in {time.time() - t0:.0f}s\n"
           f"{overlap.describe()}", flush=True)
@@ -222,7 +266,7 @@ def main() -> None:
         r = evaluate(m, tokenizer, eval_data, reference_model=None if plan is None else model, method=label,
                      family=family, progress=False)
         rows.append({"method": label + (f" + {post}" if post else ""), "family": family, "tuned": post == "tune",
-                     "post": post, **plan_size(plan, layout), "ppl": r.perplexity, "kl": r.kl,
+                     "post": post, **plan_size(plan, layout, shapes), "ppl": r.perplexity, "kl": r.kl,
                      "domains": {d.name: d.perplexity for d in r.domains},
                      "fallbacks": len(q.fallbacks) if q else 0, **extra})
         print(f"{name} {rows[-1]['method']:44s} ppl {r.perplexity:8.3f} kl {r.kl or 0:.4f}  ({time.time() - t:.0f}s)",
@@ -232,18 +276,68 @@ def main() -> None:
     rules = AllocationRules(candidates=(2, 3, 4, 8))
     plans = {}
     solves = info.setdefault("allocations", {})
+    # what popularity-only depends on: if these differ between two runs, so may its plan
+    info["tokens_sha"] = hashlib.sha256(stats.tokens.cpu().numpy().tobytes()).hexdigest()[:16]
+
+    def failure(what: str, exc: Exception) -> None:
+        traceback.print_exc()
+        info.setdefault("errors", []).append(f"{what}: {type(exc).__name__}: {exc}")
+        info["note"] = "FAILED rows: " + "; ".join(info["errors"])
+
+    def record(what: str, avg: float, a, **extra) -> BitPlan:
+        """The plan, with the solver, its proven gap and a digest of the chosen bits recorded."""
+        digest = hashlib.sha256(repr(a.bits).encode()).hexdigest()[:16]
+        solves[f"{what} {avg}"] = {"solver": a.solver, "gap": a.gap, "damage": a.damage, "bits_sha": digest, **extra}
+        return to_bit_plan(a, layout)
 
     def solve(what: str, table: CostTable, avg: float) -> BitPlan:
-        """The plan, with the solver and its proven gap recorded (a MILP stopped by its time limit shows here)."""
-        a = allocate(table, Budget(avg_bits=avg), rules)
-        solves[f"{what} {avg}"] = {"solver": a.solver, "gap": a.gap, "damage": a.damage}
-        return to_bit_plan(a, layout)
+        return record(what, avg, allocate(table, Budget(avg_bits=avg), rules))
+
+    method, granularity, *quantizer = args.sensitivity.split(":")
+    main_options = SensitivityOptions(method, granularity, *quantizer)
+
+    def reestimate(plan: BitPlan) -> CostTable:
+        """Ours' costs re-measured in the model quantized (GPTQ, as evaluated) by `plan`."""
+        context = fake_quantized(model, layout, plan_tensors(layout, plan, quantized["gptq"]))
+        return estimate_costs(model, layout, stats, main_options, candidates=(2, 3, 4, 8, 16), group_size=g,
+                              calibration_batches=batches, progress=False, context_model=context)
 
     for avg in (float(x) for x in args.budgets.split(",")):
         ours = solve("ours", cost, avg)
-        plans[avg] = {"ours": ours, "popularity-only": solve("popularity-only", popularity_costs(cost, stats), avg),
+        pop_costs = popularity_costs(cost, stats)
+        pop = solve("popularity-only", pop_costs, avg)
+        again = allocate(pop_costs, Budget(avg_bits=avg), rules)  # the same inputs must give the same plan
+        if to_bit_plan(again, layout) != pop:
+            raise SystemExit(f"popularity-only allocation at {avg} bits is not reproducible")
+        plans[avg] = {"ours": ours, "popularity-only": pop,
                       **{f"random s{s}": shuffled(ours, layout, s) for s in range(args.random_seeds)},
                       **{f"ours[{v}]": solve(f"ours[{v}]", c, avg) for v, c in costs.items() if v != args.sensitivity}}
+        if args.progressive and main_options.method != "hessian":
+            try:
+                t = time.time()
+                a, history = progressive_allocation(cost, Budget(avg_bits=avg), rules, layout, reestimate,
+                                                    ProgressiveOptions(args.progressive, args.fix_share))
+                plans[avg]["ours[progressive]"] = record("ours[progressive]", avg, a, rounds=history,
+                                                         seconds=time.time() - t)
+            except Exception as exc:  # a broken lever must not lose the other rows: reported, then left out
+                failure(f"ours[progressive] {avg}", exc)
+        if attn and any(it.kind == "linear" for it in with_dense.items):
+            try:
+                # the same TOTAL bytes as every other row: experts at `avg` bits + the attention linears in bf16
+                total = allocate(cost, Budget(avg_bits=avg), rules).budget_bytes + sum(
+                    matrix_bytes(o, i, 16, g, False) for p, (o, i) in shapes.items() if p in attn)
+                dense_costs = dataclasses.replace(with_dense, items=tuple(
+                    it if it.kind == "linear" else dataclasses.replace(it, bits=it.bits[:-1], damage=it.damage[:-1],
+                                                                       bytes=it.bytes[:-1])  # experts: no 16-bit option
+                    for it in with_dense.items))
+                dense_rules = AllocationRules(candidates=(2, 3, 4, 8, 16))
+                plans[avg]["ours[dense]"] = record("ours[dense]", avg, allocate(dense_costs, Budget(bytes=total),
+                                                                                 dense_rules))
+                plans[avg]["ours[attn8]"] = record("ours[attn8]", avg, allocate(
+                    dense_costs, Budget(bytes=total), dataclasses.replace(dense_rules, pins={p: 8 for p in attn})))
+            except Exception as exc:  # reported, then left out
+                failure(f"ours[dense] {avg}", exc)
+    print(f"{name}: plans ready at {time.time() - t0:.0f}s", flush=True)
     uniform = {b: BitPlan.uniform(layout, b, g) for b in (2, 3, 4)}
 
     run("bf16", "bf16", None)
@@ -255,32 +349,37 @@ def main() -> None:
             run(f"uniform gptq {b}-bit", "uniform gptq", plan)
         for avg, by in plans.items():
             for what, plan in by.items():
-                run(f"{what} gptq {avg}", "random" if what.startswith("random") else what, plan, budget=avg)
+                try:
+                    run(f"{what} gptq {avg}", "random" if what.startswith("random") else what, plan, budget=avg)
+                except Exception as exc:  # reported, then left out
+                    failure(f"{what} gptq {avg}", exc)
     skip = {x.strip() for x in args.skip.split(",") if x.strip()}
-    for post in posts:  # in order of what the goals need most
-        if post == "tune" and not args.tune_steps:
-            continue
-        first, rest = list(plans)[0], list(plans)[1:]
-        variants = [w for w in plans[first] if w.startswith("ours[")]
-        order = [(f"{w} gptq {first}", w, plans[first][w], first) for w in ("ours", "popularity-only", *variants)]
-        order += [(f"uniform gptq {b}-bit", "uniform gptq", uniform[b], None) for b in (2, 3)]
-        order += [(f"{w} gptq {a}", w, plans[a][w], a) for a in rest for w in ("ours", "popularity-only", *variants)]
-        order += [(f"random s{s} gptq {a}", "random", plans[a][f"random s{s}"], a)
-                  for s in range(args.random_seeds) for a in plans]
-        order += [("uniform gptq 4-bit", "uniform gptq", uniform[4], None)]
-        for label, family, plan, avg in order:
-            if label in skip or f"{label} + {post}" in skip:
+    posts = [p for p in posts if p != "tune" or args.tune_steps]
+    budgets = list(plans)
+    variants = [w for w in plans[budgets[0]] if w.startswith("ours[")]
+    # in order of what the decisions need most: ours at every budget and the uniform 3-bit reference with every
+    # post step first, then the baselines, the variants and the rest
+    order = [(f"ours gptq {a}", "ours", plans[a]["ours"], a) for a in budgets]
+    order += [("uniform gptq 3-bit", "uniform gptq", uniform[3], None)]
+    order += [(f"popularity-only gptq {a}", "popularity-only", plans[a]["popularity-only"], a) for a in budgets]
+    order += [("uniform gptq 2-bit", "uniform gptq", uniform[2], None)]
+    order += [(f"{w} gptq {a}", w, plans[a][w], a) for w in variants for a in budgets if w in plans[a]]
+    order += [(f"random s{s} gptq {a}", "random", plans[a][f"random s{s}"], a)
+              for s in range(args.random_seeds) for a in budgets]
+    order += [("uniform gptq 4-bit", "uniform gptq", uniform[4], None)]
+    failed: set[str] = set()
+    for label, family, plan, avg in order:
+        if args.deadline_s is not None and time.time() - t0 > args.deadline_s:
+            print(f"{name}: deadline reached; post-quantization rows from {label!r} on not run", flush=True)
+            break
+        for post in posts:
+            if label in skip or f"{label} + {post}" in skip or post in failed:
                 continue
-            if args.deadline_s is not None and time.time() - t0 > args.deadline_s:
-                print(f"{name}: deadline reached; row {label!r} + {post} and later ones not run", flush=True)
-                break
             try:
                 run(label, family, plan, post=post, **({"budget": avg} if avg else {}))
             except Exception as exc:  # one broken step must not lose the other steps' rows: reported, then skipped
-                traceback.print_exc()
-                info.setdefault("errors", []).append(f"{label} + {post}: {type(exc).__name__}: {exc}")
-                info["note"] = "FAILED rows: " + "; ".join(info["errors"])
-                break
+                failed.add(post)
+                failure(f"{label} + {post}", exc)
     write(rows, tuned, info, Path(args.out), name, time.time() - t0, final=True)
 
 
@@ -380,12 +479,13 @@ def table(rows: list[dict]) -> list[str]:
         ranked = sorted(rs, key=lambda r: r["ppl"])
         if len(ranked) > 1 and ranked[0]["ppl"] < ranked[1]["ppl"]:
             bold.add(id(ranked[0]))
-    lines = ["| method | post-quantization | avg bits | stored bits | expert MiB | ppl | Δppl | KL |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | post-quantization | avg bits | stored bits | expert MiB | attention MiB | ppl | Δppl | KL |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         b = (lambda x: f"**{x}**") if id(r) in bold else (lambda x: x)
         lines.append(f"| {b(r['method'])} | {_post(r) or '-'} | {r['avg_bits']:.3f} | "
-                     f"{r['stored_bits']:.3f} | {r['expert_bytes'] / 2**20:.3f} | {b(format(r['ppl'], '.3f'))} | "
+                     f"{r['stored_bits']:.3f} | {r['expert_bytes'] / 2**20:.3f} | "
+                     f"{format(r['dense_bytes'] / 2**20, '.3f') if 'dense_bytes' in r else '-'} | {b(format(r['ppl'], '.3f'))} | "
                      f"{b(format(r['ppl'] - base, '+.3f'))} | {(r['kl'] or 0):.4f} |")
     return lines
 
@@ -418,6 +518,12 @@ def goals(rows: list[dict], low: float = 2.5, high: float = 3.0) -> list[str]:
             out.append(f"- {tag}: ours@{low} ppl {ours['ppl']:.3f} vs uniform GPTQ 3-bit {u3['ppl']:.3f} "
                        f"(goal: as good, with {fewer:.0%} fewer expert bytes): "
                        f"{'MET' if ours['ppl'] <= u3['ppl'] else 'MISSED'}")
+        for avg in (low, high):  # each lever against ours with the same post step (dense: the same TOTAL bytes)
+            mine = _find(rows, f"ours gptq {avg}", tuned)
+            for r in rows:
+                if mine and _post(r) == tuned and r["family"].startswith("ours[") and r.get("budget") == avg:
+                    out.append(f"- {tag}: {r['method']} Δppl {r['ppl'] - base:+.3f} vs ours {mine['ppl'] - base:+.3f} "
+                               f"(x{(r['ppl'] - base) / (mine['ppl'] - base):.3f})")
         for what, avg in ((w, a) for a in (low, high) for w in ("ours", "popularity-only", "uniform")):
             label = f"{what} gptq {avg}" if what != "uniform" else f"uniform gptq {int(avg)}-bit"
             mine, plain = _find(rows, label, tuned), _find(rows, label, "")

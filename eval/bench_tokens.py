@@ -13,12 +13,14 @@ cross-server bytes per token as the counters report them, and the counters' remo
 each is one round trip, so remote tokens / tokens is the round trips per decoded token that per-token policies
 give (fusion needs several rows per call, so at batch 1 it acts not). Then a real decode through the runtime:
 `--decode-prompts` prompts of the eval text, each decoded alone (batch 1) for `--decode-tokens` tokens; the
-counters of the decode steps give measured round trips and bytes per decoded token, and the modeled network time
-per decoded token on the `lan` and `wan` profiles (execution/timing.py: hops x latency + bytes / rate; compute
-left out), next to the pipeline model on the same servers (shard's pipeline placement over all servers, decoded
-through the runtime the same way).
+counters of the decode steps give measured round trips and bytes per decoded token, and the modeled decode time
+per token on the `lan` and `wan` profiles (execution/timing.py: compute on the critical path from a compute profile
+measured here + hops x latency + bytes / rate), next to the pipeline model on the same servers (shard's pipeline
+placement over all servers, decoded through the runtime the same way). `--home-replicas N` places with shard's
+home replicas (shard/home.py): equal memory by default, `--home-memory fit` grows the home to what they need.
 
     nice .venv/bin/python eval/bench_tokens.py                       # refmoe-qwen3 -> eval/results/tokens.*
+    nice .venv/bin/python eval/bench_tokens.py --home-replicas 4 --name tokens_home4
     nice .venv/bin/python eval/bench_tokens.py --model ../shared/models/refmoe-olmoe --name tokens_olmoe
 """
 from __future__ import annotations
@@ -28,7 +30,9 @@ import gzip
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -49,16 +53,22 @@ from moecompress.shard import ServerSpec  # noqa: E402
 from moecompress.shard.bundles import write_bundles  # noqa: E402
 from moecompress.shard.command import checkpoint_layer_sizes, routing_stats  # noqa: E402
 from moecompress.shard.compare import place  # noqa: E402
+from moecompress.shard.home import min_home_memory, place_home_replicas  # noqa: E402
+from moecompress.shard.profile import measure_profile  # noqa: E402
+from moecompress.execution.timing import profile_compute  # noqa: E402
+from moecompress.execution.replay import decode_calls, replay  # noqa: E402
 
 
-def configs(quick: bool) -> list[tuple[str, str, str | None]]:
-    """(curve, label, spec): baselines, then each policy on top of send once + int8 payloads, then combinations."""
+def configs(quick: bool, curves: str = "", localize: str = "") -> list[tuple[str, str, str | None]]:
+    """(curve, label, spec): baselines, then each policy on top of send once + int8 payloads, then combinations;
+    `curves`: comma-separated curve names to keep (the baselines are always kept), "" for all."""
     rows = [("baseline", "naive per-(token, expert) bf16", "per_pair+bf16"),
             ("baseline", "send once bf16", "bf16"),
             ("baseline", "lossless (send once, float32)", "native"),
             ("baseline", "+ int8 payload", "int8"), ("baseline", "+ fp8 payload", "fp8")]
     grids = {  # the layer-level rules first: they are what can save round trips
-        "localize": ("localize:threshold={}", (0.2, 0.35, 0.5, 0.7, 1.01)),
+        "localize": ("localize:threshold={}", tuple(float(v) for v in localize.split(",")) if localize else
+                     (0.1, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.7, 1.01)),
         "prune_layer": ("prune_layer:threshold={}", (0.05, 0.1, 0.2, 0.3)),
         "substitute": ("substitute:threshold={},scope=layer", (0.1, 0.2, 0.3, 0.5)),
         "prune_server": ("prune_server:threshold={},relative=true", (0.1, 0.2, 0.3, 0.5)),
@@ -72,9 +82,11 @@ def configs(quick: bool) -> list[tuple[str, str, str | None]]:
     combos = [f"int8+{protect}+prune_layer:threshold=0.1+prune_server:threshold=0.2,relative=true+fuse:threshold=0.9",
               f"int8+{protect}+localize:threshold=0.35+prune_server:threshold=0.2,relative=true+fuse:threshold=0.9",
               f"int8+{protect}+localize:threshold=0.5+fuse:threshold=0.9",
-              f"int8+{protect}+localize:threshold=0.7"]
+              f"int8+{protect}+localize:threshold=0.7",
+              f"int8+{protect}+localize:threshold=0.3+prune_layer:threshold=0.1+fuse:threshold=0.9"]
     rows += [("combined", f"combo {i + 1}", spec) for i, spec in enumerate(combos[:2] if quick else combos)]
-    return rows
+    keep = set(filter(None, curves.split(",")))
+    return [r for r in rows if not keep or r[0] in keep or r[0] == "baseline"]
 
 
 def export_rtn(model_path: str, bits: int, work: Path) -> Path:
@@ -96,51 +108,34 @@ def export_rtn(model_path: str, bits: int, work: Path) -> Path:
     return out
 
 
-def bundles(checkpoint: Path, tokenizer, args) -> tuple[Path, Path, float]:
-    """(expert-model bundles, pipeline bundles, share of experts on the home) of shard's placements."""
+def bundles(checkpoint: Path, tokenizer, args):
+    """(expert-model bundles, pipeline bundles, share of experts on the home, expert placement, pipeline placement,
+    extra bytes the home got beyond the equal share) of shard's placements."""
     sizes = checkpoint_layer_sizes(checkpoint)
     opts = CalibrationOptions(samples=args.calib_samples, seq_len=args.seq_len, hessians=False, progress=False)
     stats = routing_stats(calibrate(args.model, tokenizer, args.calib, opts))
     dense = int(sum(sizes.layer_dense_bytes) + sizes.head_bytes)
     memory = int(dense + args.slack * sizes.expert_bytes.sum() / args.servers)
     work = Path(args.work)
-    expert = place(stats, sizes, ServerSpec(memory_bytes=(memory,) * args.servers, mode="expert",
-                                            balance=args.balance), None, replicate=True)
-    if args.home_replicas:
-        expert = with_home_replicas(expert, stats, args.home_replicas)
+    spec = ServerSpec(memory_bytes=(memory,) * args.servers, mode="expert", balance=args.balance)
+    extra = 0
+    if args.home_replicas and args.home_memory == "fit":  # the smallest home memory that holds them
+        grown = min_home_memory(stats, sizes, spec, args.home_replicas)
+        extra = grown - memory
+        spec = replace(spec, memory_bytes=(grown,) + (memory,) * (args.servers - 1))
+    expert = place_home_replicas(stats, sizes, spec, None, args.home_replicas, replicate=True)
+    default = place(stats, sizes, replace(spec, memory_bytes=(memory,) * args.servers), None, replicate=True)
     pipeline = place(stats, sizes, ServerSpec(memory_bytes=(memory,) * args.servers, mode="pipeline"),
                      "all_servers")
     name = Path(args.model).name
-    out_e = work / f"tokens-{name}-expert{args.servers}-h{args.home_replicas}"
+    out_e = work / f"tokens-{name}-expert{args.servers}-h{args.home_replicas}{args.home_memory}"
     out_p = work / f"tokens-{name}-pipeline{args.servers}"
     write_bundles(checkpoint, expert, out_e, overwrite=True)
     write_bundles(checkpoint, pipeline, out_p, overwrite=True)
-    home = expert.home if getattr(expert, "home", None) is not None else expert.dense_servers[0]
-    local = float(np.mean([[int(home) in copies for copies in layer] for layer in expert.assignment]))
-    return out_e, out_p, local
-
-
-def with_home_replicas(placement, stats, count: int):
-    """An experiment beyond shard's placement: a replica of each MoE layer's `count` most used experts
-    (calibration) on the home, memory grown by their bytes (so NOT at equal memory; the report says by how much)."""
-    from dataclasses import replace
-
-    home = placement.home if getattr(placement, "home", None) is not None else placement.dense_servers[0]
-    grid, extra = [], 0
-    for layer, copies in enumerate(placement.assignment):
-        hot = set(np.argsort(-np.asarray(stats.tokens[layer]), kind="stable")[:count].tolist())
-        row = []
-        for e, servers in enumerate(copies):
-            if e in hot and home not in servers:
-                servers = tuple(servers) + (int(home),)
-                extra += int(placement.expert_bytes[layer][e])
-            row.append(tuple(servers))
-        grid.append(tuple(row))
-    memory = list(placement.memory_bytes)
-    memory[home] += extra
-    print(f"home replicas: +{extra / 2**20:.2f} MiB on the home ({extra / placement.memory_bytes[home]:.0%} of its "
-          "memory)", flush=True)
-    return replace(placement, assignment=tuple(grid), memory_bytes=tuple(memory))
+    local = float(np.mean([[int(expert.home) in copies for copies in layer] for layer in expert.assignment]))
+    print(f"expert placement {expert.method}: home memory {spec.memory_bytes[0]} bytes (+{extra} beyond the equal "
+          f"{memory}), home holds {local:.0%} of the experts", flush=True)
+    return out_e, out_p, local, expert, pipeline, extra, default
 
 
 @torch.no_grad()
@@ -167,9 +162,11 @@ def decode_prompts(tokenizer, args) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def decode(d, prompts, new_tokens: int) -> dict:
-    """Batch-1 decoding through the runtime; the decode steps' counts (the prefill's subtracted)."""
-    hops = nbytes = steps = 0
+def decode(d, prompts, new_tokens: int, placement, profile) -> dict:
+    """Batch-1 decoding through the runtime; the decode steps' counts (the prefill's subtracted). Modeled time per
+    decoded token = compute on the critical path (execution/timing.profile_compute: the measured compute profile
+    spread over the servers by the decode steps' pairs and requests) + hops x latency + bytes / rate."""
+    hops = nbytes = steps = compute = 0
     for ids in prompts:
         d.reset_counters()
         d(ids)  # the prefill alone (generate's first call is the same call)
@@ -179,9 +176,13 @@ def decode(d, prompts, new_tokens: int) -> dict:
         hops += int(gen.hops.sum() - pre.hops.sum())
         nbytes += int(gen.bytes.sum() - pre.bytes.sum())
         steps += new_tokens - 1
-    out = {"decode_round_trips": hops / 2 / steps, "decode_bytes": nbytes / steps}
+        only = SimpleNamespace(pairs=gen.pairs - pre.pairs, messages=gen.messages - pre.messages,
+                               calls=gen.calls - pre.calls)  # the decode steps' counters
+        compute += profile_compute(placement, only, profile) * (new_tokens - 1)  # per call = per token (batch 1)
+    out = {"decode_round_trips": hops / 2 / steps, "decode_bytes": nbytes / steps, "compute_ms": 1e3 * compute / steps}
     for name, p in PROFILES.items():
-        out[f"ms_{name}"] = 1e3 * (hops * p.latency_seconds + nbytes / p.bytes_per_second) / steps
+        out[f"net_ms_{name}"] = 1e3 * (hops * p.latency_seconds + nbytes / p.bytes_per_second) / steps
+        out[f"ms_{name}"] = out["compute_ms"] + out[f"net_ms_{name}"]
     return out
 
 
@@ -234,8 +235,14 @@ def main() -> None:
     ap.add_argument("--decode-prompts", type=int, default=2)
     ap.add_argument("--decode-context", type=int, default=32)
     ap.add_argument("--decode-tokens", type=int, default=17)
-    ap.add_argument("--home-replicas", type=int, default=0, help="experiment: replicas of each layer's N most used "
-                    "experts on the home, beyond shard's placement (more memory on the home)")
+    ap.add_argument("--home-replicas", type=int, default=0, help="shard's --home-replicas: a home copy of each MoE "
+                    "layer's N most used experts (shard/home.py)")
+    ap.add_argument("--home-memory", default="equal", choices=("equal", "fit"), help="equal: every server the same "
+                    "memory (an error if the home replicas do not fit); fit: the home grown to the smallest memory "
+                    "that holds them (reported)")
+    ap.add_argument("--localize", default="", help="comma-separated localize thresholds (default: the built-in grid)")
+    ap.add_argument("--curves", default="", help="comma-separated curves to run (baselines always): localize, "
+                    "prune_layer, substitute, prune_server, skip_weakest, fuse, combined; default all")
     ap.add_argument("--quick", action="store_true", help="fewer thresholds (development)")
     ap.add_argument("--work", default="/tmp/moecompress-bench-tokens")
     ap.add_argument("--out", default=str(ROOT / "eval/results"))
@@ -244,13 +251,20 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.time()
+    threads = torch.get_num_threads()
     torch.manual_seed(0)
     Path(args.work).mkdir(parents=True, exist_ok=True)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     layout = describe(model)
     checkpoint = export_rtn(args.model, args.bits, Path(args.work))
-    out_e, out_p, local = bundles(checkpoint, tokenizer, args)
+    out_e, out_p, local, placement_e, placement_p, extra, default = bundles(checkpoint, tokenizer, args)
+    torch.set_num_threads(1)
+    profile = measure_profile(checkpoint, batch=1, context=args.decode_context, reps=7, dtype=torch.float32)
+    torch.set_num_threads(threads)
+    print(f"compute profile (batch 1, context {args.decode_context}): "
+          f"{1e3 * (profile.head_seconds + sum(profile.layer_seconds)):.2f} ms per decode step, experts "
+          f"{1e3 * sum(profile.moe_seconds):.2f} ms ({profile.source})", flush=True)
     sim = similarity(model, tokenizer, layout, args)
     data = load_eval_data(args.eval, tokenizer, args.samples, args.seq_len, calibration=args.calib)
     with torch.no_grad():
@@ -259,29 +273,36 @@ def main() -> None:
     ids = data.input_ids
     full_ppl = float(np.exp(-sum(r.float().gather(-1, ids[i * args.batch:(i + 1) * args.batch, 1:, None]).sum().item()
                                  for i, r in enumerate(ref_logp)) / ids[:, 1:].numel()))
+    trace = calibrate(model, tokenizer, data, CalibrationOptions(samples=args.samples, seq_len=args.seq_len,
+                                                                 hessians=False, progress=False, trace=True))
+    experts = trace.trace_indices.numpy()  # [T, L, k] the float model's routing of the eval text
+    hidden = model.config.hidden_size
+    replayed = {name: float(replay(p, experts, decode_calls(experts.shape[0], 1), hidden, 2).hops.sum()) / 2
+                / experts.shape[0] for name, p in (("placement", placement_e), ("default", default))}
+    print(f"replayed lossless round trips/token (float routing): {replayed}", flush=True)
     del model
     prompts = decode_prompts(tokenizer, args)
     with deploy(out_p, simulate=True, verify=False) as d:
-        pipe = decode(d, prompts, args.decode_tokens)
+        pipe = decode(d, prompts, args.decode_tokens, placement_p, profile)
     print(f"home holds {local:.0%} of the experts; full model ppl {full_ppl:.3f}; pipeline {pipe}; setup "
           f"{time.time() - t0:.0f}s", flush=True)
     results = []
     with deploy(out_e, simulate=True, verify=False) as d:
-        for curve, label, spec in configs(args.quick):
+        for curve, label, spec in configs(args.quick, args.curves, args.localize):
             t1 = time.time()
             d.set_tokens(spec, similarity=sim if spec and "substitute" in spec else None)
             r = evaluate(d, data, ref_logp, args.batch)
-            r.update(decode(d, prompts, args.decode_tokens))
+            r.update(decode(d, prompts, args.decode_tokens, placement_e, profile))
             r.update(curve=curve, label=label, spec=spec or "none", dppl_full=100 * (r["ppl"] / full_ppl - 1))
             results.append(r)
             print(f"{label:<34} ppl {r['ppl']:.3f} ({r['dppl_full']:+.2f}% vs full) KL {r['kl']:.4f} "
                   f"B/tok {r['bytes_per_token']:.0f} rt/tok {r['round_trips_per_token']:.2f} decode rt "
                   f"{r['decode_round_trips']:.2f} ({time.time() - t1:.0f}s)", flush=True)
-            write(results, pipe, full_ppl, args, local, time.time() - t0, quiet=True)  # partial results kept
-    write(results, pipe, full_ppl, args, local, time.time() - t0)
+            write(results, pipe, full_ppl, args, local, extra, profile, replayed, time.time() - t0, quiet=True)  # partial
+    write(results, pipe, full_ppl, args, local, extra, profile, replayed, time.time() - t0)
 
 
-def write(results, pipe, full_ppl, args, local, seconds, quiet=False):
+def write(results, pipe, full_ppl, args, local, extra, profile, replayed, seconds, quiet=False):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     naive = results[0]
@@ -299,25 +320,35 @@ def write(results, pipe, full_ppl, args, local, seconds, quiet=False):
              "expert model)", "",
              f"{naive['tokens']} eval tokens ({args.samples} x {args.seq_len}, forward calls of {args.batch} "
              f"sequences) through `deploy(..., simulate=True)` (same outputs and counters as the gloo run); experts "
-             f"RTN {args.bits}-bit; shard's expert placement (affinity + replicas, balance `{args.balance}`), the "
-             f"home holds {local:.0%} of the experts" + (f" (+ replicas of each layer's {args.home_replicas} most used "
-             "experts on the home: an experiment beyond shard's placement, more memory on the home)"
-             if args.home_replicas else "") + f". Full float32 model perplexity {full_ppl:.3f}, lossless "
+             f"RTN {args.bits}-bit; shard's expert placement (affinity + replicas, balance `{args.balance}`"
+             + (f", `--home-replicas {args.home_replicas}`: a home copy of each MoE layer's {args.home_replicas} most "
+                "used experts, " + ("at equal memory" if not extra else f"home memory +{extra / 2**20:.2f} MiB "
+                                    "beyond the equal share") if args.home_replicas else "") +
+             f"), the home holds {local:.0%} of the experts. Lossless round trips/token replayed on the float model's "
+             f"routing of the same text: {replayed['placement']:.2f} on this placement, {replayed['default']:.2f} on "
+             "shard's default expert placement (no home replicas, equal memory). Full float32 model perplexity "
+             f"{full_ppl:.3f}, lossless "
              f"deployment {lossless['ppl']:.3f}. Δppl: against the lossless deployment (the policy's own cost); "
              "'vs full' against the float32 model. Round trips/token: remote token x layer pairs per token (= round "
              "trips per decoded token at batch 1 for per-token policies); decode rt: measured through the runtime, "
-             f"{args.decode_prompts} prompts x {args.decode_tokens - 1} decode steps at batch 1. Modeled network "
-             "time per decoded token from those decode counters (compute left out). Pipeline model "
-             f"(shard's all-servers pipeline, decoded the same way): {pipe['decode_round_trips']:.2f} round "
-             f"trips/token, {pipe['ms_lan']:.2f} ms lan, {pipe['ms_wan']:.2f} ms wan.", "",
+             f"{args.decode_prompts} prompts x {args.decode_tokens - 1} decode steps at batch 1. Modeled decode "
+             "time per token (execution/timing.py) = compute on the critical path (profile_compute: the compute "
+             f"profile measured here, {1e3 * (profile.head_seconds + sum(profile.layer_seconds)):.2f} ms per decode "
+             "step on one thread, spread over the servers by the decode steps' pairs and requests; same machine for "
+             "every server) + hops x latency + bytes / rate (lan 1 Gbit/s 0.5 ms, wan 100 Mbit/s 5 ms); columns "
+             "'compute ms' and the totals. Pipeline model (shard's all-servers pipeline, decoded the same way): "
+             f"{pipe['decode_round_trips']:.2f} round trips/token, compute {pipe['compute_ms']:.2f} ms, total "
+             f"{pipe['ms_lan']:.2f} ms lan, {pipe['ms_wan']:.2f} ms wan.", "",
              "| policy | Δppl % | vs full % | KL | bytes/token | vs naive | batch-1 bytes/token | round trips/token | "
-             "vs lossless | decode rt/token | lan ms/token | wan ms/token | pruned / substituted / fused per token |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "vs lossless | vs default placement | decode rt/token | compute ms | lan ms/token | wan ms/token | "
+             "pruned / substituted / fused per token |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['label']} | {r['dppl']:+.2f} | {r['dppl_full']:+.2f} | {r['kl']:.4f} | "
                      f"{r['bytes_per_token']:.0f} | {r['bytes_vs_naive']:.1%} | {r['batch1_bytes_per_token']:.0f} | "
                      f"{r['round_trips_per_token']:.2f} | {r['round_trips_vs_lossless']:.1%} | "
-                     f"{r['decode_round_trips']:.2f} | {r['ms_lan']:.2f} | {r['ms_wan']:.2f} | "
+                     f"{r['round_trips_per_token'] / max(replayed['default'], 1e-9):.1%} | "
+                     f"{r['decode_round_trips']:.2f} | {r['compute_ms']:.2f} | {r['ms_lan']:.2f} | {r['ms_wan']:.2f} | "
                      f"{r['pruned_pairs']:.2f} / {r['substituted_pairs']:.2f} / {r['fused_rows']:.2f} |")
     lines += ["", "Specs (`--tokens` syntax):", ""] + [f"- {r['label']}: `{r['spec']}`" for r in results]
     beats = {n: min(r[f"ms_{n}"] for r in ok) for n in ("lan", "wan")}
@@ -325,15 +356,19 @@ def write(results, pipe, full_ppl, args, local, seconds, quiet=False):
               f"({best_bytes['label']}; goal <= 25 %: {'met' if best_bytes['bytes_vs_naive'] <= 0.25 else 'NOT met'}); "
               f"fewest round trips {best_rt['round_trips_vs_lossless']:.1%} of lossless ({best_rt['label']}, "
               f"Δppl {best_rt['dppl']:+.2f} %; goal <= 50 %: "
-              f"{'met' if best_rt['round_trips_vs_lossless'] <= 0.5 else 'NOT met'}).",
-              "Best configuration at Δppl <= 1 % vs the pipeline model (modeled network ms per decoded token): " +
+              f"{'met' if best_rt['round_trips_vs_lossless'] <= 0.5 else 'NOT met'}; "
+              f"{best_rt['round_trips_per_token'] / max(replayed['default'], 1e-9):.1%} of the default placement's "
+              "lossless round trips).",
+              "Best configuration at Δppl <= 1 % vs the pipeline model (modeled ms per decoded token, compute + "
+              "network): " +
               ", ".join(f"{n} {beats[n]:.2f} vs {pipe[f'ms_{n}']:.2f} "
                         f"({'expert model faster' if beats[n] < pipe[f'ms_{n}'] else 'pipeline faster'})"
                         for n in ("lan", "wan")),
-              "", f"({seconds:.0f}s: `nice .venv/bin/python eval/bench_tokens.py --model {args.model} --name "
-              f"{args.name}`)"]
+              "", f"({seconds:.0f}s: `nice .venv/bin/python eval/bench_tokens.py {' '.join(sys.argv[1:])}`)"]
     (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     (out / f"{args.name}.json").write_text(json.dumps({"full_ppl": full_ppl, "pipeline": pipe, "args": vars(args),
+                                                       "home_extra_bytes": extra, "replayed_round_trips": replayed,
+                                                       "compute_profile": profile.to_json(),
                                                        "results": results}, indent=1))
     plot(results, out, args.name)
     if not quiet:
@@ -354,12 +389,15 @@ def plot(results, out: Path, name: str):
             curves.setdefault(r["curve"], []).append(r)
         for curve, rows in curves.items():
             rows = rows if curve in ("baseline", "combined") else [start] + rows  # curves start at send once+int8
+            if key == "bytes_vs_naive":
+                rows = [r for r in rows if r[key] > 0]  # log axis: nothing sent at all is off the plot
             style = "o" if curve in ("baseline", "combined") else "o-"
             ax.plot([r["dppl"] for r in rows], [r[key] for r in rows], style, label=curve)
         ax.axvline(1.0, color="grey", ls=":", lw=1)
         if key == "bytes_vs_naive":
             ax.set_yscale("log")
-        ax.set_xlabel("Δ perplexity % vs the lossless deployment")
+        ax.set_xlim(min(r["dppl"] for r in results) - 0.3, min(max(r["dppl"] for r in results), 10.0) + 0.3)
+        ax.set_xlabel("Δ perplexity % vs the lossless deployment (points beyond +10 % off the plot)")
         ax.set_ylabel(label)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)

@@ -83,19 +83,24 @@ def _shard(args) -> None:
     run_shard_command(args.model, args.stats, args.servers, args.out, method=args.method, mode=args.mode,
                       balance=args.balance, replicate=not args.no_replicate, eval_stats=args.eval_stats,
                       replicate_dense=not args.dense_on_one, balance_epsilon=args.balance_epsilon,
-                      link=args.link, batch=args.batch, compute_profile=args.compute_profile)
+                      link=args.link, batch=args.batch, compute_profile=args.compute_profile,
+                      home_replicas=args.home_replicas)
 
 
 def _profile(args) -> None:
+    import torch
+
     from moecompress.shard.profile import measure_profile, save_profiles
 
     torch_threads(args.threads)
-    profiles = [measure_profile(args.model, batch=int(b), context=args.context, reps=args.reps)
-                for b in str(args.batch).split(",")]
+    profiles = [measure_profile(args.model, batch=int(b), context=args.context, reps=args.reps,
+                                dtype=getattr(torch, args.dtype)) for b in str(args.batch).split(",")]
     save_profiles(profiles, args.out)
     for p in profiles:
         print(f"batch {p.batch}: {1e3 * (p.head_seconds + sum(p.layer_seconds)):.2f} ms per decode step, experts "
-              f"{1e3 * sum(p.moe_seconds):.2f} ms ({p.source})")
+              f"{1e3 * sum(p.moe_seconds):.2f} ms, expert-model dispatch {1e3 * sum(p.dispatch_seconds):.2f} ms + "
+              f"{1e3 * sum(p.message_seconds) + 1e3 * sum(p.serve_seconds):.2f} ms per request per layer "
+              f"({p.source})")
     print(f"wrote {args.out}")
 
 
@@ -121,7 +126,8 @@ def _eval_bundles(args) -> None:
     dtype = getattr(torch, args.dtype or "float32")
     reference = load_model(args.reference, dtype, "cpu") if args.reference else None
     with deploy(args.bundles, simulate=args.simulate, servers=args.num_servers, timeout=args.timeout,
-                dtype=dtype, tokens=args.tokens, similarity=args.token_similarity) as d:
+                dtype=dtype, tokens=args.tokens, similarity=args.token_similarity,
+                expert_budget=args.expert_budget) as d:
         model = lambda input_ids, attention_mask, **_: SimpleNamespace(logits=d(input_ids, attention_mask))  # noqa: E731
         result = evaluate(model, d.tokenizer, resolve_dataset(args.dataset), args.samples, args.seq_len, args.seed,
                           reference_model=reference, batch_size=args.batch_size,
@@ -144,6 +150,8 @@ def _edge_arguments(p, prompts: bool = True) -> None:
                    "default: off (the lossless exchange)")
     p.add_argument("--token-similarity", help="[MoE layers, experts, experts] expert similarity (.pt, or "
                    ".safetensors with key `similarity`) for the substitute policy")
+    p.add_argument("--expert-budget", type=int, help="bytes of experts each server keeps in memory; the rest are "
+                   "read from its bundle on use (tiered expert store; default: all resident)")
     if not prompts:
         return
     p.add_argument("--bundles", required=True, help="a `moecompress shard` output directory")
@@ -162,7 +170,8 @@ def _generate(args) -> None:
 
     options = dict(max_new_tokens=args.max_new_tokens, sample=args.sample, temperature=args.temperature,
                    top_p=args.top_p, seed=args.seed, simulate=args.simulate, counters_out=args.counters_out,
-                   tokenizer=args.tokenizer, tokens=args.tokens, similarity=args.token_similarity)
+                   tokenizer=args.tokenizer, tokens=args.tokens, similarity=args.token_similarity,
+                   expert_budget=args.expert_budget)
     if args.command == "run":
         run_command(args.bundles, args.prompt, servers=args.num_servers, timeout=args.timeout, dtype=args.dtype,
                     **options)
@@ -170,7 +179,16 @@ def _generate(args) -> None:
     if not args.prompt:
         raise MoecompressError("generate needs at least one --prompt TEXT")
     run_generate(args.bundles, args.prompt, servers=args.num_servers, timeout=args.timeout, dtype=args.dtype,
-                 **options)
+                 homes=_homes(args.homes), **options)
+
+
+def _homes(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(h) for h in text.split(","))
+    except ValueError:
+        raise MoecompressError(f"--homes {text!r}: give server numbers separated by commas, e.g. 0,1") from None
 
 
 def parser() -> argparse.ArgumentParser:
@@ -259,6 +277,9 @@ def parser() -> argparse.ArgumentParser:
                    "report replays its routing")
     s.add_argument("--dense-on-one", action="store_true", help="non-expert weights on one server, not replicated")
     s.add_argument("--balance-epsilon", type=float, default=0.1, help="max/mean routed tokens per server <= 1+eps")
+    s.add_argument("--home-replicas", type=int, default=0, metavar="N", help="expert model: a copy of each MoE "
+                   "layer's N most used experts on the home, inside the home's memory (lets token policies such as "
+                   "localize make whole layers local; default 0)")
     s.set_defaults(func=_shard)
 
     pr = sub.add_parser("profile", help="measure a checkpoint's decode compute per layer on this machine (run it on "
@@ -269,6 +290,8 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--context", type=int, default=128, help="cached tokens before the measured decode step")
     pr.add_argument("--reps", type=int, default=5, help="decode steps measured (the fastest is kept)")
     pr.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    pr.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                    help="compute dtype, the deployment's (`run`/`generate --dtype`; default float32)")
     pr.set_defaults(func=_profile)
 
     r = sub.add_parser("run", help="run a deployment's servers (one machine: starts them all; under torchrun: this "
@@ -282,6 +305,8 @@ def parser() -> argparse.ArgumentParser:
     r.set_defaults(func=_generate)
     g = sub.add_parser("generate", help="generate text through a deployment's servers (greedy or sampling)")
     _edge_arguments(g)
+    g.add_argument("--homes", help="servers that admit the prompts in turn, e.g. 0,1 (each must hold the dense "
+                   "weights; each keeps its sequences' KV cache; default: the placement's one home)")
     g.set_defaults(func=_generate)
     return p
 

@@ -87,6 +87,10 @@ class AllocationConfig:
     max_bits: int = 16
     layer_min_bits: dict[int, int] = field(default_factory=dict)  # MoE layer -> minimum bits
     solver: Solver = Solver.AUTO
+    # dense linear groups ("attention", "shared_experts", "dense_mlp") allocated in the same budget as the experts,
+    # from their loss-aware costs, instead of fixed by protect: the budget grows by their bytes at the protect bits
+    # (so avg_bits keeps its meaning), and they take the candidates' bits. Needs sensitivity.method loss_aware.
+    dense: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -169,6 +173,7 @@ class Recipe:
 
 
 DTYPES = ("bfloat16", "float16", "float32")
+DENSE_GROUPS = ("attention", "shared_experts", "dense_mlp")
 ALLOWED_BITS = (2, 3, 4, 8, 16)
 COPY_BITS = (2, 3, 4, 8)  # store.copy_bits (artifacts/bit_plan.py COPY_BITS)
 
@@ -203,6 +208,14 @@ def validate(r: Recipe) -> None:
                           "bit-width: every expert gets the widest candidate, the budget changes nothing", stacklevel=2)
     need(any(a.min_bits <= b <= a.max_bits for b in a.candidates), "allocation.candidates",
          "no candidate lies within [min_bits, max_bits]")
+    for group in a.dense:
+        need(group in DENSE_GROUPS, "allocation.dense", f"got {group!r}; allowed: {', '.join(DENSE_GROUPS)}")
+    if a.dense:
+        need(r.sensitivity.method == SensitivityMethod.LOSS_AWARE, "allocation.dense",
+             f"needs sensitivity.method loss_aware (got {r.sensitivity.method.value}): only its costs are "
+             "comparable between experts and dense linears")
+        need(a.budget.servers is None, "allocation.dense", "is not supported with a servers budget; give "
+             "allocation.budget.avg_bits or megabytes")
     for layer, b in a.layer_min_bits.items():
         need(b in ALLOWED_BITS, f"allocation.layer_min_bits.{layer}", f"got {b}; allowed: 2, 3, 4, 8, 16")
     q = r.quantize

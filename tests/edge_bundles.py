@@ -50,15 +50,15 @@ def char_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
-def expert_bundles(ck, out, servers: int):
-    """Experts dealt round-robin with a replica of every third expert on the next server; dense weights on 0."""
+def expert_bundles(ck, out, servers: int, dense=(0,)):
+    """Experts dealt round-robin with a replica of every third expert on the next server; dense weights on `dense`."""
     expert_bytes, dense_bytes = checkpoint_sizes(ck)
     L, E = expert_bytes.shape
     grid = tuple(tuple(((e + l) % servers,) + (((e + l + 1) % servers,) if e % 3 == 0 else ()) for e in range(E))
                  for l in range(L))
     write_bundles(ck, Placement(memory_bytes=(10**9,) * servers, assignment=grid,
                                 expert_bytes=tuple(tuple(int(b) for b in row) for row in expert_bytes),
-                                dense_bytes=int(dense_bytes), dense_servers=(0,)), out)
+                                dense_bytes=int(dense_bytes), dense_servers=tuple(dense)), out)
     return out
 
 

@@ -274,3 +274,42 @@ def test_report_and_heatmap(tmp_path):
     for what in (a, to_bit_plan(a, layout)):
         plot_bits_heatmap(what, layout, tmp_path / "bits.png")
         assert (tmp_path / "bits.png").stat().st_size > 1000
+
+
+def popularity_like_table(rng, layers=4, experts=12) -> CostTable:
+    """Tied costs as the popularity-only baseline makes them: gate_up and down of an expert share one damage curve
+    (token share x 4^-bits) and differ only in bytes, and experts of equal load tie exactly."""
+    items = []
+    for layer in range(layers):
+        load = rng.integers(1, 5, size=experts) / 10  # few distinct values: many exact ties
+        for e in range(experts):
+            for proj, (o, i) in (("gate_up", (128, 64)), ("down", (64, 64))):
+                bits = (2, 3, 4, 8)
+                items.append(CostItem("expert", f"m.{layer}.experts", proj, e, layer, o * i, bits,
+                                      tuple(load[e] * 4.0**-b for b in bits),
+                                      tuple(matrix_bytes(o, i, b, 64, False) for b in bits)))
+    return CostTable(group_size=64, symmetric=False, method="popularity-like", items=tuple(items))
+
+
+@pytest.mark.parametrize("solver", ("milp", "auto", "lagrangian"))
+def test_allocation_is_reproducible_on_tied_costs(solver):
+    cost = popularity_like_table(np.random.default_rng(3))
+    plans = {allocate(cost, Budget(avg_bits=avg), solver=solver).bits for avg in (2.5,) for _ in range(3)}
+    assert len(plans) == 1
+    # the wall-clock safety net does not change the answer as long as it is not reached
+    a = allocate(cost, Budget(avg_bits=2.5), solver=solver, time_limit=1000.0)
+    b = allocate(cost, Budget(avg_bits=2.5), solver=solver, time_limit=300.0)
+    assert a.bits == b.bits and a.solver == b.solver
+
+
+def test_milp_reaching_the_time_limit_keeps_the_lagrangian_answer():
+    cost = random_table(np.random.default_rng(5), 300, bits=(2, 3, 4, 8))
+    lo, hi = budget_range(cost)
+    budget = Budget(bytes=(lo + hi) // 3)
+    lag = allocate(cost, budget, solver="lagrangian")
+    timed_out = allocate(cost, budget, solver="milp", time_limit=1e-6)
+    assert timed_out.solver == "lagrangian (milp timed out)"
+    assert timed_out.bits == lag.bits and timed_out.bytes <= timed_out.budget_bytes
+    # a node limit, unlike a time limit, bounds the work the same way on every machine: same answer every time
+    runs = {allocate(cost, budget, solver="milp", node_limit=50).bits for _ in range(2)}
+    assert len(runs) == 1

@@ -113,10 +113,13 @@ MIXED = [2, 3, 4, 8, 16, 3, 2, 4]  # bits of experts 0..7: every bit-width in on
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8, 16])
 @pytest.mark.parametrize("symmetric", [False, True])
-@pytest.mark.parametrize("tokens", [1, 4, 16, 96])  # 1-16: decode path; 96: prefill path
-def test_layer_matches_reference_every_bit_width(bits, symmetric, tokens):
-    from moecompress.runtime.cuda import experts as cuda_experts
+@pytest.mark.parametrize("tokens,pair_tokens", [(1, 16), (4, 16), (16, 16), (1, 0), (4, 0), (16, 0), (96, 16)])
+def test_layer_matches_reference_every_bit_width(bits, symmetric, tokens, pair_tokens, monkeypatch):
+    """1-16 tokens: the pair path (decode.py; bf16 groups take the tables path) and, with PAIR_TOKENS 0, the
+    decode path of routing tables; 96: the prefill path."""
+    from moecompress.runtime.cuda import experts as cuda_experts, launch
 
+    monkeypatch.setattr(launch, "PAIR_TOKENS", pair_tokens)
     layer = random_experts(8, 128, 128, [bits] * 8, symmetric=symmetric, seed=bits)
     x = torch.randn(tokens, 128, device="cuda").to(torch.bfloat16)
     idx, w = routing(tokens, 8, 2, "cuda", seed=tokens)
@@ -137,15 +140,43 @@ def test_mixed_bit_widths_in_one_layer_and_dropped_experts(tokens):
     assert rel_err(out, reference_layer(layer, x, idx, w)) < 1e-2
 
 
+class GeluTemplate(GatedTemplate):
+    """A gate the pair path does not fuse (GELU): its first projection writes h, the model's gate runs in torch."""
+
+    def __init__(self):
+        super().__init__()
+        self.act_fn = nn.GELU()
+
+
+@pytest.mark.parametrize("gelu", [False, True])
+@pytest.mark.parametrize("group_size", [32, 128])
+@pytest.mark.parametrize("tokens", [1, 3, 16])
+def test_pair_path_mixed_bit_widths_dropped_experts(gelu, group_size, tokens):
+    """All four packed bit-widths in one launch per projection, experts 5 and 6 held elsewhere (their pairs
+    contribute zeros), the SiLU gate fused (or GELU, not fused), symmetric at group 32."""
+    from moecompress.runtime.cuda import experts as cuda_experts
+
+    layer = random_experts(8, 256, 128, [2, 3, 4, 8, 3, 2, 4, 8], held=[0, 1, 2, 3, 4, 7], group_size=group_size,
+                           symmetric=group_size == 32, seed=7, template=GeluTemplate() if gelu else None)
+    assert cuda_experts.pair_supported(layer) and cuda_experts.silu_gate(layer) == (not gelu)
+    x = torch.randn(tokens, 256, device="cuda").to(torch.bfloat16)
+    idx, w = routing(tokens, 8, 3, "cuda", seed=tokens)
+    out = layer(x, idx, w)
+    assert out.shape == (tokens, 256) and out.dtype == torch.bfloat16
+    assert rel_err(out, reference_layer(layer, x, idx, w)) < 1e-2
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("block_n,block_k", [(32, 64), (64, 256), (128, 128)])
 def test_any_tile_shape(bits, block_n, block_k, monkeypatch):
-    """Group size 32 (scales per unit) and 128 (one scale per step, or per unit), K not a multiple of the step."""
+    """Group size 32 (scales per unit) and 128 (one scale per step, or per unit), K not a multiple of the step;
+    the pair path's column tiles too (block_n)."""
     from moecompress.runtime.cuda import experts as cuda_experts, launch
 
     config = launch.Config(block_n, block_k)
     monkeypatch.setitem(launch.DECODE, bits, config)
     monkeypatch.setitem(launch.PREFILL, bits, config)
+    monkeypatch.setattr(launch, "PAIR_BLOCK_N", block_n // 4)
     for group_size, hidden, inter in ((32, 384, 160), (128, 640, 384)):
         layer = random_experts(4, hidden, inter, [bits] * 4, group_size=group_size, seed=group_size)
         for tokens in (2, 40):
@@ -153,6 +184,18 @@ def test_any_tile_shape(bits, block_n, block_k, monkeypatch):
             idx, w = routing(tokens, 4, 2, "cuda")
             out = cuda_experts.forward(layer, x, idx, w)
             assert rel_err(out, reference_layer(layer, x, idx, w)) < 1e-2, (group_size, tokens)
+
+
+def test_prefill_tall_row_blocks():
+    """Many rows per expert (300): the prefill path's blocks of 256 rows (PREFILL_TALL), mixed bit-widths."""
+    from moecompress.runtime.cuda import experts as cuda_experts, launch
+
+    assert launch.prefill_rows(1200, 4) == 256
+    layer = random_experts(4, 256, 128, [2, 3, 4, 8], seed=11)
+    x = torch.randn(600, 256, device="cuda").to(torch.bfloat16)
+    idx, w = routing(600, 4, 2, "cuda", seed=4)
+    out = cuda_experts.forward(layer, x, idx, w)
+    assert rel_err(out, reference_layer(layer, x, idx, w)) < 1e-2
 
 
 def test_group_entry_matches_dequantized_matmul():
@@ -185,7 +228,7 @@ def test_small_routing_tables_equal_the_torch_ones():
         assert (big.blocks[n:, 0] == positions).all()
 
 
-@pytest.mark.parametrize("tokens", [4, 64])
+@pytest.mark.parametrize("tokens", [1, 4, 64])  # the pair path, then the prefill path
 def test_cuda_graph_replay_equals_eager(tokens):
     layer = random_experts(16, 256, 128, [2, 3, 4, 3] * 4, seed=5)
     x = torch.randn(tokens, 256, device="cuda").to(torch.bfloat16)

@@ -251,3 +251,24 @@ def test_recipe_section_and_command_line(built, tmp_path, capsys):
                    "--tokens", "fuse:treshold=0.9"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "unknown knob(s) treshold for token policy 'fuse'; allowed: across" in err[0]
+
+
+def test_decode_steps_without_a_mask_are_at_their_cache_position(built):
+    """generate drops an all-ones attention mask and passes position ids: a decode step's token is at its cache
+    length (10, 11, ...), not at 0: `protect:first=10` protects the 10-token prompt only, the decode steps are
+    pruned (they were all protected once)."""
+    tmp = built[0]
+    settings = TokenSettings(build_pipeline("native"), renormalize=True)
+    settings.set_call(IDS[:1, :1], None, torch.tensor([[10]]))
+    assert settings.layout(1)[1].tolist() == [10]
+    settings.set_call(IDS[:1], None)  # a forward without a mask: positions 0..S-1
+    assert settings.layout(10)[1].tolist() == list(range(10))
+    register_policy(AllLocal)
+    try:
+        d = deploy(tmp / "out3", simulate=True, tokens="protect:first=10+all_local", verify=False)
+    finally:
+        POLICIES.pop("all_local")
+    with d:
+        d.generate(IDS[:1], max_new_tokens=3, stop_at_eos=False)  # no mask: generate passes none
+        total = d.counters.token_counts()["total"]
+    assert total["pruned_pairs"] > 0 and total["remote_tokens"] < total["lossless_remote_tokens"]

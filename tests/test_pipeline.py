@@ -164,3 +164,48 @@ def test_budget_from_servers_then_shard_fits(inputs, tmp_path):
 def test_shipped_recipes_are_valid(path):
     recipe = load_recipe(path)
     assert recipe.model and recipe.output
+
+
+def test_report_lists_every_post_quantization_step_that_ran():
+    from moecompress.pipeline.report import _post_lines
+
+    layers = [{"holdout_err_before": 2.0, "holdout_err_after": 1.0, "kept": True},
+              {"holdout_err_before": 1.0, "holdout_err_after": 1.5, "kept": False}]
+    routing = [{"holdout_kl_before": 0.01, "holdout_kl_after": 0.008, "kept": True}]
+    lines = _post_lines({"steps": 0, "skipped": True, "blockwise": {"layers": layers}, "router": {"layers": routing}})
+    assert lines == ["- block-wise reconstruction: 1 of 2 MoE layers kept (held-out output error 2->1, 1->1.5)",
+                     "- scale tuning: off (tune.steps 0)",
+                     "- router refit: 1 of 1 routers refitted (held-out routing KL 0.01->0.008)"]
+    assert _post_lines({"steps": 0, "skipped": True}) == ["- scale tuning: off (tune.steps 0)"]
+    tuned = _post_lines({"steps": 300, "holdout_kl_before": 0.2, "holdout_kl_after": 0.1, "kept": True})
+    assert tuned == ["- scale tuning: 300 steps, held-out KL 0.20000 -> 0.10000 (kept)"]
+
+
+def test_dense_linears_allocated_in_the_experts_budget(inputs):
+    from moecompress.artifacts.quantized import QuantizedTensors
+    from moecompress.format.sizes import matrix_bytes
+    from moecompress.pipeline.steps import load_model
+
+    over = {"sensitivity": {"method": "loss_aware", "granularity": "projection", "holdout": 0.5},
+            "quantize": {"method": "gptq", "group_size": 32}, "tune": {"steps": 0}}
+    plain = quantize(recipe_from_dict(_recipe(inputs, "dense-off", **over)), stop_after="allocate", progress=False)
+    dense = quantize(recipe_from_dict(_recipe(inputs, "dense-on", allocation={"dense": ["attention"]}, **over)),
+                     stop_after="quantize", progress=False)
+    model, _, layout = load_model(str(inputs / "model"), None, torch.float32)
+    attn = layout.attention_linears
+    plan = BitPlan.load(dense / "allocation" / "bit_plan.json")
+    assert set(plan.linears) == set(attn) and set(plan.linears.values()) <= {2, 3, 4, 8}
+    report, base = (json.loads((d / "allocation" / "report.json").read_text()) for d in (dense, plain))
+    bf16 = sum(matrix_bytes(*model.get_submodule(p).weight.shape, 16, 32, False) for p in attn)
+    assert report["budget_bytes"] == base["budget_bytes"] + bf16  # avg_bits keeps meaning the experts' share
+    assert report["bytes"] <= report["budget_bytes"]
+    # attention leaves bf16 (candidates stop at 8 bits): the bytes it frees go to the experts
+    expert_bytes = lambda p: sum(matrix_bytes(pr.out_features, pr.in_features, b, 32, False)  # noqa: E731
+                                 for m in layout.moe_layers for pr in m.projs
+                                 for b in p.experts[m.experts_path][pr.name])
+    assert expert_bytes(plan) > expert_bytes(BitPlan.load(plain / "allocation" / "bit_plan.json"))
+    assert set(attn) <= set(QuantizedTensors.load(dense / "quantized").weights)
+    with pytest.raises(MoecompressError, match="allocation.dense: needs sensitivity.method loss_aware"):
+        recipe_from_dict(_recipe(inputs, "bad", allocation={"dense": ["attention"]}))
+    with pytest.raises(MoecompressError, match="allocation.dense: got 'mlp'"):
+        recipe_from_dict(_recipe(inputs, "bad", allocation={"dense": ["mlp"]}, **over))

@@ -165,3 +165,22 @@ def test_fewest_servers_leaves_idle_servers_empty(sharded, tmp_path):
     for s in (1, 2):
         experts, dense = checkpoint_sizes(tmp_path / "few" / f"server-{s}")
         assert int(experts.sum()) + dense == 0
+
+
+def test_home_replicas_are_recorded_in_placement_json(sharded, tmp_path):
+    """`moecompress shard --home-replicas 2`: every MoE layer's 2 most used experts (calibration) have a copy on
+    the home in placement.json, within the same server memory; lossless replay round trips come with it."""
+    import numpy as np
+
+    from moecompress.artifacts.calibration_stats import CalibrationStats
+
+    memory = _doc(sharded, "expert")["memory_bytes"][0]
+    run_shard_command(str(sharded / "ck"), str(sharded / "stats"), f"2x{memory}B", str(tmp_path / "home"),
+                      mode="expert", balance_epsilon=0.5, home_replicas=2)
+    doc = json.loads((tmp_path / "home" / PLACEMENT_FILE).read_text())
+    tokens = CalibrationStats.load(sharded / "stats").tokens.numpy()
+    for layer, copies in enumerate(doc["assignment"]):
+        for e in np.argsort(-tokens[layer], kind="stable")[:2]:
+            assert doc["home"] in copies[e]
+    assert doc["memory_bytes"] == [memory, memory] and all(u <= m for u, m in zip(doc["server_bytes"], [memory] * 2))
+    assert "+home2" in doc["method"]

@@ -65,18 +65,43 @@ def test_auto_picks_the_fastest_candidate_by_the_time_model(ck, tmp_path):
     for doc in (heavy, light):
         choice = doc["traffic"]["choice"]
         timed = [r for r in choice["candidates"] if "error" not in r]
-        assert len(timed) == 6
-        best = min(timed, key=lambda r: r["ms_per_step"])
-        assert choice["chosen"] == best["name"] == f"{doc['mode']}: {doc['method'].split('+')[0]}"
+        names = {r["name"] for r in timed}
+        assert {"pipeline: all_servers", "expert: greedy_balanced", "expert: affinity"} <= names
+        assert len(timed) >= 6  # 6 without replicas, + those with replicas that differ
+        best = next(r for r in timed if r["name"] == choice["chosen"])
+        fastest = min(timed, key=lambda r: r["ms_per_step"])
+        assert choice["fastest"] == fastest["name"]
+        assert doc["method"] == best["method"] and choice["chosen"].startswith(doc["mode"])
+        # the chosen is never slower than the fastest by more than the margin
+        assert best["ms_per_step"] <= fastest["ms_per_step"] / (1 - choice["margin"]) + 1e-9
         for r in timed:  # the report's margins are the modeled times' ratio, and the parts add up
             assert r["chosen_faster_by"] == pytest.approx(1 - best["ms_per_step"] / r["ms_per_step"])
             assert r["ms_per_step"] == pytest.approx(r["compute_ms"] + r["latency_ms"] + r["transfer_ms"])
-            assert r["chosen_faster_by"] >= 0
+            assert r["chosen_faster_by"] >= -choice["margin"] / (1 - choice["margin"])
+
     # with the light profile every time is latency + transfer: hops x 5 ms + bytes / 12.5 MB/s
     for r in light["traffic"]["choice"]["candidates"]:
         assert r["compute_ms"] == 0.0
         assert r["latency_ms"] == pytest.approx(r["round_trips_per_step"] * 2 * 5.0)
         assert r["transfer_ms"] == pytest.approx(r["bytes_per_step"] / 12.5e6 * 1e3)
+
+
+def test_pick_keeps_a_baseline_unless_another_wins_by_the_margin():
+    from moecompress.shard.choose import pick
+
+    def row(name, ms, baseline=True):
+        return {"name": name, "ms_per_step": ms, "baseline": baseline}
+
+    base = [row("expert: round_robin", 100.0), row("expert: greedy_balanced", 100.3), row("pipeline: all_servers", 120)]
+    # baselines within `tie` of each other: the preferred one (greedy_balanced before round_robin)
+    assert pick(base, 0.02, 0.005)["name"] == "expert: greedy_balanced"
+    assert pick(base, 0.02, 0.001)["name"] == "expert: round_robin"  # a tighter tie: the faster
+    ours = row("expert: affinity", 98.5, False)
+    assert pick(base + [ours], 0.02, 0.005)["name"] == "expert: greedy_balanced"  # 1.8 % < the margin
+    assert pick(base + [ours], 0.01, 0.005)["name"] == "expert: affinity"
+    rep = row("expert: greedy_balanced + replicas", 95.0, False)
+    assert pick(base + [ours, rep], 0.02, 0.005)["name"] == "expert: greedy_balanced + replicas"
+    assert pick([ours, rep], 0.1, 0.005)["name"] == "expert: affinity"  # replicas come last in the walk
 
 
 def test_profile_compute_on_the_critical_path():
@@ -96,6 +121,21 @@ def test_profile_compute_on_the_critical_path():
     # home: head + dense parts (1 + (3-2) + (5-4)) = 3; layer 0 busiest 2 x 3/4, layer 1 4 x 1/2
     assert profile_compute(expert, c, prof) == pytest.approx(3.0 + 1.5 + 2.0)
     assert modeled_time(c, PROFILES["lan"], 1.0).seconds == pytest.approx(1.0)  # no hops, no bytes counted
+    # the dispatch: the home routes each layer (0.1, 0.2) and handles each request (0.3 per request); the server
+    # decodes/encodes each (0.5): 2 calls, layer 0 sent 2 requests (1 per call), layer 1 one
+    from dataclasses import replace
+
+    disp = replace(prof, dispatch_seconds=(0.1, 0.2), message_seconds=(0.3, 0.3), serve_seconds=(0.5, 0.5))
+    c.calls = 2
+    c.messages[0, 0, 1], c.messages[1, 0, 1] = 2, 1
+    # home: 3 + 0.1 + 0.2 + 0.3 x 1.5; layer 0: max(2 x 1/4, 2 x 3/4 + 0.5 x 1); layer 1: max(2, 2 + 0.5 x 0.5)
+    assert profile_compute(expert, c, disp) == pytest.approx(3.0 + 0.3 + 0.45 + 2.0 + 2.25)
+    assert ComputeProfile.from_json(disp.to_json()) == disp
+    old = {k: v for k, v in prof.to_json().items() if not k.endswith(("dispatch_seconds", "message_seconds",
+                                                                      "serve_seconds"))}
+    assert ComputeProfile.from_json(old) == prof  # a profile file written before the dispatch was measured
+    with pytest.raises(MoecompressError, match="dispatch_seconds needs one entry per MoE layer"):
+        replace(prof, dispatch_seconds=(0.1,))
 
 
 def test_measured_profile_and_errors(ck, tmp_path):
@@ -105,6 +145,9 @@ def test_measured_profile_and_errors(ck, tmp_path):
     assert len(prof.moe_seconds) == len(sizes.moe_decoder_layers)
     assert all(m <= prof.layer_seconds[d] for m, d in zip(prof.moe_seconds, prof.moe_decoder_layers))
     assert sum(prof.moe_seconds) > 0
+    L = len(sizes.moe_decoder_layers)  # the dispatch, measured on the runtime's own dispatcher
+    assert len(prof.dispatch_seconds) == len(prof.message_seconds) == len(prof.serve_seconds) == L
+    assert sum(prof.dispatch_seconds) > 0 and sum(prof.message_seconds) > 0 and sum(prof.serve_seconds) > 0
     save_profiles([prof], tmp_path / "p.json")
     assert load_profile(tmp_path / "p.json", 2) == prof
     with pytest.raises(MoecompressError, match=r"batch sizes \[2\], not 8"):
@@ -130,4 +173,8 @@ def test_profile_command_writes_a_loadable_profile(ck, tmp_path, capsys):
     assert main(["profile", "--model", str(ck / "ck"), "--out", str(out), "--batch", "1,2", "--context", "8",
                  "--reps", "1"]) == 0
     assert [load_profile(out, b).batch for b in (1, 2)] == [1, 2]
+    assert load_profile(out, 1).dtype == "float32"  # the deployment's default
+    assert main(["profile", "--model", str(ck / "ck"), "--out", str(out), "--batch", "1", "--context", "8",
+                 "--reps", "1", "--dtype", "bfloat16"]) == 0
+    assert load_profile(out, 1).dtype == "bfloat16" and "bfloat16" in load_profile(out, 1).source
     assert "wrote" in capsys.readouterr().out

@@ -314,3 +314,144 @@ def test_two_threads_filling_one_expert_read_it_once():
     assert reads == [(0, 1), (0, 0)]
     assert set(cache.slots) == {(0, 0)} and cache.used == 100 and cache.reserved == 0
     assert cache.slots[(0, 0)].in_use == 0
+
+
+# -- the fused CPU decode call (store/fused.py): bf16, every expert 2/3/4/8-bit, so the resident layers take it ------
+
+@pytest.fixture(scope="module")
+def ckpt_fused(tmp_path_factory):
+    """A bf16 qwen3_moe checkpoint whose experts are all 2/3/4/8-bit (mixed within a layer): decode steps of the
+    fully resident model take cpu_moe's fused call. Returns (dir, its 2-bit RTN copies)."""
+    from conftest import _build
+    from helpers import mixed_plan
+
+    from moecompress.runtime import cpu_lowbit
+
+    if not cpu_lowbit.available():
+        pytest.skip("no C++ compiler: the fused decode call is not built")
+    model = _build("qwen3_moe", hidden_size=256, moe_intermediate_size=128, intermediate_size=128)
+    layout = describe(model)
+    plan = mixed_plan(layout)
+    plan = type(plan)(plan.group_size, plan.symmetric,
+                      {p: {proj: tuple(8 if b == 16 else b for b in bits) for proj, bits in by.items()}
+                       for p, by in plan.experts.items()})
+    layout, plan, quantized = quantize_tiny(model, plan)
+    out = tmp_path_factory.mktemp("store_fused") / "ck"
+    export_checkpoint(model, layout, plan, quantized, out, dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(1)
+    L, E = len(layout.moe_layers), layout.moe_layers[0].num_experts
+    write_expert_stats(out, ExpertStats.from_counts(torch.rand(L, E, generator=gen), torch.randint(0, 9, (L, E), generator=gen),
+                                                    torch.rand(L - 1, E, E, generator=gen)))
+    copies = {}
+    for layer, m in enumerate(layout.moe_layers):
+        experts = model.get_submodule(m.experts_path)
+        copies[layer] = {p.name: dict(zip(("bits", "qweight", "scales", "zeros"), (2, *(lambda q: (q.packed(), q.scales, q.zeros))(
+            quantize_rtn(proj_weights(experts, m, p.name).detach().float(), 2, plan.group_size, plan.symmetric)))))
+            for p in m.projs}
+    return out, copies
+
+
+def _load_bf16(ckpt_dir):
+    return moecompress.from_pretrained(ckpt_dir, dtype=torch.bfloat16, verify=False).eval()
+
+
+def _run_one(model) -> list[torch.Tensor]:
+    """Batch 1 (decode steps of one token: the fused call): prompt logits, then STEPS greedy steps."""
+    ids = torch.tensor([[5, 17, 3, 99, 42, 7, 64, 8]])
+    outs = []
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        outs.append(out.logits)
+        for _ in range(STEPS):
+            out = model(out.logits[:, -1:].argmax(-1), cache=out.past_key_values, use_cache=True)
+            outs.append(out.logits)
+    return outs
+
+
+def test_fused_decode_exact_at_every_budget(ckpt_fused):
+    from moecompress.runtime import cpu_moe
+
+    ckpt_dir, _ = ckpt_fused
+    resident = _load_bf16(ckpt_dir)
+    experts = [m for m in resident.modules() if isinstance(m, PackedExperts)]
+    assert all(cpu_moe.fused_layer(m, torch.zeros(1, 256, dtype=torch.bfloat16)) is not None for m in experts)
+    reference = _run_one(resident)
+    total = sum(sum(t.numel() * t.element_size() for t in m.buffers()) for m in experts)
+    del resident
+    top_k = _load_bf16(ckpt_dir).config.num_experts_per_tok
+    for share, config in [(0.0, dict(policy="lru")), (0.4, dict(policy="lru", pin_share=0.5, prefetch="router")),
+                          (0.7, dict(policy="lfu")), (1.0, dict(policy="lru"))]:
+        model = _load_bf16(ckpt_dir)
+        probe_budget = max(1, int(share * total))
+        try:
+            store = attach_store(model, ckpt_dir, StoreConfig(budget=probe_budget, **config))
+        except MoecompressError as err:  # below the smallest workable budget: use that
+            assert f"one token's {top_k} routed experts" in str(err)
+            smallest = int(str(err).split("smallest workable budget ")[1].split()[0])
+            store = attach_store(model, ckpt_dir, StoreConfig(budget=smallest, **config))
+        try:
+            assert store.cache.working_set == top_k
+            outs = _run_one(model)
+            c = store.counters()
+            assert store._fused and all(v is not None for v in store._fused.values())  # it took the fused call
+        finally:
+            store.close()
+        for got, ref in zip(outs, reference):
+            assert torch.equal(got, ref)
+        assert c["peak_bytes"] <= store.cache.budget and c["substitutions"] == 0
+        if share == 0.0:
+            assert c["misses"] > 0
+
+
+def test_fused_decode_low_bit_copies_in_the_same_call(ckpt_fused):
+    ckpt_dir, copies = ckpt_fused
+    reference = _run_one(_load_bf16(ckpt_dir))
+    model = _load_bf16(ckpt_dir)
+    store = attach_store(model, ckpt_dir, StoreConfig(budget=1 << 40, copy_threshold=1.1, copies_in_budget=False),
+                         copies=copies)
+    try:
+        outs = _run_one(model)  # nothing resident at first and every weight < 1.1: the first uses run on the copies
+        c = store.counters()
+    finally:
+        store.close()
+    assert c["substitutions"] > 0
+    assert not torch.equal(outs[1], reference[1])
+
+
+# -- a deployment: every server's experts under a store (deploy(..., expert_budget=), --expert-budget) ---------------
+
+def _server_stores(d) -> dict:
+    """server -> its ExpertStore in a simulated deployment (the home's and every other server's)."""
+    from moecompress.runtime.edge.dispatcher import DispatchedExperts
+
+    out = {}
+    for m in d.model.modules():
+        if isinstance(m, DispatchedExperts) and m.local is not None and m.local.expert_store is not None:
+            out[d.home] = m.local.expert_store.store
+    for n, handler in d.transport.handlers.items():
+        for m in handler.inner.experts.values():
+            if m.expert_store is not None:
+                out[n] = m.expert_store.store
+    return out
+
+
+def test_deployment_with_an_expert_budget_equals_the_resident_one(tmp_path_factory):
+    from edge_bundles import IDS, MASK, checkpoint, expert_bundles
+
+    from moecompress.runtime.edge import deploy
+
+    ck, _, _ = checkpoint(tmp_path_factory)
+    out = expert_bundles(ck, ck.parent / "out2-store", 2)
+    with deploy(out, simulate=True) as d:
+        ref = d(IDS, MASK)
+    with deploy(out, simulate=True, expert_budget=1 << 40) as d:
+        sizes = {n: (sum(s.cache.layout.nbytes.values()), s.cache.min_budget) for n, s in _server_stores(d).items()}
+    assert set(sizes) == {0, 1}
+    budget = max(max(m for _, m in sizes.values()), min(t for t, _ in sizes.values()) // 3)
+    with deploy(out, simulate=True, expert_budget=budget) as d:
+        got = d(IDS, MASK)
+        counters = {n: s.counters() for n, s in _server_stores(d).items()}
+    diff = (got - ref).abs().max().item()
+    assert diff <= 1e-5 * ref.abs().max().item(), diff  # float32: equal up to summation order (bit-equal at 1 thread)
+    for n, c in counters.items():
+        assert c["misses"] > 0 and c["peak_bytes"] <= budget, (n, c)

@@ -14,6 +14,7 @@ from moecompress.artifacts.cost_table import ALL_PROJS, CostItem, CostTable, exp
 from moecompress.errors import MoecompressError
 
 SOLVERS = ("auto", "milp", "lagrangian")
+MILP_NODE_LIMIT = 20_000  # branch-and-bound nodes per MILP solve: a work limit, the same on any machine
 AUTO_MILP_ABOVE_GAP = 1e-4  # "auto" runs the MILP only when the Lagrangian answer may be further than this from optimal
 
 
@@ -26,7 +27,7 @@ class Allocation:
     budget_bytes: int  # the whole budget: items' bytes + copy_bytes <= budget_bytes
     group_size: int
     symmetric: bool
-    solver: str  # "milp" | "lagrangian"
+    solver: str  # "milp" | "lagrangian" | "lagrangian (milp timed out)"
     lower_bound: float  # proven: no allocation within the budget and rules has less damage
     copy_bytes: int = 0  # bytes of the low-bit copies of the experts, taken out of the budget before the items
 
@@ -42,16 +43,21 @@ def allocate(
     rules: AllocationRules = AllocationRules(),
     solver: str = "auto",
     *,
-    time_limit: float = 60.0,
+    node_limit: int = MILP_NODE_LIMIT,
     mip_rel_gap: float = 1e-6,
+    time_limit: float = 600.0,
     copy_bytes: int = 0,
 ) -> Allocation:
     """The least-damage choice of bits for every item of `cost` with total bytes <= the budget, under `rules`.
 
     solver: "lagrangian" (fast, near optimal, with a proven lower bound), "milp" (exact up to `mip_rel_gap`, HiGHS,
-    `time_limit` seconds per solve) or "auto" (lagrangian, then milp only if the proven gap exceeds
-    AUTO_MILP_ABOVE_GAP: small problems, where one item is a large share of the damage). The Lagrangian answer is
-    always computed (milliseconds) and kept when the MILP finds no better one in its time.
+    at most `node_limit` branch-and-bound nodes per solve) or "auto" (lagrangian, then milp only if the proven gap
+    exceeds AUTO_MILP_ABOVE_GAP: small problems, where one item is a large share of the damage). The Lagrangian
+    answer is always computed (milliseconds) and kept when the MILP finds no better one.
+
+    The answer depends only on the inputs, never on machine load: the MILP's work is bounded by `node_limit`
+    (deterministic), and a MILP that hits the wall-clock safety net `time_limit` is discarded (the Lagrangian
+    answer stays, and `solver` says "lagrangian (milp timed out)"). Equal-damage ties resolve by item order.
 
     copy_bytes: bytes of the experts' low-bit copies (`copies_bytes`); they come out of the budget first, the items
     share the rest. `avg_bits` budgets keep their nominal meaning: avg_bits 3 is the bytes of uniform 3-bit experts,
@@ -89,8 +95,11 @@ def allocate(
     sol = solve_lagrangian(nbytes, damage, valid, items_budget)
     lag_damage = total(damage, sol.choice)
     if solver == "milp" or (solver == "auto" and relative_gap(lag_damage, sol.lower_bound) > AUTO_MILP_ABOVE_GAP):
-        exact = solve_milp(nbytes, damage, valid, items_budget, time_limit=time_limit, mip_rel_gap=mip_rel_gap)
-        if exact is not None and total(damage, exact.choice) <= lag_damage:
+        exact = solve_milp(nbytes, damage, valid, items_budget, node_limit=node_limit, mip_rel_gap=mip_rel_gap,
+                           time_limit=time_limit)
+        if exact is None:
+            sol = Solution(sol.choice, sol.lower_bound, "lagrangian (milp timed out)")
+        elif total(damage, exact.choice) <= lag_damage:
             sol = Solution(exact.choice, max(exact.lower_bound, sol.lower_bound), exact.solver)
 
     chosen = tuple(it.bits[cols[j]] for it, cols, j in zip(items, allowed, sol.choice))

@@ -99,13 +99,19 @@ def solve_lagrangian(nbytes: np.ndarray, damage: np.ndarray, valid: np.ndarray, 
 
 
 def solve_milp(
-    nbytes: np.ndarray, damage: np.ndarray, valid: np.ndarray, budget: int, *, time_limit: float, mip_rel_gap: float
+    nbytes: np.ndarray, damage: np.ndarray, valid: np.ndarray, budget: int, *, node_limit: int,
+    mip_rel_gap: float, time_limit: float = 600.0,
 ) -> Solution | None:
     """Exact one-hot MILP (HiGHS via scipy): a binary per valid option, one equality per item, one budget row.
 
     Each item's cheapest bytes and least damage are subtracted and both scaled to about 1, so HiGHS's tolerances
     act on sensible numbers; the answer is then checked in exact integers, and if rounding let it exceed the
     budget the capacity is tightened by the excess and the MILP solved again. None when HiGHS finds no solution.
+
+    Reproducible: the search stops after `node_limit` branch-and-bound nodes, a limit of work that does not depend
+    on how loaded the machine is (HiGHS's MIP search is deterministic for a given input and options). The wall-clock
+    `time_limit` is only a safety net: a solve that reaches it gives None (its answer would depend on machine
+    load), and the caller keeps its deterministic answer.
     """
     n, k = nbytes.shape
     item, col = np.nonzero(valid)  # one variable per valid option, grouped by item
@@ -126,9 +132,9 @@ def solve_milp(
                 LinearConstraint(one_hot, 1, 1),  # one option per item
                 LinearConstraint(b[None, :] / b_scale, -np.inf, capacity / b_scale),  # the budget
             ],
-            options={"time_limit": time_limit, "mip_rel_gap": mip_rel_gap},
+            options={"node_limit": int(node_limit), "time_limit": time_limit, "mip_rel_gap": mip_rel_gap},
         )
-        if res.x is None:
+        if res.x is None or "time limit" in str(res.message).lower():
             return None
         x = np.full((n, k), -1.0)
         x[item, col] = res.x

@@ -23,11 +23,13 @@ from moecompress.execution.routing import ExpertTables, route_pairs, sent_rows
 
 @dataclass(frozen=True)
 class Call:
-    """One forward call: `sequences` rows of `new_tokens` tokens each, attending to `kv_length` keys each."""
+    """One forward call: `sequences` rows of `new_tokens` tokens each, attending to `kv_length` keys each; `home`:
+    the server that admitted its sequences (expert model with several homes; None: the placement's home)."""
 
     sequences: int
     new_tokens: int
     kv_length: int
+    home: int | None = None
 
     def __post_init__(self):
         if self.sequences < 1 or self.new_tokens < 1 or self.kv_length < self.new_tokens:
@@ -78,9 +80,10 @@ def replay_expert(tables: ExpertTables, home: int, experts: torch.Tensor, calls:
     T, L, k = experts.shape
     N = tables.num_servers
     counters = Counters(N, L)
-    homes = torch.full((T,), home, dtype=torch.long)
     bounds = np.cumsum([0] + [c.tokens for c in calls])
     call_of = torch.as_tensor(np.repeat(np.arange(len(calls)), np.diff(bounds)))  # [T]
+    call_home = [home if c.home is None else int(c.home) for c in calls]
+    homes = torch.as_tensor(call_home, dtype=torch.long)[call_of]  # [T] each token's home
     rows, pairs = [], []
     for layer in range(L):
         servers = route_pairs(tables.holds[layer], tables.primary[layer], experts[:, layer], homes)  # [T, k]
@@ -93,7 +96,8 @@ def replay_expert(tables: ExpertTables, home: int, experts: torch.Tensor, calls:
     for i, call in enumerate(calls):  # in the runtime's order: a call, then its layers
         counters.add_call(call.tokens)
         for layer in range(L):
-            counters.add_expert_exchange(layer, home, rows[layer][i], pairs[layer][i], hidden_size, k, elem_bytes)
+            counters.add_expert_exchange(layer, call_home[i], rows[layer][i], pairs[layer][i], hidden_size, k,
+                                         elem_bytes)
     return counters
 
 

@@ -7,7 +7,10 @@ latency per message. In the expert model all bytes go through the home's link (r
 two sequential phases per MoE layer), so every byte is on the critical path; in the pipeline model the hops are
 sequential, so again every byte is. Compute on the critical path (`critical_compute`): the pipeline runs its stages
 one after the other; in the expert model the home computes its own pairs of a MoE layer while the other servers
-compute theirs (as the runtime's dispatcher does), so each MoE layer costs its busiest rank.
+compute theirs (as the runtime's dispatcher does), so each MoE layer costs its busiest rank, plus the dispatch
+the profile measured on the runtime's dispatcher (the home's routing and per-request encode/decode/index_add in
+sequence; each server's per-request decode/encode on its side of the layer). The pipeline's stage handover
+(encoding the hidden state, mask and positions) is not modeled.
 """
 from __future__ import annotations
 
@@ -98,6 +101,13 @@ class ComputeProfile:
     layer_seconds [D]: each whole decoder layer (attention, norms, router and its MoE block); moe_seconds [L]: the
     experts block of each MoE layer alone (part of its decoder layer's time); head_seconds: the rest of a call
     (embeddings, final norm, lm_head). Measure it on the target servers (`moecompress profile`) to plan for them.
+
+    The expert model's dispatch, per MoE layer of the same call (empty: not measured, charged as 0), measured on
+    the runtime's own dispatcher (runtime/edge/dispatcher.py) in one process: dispatch_seconds [L] what the home
+    spends routing a layer besides computing experts (route_pairs, sent_rows, masks, counters); message_seconds [L]
+    the home's share of one request to another server carrying the call's rows (gather, encode, decode the reply,
+    index_add); serve_seconds [L] that server's share besides computing its experts (decode the request, encode the
+    reply).
     """
 
     batch: int
@@ -107,24 +117,38 @@ class ComputeProfile:
     moe_decoder_layers: tuple[int, ...]  # [L] the decoder layer of each MoE layer
     head_seconds: float
     source: str = ""  # where and how it was measured
+    dispatch_seconds: tuple[float, ...] = ()  # [L] or (): the home's routing of a layer (expert model)
+    message_seconds: tuple[float, ...] = ()  # [L] or (): the home's share of one request + its reply
+    serve_seconds: tuple[float, ...] = ()  # [L] or (): the server's share of one request besides its experts
+    dtype: str = ""  # the compute dtype measured ("float32", "bfloat16", ...); "": not recorded
 
     def __post_init__(self):
-        if len(self.moe_seconds) != len(self.moe_decoder_layers):
+        L = len(self.moe_decoder_layers)
+        if len(self.moe_seconds) != L:
             raise MoecompressError("compute profile: one moe_seconds entry per MoE layer")
-        if any(t < 0 for t in (*self.layer_seconds, *self.moe_seconds, self.head_seconds)):
+        for name in ("dispatch_seconds", "message_seconds", "serve_seconds"):
+            if len(getattr(self, name)) not in (0, L):
+                raise MoecompressError(f"compute profile: {name} needs one entry per MoE layer ({L}) or none")
+        if any(t < 0 for t in (*self.layer_seconds, *self.moe_seconds, self.head_seconds, *self.dispatch_seconds,
+                               *self.message_seconds, *self.serve_seconds)):
             raise MoecompressError("compute profile: seconds must be >= 0")
 
     def to_json(self) -> dict:
         return {"batch": self.batch, "context": self.context, "layer_seconds": list(self.layer_seconds),
                 "moe_seconds": list(self.moe_seconds), "moe_decoder_layers": list(self.moe_decoder_layers),
-                "head_seconds": self.head_seconds, "source": self.source}
+                "head_seconds": self.head_seconds, "source": self.source,
+                "dispatch_seconds": list(self.dispatch_seconds), "message_seconds": list(self.message_seconds),
+                "serve_seconds": list(self.serve_seconds), "dtype": self.dtype}
 
     @classmethod
     def from_json(cls, d: dict) -> "ComputeProfile":
         try:
             return cls(int(d["batch"]), int(d["context"]), tuple(map(float, d["layer_seconds"])),
                        tuple(map(float, d["moe_seconds"])), tuple(map(int, d["moe_decoder_layers"])),
-                       float(d["head_seconds"]), str(d.get("source", "")))
+                       float(d["head_seconds"]), str(d.get("source", "")),
+                       tuple(map(float, d.get("dispatch_seconds", ()))),
+                       tuple(map(float, d.get("message_seconds", ()))),
+                       tuple(map(float, d.get("serve_seconds", ()))), str(d.get("dtype", "")))
         except (KeyError, TypeError, ValueError) as exc:
             raise MoecompressError(f"not a compute profile ({exc}); write one with `moecompress profile`") from exc
 
@@ -134,7 +158,10 @@ def profile_compute(placement, counters: Counters, profile: ComputeProfile) -> f
 
     Pipeline: each stage computes its decoder layers, the home also the head. Expert model: the home computes the
     head and every decoder layer but its experts; each server computes the share of a MoE layer's experts time that
-    its routed pairs (from `counters`) are of the layer's pairs.
+    its routed pairs (from `counters`) are of the layer's pairs. The dispatch (when the profile has it): the home
+    routes every layer and handles each request it sends (both before or after the overlapped part: added to the
+    home's own time); each server decodes and encodes each request it gets (added to its share of the layer).
+    Requests per call come from `counters` (messages from the home, divided by its calls).
     """
     import numpy as np
 
@@ -153,4 +180,21 @@ def profile_compute(placement, counters: Counters, profile: ComputeProfile) -> f
     share = pairs / np.maximum(pairs.sum(1, keepdims=True), 1)
     rows = [[t * share[layer, s] for s in range(N)] for layer, t in enumerate(profile.moe_seconds)]
     home = profile.head_seconds + sum(profile.layer_seconds) - sum(profile.moe_seconds)
-    return critical_compute(rows, home, "expert")
+    return critical_compute(rows, home + add_dispatch(rows, placement.home, counters, profile), "expert")
+
+
+def add_dispatch(rows: list[list[float]], home: int, counters: Counters, profile: ComputeProfile) -> float:
+    """Add each server's per-request work to `rows` [L][N] in place; return the home's dispatch seconds per call."""
+    L = len(rows)
+    dispatch = profile.dispatch_seconds or (0.0,) * L
+    message = profile.message_seconds or (0.0,) * L
+    serve = profile.serve_seconds or (0.0,) * L
+    calls = max(counters.calls, 1)
+    extra = 0.0
+    for layer in range(L):
+        requests = counters.messages[layer, home] / calls  # [N] requests per call to each server
+        extra += dispatch[layer] + float(requests.sum()) * message[layer]
+        for s, r in enumerate(requests):
+            if s != home:
+                rows[layer][s] += float(r) * serve[layer]
+    return extra

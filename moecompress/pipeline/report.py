@@ -10,7 +10,7 @@ from moecompress.runtime.inspect import checkpoint_report, format_report
 
 def _allocation_lines(report: dict) -> list[str]:
     keys = ("solver", "gap", "predicted_damage", "avg_bits", "stored_bits", "bytes", "copy_bytes", "bf16_bytes",
-            "bits_histogram")
+            "bits_histogram", "by_kind")
     return [f"- {k}: {report[k]}" for k in keys if k in report]
 
 
@@ -25,17 +25,34 @@ def write_report(ctx: RunContext) -> str:
     fallbacks = json.loads((out / "quantized" / META_FILE).read_text())["fallbacks"]
     parts += ["## Quantization", "", f"- fallbacks / notes: {len(fallbacks)} (see quantized/{META_FILE})"]
     tune = json.loads((out / "tuned" / TUNE_REPORT).read_text())
-    if tune.get("skipped"):
-        parts += ["- scale tuning: off (tune.steps 0)", ""]
-    else:
-        parts += [f"- scale tuning: {tune['steps']} steps, held-out KL {tune['holdout_kl_before']:.5f} -> "
-                  f"{tune['holdout_kl_after']:.5f} ({'kept' if tune['kept'] else 'no gain: untuned scales kept'})", ""]
+    parts += [*_post_lines(tune), ""]
     parts += ["## Checkpoint", "", format_report(checkpoint_report(out / "checkpoint")), ""]
     if ctx.recipe.eval is not None:
         parts += ["## Evaluation", "", _evaluate(ctx), ""]
     text = "\n".join(parts)
     (out / "report.md").write_text(text)
     return text
+
+
+def _post_lines(tune: dict) -> list[str]:
+    """One line per post-quantization step of tune.json: block-wise reconstruction, scale tuning, router refit."""
+    out = []
+    if "blockwise" in tune:
+        layers = tune["blockwise"]["layers"]
+        kept = sum(1 for x in layers if x["kept"])
+        out.append(f"- block-wise reconstruction: {kept} of {len(layers)} MoE layers kept (held-out output error "
+                   + ", ".join(f"{x['holdout_err_before']:.4g}->{x['holdout_err_after']:.4g}" for x in layers) + ")")
+    if tune.get("skipped"):
+        out.append("- scale tuning: off (tune.steps 0)")
+    else:
+        out.append(f"- scale tuning: {tune['steps']} steps, held-out KL {tune['holdout_kl_before']:.5f} -> "
+                   f"{tune['holdout_kl_after']:.5f} ({'kept' if tune['kept'] else 'no gain: untuned scales kept'})")
+    if "router" in tune:
+        layers = tune["router"]["layers"]
+        kept = sum(1 for x in layers if x["kept"])
+        out.append(f"- router refit: {kept} of {len(layers)} routers refitted (held-out routing KL "
+                   + ", ".join(f"{x['holdout_kl_before']:.4g}->{x['holdout_kl_after']:.4g}" for x in layers) + ")")
+    return out
 
 
 def _evaluate(ctx: RunContext) -> str:

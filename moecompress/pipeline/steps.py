@@ -66,12 +66,26 @@ def load_model(model_path: str, revision: str | None, dtype: torch.dtype, device
     return model, tokenizer, describe(model)
 
 
-def protected_linears(recipe: Recipe, layout: ModelLayout) -> dict[str, int]:
-    """Dense linears quantized by the recipe's protect rules (16 = kept, so left out)."""
+def _dense_groups(recipe: Recipe, layout: ModelLayout) -> dict[str, tuple[tuple[str, ...], int]]:
+    """Dense linear group -> (its paths, its protect bits)."""
     p = recipe.protect
-    rules = ((layout.attention_linears, p.attention), (layout.shared_expert_linears, p.shared_experts),
-             (layout.dense_mlp_linears, p.dense_mlp))
-    return {path: bits for paths, bits in rules if bits != 16 for path in paths}
+    return {"attention": (layout.attention_linears, p.attention),
+            "shared_experts": (layout.shared_expert_linears, p.shared_experts),
+            "dense_mlp": (layout.dense_mlp_linears, p.dense_mlp)}
+
+
+def protected_linears(recipe: Recipe, layout: ModelLayout) -> dict[str, int]:
+    """Dense linears quantized by the recipe's protect rules (16 = kept, so left out); the groups the allocation
+    decides (allocation.dense) are left out too."""
+    return {path: bits for group, (paths, bits) in _dense_groups(recipe, layout).items()
+            if bits != 16 and group not in recipe.allocation.dense for path in paths}
+
+
+def allocated_linears(recipe: Recipe, layout: ModelLayout) -> dict[str, int]:
+    """Dense linears allocated in the experts' budget (allocation.dense) -> their protect bits, which set how many
+    bytes they bring into the budget."""
+    groups = _dense_groups(recipe, layout)
+    return {path: groups[g][1] for g in recipe.allocation.dense for path in groups[g][0]}
 
 
 # -- the stages ------------------------------------------------------------------------------------------------------
@@ -83,7 +97,8 @@ def calibrate_step(ctx: RunContext, tmp: Path) -> None:
 
     r, c = ctx.recipe, ctx.recipe.calibration
     model, tokenizer, layout = ctx.load()
-    dense = tuple(protected_linears(r, layout)) if r.quantize.method == Quantizer.GPTQ else ()
+    dense = tuple({**protected_linears(r, layout), **allocated_linears(r, layout)}) \
+        if r.quantize.method == Quantizer.GPTQ else ()
     options = CalibrationOptions(samples=c.samples, seq_len=c.seq_len, seed=c.seed, batch_size=c.batch_size,
                                  hessians=True, dense_hessians=dense or False, all_experts=c.all_experts,
                                  layerwise=c.layerwise, min_tokens=c.min_tokens, dtype=r.compute_dtype,
@@ -108,7 +123,8 @@ def sensitivity_step(ctx: RunContext, tmp: Path) -> None:
     # the measured methods re-run (the last `holdout` share of) the calibration sequences
     batches = None if options.method == "hessian" else calibration_batches(ctx, tokenizer)
     cost = estimate_costs(model, layout, stats, options, candidates=candidates, group_size=r.quantize.group_size,
-                          symmetric=r.quantize.symmetric, calibration_batches=batches, progress=ctx.progress)
+                          symmetric=r.quantize.symmetric, calibration_batches=batches, progress=ctx.progress,
+                          linears=tuple(allocated_linears(r, layout)))
     cost.save(tmp / COST_FILE)
 
 
@@ -176,6 +192,21 @@ def allocation_inputs(recipe: Recipe, layout: ModelLayout, model=None):
     return budget, rules
 
 
+def with_dense_bytes(budget, cost: CostTable, linears: dict[str, int], model):
+    """The budget grown by the bytes the allocated dense `linears` take at their protect bits, so that avg_bits
+    and megabytes keep meaning the experts' share; unchanged without such linears."""
+    from moecompress.allocate import Budget
+    from moecompress.allocate.rules import metadata_bytes
+    from moecompress.format.sizes import matrix_bytes
+
+    if not linears:
+        return budget
+    g, sym = cost.group_size, cost.symmetric
+    extra = sum(matrix_bytes(*model.get_submodule(path).weight.shape, bits, g, sym) for path, bits in linears.items())
+    experts = [it for it in cost.items if it.kind == "expert"]
+    return Budget(bytes=budget.to_bytes(sum(it.numel for it in experts), metadata_bytes(experts)) + extra)
+
+
 def allocate_step(ctx: RunContext, tmp: Path) -> None:
     from moecompress.allocate import allocate, allocation_report, copies_bytes, plot_bits_heatmap, to_bit_plan
 
@@ -183,11 +214,12 @@ def allocate_step(ctx: RunContext, tmp: Path) -> None:
     cost = CostTable.load(ctx.dir("sensitivity") / COST_FILE)
     model, _, layout = ctx.load()
     budget, rules = allocation_inputs(r, layout, model)
+    budget = with_dense_bytes(budget, cost, allocated_linears(r, layout), model)
     copy_bits = r.store.copy_bits  # the low-bit copies' bytes come out of the budget first
     allocation = allocate(cost, budget, rules, solver=r.allocation.solver.value,
                           copy_bytes=copies_bytes(layout, copy_bits, cost.group_size, cost.symmetric))
     plan = to_bit_plan(allocation, layout)
-    plan = dataclasses.replace(plan, linears={**plan.linears, **protected_linears(r, layout)}, copy_bits=copy_bits)
+    plan = dataclasses.replace(plan, linears={**protected_linears(r, layout), **plan.linears}, copy_bits=copy_bits)
     plan.save(tmp / PLAN_FILE)
     (tmp / ALLOC_REPORT).write_text(json.dumps(allocation_report(allocation), indent=1))
     plot_bits_heatmap(plan, layout, tmp / "bits_heatmap.png")

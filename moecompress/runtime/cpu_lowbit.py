@@ -22,7 +22,7 @@ import hashlib
 import os
 import platform
 import warnings
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import torch
@@ -60,6 +60,12 @@ def available() -> bool:
 
 
 def _slots_starts(slots: list[int], counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    return _slots_starts_of(tuple(slots), tuple(counts))
+
+
+@lru_cache(maxsize=4096)
+def _slots_starts_of(slots: tuple[int, ...], counts: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read-only index tensors of the C++ calls, made once per (slots, counts): decode steps repeat a few of them."""
     starts = [0]
     for c in counts:
         starts.append(starts[-1] + c)

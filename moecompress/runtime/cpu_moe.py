@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from moecompress.errors import MoecompressError
-from moecompress.runtime import cpu_features, cpu_lowbit, kernel_registry
+from moecompress.runtime import cpu_lowbit, kernel_registry
 
 # Tokens per call up to which the layer runs fused (decode steps of batch <= 8); MOECOMPRESS_CPU_FUSED_TOKENS=N sets
 # another limit (0: never fused, e.g. to compare with the general path in eval/bench_cpu.py --compare-fused).
@@ -47,16 +47,16 @@ class FusedLayer:
 
 def fused_layer(module, hidden: torch.Tensor) -> FusedLayer | None:
     """The fused call for this PackedExperts module and these hidden states, or None (the general path runs)."""
-    if hidden.shape[0] > _max_tokens() or hidden.device.type != "cpu":
+    if hidden.shape[0] > max_tokens() or hidden.device.type != "cpu":
         return None
-    key = (hidden.dtype, os.environ.get(cpu_features.ISA_ENV), os.environ.get(kernel_registry.INT8_ACTIVATIONS_ENV))
+    key = (hidden.dtype, *kernel_registry.settings())
     cache = module.__dict__.setdefault(_CACHE_ATTR, {})
     if key not in cache:
         cache[key] = _build(module, hidden.dtype)
     return cache[key]
 
 
-def _max_tokens() -> int:
+def max_tokens() -> int:
     value = os.environ.get(FUSED_TOKENS_ENV)
     if value is None:
         return FUSED_MAX_TOKENS
@@ -65,7 +65,7 @@ def _max_tokens() -> int:
     return int(value)
 
 
-def _gated_silu(module) -> bool:
+def gated_silu(module) -> bool:
     try:
         from transformers.activations import SiLUActivation
         from transformers.integrations.moe import _default_apply_gate
@@ -77,7 +77,7 @@ def _gated_silu(module) -> bool:
 
 
 def _build(module, dtype: torch.dtype) -> FusedLayer | None:
-    if not _gated_silu(module) or not cpu_lowbit.available():
+    if not gated_silu(module) or not cpu_lowbit.available():
         return None
     first, down = (getattr(module, name) for name in module.proj_names)
     args, isas, group_sizes = [], set(), set()

@@ -51,6 +51,10 @@ PATHS = ("decode", "prefill")
 # tiles: gate_up 1.14 / 1.88 at 32 rows, 2.45 / 1.79 at 64; down 0.71 / 1.00 at 32, 1.66 / 0.81 at 64; with the
 # AVX2 kernels down 1.25 / 1.09 at 32); packed_amx already at 4-8 rows.
 TILE_MIN_ROWS = 48
+# On AVX2 without VNNI the int8 decode kernel stays ahead of the tiles + float32 GEMM up to about 128 rows per expert
+# (AMD EPYC Zen 3, 1 thread, gate_up 1536 x 2048 and 2048 x 4096, 2/4/8-bit: tiles / int8 time 1.0-1.9 at 32-64
+# rows, 0.84-1.29 at 128, mixed above: `eval/bench_kernels.py --threads 1 --paths decode prefill --rows 32 64 128 256`).
+TILE_MIN_ROWS_AVX2 = 128
 AMX_MIN_ROWS = 6
 # int8 activations (the q8 kernels): "auto" for bfloat16 / float16 x only, so that float32 models stay exact up to
 # summation order (what the end-to-end tests hold them to); "always" also for float32 x; "never".
@@ -92,13 +96,13 @@ def _q8(isa: str) -> Kernel:
     return Kernel(f"q8_{isa.removeprefix('cpu:')}", "packed", run, cpu_lowbit.available, _q8_shapes)
 
 
-def _tile_mm(isa: str, name: str) -> Kernel:
+def _tile_mm(isa: str, name: str, min_rows: int = TILE_MIN_ROWS) -> Kernel:
     def run(group, x, slots, counts):
         dtype = torch.float32 if x.dtype == torch.float32 else cpu_features.compute_dtype()
         return cpu_lowbit.prefill(x, group.qweight, group.scales, _zeros(group), group.bits, group.group_size, slots,
                                   counts, isa, dtype)
 
-    return Kernel(name, "packed", run, cpu_lowbit.available, _lowbit_shapes, TILE_MIN_ROWS)
+    return Kernel(name, "packed", run, cpu_lowbit.available, _lowbit_shapes, min_rows)
 
 
 def _packed_amx_run(group, x, slots, counts):
@@ -129,7 +133,8 @@ DEQUANT = Kernel("dequant", "packed", lambda group, x, slots, counts: group._deq
                  lambda: True, lambda group, dtype: True)
 
 Q8 = {isa: _q8(isa) for isa in ("cpu:avx512_vnni", "cpu:avx2", "cpu:neon_dotprod", "cpu:portable")}
-TILE_MM = {"cpu:avx512_vnni": _tile_mm("cpu:avx512_vnni", "tile_mm_avx2"), "cpu:avx2": _tile_mm("cpu:avx2", "tile_mm_avx2"),
+TILE_MM = {"cpu:avx512_vnni": _tile_mm("cpu:avx512_vnni", "tile_mm_avx2"),
+           "cpu:avx2": _tile_mm("cpu:avx2", "tile_mm_avx2", TILE_MIN_ROWS_AVX2),
            "cpu:portable": _tile_mm("cpu:portable", "tile_mm_portable")}
 TILE_MM["cpu:neon_dotprod"] = TILE_MM["cpu:portable"]  # no NEON dequantization: the portable tiles
 
@@ -165,6 +170,11 @@ for _bits in (2, 3, 4, 8):
     for _path in PATHS:
         KERNELS[("cuda", _bits, _path)] = (CUDA[_path],)
 del _bits, _path
+
+
+def settings() -> tuple:
+    """The environment settings that change what `select` returns (callers caching a lookup key on them)."""
+    return os.environ.get(cpu_features.ISA_ENV), os.environ.get(INT8_ACTIVATIONS_ENV)
 
 
 def select(bits: int, path: str, group, dtype: torch.dtype, isa: str | None = None, layout: str | None = None) -> Kernel:

@@ -7,6 +7,8 @@ contribute nothing: summing the outputs of complementary bundles gives the full 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -114,13 +116,15 @@ class PackedExperts(nn.Module):
                 group.prepare(compute_dtype)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-        if self.expert_store is not None:  # experts live in a budgeted cache: same compute, one expert at a time
-            return self.expert_store.forward(self, hidden_states, top_k_index, top_k_weights)
-        if hidden_states.is_cuda and cuda.available() and cuda_experts.supports(self, hidden_states):
-            return cuda_experts.forward(self, hidden_states, top_k_index, top_k_weights)  # Triton, no host sync
-        fused = cpu_moe.fused_layer(self, hidden_states)  # CPU decode: the whole layer in one C++ call
-        if fused is not None:
-            return fused(hidden_states, top_k_index, top_k_weights)
+        """The first of COMPUTE_PATHS that takes this call, else the general path (`compute`)."""
+        for path in COMPUTE_PATHS:
+            run = path(self, hidden_states)
+            if run is not None:
+                return run(hidden_states, top_k_index, top_k_weights)
+        return self.compute(hidden_states, top_k_index, top_k_weights)
+
+    def compute(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        """The general path: every projection's groups in turn, any device, any number of tokens."""
         num_tokens, top_k = top_k_index.shape
         flat = top_k_index.reshape(-1)  # [S], S = T * K
         first, down = (getattr(self, name) for name in self.proj_names)
@@ -139,3 +143,20 @@ class PackedExperts(nn.Module):
         y = y.float() * weights.float().unsqueeze(-1)
         out = torch.zeros(num_tokens, y.shape[-1], dtype=torch.float32, device=y.device).index_add_(0, order // top_k, y)
         return out.to(hidden_states.dtype)
+
+
+def _store(module: PackedExperts, hidden: torch.Tensor):
+    """Experts in a budgeted cache (runtime/store/): it picks the fused or per-expert compute itself."""
+    return None if module.expert_store is None else functools.partial(module.expert_store.forward, module)
+
+
+def _cuda(module: PackedExperts, hidden: torch.Tensor):
+    """Triton kernels on CUDA, no host sync."""
+    if hidden.is_cuda and cuda.available() and cuda_experts.supports(module, hidden):
+        return functools.partial(cuda_experts.forward, module)
+    return None
+
+
+# (module, hidden_states) -> a callable (hidden_states, top_k_index, top_k_weights) -> [T, H] for the calls it takes,
+# else None; the first that takes a call runs it. cpu_moe.fused_layer: CPU decode, the whole layer in one C++ call.
+COMPUTE_PATHS = (_store, _cuda, cpu_moe.fused_layer)

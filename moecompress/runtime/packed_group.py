@@ -80,6 +80,7 @@ class PackedGroup(nn.Module):
             self.register_buffer("bias", torch.empty(n, out_features, dtype=dtype, **kw))
         self.slot = {e: i for i, e in enumerate(self.experts)}  # expert id -> row in the stacked tensors
         self._int4_block: int | None = None  # blocked layout of the int4 kernel, when unpack_blocked can read it
+        self._kernel_cache: dict = {}  # (dtype, device type, registry settings) -> (decode, prefill) kernels
 
     @property
     def _int4(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...] | None:
@@ -149,8 +150,7 @@ class PackedGroup(nn.Module):
     def _packed_matmul(self, x: torch.Tensor, hit: list[int], rows: list[int]) -> torch.Tensor:
         """Format-packed group on CPU: the registry's decode kernel for slots with fewer rows than its prefill
         kernel's `min_rows` (or PREFILL_MIN_ROWS), the prefill kernel for the others, by runs of consecutive slots of one kind. x [R, in] -> [R, out]."""
-        decode, prefill = (kernel_registry.select(self.bits, path, self, x.dtype, layout="packed")
-                           for path in kernel_registry.PATHS)
+        decode, prefill = self._kernels(x.dtype)
         min_rows = prefill.min_rows if PREFILL_MIN_ROWS is None else PREFILL_MIN_ROWS
         big = [r >= min_rows for r in rows]
         if decode is prefill or not any(big) or all(big):
@@ -163,6 +163,17 @@ class PackedGroup(nn.Module):
             y[start:end] = (prefill if many else decode).run(self, x[start:end], hit[i:i + n], rows[i:i + n])
             start, i = end, i + n
         return y
+
+    def _kernels(self, dtype: torch.dtype):
+        """(decode, prefill) kernels of the packed layout for x in `dtype`, looked up once per dtype and setting (the
+        lookup costs more than a one-row decode's work on small projections)."""
+        key = (dtype, self.qweight.device.type, *kernel_registry.settings())
+        kernels = self._kernel_cache.get(key)
+        if kernels is None:
+            kernels = tuple(kernel_registry.select(self.bits, path, self, dtype, layout="packed")
+                            for path in kernel_registry.PATHS)
+            self._kernel_cache[key] = kernels
+        return kernels
 
     def _int4_matmul(self, x: torch.Tensor, hit: list[int], counts: list[int]) -> torch.Tensor:
         """Prepared 4-bit group: PyTorch's int4 kernel for slots with few rows; slots with more (see `_min_rows`) run

@@ -15,5 +15,5 @@ class PackedLinear(PackedGroup):
         super().__init__((0,), bits, in_features, out_features, group_size, symmetric, has_bias, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.linear([0], [x.reshape(-1, x.shape[-1])])[0]  # [tokens, out]
+        y = self.linear_sorted(x.reshape(-1, x.shape[-1]), [x.numel() // x.shape[-1]])  # [tokens, out], one slot
         return y.reshape(*x.shape[:-1], self.out_features)

@@ -74,7 +74,9 @@ def capture_with_grads(model: nn.Module, layout: ModelLayout, batches: list[tupl
 
 def loss_aware_costs(model: nn.Module, layout: ModelLayout, batches: list[tuple[torch.Tensor, torch.Tensor]],
                      candidates: tuple[int, ...], settings: QuantizerSettings, granularity: str = "expert",
-                     stats: CalibrationStats | None = None, progress: bool = True) -> dict[str, dict[int, float]]:
-    """Item key -> bits -> gradient-weighted block-output damage on the held-out `batches`."""
-    captures, n = capture_with_grads(model, layout, batches, progress)
+                     stats: CalibrationStats | None = None, progress: bool = True,
+                     context_model: nn.Module | None = None) -> dict[str, dict[int, float]]:
+    """Item key -> bits -> gradient-weighted block-output damage on the held-out `batches`; inputs and gradients
+    from `context_model` (default `model`), candidate weights quantized from `model`'s."""
+    captures, n = capture_with_grads(model if context_model is None else context_model, layout, batches, progress)
     return captured_costs(model, layout, captures, n, candidates, settings, granularity, stats, True, progress)

@@ -6,7 +6,8 @@ Methods (SensitivityOptions.method, as recipe.SensitivityMethod):
 - "loss_aware": that error weighted by the loss gradient at the block output (loss_aware.py).
 All three give damage in one unit (squared block-output error per token; loss-aware: squared first-order loss
 change per token), comparable across experts and layers. Bytes per item come from format/sizes.py through
-artifacts.cost_table.build_cost_table. Dense linears get no items: their bits come from the recipe's pins.
+artifacts.cost_table.build_cost_table. Dense linears get items only when `linears` names them (loss_aware;
+linears.py); otherwise their bits come from the recipe's protect rules.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from moecompress.errors import MoecompressError
 from moecompress.sensitivity.capture import holdout_batches
 from moecompress.sensitivity.deltas import QUANTIZERS, QuantizerSettings
 from moecompress.sensitivity.hessian import hessian_costs
+from moecompress.sensitivity.linears import linear_costs, linear_shapes
 from moecompress.sensitivity.loss_aware import loss_aware_costs
 from moecompress.sensitivity.measured import measured_costs
 
@@ -85,19 +87,33 @@ def _check_inputs(layout: ModelLayout, stats: CalibrationStats | None, candidate
 def estimate_costs(model: nn.Module, layout: ModelLayout, stats: CalibrationStats | None,
                    config: SensitivityOptions = SensitivityOptions(), candidates: Iterable[int] = CANDIDATE_BITS,
                    group_size: int = 64, symmetric: bool = False, calibration_batches: Iterable[tuple] | None = None,
-                   progress: bool = True) -> CostTable:
+                   progress: bool = True, context_model: nn.Module | None = None,
+                   linears: Iterable[str] = ()) -> CostTable:
     """What each candidate bit-width would cost, for every routed expert (or expert projection) of `model`.
 
     stats: needed by the hessian method and by the gptq quantizer. calibration_batches: (input_ids [B, S],
     attention_mask [B, S], ...) tuples, needed by the measured methods, which run the last `config.holdout` share
     of the sequences.
+    context_model: (measured methods) the model whose inputs and loss gradients every experts module is measured
+    in -- by default `model` itself; progressive allocation passes the model with the experts quantized as already
+    planned, so each damage is re-estimated where the rest of the model is quantized. The candidate weights are
+    always quantized from `model`'s (the original) weights.
+    linears: dense nn.Linear paths (e.g. layout.attention_linears) that get cost items too, so that one budget
+    covers them and the experts (loss_aware method only: linears.py gives them the experts' unit).
     """
     candidates = tuple(sorted({int(b) for b in candidates}))
     _check_inputs(layout, stats, candidates, group_size)
     settings = config.quantizer_settings(group_size, symmetric)
+    linears = tuple(linears)
+    if linears and config.method != "loss_aware":
+        raise MoecompressError(f"dense linears get costs only with the loss_aware method (got {config.method!r}), "
+                               "the one whose unit (squared loss change per token) holds for experts and linears")
     if config.method == "hessian":
         if stats is None:
             raise MoecompressError("the hessian sensitivity method needs calibration statistics (run calibrate)")
+        if context_model is not None:
+            raise MoecompressError("the hessian method runs no forward pass, so it takes no context_model; use "
+                                   "method measured or loss_aware for in-context (progressive) sensitivity")
         damage = hessian_costs(model, layout, stats, candidates, settings, config.granularity, config.prior_weight,
                                progress)
         label = f"hessian-trace {config.quantizer}"
@@ -107,7 +123,15 @@ def estimate_costs(model: nn.Module, layout: ModelLayout, stats: CalibrationStat
                                    "(held-out sequences); pass calibration_batches or use method hessian")
         batches = holdout_batches(calibration_batches, config.holdout)
         costs = measured_costs if config.method == "measured" else loss_aware_costs
-        damage = costs(model, layout, batches, candidates, settings, config.granularity, stats, progress)
+        damage = costs(model, layout, batches, candidates, settings, config.granularity, stats, progress,
+                       context_model=context_model)
         label = f"{config.method} {config.quantizer} holdout={config.holdout:g}"
+        if context_model is not None and context_model is not model:
+            label += " in-context"
+        if linears:
+            damage = {**damage, **linear_costs(model, linears, batches, candidates, settings, progress,
+                                               context_model=context_model)}
+            label += f" +{len(linears)} linears"
     return build_cost_table(layout, damage, group_size=group_size, symmetric=symmetric,
-                            method=f"{label} granularity={config.granularity}")
+                            method=f"{label} granularity={config.granularity}",
+                            linear_shapes=linear_shapes(model, linears) if linears else None)

@@ -95,10 +95,15 @@ def replay_report(placement: Placement, trace: RoutingTrace, seq_len: int, hidde
 def run_shard_command(model: str, stats: str, servers: str, out: str, method: str | None = None,
                       mode: str = AUTO, balance: str = "total", replicate: bool = True,
                       eval_stats: str | None = None, replicate_dense: bool = True, balance_epsilon: float = 0.1,
-                      payload_bytes: int = 2, link: str = "lan", batch: int = 1, compute_profile: str | None = None):
+                      payload_bytes: int = 2, link: str = "lan", batch: int = 1, compute_profile: str | None = None,
+                      home_replicas: int = 0):
     """mode "auto" (default): with --method, that method's execution model; without, every method of both models,
     the fastest by modeled decode time on `link` for `batch` sequences (compute from `compute_profile`, a
-    `moecompress profile` file measured on the servers, else measured here on this machine)."""
+    `moecompress profile` file measured on the servers, else measured here on this machine). `home_replicas` > 0:
+    the expert model with a home copy of each MoE layer's that many hottest experts, in the same memory
+    (shard/home.py)."""
+    if home_replicas and mode == AUTO:
+        mode = "expert"  # home replicas exist only in the expert model
     if mode == AUTO and method is not None:
         mode = mode_of(method)
     if mode != AUTO:
@@ -118,6 +123,10 @@ def run_shard_command(model: str, stats: str, servers: str, out: str, method: st
         placement, traffic["choice"] = auto_placement(checkpoint, calib, rstats, sizes, spec, hidden, payload_bytes,
                                                       link_profile, batch, compute_profile, eval_stats, replicate)
         print(format_choice(traffic["choice"]))
+    elif home_replicas:
+        from moecompress.shard.home import place_home_replicas
+
+        placement = place_home_replicas(rstats, sizes, spec, method, home_replicas, replicate)
     else:
         placement = place(rstats, sizes, spec, method, replicate)
     if eval_stats:
@@ -136,13 +145,21 @@ def auto_placement(checkpoint: Path, calib: CalibrationStats, rstats: RoutingSta
                    eval_stats: str | None, replicate: bool):
     """--mode auto: the routing trace of the calibration (else of --eval-stats, else drawn from the counts) and the
     compute profile (from the file, else measured here) decide between every placement of both models."""
+    import torch
+
     from moecompress.shard.profile import load_profile, measure_profile
 
+    dtype = {2: torch.bfloat16, 4: torch.float32}.get(payload_bytes, torch.bfloat16)  # the payloads' dtype
     if compute_profile:
         profile = load_profile(compute_profile, batch)
     else:
-        profile = measure_profile(checkpoint, batch=batch, context=calib.seq_len, reps=3)
+        profile = measure_profile(checkpoint, batch=batch, context=calib.seq_len, reps=3, dtype=dtype)
         profile = replace(profile, source="measured on this machine: " + profile.source)
+    measured = getattr(torch, profile.dtype, None) if profile.dtype else None
+    if isinstance(measured, torch.dtype) and measured.itemsize != payload_bytes:
+        print(f"note: the compute profile was measured in {profile.dtype}, the payloads are counted at "
+              f"{payload_bytes} bytes per value; measure it in the deployment's dtype "
+              "(`moecompress profile --dtype ...`)")
     seq_len = calib.seq_len
     if calib.trace_indices is not None:
         experts, source = calib.trace_indices.numpy(), "calibration trace"

@@ -5,7 +5,9 @@ runs, the same modules the edge runtime's simulation and real ranks call), timed
 `reps` calls. Run it on a target server (`moecompress profile --model CKPT --out FILE`) and pass the file to
 `moecompress shard --compute-profile FILE`: placement plans for the servers, not for the machine that plans.
 Timer: this thread's CPU time when torch uses one thread (other work on a shared machine is not counted), else
-wall time.
+wall time. The expert model's dispatch (the home's routing, each request's encoding and decoding on both ends) is
+measured per MoE layer by running the runtime's own dispatcher on the decode call's recorded inputs
+(`measure_dispatch`); execution/timing.profile_compute puts it on the critical path.
 """
 from __future__ import annotations
 
@@ -23,7 +25,9 @@ from moecompress.shard.bundles import moe_decoder_layers, read_spec_and_config
 
 def measure_profile(checkpoint: str | Path, batch: int = 1, context: int = 128, reps: int = 5,
                     dtype: torch.dtype = torch.bfloat16, model=None) -> ComputeProfile:
-    """ComputeProfile of a decode step of `batch` sequences after `context` cached tokens (random token ids)."""
+    """ComputeProfile of a decode step of `batch` sequences after `context` cached tokens (random token ids), in
+    `dtype` (the deployment's: `moecompress run/generate --dtype`, float32 by default; `model`, when given, must
+    have been loaded in it)."""
     import moecompress
 
     if batch < 1 or context < 1 or reps < 1:
@@ -44,6 +48,10 @@ def measure_profile(checkpoint: str | Path, batch: int = 1, context: int = 128, 
             handles.append(mod.register_forward_pre_hook(lambda *_, k=(kind, i): starts.__setitem__(k, timer())))
             handles.append(mod.register_forward_hook(
                 lambda *_, k=(kind, i): spent.__setitem__(k, spent.get(k, 0.0) + timer() - starts[k])))
+    inputs: dict[int, tuple] = {}  # MoE layer -> (hidden, top_k_index, top_k_weights) of the last decode call
+    for i, mod in enumerate(experts):
+        handles.append(mod.register_forward_pre_hook(
+            lambda _m, args, kwargs, i=i: inputs.__setitem__(i, _experts_args(args, kwargs)), with_kwargs=True))
     vocab = int(config.get("vocab_size") or config.get("text_config", {}).get("vocab_size"))
     gen = torch.Generator().manual_seed(0)
     best = None
@@ -63,12 +71,85 @@ def measure_profile(checkpoint: str | Path, batch: int = 1, context: int = 128, 
         for h in handles:
             h.remove()
     total, layer_s, moe_s = best
+    # the dispatch's parts are sub-millisecond differences: the fastest of more calls than the model's
+    dispatch = [measure_dispatch(mod, *inputs[i], reps=max(4 * reps, 20), timer=timer)
+                for i, mod in enumerate(experts)]
     how = "thread CPU time" if timer is time.thread_time else "wall time"
     return ComputeProfile(batch=batch, context=context, layer_seconds=tuple(layer_s), moe_seconds=tuple(moe_s),
                           moe_decoder_layers=tuple(moe), head_seconds=max(total - sum(layer_s), 0.0),
                           source=f"{platform.node()} {platform.processor() or platform.machine()}, torch "
                                  f"{torch.__version__}, {torch.get_num_threads()} thread(s), {how}, {dtype}, "
-                                 f"min of {reps}")
+                                 f"min of {reps}",
+                          dispatch_seconds=tuple(d[0] for d in dispatch), message_seconds=tuple(d[1] for d in dispatch),
+                          serve_seconds=tuple(d[2] for d in dispatch), dtype=str(dtype).removeprefix("torch."))
+
+
+def _experts_args(args, kwargs) -> tuple:
+    names = ("hidden_states", "top_k_index", "top_k_weights")
+    values = list(args[:3]) + [kwargs[n] for n in names[len(args[:3]):]]
+    return tuple(v.detach().clone() for v in values)
+
+
+class _TimedServer:
+    """An expert server (runtime/edge/rank_model.ExpertServer) whose request handling is timed."""
+
+    def __init__(self, inner, timer):
+        self.inner, self.timer, self.seconds = inner, timer, 0.0
+
+    def handle(self, head, payload):
+        start = self.timer()
+        out = self.inner.handle(head, payload)
+        self.seconds += self.timer() - start
+        return out
+
+
+def measure_dispatch(module, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, reps: int = 5,
+                     timer=time.thread_time) -> tuple[float, float, float]:
+    """(dispatch, message, serve) seconds of one MoE layer's call through the runtime's own dispatcher
+    (DispatchedExperts, InProcess transport, ExpertServer: the code a deployment runs), on the call's recorded
+    inputs: two virtual servers, home 0. dispatch: every expert on the home (no request) minus its experts' compute;
+    message: every expert on server 1 (one request of all rows) minus the server's handling minus dispatch; serve:
+    the server's handling minus its experts' compute. Fastest of `reps` (after one warm-up); never below 0."""
+    from moecompress.execution.counters import Counters
+    from moecompress.execution.routing import ExpertTables
+    from moecompress.runtime.edge.dispatcher import DispatchedExperts
+    from moecompress.runtime.edge.rank_model import ExpertServer
+    from moecompress.runtime.edge.transport import InProcess
+
+    E = int(getattr(module, "num_experts", 0) or int(ids.max()) + 1)
+    spent = [0.0]
+    mark = [0.0]
+    hooks = [module.register_forward_pre_hook(lambda *_: mark.__setitem__(0, timer())),
+             module.register_forward_hook(lambda *_: spent.__setitem__(0, spent[0] + timer() - mark[0]))]
+
+    def tables(server: int) -> ExpertTables:
+        holds = torch.zeros(1, E, 2, dtype=torch.bool)
+        holds[0, :, server] = True
+        return ExpertTables(holds=holds, primary=torch.full((1, E), server, dtype=torch.long))
+
+    server = _TimedServer(ExpertServer(1, 0, {0: module}), timer)
+    local = DispatchedExperts(0, module, tables(0), 0, InProcess(0, {}, 2), Counters(2, 1))
+    remote = DispatchedExperts(0, None, tables(1), 0, InProcess(0, {1: server}, 2), Counters(2, 1))
+    best = [float("inf")] * 3  # local total - experts, remote total - handling, handling - experts
+    try:
+        with torch.no_grad():
+            for rep in range(reps + 1):
+                spent[0] = 0.0
+                start = timer()
+                local(hidden, ids, weights)
+                own = (timer() - start) - spent[0]
+                spent[0], server.seconds = 0.0, 0.0
+                start = timer()
+                remote(hidden, ids, weights)
+                total = timer() - start
+                if rep:
+                    best = [min(best[0], own), min(best[1], total - server.seconds),
+                            min(best[2], server.seconds - spent[0])]
+    finally:
+        for h in hooks:
+            h.remove()
+    dispatch = max(best[0], 0.0)
+    return dispatch, max(best[1] - dispatch, 0.0), max(best[2], 0.0)
 
 
 def save_profiles(profiles: list[ComputeProfile], path: str | Path) -> None:

@@ -6,7 +6,10 @@ gate between the projections, the routing weights applied in the down kernel, th
 in float32 in a fixed order. Shapes depend only on the number of tokens, so a whole decode step can be captured in a
 CUDA graph (warm up once first: Triton compiles at the first call).
 
-Paths: up to DECODE_ROWS tokens per call (and <= routing.SMALL_PAIRS pairs) take the decode path (one program
+Paths: up to PAIR_TOKENS tokens per call, layers whose groups are all packed 2/3/4/8-bit (no bias, no post-expert
+norm) take the pair path (decode.py): three launches per layer, all bit-widths in one launch per projection, no
+routing tables, the SiLU gate fused into the first projection where the model's gate is SiLU(gate) * up.
+Otherwise up to DECODE_ROWS tokens per call (and <= routing.SMALL_PAIRS pairs) take the decode path (one program
 builds the routing tables; every hit expert is one block of rows, so its packed bytes are read once per column
 tile); one token per call runs gemv_kernel there (CUDA cores; launch.GEMV_ENABLED), 2-16 tokens packed_kernel.
 More tokens take the prefill path (tables by torch ops, row blocks of 16-64, packed_kernel with wide tiles).
@@ -14,6 +17,7 @@ More tokens take the prefill path (tables by torch ops, row blocks of 16-64, pac
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from moecompress.runtime.cuda import launch, routing
 
@@ -76,10 +80,60 @@ def _grid_m(tables: routing.Tables, n_slots: int, pairs: int) -> int:
 
 def _project(proj, groups, tables, x, out, row_div, path, weights=None, one_token=False) -> None:
     pairs = tables.order.numel()
-    configs = launch.DECODE if path == "decode" else launch.PREFILL
     for group, pos0 in groups:
         launch.run(group, x, tables, pos0, _grid_m(tables, len(group.experts), pairs), out, row_div,
-                   configs[group.bits], weights, gemv=one_token and launch.GEMV_ENABLED)
+                   launch.config_for(path, group.bits, tables.block_rows), weights,
+                   gemv=one_token and launch.GEMV_ENABLED)
+
+
+def pair_supported(experts) -> bool:
+    """Whether the layer can run the pair path: two projections of packed 2/3/4/8-bit groups, no bias, no
+    post-expert norm."""
+    if len(experts.proj_names) != 2 or experts.has_post_expert_norm or getattr(experts, "has_bias", False):
+        return False
+    groups = [g for name in experts.proj_names for g in getattr(experts, name).children() if g.experts]
+    return bool(groups) and all(g.bits in (2, 3, 4, 8) and g.group_size % 32 == 0
+                                and g.group_size & (g.group_size - 1) == 0 for g in groups)
+
+
+def silu_gate(experts) -> bool:
+    """Whether the model's gate is SiLU(gate) * up on the two halves (then the pair path fuses it): checked once
+    on a small CPU tensor (exact equality), cached on the layer."""
+    fused = getattr(experts, "_cuda_silu_gate", None)
+    if fused is None:
+        fused = False
+        if experts.has_gate and experts._gate_fn is not None:
+            h = (torch.randn(4, 64, generator=torch.Generator().manual_seed(0)) * 3).to(torch.bfloat16)
+            try:
+                fused = torch.equal(experts._gate_fn(experts, h), F.silu(h[:, :32]) * h[:, 32:])
+            except Exception:  # noqa: BLE001 (any other gate: not fused)
+                fused = False
+        experts._cuda_silu_gate = fused
+    return fused
+
+
+def _bits(proj) -> set[int]:
+    return {group.bits for group in proj.children() if group.experts}
+
+
+def _forward_pairs(experts, x, flat, top_k_weights, tokens, top_k, out_dtype):
+    first, down = (getattr(experts, name) for name in experts.proj_names)
+    gated, dt, down_bits = silu_gate(experts), x.dtype, _bits(down)
+    groups, lookup = _proj_groups(first)[0], _lookup(first, x.device)
+    xs = launch.permuted(x, _bits(first))
+    g0 = groups[0][0]
+    if gated and launch.split_k(g0.in_features // g0.group_size) == 1:
+        hs = launch.run_pairs(first, groups, xs, flat, lookup, top_k, "gated", down_bits, dt)
+    elif gated:  # split K: partial sums, then SiLU(gate) * up in gate_kernel
+        part, ks = launch.run_pairs(first, groups, xs, flat, lookup, top_k, "partial", dtype=dt, halves=True)
+        hs = launch.gate(part, ks, down_bits, dt)
+    else:
+        h = launch.run_pairs(first, groups, xs, flat, lookup, top_k, "plain", dtype=dt)
+        h = (experts._gate_fn(experts, h) if experts.has_gate else experts.act_fn(h)).contiguous()
+        hs = launch.permuted(h, down_bits)
+    part, ks = launch.run_pairs(down, _proj_groups(down)[0], hs, flat, _lookup(down, x.device), 1, "partial",
+                                dtype=dt)
+    return launch.sum_top_k(part, ks, top_k_weights.reshape(-1).contiguous(), tokens, top_k, out_dtype)
 
 
 def forward(experts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
@@ -88,6 +142,8 @@ def forward(experts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top
     pairs = tokens * top_k
     x = hidden_states.contiguous()
     flat = top_k_index.reshape(-1)
+    if tokens <= launch.PAIR_TOKENS and pair_supported(experts):
+        return _forward_pairs(experts, x, flat.contiguous(), top_k_weights, tokens, top_k, hidden_states.dtype)
     first, down = (getattr(experts, name) for name in experts.proj_names)
     path = _path(tokens, pairs)
     groups, tables = _tables(first, flat, path, pairs)
@@ -119,6 +175,6 @@ def linear_sorted(group, x: torch.Tensor, slots: list[int], counts: list[int], p
     rows = launch.DECODE_ROWS if path == "decode" else launch.prefill_rows(sum(counts), len(slots))
     tables = routing.from_counts(per_slot, rows, x.device)
     out = torch.empty(x.shape[0], group.out_features, dtype=x.dtype, device=x.device)
-    config = (launch.DECODE if path == "decode" else launch.PREFILL)[group.bits]
+    config = launch.config_for(path, group.bits, rows)
     launch.run(group, x.contiguous(), tables, 0, tables.blocks.shape[0], out, 1, config, with_bias=False)
     return out

@@ -71,6 +71,33 @@ def _store(acc, y_ptr, b_ptr, rw_ptr, slot64, pair, rmask, offs_n, nmask, N, str
 
 
 @triton.jit
+def _scale_zero(s_ptr, z_ptr, idx, mask, BITS: tl.constexpr, SYMMETRIC: tl.constexpr):
+    """float32 (scale, zero point) at group entries `idx` (any shape): zeros uint8, or 2**(bits-1) when symmetric."""
+    s = tl.load(s_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    if SYMMETRIC:
+        z = tl.zeros_like(s) + (1 << (BITS - 1))
+    else:
+        z = tl.load(z_ptr + idx, mask=mask, other=0).to(tl.float32)
+    return s, z
+
+
+@triton.jit
+def _step_scale_zero(s_rows, z_rows, k0, uu, nmask, wmask, BITS: tl.constexpr, GS: tl.constexpr,
+                     SYMMETRIC: tl.constexpr, ONE_GROUP: tl.constexpr, UPG: tl.constexpr):
+    """Scales and zeros of one step of packed_kernel / gemv_kernel, shaped to broadcast on [BKW, VPW, BN]: one group
+    for the whole step (ONE_GROUP), else the group of every unit uu."""
+    if ONE_GROUP:
+        s, z = _scale_zero(s_rows, z_rows, k0 // GS, nmask, BITS, SYMMETRIC)
+        s3 = s[None, None, :]
+        z3 = z[None, None, :]
+    else:
+        s, z = _scale_zero(s_rows[None, :], z_rows[None, :], (uu // UPG)[:, None], wmask, BITS, SYMMETRIC)
+        s3 = s[:, None, :]
+        z3 = z[:, None, :]
+    return s3, z3
+
+
+@triton.jit
 def _values(q_rows, uu, wmask, BITS: tl.constexpr, VPW: tl.constexpr, UNIT: tl.constexpr):
     """uint32 integers [BKW, VPW, BN]: value j of unit uu[i] of every weight row (units: one word, or the three
     words of 32 3-bit values); each word is loaded once."""
@@ -130,20 +157,8 @@ def packed_kernel(
                 umask = uu < units
                 wmask = umask[:, None] & nmask[None, :]
                 q = _values(q_rows, uu, wmask, BITS, VPW, UNIT)  # [BKW, VPW, BN]
-                if UPG % BKW == 0:  # one group per step
-                    g = k0 // GS
-                    s = tl.load(s_rows + g, mask=nmask, other=0.0).to(tl.float32)[None, None, :]
-                    if SYMMETRIC:
-                        z = tl.full((1, 1, BN), 1 << (BITS - 1), tl.float32)
-                    else:
-                        z = tl.load(z_rows + g, mask=nmask, other=0).to(tl.float32)[None, None, :]
-                else:
-                    g = (uu // UPG)[:, None]
-                    s = tl.load(s_rows[None, :] + g, mask=wmask, other=0.0).to(tl.float32)[:, None, :]
-                    if SYMMETRIC:
-                        z = tl.full((BKW, 1, BN), 1 << (BITS - 1), tl.float32)
-                    else:
-                        z = tl.load(z_rows[None, :] + g, mask=wmask, other=0).to(tl.float32)[:, None, :]
+                s, z = _step_scale_zero(s_rows, z_rows, k0, uu, nmask, wmask, BITS, GS, SYMMETRIC, UPG % BKW == 0,
+                                        UPG)
                 w = tl.fma(_int_to_float(q), s, -(z * s)).to(dt)
                 w = tl.reshape(w, (BK, BN))
                 kk = k0 + offs_k
@@ -186,20 +201,8 @@ def gemv_kernel(
             umask = uu < units
             wmask = umask[:, None] & nmask[None, :]
             q = _values(q_rows, uu, wmask, BITS, VPW, UNIT)  # [BKW, VPW, BN]
-            if UPG % BKW == 0:
-                g = k0 // GS
-                s = tl.load(s_rows + g, mask=nmask, other=0.0).to(tl.float32)[None, None, :]
-                if SYMMETRIC:
-                    z = tl.full((1, 1, BN), 1 << (BITS - 1), tl.float32)
-                else:
-                    z = tl.load(z_rows + g, mask=nmask, other=0).to(tl.float32)[None, None, :]
-            else:
-                g = (uu // UPG)[:, None]
-                s = tl.load(s_rows[None, :] + g, mask=wmask, other=0.0).to(tl.float32)[:, None, :]
-                if SYMMETRIC:
-                    z = tl.full((BKW, 1, BN), 1 << (BITS - 1), tl.float32)
-                else:
-                    z = tl.load(z_rows[None, :] + g, mask=wmask, other=0).to(tl.float32)[:, None, :]
+            s, z = _step_scale_zero(s_rows, z_rows, k0, uu, nmask, wmask, BITS, GS, SYMMETRIC, UPG % BKW == 0,
+                                    UPG)
             x = tl.load(x_row + (uu * VPW)[:, None] + offs_j[None, :], mask=umask[:, None], other=0.0)
             acc += tl.fma(_int_to_float(q), s, -(z * s)) * x.to(tl.float32)[:, :, None]
         out = tl.sum(tl.sum(acc, axis=0), axis=0)[None, :]  # [1, BN]

@@ -31,14 +31,15 @@ def run_generate(bundles: str, prompts: list[str], max_new_tokens: int = 32, sam
                  temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None, simulate: bool = False,
                  servers: int | None = None, timeout: float = 60.0, counters_out: str | None = None,
                  dtype: str = "float32", tokenizer: str | None = None, tokens=None,
-                 similarity=None) -> list[str]:
-    """Generate continuations of `prompts` (one left-padded batch); prints them and the counters table."""
+                 similarity=None, expert_budget: int | None = None, homes=None) -> list[str]:
+    """Generate continuations of `prompts` (one left-padded batch); prints them and the counters table. homes:
+    several servers admitting the prompts round robin (deploy(..., homes=...))."""
     if max_new_tokens < 1:
         raise MoecompressError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     if not 0 < top_p <= 1 or temperature <= 0:
         raise MoecompressError("--top-p must be in (0, 1] and --temperature positive")
     with deploy(bundles, simulate=simulate, servers=servers, timeout=timeout, dtype=getattr(torch, dtype),
-                tokens=tokens, similarity=similarity) as d:
+                tokens=tokens, similarity=similarity, expert_budget=expert_budget, homes=homes) as d:
         if tokenizer:
             from transformers import AutoTokenizer
 
@@ -73,7 +74,8 @@ def run_command(bundles: str, prompts: list[str], servers: int | None = None, ti
     home = doc.get("home")
     home = int(home if home is not None else (doc.get("layer_servers") or doc["dense_servers"])[0])
     if rank != home:
-        run_rank(bundles, rank, world, "env://", timeout, getattr(torch, dtype))
+        run_rank(bundles, rank, world, "env://", timeout, getattr(torch, dtype),
+                 expert_budget=generate.get("expert_budget"))
         return
     run_generate(bundles, prompts or _stdin_prompts(), servers=servers, timeout=timeout, dtype=dtype, **generate)
 

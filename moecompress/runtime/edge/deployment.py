@@ -34,7 +34,7 @@ class Deployment:
         self._counters.add_call(ids.numel())
         mask = kwargs.get("attention_mask")
         if self.tokens is not None:
-            self.tokens.set_call(ids, mask)
+            self.tokens.set_call(ids, mask, kwargs.get("position_ids"))
         self.calls.append((ids.shape[0], ids.shape[1], mask.shape[1] if mask is not None else ids.shape[1]))
 
     @property
@@ -192,7 +192,7 @@ class Deployment:
 
 def deploy(out: str | Path, simulate: bool = True, servers: int | None = None, dtype: torch.dtype = torch.float32,
            timeout: float = 60.0, record: bool = False, verify: bool = True, tokens=None,
-           similarity=None) -> Deployment:
+           similarity=None, homes=None, expert_budget: int | None = None) -> Deployment:
     """Run the bundles in `out` (a `moecompress shard` output) as one model, this process being the home server.
 
     simulate: all servers in this process (InProcess transport), else one gloo process per server (started here,
@@ -203,9 +203,18 @@ def deploy(out: str | Path, simulate: bool = True, servers: int | None = None, d
     "int8+protect:first=4+prune_server:threshold=0.2", a recipe YAML file with a `tokens` section, a list or dict,
     or a TokenPipeline; see execution/tokens/policy.py; None: off, the lossless exchange). similarity: [L, E, E]
     expert similarity for the `substitute` policy (a tensor or a file, see `token_settings`). Use as a context
-    manager, or call close().
+    manager, or call close(). homes: several servers admitting requests (expert model, dense weights on each of
+    them; sequences spread round robin, the first home is this process; see homes.py): a HomesDeployment.
+    expert_budget: bytes of experts each server keeps in memory, the rest read from its bundle on use (expert
+    model; runtime/store/); None: all resident.
     """
     from moecompress.runtime.edge.tokens import resolve_pipeline
+
+    if homes is not None and len(set(homes)) > 1:
+        if expert_budget is not None:
+            raise MoecompressError("expert_budget is not supported with several homes yet; use one home")
+        return _deploy_homes(Path(out), tuple(int(h) for h in homes), simulate, servers, dtype, timeout, record,
+                             verify, tokens)
 
     pipeline = resolve_pipeline(tokens)  # a bad spec is refused before anything starts
     out = Path(out)
@@ -222,6 +231,9 @@ def deploy(out: str | Path, simulate: bool = True, servers: int | None = None, d
         raise MoecompressError(f"rank {os.environ['RANK']} is not the home ({home_guess}); start it with "
                                "`moecompress run`, which serves requests on non-home ranks")
     info = read_bundle(out, int(home_guess), world_size=world, verify=verify)
+    if expert_budget is not None and info.mode != Mode.EXPERT:
+        raise MoecompressError("expert_budget needs expert-model bundles (`moecompress shard` in expert mode); "
+                               f"{out} is a {info.mode.value} deployment")
     counters = Counters(num_servers, _counted_layers(info))
     recorder = [] if record else None
     settings = None
@@ -234,7 +246,7 @@ def deploy(out: str | Path, simulate: bool = True, servers: int | None = None, d
     if simulate:
         from moecompress.runtime.edge.serve import build_handler
 
-        handlers = {n: build_handler(read_bundle(out, n, world_size=num_servers, verify=verify), dtype)
+        handlers = {n: build_handler(read_bundle(out, n, world_size=num_servers, verify=verify), dtype, expert_budget)
                     for n in range(num_servers) if n != info.home}
         transport = InProcess(info.home, handlers, num_servers)
     else:
@@ -245,7 +257,8 @@ def deploy(out: str | Path, simulate: bool = True, servers: int | None = None, d
         if torchrun:
             init, watch = "env://", None
         else:
-            launched = LocalServers(out, num_servers, info.home, timeout, str(dtype).removeprefix("torch."))
+            launched = LocalServers(out, num_servers, info.home, timeout, str(dtype).removeprefix("torch."),
+                                    expert_budget=expert_budget)
             launched.wait_ready(load_timeout=max(timeout, 600.0))  # a first load may compile kernels
             init, watch = launched.init_method, launched.watch
         from moecompress.runtime.edge.transport import init_group
@@ -259,7 +272,7 @@ def deploy(out: str | Path, simulate: bool = True, servers: int | None = None, d
         downstream, chain_end = _downstream(info)
         transport = TorchDistributed(info.home, num_servers, timeout, device, watch, downstream, chain_end)
     try:
-        model, tokenizer = _home_model(info, dtype, transport, counters, recorder, settings)
+        model, tokenizer = _home_model(info, dtype, transport, counters, recorder, settings, expert_budget)
     except BaseException:
         transport.close()
         if launched is not None:
@@ -282,7 +295,7 @@ def _downstream(info: BundleInfo) -> tuple[list[int], dict[int, int]]:
     return (stages[:1] + idle), ({stages[0]: stages[-1]} if stages else {})
 
 
-def _home_model(info: BundleInfo, dtype, transport, counters, recorder, settings=None):
+def _home_model(info: BundleInfo, dtype, transport, counters, recorder, settings=None, expert_budget=None):
     from moecompress.runtime.edge.dispatcher import install_dispatchers
     from moecompress.runtime.edge.rank_model import load_full
 
@@ -292,6 +305,11 @@ def _home_model(info: BundleInfo, dtype, transport, counters, recorder, settings
 
         return home_pipeline_model(info, dtype, transport, counters), tokenizer
     model = load_full(info, dtype)
+    if expert_budget is not None:  # the home's own experts under a store (runtime/store/)
+        from moecompress.runtime.store.rank import attach_server_store, held_experts_modules
+
+        attach_server_store(info.directory, held_experts_modules(model, info.experts_paths), info.experts_paths,
+                            expert_budget, model)
     install_dispatchers(model, info.experts_paths, ExpertTables.from_assignment(info.assignment, info.num_servers),
                         info.home, transport, counters, recorder, settings)
     return model, tokenizer
@@ -303,3 +321,80 @@ def _tokenizer(directory: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(directory))
+
+
+def _deploy_homes(out: Path, homes: tuple[int, ...], simulate: bool, servers, dtype, timeout: float, record: bool,
+                  verify: bool, tokens):
+    """deploy(..., homes=...): every home's model (simulation) or the front's and the other homes' processes."""
+    from moecompress.runtime.edge.homes import HomesDeployment, RemoteHome, home_server
+
+    doc, _ = placement_doc(out)
+    num_servers = len(doc["memory_bytes"])
+    if servers is not None and servers != num_servers:
+        raise MoecompressError(f"the placement in {out} has {num_servers} servers, not {servers}")
+    if tokens is not None:
+        raise MoecompressError("token policies with several homes are not supported; deploy with one home")
+    if len(set(homes)) != len(homes) or not all(0 <= h < num_servers for h in homes):
+        raise MoecompressError(f"homes {list(homes)}: give distinct servers of the placement (0..{num_servers - 1})")
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not simulate:
+        raise MoecompressError("several homes under torchrun are not supported; use deploy(..., simulate=False) on "
+                               "one machine")
+    infos = {h: read_bundle(out, h, world_size=num_servers, verify=verify) for h in homes}
+    for h, info in infos.items():
+        if info.mode != Mode.EXPERT or info.holds != "full":
+            raise MoecompressError(f"server {h} cannot be a home: several homes need the expert model with dense "
+                                   f"weights on every home (its bundle holds {info.holds}, mode {info.mode.value}); "
+                                   "shard without --dense-on-one")
+    front = homes[0]
+    counters = Counters(num_servers, len(infos[front].experts_paths))
+    num_experts = len(infos[front].assignment[0]) if infos[front].assignment else 0
+    tables = ExpertTables.from_assignment(infos[front].assignment, num_servers)
+    if simulate:
+        from moecompress.runtime.edge.dispatcher import install_dispatchers
+        from moecompress.runtime.edge.rank_model import load_full
+        from moecompress.runtime.edge.serve import build_handler
+
+        models, recorders = {}, {}
+        for h in homes:
+            models[h] = load_full(infos[h], dtype)
+            recorders[h] = [] if record else None
+        handlers = {n: build_handler(read_bundle(out, n, world_size=num_servers, verify=verify), dtype)
+                    for n in range(num_servers) if n not in homes}
+        members = {}
+        for h in homes:
+            transport = InProcess(h, {}, num_servers)
+            install_dispatchers(models[h], infos[h].experts_paths, tables, h, transport, counters, recorders[h])
+            members[h] = (models[h], transport)
+        handlers.update({h: home_server(h, models[h], num_experts) for h in homes})
+        deployments = {}
+        for h, (model, transport) in members.items():
+            transport.handlers = {n: handler for n, handler in handlers.items() if n != h}
+            deployments[h] = Deployment(model, infos[h], transport, counters, _tokenizer(infos[h].directory), None,
+                                        recorders[h])
+        return HomesDeployment(homes, deployments, deployments[front], counters,
+                               [d for h, d in deployments.items() if h != front])
+    import torch.distributed as dist
+
+    from moecompress.runtime.edge.launch import LocalServers
+    from moecompress.runtime.edge.transport import init_group
+
+    launched = LocalServers(out, num_servers, front, timeout, str(dtype).removeprefix("torch."), homes=homes)
+    launched.wait_ready(load_timeout=max(timeout, 600.0))
+    try:
+        device = init_group(launched.init_method, front, num_servers, timeout)
+    except RuntimeError as exc:
+        launched.close(grace=1.0)
+        raise MoecompressError(f"the servers did not all join within {timeout:g} s ({exc})") from exc
+    transport = TorchDistributed(front, num_servers, timeout, device, launched.watch)
+    try:
+        model, tokenizer = _home_model(infos[front], dtype, transport, counters, None, None)
+    except BaseException:
+        transport.close()
+        launched.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        raise
+    deployment = Deployment(model, infos[front], transport, counters, tokenizer, launched, None)
+    server = home_server(front, model, num_experts)
+    members = {h: deployment if h == front else RemoteHome(h, transport, server, counters) for h in homes}
+    return HomesDeployment(homes, members, deployment, counters)

@@ -38,11 +38,16 @@ class TokenSettings:
         self.sequence: torch.Tensor | None = None
         self.position: torch.Tensor | None = None
 
-    def set_call(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+    def set_call(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                 position_ids: torch.Tensor | None = None) -> None:
         """Layout of a [B, S] call: sequence = batch row; position = index among the row's real tokens (left
-        padding gets negative positions), from the 2-D mask [B, S_kv] whose last S columns are this call's."""
+        padding gets negative positions), from the 2-D mask [B, S_kv] whose last S columns are this call's; without
+        a mask (generate drops an all-ones one), from the model's position ids [B or 1, S] (a decode step is at its
+        cache length, not at 0)."""
         B, S = input_ids.shape
-        if attention_mask is None:
+        if attention_mask is None and position_ids is not None:
+            pos = position_ids.long().cpu().expand(B, S)
+        elif attention_mask is None:
             pos = torch.arange(S).expand(B, S)
         else:
             pos = (attention_mask.long().cpu().cumsum(-1) - 1)[:, -S:]

@@ -20,7 +20,8 @@ from moecompress.errors import MoecompressError
 
 
 class LocalServers:
-    def __init__(self, out: str | Path, world_size: int, home: int, timeout: float, dtype: str = "float32"):
+    def __init__(self, out: str | Path, world_size: int, home: int, timeout: float, dtype: str = "float32",
+                 homes: tuple[int, ...] = (), expert_budget: int | None = None):
         self.out, self.world_size, self.home, self.timeout = str(out), world_size, home, timeout
         self.tmp = Path(tempfile.mkdtemp(prefix="moecompress-edge-"))
         self.init_method = f"file://{self.tmp / 'rendezvous'}"
@@ -33,7 +34,9 @@ class LocalServers:
             self.procs[rank] = subprocess.Popen(
                 [sys.executable, "-m", "moecompress.runtime.edge.serve", "--bundles", self.out, "--rank", str(rank),
                  "--world-size", str(world_size), "--init-method", self.init_method, "--timeout", str(timeout),
-                 "--dtype", dtype, "--ready", str(self.tmp / f"ready-{rank}")],
+                 "--dtype", dtype, "--ready", str(self.tmp / f"ready-{rank}")]
+                + (["--homes", ",".join(map(str, homes))] if len(homes) > 1 else [])
+                + (["--expert-budget", str(expert_budget)] if expert_budget is not None else []),
                 stdout=log, stderr=subprocess.STDOUT, env=env)
             log.close()
 

@@ -20,7 +20,10 @@ from moecompress.runtime.edge import wire
 
 
 def serve(handler, rank: int, upstream: int, downstream: int | None, home: int, world_size: int,
-          device: torch.device) -> None:
+          device: torch.device, any_source: bool = False, admit=None) -> None:
+    """any_source (several homes): take requests from every rank and answer each (a payload alone) to the rank that
+    asked; `home` is the front (stop, stats). admit(request dict) -> result dict: this rank is a home too
+    (OP_ADMIT, homes.run_admission)."""
     import torch.distributed as dist
 
     from moecompress.runtime.edge.transport import LinkDelay, message_bytes
@@ -29,7 +32,8 @@ def serve(handler, rank: int, upstream: int, downstream: int | None, home: int, 
     exchange = 0.0
     while True:
         head = wire.empty_header().to(device)
-        dist.recv(head, upstream)  # idle wait: not exchange time
+        src = dist.recv(head, None if any_source else upstream)  # idle wait: not exchange time
+        src = upstream if src is None or src < 0 else int(src)
         h = head.cpu().tolist()
         op = h[0]
         start = time.perf_counter()
@@ -42,7 +46,7 @@ def serve(handler, rank: int, upstream: int, downstream: int | None, home: int, 
             continue
         payload = torch.empty(wire.payload_bytes(h), dtype=torch.uint8, device=device)
         if payload.numel():
-            dist.recv(payload, upstream)
+            dist.recv(payload, src)
         if op == wire.OP_STATS:
             stats = payload.cpu().view(torch.float64) if payload.numel() else torch.zeros(world_size * 3,
                                                                                           dtype=torch.float64)
@@ -55,7 +59,13 @@ def serve(handler, rank: int, upstream: int, downstream: int | None, home: int, 
                 dist.send(stats.to(device), home)
             continue
         exchange += time.perf_counter() - start
-        for dst, out_head, out_payload in handler.handle(h, payload.cpu()):
+        if op == wire.OP_ADMIT and admit is not None:
+            outgoing = [(src, *wire.encode_object(wire.OP_RESULT, admit(wire.decode_object(payload.cpu()))))]
+        else:
+            outgoing = handler.handle(h, payload.cpu())
+        for dst, out_head, out_payload in outgoing:
+            if any_source and out_head is None:
+                dst = src  # a reply answers the home that asked
             start = time.perf_counter()
             if delay is not None:
                 delay.before_send(message_bytes(out_head) + message_bytes(out_payload), first=True)
@@ -111,29 +121,39 @@ class PlanServer:
         return self.inner.stats()
 
 
-def build_handler(info, dtype: torch.dtype):
+def build_handler(info, dtype: torch.dtype, expert_budget: int | None = None):
     from moecompress.execution.routing import Mode
     from moecompress.runtime.edge.rank_model import ExpertServer, load_experts
 
     if info.mode == Mode.EXPERT:
         num_experts = len(info.assignment[0]) if info.assignment else 0
-        return PlanServer(ExpertServer(info.server, info.home, load_experts(info, dtype)), num_experts)
+        experts = load_experts(info, dtype)
+        if expert_budget is not None:  # at most that many bytes of experts resident (runtime/store/)
+            from moecompress.runtime.store.rank import attach_server_store
+
+            attach_server_store(info.directory, experts, info.experts_paths, expert_budget)
+        return PlanServer(ExpertServer(info.server, info.home, experts), num_experts)
     from moecompress.runtime.edge.pipeline import IdleServer, StageServer
 
     return StageServer.load(info, dtype) if info.server in info.stages else IdleServer()
 
 
 def run_rank(out: str, rank: int, world_size: int, init_method: str, timeout: float, dtype: torch.dtype,
-             ready: str | None = None) -> None:
-    """Everything a non-home rank does; raises MoecompressError for refusals (before any exchange)."""
+             ready: str | None = None, homes: tuple[int, ...] = (), expert_budget: int | None = None) -> None:
+    """Everything a non-home rank does; raises MoecompressError for refusals (before any exchange). homes (several
+    homes, the first is the front): a home other than the front runs its home model beside the serve loop."""
     import torch.distributed as dist
 
     from moecompress.runtime.edge.bundle import read_bundle
 
     info = read_bundle(out, rank, world_size=world_size)
-    if rank == info.home:
+    several = len(homes) > 1
+    front = homes[0] if several else info.home
+    if rank == front:
         raise MoecompressError(f"rank {rank} is the home server; it runs the model (deploy / moecompress generate)")
-    handler = build_handler(info, dtype)
+    if several and rank in homes:
+        return _run_home(info, rank, world_size, init_method, timeout, dtype, ready, front)
+    handler = build_handler(info, dtype, expert_budget)
     upstream, downstream = neighbours(info)
     if ready:
         Path(ready).write_text("ready")
@@ -141,8 +161,44 @@ def run_rank(out: str, rank: int, world_size: int, init_method: str, timeout: fl
 
     device = init_group(init_method, rank, world_size, timeout)  # gloo on CPU, NCCL on CUDA (transport.py)
     try:
-        serve(handler, rank, upstream, downstream, info.home, world_size, device)
+        serve(handler, rank, front if several else upstream, downstream, front, world_size, device,
+              any_source=several)
     finally:
+        dist.destroy_process_group()
+
+
+def _run_home(info, rank: int, world_size: int, init_method: str, timeout: float, dtype: torch.dtype,
+              ready: str | None, front: int) -> None:
+    """A home besides the front: its home model (requests the front admits here) and its experts for the others."""
+    import torch.distributed as dist
+
+    from moecompress.execution.counters import Counters
+    from moecompress.runtime.edge.deployment import Deployment, _home_model
+    from moecompress.runtime.edge.homes import home_server, run_admission
+    from moecompress.runtime.edge.transport import TorchDistributed, init_group
+
+    from moecompress.runtime.edge.dispatcher import DispatchedExperts
+
+    from dataclasses import replace
+
+    info = replace(info, home=rank)  # this rank's sequences are routed from here
+    counters = Counters(world_size, len(info.experts_paths))
+    model, _ = _home_model(info, dtype, None, counters, None, None)  # loaded before joining, like every rank
+    num_experts = len(info.assignment[0]) if info.assignment else 0
+    if ready:
+        Path(ready).write_text("ready")
+    device = init_group(init_method, rank, world_size, timeout)
+    transport = TorchDistributed(rank, world_size, timeout, device, downstream=[])  # no pings, no stop: the front's
+    for module in model.modules():
+        if isinstance(module, DispatchedExperts):
+            module.transport = transport
+    try:
+        deployment = Deployment(model, info, transport, counters)
+        deployment._abort = lambda: None  # a failed admission is reported to the front, which stops everyone
+        serve(home_server(rank, model, num_experts), rank, front, None, front, world_size, device, any_source=True,
+              admit=lambda request: run_admission(deployment, request))
+    finally:
+        transport.abandon()
         dist.destroy_process_group()
 
 
@@ -155,9 +211,13 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=60.0)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--ready")
+    p.add_argument("--homes", default="", help="several homes: comma-separated servers, the first is the front")
+    p.add_argument("--expert-budget", type=int, help="bytes of this server's experts kept in memory (runtime/store/)")
     a = p.parse_args(argv)
+    homes = tuple(int(h) for h in a.homes.split(",") if h.strip())
     try:
-        run_rank(a.bundles, a.rank, a.world_size, a.init_method, a.timeout, getattr(torch, a.dtype), a.ready)
+        run_rank(a.bundles, a.rank, a.world_size, a.init_method, a.timeout, getattr(torch, a.dtype), a.ready, homes,
+                 a.expert_budget)
     except MoecompressError as exc:
         print(f"error: server {a.rank}: {exc}", file=sys.stderr, flush=True)
         return 2

@@ -126,7 +126,7 @@ class InProcess:
                 continue
             out = self.handlers[d].handle(h.tolist(), p)
             for nxt, nh, np_ in out:
-                if nxt == self.home:
+                if nxt == self.home or nh is None:  # a payload alone answers the home that asked (several homes)
                     self._replies[d].append(np_)
                 else:
                     queue.append((nxt, nh, np_))

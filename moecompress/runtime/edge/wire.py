@@ -15,6 +15,7 @@ from moecompress.execution.tokens.payload import (
 )
 
 OP_STOP, OP_PING, OP_EXPERT, OP_STATS, OP_STAGE, OP_RESET, OP_PLAN = 0, 1, 2, 3, 4, 5, 6
+OP_ADMIT, OP_RESULT = 7, 8  # several homes: a request admitted at another home (a = payload bytes), its result
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 assert ID_BYTES == 4 and WEIGHT_BYTES == 4  # int32 ids, float32 weights below
 
@@ -179,4 +180,23 @@ def payload_bytes(head: list[int]) -> int:
         return rows * top_k * b * dtype_of(code).itemsize + rows * a + rows * top_k * 4
     if op == OP_STATS:
         return rows * 3 * 8 if a else 0
+    if op in (OP_ADMIT, OP_RESULT):
+        return a
     return 0
+
+
+def encode_object(op: int, obj) -> tuple[torch.Tensor, torch.Tensor]:
+    """(header, payload) of an admission (OP_ADMIT) or its result (OP_RESULT): a dict of tensors, numbers, strings
+    and lists, serialised by torch.save (read back with weights_only=True: no code is loaded)."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    payload = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+    return header(op, a=payload.numel()), payload
+
+
+def decode_object(payload: torch.Tensor):
+    import io
+
+    return torch.load(io.BytesIO(payload.numpy().tobytes()), weights_only=True)

@@ -6,6 +6,9 @@ by name, prefetch of layer l+1 while layer l computes, optional low-bit copies f
 
     model = moecompress.from_pretrained(ckpt, expert_budget=2 << 30)            # defaults: store.DEFAULTS
     model.expert_store.counters()                                               # hits, misses, bytes/token, ...
+    deploy(bundles, expert_budget=2 << 30)   # or --expert-budget: each server's experts (rank.py)
+
+Decode steps take the fused CPU call over the slots where the resident model would (fused.py).
 """
 from moecompress.runtime.store.attach import attach_store, detach_store
 from moecompress.runtime.store.policies import EVICTION_POLICIES

@@ -19,6 +19,7 @@ from moecompress.format.spec import read_spec
 from moecompress.runtime.packed_experts import PackedExperts
 from moecompress.runtime.packed_group import PackedGroup
 from moecompress.runtime.store.cache import ExpertCache, ProjShape, StoreLayout
+from moecompress.runtime.store.fused import layer_settings
 from moecompress.runtime.store.prefetch import make_predictor
 from moecompress.runtime.store.store import ExpertStore, LayerView, StoreConfig
 from moecompress.runtime.store.tiers import FileTier, PinnedTier, row_source, tensor_index
@@ -109,6 +110,21 @@ def _routers(model: nn.Module | None, paths: dict[int, str], num_experts: dict[i
     return out
 
 
+def _norms(model: nn.Module | None, paths: dict[int, str]) -> list:
+    """Per MoE layer: the RMSNorm weight in front of its MoE block (the decoder layer's post_attention_layernorm)."""
+    out = []
+    for layer in range(max(paths) + 1):
+        weight = None
+        if model is not None and layer in paths:
+            block = paths[layer].rpartition(".")[0].rpartition(".")[0]  # decoder layer of <layer>.mlp.experts
+            norm = getattr(model.get_submodule(block), "post_attention_layernorm", None) if block else None
+            w = getattr(norm, "weight", None)
+            if isinstance(w, torch.Tensor) and w.dim() == 1:
+                weight = w.detach()
+        out.append(weight)
+    return out
+
+
 def _copy_groups(copies: dict, modules: dict[int, PackedExperts], layout: StoreLayout) -> tuple[dict, int]:
     """copies: layer -> proj -> {"bits", "qweight", "scales"[, "zeros"]} for all experts -> resident PackedGroups."""
     out, total = {}, 0
@@ -144,14 +160,16 @@ def checkpoint_copies(directory: Path, spec, paths: dict[int, str]) -> dict | No
 
 def attach_store(model: nn.Module | None, directory: str | Path, config: StoreConfig, *,
                  modules: dict[int, PackedExperts] | None = None, paths: dict[int, str] | None = None, stats=None,
-                 copies: dict | None = None, predictor=None) -> ExpertStore:
+                 copies: dict | None = None, predictor=None, top_k: int | None = None) -> ExpertStore:
     """Hook an ExpertStore into every PackedExperts of `model`, or into the given {MoE layer: module} with their
     {MoE layer: experts path} (one rank of the edge runtime: `rank_model.load_experts(info, dtype)` and
     `info.experts_paths`; `directory` is then the rank's bundle, layers keep their global MoE ordinals).
 
     stats: ExpertStats (default: the checkpoint's expert_stats.safetensors, if any); copies: low-bit copies as
     `checkpoint_copies` gives them (default: the checkpoint's own); predictor: an object with `scores(layer, hidden,
-    top_k_index, top_k_weights)` overriding config.prefetch (tests use a deliberately wrong one).
+    top_k_index, top_k_weights)` overriding config.prefetch (tests use a deliberately wrong one); top_k: experts
+    routed per token (default: the model's config), needed where the layers take the fused decode call, which
+    computes one token's routed experts together (the smallest workable budget holds them).
     """
     directory = Path(directory)
     spec = read_spec(directory)
@@ -185,20 +203,45 @@ def attach_store(model: nn.Module | None, directory: str | Path, config: StoreCo
     value = _value(stats, config.domain, layout.nbytes)
     inside = copy_bytes if config.copies_in_budget else 0
     note = f" plus the resident low-bit copies ({copy_bytes} bytes)" if inside else ""
-    cache = ExpertCache(layout, _Tier(sources, config, device), config.budget, config.policy, value, inside, note)
+    working_set = 1
+    if any(layer_settings(m, layout, layer, copy_groups.get(layer, {}), compute_dtype) is not None
+           for layer, m in modules.items()):
+        working_set = top_k or _config_top_k(model, directory)
+        if working_set is None:
+            raise MoecompressError("these experts take the fused decode call, which computes one token's routed "
+                                   "experts together: give attach_store top_k= (experts routed per token)")
+    cache = ExpertCache(layout, _Tier(sources, config, device), config.budget, config.policy, value, inside, note,
+                        working_set)
     cache.copy_bytes = copy_bytes
     if predictor is None and config.prefetch is not None:
         routers = _routers(model, paths, {layer: spec.experts[paths[layer]].num_experts for layer in paths})
-        predictor = make_predictor(config.prefetch, stats, routers)
+        predictor = make_predictor(config.prefetch, stats, routers, _norms(model, paths))
     if config.pin_share > 0:
         if not value:
             raise MoecompressError("pinning needs the checkpoint's expert statistics (expert_stats.safetensors), "
                                    "which it lacks; give pin_share=0 or re-export with statistics")
-        cache.pin(value, config.pin_share)
+        cache.pin(_pin_value(value, set(modules), predictor is not None), config.pin_share)
     store = ExpertStore(cache, config, predictor, copy_groups)
     for layer, m in modules.items():
         m.expert_store = LayerView(store, layer)
     return store
+
+
+def _config_top_k(model, directory: Path) -> int | None:
+    """Experts routed per token: the model's config, else the checkpoint's or bundle's config.json."""
+    config = getattr(model, "config", None)
+    if config is None and (directory / "config.json").exists():
+        import json
+
+        config = json.loads((directory / "config.json").read_text())
+        config = config.get("text_config", config)
+    else:
+        config = vars(getattr(config, "text_config", None) or config) if config is not None else {}
+    for name in ("num_experts_per_tok", "moe_topk", "num_experts_per_token", "top_k"):
+        value = config.get(name)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def _value(stats, domain: str | None, nbytes: dict) -> dict:
@@ -211,6 +254,19 @@ def _value(stats, domain: str | None, nbytes: dict) -> dict:
             raise MoecompressError(f"domain {domain!r} is not in the expert statistics; known: {list(stats.domains)}")
         mass = stats.domain_mass[stats.domains.index(domain)]
     return {key: float(mass[key]) / nb for key, nb in nbytes.items()}
+
+
+# With prefetch, a layer whose predecessor is in the store gets most of its uses read ahead; a layer without one (the
+# first MoE layer: nothing runs before it in a step) only from what stays resident. Pinning pays most there, so the
+# predicted layers' pinning value is weighted by this (about 1 - the predictors' accuracy, 0.75-0.85 measured; weights
+# 1/3..1/8 gave the same hit rates on refmoe-qwen3, eval/results/store.md).
+PREDICTED_PIN_WEIGHT = 0.25
+
+
+def _pin_value(value: dict, layers: set[int], prefetch: bool) -> dict:
+    if not prefetch:
+        return value
+    return {key: v * (PREDICTED_PIN_WEIGHT if key[0] - 1 in layers else 1.0) for key, v in value.items()}
 
 
 def detach_store(modules) -> None:

@@ -4,8 +4,9 @@ A slot holds one expert of one MoE layer: one single-expert PackedGroup per proj
 the kernels compute it exactly as in the fully resident model). Keys are (layer, expert), layer = MoE ordinal.
 
 Budget (bytes): resident slots + reads in flight (space is reserved before a read starts) + the resident low-bit
-copies never exceed it. A forward call holds one expert at a time (all its projections), so the smallest workable
-budget is the largest expert of any layer plus the low-bit copies; pinned slots are chosen so that this room stays.
+copies never exceed it. A forward call holds `working_set` experts at once (all their projections): one on the
+per-expert path, one token's top-k on the fused decode path (store/fused.py), so the smallest workable budget is the
+largest such set of any layer plus the low-bit copies; pinned slots are chosen so that this room stays.
 
 Thread safety: one condition variable guards the table; reads run outside it (the prefetch thread's and the forward's
 reads overlap with computation). An expert being computed or read is never evicted.
@@ -58,20 +59,25 @@ class StoreLayout:
 
 class ExpertCache:
     def __init__(self, layout: StoreLayout, tier, budget: int, policy: str = "lru", value: dict | None = None,
-                 reserved_bytes: int = 0, copy_note: str = ""):
-        """tier.read_expert(key) -> {(proj, name): tensor}; reserved_bytes: resident beside the slots (low-bit copies)."""
+                 reserved_bytes: int = 0, copy_note: str = "", working_set: int = 1):
+        """tier.read_expert(key) -> {(proj, name): tensor}; reserved_bytes: resident beside the slots (low-bit copies);
+        working_set: experts one call computes together (1, or the top-k of the fused decode call)."""
         if policy not in EVICTION_POLICIES:
             raise MoecompressError(f"unknown eviction policy {policy!r}; allowed: {', '.join(EVICTION_POLICIES)}")
         self.layout, self.tier = layout, tier
         self.budget = int(budget)
         self.capacity = self.budget - reserved_bytes  # bytes the slots may use
-        key, largest = max(layout.nbytes.items(), key=lambda kv: kv[1])
-        self.min_budget = largest + reserved_bytes
+        self.working_set = working_set
+        key, largest, layer, self.working_bytes = _largest_set(layout.nbytes, working_set)
+        self.min_budget = self.working_bytes + reserved_bytes
         if self.budget < self.min_budget:
+            what = (f"the largest expert (MoE layer {key[0]}, expert {key[1]}: {largest} bytes, all projections)"
+                    if working_set == 1 else
+                    f"one token's {working_set} routed experts, computed together by the fused decode call (the "
+                    f"{working_set} largest of MoE layer {layer}: {self.working_bytes} bytes, all projections)")
             raise MoecompressError(
                 f"expert budget {self.budget} bytes is below the smallest workable budget {self.min_budget} bytes: "
-                f"the largest expert (MoE layer {key[0]}, expert {key[1]}: {largest} bytes, all projections) must fit"
-                f"{copy_note}; give an expert budget of at least {self.min_budget} bytes")
+                f"{what} must fit{copy_note}; give an expert budget of at least {self.min_budget} bytes")
         self.policy = EVICTION_POLICIES[policy](value)
         self.slots: dict[tuple[int, int], Slot] = {}
         self.inflight: set[tuple[int, int]] = set()
@@ -226,8 +232,8 @@ class ExpertCache:
 
     def pin(self, value: dict, share: float) -> None:
         """Pin experts by value per byte (highest first) up to `share` of the slots' capacity, leaving room for the
-        largest expert (what a miss needs); read now, counted as bytes at load."""
-        room = self.capacity - max(self.layout.nbytes.values())
+        working set (what a call's misses need); read now, counted as bytes at load."""
+        room = self.capacity - self.working_bytes
         limit, total = min(share * self.capacity, room), 0
         before = self.tier.bytes_read
         for key in sorted(value, key=lambda k: (-value[k], k)):
@@ -241,3 +247,19 @@ class ExpertCache:
     def resident(self) -> set[tuple[int, int]]:
         with self.cond:
             return set(self.slots)
+
+    def room(self) -> int:
+        """Bytes the unpinned slots may use (what one call's experts must fit in)."""
+        with self.cond:
+            return self.capacity - self.counters.pinned_bytes
+
+
+def _largest_set(nbytes: dict[tuple[int, int], int], size: int) -> tuple[tuple[int, int], int, int, int]:
+    """(key of the largest expert, its bytes, the layer with the largest sum of `size` experts' bytes, that sum)."""
+    key, largest = max(nbytes.items(), key=lambda kv: kv[1])
+    per_layer: dict[int, list[int]] = {}
+    for (layer, _), nb in nbytes.items():
+        per_layer.setdefault(layer, []).append(nb)
+    sums = {layer: sum(sorted(v, reverse=True)[:size]) for layer, v in per_layer.items()}
+    worst = max(sums, key=lambda layer: (sums[layer], -layer))
+    return key, largest, worst, sums[worst]

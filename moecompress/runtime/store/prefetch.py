@@ -8,8 +8,8 @@ A predictor ranks layer l+1's experts from what layer l knows when its experts m
 A prediction is only a hint: the forward computes whatever was routed, fetching what is missing, so a wrong
 prediction costs time, never changes results.
 
-The thread reads the predicted experts (best first) into the cache while the forward computes; a request is dropped
-as soon as the layer it is for starts (the forward reads what it still misses itself). It never waits for room: when
+Two threads read the predicted experts (best first, two reads in flight) into the cache while the forward computes;
+a request is dropped as soon as the layer it is for starts (the forward reads what it still misses itself). It never waits for room: when
 only pinned or busy slots could make room, the rest of the request is dropped.
 """
 from __future__ import annotations
@@ -35,14 +35,24 @@ class PathsPredictor:
 
 
 class RouterPredictor:
-    def __init__(self, routers: list[torch.Tensor | None]):
+    def __init__(self, routers: list[torch.Tensor | None], norms: list[torch.Tensor | None] | None = None):
         self.routers = routers  # per MoE layer: router weight [E, H] (None where unknown)
+        # per MoE layer: the RMSNorm weight [H] in front of its MoE block. Layer l's hidden state is normalised with
+        # layer l's weight; layer l+1's router reads the (nearly the same) residual stream under layer l+1's: the
+        # ratio of the two weights maps one onto the other.
+        self.scale = [None] * len(routers)
+        for layer in range(len(routers) - 1):
+            if norms and norms[layer] is not None and norms[layer + 1] is not None:
+                a, b = norms[layer].float(), norms[layer + 1].float()
+                self.scale[layer + 1] = torch.where(a.abs() > 1e-6, b / a, torch.zeros_like(b))
 
     def scores(self, layer: int, hidden, top_k_index, top_k_weights) -> torch.Tensor | None:
         if layer + 1 >= len(self.routers) or self.routers[layer + 1] is None:
             return None
         w = self.routers[layer + 1]
-        probs = torch.softmax(hidden.to(w.dtype) @ w.t(), dim=-1, dtype=torch.float32)  # [T, E]
+        scale = self.scale[layer + 1]
+        x = hidden if scale is None else hidden.float() * scale.to(hidden.device)
+        probs = torch.softmax(x.to(w.dtype) @ w.t(), dim=-1, dtype=torch.float32)  # [T, E]
         return probs.sum(0) / probs.shape[0]
 
 
@@ -56,43 +66,45 @@ class BothPredictor:
         return sum(got) if got else None
 
 
-def _paths(stats, routers):
+def _paths(stats, routers, norms=None):
     if stats is None:
         raise MoecompressError("prefetch from paths needs the checkpoint's expert statistics (expert_stats.safetensors), "
                                "which this checkpoint lacks; use prefetch='router' or re-export with statistics")
     return PathsPredictor(stats.paths)
 
 
-def _router(stats, routers):
+def _router(stats, routers, norms=None):
     if all(r is None for r in routers):
         raise MoecompressError("prefetch 'router' needs each MoE layer's router weight ([experts, hidden]) beside "
                                "its experts module (as `gate` or `router`); none was found")
-    return RouterPredictor(routers)
+    return RouterPredictor(routers, norms)
 
 
-def _both(stats, routers):
-    return BothPredictor(_paths(stats, routers), _router(stats, routers))
+def _both(stats, routers, norms=None):
+    return BothPredictor(_paths(stats, routers), _router(stats, routers, norms))
 
 
-PREDICTORS = {"paths": _paths, "router": _router, "both": _both}  # name -> builder(stats, routers)
+PREDICTORS = {"paths": _paths, "router": _router, "both": _both}  # name -> builder(stats, routers, norms)
 
 
-def make_predictor(name: str, stats, routers: list):
+def make_predictor(name: str, stats, routers: list, norms: list | None = None):
     if name not in PREDICTORS:
         raise MoecompressError(f"unknown prefetch predictor {name!r}; allowed: {', '.join(PREDICTORS)}")
-    return PREDICTORS[name](stats, routers)
+    return PREDICTORS[name](stats, routers, norms)
 
 
 class Prefetcher:
-    """One background thread reading requested experts into an ExpertCache."""
+    """Background threads reading requested experts into an ExpertCache, best first, `threads` reads in flight."""
 
-    def __init__(self, cache):
+    def __init__(self, cache, threads: int = 2):
         self.cache = cache
-        self.requests: deque = deque()  # (call number, layer, [expert ids best first])
+        self.requests: deque = deque()  # (call number, layer, expert id), best first
         self.call = 0  # number of the current layer call (the forward increments it at each layer)
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name="moecompress-prefetch", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, name="moecompress-prefetch", daemon=True)
+                         for _ in range(threads)]
+        for t in self._threads:
+            t.start()
 
     def begin_call(self) -> None:
         with self.cache.cond:
@@ -101,7 +113,7 @@ class Prefetcher:
 
     def request(self, layer: int, experts: list[int]) -> None:
         with self.cache.cond:
-            self.requests.append((self.call, layer, experts))
+            self.requests.extend((self.call, layer, e) for e in experts)
             self.cache.cond.notify_all()
 
     def _run(self) -> None:
@@ -112,16 +124,17 @@ class Prefetcher:
                     cond.wait()
                 if self._closed:
                     return
-                call, layer, experts = self.requests.popleft()
-            for e in experts:
-                with cond:
-                    if self._closed or self.call > call:  # layer `layer` has started: stop
-                        break
-                if not self.cache.fill((layer, e), prefetched=True, wait=False):
-                    break
+                call, layer, e = self.requests.popleft()
+                if self.call > call:  # layer `layer` has started: the forward reads what it misses
+                    continue
+            if not self.cache.fill((layer, e), prefetched=True, wait=False):
+                with cond:  # no room without evicting pinned or busy slots: drop the rest of this request
+                    while self.requests and self.requests[0][0] == call:
+                        self.requests.popleft()
 
     def close(self) -> None:
         with self.cache.cond:
             self._closed = True
             self.cache.cond.notify_all()
-        self._thread.join(timeout=10)
+        for t in self._threads:
+            t.join(timeout=10)

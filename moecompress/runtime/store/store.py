@@ -2,10 +2,16 @@
 with pinning, prefetch (prefetch.py) and optional low-bit copies. Each PackedExperts module calls `forward` through
 its `expert_store` hook (a `LayerView`); routing, gate and activation stay the model's own.
 
+Two computes, the same as the fully resident PackedExperts would take for the call: decode steps that the resident
+layer runs as cpu_moe's fused C++ call run that call over the slots (store/fused.py: one call for all routed
+experts, after their misses are read; resident low-bit copies join it); everything else (prefill, float32 without
+int8 activations, GPU) runs one expert at a time with the per-group kernels, the demand reads overlapping the hits'
+compute.
+
 Exactness: every routed expert is computed from its own packed rows with the same kernels, row order and summation
 order as the fully resident PackedExperts, so with exact settings (no `copy_threshold`) outputs equal the fully
-resident model's bit for bit, whatever the budget, policy or prediction. One condition, from the CPU kernels'
-threading: the prefill tile kernel splits an expert into 128-row strips run in parallel, each strip's at::mm then
+resident model's bit for bit, whatever the budget, policy or prediction. One condition on the per-expert path, from
+the CPU kernels' threading: the prefill tile kernel splits an expert into 128-row strips run in parallel, each strip's at::mm then
 single-threaded; a call with a single strip runs inline and its at::mm may use several threads (another summation
 order). Experts are computed one at a time here, so a projection with at most 128 outputs (toy shapes only; every
 real MoE has more) can differ in the last float32 bits unless torch runs one thread.
@@ -18,7 +24,9 @@ from dataclasses import dataclass
 import torch
 
 from moecompress.errors import MoecompressError
+from moecompress.runtime import cpu_moe
 from moecompress.runtime.store.cache import ExpertCache
+from moecompress.runtime.store.fused import FusedSettings, fused_call, layer_settings, settings_key
 from moecompress.runtime.store.policies import EVICTION_POLICIES
 from moecompress.runtime.store.prefetch import PREDICTORS, Prefetcher
 
@@ -73,18 +81,23 @@ class ExpertStore:
         self._readers = ThreadPoolExecutor(max_workers=config.read_threads, thread_name_prefix="moecompress-read")
         self._baseline = cache.tier.bytes_read
         self._calls = 0  # layer calls so far
+        self._fused: dict = {}  # (layer, settings_key) -> FusedSettings or None: the fused decode call's decision
         self.first_layer = min(layer for layer, _ in cache.layout.nbytes)  # tokens are counted there
 
     # -- the experts module's compute -------------------------------------------------------------------------------
     def forward(self, layer: int, module, hidden: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
-        """PackedExperts.forward with the experts taken from the cache, one expert (all projections) at a time."""
+        """PackedExperts.forward with the experts taken from the cache: the fused decode call where the fully
+        resident layer would take it (store/fused.py), else one expert (all projections) at a time."""
         num_tokens, top_k = top_k_index.shape
         if layer == self.first_layer:
             self.cache.counters.tokens += num_tokens
         if self.prefetcher is not None:
             self.prefetcher.begin_call()
             self._predict(layer, hidden, top_k_index, top_k_weights)
+        settings = self._fused_settings(layer, module, hidden)
+        if settings is not None:
+            return self._forward_fused(layer, module, settings, hidden, top_k_index, top_k_weights)
         flat = top_k_index.reshape(-1)  # [S], S = T * K
         flat_w = top_k_weights.reshape(-1)
         first_name, down_name = module.proj_names
@@ -130,6 +143,79 @@ class ExpertStore:
         y = y.float() * weights.float().unsqueeze(-1)
         out = torch.zeros(num_tokens, y.shape[-1], dtype=torch.float32, device=y.device).index_add_(0, order // top_k, y)
         return out.to(hidden.dtype)
+
+    def _fused_settings(self, layer: int, module, hidden: torch.Tensor) -> FusedSettings | None:
+        if hidden.shape[0] > cpu_moe.max_tokens() or hidden.device.type != "cpu":
+            return None
+        key = (layer, settings_key(hidden.dtype))
+        if key not in self._fused:
+            self._fused[key] = layer_settings(module, self.cache.layout, layer, self.copies.get(layer, {}), hidden.dtype)
+        return self._fused[key]
+
+    def _forward_fused(self, layer: int, module, settings: FusedSettings, hidden, top_k_index, top_k_weights):
+        """One fused call per chunk of tokens whose experts fit in the cache together (normally the whole call)."""
+        held = self.cache.layout.shapes[layer]
+        rows = [[e for e in r if e in held] for r in top_k_index.tolist()]  # per token: its held experts
+        nbytes, room = self.cache.layout.nbytes, self.cache.room()
+        chunks, chunk, size = [], [], 0  # token ranges whose distinct experts fit in `room` together
+        seen: set = set()
+        for t, experts in enumerate(rows):
+            new = {e for e in experts if e not in seen}
+            extra = sum(nbytes[(layer, e)] for e in new)
+            if chunk and size + extra > room:
+                chunks.append(chunk)
+                chunk, size, seen = [], 0, set()
+                new = set(experts)
+                extra = sum(nbytes[(layer, e)] for e in new)
+            if extra > room:
+                raise MoecompressError(f"MoE layer {layer}: one token's routed experts ({extra} bytes) do not fit in "
+                                       f"the expert cache's {room} unpinned bytes; give a larger expert budget")
+            chunk.append(t)
+            seen |= new
+            size += extra
+        chunks.append(chunk)
+        self._calls += 1
+        if len(chunks) == 1:
+            out = self._fused_chunk(layer, module, settings, hidden, top_k_index, top_k_weights)
+        else:
+            out = torch.cat([self._fused_chunk(layer, module, settings, hidden[c[0]:c[-1] + 1],
+                                               top_k_index[c[0]:c[-1] + 1], top_k_weights[c[0]:c[-1] + 1])
+                             for c in chunks])
+        self.cache.end_layer(layer)
+        return out
+
+    def _fused_chunk(self, layer, module, settings, hidden, top_k_index, top_k_weights) -> torch.Tensor:
+        threshold, copies = self.config.copy_threshold, self.copies.get(layer)
+        held_here = self.cache.layout.shapes[layer]
+        weight: dict[int, float] = {}  # held expert -> its highest routing weight in the chunk
+        for experts, ws in zip(top_k_index.tolist(), top_k_weights.float().tolist()):
+            for e, w in zip(experts, ws):
+                if e in held_here:
+                    weight[e] = max(weight.get(e, w), w)
+        order = list(weight)
+        may_copy = [copies is not None and threshold is not None and weight[e] < threshold for e in order]
+        kinds = self.cache.classify([((layer, e), sub) for e, sub in zip(order, may_copy)])
+        held = [(layer, e) for e, kind in zip(order, kinds) if kind == "hit"]
+        for e, kind in zip(order, kinds):  # misses are read by the reader threads, in parallel
+            if kind == "miss":
+                self._readers.submit(self._read_ahead, self._calls, (layer, e))
+        table = {}
+        try:
+            for e, kind in zip(order, kinds):
+                if kind == "copy":  # the resident low-bit copy computes it
+                    table[e] = (copies, e)
+                elif kind == "hit":
+                    table[e] = (self.cache.slots[(layer, e)].groups, 0)
+            for e, kind in zip(order, kinds):
+                if kind == "miss":
+                    slot = self.cache.wait_for((layer, e))
+                    held.append((layer, e))
+                    table[e] = (slot.groups, 0)
+            return fused_call(settings, module.proj_names, module.num_experts, hidden, top_k_index, top_k_weights,
+                              table)
+        finally:
+            for key in held:
+                self.cache.release(key)
 
     def _read_ahead(self, call: int, key) -> None:
         if call == self._calls:  # a read still queued when its layer call is over is dropped

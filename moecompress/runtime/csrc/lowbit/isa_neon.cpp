@@ -32,20 +32,20 @@ template <> inline Block unpack<4>(const uint8_t* p) {  // lane 16h + j <- input
   return {vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(15))), vreinterpretq_s8_u8(vshrq_n_u8(v, 4))};
 }
 
-inline int8x16_t spread3(uint32x4_t v) {  // byte b of each word <- bits 3b .. 3b+2
-  uint32x4_t r = vandq_u32(v, vdupq_n_u32(0x7));
-  r = vorrq_u32(r, vandq_u32(vshlq_n_u32(v, 5), vdupq_n_u32(0x700)));
-  r = vorrq_u32(r, vandq_u32(vshlq_n_u32(v, 10), vdupq_n_u32(0x70000)));
-  r = vorrq_u32(r, vandq_u32(vshlq_n_u32(v, 15), vdupq_n_u32(0x7000000)));
-  return vreinterpretq_s8_u32(r);
-}
-
-template <> inline Block unpack<3>(const uint8_t* p) {  // lane 4(c + 4h) + b <- input 8c + 4h + b
+template <> inline Block unpack<3>(const uint8_t* p) {  // natural order, as on x86 (kernel_x86.h's unpack<3>)
   uint8_t raw[16] = {};
   std::memcpy(raw, p, 12);  // exactly the block's 12 bytes
-  static const uint8_t spread[16] = {0, 1, 2, 255, 3, 4, 5, 255, 6, 7, 8, 255, 9, 10, 11, 255};  // 255: zero
-  const uint32x4_t words = vreinterpretq_u32_u8(vqtbl1q_u8(vld1q_u8(raw), vld1q_u8(spread)));
-  return {spread3(words), spread3(vshrq_n_u32(words, 12))};
+  // input 8c + i: the byte pair (3c + 3i/8, +1) in a 16-bit lane, times 2^(13 - 3i%8), shifted down by 13
+  static const uint8_t pairs[16] = {0, 1, 0, 1, 0, 1, 1, 2, 1, 2, 1, 2, 2, 3, 2, 3};
+  static const uint16_t lift[8] = {8192, 1024, 128, 4096, 512, 64, 2048, 256};
+  const uint8x16_t v = vld1q_u8(raw), base = vld1q_u8(pairs);
+  const uint16x8_t m = vld1q_u16(lift);
+  uint8x8_t words[4];
+  for (int c = 0; c < 4; ++c) {
+    const uint8x16_t idx = vaddq_u8(base, vdupq_n_u8(static_cast<uint8_t>(3 * c)));
+    words[c] = vmovn_u16(vshrq_n_u16(vmulq_u16(vreinterpretq_u16_u8(vqtbl1q_u8(v, idx)), m), 13));
+  }
+  return {vreinterpretq_s8_u8(vcombine_u8(words[0], words[1])), vreinterpretq_s8_u8(vcombine_u8(words[2], words[3]))};
 }
 
 template <> inline Block unpack<8>(const uint8_t* p) {  // q - 128 as int8
@@ -66,18 +66,22 @@ void rows_kernel(const Weights& w, const Acts& a, int64_t e, int64_t r0, int64_t
   const int8_t* xr[MR];
   const float* dx[MR];
   const int32_t* is[MR];
+  _Pragma("GCC unroll 8")
   for (int m = 0; m < MR; ++m)
     xr[m] = a.xq + (x0 + m) * a.k, dx[m] = a.dx + (x0 + m) * a.groups, is[m] = a.isum + (x0 + m) * a.groups;
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* src = w.row(e, r);
     float32x4_t facc[MR];
     float corr[MR];
+    _Pragma("GCC unroll 8")
     for (int m = 0; m < MR; ++m) facc[m] = vdupq_n_f32(0.f), corr[m] = 0.f;
     for (int64_t g = 0; g < w.groups; ++g) {
       int32x4_t iacc[MR];
+      _Pragma("GCC unroll 8")
       for (int m = 0; m < MR; ++m) iacc[m] = vdupq_n_s32(0);
       for (int64_t b = 0; b < bpg; ++b) {
         const Block wv = unpack<BITS>(src + (g * bpg + b) * 4 * BITS);
+        _Pragma("GCC unroll 8")
         for (int m = 0; m < MR; ++m) {
           const int8_t* xp = xr[m] + g * G + 32 * b;
           iacc[m] = vdotq_s32(vdotq_s32(iacc[m], wv.lo, vld1q_s8(xp)), wv.hi, vld1q_s8(xp + 16));
@@ -85,11 +89,13 @@ void rows_kernel(const Weights& w, const Acts& a, int64_t e, int64_t r0, int64_t
       }
       const int64_t gi = w.at(e, r, g);
       const float s = half_bits_to_float(w.s[gi]), sz = s * static_cast<float>(w.zero(gi) - shift);
+      _Pragma("GCC unroll 8")
       for (int m = 0; m < MR; ++m) {
         facc[m] = vfmaq_n_f32(facc[m], vcvtq_f32_s32(iacc[m]), s * dx[m][g]);
         corr[m] += sz * (dx[m][g] * static_cast<float>(is[m][g]));
       }
     }
+    _Pragma("GCC unroll 8")
     for (int m = 0; m < MR; ++m) y[(x0 + m) * w.n + r] = vaddvq_f32(facc[m]) - corr[m];
   }
 }

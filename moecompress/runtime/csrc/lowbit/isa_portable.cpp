@@ -9,7 +9,7 @@ namespace mc_lowbit {
 int block_order(int64_t bits, int i) {
   switch (bits) {
     case 2: return 8 * (i % 4) + i / 4;                   // input 4j + t -> lane 8t + j
-    case 3: return 4 * ((i / 8) + 4 * ((i / 4) % 2)) + i % 4;  // input 8c + 4h + b -> lane 4(c + 4h) + b
+    case 3: return i;                                       // natural order
     case 4: return 16 * (i % 2) + i / 2;                  // input 2j + h -> lane 16h + j
     default: return i;
   }

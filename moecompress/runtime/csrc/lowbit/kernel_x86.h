@@ -19,6 +19,10 @@
 #error "define MC_VNNI before including kernel_x86.h"
 #endif
 
+// Fully unrolled loops over the NR x MR accumulators: they must live in registers (a rolled loop keeps them in
+// memory, and every block then waits on a store-to-load round trip).
+#define MC_UNROLL _Pragma("GCC unroll 16")
+
 namespace mc_lowbit {
 namespace {
 
@@ -39,19 +43,22 @@ template <> inline __m256i unpack<4>(const uint8_t* p) {  // lane 16h + j <- inp
 }
 
 template <> inline __m256i unpack<3>(const uint8_t* p) {
-  // four 24-bit words (8 inputs each); dword lane L = c + 4h holds word c shifted by 12h; its byte b gets bits
-  // 3b .. 3b+2 of that: lane 4L + b <- input 8c + 4h + b. Reads exactly the 12 bytes.
+  // natural order: lane i <- input i. Four 24-bit words of 8 inputs; input 8c + i sits at bits 3i .. 3i+2 of word c,
+  // inside the byte pair (3c + 3i/8, +1). pshufb puts each input's byte pair in a 16-bit lane (a: inputs 16h .. +7,
+  // b: 16h + 8 .. +15 in half h), a multiply by 2^(13 - 3i%8) moves its bits to 13..15, a shift by 13 brings them
+  // down, and packus interleaves a and b back into input order. Reads exactly the 12 bytes.
   __m128i raw = _mm_cvtsi64_si128(static_cast<long long>(load_u64(p)));
   raw = _mm_insert_epi32(raw, static_cast<int>(load_u32(p + 8)), 2);
   const __m256i bytes = _mm256_broadcastsi128_si256(raw);
-  const __m256i spread = _mm256_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1,
-                                          0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1);
-  const __m256i v = _mm256_srlv_epi32(_mm256_shuffle_epi8(bytes, spread), _mm256_setr_epi32(0, 0, 0, 0, 12, 12, 12, 12));
-  const __m256i b0 = _mm256_and_si256(v, _mm256_set1_epi32(0x7));
-  const __m256i b1 = _mm256_and_si256(_mm256_slli_epi32(v, 5), _mm256_set1_epi32(0x700));
-  const __m256i b2 = _mm256_and_si256(_mm256_slli_epi32(v, 10), _mm256_set1_epi32(0x70000));
-  const __m256i b3 = _mm256_and_si256(_mm256_slli_epi32(v, 15), _mm256_set1_epi32(0x7000000));
-  return _mm256_or_si256(_mm256_or_si256(b0, b1), _mm256_or_si256(b2, b3));
+  const __m256i pairs_a = _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 1, 2, 1, 2, 1, 2, 2, 3, 2, 3,
+                                           6, 7, 6, 7, 6, 7, 7, 8, 7, 8, 7, 8, 8, 9, 8, 9);
+  const __m256i pairs_b = _mm256_setr_epi8(3, 4, 3, 4, 3, 4, 4, 5, 4, 5, 4, 5, 5, 6, 5, 6,
+                                           9, 10, 9, 10, 9, 10, 10, 11, 10, 11, 10, 11, 11, 12, 11, 12);
+  const __m256i lift = _mm256_setr_epi16(8192, 1024, 128, 4096, 512, 64, 2048, 256,
+                                         8192, 1024, 128, 4096, 512, 64, 2048, 256);
+  const __m256i a = _mm256_srli_epi16(_mm256_mullo_epi16(_mm256_shuffle_epi8(bytes, pairs_a), lift), 13);
+  const __m256i b = _mm256_srli_epi16(_mm256_mullo_epi16(_mm256_shuffle_epi8(bytes, pairs_b), lift), 13);
+  return _mm256_packus_epi16(a, b);
 }
 
 template <> inline __m256i unpack<8>(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
@@ -104,8 +111,10 @@ void rows_kernel(const Weights& w, const Acts& a, int64_t e, int64_t r0, int64_t
   std::vector<float> buf((1 + NR) * MR * w.groups);  // xs[m] = dx * isum per group; sd[j][m] per weight row
   float* xs[MR];
   float* sd[NR][MR];
+  MC_UNROLL
   for (int m = 0; m < MR; ++m) {
     xr[m] = a.xq + (x0 + m) * a.k, dx[m] = a.dx + (x0 + m) * a.groups, xs[m] = buf.data() + m * w.groups;
+    MC_UNROLL
     for (int j = 0; j < NR; ++j) sd[j][m] = buf.data() + ((1 + j) * MR + m) * w.groups;
     const int32_t* is = a.isum + (x0 + m) * a.groups;
     for (int64_t g = 0; g < w.groups; ++g) xs[m][g] = dx[m][g] * static_cast<float>(is[g]);
@@ -115,21 +124,28 @@ void rows_kernel(const Weights& w, const Acts& a, int64_t e, int64_t r0, int64_t
     const uint8_t* src[NR];
     float corr[NR][MR];
     __m256 facc[NR][MR];
+    MC_UNROLL
     for (int j = 0; j < NR; ++j) {
       src[j] = w.row(e, r + j);
       row_factors<BITS, MR>(w, e, r + j, dx, xs, sd[j], corr[j]);
+      MC_UNROLL
       for (int m = 0; m < MR; ++m) facc[j][m] = _mm256_setzero_ps();
     }
     for (int64_t g = 0; g < w.groups; ++g) {
       __m256i iacc[NR][MR];
+      MC_UNROLL
       for (int j = 0; j < NR; ++j)
+        MC_UNROLL
         for (int m = 0; m < MR; ++m) iacc[j][m] = _mm256_setzero_si256();
 #if MC_VNNI
       for (int64_t b = 0; b < bpg; ++b) {
         __m256i xv[MR];
+        MC_UNROLL
         for (int m = 0; m < MR; ++m) xv[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr[m] + g * G + 32 * b));
+        MC_UNROLL
         for (int j = 0; j < NR; ++j) {
           const __m256i wv = unpack<BITS>(src[j] + (g * bpg + b) * 4 * BITS);
+          MC_UNROLL
           for (int m = 0; m < MR; ++m) iacc[j][m] = _mm256_dpbusd_epi32(iacc[j][m], wv, xv[m]);
         }
       }
@@ -137,10 +153,13 @@ void rows_kernel(const Weights& w, const Acts& a, int64_t e, int64_t r0, int64_t
       if constexpr (BITS == 8) {
         for (int64_t b = 0; b < bpg; ++b) {
           __m256i xv[MR];
+          MC_UNROLL
           for (int m = 0; m < MR; ++m) xv[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr[m] + g * G + 32 * b));
+          MC_UNROLL
           for (int j = 0; j < NR; ++j) {
             const __m256i ws = _mm256_xor_si256(unpack<8>(src[j] + (g * bpg + b) * 32), _mm256_set1_epi8(-128));  // q - 128
             const __m256i aw = _mm256_sign_epi8(ws, ws);  // |q - 128| as uint8 (128 stays 0x80 = 128)
+            MC_UNROLL
             for (int m = 0; m < MR; ++m)
               iacc[j][m] = _mm256_add_epi32(iacc[j][m], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[m], ws)), ones));
           }
@@ -148,27 +167,38 @@ void rows_kernel(const Weights& w, const Acts& a, int64_t e, int64_t r0, int64_t
       } else {
         for (int64_t b0 = 0; b0 < bpg; b0 += 8) {  // int16 pair sums <= 2 * 15 * 127 each: 8 blocks stay below 2^15
           __m256i acc16[NR][MR];
+          MC_UNROLL
           for (int j = 0; j < NR; ++j)
+            MC_UNROLL
             for (int m = 0; m < MR; ++m) acc16[j][m] = _mm256_setzero_si256();
           const int64_t b1 = b0 + 8 < bpg ? b0 + 8 : bpg;
           for (int64_t b = b0; b < b1; ++b) {
             __m256i xv[MR];
+            MC_UNROLL
             for (int m = 0; m < MR; ++m) xv[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr[m] + g * G + 32 * b));
+            MC_UNROLL
             for (int j = 0; j < NR; ++j) {
               const __m256i wv = unpack<BITS>(src[j] + (g * bpg + b) * 4 * BITS);
+              MC_UNROLL
               for (int m = 0; m < MR; ++m) acc16[j][m] = _mm256_add_epi16(acc16[j][m], _mm256_maddubs_epi16(wv, xv[m]));
             }
           }
+          MC_UNROLL
           for (int j = 0; j < NR; ++j)
+            MC_UNROLL
             for (int m = 0; m < MR; ++m) iacc[j][m] = _mm256_add_epi32(iacc[j][m], _mm256_madd_epi16(acc16[j][m], ones));
         }
       }
 #endif
+      MC_UNROLL
       for (int j = 0; j < NR; ++j)
+        MC_UNROLL
         for (int m = 0; m < MR; ++m)
           facc[j][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[j][m]), _mm256_broadcast_ss(sd[j][m] + g), facc[j][m]);
     }
+    MC_UNROLL
     for (int j = 0; j < NR; ++j)
+      MC_UNROLL
       for (int m = 0; m < MR; ++m) y[(x0 + m) * w.n + r + j] = hsum(facc[j][m]) - corr[j][m];
   }
 }

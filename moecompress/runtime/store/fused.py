@@ -1,0 +1,98 @@
+"""The store's experts computed with the fused CPU decode call (runtime/cpu_moe.py, csrc/lowbit/moe.cpp).
+
+The fully resident PackedExperts runs a decode step (at most cpu_moe's token limit, on CPU) as one C++ call over its
+groups when the layer qualifies (`cpu_moe.fused_layer`: every group 2/3/4/8-bit in the format's packing, a `q8_*`
+decode kernel of one ISA, the default SiLU gate). The store takes the same call whenever the resident model would,
+with the groups being its slots: each routed expert's single-expert group is one entry of the per-projection lists
+and the map `where` [experts, 2] points expert e at (its entry, slot 0), -1 for experts not routed or not held here.
+Resident low-bit copies (one group of all experts, slot e = expert e) join the lists as one more entry.
+
+Exactness: the call computes every (token, expert) row on its own (activation quantized per row in the lane order of
+the expert's bit-width, the expert's decode kernel) and sums each token's experts in k order, so which entry or slot
+holds an expert does not change a bit: outputs equal the fully resident model's fused call.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moecompress.runtime import cpu_lowbit, cpu_moe, kernel_registry
+from moecompress.runtime.packed_group import PackedGroup
+
+_NO_ZEROS = torch.empty(0, dtype=torch.uint8)  # symmetric groups: the call's "no zeros"
+
+
+@dataclass(frozen=True)
+class FusedSettings:
+    isa: str  # cpu_lowbit.ISA_ID key
+    group_size: int
+
+
+def settings_key(dtype: torch.dtype) -> tuple:
+    """What the resident decision depends on besides the layer (cpu_moe.fused_layer's cache key)."""
+    return (dtype, *kernel_registry.settings())
+
+
+def fused_settings(module, proj_bits: dict[str, set[int]], proj_shapes: dict[str, tuple[int, int]], group_size: int,
+                   symmetric: bool, dtype: torch.dtype) -> FusedSettings | None:
+    """The fused call's settings where the fully resident layer would take it (cpu_moe._build's conditions, decided
+    from the bit-widths each projection holds), else None. proj_shapes: proj -> (in_features, out_features)."""
+    if not cpu_moe.gated_silu(module) or not cpu_lowbit.available():
+        return None
+    isas = set()
+    for proj in module.proj_names:
+        in_f, out_f = proj_shapes[proj]
+        for bits in proj_bits.get(proj, ()):
+            if bits == 16:
+                return None
+            probe = PackedGroup((), bits, in_f, out_f, group_size, symmetric, False, dtype, device="cpu")  # no bytes
+            layouts = {kernel_registry.select(bits, path, probe, dtype).layout for path in kernel_registry.PATHS}
+            if "int4" in layouts:  # prepare() converts such groups: the resident layer is not fused either
+                return None
+            kernel = kernel_registry.select(bits, "decode", probe, dtype, layout="packed")
+            if not kernel.name.startswith("q8_"):
+                return None
+            isas.add("cpu:" + kernel.name.removeprefix("q8_"))
+    return FusedSettings(isas.pop(), group_size) if len(isas) == 1 else None
+
+
+def layer_settings(module, layout, layer: int, copies: dict, dtype: torch.dtype) -> FusedSettings | None:
+    """fused_settings for MoE layer `layer` of a StoreLayout, its resident low-bit copies (proj -> group) included."""
+    bits: dict[str, set[int]] = {}
+    shapes: dict[str, tuple[int, int]] = {}
+    for projs in layout.shapes[layer].values():
+        for proj, shape in projs.items():
+            bits.setdefault(proj, set()).add(shape.bits)
+            shapes[proj] = (shape.in_features, shape.out_features)
+    for proj, group in copies.items():
+        bits.setdefault(proj, set()).add(group.bits)
+    if not shapes:
+        return None
+    return fused_settings(module, bits, shapes, layout.group_size, layout.symmetric, dtype)
+
+
+def fused_call(settings: FusedSettings, proj_names: tuple[str, str], num_experts: int, hidden: torch.Tensor,
+               top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+               table: dict[int, tuple[dict[str, PackedGroup], int]]) -> torch.Tensor:
+    """table: expert -> (proj -> group holding it, its slot there), for every routed expert to compute (the others
+    contribute nothing). hidden [T, H] -> [T, H] in hidden's dtype."""
+    args = []
+    for proj in proj_names:
+        qs, ss, zs, bits, entry = [], [], [], [], {}
+        where = [[-1, -1]] * num_experts
+        for e, (groups, slot) in table.items():
+            g = groups[proj]
+            i = entry.get(id(g))
+            if i is None:
+                i = entry[id(g)] = len(qs)
+                qs.append(g.qweight)
+                ss.append(g.scales)
+                zs.append(_NO_ZEROS if g.symmetric else g.zeros)
+                bits.append(g.bits)
+            where[e] = [i, slot]
+        args += [qs, ss, zs, bits, torch.tensor(where, dtype=torch.int64)]
+    y = cpu_lowbit._module().moe_decode(hidden.float().contiguous(), top_k_index.long().contiguous(),
+                                        top_k_weights.float().contiguous(), *args, settings.group_size,
+                                        cpu_lowbit.ISA_ID[settings.isa])
+    return y.to(hidden.dtype)

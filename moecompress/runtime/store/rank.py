@@ -1,0 +1,47 @@
+"""The expert store inside one server of an edge deployment (`deploy(..., expert_budget=)`, `--expert-budget`).
+
+Each server keeps at most `budget` bytes of its own experts in memory and reads the rest from its bundle's files on
+use. The home (it has the dense weights, hence each layer's router) prefetches with the routers (the defaults of
+store.default_config); an expert-only server, without routers, prefetches from the activation paths shipped in its
+bundle (expert_stats.safetensors), or not at all without them.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from torch import nn
+
+from moecompress.format.expert_stats import EXPERT_STATS_FILE
+from moecompress.runtime.packed_experts import PackedExperts
+from moecompress.runtime.store.attach import attach_store
+from moecompress.runtime.store.store import ExpertStore, default_config
+
+
+def held_experts_modules(model: nn.Module, experts_paths) -> dict[int, PackedExperts]:
+    """{MoE layer: PackedExperts} of the layers whose experts this model holds (allocated, at least one expert)."""
+    out = {}
+    for layer, path in enumerate(experts_paths):
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(module, PackedExperts) and module.held_experts():
+            if all(t.device.type != "meta" for t in module.buffers()):
+                out[layer] = module
+    return out
+
+
+def attach_server_store(directory: str | Path, experts: dict[int, PackedExperts], experts_paths, budget: int | None,
+                        model: nn.Module | None = None) -> ExpertStore | None:
+    """Put one server's experts ({MoE layer: module}, global layer numbers) under a store of `budget` bytes reading
+    its bundle `directory`; None when budget is None or the server holds no expert. model: the server's full model
+    when it has one (the home), for router prefetch."""
+    if budget is None or not experts:
+        return None
+    has_stats = (Path(directory) / EXPERT_STATS_FILE).exists()
+    config = default_config(int(budget), has_stats)
+    if model is None:  # no routers here: the activation paths, when shipped
+        config = dataclasses.replace(config, prefetch="paths" if has_stats else None)
+    paths = {layer: experts_paths[layer] for layer in experts}
+    return attach_store(model, directory, config, modules=experts, paths=paths)

@@ -1,0 +1,127 @@
+"""Home replicas: a copy of each MoE layer's hottest experts on the home server, inside the same memory.
+
+In the expert model every MoE layer that needs a remote expert costs a token one round trip, and a token policy
+can only make a layer local (execution/tokens `localize`, `prune_layer`) if the home holds experts of that layer
+worth routing to. `place_home_replicas` reserves, on the home, the bytes of each layer's `count` most used experts
+(calibration routing mass, `RoutingStats.tokens`), places the primaries in the memory left (the placement
+method's own objective and balance), then adds a home copy of every reserved expert the home does not hold yet.
+The servers' memory is the one given: the reserve comes out of the home's own memory, so the result is at equal
+memory with placements without home replicas (unused reserve is free for `replicate_hot`). The runtime computes
+a pair on its home whenever the home holds a copy (execution/routing.route_pairs), so these copies are used first.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from moecompress.artifacts.placement import Placement, as_grid
+from moecompress.errors import MoecompressError
+from moecompress.shard.routing import RoutingStats
+from moecompress.shard.spec import ServerSpec
+
+
+def hottest_experts(stats: RoutingStats, count: int) -> list[list[int]]:
+    """[L][count] each MoE layer's `count` most used experts (calibration tokens routed), hottest first."""
+    if not isinstance(count, int) or count < 0:
+        raise MoecompressError(f"home replicas must be a whole number of experts per layer >= 0, got {count!r}")
+    if count > stats.num_experts:
+        raise MoecompressError(f"home replicas {count} > the {stats.num_experts} experts of a layer; allowed: "
+                               f"0..{stats.num_experts}")
+    return [np.argsort(-np.asarray(stats.tokens[layer], dtype=np.float64), kind="stable")[:count].tolist()
+            for layer in range(stats.num_layers)]
+
+
+def home_reserve(stats: RoutingStats, expert_bytes, count: int) -> int:
+    """Bytes the home keeps for the copies of each layer's `count` hottest experts."""
+    b = np.asarray(expert_bytes)
+    return int(sum(b[layer, e] for layer, hot in enumerate(hottest_experts(stats, count)) for e in hot))
+
+
+def reserved_spec(spec: ServerSpec, reserve: int) -> ServerSpec:
+    """`spec` with the home's memory lowered by `reserve` bytes (what the primaries may use)."""
+    memory = list(spec.memory_bytes)
+    if memory[spec.home] - reserve <= 0:
+        raise MoecompressError(f"home replicas need {reserve} bytes on the home, which has {memory[spec.home]}; "
+                               "lower --home-replicas or give the home more memory")
+    memory[spec.home] -= reserve
+    return replace(spec, memory_bytes=tuple(memory))
+
+
+def add_home_copies(placement: Placement, stats: RoutingStats, count: int, memory_bytes) -> Placement:
+    """`placement` (primaries placed in the reduced memory) with a home copy of each layer's `count` hottest
+    experts it does not hold on the home yet, and the servers' full memory `memory_bytes` restored."""
+    if placement.mode != "expert":
+        raise MoecompressError("home replicas are for the expert model (the pipeline model has no home copies)")
+    home = placement.home if getattr(placement, "home", None) is not None else placement.dense_servers[0]
+    servers = [[list(s) for s in layer] for layer in placement.assignment]
+    devices = [[list(d) for d in layer] for layer in placement.devices] if placement.devices else None
+    full = replace(placement, memory_bytes=tuple(int(m) for m in memory_bytes))
+    if devices is not None:  # each device of the home: its share of the home's memory left after dense weights
+        D = placement.devices_per_server
+        device_free = np.full(D, (full.memory_bytes[home] - full.dense_bytes_on(home)) // D)
+        for (s, d), used in placement.device_bytes().items():
+            if s == home:
+                device_free[d] -= used
+    for layer, hot in enumerate(hottest_experts(stats, count)):
+        for e in hot:
+            if home in servers[layer][e]:
+                continue
+            servers[layer][e].append(home)
+            if devices is not None:
+                d = int(np.argmax(device_free))
+                devices[layer][e].append(d)
+                device_free[d] -= placement.expert_bytes[layer][e]
+    out = replace(full, assignment=as_grid(servers), devices=as_grid(devices) if devices is not None else (),
+                  method=f"{placement.method}+home{count}")
+    out.check_memory()
+    return out
+
+
+def place_home_replicas(stats: RoutingStats, sizes, spec: ServerSpec, method: str | None, count: int,
+                        replicate: bool = True) -> Placement:
+    """The expert-model placement of `method` with home copies of each layer's `count` hottest experts, at the
+    memory of `spec` (then hot-expert replicas in what is left, if `replicate`). count 0: `place(...)` itself."""
+    from moecompress.shard.compare import place
+    from moecompress.shard.replicate import replicate_hot
+
+    if spec.mode != "expert":
+        raise MoecompressError("home replicas are for the expert model (--mode expert)")
+    if count == 0:
+        return place(stats, sizes, spec, method, replicate)
+    reserve = home_reserve(stats, sizes.expert_bytes, count)
+    try:
+        placement = place(stats, sizes, reserved_spec(spec, reserve), method, replicate=False)
+    except MoecompressError as exc:
+        raise MoecompressError(f"with {count} home replicas per layer ({reserve} bytes reserved on the home) the "
+                               f"experts do not fit: {exc}") from exc
+    placement = add_home_copies(placement, stats, count, spec.memory_bytes)
+    return replicate_hot(placement, stats, spec) if replicate else placement
+
+
+def min_home_memory(stats: RoutingStats, sizes, spec: ServerSpec, count: int, method: str | None = None,
+                    tolerance: int | None = None) -> int:
+    """Smallest memory of the home (the other servers as in `spec`) at which `count` home replicas per layer fit;
+    `spec`'s own home memory when they fit already. Binary search to `tolerance` bytes (default 1/16 of the
+    smallest expert)."""
+    def fits(memory: int) -> bool:
+        grown = list(spec.memory_bytes)
+        grown[spec.home] = memory
+        try:
+            place_home_replicas(stats, sizes, replace(spec, memory_bytes=tuple(grown)), method, count,
+                                replicate=False)
+            return True
+        except MoecompressError:
+            return False
+
+    lo = spec.memory_bytes[spec.home]
+    if fits(lo):
+        return lo
+    hi = lo + home_reserve(stats, sizes.expert_bytes, count) + int(np.asarray(sizes.expert_bytes).sum())
+    if not fits(hi):
+        raise MoecompressError(f"{count} home replicas per layer do not fit even with {hi} bytes on the home")
+    step = tolerance or max(int(np.asarray(sizes.expert_bytes).min()) // 16, 1)
+    while hi - lo > step:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    return hi
