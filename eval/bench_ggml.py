@@ -19,17 +19,15 @@ from __future__ import annotations
 
 import argparse
 import re
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_cpu_llama as llama  # noqa: E402
-from bench_kernels import make  # noqa: E402
+from bench_kernels import make, timed  # noqa: E402
 
 from moecompress.runtime import cpu_features, cpu_lowbit, kernel_registry  # noqa: E402
 
@@ -82,15 +80,10 @@ def ours(bits: int, bs: int, repeats: int, gen: torch.Generator) -> tuple[float,
                                         cpu_features.compute_dtype())
     else:
         fn = lambda: cpu_lowbit.decode(x, q, scales, zeros, bits, GROUP, slots, counts, isa)  # noqa: E731
-    for _ in range(WARMUP):  # the first calls on fresh weights run up to 3x slower (measured): time warm calls,
-        fn()                 # as ggml's own loop does
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
+    for _ in range(WARMUP - 1):  # the first calls on fresh weights run up to 3x slower (measured): time warm calls,
+        fn()                     # as ggml's own loop does (`timed` makes the last warm-up call)
     per_expert = q[0].numel() + scales[0].numel() * 2 + zeros[0].numel()
-    return statistics.median(times), per_expert * len(slots), ("tiles + GEMM " if prefill else "int8 decode ") + isa
+    return timed(fn, repeats), per_expert * len(slots), ("tiles + GEMM " if prefill else "int8 decode ") + isa
 
 
 def main() -> None:

@@ -23,16 +23,16 @@ def decode_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Ten
                 scaling: float | None = None, is_causal: bool | None = None, **kwargs):
     """transformers' attention-function signature: query [B, heads, q, d], key/value [B, kv_heads, S, d] ->
     ([B, q, heads, d], None)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.integrations.sdpa_attention import pack_gqa, sdpa_attention_forward
 
     groups = getattr(module, "num_key_value_groups", 1)
-    batch, heads, q_len, dim = query.shape
+    batch, heads, q_len, _ = query.shape
     mask_ok = attention_mask is None or (attention_mask.dim() == 4 and attention_mask.shape[1] == 1)
     if (query.device.type != "cpu" or q_len != 1 or groups <= 1 or not mask_ok or kwargs.get("position_bias") is not None
             or kwargs.get("softcap") is not None or kwargs.get("output_attentions")):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    stacked = query.reshape(batch, heads // groups, groups, dim)  # kv head h's queries are heads h*groups ..
+    stacked = pack_gqa(query, groups)  # [B, kv_heads, groups, d]: kv head h's queries are heads h*groups ..
     out = F.scaled_dot_product_attention(stacked, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
     return out.reshape(batch, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
 

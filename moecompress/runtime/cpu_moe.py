@@ -39,10 +39,22 @@ class FusedLayer:
 
     def __call__(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         """hidden [T, H], top_k_index [T, K], top_k_weights [T, K] -> [T, H] in hidden's dtype."""
-        y = cpu_lowbit._module().moe_decode(hidden.float().contiguous(), top_k_index.long().contiguous(),
-                                            top_k_weights.float().contiguous(), *self.args, self.group_size,
-                                            cpu_lowbit.ISA_ID[self.isa])
-        return y.to(hidden.dtype)
+        return moe_decode(hidden, top_k_index, top_k_weights, self.args, self.group_size, self.isa)
+
+
+def moe_decode(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, args, group_size: int,
+               isa: str) -> torch.Tensor:
+    """The C++ call: args = both projections' (qweight list, scales list, zeros list, bits list, expert map
+    [experts, 2]); hidden [T, H] -> [T, H] in hidden's dtype."""
+    y = cpu_lowbit._module().moe_decode(hidden.float().contiguous(), top_k_index.long().contiguous(),
+                                        top_k_weights.float().contiguous(), *args, group_size, cpu_lowbit.ISA_ID[isa])
+    return y.to(hidden.dtype)
+
+
+def decode_isa(group, dtype: torch.dtype) -> str | None:
+    """The ISA of the group's `q8_*` decode kernel for the format's packing, or None: the fused call does not apply."""
+    kernel = kernel_registry.select(group.bits, "decode", group, dtype, layout="packed")
+    return "cpu:" + kernel.name.removeprefix("q8_") if kernel.name.startswith("q8_") else None
 
 
 def fused_layer(module, hidden: torch.Tensor) -> FusedLayer | None:
@@ -87,10 +99,10 @@ def _build(module, dtype: torch.dtype) -> FusedLayer | None:
         for g in groups:
             if g.bits == 16 or g._int4 is not None or g.qweight.device.type != "cpu" or not len(g.experts):
                 return None
-            kernel = kernel_registry.select(g.bits, "decode", g, dtype, layout="packed")
-            if not kernel.name.startswith("q8_"):
+            isa = decode_isa(g, dtype)
+            if isa is None:
                 return None
-            isas.add("cpu:" + kernel.name.removeprefix("q8_"))
+            isas.add(isa)
             group_sizes.add(g.group_size)
             qs.append(g.qweight)
             ss.append(g.scales)

@@ -50,10 +50,10 @@ def fused_settings(module, proj_bits: dict[str, set[int]], proj_shapes: dict[str
             layouts = {kernel_registry.select(bits, path, probe, dtype).layout for path in kernel_registry.PATHS}
             if "int4" in layouts:  # prepare() converts such groups: the resident layer is not fused either
                 return None
-            kernel = kernel_registry.select(bits, "decode", probe, dtype, layout="packed")
-            if not kernel.name.startswith("q8_"):
+            isa = cpu_moe.decode_isa(probe, dtype)
+            if isa is None:
                 return None
-            isas.add("cpu:" + kernel.name.removeprefix("q8_"))
+            isas.add(isa)
     return FusedSettings(isas.pop(), group_size) if len(isas) == 1 else None
 
 
@@ -92,7 +92,4 @@ def fused_call(settings: FusedSettings, proj_names: tuple[str, str], num_experts
                 bits.append(g.bits)
             where[e] = [i, slot]
         args += [qs, ss, zs, bits, torch.tensor(where, dtype=torch.int64)]
-    y = cpu_lowbit._module().moe_decode(hidden.float().contiguous(), top_k_index.long().contiguous(),
-                                        top_k_weights.float().contiguous(), *args, settings.group_size,
-                                        cpu_lowbit.ISA_ID[settings.isa])
-    return y.to(hidden.dtype)
+    return cpu_moe.moe_decode(hidden, top_k_index, top_k_weights, args, settings.group_size, settings.isa)
