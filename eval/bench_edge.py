@@ -23,7 +23,9 @@ compares this compute with the runtime's own simulation.
 calibration trace and the measured profile (a baseline is kept unless another candidate is modeled faster by more
 than 2 %, shard/choose.py), then replayed on the held-out text like every other row. The last table
 per server count compares it with the best baseline (expert contiguous / round_robin / greedy_balanced, pipeline
-all_servers): chosen with the matching --link/--batch, and chosen with the defaults (--link lan --batch 1).
+all_servers): chosen with the matching --link/--batch, chosen without --link (planned for LAN and WAN together:
+the smallest worst ratio to the best baseline over both, shard/choose.py) at that batch, and with the plain
+defaults (no --link, --batch 1).
 
     .venv/bin/python eval/bench_edge.py        # writes eval/results/edge.{md,json}
     .venv/bin/python eval/bench_edge.py --big --samples 32 --seq-len 128 --eval-samples 16 --eval-len 128 --reps 3
@@ -50,7 +52,7 @@ from moecompress.execution.replay import Call, replay  # noqa: E402
 from moecompress.execution.timing import PROFILES, ComputeProfile, modeled_time, profile_compute  # noqa: E402
 from moecompress.shard import ServerSpec, place, replicate_hot, traffic_row  # noqa: E402
 from moecompress.shard.command import checkpoint_layer_sizes, routing_stats  # noqa: E402
-from moecompress.shard.choose import choose_placement  # noqa: E402
+from moecompress.shard.choose import decide, for_link, time_candidates  # noqa: E402
 from moecompress.shard.compare import BASELINES  # noqa: E402
 from moecompress.shard.profile import measure_profile  # noqa: E402
 
@@ -269,18 +271,23 @@ def place_and_replay(name: str, model, tokenizer, checkpoint: Path, args, config
             if replicas:
                 p = replicate_hot(p, stats, spec)
             rows.append(evaluate(p, row_name, mode, balance))
-        # what `moecompress shard` (--mode auto) chooses for each link profile and batch: from the calibration
-        # trace and the measured profile; then measured like every row on the held-out replay
+        # what `moecompress shard` (--mode auto) chooses, from the calibration trace and the measured profile:
+        # for each batch, planned for each link alone (--link X) and for both (no --link: the default); every
+        # candidate is replayed once and timed on both links; the chosen are then measured on the held-out replay
         auto, chosen = {}, {}
+        links = tuple(PROFILES.values())
         for b in BATCHES:
-            for prof in PROFILES.values():
-                spec = ServerSpec(memory_bytes=(memory,) * n, replicate_dense=False)
-                p, report = choose_placement(stats, sizes, spec, calib_trace, args.seq_len, hidden, 2,
-                                             profiles[("decode", b)], prof, replicate=True)
+            spec = ServerSpec(memory_bytes=(memory,) * n, replicate_dense=False)
+            cands, placed, steps = time_candidates(stats, sizes, spec, calib_trace, args.seq_len, hidden, 2,
+                                                   profiles[("decode", b)], links, replicate=True)
+            for key, rows_for, plan in [(f"{lk.name}-{b}", for_link(cands, lk.name), (lk,)) for lk in links] + [
+                    (f"both-{b}", cands, links)]:
+                report = decide(rows_for, plan)
                 label = f"auto: {report['chosen']}"
                 if label not in chosen:
-                    chosen[label] = evaluate(p, label, p.mode, "total")
-                auto[f"{prof.name}-{b}"] = {"chosen": label, "report": report}
+                    chosen[label] = evaluate(placed[report["chosen"]], label, placed[report["chosen"]].mode,
+                                             "total")
+                auto[key] = {"chosen": label, "report": {**report, "batch": b, "trace_steps": steps}}
         result["servers"][str(n)] = {"memory_bytes": memory, "rows": rows, "auto_rows": list(chosen.values()),
                                      "auto": auto, "default": default_check(rows, chosen, auto)}
         print(f"  {n} servers done ({time.time() - t0:.0f}s)", flush=True)
@@ -289,7 +296,8 @@ def place_and_replay(name: str, model, tokenizer, checkpoint: Path, args, config
 
 def default_check(rows: list[dict], chosen: dict, auto: dict) -> dict:
     """Modeled decode time (held-out replay) of what `shard` chooses against the best baseline, per profile and
-    batch: `matched` = chosen with that --link/--batch; `plain` = chosen with the defaults (--link lan --batch 1)."""
+    batch: `matched` = chosen with that --link/--batch; `robust` = without --link (planned for LAN and WAN), that
+    --batch; `default` = the plain defaults (no --link, --batch 1)."""
     baselines = [r for r in rows if r["method"] in BASELINES]
     out = {}
     for b in BATCHES:
@@ -297,7 +305,7 @@ def default_check(rows: list[dict], chosen: dict, auto: dict) -> dict:
             key, metric = f"decode-{b}", f"{prof}_ms_per_token"
             best = min(baselines, key=lambda r: r[key][metric])
             entry = {"best_baseline": best["name"], "best_baseline_ms": best[key][metric]}
-            for which, cond in (("matched", f"{prof}-{b}"), ("plain", "lan-1")):
+            for which, cond in (("matched", f"{prof}-{b}"), ("robust", f"both-{b}"), ("default", "both-1")):
                 r = chosen[auto[cond]["chosen"]]
                 entry[which] = {"name": r["name"], "ms": r[key][metric],
                                 "faster_by": 1 - r[key][metric] / best[key][metric]}
@@ -327,14 +335,20 @@ def markdown(results: list[dict]) -> str:
                     f"{d8['lan_ms_per_token']:.2f} | {d1['wan_ms_per_token']:.2f} / {d8['wan_ms_per_token']:.2f} | "
                     f"{prefill} |")
             lines += ["", "`moecompress shard` (--mode auto) vs the best baseline, modeled decode ms/token on the "
-                      "held-out replay (chosen from the calibration trace):", "",
-                      "| link, B | best baseline | chosen with that --link/--batch | faster by | chosen with the "
-                      "defaults (lan, B=1) | faster by |", "|---|---|---|---|---|---|"]
+                      "held-out replay (chosen from the calibration trace); 'faster by' < 0: slower:", "",
+                      "| link, B | best baseline | with that --link/--batch | faster by | no --link (LAN+WAN), that "
+                      "--batch | faster by | plain defaults (no --link, B=1) | faster by |",
+                      "|---|---|---|---|---|---|---|---|"]
             for k, v in block["default"].items():
-                m, pl = v["matched"], v["plain"]
-                lines.append(f"| {k} | {v['best_baseline']} {v['best_baseline_ms']:.2f} | {m['name']} "
-                             f"{m['ms']:.2f} | {m['faster_by']:+.1%} | {pl['name']} {pl['ms']:.2f} | "
-                             f"{pl['faster_by']:+.1%} |")
+                cells = " | ".join(f"{v[w]['name']} {v[w]['ms']:.2f} | {v[w]['faster_by']:+.1%}"
+                                   for w in ("matched", "robust", "default"))
+                lines.append(f"| {k} | {v['best_baseline']} {v['best_baseline_ms']:.2f} | {cells} |")
+            for b in BATCHES:
+                rep = block["auto"][f"both-{b}"]["report"]
+                verdict = ("within the tie of the best baseline on both links" if rep["robust"] else
+                           f"NO candidate within {rep['tie']:.0%} of the best baseline on both links: minimax regret, "
+                           f"worst {rep['worst_ratio'] - 1:+.1%} on {rep['worst_link']}")
+                lines.append(f"\nNo --link, B={b}, on the calibration trace: {rep['chosen']}, {verdict}.")
     return "\n".join(lines) + "\n"
 
 

@@ -3,11 +3,15 @@
 Run on a CUDA machine (results: eval/results/gpu.md, copied from --out):
 
     PYTHONPATH=. python eval/bench_gpu.py --out $OUT --skip tinygemm    # everything below (about 5 minutes)
+    PYTHONPATH=. python eval/bench_gpu.py --out $OUT --skip tinygemm variants            # layer table (~1 min)
+    PYTHONPATH=. python eval/bench_gpu.py --out $OUT --skip tinygemm layers --sweeps tables prefill   # sweeps
     PYTHONPATH=. python eval/bench_gpu.py --out $OUT --quick            # Qwen3 shape only in the layer table
 
 1. Ceilings: device-to-device copy bandwidth (bytes read + written) and a bf16 8192^3 matmul, measured here.
-2. Sweeps (Qwen3 and Mixtral layers): the pair path's tile (columns per program, warps, groups per program = split
-   of K, lop3 on/off), pair path against the routing-table path at 4 and 16 tokens, prefill tiles and row blocks.
+2. Sweeps (Qwen3 and Mixtral layers; --sweeps picks them): "pair": the pair path's tile (columns per program,
+   warps, groups per program = split of K, lop3 on/off), pair path against the routing-table path at 4 and 16
+   tokens; "tables": Mixtral at 16 tokens, the pair path against the routing-table path's decode tiles (the tables
+   path then takes layers above 2 pairs per expert if it wins); "prefill": tiles per row-block height.
    The setting with the lowest geometric mean of each sweep is used for the rest of the run (printed; launch.py's
    defaults are the ones chosen on an H200). Also the pair path against the tables path at real sizes (rel. diff).
 3. MoE layers with real sizes: Qwen3-30B-A3B (hidden 2048, 128 experts of 768, top-8) and Mixtral-8x7B (hidden
@@ -19,10 +23,7 @@ Run on a CUDA machine (results: eval/results/gpu.md, copied from --out):
    memory, eager), graph-captured where it captures; the fastest counts. Floor: packed bytes of the distinct active
    experts / measured copy bandwidth. Memory: resident bytes of a layer's experts (torch.cuda.memory_allocated) vs
    their packed bytes; the transient workspace of a call.
-4. End to end: refmoe-qwen3 (checkpoints exported on the CPU with RTN, carried in .gpu_carry/) and a random-init
-   Qwen3-30B-A3B-dims model with --layers layers: forward of 8 x 256 tokens, greedy token-by-token generation
-   (batch 1) as an eager loop with a DynamicCache and with each step one CUDA graph (StaticCache; in a child
-   process per model, so that a failure there cannot stop the run), packed vs bf16 (grouped_mm and batched_mm).
+End to end (models, forward and generation, eager and CUDA graph): eval/bench_gpu_e2e.py.
 """
 from __future__ import annotations
 
@@ -272,8 +273,34 @@ def _sweep(name: str, settings: dict, cases: list, rows: list) -> dict:
 
 
 def variant_rows(args) -> list[dict]:
-    """Tile sweeps; the best setting of each sweep becomes launch's default for the rest of the run."""
+    """Tile sweeps (args.sweeps); the best setting of each sweep becomes launch's default for the rest of the run."""
     rows = []
+    if "pair" in args.sweeps:
+        _pair_sweeps(rows)
+    if "tables" in args.sweeps:
+        _tables_sweep(rows)
+    if "prefill" in args.sweeps:
+        _prefill_sweep(rows)
+    return rows
+
+
+def _tables_sweep(rows: list) -> None:
+    """Few large experts at 16 tokens (Mixtral: 4 rows per expert): the pair path re-reads an expert per pair; the
+    routing-table path (packed_kernel, all rows of an expert in one block) with several decode tiles."""
+    every = (2, 3, 4, 8, 16)
+    tiles = {"32x256 w4 s3": launch.Config(32, 256), "64x128 w4 s3": launch.Config(64, 128),
+             "64x256 w4 s2": launch.Config(64, 256, 4, 2), "128x128 w8 s3": launch.Config(128, 128, 8, 3)}
+    inf = float("inf")
+    settings = {"pair path": dict(PAIR_TOKENS=16, PAIR_MAX_MEAN_ROWS=inf, DECODE=dict(launch.DECODE))}
+    settings.update({f"tables {name}": dict(PAIR_TOKENS=0, PAIR_MAX_MEAN_ROWS=inf, DECODE={b: c for b in every})
+                     for name, c in tiles.items()})
+    chosen = _sweep("mixtral 16", settings, [("mixtral-8x7b", "mix 2/3/4", 16), ("mixtral-8x7b", "4-bit", 16)],
+                    rows)
+    launch.PAIR_TOKENS = 16  # the tables path above 2 pairs per expert where it won, else the pair path always
+    launch.PAIR_MAX_MEAN_ROWS = 2 if chosen is not None and chosen.get("PAIR_TOKENS") == 0 else inf
+
+
+def _pair_sweeps(rows: list) -> None:
     pair = {f"BN {bn} w{w} {g} groups/program": dict(PAIR_BLOCK_N=bn, PAIR_WARPS=w, PAIR_GROUPS_PER_PROGRAM=g)
             for bn, w, g in ((16, 2, 4), (16, 4, 4), (32, 4, 4), (16, 2, 2), (32, 2, 2), (16, 2, 8))}
     pair["BN 16 w2 4 groups/program, no lop3"] = dict(PAIR_BLOCK_N=16, PAIR_WARPS=2, PAIR_GROUPS_PER_PROGRAM=4,
@@ -299,19 +326,26 @@ def variant_rows(args) -> list[dict]:
     if _sweep("pair", pair, [("qwen3-30b-a3b", "mix 2/3/4", 1), ("mixtral-8x7b", "mix 2/3/4", 1)], rows) is None:
         launch.PAIR_TOKENS = 0
     # the pair path against the routing-table path (packed_kernel, tensor cores) at 4 and 16 tokens
-    _sweep("decode", {"pair path": dict(PAIR_TOKENS=16), "tables path": dict(PAIR_TOKENS=0),
-                      "pair path to 4 tokens": dict(PAIR_TOKENS=4)},
+    inf = float("inf")
+    _sweep("decode", {"pair path": dict(PAIR_TOKENS=16, PAIR_MAX_MEAN_ROWS=inf),
+                      "tables path": dict(PAIR_TOKENS=0, PAIR_MAX_MEAN_ROWS=inf),
+                      "pair path to 4 tokens": dict(PAIR_TOKENS=4, PAIR_MAX_MEAN_ROWS=inf)},
            [("qwen3-30b-a3b", "mix 2/3/4", 4), ("qwen3-30b-a3b", "mix 2/3/4", 16), ("mixtral-8x7b", "4-bit", 16)],
            rows)
-    configs = {"128x128 w8 s3 BM<=128": (launch.Config(128, 128, 8, 3), 128),
-               "128x64 w8 s3 BM<=128": (launch.Config(128, 64, 8, 3), 128),
-               "256x64 w8 s3 BM<=128": (launch.Config(256, 64, 8, 3), 128),
-               "128x64 w8 s3 BM<=256": (launch.Config(128, 64, 8, 3), 256),
-               "64x128 w8 s3 BM<=256": (launch.Config(64, 128, 8, 3), 256)}
-    prefill = {name: dict(PREFILL={b: c for b in (2, 3, 4, 8, 16)}, PREFILL_TALL={b: c for b in (2, 3, 4, 8, 16)},
-                          PREFILL_MAX_ROWS=rows_) for name, (c, rows_) in configs.items()}
-    _sweep("prefill", prefill, [("qwen3-30b-a3b", "mix 2/3/4", 2048), ("mixtral-8x7b", "4-bit", 2048)], rows)
-    return rows
+
+
+def _prefill_sweep(rows: list) -> None:
+    """Tiles of the prefill path, per row-block height: PREFILL (blocks up to 128 rows: Qwen3-30B-A3B, 128 rows per
+    expert on average at 2048 tokens) and PREFILL_TALL (blocks of 256: Mixtral, 512 rows per expert)."""
+    every = (2, 3, 4, 8, 16)
+    short = {"128x128 w8 s3": launch.Config(128, 128, 8, 3), "128x128 w8 s4": launch.Config(128, 128, 8, 4),
+             "128x128 w4 s3": launch.Config(128, 128, 4, 3), "256x64 w8 s3": launch.Config(256, 64, 8, 3)}
+    _sweep("prefill", {name: dict(PREFILL={b: c for b in every}) for name, c in short.items()},
+           [("qwen3-30b-a3b", "mix 2/3/4", 2048), ("qwen3-30b-a3b", "4-bit", 2048)], rows)
+    tall = {"128x64 w8 s3": launch.Config(128, 64, 8, 3), "128x64 w8 s4": launch.Config(128, 64, 8, 4),
+            "256x64 w8 s3": launch.Config(256, 64, 8, 3)}
+    _sweep("prefill tall", {name: dict(PREFILL_TALL={b: c for b in every}) for name, c in tall.items()},
+           [("mixtral-8x7b", "mix 2/3/4", 2048), ("mixtral-8x7b", "4-bit", 2048)], rows)
 
 
 def tinygemm_rows() -> list[dict]:
@@ -356,202 +390,7 @@ def tinygemm_rows() -> list[dict]:
     return rows
 
 
-def set_impl(model, impl: str) -> None:
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        if config is not None and hasattr(config, "_experts_implementation_internal"):
-            config._experts_implementation = impl
-
-
-def time_model(model, vocab: int, new_tokens: int) -> dict:
-    from transformers import DynamicCache
-
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    ids = torch.randint(0, vocab, (8, 256), device="cuda", generator=gen)
-    with torch.no_grad():
-        fwd = time_calls([lambda: model(input_ids=ids, use_cache=False)], graph=False, repeats=5)
-        prompt = torch.randint(0, vocab, (1, 32), device="cuda", generator=gen)
-        times = []
-        for _ in range(3):
-            cache = DynamicCache()
-            out = model(input_ids=prompt, past_key_values=cache, use_cache=True)
-            token = out.logits[:, -1:].argmax(-1)
-            sync()
-            t = time.perf_counter()
-            for _ in range(new_tokens):
-                out = model(input_ids=token, past_key_values=cache, use_cache=True)
-                token = out.logits[:, -1:].argmax(-1)
-            sync()
-            times.append((time.perf_counter() - t) / new_tokens * 1e3)
-        logits = model(input_ids=ids[:1, :64], use_cache=False).logits.float()
-    return {"forward_8x256_ms": fwd / 1e3, "decode_ms_per_token": statistics.median(times), "logits": logits}
-
-
-def _rewind(cache, n: int) -> None:
-    """Put a StaticCache back to n cached tokens: its layers count the tokens written in a device tensor of their own
-    (cumulative_length, advanced in place by every step: also by warm-ups and graph replays) and write there,
-    whatever cache_position says; without this the replays run past the cache (index_copy_ out of bounds)."""
-    for layer in cache.layers:
-        counter = getattr(layer, "cumulative_length", None)
-        if isinstance(counter, torch.Tensor):
-            counter.fill_(n)
-
-
-def decode_graph_ms(model, prompt, new_tokens: int, graph: bool = True, runs: int = 3):
-    """Greedy generation, batch 1, with a StaticCache and each one-token step replayed as one CUDA graph (the next
-    token is picked on the device: no host sync per token). Median ms per token of `runs` runs. graph=False: the
-    same steps called eagerly (returns (ms, tokens of the last run): a check of the step on any device)."""
-    from transformers import StaticCache
-
-    n, dev = prompt.shape[1], prompt.device
-    cache = StaticCache(config=model.config, max_cache_len=n + new_tokens + 8)
-    out = model(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(n, device=dev), use_cache=True)
-    first = out.logits[:, -1:].argmax(-1)
-    ids = first.clone()
-    pos = torch.tensor([n], device=dev)
-
-    def step():
-        return model(input_ids=ids, past_key_values=cache, cache_position=pos, use_cache=True).logits
-
-    if graph:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                _rewind(cache, n)
-                step()
-        torch.cuda.current_stream().wait_stream(stream)
-        sync()
-        cuda_graph = torch.cuda.CUDAGraph()
-        _rewind(cache, n)
-        with torch.cuda.graph(cuda_graph):
-            logits = step()
-        run_step = cuda_graph.replay
-    else:
-        logits = None
-    times, tokens = [], []
-    for _ in range(runs):
-        pos.fill_(n)
-        ids.copy_(first)
-        _rewind(cache, n)
-        tokens = []
-        if dev.type == "cuda":
-            sync()
-        t = time.perf_counter()
-        for _ in range(new_tokens):
-            if graph:
-                run_step()
-            else:
-                logits = step()
-            ids.copy_(logits[:, -1:].argmax(-1))
-            pos.add_(1)
-            if not graph:
-                tokens.append(int(ids))
-        if dev.type == "cuda":
-            sync()
-        times.append((time.perf_counter() - t) / new_tokens * 1e3)
-    return statistics.median(times) if graph else (statistics.median(times), tokens)
-
-
-E2E_VARIANTS = {"refmoe-qwen3": ["bf16 grouped_mm", "bf16 batched_mm", "packed mix", "packed 4bit"],
-                "random": ["bf16 grouped_mm", "bf16 batched_mm", "packed mix 2/3/4", "packed 4-bit"]}
-
-
-def build_model(kind: str, variant: str, layers: int):
-    """One end-to-end model on the GPU: refmoe-qwen3 (bf16, or the packed checkpoints exported on the CPU with RTN
-    and carried in .gpu_carry/) or a random-init Qwen3-30B-A3B-dims model with `layers` layers (bf16, or its
-    experts replaced by random packed ones at a bit mix, the bf16 modules' gate kept)."""
-    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
-
-    import moecompress
-
-    carry = ROOT / ".gpu_carry"
-    if kind == "refmoe-qwen3":
-        if variant.startswith("bf16"):
-            model = AutoModelForCausalLM.from_pretrained(carry / "refmoe-qwen3-bf16", dtype=torch.bfloat16)
-            model = model.cuda().eval()
-            set_impl(model, variant.split()[1])
-            return model
-        return moecompress.from_pretrained(carry / f"refmoe-qwen3-{variant.split()[1]}", dtype=torch.bfloat16,
-                                           device_map="cuda").eval()
-    config = Qwen3MoeConfig(vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
-                            num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
-                            num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1,
-                            mlp_only_layers=[], max_position_embeddings=4096, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
-    if variant.startswith("bf16"):
-        set_impl(model, variant.split()[1])
-        return model
-    mix = MIXES[variant.removeprefix("packed ")]
-    for i, layer in enumerate(model.model.layers):
-        template = layer.mlp.experts  # the bf16 module: its gate is used
-        layer.mlp.experts = random_experts(128, 2048, 768, bits_for(128, mix, seed=i), group_size=GROUP_SIZE,
-                                           device="cuda", template=template, seed=i)
-        del template
-        gc.collect()
-        torch.cuda.empty_cache()
-    return model
-
-
-def graph_decode_child(spec: str, args) -> None:
-    """--graph-decode KIND:VARIANT: build one model, print its graph-replayed decode time (a child process, so that
-    a failure on the device cannot stop the main benchmark)."""
-    kind, variant = spec.split(":", 1)
-    model = build_model(kind, variant, args.layers)
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    prompt = torch.randint(0, model.config.vocab_size, (1, 32), device="cuda", generator=gen)
-    with torch.no_grad():
-        ms = decode_graph_ms(model, prompt, args.new_tokens)
-    print("GRAPH_RESULT " + json.dumps(dict(spec=spec, ms=ms)), flush=True)
-
-
-def graph_decode(kind: str, variant: str, args) -> float:
-    import subprocess
-
-    cmd = [sys.executable, __file__, "--graph-decode", f"{kind}:{variant}", "--layers", str(args.layers),
-           "--new-tokens", str(args.new_tokens)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    except subprocess.TimeoutExpired:
-        print(f"graph decode {kind} {variant}: timed out", flush=True)
-        return float("nan")
-    for line in proc.stdout.splitlines():
-        if line.startswith("GRAPH_RESULT "):
-            return json.loads(line.removeprefix("GRAPH_RESULT "))["ms"]
-    err = [line for line in proc.stderr.splitlines() if "Error" in line or "error" in line]
-    print(f"graph decode {kind} {variant}: failed: {' | '.join(err[-3:])[:400]}", flush=True)
-    return float("nan")
-
-
-def end_to_end(args) -> list[dict]:
-    rows = []
-    for kind, variants in E2E_VARIANTS.items():
-        if kind == "refmoe-qwen3" and not (ROOT / ".gpu_carry" / "refmoe-qwen3-bf16").exists():
-            continue
-        name = kind if kind != "random" else f"random Qwen3-30B-A3B dims, {args.layers} layers"
-        ref = None
-        for variant in variants:
-            row = dict(model=name, variant=variant)
-            if variant != "bf16 batched_mm":  # batched_mm gathers a weight copy per pair: decode only
-                model = build_model(kind, variant, args.layers)
-                r = time_model(model, model.config.vocab_size, args.new_tokens)
-                if ref is None:
-                    ref = r["logits"]
-                elif kind == "refmoe-qwen3":
-                    row["logits_rel_diff_vs_bf16"] = float((r["logits"] - ref).norm() / ref.norm())
-                row.update({k: v for k, v in r.items() if k != "logits"})
-                del model
-                gc.collect()
-                torch.cuda.empty_cache()
-            row["decode_graph_ms_per_token"] = graph_decode(kind, variant, args)
-            print(row, flush=True)
-            rows.append(row)
-    return rows
-
-
-def report(info: dict, rows: list[dict], variants: list[dict], e2e: list[dict], secs: float) -> str:
+def report(info: dict, rows: list[dict], variants: list[dict], secs: float) -> str:
     lines = [f"# GPU kernels for packed experts: `python eval/bench_gpu.py`", "",
              f"Device: {info['gpu']}; torch {info['torch']}, Triton {info['triton']}, transformers "
              f"{info['transformers']}. Measured ceilings: copy {info['copy_GBps']:.0f} GB/s (read + write), bf16 "
@@ -578,15 +417,6 @@ def report(info: dict, rows: list[dict], variants: list[dict], e2e: list[dict], 
         lines += [f"| {v['tokens']} | {v['variant']} | {v['us']:.3g} |" for v in variants]
         if "chosen" in info:
             lines += ["", f"Settings chosen by the sweeps and used for every table of this run: {info['chosen']}"]
-    if e2e:
-        lines += ["", "## End to end (forward 8 x 256 tokens; greedy decode batch 1: eager loop with a DynamicCache, "
-                  "and each step one CUDA graph with a StaticCache)", "",
-                  "| model | variant | forward ms | decode ms / token, eager | decode ms / token, graph | "
-                  "logits rel. diff vs bf16 |", "|---|---|---|---|---|---|"]
-        lines += [f"| {r['model']} | {r['variant']} | {r.get('forward_8x256_ms', float('nan')):.2f} | "
-                  f"{r.get('decode_ms_per_token', float('nan')):.2f} | "
-                  f"{r.get('decode_graph_ms_per_token', float('nan')):.2f} | "
-                  f"{r.get('logits_rel_diff_vs_bf16', float('nan')):.3f} |" for r in e2e]
     return "\n".join(lines) + "\n"
 
 
@@ -595,26 +425,23 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "eval" / "results")
     parser.add_argument("--quick", action="store_true", help="Qwen3 shape only in the layer table")
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16, 2048])
-    parser.add_argument("--layers", type=int, default=4, help="decoder layers of the random 30B-dims model")
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["layers", "variants", "e2e", "tinygemm"])
-    parser.add_argument("--graph-decode", help=argparse.SUPPRESS)  # child process of graph_decode
+    parser.add_argument("--skip", nargs="*", default=[], choices=["layers", "variants", "tinygemm"])
+    parser.add_argument("--sweeps", nargs="*", default=["pair", "tables", "prefill"],
+                        choices=["pair", "tables", "prefill"],
+                        help="the sweeps of the variants stage")
     args = parser.parse_args(argv)
-    if args.graph_decode:
-        graph_decode_child(args.graph_decode, args)
-        return
     t0 = time.time()
     info = ceilings()
     print(info, flush=True)
     peak = info["copy_GBps"]
     args.out.mkdir(parents=True, exist_ok=True)
     name = "gpu-quick" if args.quick else "gpu"
-    rows, variants, e2e = [], [], []
+    rows, variants = [], []
 
     def write():  # after every stage: a run stopped at its time limit still leaves what it measured
-        (args.out / f"{name}.json").write_text(json.dumps(dict(info=info, layers=rows, variants=variants, e2e=e2e),
+        (args.out / f"{name}.json").write_text(json.dumps(dict(info=info, layers=rows, variants=variants),
                                                           indent=1))
-        text = report(info, rows, variants, e2e, time.time() - t0)
+        text = report(info, rows, variants, time.time() - t0)
         (args.out / f"{name}.md").write_text(text)
         return text
 
@@ -626,7 +453,8 @@ def main(argv=None) -> None:
     if "variants" not in args.skip:
         variants += variant_rows(args)
         info["chosen"] = dict(pair_block_n=launch.PAIR_BLOCK_N, pair_warps=launch.PAIR_WARPS,
-                              pair_tokens=launch.PAIR_TOKENS, prefill=str(launch.PREFILL[4]),
+                              pair_tokens=launch.PAIR_TOKENS, pair_max_mean_rows=launch.PAIR_MAX_MEAN_ROWS,
+                              decode=str(launch.DECODE[4]), prefill=str(launch.PREFILL[4]),
                               prefill_tall=str(launch.PREFILL_TALL[4]),
                               prefill_max_rows=launch.PREFILL_MAX_ROWS)
     write()
@@ -634,9 +462,6 @@ def main(argv=None) -> None:
         SHAPES.pop("mixtral-8x7b")
     if "layers" not in args.skip:
         layer_rows(args, peak, rows, write)
-    write()
-    if "e2e" not in args.skip:
-        e2e += end_to_end(args)
     print(write())
 
 

@@ -7,11 +7,11 @@ float model (tests/test_format.py shows the packed runtime gives the same logits
 
 Every allocation -- uniform, random (the same bit histogram as ours, shuffled over experts, 3 seeds),
 popularity-only (damage = token share x 4^-bits) and ours (recipes/refmoe-qwen3.yaml: loss-aware sensitivity of
-each expert projection -- gate_up and down get their own bits -- + global allocation; `--variants` adds levers, by
-default the per-expert setting, as ours[...]) -- is quantized with the same GPTQ + clipping search, and each is run
-twice: as quantized, and
-after the post-quantization step (scale tuning, quantize/tune.py). `avg bits` is nominal (recipe
-`allocation.budget.avg_bits`): equal avg bits = equal bytes. Uniform RTN rows are context only.
+each expert projection -- gate_up and down get their own bits -- measured on the GPTQ weights themselves, + global
+allocation; `--variants` adds levers, by default the per-expert setting, as ours[...]; `--sensitivity
+loss_aware:projection` is the older RTN-proxy ours) -- is quantized with the same GPTQ + clipping search, and
+each is run twice: as quantized, and after the post-quantization step (scale tuning, quantize/tune.py). `avg bits`
+is nominal (recipe `allocation.budget.avg_bits`): equal avg bits = equal bytes. Uniform RTN rows are context only.
 
     .venv/bin/python eval/bench_quality.py --model ../shared/models/refmoe-olmoe   # -> eval/results/quality_<name>.*
 
@@ -186,7 +186,10 @@ def main() -> None:
     ap.add_argument("--router-steps", type=int, default=RouterFitOptions().steps, help="L-BFGS steps per router")
     ap.add_argument("--blockwise-steps", type=int, default=BlockwiseOptions().steps, help="Adam steps per MoE layer")
     ap.add_argument("--skip-rtn", action="store_true", help="leave out the uniform RTN context rows")
-    ap.add_argument("--sensitivity", default="loss_aware:projection", help="ours: METHOD:GRANULARITY[:QUANTIZER]")
+    ap.add_argument("--sensitivity", default="loss_aware:projection:exact",
+                    help="ours: METHOD:GRANULARITY[:QUANTIZER], QUANTIZER rtn (proxy) | gptq (simulated, the recipe's "
+                         "sensitivity.quantizer: gptq) | exact (the GPTQ weights the rows are made of; on refmoe-qwen3 "
+                         "the same plans as gptq, 10x faster here)")
     ap.add_argument("--variants", default="loss_aware:expert",
                     help="levers tried against ours, METHOD:GRANULARITY, comma-separated ('' for none): reported as "
                          "ours[variant], with the same budgets, quantizer and tuning")
@@ -224,20 +227,36 @@ def main() -> None:
                                                                        device=args.device))
     batches = [(i.to(args.device), m.to(args.device)) for i, m, _ in build_calibration_data(
         args.calib, tokenizer, args.calib_samples, args.seq_len, seed=0).batches(8)]
-    costs = {}
+    quantized = {m: quantize_all(model, layout, stats, m, g, attn if m == "gptq" else ()) for m in QUANTIZERS
+                 if m == "gptq" or not (args.skip_untuned or args.skip_rtn)}
+
+    def exact(moe, proj: str, bits: int) -> torch.Tensor:
+        """The experts' weights [E, out, in] of `proj` as the GPTQ run above made them at `bits` (what every row is
+        evaluated with): sensitivity quantizer "exact"."""
+        w = proj_weights(model.get_submodule(moe.experts_path), moe, proj).detach().to(torch.float32).clone()
+        for e in range(moe.num_experts):
+            key = expert_key(moe.experts_path, proj, e)
+            if key in quantized["gptq"][bits].weights:
+                w[e] = quantized["gptq"][bits].weights[key].dequantize(torch.float32).to(w.device)
+        return w
+
+    costs, cost_seconds = {}, {}
     for variant in [args.sensitivity] + [v for v in args.variants.split(",") if v]:
-        method, granularity, *quantizer = variant.split(":")  # METHOD:GRANULARITY[:QUANTIZER (rtn|gptq)]
+        # METHOD:GRANULARITY[:QUANTIZER]: rtn | gptq (simulated) | exact (the GPTQ weights the rows are made of)
+        method, granularity, *quantizer = variant.split(":")
         main = variant == args.sensitivity and method == "loss_aware"
-        costs[variant] = estimate_costs(model, layout, stats, SensitivityOptions(method, granularity, *quantizer),
-                                        candidates=(2, 3, 4, 8, 16), group_size=g, calibration_batches=batches,
-                                        progress=False, linears=attn if main else ())
+        cost_seconds[variant] = time.time()
+        costs[variant] = estimate_costs(model, layout, stats, SensitivityOptions(
+            method, granularity, *["gptq" if q == "exact" else q for q in quantizer]), candidates=(2, 3, 4, 8, 16),
+            group_size=g, calibration_batches=batches, progress=False, linears=attn if main else (),
+            candidate_weights=exact if quantizer == ["exact"] else None)
+        cost_seconds[variant] = round(time.time() - cost_seconds[variant], 1)
+        print(f"{name}: costs {variant} in {cost_seconds[variant]:.0f}s", flush=True)
     with_dense = costs[args.sensitivity]  # the experts' items are the same with or without the linears
     cost = costs[args.sensitivity] = dataclasses.replace(
         with_dense, items=tuple(it for it in with_dense.items if it.kind == "expert"))
     eval_data, overlap = prepare_eval_data(args.eval, tokenizer, args.eval_samples, args.seq_len, seed=1,
                                            calibration=args.calib, keep_overlap=args.keep_overlap)
-    quantized = {m: quantize_all(model, layout, stats, m, g, attn if m == "gptq" else ()) for m in QUANTIZERS
-                 if m == "gptq" or not (args.skip_untuned or args.skip_rtn)}
     print(f"{name}: calibrated, costs and every expert at 2/3/4/8 bits quantized in {time.time() - t0:.0f}s\n"
           f"{overlap.describe()}", flush=True)
     posts = [x for x in args.post.split(",") if x]
@@ -248,7 +267,7 @@ def main() -> None:
                "blockwise": BlockwiseOptions(steps=args.blockwise_steps)}
     rows, tuned = [], []
     info = {"model": name, "path": args.model, "device": machine(args.device), "overlap": overlap.__dict__,
-            "args": vars(args)}
+            "args": vars(args), "cost_seconds": cost_seconds}
 
     def run(label: str, family: str, plan: BitPlan | None, method: str = "gptq", post: str = "", **extra):
         t = time.time()
@@ -294,13 +313,14 @@ def main() -> None:
         return record(what, avg, allocate(table, Budget(avg_bits=avg), rules))
 
     method, granularity, *quantizer = args.sensitivity.split(":")
-    main_options = SensitivityOptions(method, granularity, *quantizer)
+    main_options = SensitivityOptions(method, granularity, *["gptq" if q == "exact" else q for q in quantizer])
 
     def reestimate(plan: BitPlan) -> CostTable:
         """Ours' costs re-measured in the model quantized (GPTQ, as evaluated) by `plan`."""
         context = fake_quantized(model, layout, plan_tensors(layout, plan, quantized["gptq"]))
         return estimate_costs(model, layout, stats, main_options, candidates=(2, 3, 4, 8, 16), group_size=g,
-                              calibration_batches=batches, progress=False, context_model=context)
+                              calibration_batches=batches, progress=False, context_model=context,
+                              candidate_weights=exact if quantizer == ["exact"] else None)
 
     for avg in (float(x) for x in args.budgets.split(",")):
         ours = solve("ours", cost, avg)
@@ -357,13 +377,16 @@ def main() -> None:
     posts = [p for p in posts if p != "tune" or args.tune_steps]
     budgets = list(plans)
     variants = [w for w in plans[budgets[0]] if w.startswith("ours[")]
-    # in order of what the decisions need most: ours at every budget and the uniform 3-bit reference with every
-    # post step first, then the baselines, the variants and the rest
-    order = [(f"ours gptq {a}", "ours", plans[a]["ours"], a) for a in budgets]
-    order += [("uniform gptq 3-bit", "uniform gptq", uniform[3], None)]
-    order += [(f"popularity-only gptq {a}", "popularity-only", plans[a]["popularity-only"], a) for a in budgets]
-    order += [("uniform gptq 2-bit", "uniform gptq", uniform[2], None)]
-    order += [(f"{w} gptq {a}", w, plans[a][w], a) for w in variants for a in budgets if w in plans[a]]
+    # in order of what the decisions need most: at the lowest budget ours, popularity-only and the variants, then
+    # the uniform 3- and 2-bit references, then the same at the other budgets, then random seeds and the rest
+    order = []
+    for i, a in enumerate(budgets):
+        order += [(f"ours gptq {a}", "ours", plans[a]["ours"], a),
+                  (f"popularity-only gptq {a}", "popularity-only", plans[a]["popularity-only"], a)]
+        order += [(f"{w} gptq {a}", w, plans[a][w], a) for w in variants if w in plans[a]]
+        if i == 0:
+            order += [("uniform gptq 3-bit", "uniform gptq", uniform[3], None),
+                      ("uniform gptq 2-bit", "uniform gptq", uniform[2], None)]
     order += [(f"random s{s} gptq {a}", "random", plans[a][f"random s{s}"], a)
               for s in range(args.random_seeds) for a in budgets]
     order += [("uniform gptq 4-bit", "uniform gptq", uniform[4], None)]

@@ -12,7 +12,8 @@ for them. Disk tier: the checkpoint's safetensors read with O_DIRECT (page cache
 
 Part 2 (--time): time per token vs fully resident and process RSS on a random-init model with Qwen3-30B-A3B's MoE
 dims, budgets 25/50/75 %, exact policies and with low-bit copies: see eval/store_time.py (interleaved with the
-resident model in one process; RSS in fresh subprocesses).
+resident model in one process, 64 tokens per row reported as cold start (first half) and steady state (second
+half); RSS in fresh subprocesses, `--no-rss` skips them).
 
     .venv/bin/python eval/bench_store.py --models refmoe-qwen3,refmoe-olmoe      # -> eval/results/store*.{json,md,png}
     .venv/bin/python eval/bench_store.py --time                                 # -> eval/results/store_time.{json,md}
@@ -159,6 +160,12 @@ CONFIGS = {  # name -> StoreConfig fields besides the budget
     "pin + LRU": dict(policy="lru", pin_share=0.5),
     "prefetch (router), no pin": dict(policy="lru", prefetch="router"),
     "pin + prefetch (router)": dict(policy="lru", pin_share=0.5, prefetch="router"),
+    "pin 0.4 + prefetch (router)": dict(policy="lru", pin_share=0.4, prefetch="router"),
+    "pin + prefetch (router), width 3": dict(policy="lru", pin_share=0.5, prefetch="router", prefetch_width=3),
+    "pin + prefetch (router, score >= 0.05)": dict(policy="lru", pin_share=0.5, prefetch="router",
+                                                   prefetch_min_score=0.05),
+    "cyclic": dict(policy="cyclic"),
+    "pin + cyclic + prefetch (router)": dict(policy="cyclic", pin_share=0.5, prefetch="router"),
     "pin + prefetch (paths)": dict(policy="lru", pin_share=0.5, prefetch="paths"),
     # the copies (about half the main copies' bytes at 2 vs 4 bits) do not fit inside a 25-50 % budget: they come
     # on top of it here, and the table gives the total memory
@@ -283,7 +290,9 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=65)
     ap.add_argument("--time", "--big", action="store_true", dest="time",
                     help="part 2: time per token and RSS on the 30B-dims model (store_time.py)")
-    ap.add_argument("--big-tokens", type=int, default=32, help="--time: decode tokens per row")
+    ap.add_argument("--big-tokens", type=int, default=64,
+                    help="--time: decode tokens per row (the first half: cold start, the second: steady state)")
+    ap.add_argument("--no-rss", action="store_false", dest="rss", help="--time: skip the RSS subprocesses")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default="/tmp/moecompress-bench-edge")
     ap.add_argument("--out", default="store")

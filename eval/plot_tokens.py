@@ -18,8 +18,15 @@ def label(doc: dict) -> str:
     if not a.get("home_replicas"):
         return "default placement"
     extra = doc.get("home_extra_bytes", 0)
-    return f"home replicas {a['home_replicas']}" + (f" (+{extra / 2**20:.2f} MiB home)" if extra else
-                                                     " (equal memory)")
+    bits = f" at {a['home_bits']} bits" if a.get("home_bits") else ""
+    return f"home replicas {a['home_replicas']}{bits}" + (f" (+{extra / 2**20:.2f} MiB home)" if extra else
+                                                           " (equal memory)")
+
+
+def dppl(r: dict) -> float:
+    """Δppl % against the default placement's lossless run (runs before it was measured: against their own
+    lossless run, the same bits, so the same outputs up to float order)."""
+    return r.get("dppl_default", r["dppl"])
 
 
 def main() -> None:
@@ -34,20 +41,20 @@ def main() -> None:
 
     docs = [json.loads((Path(args.results) / f"{n}.json").read_text()) for n in args.names]
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    markers = {"localize": "o-", "prune_layer": "s--", "combined": "^"}
+    markers = {"localize": "o-", "localize_gap": "D-", "prune_layer": "s--", "combined": "^"}
     for i, doc in enumerate(docs):
         base = doc["replayed_round_trips"]["default"]
         color = f"C{i}"
         lossless = next(r for r in doc["results"] if r["spec"] == "native")
-        ax.plot([lossless["dppl"]], [lossless["round_trips_per_token"] / base], "*", color=color, ms=10)
+        ax.plot([dppl(lossless)], [lossless["round_trips_per_token"] / base], "*", color=color, ms=10)
         for curve, style in markers.items():
-            rows = [r for r in doc["results"] if r["curve"] == curve and r["dppl"] < 20]
+            rows = [r for r in doc["results"] if r["curve"] == curve and dppl(r) < 20]
             if rows:
-                ax.plot([r["dppl"] for r in rows], [r["round_trips_per_token"] / base for r in rows], style,
+                ax.plot([dppl(r) for r in rows], [r["round_trips_per_token"] / base for r in rows], style,
                         color=color, label=f"{label(doc)}: {curve}", ms=4)
     ax.axvline(1.0, color="grey", ls=":", lw=1)
     ax.axhline(0.5, color="grey", ls=":", lw=1)
-    ax.set_xlabel("Δ perplexity % vs the lossless deployment of the same placement")
+    ax.set_xlabel("Δ perplexity % vs the default placement's lossless deployment")
     ax.set_ylabel("round trips per decoded token / default placement lossless")
     ax.set_title(f"{Path(docs[0]['args']['model']).name}: star = lossless of each placement")
     ax.legend(fontsize=7)

@@ -6,9 +6,11 @@ routing is untrained (near uniform): hit rates here are what a budget share give
 
 Timing: ONE process holds the fully resident model and the store's model side by side and decodes the same random
 tokens with both, one token at a time with a KV cache, alternating resident / store step by step (interleaved: load
-changes hit both alike). Per row: the median over the tokens (the first WARMUP tokens of each row excluded) of the
-per-step ratio store / resident, and both medians. Disk tier: the checkpoint's safetensors read with O_DIRECT. Both
-take the fused CPU decode call (cpu_moe). Exact rows check every step's logits for equality with the resident's.
+changes hit both alike). Every page of the resident model's buffers is read once before the first row (its
+memory-mapped experts in RAM, as warm as the store's slots). Per row and per half of the run (cold start: the first
+half, the store's cache starting from its pinned experts; steady state: the second half): the median per-step ratio
+store / resident, both medians, and the store's counters of that half. Disk tier: the checkpoint's safetensors read
+with O_DIRECT. Both take the fused CPU decode call (cpu_moe). Exact rows check every step's logits for equality.
 
 RSS: each configuration in a fresh subprocess (load + the same decode), VmHWM (peak RSS) after loading and at the end,
 and RssAnon/RssFile at the end, from /proc/self/status.
@@ -25,13 +27,17 @@ from pathlib import Path
 
 import torch
 
-WARMUP = 2  # decode steps per row not timed (the store's cache starts cold after the pinning)
 
-CONFIGS = [  # name -> StoreConfig fields besides the budget
-    ("LRU", dict(policy="lru")),
-    ("pin + prefetch (router)", dict(policy="lru", pin_share=0.5, prefetch="router")),
+CONFIGS = [  # (name, StoreConfig fields besides the budget, budget shares it runs at (None: all))
+    ("LRU", dict(policy="lru"), None),
+    ("pin + prefetch (router)", dict(policy="lru", pin_share=0.5, prefetch="router"), None),
+    # the same without computing the resident experts while a miss is read (one call after every miss is in)
+    ("pin + prefetch (router), no overlap", dict(policy="lru", pin_share=0.5, prefetch="router", overlap=False),
+     (0.5,)),
+    ("pin + prefetch (router, score >= 0.05)", dict(policy="lru", pin_share=0.5, prefetch="router",
+                                                   prefetch_min_score=0.05), (0.5,)),
     ("+ 2-bit copies (w < 0.1)", dict(policy="lru", pin_share=0.5, prefetch="router", copy_threshold=0.1,
-                                      copies_in_budget=False)),
+                                      copies_in_budget=False), None),
 ]
 
 
@@ -50,25 +56,56 @@ def _step(model, ids, t, past):
     return out, time.perf_counter() - start
 
 
-def interleaved(resident, model, ids: torch.Tensor, exact: bool) -> dict:
-    """Decode ids [1, N] with both models, alternating; per-step times, ratio median, logits equality."""
+def warm_pages(model) -> int:
+    """Read one element of every page of every buffer (the packed experts are memory-mapped from the checkpoint): the
+    fully resident model then runs from pages in RAM, as warm as the store's slots. Returns the bytes touched."""
+    total = 0
+    for t in model.buffers():
+        if t.numel():
+            t.detach().reshape(-1)[::max(1, 4096 // t.element_size())].float().sum()
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _half(tr, ts, c0, c1, tokens) -> dict:
+    """Times and store counters of one half of a row (c0, c1: store.counters() at its start and end)."""
+    uses = max(1, sum(c1[k] - c0[k] for k in ("hits", "misses", "substitutions")))
+    return {"resident_s": statistics.median(tr), "store_s": statistics.median(ts),
+            "ratio": statistics.median(b / a for a, b in zip(tr, ts)),
+            "ratio_of_means": sum(ts) / sum(tr), "tokens": tokens,
+            "hit_rate": (c1["hits"] - c0["hits"]) / uses,
+            "served_rate": (c1["hits"] + c1["substitutions"] - c0["hits"] - c0["substitutions"]) / uses,
+            "stall_s_per_token": (c1["stall_s"] - c0["stall_s"]) / tokens,
+            "bytes_per_token": (c1["bytes_fetched"] - c0["bytes_fetched"]) / tokens}
+
+
+def interleaved(resident, model, store, ids: torch.Tensor, exact: bool) -> dict:
+    """Decode ids [1, N] with both models, alternating step by step; per half of the run (cold start: the first half,
+    steady state: the second) the median step times, the median per-step ratio and the store's counters; logits
+    equality at every step (exact rows)."""
     past_r = past_s = None
     tr, ts, equal, nll_r, nll_s = [], [], True, 0.0, 0.0
+    n = ids.shape[1] - 1
+    half = n // 2
+    marks = [store.counters()]
     with torch.no_grad():
-        for t in range(ids.shape[1] - 1):
+        for t in range(n):
+            if t == half:
+                marks.append(store.counters())
             out_r, a = _step(resident, ids, t, past_r)
             out_s, b = _step(model, ids, t, past_s)
             past_r, past_s = out_r.past_key_values, out_s.past_key_values
             equal &= bool(torch.equal(out_r.logits, out_s.logits))
             nll_r -= float(torch.log_softmax(out_r.logits[0, -1].float(), -1)[ids[0, t + 1]])
             nll_s -= float(torch.log_softmax(out_s.logits[0, -1].float(), -1)[ids[0, t + 1]])
-            if t >= WARMUP:
-                tr.append(a)
-                ts.append(b)
-    n = ids.shape[1] - 1
-    return {"resident_s": statistics.median(tr), "store_s": statistics.median(ts),
-            "ratio": statistics.median(b / a for a, b in zip(tr, ts)), "timed_tokens": len(tr),
-            "logits_equal": equal if exact else None, "dnll_per_token": (nll_s - nll_r) / n}
+            tr.append(a)
+            ts.append(b)
+    marks.append(store.counters())
+    cold = _half(tr[:half], ts[:half], marks[0], marks[1], half)
+    steady = _half(tr[half:], ts[half:], marks[1], marks[2], n - half)
+    return {"cold": cold, "steady": steady, "ratio": steady["ratio"], "store_s": steady["store_s"],
+            "resident_s": steady["resident_s"], "logits_equal": equal if exact else None,
+            "dnll_per_token": (nll_s - nll_r) / n}
 
 
 def run_time(args, load, routing_stats, rtn_copies) -> dict:
@@ -86,6 +123,7 @@ def run_time(args, load, routing_stats, rtn_copies) -> dict:
     calib = [torch.randint(0, 8192, (1, 64), generator=gen)]
     load_avg = [os.getloadavg()[0]]  # 1-minute load average at the start and the end (a 2-core box: > 2 is loaded)
     resident = load(ckpt, torch.bfloat16)
+    warm_bytes = warm_pages(resident)
     t0 = time.time()
     stats = routing_stats(resident, calib)
     cached = Path(ckpt).parent / f"{Path(ckpt).name}-copies2.pt"  # made once (minutes at these dims)
@@ -99,26 +137,30 @@ def run_time(args, load, routing_stats, rtn_copies) -> dict:
     modules = [m for m in model.modules() if isinstance(m, PackedExperts)]
     rows, total = [], expert_bytes(ckpt)
     for share in args.budgets:
-        for name, fields in CONFIGS:
+        for name, fields, shares in CONFIGS:
+            if (args.configs and name not in args.configs) or (shares is not None and share not in shares):
+                continue
             budget = int(share * total)
             store = attach_store(model, ckpt, StoreConfig(budget=budget, **fields), stats=stats,
                                  copies=copies if "copy_threshold" in fields else {})
             try:
                 store.reset_counters()
-                r = interleaved(resident, model, ids, exact="copy_threshold" not in fields)
-                r.update(store.counters())
+                r = interleaved(resident, model, store, ids, exact="copy_threshold" not in fields)
+                r.update({k: v for k, v in store.counters().items() if k not in r})
             finally:
                 detach_store(modules)
             rows.append({"config": name, "share": share, "budget": budget, **r})
-            print(f"{share:.0%} {name}: {r['ratio']:.2f}x ({1000 * r['store_s']:.0f} vs {1000 * r['resident_s']:.0f} "
-                  f"ms/token) hit {r['hit_rate']:.3f} served {r['served_rate']:.3f} stall "
-                  f"{1000 * r['stall_s_per_token']:.1f} ms/token, {r['bytes_per_token'] / 2**20:.1f} MiB/token, "
-                  f"equal {r['logits_equal']}", flush=True)
+            halves = (("cold", r["cold"]), ("steady", r["steady"]))
+            print(f"{share:.0%} {name}: " + "; ".join(
+                f"{part} {h['ratio']:.2f}x ({1000 * h['store_s']:.0f} vs {1000 * h['resident_s']:.0f} ms/token) hit "
+                f"{h['hit_rate']:.3f} served {h['served_rate']:.3f} stall {1000 * h['stall_s_per_token']:.1f} ms/token "
+                f"{h['bytes_per_token'] / 2**20:.1f} MiB/token" for part, h in halves)
+                + f"; equal {r['logits_equal']}", flush=True)
     del model, resident
-    rss = run_rss(args, ckpt, args.budgets)
+    rss = run_rss(args, ckpt, args.budgets) if args.rss else []
     load_avg.append(os.getloadavg()[0])
     return {"model": "random-init Qwen3-30B-A3B MoE dims, 4 layers (time)", "checkpoint": str(ckpt),
-            "expert_bytes": total, "rows": rows, "rss": rss, "tokens": args.big_tokens, "threads": args.threads,
+            "expert_bytes": total, "resident_bytes_touched": warm_bytes, "rows": rows, "rss": rss, "tokens": args.big_tokens, "threads": args.threads,
             "load_average": load_avg, "cpus": os.cpu_count()}
 
 
@@ -168,9 +210,7 @@ def _rss_child(ckpt: str, tokens: int, threads: int, share: str) -> None:
     if share:
         res["budget"] = kw["store"].budget
     else:  # a few tokens touch only some experts: the fully resident model's RSS once every expert was used
-        for t in model.buffers():  # read one element of every page of every packed tensor
-            if t.numel():
-                t.detach().reshape(-1)[::max(1, 4096 // t.element_size())].float().sum()
+        warm_pages(model)
         res["peak_all_touched"] = _status()["VmHWM"]
     print(json.dumps(res))
 
@@ -181,10 +221,16 @@ if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--rss-child"
 
 def markdown(res: dict) -> list[str]:
     mib = 2 ** 20
+    n = res["tokens"]
     lines = [f"## {res['model']}", "",
-             f"Expert bytes {res['expert_bytes'] / mib:.0f} MiB; {res['tokens']} decode tokens per row ({WARMUP} "
-             f"warm-up steps not timed), {res['threads']} threads, interleaved with the fully resident model in one "
-             "process (eval/store_time.py). Ratio: median over tokens of store / resident step time.", ""]
+             f"Expert bytes {res['expert_bytes'] / mib:.0f} MiB; {n} decode tokens per row, {res['threads']} threads, "
+             "store and fully resident model alternating step by step in one process (eval/store_time.py). Cold start: "
+             f"the first {n // 2} tokens (the store's cache holds only its pinned experts at the start); steady state: "
+             f"the last {n - n // 2}. Ratio: median over the half's tokens of store / resident step time. What is "
+             "cached where: every page of the resident model's buffers was read before the first row "
+             f"({res.get('resident_bytes_touched', 0) / mib:.0f} MiB: its memory-mapped experts are in RAM, page cache); "
+             "the store's slots are RAM, its misses are read from the checkpoint file with O_DIRECT (the page cache "
+             "bypassed: the disk, or what the virtual disk's host caches).", ""]
     if "load_average" in res:
         avg, cpus = res["load_average"], res["cpus"]
         loaded = max(avg) > 0.75 * cpus
@@ -192,17 +238,22 @@ def markdown(res: dict) -> list[str]:
                   + (": **LOADED** (other jobs shared the CPUs; times are noisy, ratios less so)." if loaded else "."),
                   ""]
     lines += [
-             "| budget | policy | time / token vs resident | store ms | resident ms | hit rate | served | stall ms / token "
-             "| MiB read / token | prefetch accuracy | logits equal resident | memory (experts) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| budget | policy | steady: time / token vs resident | store ms | resident ms | hit rate | served | "
+             "stall ms / token | MiB read / token | cold start: vs resident | hit rate | stall ms / token | "
+             "prefetch accuracy | logits equal resident | memory (experts) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         acc = r["prefetch_accuracy"]
         mem = (r["budget"] + (0 if r["copies_in_budget"] else r["copy_bytes"])) / res["expert_bytes"]
         eq = {True: "yes", False: "NO", None: "- (copies)"}[r["logits_equal"]]
-        lines.append(f"| {100 * r['share']:.0f} % | {r['config']} | **{r['ratio']:.2f}x** | {1000 * r['store_s']:.0f} | "
-                     f"{1000 * r['resident_s']:.0f} | {r['hit_rate']:.3f} | {r['served_rate']:.3f} | "
-                     f"{1000 * r['stall_s_per_token']:.1f} | {r['bytes_per_token'] / mib:.1f} | "
+        st, co = r["steady"], r["cold"]
+        lines.append(f"| {100 * r['share']:.0f} % | {r['config']} | **{st['ratio']:.2f}x** | {1000 * st['store_s']:.0f} | "
+                     f"{1000 * st['resident_s']:.0f} | {st['hit_rate']:.3f} | {st['served_rate']:.3f} | "
+                     f"{1000 * st['stall_s_per_token']:.1f} | {st['bytes_per_token'] / mib:.1f} | {co['ratio']:.2f}x | "
+                     f"{co['hit_rate']:.3f} | {1000 * co['stall_s_per_token']:.1f} | "
                      f"{'-' if acc is None else f'{acc:.2f}'} | {eq} | {mem:.0%} |")
+    if not res["rss"]:
+        return lines + [""]
     lines += ["", "Process RSS (a fresh process per row: load, then the same decode; VmHWM = peak):", "",
               "| experts | budget | peak RSS after load | peak RSS | anonymous at end | file-backed at end |",
               "|---|---|---|---|---|---|"]

@@ -262,8 +262,9 @@ def parser() -> argparse.ArgumentParser:
                    "(default: with --method, its model; else every method of both models, the fastest by modeled "
                    "decode time on --link for --batch sequences), pipeline (contiguous layer ranges per server) or "
                    "expert (home server + experts spread over servers)")
-    s.add_argument("--link", default="lan", help="--mode auto: the servers' link, lan (1 Gbit/s, 0.5 ms), wan "
-                   "(100 Mbit/s, 5 ms) or NAME=RATE,LATENCY, e.g. edge=200Mbit/s,2ms")
+    s.add_argument("--link", default=None, help="--mode auto: the servers' link, lan (1 Gbit/s, 0.5 ms), wan "
+                   "(100 Mbit/s, 5 ms) or NAME=RATE,LATENCY, e.g. edge=200Mbit/s,2ms; several joined by '+'. "
+                   "Default: lan+wan, the candidate least slower than the best baseline on either")
     s.add_argument("--batch", type=int, default=1, help="--mode auto: concurrent sequences decoded")
     s.add_argument("--compute-profile", help="--mode auto: a `moecompress profile` file measured on the target "
                    "servers (default: measured here, on this machine)")

@@ -37,6 +37,7 @@ class SensitivityMethod(str, Enum):
     HESSIAN = "hessian"  # tr(dW H dW^T) with the routing-weighted Hessians
     MEASURED = "measured"  # actual MoE-block output error on held-out calibration tokens
     LOSS_AWARE = "loss_aware"  # block output error weighted by squared loss gradients
+    KL = "kl"  # the model's next-token KL with one item alone quantized (one forward per item and bits)
 
 
 class Solver(str, Enum):
@@ -62,6 +63,9 @@ class SensitivityConfig:
     method: SensitivityMethod = SensitivityMethod.HESSIAN
     granularity: Granularity = Granularity.EXPERT
     holdout: float = 0.25  # share of calibration sequences held out by the measured / loss-aware methods
+    # how each candidate's weights are made when its cost is measured: rtn (fast proxy) or gptq (the quantize
+    # stage's GPTQ rules, so the cost is that of the weights the export writes; slower: one GPTQ per expert & bits)
+    quantizer: Quantizer = Quantizer.RTN
 
 
 @dataclass(frozen=True)
@@ -126,6 +130,10 @@ class ProtectConfig:
     attention: int = 16
     shared_experts: int = 16
     dense_mlp: int = 16
+    # the output projection: per decoded token it is read whole (a third to a half of all bytes read on a
+    # Qwen3-30B-A3B-shaped model); quantized by round to nearest with quantize.clip's range search (no Hessian is
+    # recorded for it); refused where the model ties it to the input embeddings
+    lm_head: int = 16
     first_layers: int = 0  # pin every expert of the first N MoE layers to pin_bits
     last_layers: int = 0
     pin_bits: int = 8
@@ -230,7 +238,7 @@ def validate(r: Recipe) -> None:
     need(t.blockwise_steps >= 0, "tune.blockwise_steps", f"must be >= 0 (0: off), got {t.blockwise_steps}")
     need(t.router_steps >= 0, "tune.router_steps", f"must be >= 0 (0: off), got {t.router_steps}")
     p = r.protect
-    for key in ("attention", "shared_experts", "dense_mlp", "pin_bits"):
+    for key in ("attention", "shared_experts", "dense_mlp", "lm_head", "pin_bits"):
         need(getattr(p, key) in ALLOWED_BITS, f"protect.{key}", f"got {getattr(p, key)}; allowed: 2, 3, 4, 8, 16")
     need(p.first_layers >= 0 and p.last_layers >= 0, "protect.first_layers", "must be >= 0")
     if r.tokens is not None:

@@ -27,3 +27,13 @@ def _build(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float32, *
 def tiny_model():
     """Factory: `tiny_model("mixtral")` -> a fresh (deep-copied) seeded random model, eval mode."""
     return _build
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Many tiny ops: intra-op threads only add spin-wait on a busy small box. Use with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -120,6 +120,7 @@ def test_layer_matches_reference_every_bit_width(bits, symmetric, tokens, pair_t
     from moecompress.runtime.cuda import experts as cuda_experts, launch
 
     monkeypatch.setattr(launch, "PAIR_TOKENS", pair_tokens)
+    monkeypatch.setattr(launch, "PAIR_MAX_MEAN_ROWS", float("inf"))
     layer = random_experts(8, 128, 128, [bits] * 8, symmetric=symmetric, seed=bits)
     x = torch.randn(tokens, 128, device="cuda").to(torch.bfloat16)
     idx, w = routing(tokens, 8, 2, "cuda", seed=tokens)
@@ -151,10 +152,12 @@ class GeluTemplate(GatedTemplate):
 @pytest.mark.parametrize("gelu", [False, True])
 @pytest.mark.parametrize("group_size", [32, 128])
 @pytest.mark.parametrize("tokens", [1, 3, 16])
-def test_pair_path_mixed_bit_widths_dropped_experts(gelu, group_size, tokens):
+def test_pair_path_mixed_bit_widths_dropped_experts(gelu, group_size, tokens, monkeypatch):
     """All four packed bit-widths in one launch per projection, experts 5 and 6 held elsewhere (their pairs
     contribute zeros), the SiLU gate fused (or GELU, not fused), symmetric at group 32."""
-    from moecompress.runtime.cuda import experts as cuda_experts
+    from moecompress.runtime.cuda import experts as cuda_experts, launch
+
+    monkeypatch.setattr(launch, "PAIR_MAX_MEAN_ROWS", float("inf"))
 
     layer = random_experts(8, 256, 128, [2, 3, 4, 8, 3, 2, 4, 8], held=[0, 1, 2, 3, 4, 7], group_size=group_size,
                            symmetric=group_size == 32, seed=7, template=GeluTemplate() if gelu else None)
@@ -248,3 +251,41 @@ def test_cuda_graph_replay_equals_eager(tokens):
             graph.replay()
             torch.cuda.synchronize()
             assert torch.equal(out, layer(x2, idx2, w2))
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_pair_plan_calls_after_the_first_equal_the_reference(fast, monkeypatch):
+    """The pair path's plan (pairs.py): the first call launches through Triton, later ones the compiled kernels
+    directly (launcher.py; fast=False: always through Triton); new inputs every call, one of them views whose data
+    is not 16-byte aligned (Triton's own path for that call), the split-K and the unsplit gate."""
+    from moecompress.runtime.cuda import launcher
+
+    monkeypatch.setattr(launcher, "FAST_LAUNCH", fast)
+    for group_size in (32, 128):  # K 256: 8 groups (split K) / 2 groups (gate fused into pair_kernel)
+        layer = random_experts(8, 256, 128, [2, 3, 4, 8, 3, 2, 4, 8], group_size=group_size, seed=group_size)
+        for call in range(4):
+            x = torch.randn(2, 256, device="cuda").to(torch.bfloat16)
+            idx, w = routing(2, 8, 3, "cuda", seed=call)
+            if call == 3:  # int64 ids and float32 weights 8 / 4 bytes past a 16-byte boundary
+                idx = torch.cat([idx.new_zeros(1), idx.reshape(-1)])[1:].view(2, 3)
+                w = torch.cat([w.new_zeros(1), w.reshape(-1)])[1:].view(2, 3)
+                assert idx.data_ptr() % 16 and w.data_ptr() % 16
+            out = layer(x, idx, w)
+            assert rel_err(out, reference_layer(layer, x, idx, w)) < 1e-2, (group_size, call)
+        plans = list(layer._cuda_pair_plans.values())
+        assert len(plans) == 1 and (plans[0].first._compiled is not None) == fast
+
+
+@pytest.mark.parametrize("tokens,pair", [(2, True), (8, False), (16, False)])
+def test_few_large_experts_take_the_tables_path(tokens, pair, monkeypatch):
+    """More than launch.PAIR_MAX_MEAN_ROWS pairs per expert (here 2; 4 experts, top-2: above 4 tokens): the routing
+    tables (each expert's rows one block, its bytes read once) instead of the pair path; same function."""
+    from moecompress.runtime.cuda import launch
+
+    monkeypatch.setattr(launch, "PAIR_MAX_MEAN_ROWS", 2)
+    layer = random_experts(4, 256, 128, [2, 3, 4, 8], seed=13)
+    x = torch.randn(tokens, 256, device="cuda").to(torch.bfloat16)
+    idx, w = routing(tokens, 4, 2, "cuda", seed=tokens)
+    out = layer(x, idx, w)
+    assert rel_err(out, reference_layer(layer, x, idx, w)) < 1e-2
+    assert bool(getattr(layer, "_cuda_pair_plans", None)) == pair

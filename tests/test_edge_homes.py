@@ -67,6 +67,62 @@ def test_two_homes_in_processes_equal_the_simulation(built):
     assert counts == sim_counts
 
 
+def _stores(d) -> dict:
+    """server -> its ExpertStore in a simulated several-homes deployment (each home's and the pure servers')."""
+    from moecompress.runtime.edge.dispatcher import DispatchedExperts
+
+    out = {}
+    for h, member in d.members.items():
+        for m in member.model.modules() if hasattr(member, "model") else ():  # a RemoteHome: in its process
+            if isinstance(m, DispatchedExperts) and m.local is not None and m.local.expert_store is not None:
+                out[h] = m.local.expert_store.store
+    for n, handler in getattr(d.front.transport, "handlers", {}).items():  # simulated servers
+        for m in getattr(getattr(handler, "inner", None), "experts", {}).values():
+            if m.expert_store is not None:
+                out[n] = m.expert_store.store
+    return out
+
+
+def _budget(out) -> int:
+    """A budget no server's experts fit in, above every store's smallest workable one."""
+    with deploy(out, simulate=True, homes=(0, 1), expert_budget=1 << 40) as d:
+        sizes = {n: (sum(s.cache.layout.nbytes.values()), s.cache.min_budget) for n, s in _stores(d).items()}
+    assert set(sizes) == {0, 1, 2}  # both homes and the pure server
+    budget = max(max(m for _, m in sizes.values()), min(t for t, _ in sizes.values()) // 3)
+    assert budget < min(t for t, _ in sizes.values())
+    return budget
+
+
+def test_two_homes_with_an_expert_budget_equal_the_resident_run(built):
+    out, ref_logits, ref_tokens = built
+    budget = _budget(out)
+    with deploy(out, simulate=True, homes=(0, 1)) as d:
+        _, _, resident = run_calls(d)
+    with deploy(out, simulate=True, homes=(0, 1), expert_budget=budget) as d:
+        logits, tokens, counts = run_calls(d)
+        stores = {n: s.counters() for n, s in _stores(d).items()}
+    assert (logits - ref_logits).abs().max() <= 1e-5
+    assert torch.equal(tokens, ref_tokens)
+    assert counts == resident  # the store changes where weights come from, not what is sent
+    for n, c in stores.items():
+        assert c["misses"] > 0 and c["peak_bytes"] <= budget, (n, c)
+
+
+@pytest.mark.slow
+def test_two_homes_in_processes_with_an_expert_budget(built):
+    out, ref_logits, ref_tokens = built
+    budget = _budget(out)
+    with deploy(out, simulate=True, homes=(0, 1)) as d:
+        _, _, resident = run_calls(d)
+    with deploy(out, simulate=False, homes=(0, 1), timeout=60, expert_budget=budget) as d:
+        logits, tokens, counts = run_calls(d)
+        home = _stores(d)[0].counters()
+    assert (logits - ref_logits).abs().max() <= 1e-5
+    assert torch.equal(tokens, ref_tokens)
+    assert counts == resident
+    assert home["misses"] > 0 and home["peak_bytes"] <= budget
+
+
 def test_a_server_without_dense_weights_cannot_be_a_home(built):
     out, _, _ = built
     with pytest.raises(MoecompressError, match="server 2 cannot be a home"):

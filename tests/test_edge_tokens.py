@@ -272,3 +272,35 @@ def test_decode_steps_without_a_mask_are_at_their_cache_position(built):
         d.generate(IDS[:1], max_new_tokens=3, stop_at_eos=False)  # no mask: generate passes none
         total = d.counters.token_counts()["total"]
     assert total["pruned_pairs"] > 0 and total["remote_tokens"] < total["lossless_remote_tokens"]
+
+
+def test_substitute_reads_the_similarity_the_bundles_carry(built):
+    """Bundles written with a similarity (as `moecompress shard` does: calibration co-activation) let `substitute`
+    run without one passed in, exactly as with that tensor passed in; a different tensor substitutes differently."""
+    import json
+
+    from moecompress.artifacts.placement import Placement
+    from moecompress.format.files import PLACEMENT_FILE
+    from moecompress.runtime.edge.tokens import SIMILARITY_FILE
+    from moecompress.shard.bundles import write_bundles
+
+    tmp = built[0]
+    doc = json.loads((tmp / "out3" / PLACEMENT_FILE).read_text())
+    placement = Placement.from_json(doc)
+    L = placement.num_layers
+    g = torch.Generator().manual_seed(3)
+    sim = torch.rand(L, E, E, generator=g)
+    out = tmp / "out3sim"
+    write_bundles(doc["checkpoint"], placement, out, overwrite=True, similarity=sim)
+    assert all((out / f"server-{n}" / SIMILARITY_FILE).exists() for n in range(placement.num_servers))
+    spec = "substitute:threshold=0.6,scope=layer"
+    with deploy(out, simulate=True, tokens=spec) as d:  # verify=True: the file is in the manifests
+        shipped = run_calls(d)
+    with deploy(tmp / "out3", simulate=True, tokens=spec, similarity=sim, verify=False) as d:
+        passed = run_calls(d)
+    with deploy(out, simulate=True, tokens=spec, similarity=torch.rand(L, E, E, generator=g), verify=False) as d:
+        other = run_calls(d)
+    assert torch.equal(shipped[0], passed[0]) and torch.equal(shipped[1], passed[1])
+    assert shipped[2]["token_policies"]["total"]["substituted_pairs"] > 0
+    assert shipped[2] == passed[2]
+    assert not torch.equal(other[0], shipped[0])

@@ -52,3 +52,29 @@ def test_converted_tensors_leave_no_resident_file_pages(tiny_model, tmp_path, mo
     with torch.no_grad():
         assert torch.equal(released(IDS).logits, kept(IDS).logits)  # dropped pages were read by no tensor
     assert _mapped_rss_kib(tmp_path / "a") + 1024 <= _mapped_rss_kib(tmp_path / "b")
+
+
+def test_long_cpu_forwards_give_the_freed_heap_back(tiny_model, tmp_path, monkeypatch):
+    """A loaded checkpoint trims the heap after every forward of >= TRIM_MIN_TOKENS tokens, never after decode-sized
+    ones, and computes the same logits with or without the hook."""
+    from moecompress.runtime import heap
+
+    model = tiny_model("qwen3_moe")
+    layout, plan, quantized = quantize_tiny(model)
+    export_checkpoint(model, layout, plan, quantized, tmp_path / "a")
+    loaded = moecompress.from_pretrained(tmp_path / "a", dtype=torch.float32)
+    trims = []
+    monkeypatch.setattr(heap, "trim", lambda: trims.append(1) or True)
+    long_ids = torch.randint(0, 100, (2, heap.TRIM_MIN_TOKENS // 2))
+    with torch.no_grad():
+        hooked = loaded(long_ids).logits
+        assert len(trims) == (1 if heap._libc() is not None else 0)
+        loaded(IDS[:, :4])
+        loaded(input_ids=IDS)  # 16 tokens: a decode-sized call
+        assert len(trims) == (1 if heap._libc() is not None else 0)
+        if heap._libc() is not None:
+            getattr(loaded, heap._ATTR).remove()
+            delattr(loaded, heap._ATTR)
+        assert torch.equal(loaded(long_ids).logits, hooked)
+    assert heap.install(loaded) == (heap._libc() is not None)
+    assert not heap.install(loaded)  # once per model

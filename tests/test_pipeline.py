@@ -209,3 +209,43 @@ def test_dense_linears_allocated_in_the_experts_budget(inputs):
         recipe_from_dict(_recipe(inputs, "bad", allocation={"dense": ["attention"]}))
     with pytest.raises(MoecompressError, match="allocation.dense: got 'mlp'"):
         recipe_from_dict(_recipe(inputs, "bad", allocation={"dense": ["mlp"]}, **over))
+
+
+def test_lm_head_quantized_by_protect_rule(inputs, tmp_path):
+    """protect.lm_head: 8 puts lm_head in the plan at 8 bits, stores it packed (no Hessian: round to nearest,
+    reported as a fallback) and the checkpoint computes it from the packed form; a tied lm_head is refused."""
+    from moecompress.artifacts.quantized import QuantizedTensors
+    from moecompress.runtime.packed_linear import PackedLinear
+
+    over = {"protect": {"lm_head": 8}, "tune": {"steps": 0}}
+    run = quantize(recipe_from_dict(_recipe(inputs, "head8", **over)), progress=False)
+    plan = BitPlan.load(run / "allocation" / "bit_plan.json")
+    assert plan.linears.get("lm_head") == 8
+    quantized = QuantizedTensors.load(run / "quantized")
+    assert "lm_head" in quantized.weights and "lm_head" in quantized.fallbacks  # GPTQ recipe: RTN for lm_head
+    model = moecompress.from_pretrained(run / "checkpoint", dtype=torch.float32)
+    head = model.get_output_embeddings()
+    assert isinstance(head, PackedLinear) and head.bits == 8
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(inputs / "model", dtype=torch.float32).lm_head.weight.detach()
+    w = head.dequantized([0], torch.float32)[0]
+    groups = reference.view(reference.shape[0], -1, 32)
+    step = (groups.amax(-1) - groups.amin(-1)) / 255  # a group's 8-bit step without clipping
+    assert (w - reference).abs().view_as(groups).mean(-1).le(step / 2).all()  # RTN (+ MSE clip): under half a step
+    assert torch.linalg.norm(w - reference) < 0.01 * torch.linalg.norm(reference)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[5, 6, 7, 8]])).logits).all()
+    tied = tmp_path / "tied"
+    m = AutoModelForCausalLM.from_pretrained(inputs / "model", dtype=torch.float32)
+    m.config.tie_word_embeddings = True
+    m.tie_weights()
+    m.save_pretrained(tied / "model")
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (inputs / "model" / f).exists():
+            (tied / "model" / f).write_bytes((inputs / "model" / f).read_bytes())
+    (tied / "data.jsonl.gz").write_bytes((inputs / "data.jsonl.gz").read_bytes())
+    with pytest.raises(MoecompressError, match="protect.lm_head: 8 bits, but this model ties lm_head"):
+        quantize(recipe_from_dict(_recipe(tied, "head8", **over)), progress=False)
+    with pytest.raises(MoecompressError, match="protect.lm_head: got 5"):
+        recipe_from_dict(_recipe(inputs, "bad", protect={"lm_head": 5}))

@@ -22,13 +22,7 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 REF_MODEL, REF_CALIB = SHARED / "models" / "refmoe-qwen3", SHARED / "data" / "corpus" / "calib.jsonl.gz"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Many tiny ops: intra-op threads only add spin-wait on a busy small box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(n=16, seq=32, seed=0):

@@ -178,3 +178,70 @@ def test_profile_command_writes_a_loadable_profile(ck, tmp_path, capsys):
                  "--reps", "1", "--dtype", "bfloat16"]) == 0
     assert load_profile(out, 1).dtype == "bfloat16" and "bfloat16" in load_profile(out, 1).source
     assert "wrote" in capsys.readouterr().out
+
+
+def _two_links(name, lan, wan, baseline=True):
+    return {"name": name, "baseline": baseline, "links": {"lan": {"ms_per_step": lan}, "wan": {"ms_per_step": wan}}}
+
+
+def test_robust_pick_over_two_links_when_the_lan_best_loses_on_the_wan():
+    from moecompress.shard.choose import pick, score
+
+    rows = [_two_links("pipeline: all_servers", 80.0, 99.0), _two_links("expert: greedy_balanced", 71.0, 114.0),
+            _two_links("expert: affinity", 75.0, 100.0, baseline=False)]
+    best = score(rows, ["lan", "wan"])
+    assert best == {"lan": {"name": "expert: greedy_balanced", "ms_per_step": 71.0},
+                    "wan": {"name": "pipeline: all_servers", "ms_per_step": 99.0}}
+    assert [r["score"] for r in rows] == pytest.approx([80 / 71, 114 / 99, 75 / 71])
+    # planned for the LAN alone, greedy_balanced wins; it is 15 % slower than the pipeline on the WAN
+    lan_only = [{"name": r["name"], "baseline": r["baseline"], "ms_per_step": r["links"]["lan"]["ms_per_step"]}
+                for r in rows]
+    assert pick(lan_only)["name"] == "expert: greedy_balanced"
+    # no candidate is within the tie of both best baselines: minimax regret -> affinity (worst 1.056 on the LAN,
+    # against 1.127 for the pipeline and 1.152 for greedy_balanced)
+    assert pick(rows)["name"] == "expert: affinity"
+    # a candidate as fast as the best baseline on both links is taken whatever its place in the walk
+    rows.append(_two_links("pipeline: fewest_servers", 71.2, 98.0))
+    score(rows, ["lan", "wan"])
+    chosen = pick(rows)
+    assert chosen["name"] == "pipeline: fewest_servers" and chosen["score"] == pytest.approx(71.2 / 71)
+    # among rows within the tie on both links the preference walk decides: a baseline (all_servers) within 1 %
+    rows[0]["links"] = {"lan": {"ms_per_step": 71.3}, "wan": {"ms_per_step": 98.5}}
+    score(rows, ["lan", "wan"])
+    assert pick(rows)["name"] == "pipeline: all_servers"
+
+
+def test_parse_profiles():
+    from moecompress.execution.timing import parse_profiles
+
+    assert [p.name for p in parse_profiles(None)] == ["lan", "wan"]
+    assert parse_profiles("wan") == (PROFILES["wan"],)
+    two = parse_profiles("lan+edge=200Mbit/s,2ms")
+    assert [p.name for p in two] == ["lan", "edge"] and two[1].bytes_per_second == pytest.approx(25e6)
+    with pytest.raises(MoecompressError, match="distinct names"):
+        parse_profiles("lan+lan")
+
+
+def test_default_plans_for_lan_and_wan_together(ck, tmp_path):
+    sizes = checkpoint_layer_sizes(ck / "ck")
+    doc = _shard(ck, tmp_path, "both", _profile(sizes, 0.5, 2.0), None)
+    choice = doc["traffic"]["choice"]
+    assert choice["links"] == ["lan", "wan"]
+    timed = [r for r in choice["candidates"] if "error" not in r]
+    chosen = next(r for r in timed if r["name"] == choice["chosen"])
+    for lname in ("lan", "wan"):  # the ratios are to the fastest baseline of each link
+        base = min(r["links"][lname]["ms_per_step"] for r in timed if r["baseline"])
+        assert choice["best_baseline"][lname]["ms_per_step"] == pytest.approx(base)
+        for r in timed:
+            assert r["ratios"][lname] == pytest.approx(r["links"][lname]["ms_per_step"] / base)
+    best_score = min(r["score"] for r in timed)
+    assert choice["robust"] == (best_score <= 1 + choice["tie"])
+    assert chosen["score"] == pytest.approx(choice["worst_ratio"])
+    assert chosen["score"] <= best_score / (1 - choice["margin"]) + 1e-9
+    if choice["robust"]:  # never slower than the best baseline by more than the tie, on either link
+        assert all(v <= 1 + choice["tie"] + 1e-12 for v in chosen["ratios"].values())
+    # the same candidates' times as planning for each link alone
+    lan = _shard(ck, tmp_path, "lan", _profile(sizes, 0.5, 2.0), "lan")["traffic"]["choice"]
+    for r in (r for r in lan["candidates"] if "error" not in r):
+        both = next(x for x in timed if x["name"] == r["name"])
+        assert both["links"]["lan"]["ms_per_step"] == pytest.approx(r["ms_per_step"])

@@ -116,3 +116,33 @@ def test_runtime_uses_home_copies_first_and_outputs_stay_lossless(tmp_path_facto
         assert torch.equal(d(IDS, MASK), logits)
         tok = d.counters.token_counts()
     assert tok["remote_tokens"][1] == 0 and tok["remote_tokens"][0] > 0 and tok["pruned_pairs"] == [0] * layers
+
+
+def test_low_bit_home_copies_fit_at_equal_memory_where_full_size_ones_do_not():
+    from dataclasses import replace
+
+    from moecompress.artifacts.bit_plan import BitPlan
+    from moecompress.shard.home import home_bit_plan
+
+    experts, stats, sizes, spec, order = problem(slack=1.25)  # 7.5 experts' bytes per server
+    hot = hottest_experts(stats, 4)
+    with pytest.raises(MoecompressError, match="home replicas need 12000 bytes"):
+        place_home_replicas(stats, sizes, spec, None, 4)
+    low = sizes.expert_bytes.copy()
+    for layer, ids in enumerate(hot):
+        low[layer, ids] = SIZE // 2  # the hot experts at half the bits
+    p = place_home_replicas(stats, replace(sizes, expert_bytes=low), spec, None, 0, hot=hot)
+    assert p.memory_bytes == spec.memory_bytes
+    p.check_memory()
+    assert all(p.home in p.assignment[layer][e] for layer in range(L) for e in hot[layer])
+    assert p.server_bytes[p.home] <= spec.memory_bytes[p.home]
+    plan = BitPlan(group_size=64, symmetric=False, experts={f"l{i}": {"gate_up": (8,) * E, "down": (8,) * E}
+                                                             for i in range(L)})
+    mixed = home_bit_plan(plan, [f"l{i}" for i in range(L)], hot, 4)
+    for i in range(L):
+        for proj in ("gate_up", "down"):
+            assert mixed.experts[f"l{i}"][proj] == tuple(4 if e in hot[i] else 8 for e in range(E))
+    with pytest.raises(MoecompressError, match="unsupported bits 5"):
+        home_bit_plan(plan, [f"l{i}" for i in range(L)], hot, 5)
+    with pytest.raises(MoecompressError, match="lists of expert ids"):
+        place_home_replicas(stats, sizes, spec, None, 0, hot=[[E]] * L)

@@ -2,6 +2,8 @@
 predictions harmless, low-bit substitution only under its threshold, the smallest workable budget."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -94,8 +96,8 @@ def _store_run(ckpt_dir, config: StoreConfig, **kw):
         store.close()
 
 
-GRID = [(p, s) for p in ("lru", "lfu", "popularity", "demand") for s in (0.0, 0.3, 0.6, 1.0)]
-FAST = {("lru", 0.0), ("lru", 0.6), ("lru", 1.0), ("lfu", 0.3), ("popularity", 0.3), ("demand", 0.6)}
+GRID = [(p, s) for p in ("lru", "lfu", "popularity", "demand", "cyclic") for s in (0.0, 0.3, 0.6, 1.0)]
+FAST = {("lru", 0.0), ("lru", 0.6), ("lru", 1.0), ("lfu", 0.3), ("popularity", 0.3), ("demand", 0.6), ("cyclic", 0.3)}
 
 
 @pytest.mark.parametrize("policy,share", [pytest.param(*ps, marks=() if ps in FAST else pytest.mark.slow) for ps in GRID])
@@ -123,6 +125,20 @@ def test_pinning_and_prefetch_exact_and_within_budget(ckpt, reference, sizes, pr
     assert 0 < c["pinned_bytes"] <= budget // 2
     assert c["peak_bytes"] <= budget
     assert c["prefetches"] > 0 and 0 <= c["useful_prefetches"] <= c["prefetches"]
+
+
+def test_prefetch_score_floor_reads_only_confident_predictions(ckpt, reference, sizes):
+    """prefetch_min_score: experts scored below it are not read ahead (a floor above every score reads none); the
+    results stay exact."""
+    total, smallest = sizes
+    budget = max(smallest, total // 2)
+    counts = {}
+    for floor in (0.0, 0.99):
+        outs, c = _store_run(ckpt[0], StoreConfig(budget=budget, prefetch="router", prefetch_min_score=floor))
+        for got, ref in zip(outs, reference):
+            assert torch.equal(got, ref)
+        counts[floor] = c["prefetches"]
+    assert counts[0.0] > 0 and counts[0.99] == 0
 
 
 class WrongPredictor:
@@ -244,6 +260,8 @@ def test_bad_settings_are_clear_errors():
         StoreConfig(budget=1, policy="fifo")
     with pytest.raises(MoecompressError, match="unknown prefetch predictor"):
         StoreConfig(budget=1, prefetch="oracle")
+    with pytest.raises(MoecompressError, match="prefetch_min_score must be in 0..1"):
+        StoreConfig(budget=1, prefetch="router", prefetch_min_score=1.5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the pinned-memory -> GPU tier needs CUDA")
@@ -279,6 +297,33 @@ def test_one_rank_s_experts_under_a_store(ckpt, reference, sizes):
         store.close()
     assert all(torch.equal(a, b) for a, b in zip(outs, reference))
     assert c["misses"] > 0 and c["peak_bytes"] <= smallest and set(k[0] for k in store.cache.layout.nbytes) == {1, 2}
+
+
+def test_cyclic_policy_evicts_the_layer_needed_last():
+    """3 layers, decoding: while layer 0 runs, plain LRU evicts layer 1's expert used at the last token (needed next);
+    `cyclic` evicts the one of layer 2 used at the last token instead (its layer comes back last), and an entry not
+    used at its layer's last call before both; an entry read ahead for the next call counts as used by it."""
+    from moecompress.runtime.store.policies import EVICTION_POLICIES
+
+    lru, cyc = EVICTION_POLICIES["lru"](), EVICTION_POLICIES["cyclic"]()
+    for p in (lru, cyc):
+        for layer in range(3):  # token 0: layer l uses expert 0 (and layer 2 also expert 1)
+            p.on_call(layer)
+            for e in ((0, 1) if layer == 2 else (0,)):
+                p.on_insert((layer, e))
+                p.on_use((layer, e))
+        p.on_call(0)  # token 1, layer 0 runs
+    keys = {(1, 0), (2, 0), (2, 1)}
+    assert lru.victim(keys) == (1, 0) and cyc.victim(keys) == (2, 0)
+    cyc.on_call(1)
+    cyc.on_use((1, 0))
+    cyc.on_call(2)
+    cyc.on_use((2, 1))  # layer 2's call of token 1 uses expert 1 only: expert 0 is one call old
+    cyc.on_call(0)
+    cyc.on_insert((1, 5))  # read ahead for layer 1's next call
+    assert cyc.victim({(1, 0), (2, 0), (2, 1), (1, 5)}) == (2, 0)
+    assert cyc.victim({(1, 0), (2, 1), (1, 5)}) == (2, 1)
+    assert cyc.victim({(1, 0), (1, 5)}) == (1, 0)  # the entry read ahead stays
 
 
 def test_two_threads_filling_one_expert_read_it_once():
@@ -379,7 +424,8 @@ def test_fused_decode_exact_at_every_budget(ckpt_fused):
     total = sum(sum(t.numel() * t.element_size() for t in m.buffers()) for m in experts)
     del resident
     top_k = _load_bf16(ckpt_dir).config.num_experts_per_tok
-    for share, config in [(0.0, dict(policy="lru")), (0.4, dict(policy="lru", pin_share=0.5, prefetch="router")),
+    for share, config in [(0.0, dict(policy="lru")), (0.0, dict(policy="lru", overlap=False)),
+                          (0.4, dict(policy="lru", pin_share=0.5, prefetch="router")),
                           (0.7, dict(policy="lfu")), (1.0, dict(policy="lru"))]:
         model = _load_bf16(ckpt_dir)
         probe_budget = max(1, int(share * total))
@@ -428,7 +474,7 @@ def _server_stores(d) -> dict:
     for m in d.model.modules():
         if isinstance(m, DispatchedExperts) and m.local is not None and m.local.expert_store is not None:
             out[d.home] = m.local.expert_store.store
-    for n, handler in d.transport.handlers.items():
+    for n, handler in getattr(d.transport, "handlers", {}).items():  # simulated servers (in this process)
         for m in handler.inner.experts.values():
             if m.expert_store is not None:
                 out[n] = m.expert_store.store
@@ -455,3 +501,68 @@ def test_deployment_with_an_expert_budget_equals_the_resident_one(tmp_path_facto
     assert diff <= 1e-5 * ref.abs().max().item(), diff  # float32: equal up to summation order (bit-equal at 1 thread)
     for n, c in counters.items():
         assert c["misses"] > 0 and c["peak_bytes"] <= budget, (n, c)
+
+
+def test_fused_rows_summed_apart_equal_the_one_call(ckpt_fused):
+    """The overlap on a miss (store.py): the resident experts' rows and the late ones' come from two calls; their sum in
+    the one call's order equals the one call bit for bit (float32 out, 3 tokens of 4 experts, random split), while
+    simply adding the two calls' sums does not."""
+    from moecompress.runtime.store.fused import FusedSettings, fused_call, fused_rows, weighted_sum
+
+    ckpt_dir, _ = ckpt_fused
+    model = _load_bf16(ckpt_dir)
+    store = attach_store(model, ckpt_dir, StoreConfig(budget=1 << 40))
+    try:
+        module = next(m for m in model.modules() if isinstance(m, PackedExperts))
+        settings = store._fused_settings(0, module, torch.zeros(1, 256, dtype=torch.bfloat16))
+        assert isinstance(settings, FusedSettings)
+        E, K = module.num_experts, 4  # more than the model's top-2: the sum's order matters from 3 terms on
+        for e in range(E):
+            store.cache.fill((0, e))
+        table = {e: (store.cache.slots[(0, e)].groups, 0) for e in range(E)}
+        gen = torch.Generator().manual_seed(3)
+        differs = 0
+        for trial in range(6):
+            hidden = torch.randn(3, 256, generator=gen)
+            index = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(3)])
+            weights = torch.rand(3, K, generator=gen)
+            args = (settings, module.proj_names, E, hidden)
+            full = fused_call(*args, index, weights, table)
+            early = set(torch.randperm(E, generator=gen)[:E // 2].tolist())
+            a = {e: v for e, v in table.items() if e in early}
+            b = {e: v for e, v in table.items() if e not in early}
+            got = weighted_sum([fused_rows(*args, index, a), fused_rows(*args, index, b)], weights, torch.float32)
+            assert full.dtype == torch.float32 and torch.equal(got, full)
+            differs += not torch.equal(fused_call(*args, index, weights, a) + fused_call(*args, index, weights, b), full)
+        assert differs > 0
+    finally:
+        store.close()
+
+
+def test_server_processes_with_an_expert_budget_equal_the_resident_run(tmp_path_factory, monkeypatch):
+    """`deploy(simulate=False, expert_budget=B)`: real gloo processes on loopback (file rendezvous, bounded by the
+    timeout), the other server's store in its own process (`serve --expert-budget`): logits equal the unbudgeted
+    run's; the server process's store missed and stayed within B (its counters, written at its exit)."""
+    from edge_bundles import IDS, MASK, checkpoint, expert_bundles
+
+    from moecompress.runtime.edge import deploy
+    from moecompress.runtime.store.rank import COUNTERS_ENV
+
+    ck, _, _ = checkpoint(tmp_path_factory)
+    out = expert_bundles(ck, ck.parent / "out2-store-proc", 2)
+    with deploy(out, simulate=True, expert_budget=1 << 40) as d:
+        sizes = {n: (sum(s.cache.layout.nbytes.values()), s.cache.min_budget) for n, s in _server_stores(d).items()}
+    budget = max(max(m for _, m in sizes.values()), min(t for t, _ in sizes.values()) // 3)
+    assert budget < min(t for t, _ in sizes.values())  # neither server can hold all its experts
+    with deploy(out, simulate=True) as d:  # unbudgeted (the process run equals it: test_edge_expert.py)
+        ref = d(IDS, MASK)
+    where = tmp_path_factory.mktemp("store-counters")
+    monkeypatch.setenv(COUNTERS_ENV, str(where))
+    with deploy(out, simulate=False, timeout=60, expert_budget=budget) as d:
+        got = d(IDS, MASK)
+        home = _server_stores(d)[d.home].counters()
+    diff = (got - ref).abs().max().item()
+    assert diff <= 1e-5 * ref.abs().max().item(), diff  # float32: up to summation order (bit-equal at 1 thread)
+    remote = json.loads((where / "store-server-1.json").read_text())
+    for c in (home, remote):
+        assert c["misses"] > 0 and c["peak_bytes"] <= budget and c["budget"] == budget, c

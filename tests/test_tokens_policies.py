@@ -325,3 +325,27 @@ def test_localize_takes_the_routers_next_local_choices(renormalize):
     torch.testing.assert_close(plan.weights[moved][:, :n], p[moved].to(plan.weights.dtype))
     with pytest.raises(MoecompressError, match="router's logits"):
         build_pipeline("localize:threshold=0.5").plan(base)
+
+
+def test_localize_gap_measure_moves_exactly_the_tokens_whose_local_choices_lose_little():
+    from dataclasses import replace
+
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(T, E, generator=g) * 2
+    probs = torch.softmax(logits, -1)
+    ids = probs.topk(K, -1).indices
+    ctx = replace(make_ctx(True), topk_ids=ids, topk_weights=probs.gather(1, ids) / probs.gather(1, ids).sum(-1,
+                  keepdim=True), router_logits=logits)
+    local = ctx.holds[:, 0]
+    n = int(local.sum())
+    gap = probs.gather(1, ids).sum(-1) - probs.masked_fill(~local, 0).topk(n, -1).values.sum(-1)  # by hand
+    remote = (lossless_plan(ctx).servers != 0).any(-1)
+    threshold = float(gap[remote].median())
+    plan = build_pipeline(f"localize:threshold={threshold},measure=gap").plan(ctx)
+    moved = (plan.servers != lossless_plan(ctx).servers).any(-1)
+    assert torch.equal(moved, remote & (gap < threshold)) and 0 < int(moved.sum()) < int(remote.sum())
+    assert (plan.servers[moved] <= 0).all()
+    by_remote = build_pipeline(f"localize:threshold={threshold}").plan(ctx)  # remote weight >= gap: fewer moved
+    assert int(((by_remote.servers != lossless_plan(ctx).servers).any(-1)).sum()) <= int(moved.sum())
+    with pytest.raises(MoecompressError, match="measure must be one of remote, gap"):
+        build_pipeline("localize:threshold=0.1,measure=mass")

@@ -60,6 +60,20 @@ def parse_profile(text: str) -> LinkProfile:
     return LinkProfile(m.group(1), float(m.group(2)) * _RATE[unit], float(m.group(4)) * _TIME[m.group(5)])
 
 
+ROBUST_LINKS = ("lan", "wan")  # what `moecompress shard` plans for when no --link is given
+
+
+def parse_profiles(text: str | None) -> tuple[LinkProfile, ...]:
+    """Several link profiles joined by '+' ('lan+wan', 'lan+edge=200Mbit/s,2ms'); None: ROBUST_LINKS."""
+    parts = ROBUST_LINKS if text is None else [t for t in text.split("+") if t.strip()]
+    if not parts:
+        raise MoecompressError("no link profile given; use lan, wan, NAME=RATE,LATENCY, or several joined by '+'")
+    links = tuple(parse_profile(t) for t in parts)
+    if len({link.name for link in links}) != len(links):
+        raise MoecompressError(f"link profiles need distinct names: {text!r}")
+    return links
+
+
 def critical_compute(layer_rank_seconds, home_seconds: float, mode: str) -> float:
     """Compute seconds on the critical path of one call.
 

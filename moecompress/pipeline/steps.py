@@ -25,6 +25,7 @@ COST_FILE = "cost_table.json"
 TUNE_REPORT = "tune.json"
 PLAN_FILE = "bit_plan.json"
 ALLOC_REPORT = "report.json"
+HEAD = "lm_head"  # the output projection's module path in every supported architecture (protect.lm_head)
 
 
 @dataclass(frozen=True)
@@ -77,8 +78,25 @@ def _dense_groups(recipe: Recipe, layout: ModelLayout) -> dict[str, tuple[tuple[
 def protected_linears(recipe: Recipe, layout: ModelLayout) -> dict[str, int]:
     """Dense linears quantized by the recipe's protect rules (16 = kept, so left out); the groups the allocation
     decides (allocation.dense) are left out too."""
-    return {path: bits for group, (paths, bits) in _dense_groups(recipe, layout).items()
-            if bits != 16 and group not in recipe.allocation.dense for path in paths}
+    linears = {path: bits for group, (paths, bits) in _dense_groups(recipe, layout).items()
+               if bits != 16 and group not in recipe.allocation.dense for path in paths}
+    if recipe.protect.lm_head != 16:
+        linears[HEAD] = recipe.protect.lm_head
+    return linears
+
+
+def check_head(recipe: Recipe, model) -> None:
+    """protect.lm_head needs an lm_head of its own: a tied one is the input embeddings' matrix."""
+    if recipe.protect.lm_head == 16:
+        return
+    head, inputs = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or dict(model.named_modules()).get(HEAD) is not head:
+        raise MoecompressError(f"protect.lm_head: this model's output projection is not a module named {HEAD!r}; "
+                               "leave protect.lm_head at 16")
+    if head.weight is inputs.weight or getattr(model.config, "tie_word_embeddings", False):
+        raise MoecompressError(f"protect.lm_head: {recipe.protect.lm_head} bits, but this model ties lm_head to its "
+                               "input embeddings (one matrix for both); quantizing it would store a second copy. "
+                               "Leave protect.lm_head at 16 for this model")
 
 
 def allocated_linears(recipe: Recipe, layout: ModelLayout) -> dict[str, int]:
@@ -97,7 +115,9 @@ def calibrate_step(ctx: RunContext, tmp: Path) -> None:
 
     r, c = ctx.recipe, ctx.recipe.calibration
     model, tokenizer, layout = ctx.load()
-    dense = tuple({**protected_linears(r, layout), **allocated_linears(r, layout)}) \
+    check_head(r, model)
+    # no Hessian for lm_head: GPTQ falls back to round to nearest there (reported with the other fallbacks)
+    dense = tuple(p for p in {**protected_linears(r, layout), **allocated_linears(r, layout)} if p != HEAD) \
         if r.quantize.method == Quantizer.GPTQ else ()
     options = CalibrationOptions(samples=c.samples, seq_len=c.seq_len, seed=c.seed, batch_size=c.batch_size,
                                  hessians=True, dense_hessians=dense or False, all_experts=c.all_experts,
@@ -117,8 +137,9 @@ def sensitivity_step(ctx: RunContext, tmp: Path) -> None:
     stats = CalibrationStats.load(ctx.dir("calibration"))
     q = r.quantize
     options = SensitivityOptions(method=r.sensitivity.method.value, granularity=r.sensitivity.granularity.value,
-                                 holdout=r.sensitivity.holdout, damp=q.damp, block_size=q.block_size,
-                                 act_order=q.act_order, clip=q.clip.value, min_tokens=r.calibration.min_tokens)
+                                 quantizer=r.sensitivity.quantizer.value, holdout=r.sensitivity.holdout, damp=q.damp,
+                                 block_size=q.block_size, act_order=q.act_order, clip=q.clip.value,
+                                 min_tokens=r.calibration.min_tokens)
     candidates = tuple(sorted(set(r.allocation.candidates) | {16}))
     # the measured methods re-run (the last `holdout` share of) the calibration sequences
     batches = None if options.method == "hessian" else calibration_batches(ctx, tokenizer)
@@ -213,6 +234,7 @@ def allocate_step(ctx: RunContext, tmp: Path) -> None:
     r = ctx.recipe
     cost = CostTable.load(ctx.dir("sensitivity") / COST_FILE)
     model, _, layout = ctx.load()
+    check_head(r, model)
     budget, rules = allocation_inputs(r, layout, model)
     budget = with_dense_bytes(budget, cost, allocated_linears(r, layout), model)
     copy_bits = r.store.copy_bits  # the low-bit copies' bytes come out of the budget first

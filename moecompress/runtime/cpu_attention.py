@@ -23,7 +23,8 @@ def decode_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Ten
                 scaling: float | None = None, is_causal: bool | None = None, **kwargs):
     """transformers' attention-function signature: query [B, heads, q, d], key/value [B, kv_heads, S, d] ->
     ([B, q, heads, d], None)."""
-    from transformers.integrations.sdpa_attention import pack_gqa, sdpa_attention_forward
+    from transformers.integrations import sdpa_attention
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     groups = getattr(module, "num_key_value_groups", 1)
     batch, heads, q_len, _ = query.shape
@@ -32,7 +33,10 @@ def decode_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Ten
             or kwargs.get("softcap") is not None or kwargs.get("output_attentions")):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    stacked = pack_gqa(query, groups)  # [B, kv_heads, groups, d]: kv head h's queries are heads h*groups ..
+    if hasattr(sdpa_attention, "pack_gqa"):
+        stacked = sdpa_attention.pack_gqa(query, groups)  # [B, kv_heads, groups, d]: kv head h's queries: h*groups ..
+    else:  # transformers before pack_gqa (5.17 and older): the same reshape
+        stacked = query.reshape(batch, heads // groups, groups, query.shape[-1])
     out = F.scaled_dot_product_attention(stacked, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
     return out.reshape(batch, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
 

@@ -19,7 +19,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from moecompress.errors import MoecompressError
 from moecompress.format.spec import FORMAT_VERSION, QUANT_METHOD, FormatSpec
-from moecompress.runtime import cpu_attention
+from moecompress.runtime import cpu_attention, heap
 from moecompress.runtime.convert import prepare_kernels, replace_modules
 from moecompress.runtime.validate import check_load
 
@@ -76,6 +76,7 @@ class MoecompressQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         prepare_kernels(model, model.dtype)
         cpu_attention.install(model)  # one-token attention without the slow grouped-query path on CPU
+        heap.install(model)  # freed prefill buffers go back to the OS
         return model
 
     def get_new_dtype(self, converter, param, dtype):

@@ -12,7 +12,7 @@ Only the pure primitives `quantize.rtn` and `quantize.gptq` are imported from th
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +23,10 @@ from moecompress.quantize.gptq import gptq_quantize, layer_output_error
 from moecompress.quantize.rtn import check_clip, fake_quantize, quantize_rtn
 
 QUANTIZERS = ("rtn", "gptq")
+
+# (MoE layer, proj name, bits) -> the candidate's dequantized weights [E, out, in] of that layer's experts: costs
+# measured on the very weights a quantize run made (quantizer-exact) instead of simulating them
+CandidateWeights = Callable[..., torch.Tensor]
 
 
 @dataclass(frozen=True)

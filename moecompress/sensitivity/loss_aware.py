@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from moecompress.arch.layout import ModelLayout
 from moecompress.artifacts.calibration_stats import CalibrationStats
 from moecompress.sensitivity.capture import BlockCapture, LayerCapture
-from moecompress.sensitivity.deltas import QuantizerSettings
+from moecompress.sensitivity.deltas import CandidateWeights, QuantizerSettings
 from moecompress.sensitivity.measured import captured_costs
 
 
@@ -75,8 +75,10 @@ def capture_with_grads(model: nn.Module, layout: ModelLayout, batches: list[tupl
 def loss_aware_costs(model: nn.Module, layout: ModelLayout, batches: list[tuple[torch.Tensor, torch.Tensor]],
                      candidates: tuple[int, ...], settings: QuantizerSettings, granularity: str = "expert",
                      stats: CalibrationStats | None = None, progress: bool = True,
-                     context_model: nn.Module | None = None) -> dict[str, dict[int, float]]:
+                     context_model: nn.Module | None = None, weights: CandidateWeights | None = None,
+                     ) -> dict[str, dict[int, float]]:
     """Item key -> bits -> gradient-weighted block-output damage on the held-out `batches`; inputs and gradients
-    from `context_model` (default `model`), candidate weights quantized from `model`'s."""
+    from `context_model` (default `model`), candidate weights quantized from `model`'s (or given: `weights`)."""
     captures, n = capture_with_grads(model if context_model is None else context_model, layout, batches, progress)
-    return captured_costs(model, layout, captures, n, candidates, settings, granularity, stats, True, progress)
+    return captured_costs(model, layout, captures, n, candidates, settings, granularity, stats, True, progress,
+                          weights)

@@ -27,7 +27,7 @@ from moecompress.arch.layout import ModelLayout, MoELayer
 from moecompress.artifacts.calibration_stats import CalibrationStats
 from moecompress.artifacts.cost_table import ALL_PROJS
 from moecompress.sensitivity.capture import BlockCapture, LayerCapture
-from moecompress.sensitivity.deltas import QuantizerSettings, layer_gptq_hessians, quantized
+from moecompress.sensitivity.deltas import CandidateWeights, QuantizerSettings, layer_gptq_hessians, quantized
 from moecompress.sensitivity.hessian import damages_to_items, non_increasing
 
 CHUNK_ROWS = 4096  # (token, slot) rows per experts call
@@ -43,9 +43,11 @@ def _rows(cap: LayerCapture, num_experts: int) -> tuple[torch.Tensor, torch.Tens
 @torch.no_grad()
 def layer_damages(moe: MoELayer, experts: nn.Module, cap: LayerCapture, candidates: tuple[int, ...],
                   settings: QuantizerSettings, granularity: str = "expert", stats: CalibrationStats | None = None,
-                  fisher: bool = False, num_tokens: int | None = None) -> dict[str, dict[int, torch.Tensor]]:
+                  fisher: bool = False, num_tokens: int | None = None, weights: CandidateWeights | None = None,
+                  ) -> dict[str, dict[int, torch.Tensor]]:
     """proj (or "*" for granularity "expert") -> bits -> damage [E] float64 of one MoE layer.
-    fisher: weight each row's error by the captured loss gradient (loss-aware)."""
+    fisher: weight each row's error by the captured loss gradient (loss-aware). weights: the candidates' weights
+    given (see CandidateWeights) instead of simulated with `settings`."""
     if fisher and cap.grad is None:
         raise ValueError("loss-aware damages need captures with gradients")
     E = moe.num_experts
@@ -75,7 +77,8 @@ def layer_damages(moe: MoELayer, experts: nn.Module, cap: LayerCapture, candidat
             dmg = torch.zeros(E, dtype=torch.float64)
             if bits != 16:
                 for p in projs:
-                    set_proj_weights(work, moe, p, quantized(orig[p], bits, settings, hessians[p]))
+                    set_proj_weights(work, moe, p, quantized(orig[p], bits, settings, hessians[p]) if weights is None
+                                     else weights(moe, p, bits).to(orig[p]))
                 for c, base in zip(chunks, y0):
                     dy = run(c) - base  # [r, H]
                     if fisher:
@@ -94,14 +97,14 @@ def layer_damages(moe: MoELayer, experts: nn.Module, cap: LayerCapture, candidat
 def captured_costs(model: nn.Module, layout: ModelLayout, captures: list[LayerCapture], num_tokens: int,
                    candidates: tuple[int, ...], settings: QuantizerSettings, granularity: str = "expert",
                    stats: CalibrationStats | None = None, fisher: bool = False, progress: bool = True,
-                   ) -> dict[str, dict[int, float]]:
+                   weights: CandidateWeights | None = None) -> dict[str, dict[int, float]]:
     """Item key -> bits -> damage from captured held-out inputs (and gradients when `fisher`)."""
     items = {}
     name = "loss_aware" if fisher else "measured"
     for moe in tqdm(layout.moe_layers, desc=f"sensitivity ({name}, {settings.quantizer})", unit="layer",
                     disable=not progress):
         per_group = layer_damages(moe, model.get_submodule(moe.experts_path), captures[moe.layer], candidates,
-                                  settings, granularity, stats, fisher, num_tokens)
+                                  settings, granularity, stats, fisher, num_tokens, weights)
         items.update(damages_to_items(moe, per_group))  # groups: proj names, or "*" (whole experts)
     return items
 
@@ -127,8 +130,10 @@ def capture_inputs(model: nn.Module, layout: ModelLayout, batches: list[tuple[to
 def measured_costs(model: nn.Module, layout: ModelLayout, batches: list[tuple[torch.Tensor, torch.Tensor]],
                    candidates: tuple[int, ...], settings: QuantizerSettings, granularity: str = "expert",
                    stats: CalibrationStats | None = None, progress: bool = True,
-                   context_model: nn.Module | None = None) -> dict[str, dict[int, float]]:
+                   context_model: nn.Module | None = None, weights: CandidateWeights | None = None,
+                   ) -> dict[str, dict[int, float]]:
     """Item key -> bits -> measured block-output damage on the held-out `batches`; inputs from `context_model`
-    (default `model`), candidate weights quantized from `model`'s."""
+    (default `model`), candidate weights quantized from `model`'s (or given: `weights`)."""
     captures, n = capture_inputs(model if context_model is None else context_model, layout, batches, progress)
-    return captured_costs(model, layout, captures, n, candidates, settings, granularity, stats, False, progress)
+    return captured_costs(model, layout, captures, n, candidates, settings, granularity, stats, False, progress,
+                          weights)

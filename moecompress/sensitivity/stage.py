@@ -4,7 +4,8 @@ Methods (SensitivityOptions.method, as recipe.SensitivityMethod):
 - "hessian" (default): tr(dW H_w dW^T) from the routing-weighted calibration Hessians (hessian.py); no forward.
 - "measured": the real MoE-block output error on held-out sequences (measured.py).
 - "loss_aware": that error weighted by the loss gradient at the block output (loss_aware.py).
-All three give damage in one unit (squared block-output error per token; loss-aware: squared first-order loss
+- "kl": the model's next-token KL with one item alone quantized, end to end (kl.py; one forward per item and bits).
+The first three give damage in one unit (squared block-output error per token; loss-aware: squared first-order loss
 change per token), comparable across experts and layers. Bytes per item come from format/sizes.py through
 artifacts.cost_table.build_cost_table. Dense linears get items only when `linears` names them (loss_aware;
 linears.py); otherwise their bits come from the recipe's protect rules.
@@ -21,13 +22,14 @@ from moecompress.artifacts.calibration_stats import CalibrationStats
 from moecompress.artifacts.cost_table import CostTable, build_cost_table
 from moecompress.errors import MoecompressError
 from moecompress.sensitivity.capture import holdout_batches
-from moecompress.sensitivity.deltas import QUANTIZERS, QuantizerSettings
+from moecompress.sensitivity.deltas import QUANTIZERS, CandidateWeights, QuantizerSettings
 from moecompress.sensitivity.hessian import hessian_costs
+from moecompress.sensitivity.kl import kl_costs
 from moecompress.sensitivity.linears import linear_costs, linear_shapes
 from moecompress.sensitivity.loss_aware import loss_aware_costs
 from moecompress.sensitivity.measured import measured_costs
 
-METHODS = ("hessian", "measured", "loss_aware")
+METHODS = ("hessian", "measured", "loss_aware", "kl")
 GRANULARITIES = ("expert", "projection")
 CANDIDATE_BITS = (2, 3, 4, 8, 16)
 
@@ -39,7 +41,7 @@ def _value(v):
 
 @dataclass(frozen=True)
 class SensitivityOptions:
-    method: str = "hessian"  # "hessian" | "measured" | "loss_aware"  (recipe: sensitivity.method)
+    method: str = "hessian"  # "hessian" | "measured" | "loss_aware" | "kl"  (recipe: sensitivity.method)
     granularity: str = "expert"  # "expert": one item per expert | "projection": per (expert, proj)
     quantizer: str = "rtn"  # how candidates are simulated: "rtn" (fast default) | "gptq" (per expert and bits)
     prior_weight: float = 0.1  # Hessian floor for rarely routed experts, needs all_experts stats (hessian.py)
@@ -88,7 +90,7 @@ def estimate_costs(model: nn.Module, layout: ModelLayout, stats: CalibrationStat
                    config: SensitivityOptions = SensitivityOptions(), candidates: Iterable[int] = CANDIDATE_BITS,
                    group_size: int = 64, symmetric: bool = False, calibration_batches: Iterable[tuple] | None = None,
                    progress: bool = True, context_model: nn.Module | None = None,
-                   linears: Iterable[str] = ()) -> CostTable:
+                   linears: Iterable[str] = (), candidate_weights: CandidateWeights | None = None) -> CostTable:
     """What each candidate bit-width would cost, for every routed expert (or expert projection) of `model`.
 
     stats: needed by the hessian method and by the gptq quantizer. calibration_batches: (input_ids [B, S],
@@ -100,6 +102,8 @@ def estimate_costs(model: nn.Module, layout: ModelLayout, stats: CalibrationStat
     always quantized from `model`'s (the original) weights.
     linears: dense nn.Linear paths (e.g. layout.attention_linears) that get cost items too, so that one budget
     covers them and the experts (loss_aware method only: linears.py gives them the experts' unit).
+    candidate_weights: (measured methods) the experts' candidate weights as a quantize run made them, (MoE layer,
+    proj, bits) -> [E, out, in] (deltas.CandidateWeights): the costs are then quantizer-exact instead of simulated.
     """
     candidates = tuple(sorted({int(b) for b in candidates}))
     _check_inputs(layout, stats, candidates, group_size)
@@ -111,6 +115,9 @@ def estimate_costs(model: nn.Module, layout: ModelLayout, stats: CalibrationStat
     if config.method == "hessian":
         if stats is None:
             raise MoecompressError("the hessian sensitivity method needs calibration statistics (run calibrate)")
+        if candidate_weights is not None:
+            raise MoecompressError("the hessian method simulates its candidates; candidate_weights need method "
+                                   "measured, loss_aware or kl")
         if context_model is not None:
             raise MoecompressError("the hessian method runs no forward pass, so it takes no context_model; use "
                                    "method measured or loss_aware for in-context (progressive) sensitivity")
@@ -122,10 +129,20 @@ def estimate_costs(model: nn.Module, layout: ModelLayout, stats: CalibrationStat
             raise MoecompressError(f"the {config.method} sensitivity method needs calibration batches "
                                    "(held-out sequences); pass calibration_batches or use method hessian")
         batches = holdout_batches(calibration_batches, config.holdout)
+        quantizer = config.quantizer if candidate_weights is None else "exact"
+        if config.method == "kl":
+            if context_model is not None and context_model is not model:
+                raise MoecompressError("the kl sensitivity method measures each item in the unquantized model; "
+                                       "it takes no context_model (use loss_aware for progressive allocation)")
+            damage = kl_costs(model, layout, batches, candidates, settings, config.granularity, stats, progress,
+                              candidate_weights)
+            return build_cost_table(layout, damage, group_size=group_size, symmetric=symmetric,
+                                    method=f"kl {quantizer} holdout={config.holdout:g} "
+                                           f"granularity={config.granularity}")
         costs = measured_costs if config.method == "measured" else loss_aware_costs
         damage = costs(model, layout, batches, candidates, settings, config.granularity, stats, progress,
-                       context_model=context_model)
-        label = f"{config.method} {config.quantizer} holdout={config.holdout:g}"
+                       context_model=context_model, weights=candidate_weights)
+        label = f"{config.method} {quantizer} holdout={config.holdout:g}"
         if context_model is not None and context_model is not model:
             label += " in-context"
         if linears:

@@ -31,6 +31,7 @@ from moecompress.format.files import (
     write_manifest,
 )
 from moecompress.format.spec import ExpertsSpec, FormatSpec
+from moecompress.runtime.edge.tokens import SIMILARITY_FILE
 
 BUNDLE_FILE = "bundle.json"
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
@@ -140,8 +141,11 @@ def bundle_description(placement: Placement, server: int, placement_sha256: str)
 
 
 def write_bundles(checkpoint: str | Path, placement: Placement, out: str | Path, traffic: dict | None = None,
-                  overwrite: bool = False, verify: bool = True) -> Placement:
+                  overwrite: bool = False, verify: bool = True, similarity: torch.Tensor | None = None) -> Placement:
     """Write OUT/server-K/ for every server and OUT/placement.json (with every file's sha256); atomically.
+
+    `similarity` [MoE layers, experts, experts]: the expert similarity the `substitute` token policy reads, written
+    into every expert-model bundle as expert_similarity.safetensors (runtime/edge/tokens.py), listed in its manifest.
 
     `verify=False` only where the caller has just verified the checkpoint's files (the shard command does, before it
     reads any size), so that they are hashed once."""
@@ -159,6 +163,8 @@ def write_bundles(checkpoint: str | Path, placement: Placement, out: str | Path,
             bundle.mkdir()
             tensors = bundle_tensors(checkpoint, spec, sub, placement, server)
             save_file(tensors, bundle / "model.safetensors", metadata={"format": "pt"})
+            if similarity is not None and placement.mode == "expert":
+                save_file({"similarity": similarity.float().contiguous()}, bundle / SIMILARITY_FILE)
             (bundle / "config.json").write_text(json.dumps({**config, "quantization_config": sub.to_dict()}, indent=2))
             for side in SIDE_FILES:
                 if (checkpoint / side).exists():

@@ -19,7 +19,7 @@ from moecompress.shard.bundles import (
     split_group_key,
     write_bundles,
 )
-from moecompress.execution.timing import parse_profile
+from moecompress.execution.timing import parse_profiles
 from moecompress.shard.choose import choose_placement, format_choice, synthetic_trace
 from moecompress.shard.compare import AUTO, check_method, mode_of, place, traffic_row
 from moecompress.shard.layers import LayerSizes
@@ -95,11 +95,14 @@ def replay_report(placement: Placement, trace: RoutingTrace, seq_len: int, hidde
 def run_shard_command(model: str, stats: str, servers: str, out: str, method: str | None = None,
                       mode: str = AUTO, balance: str = "total", replicate: bool = True,
                       eval_stats: str | None = None, replicate_dense: bool = True, balance_epsilon: float = 0.1,
-                      payload_bytes: int = 2, link: str = "lan", batch: int = 1, compute_profile: str | None = None,
+                      payload_bytes: int = 2, link: str | None = None, batch: int = 1,
+                      compute_profile: str | None = None,
                       home_replicas: int = 0):
     """mode "auto" (default): with --method, that method's execution model; without, every method of both models,
     the fastest by modeled decode time on `link` for `batch` sequences (compute from `compute_profile`, a
-    `moecompress profile` file measured on the servers, else measured here on this machine). `home_replicas` > 0:
+    `moecompress profile` file measured on the servers, else measured here on this machine). `link` None: planned
+    for LAN and WAN together (the candidate least slower than the best baseline on either, shard/choose.py);
+    'a+b': for those links. `home_replicas` > 0:
     the expert model with a home copy of each MoE layer's that many hottest experts, in the same memory
     (shard/home.py)."""
     if home_replicas and mode == AUTO:
@@ -108,7 +111,7 @@ def run_shard_command(model: str, stats: str, servers: str, out: str, method: st
         mode = mode_of(method)
     if mode != AUTO:
         method = check_method(mode, method)  # before any file is read
-    link_profile = parse_profile(link)
+    link_profile = parse_profiles(link)  # before any file is read
     checkpoint = Path(model)
     verify_files(checkpoint)  # every file against its manifest before any size is read from it
     config, _ = read_spec_and_config(checkpoint)
@@ -133,7 +136,10 @@ def run_shard_command(model: str, stats: str, servers: str, out: str, method: st
         held_out = CalibrationStats.load(eval_stats)
         traffic["replay"] = replay_report(placement, routing_trace(held_out), held_out.seq_len, hidden,
                                           payload_bytes, sizes.moe_decoder_layers)
-    placement = write_bundles(checkpoint, placement, out, traffic=traffic, verify=False)  # verified above
+    from moecompress.shard.home import coactivation_similarity
+
+    placement = write_bundles(checkpoint, placement, out, traffic=traffic, verify=False,  # verified above
+                              similarity=coactivation_similarity(rstats) if placement.mode == "expert" else None)
     from moecompress.shard.inspect import format_placement
 
     print(format_placement(out))

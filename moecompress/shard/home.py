@@ -15,6 +15,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from moecompress.artifacts.bit_plan import BitPlan, check_bits
 from moecompress.artifacts.placement import Placement, as_grid
 from moecompress.errors import MoecompressError
 from moecompress.shard.routing import RoutingStats
@@ -32,10 +33,22 @@ def hottest_experts(stats: RoutingStats, count: int) -> list[list[int]]:
             for layer in range(stats.num_layers)]
 
 
-def home_reserve(stats: RoutingStats, expert_bytes, count: int) -> int:
-    """Bytes the home keeps for the copies of each layer's `count` hottest experts."""
+def home_experts(stats: RoutingStats, count: int, hot=None) -> list[list[int]]:
+    """[L][...] the experts the home copies: `hot` as given (e.g. the experts a low-bit plan was made for), else
+    each layer's `count` hottest."""
+    if hot is None:
+        return hottest_experts(stats, count)
+    hot = [sorted({int(e) for e in layer}) for layer in hot]
+    if len(hot) != stats.num_layers or any(e < 0 or e >= stats.num_experts for layer in hot for e in layer):
+        raise MoecompressError(f"home experts must be {stats.num_layers} lists of expert ids in "
+                               f"0..{stats.num_experts - 1}")
+    return hot
+
+
+def home_reserve(stats: RoutingStats, expert_bytes, count: int, hot=None) -> int:
+    """Bytes the home keeps for the copies of each layer's `count` hottest experts (or of `hot`)."""
     b = np.asarray(expert_bytes)
-    return int(sum(b[layer, e] for layer, hot in enumerate(hottest_experts(stats, count)) for e in hot))
+    return int(sum(b[layer, e] for layer, ids in enumerate(home_experts(stats, count, hot)) for e in ids))
 
 
 def reserved_spec(spec: ServerSpec, reserve: int) -> ServerSpec:
@@ -48,7 +61,7 @@ def reserved_spec(spec: ServerSpec, reserve: int) -> ServerSpec:
     return replace(spec, memory_bytes=tuple(memory))
 
 
-def add_home_copies(placement: Placement, stats: RoutingStats, count: int, memory_bytes) -> Placement:
+def add_home_copies(placement: Placement, stats: RoutingStats, count: int, memory_bytes, hot=None) -> Placement:
     """`placement` (primaries placed in the reduced memory) with a home copy of each layer's `count` hottest
     experts it does not hold on the home yet, and the servers' full memory `memory_bytes` restored."""
     if placement.mode != "expert":
@@ -63,8 +76,8 @@ def add_home_copies(placement: Placement, stats: RoutingStats, count: int, memor
         for (s, d), used in placement.device_bytes().items():
             if s == home:
                 device_free[d] -= used
-    for layer, hot in enumerate(hottest_experts(stats, count)):
-        for e in hot:
+    for layer, ids in enumerate(home_experts(stats, count, hot)):
+        for e in ids:
             if home in servers[layer][e]:
                 continue
             servers[layer][e].append(home)
@@ -79,23 +92,24 @@ def add_home_copies(placement: Placement, stats: RoutingStats, count: int, memor
 
 
 def place_home_replicas(stats: RoutingStats, sizes, spec: ServerSpec, method: str | None, count: int,
-                        replicate: bool = True) -> Placement:
-    """The expert-model placement of `method` with home copies of each layer's `count` hottest experts, at the
-    memory of `spec` (then hot-expert replicas in what is left, if `replicate`). count 0: `place(...)` itself."""
+                        replicate: bool = True, hot=None) -> Placement:
+    """The expert-model placement of `method` with home copies of each layer's `count` hottest experts (or of the
+    experts `hot` [L][...] lists), at the memory of `spec` (then hot-expert replicas in what is left, if
+    `replicate`). count 0 and no `hot`: `place(...)` itself."""
     from moecompress.shard.compare import place
     from moecompress.shard.replicate import replicate_hot
 
     if spec.mode != "expert":
         raise MoecompressError("home replicas are for the expert model (--mode expert)")
-    if count == 0:
+    if count == 0 and hot is None:
         return place(stats, sizes, spec, method, replicate)
-    reserve = home_reserve(stats, sizes.expert_bytes, count)
+    reserve = home_reserve(stats, sizes.expert_bytes, count, hot)
     try:
         placement = place(stats, sizes, reserved_spec(spec, reserve), method, replicate=False)
     except MoecompressError as exc:
         raise MoecompressError(f"with {count} home replicas per layer ({reserve} bytes reserved on the home) the "
                                f"experts do not fit: {exc}") from exc
-    placement = add_home_copies(placement, stats, count, spec.memory_bytes)
+    placement = add_home_copies(placement, stats, count, spec.memory_bytes, hot)
     return replicate_hot(placement, stats, spec) if replicate else placement
 
 
@@ -125,3 +139,36 @@ def min_home_memory(stats: RoutingStats, sizes, spec: ServerSpec, count: int, me
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if fits(mid) else (mid, hi)
     return hi
+
+
+def home_bit_plan(plan: BitPlan, experts_paths, hot, bits: int) -> BitPlan:
+    """`plan` with the experts of `hot` ([L][...], L in the order of `experts_paths`) at `bits` (every projection).
+
+    Low-bit home copies at equal memory: the runtime computes a pair on the home whenever the home holds a copy, so
+    storing the home-copied experts at fewer bits (their primary elsewhere too: that copy then serves only other
+    homes) lets the home hold more of them in the same bytes; the quality cost is those experts' quantization."""
+    check_bits(bits, "home copies")
+    if len(hot) != len(experts_paths):
+        raise MoecompressError(f"home experts list {len(hot)} MoE layers, the bit plan {len(experts_paths)}")
+    experts = dict(plan.experts)
+    for path, ids in zip(experts_paths, hot):
+        if path not in experts:
+            raise MoecompressError(f"the bit plan has no experts path {path!r}")
+        ids = {int(e) for e in ids}
+        experts[path] = {proj: tuple(bits if e in ids else b for e, b in enumerate(v))
+                         for proj, v in experts[path].items()}
+    return replace(plan, experts=experts)
+
+
+def coactivation_similarity(stats: RoutingStats):
+    """[L, E, E] float32 expert similarity from calibration co-activation (execution/tokens/similarity.py: count of
+    tokens choosing both / sqrt of each one's count; diagonal 1 for used experts), what `moecompress shard` writes
+    into the expert-model bundles for the `substitute` token policy."""
+    import torch
+
+    from moecompress.execution.tokens.similarity import similarity_from_coactivation
+
+    counts = np.array(stats.coact, dtype=np.float64)  # the diagonal is zeroed in RoutingStats: put the tokens there
+    idx = np.arange(stats.num_experts)
+    counts[:, idx, idx] = stats.tokens
+    return torch.stack([similarity_from_coactivation(torch.from_numpy(c)) for c in counts]).float()

@@ -16,6 +16,9 @@ from moecompress.errors import MoecompressError
 from moecompress.execution.tokens.plan import DispatchPlan, LayerContext, send_once_groups, with_pairs
 
 
+LOCALIZE_MEASURES = ("remote", "gap")
+
+
 def top_share(score: torch.Tensor, share: float) -> torch.Tensor:
     """[T] bool: the round(share * T) tokens of highest score (ties: lowest index first)."""
     T = score.shape[0]
@@ -204,13 +207,24 @@ class Localize:
     router's own logits, with the weights that router gives them (softmax over all experts; renormalised to the
     router's sum where it renormalises). Unlike dropping, the token keeps k experts; unlike `substitute`, the
     replacements are the router's next choices, not the most similar experts. Tokens whose home holds fewer than
-    `min_local` experts are left alone. Needs `LayerContext.router_logits` (the edge runtime passes them)."""
+    `min_local` experts are left alone. Needs `LayerContext.router_logits` (the edge runtime passes them).
+
+    `measure` is what is compared with the threshold: `remote` (the weight of the token's remote pairs) or `gap`
+    (the router probability the local top-k loses against the router's top-k: softmax over all experts, summed
+    over the chosen top-k minus summed over the local top-k; never above the remote weight, and small when the
+    home holds the router's next choices at nearly the same probability)."""
 
     name: ClassVar[str] = "localize"
     stage: ClassVar[str] = "prune"
     threshold: float = 0.0
     relative: bool = False
     min_local: int = 1
+    measure: str = "remote"
+
+    def __post_init__(self):
+        if self.measure not in LOCALIZE_MEASURES:
+            raise MoecompressError(f"localize: measure must be one of {', '.join(LOCALIZE_MEASURES)}, got "
+                                   f"{self.measure!r}")
 
     def __call__(self, ctx: LayerContext, plan: DispatchPlan, state) -> DispatchPlan:
         if ctx.router_logits is None:
@@ -222,14 +236,17 @@ class Localize:
         mass = torch.where(remote, plan.weights.float(), torch.zeros_like(plan.weights, dtype=torch.float)).sum(-1)
         local = ctx.holds[:, ctx.home].T.to(mass.device)  # [T, E] the token's home holds expert e
         n_local = local.sum(-1)
-        go = (mass < _limit(self.threshold, self.relative, ctx.topk_weights.float().amax(-1))) & remote.any(-1)
-        go = go & ~plan.protected & (n_local >= max(self.min_local, 1))
-        if not bool(go.any()):
-            return replace(plan, notes=plan.notes + (self.name,))
         logits = ctx.router_logits.float()
         probs = torch.softmax(logits, -1)  # [T, E]
         ranked = torch.where(local, logits, torch.full_like(logits, float("-inf")))
         kk = min(k, int(n_local.max()))
+        if self.measure == "gap" and kk > 0:
+            local_p = torch.where(local, probs, torch.zeros_like(probs)).topk(kk, -1).values.sum(-1)
+            mass = probs.gather(1, ctx.topk_ids.long()).sum(-1) - local_p
+        go = (mass < _limit(self.threshold, self.relative, ctx.topk_weights.float().amax(-1))) & remote.any(-1)
+        go = go & ~plan.protected & (n_local >= max(self.min_local, 1))
+        if not bool(go.any()):
+            return replace(plan, notes=plan.notes + (self.name,))
         top_p, top_e = probs.gather(1, ranked.topk(kk, -1).indices), ranked.topk(kk, -1).indices  # [T, kk]
         valid = torch.arange(kk)[None, :] < n_local[:, None]  # homes holding fewer than k experts: fewer pairs
         if kk < k:

@@ -7,8 +7,9 @@ in float32 in a fixed order. Shapes depend only on the number of tokens, so a wh
 CUDA graph (warm up once first: Triton compiles at the first call).
 
 Paths: up to PAIR_TOKENS tokens per call, layers whose groups are all packed 2/3/4/8-bit (no bias, no post-expert
-norm) take the pair path (decode.py): three launches per layer, all bit-widths in one launch per projection, no
-routing tables, the SiLU gate fused into the first projection where the model's gate is SiLU(gate) * up.
+norm) take the pair path (decode.py, run by a plan cached per layer and shape: pairs.py): 4-5 launches per layer,
+all bit-widths in one launch per projection, no routing tables, the SiLU gate fused where the model's gate is
+SiLU(gate) * up.
 Otherwise up to DECODE_ROWS tokens per call (and <= routing.SMALL_PAIRS pairs) take the decode path (one program
 builds the routing tables; every hit expert is one block of rows, so its packed bytes are read once per column
 tile); one token per call runs gemv_kernel there (CUDA cores; launch.GEMV_ENABLED), 2-16 tokens packed_kernel.
@@ -40,9 +41,18 @@ def _lookup(proj, device) -> torch.Tensor:
 
 
 def supports(experts, x: torch.Tensor) -> bool:
-    """Whether this layer runs on the CUDA kernels for activations x (shapes and dtypes the kernels take)."""
+    """Whether this layer runs on the CUDA kernels for activations x (shapes and dtypes the kernels take); the
+    answer is cached on the layer per dtype, device and packed tensors."""
     if not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
         return False
+    key = (x.dtype, x.device, _signature(experts))
+    cached = experts.__dict__.setdefault("_cuda_supports", {})
+    if key not in cached:
+        cached[key] = _supports(experts, x)
+    return cached[key]
+
+
+def _supports(experts, x: torch.Tensor) -> bool:
     for name in experts.proj_names:
         for group in getattr(experts, name).children():
             if group.experts and not group_supported(group, x.dtype):
@@ -88,7 +98,14 @@ def _project(proj, groups, tables, x, out, row_div, path, weights=None, one_toke
 
 def pair_supported(experts) -> bool:
     """Whether the layer can run the pair path: two projections of packed 2/3/4/8-bit groups, no bias, no
-    post-expert norm."""
+    post-expert norm (cached on the layer: its groups do not change)."""
+    cached = experts.__dict__.get("_cuda_pair_supported")
+    if cached is None:
+        cached = experts.__dict__["_cuda_pair_supported"] = _pair_supported(experts)
+    return cached
+
+
+def _pair_supported(experts) -> bool:
     if len(experts.proj_names) != 2 or experts.has_post_expert_norm or getattr(experts, "has_bias", False):
         return False
     groups = [g for name in experts.proj_names for g in getattr(experts, name).children() if g.experts]
@@ -112,28 +129,32 @@ def silu_gate(experts) -> bool:
     return fused
 
 
-def _bits(proj) -> set[int]:
-    return {group.bits for group in proj.children() if group.experts}
+def _pair_plan(experts, x: torch.Tensor, flat: torch.Tensor, weights: torch.Tensor, tokens: int, top_k: int):
+    """The layer's pairs.PairPlan for this call's shapes, dtypes and launch settings (built at the first such call,
+    cached on the layer; rebuilt if its packed tensors moved)."""
+    key = (tokens, top_k, x.dtype, flat.dtype, weights.dtype, x.device, launch.PAIR_BLOCK_N, launch.PAIR_WARPS,
+           launch.PAIR_GROUPS_PER_PROGRAM, launch.PAIR_ASM)
+    plans = experts.__dict__.setdefault("_cuda_pair_plans", {})
+    plan = plans.get(key)
+    if plan is None or plan.signature != _signature(experts):
+        from moecompress.runtime.cuda.pairs import PairPlan
+
+        projs = [getattr(experts, name) for name in experts.proj_names]
+        plan = PairPlan(experts, *[(p, _proj_groups(p)[0], _lookup(p, x.device)) for p in projs], silu_gate(experts),
+                        tokens, top_k, x.dtype, x.device)
+        plan.signature = _signature(experts)
+        plans[key] = plan
+    return plan
 
 
-def _forward_pairs(experts, x, flat, top_k_weights, tokens, top_k, out_dtype):
-    first, down = (getattr(experts, name) for name in experts.proj_names)
-    gated, dt, down_bits = silu_gate(experts), x.dtype, _bits(down)
-    groups, lookup = _proj_groups(first)[0], _lookup(first, x.device)
-    xs = launch.permuted(x, _bits(first))
-    g0 = groups[0][0]
-    if gated and launch.split_k(g0.in_features // g0.group_size) == 1:
-        hs = launch.run_pairs(first, groups, xs, flat, lookup, top_k, "gated", down_bits, dt)
-    elif gated:  # split K: partial sums, then SiLU(gate) * up in gate_kernel
-        part, ks = launch.run_pairs(first, groups, xs, flat, lookup, top_k, "partial", dtype=dt, halves=True)
-        hs = launch.gate(part, ks, down_bits, dt)
-    else:
-        h = launch.run_pairs(first, groups, xs, flat, lookup, top_k, "plain", dtype=dt)
-        h = (experts._gate_fn(experts, h) if experts.has_gate else experts.act_fn(h)).contiguous()
-        hs = launch.permuted(h, down_bits)
-    part, ks = launch.run_pairs(down, _proj_groups(down)[0], hs, flat, _lookup(down, x.device), 1, "partial",
-                                dtype=dt)
-    return launch.sum_top_k(part, ks, top_k_weights.reshape(-1).contiguous(), tokens, top_k, out_dtype)
+def _signature(experts) -> tuple[int, ...]:
+    """Where the layer's packed tensors are (data pointers of each projection's first group): a plan or a
+    `supports` answer made for other tensors is not reused."""
+    firsts = experts.__dict__.get("_cuda_first_groups")
+    if firsts is None:
+        firsts = [next(iter(getattr(experts, name).children())) for name in experts.proj_names]
+        experts.__dict__["_cuda_first_groups"] = firsts
+    return tuple((g.qweight if g.bits != 16 else g.weight).data_ptr() for g in firsts)
 
 
 def forward(experts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
@@ -142,8 +163,11 @@ def forward(experts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top
     pairs = tokens * top_k
     x = hidden_states.contiguous()
     flat = top_k_index.reshape(-1)
-    if tokens <= launch.PAIR_TOKENS and pair_supported(experts):
-        return _forward_pairs(experts, x, flat.contiguous(), top_k_weights, tokens, top_k, hidden_states.dtype)
+    if (tokens <= launch.PAIR_TOKENS and pair_supported(experts)
+            and pairs <= launch.PAIR_MAX_MEAN_ROWS * getattr(experts, experts.proj_names[0]).num_experts):
+        weights = top_k_weights.reshape(-1).contiguous()
+        flat = flat.contiguous()
+        return _pair_plan(experts, x, flat, weights, tokens, top_k)(x, flat, weights)
     first, down = (getattr(experts, name) for name in experts.proj_names)
     path = _path(tokens, pairs)
     groups, tables = _tables(first, flat, path, pairs)

@@ -23,7 +23,9 @@ class Config:
     num_stages: int = 3
 
 
-# decode: BM 16 (tl.dot's smallest M), narrow column tiles so that the few hit experts still fill the GPU
+# decode: BM 16 (tl.dot's smallest M), narrow column tiles so that the few hit experts still fill the GPU. The sweep
+# on an H200 (Mixtral-8x7B, 16 tokens, gpu_sweeps.md) timed 64 x 128 at 1.16 / 1.00 ms mix / 4-bit against 1.59 /
+# 1.90 with 32 x 256, but its outputs were not checked on a GPU (device time ran out): not the default yet
 DECODE = {bits: Config(32, 256) for bits in (2, 3, 4, 8, 16)}
 # prefill tiles, from eval/bench_gpu.py's sweep on an H200 (eval/results/gpu.md): 128 x 128 for row blocks up to
 # 128 (Qwen3-30B-A3B: 1.83 ms, against 1.94-2.05 for the others), 128 x 64 for blocks of 256 rows (Mixtral: 6.38 ms,
@@ -41,6 +43,11 @@ PAIR_WARPS = 2  # with BN 16 and 4 groups per program: the fastest in eval/bench
 PAIR_GROUPS_PER_PROGRAM = 4  # quantization groups per program of the pair path (split K; launch.split_k)
 PAIR_ASM = os.environ.get("MOECOMPRESS_PAIR_ASM", "1") != "0"  # one lop3 (inline PTX) per value; 0: plain ops
 PAIR_TOKENS = 16  # tokens per call up to which eligible layers run decode.pair_kernel (experts.pair_supported)
+# ... and pairs per expert (tokens * top_k / experts) up to which; above, every expert's rows are one block of the
+# routing-table path (its packed bytes read once, not once per pair: few large experts, e.g. Mixtral at 16 tokens).
+# 2 pays with the 64 x 128 decode tile above (not yet the default); with 32 x 256 it loses at 4 bits (1.90 vs 1.3
+# ms): no limit until that tile is checked on a GPU
+PAIR_MAX_MEAN_ROWS = float("inf")
 
 
 def values_per_unit(bits: int) -> tuple[int, int]:
@@ -103,100 +110,9 @@ def run(group, x: torch.Tensor, tables: Tables, pos0: int, grid_m: int, out: tor
         BK=config.block_k, VPW=vpw, UNIT=unit, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
-PAIR_BITS = (2, 3, 4, 8)
-
-
-def permuted(x: torch.Tensor, bits: set[int]) -> dict[int, torch.Tensor]:
-    """decode.permute_kernel: float32 permuted copies of x [M, K] for each bit-width in `bits` (one launch)."""
-    from moecompress.runtime.cuda.decode import permute_kernel
-
-    rows, k = x.shape
-    out = {b: torch.empty(rows, 3 * k if b == 3 else k, dtype=torch.float32, device=x.device) for b in bits}
-    bufs = [out.get(b, x) for b in PAIR_BITS]
-    permute_kernel[(rows, -(-k // 1024))](x, *bufs, x.stride(0), K=k, **{f"OUT{b}": b in out for b in PAIR_BITS},
-                                          BLOCK=1024, num_warps=4)
-    return out
-
-
 def split_k(groups: int) -> int:
     """Splits of K for the pair path: about PAIR_GROUPS_PER_PROGRAM quantization groups per program."""
     ks = max(1, groups // PAIR_GROUPS_PER_PROGRAM)
     while groups % ks:
         ks -= 1
     return ks
-
-
-def run_pairs(proj, groups, xs: dict[int, torch.Tensor], flat: torch.Tensor, lookup: torch.Tensor, row_div: int,
-              mode: str, next_bits: set[int] = frozenset(), dtype: torch.dtype = torch.bfloat16,
-              halves: bool = False):
-    """decode.pair_kernel over every (pair, column tile, split of K) of one projection, all its groups in one
-    launch, x[pair // row_div] given permuted per bit-width (xs, `permuted`), the pair's expert flat[pair].
-    mode "plain": -> [pairs, out] in dtype; "gated": SiLU(gate) * up, returned permuted for the down projection's
-    bit-widths `next_bits` (one split of K); "partial": -> (float32 [KS, pairs, out] partial sums, KS); halves:
-    the gate and up halves are computed by the same programs (the first projection of a gated layer)."""
-    import triton.language as tl
-
-    from moecompress.runtime.cuda.decode import pair_kernel
-
-    ptrs, bounds = [], []
-    by_bits = {group.bits: (group, pos0) for group, pos0 in groups}
-    first = groups[0][0]
-    pairs, rows, dev = flat.numel(), proj.out_features, flat.device
-    ks = split_k(first.in_features // first.group_size) if mode == "partial" else 1
-    if mode == "partial":
-        out = torch.empty(ks, pairs, rows, dtype=torch.float32, device=dev)
-    elif mode == "plain":
-        out = torch.empty(pairs, rows, dtype=dtype, device=dev)
-    else:
-        out = torch.empty(1, dtype=torch.float32, device=dev)  # not written
-    for bits in PAIR_BITS:
-        if bits in by_bits:
-            group, pos0 = by_bits[bits]
-            ptrs += [group.qweight.view(torch.int32), group.scales, group.scales if group.symmetric else group.zeros]
-            bounds += [pos0, pos0 + len(group.experts)]
-        else:
-            ptrs += [out, out, out]
-            bounds += [0, 0]
-    n_cols = rows // 2 if mode == "gated" or halves else rows
-    hs = {b: torch.empty(pairs, 3 * n_cols if b == 3 else n_cols, dtype=torch.float32, device=dev)
-          for b in (next_bits if mode == "gated" else ())}
-    grid = (pairs, -(-n_cols // PAIR_BLOCK_N), ks)
-    pair_kernel[grid](
-        *[xs.get(b, out) for b in PAIR_BITS], flat, lookup, out, *[hs.get(b, out) for b in PAIR_BITS],
-        *ptrs, *bounds, row_div, proj.num_experts, pairs, N=n_cols, K=first.in_features, GS=first.group_size,
-        SYMMETRIC=bool(first.symmetric), MODE={"plain": 0, "gated": 1, "partial": 2}[mode], ROWS=rows, KS=ks,
-        **{f"HAS{b}": b in by_bits for b in PAIR_BITS}, **{f"OUT{b}": b in hs for b in PAIR_BITS},
-        BN=PAIR_BLOCK_N, DT=_tl_dtype(dtype), ASM=PAIR_ASM and not os.environ.get("TRITON_INTERPRET"),
-        num_warps=PAIR_WARPS, num_stages=1)
-    return hs if mode == "gated" else (out, ks) if mode == "partial" else out
-
-
-def _tl_dtype(dtype: torch.dtype):
-    import triton.language as tl
-
-    return tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
-
-
-def gate(part: torch.Tensor, ks: int, next_bits: set[int], dtype: torch.dtype) -> dict[int, torch.Tensor]:
-    """decode.gate_kernel: SiLU(gate) * up from split-K partials [KS, pairs, 2N], permuted for `next_bits`."""
-    from moecompress.runtime.cuda.decode import gate_kernel
-
-    pairs, n = part.shape[1], part.shape[2] // 2
-    hs = {b: torch.empty(pairs, 3 * n if b == 3 else n, dtype=torch.float32, device=part.device) for b in next_bits}
-    bufs = [hs.get(b, part) for b in PAIR_BITS]
-    gate_kernel[(pairs, -(-n // 512))](part, *bufs, pairs, N=n, KS=ks, **{f"OUT{b}": b in hs for b in PAIR_BITS},
-                                       BLOCK=512, DT=_tl_dtype(dtype), num_warps=4)
-    return hs
-
-
-def sum_top_k(part: torch.Tensor, ks: int, weights: torch.Tensor, tokens: int, top_k: int,
-              dtype: torch.dtype) -> torch.Tensor:
-    """decode.sum_kernel: partials [KS, tokens * top_k, H] float32 -> [tokens, H] in dtype (rounded per pair,
-    times the pair's routing weight, the top_k pairs of each token summed in order)."""
-    from moecompress.runtime.cuda.decode import sum_kernel
-
-    pairs, hidden = part.shape[1], part.shape[2]
-    out = torch.empty(tokens, hidden, dtype=dtype, device=part.device)
-    sum_kernel[(tokens, -(-hidden // 1024))](part, weights, out, pairs, N=hidden, TOP_K=top_k, KS=ks, BLOCK=1024,
-                                             DT=_tl_dtype(dtype), num_warps=4)
-    return out

@@ -211,10 +211,8 @@ def deploy(out: str | Path, simulate: bool = True, servers: int | None = None, d
     from moecompress.runtime.edge.tokens import resolve_pipeline
 
     if homes is not None and len(set(homes)) > 1:
-        if expert_budget is not None:
-            raise MoecompressError("expert_budget is not supported with several homes yet; use one home")
         return _deploy_homes(Path(out), tuple(int(h) for h in homes), simulate, servers, dtype, timeout, record,
-                             verify, tokens)
+                             verify, tokens, expert_budget)
 
     pipeline = resolve_pipeline(tokens)  # a bad spec is refused before anything starts
     out = Path(out)
@@ -324,8 +322,9 @@ def _tokenizer(directory: Path):
 
 
 def _deploy_homes(out: Path, homes: tuple[int, ...], simulate: bool, servers, dtype, timeout: float, record: bool,
-                  verify: bool, tokens):
-    """deploy(..., homes=...): every home's model (simulation) or the front's and the other homes' processes."""
+                  verify: bool, tokens, expert_budget: int | None = None):
+    """deploy(..., homes=...): every home's model (simulation) or the front's and the other homes' processes.
+    expert_budget: every server's own experts (homes' too) under a store of that many bytes."""
     from moecompress.runtime.edge.homes import HomesDeployment, RemoteHome, home_server
 
     doc, _ = placement_doc(out)
@@ -357,9 +356,14 @@ def _deploy_homes(out: Path, homes: tuple[int, ...], simulate: bool, servers, dt
         models, recorders = {}, {}
         for h in homes:
             models[h] = load_full(infos[h], dtype)
+            if expert_budget is not None:  # the home's own experts under a store (as _home_model does)
+                from moecompress.runtime.store.rank import attach_server_store, held_experts_modules
+
+                attach_server_store(infos[h].directory, held_experts_modules(models[h], infos[h].experts_paths),
+                                    infos[h].experts_paths, expert_budget, models[h])
             recorders[h] = [] if record else None
-        handlers = {n: build_handler(read_bundle(out, n, world_size=num_servers, verify=verify), dtype)
-                    for n in range(num_servers) if n not in homes}
+        handlers = {n: build_handler(read_bundle(out, n, world_size=num_servers, verify=verify), dtype,
+                                     expert_budget) for n in range(num_servers) if n not in homes}
         members = {}
         for h in homes:
             transport = InProcess(h, {}, num_servers)
@@ -378,7 +382,8 @@ def _deploy_homes(out: Path, homes: tuple[int, ...], simulate: bool, servers, dt
     from moecompress.runtime.edge.launch import LocalServers
     from moecompress.runtime.edge.transport import init_group
 
-    launched = LocalServers(out, num_servers, front, timeout, str(dtype).removeprefix("torch."), homes=homes)
+    launched = LocalServers(out, num_servers, front, timeout, str(dtype).removeprefix("torch."), homes=homes,
+                            expert_budget=expert_budget)
     launched.wait_ready(load_timeout=max(timeout, 600.0))
     try:
         device = init_group(launched.init_method, front, num_servers, timeout)
@@ -387,7 +392,7 @@ def _deploy_homes(out: Path, homes: tuple[int, ...], simulate: bool, servers, dt
         raise MoecompressError(f"the servers did not all join within {timeout:g} s ({exc})") from exc
     transport = TorchDistributed(front, num_servers, timeout, device, launched.watch)
     try:
-        model, tokenizer = _home_model(infos[front], dtype, transport, counters, None, None)
+        model, tokenizer = _home_model(infos[front], dtype, transport, counters, None, None, expert_budget)
     except BaseException:
         transport.close()
         launched.close()

@@ -152,7 +152,7 @@ def run_rank(out: str, rank: int, world_size: int, init_method: str, timeout: fl
     if rank == front:
         raise MoecompressError(f"rank {rank} is the home server; it runs the model (deploy / moecompress generate)")
     if several and rank in homes:
-        return _run_home(info, rank, world_size, init_method, timeout, dtype, ready, front)
+        return _run_home(info, rank, world_size, init_method, timeout, dtype, ready, front, expert_budget)
     handler = build_handler(info, dtype, expert_budget)
     upstream, downstream = neighbours(info)
     if ready:
@@ -168,8 +168,9 @@ def run_rank(out: str, rank: int, world_size: int, init_method: str, timeout: fl
 
 
 def _run_home(info, rank: int, world_size: int, init_method: str, timeout: float, dtype: torch.dtype,
-              ready: str | None, front: int) -> None:
-    """A home besides the front: its home model (requests the front admits here) and its experts for the others."""
+              ready: str | None, front: int, expert_budget: int | None = None) -> None:
+    """A home besides the front: its home model (requests the front admits here) and its experts for the others
+    (under a store of `expert_budget` bytes when given)."""
     import torch.distributed as dist
 
     from moecompress.execution.counters import Counters
@@ -183,7 +184,7 @@ def _run_home(info, rank: int, world_size: int, init_method: str, timeout: float
 
     info = replace(info, home=rank)  # this rank's sequences are routed from here
     counters = Counters(world_size, len(info.experts_paths))
-    model, _ = _home_model(info, dtype, None, counters, None, None)  # loaded before joining, like every rank
+    model, _ = _home_model(info, dtype, None, counters, None, None, expert_budget)  # loaded before joining
     num_experts = len(info.assignment[0]) if info.assignment else 0
     if ready:
         Path(ready).write_text("ready")

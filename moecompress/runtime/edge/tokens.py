@@ -3,7 +3,9 @@ a pipeline, and the settings the home's dispatchers run it with.
 
 `--tokens` / `deploy(tokens=...)` take a spec string (`int8+protect:first=4+prune_server:threshold=0.2`; see
 execution/tokens/policy.py), a YAML file with a `tokens:` section (a recipe, or a file of its own), a list or dict
-of policies, or a TokenPipeline. User policies registered with `register_policy` are found by name.
+of policies, or a TokenPipeline. User policies registered with `register_policy` are found by name. The
+`substitute` policy's expert similarity: passed in, else the home bundle's expert_similarity.safetensors (the
+calibration co-activation `moecompress shard` writes).
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import torch
 
 from moecompress.errors import MoecompressError
 from moecompress.execution.tokens.policy import PolicyState, TokenPipeline, build_pipeline
+
+SIMILARITY_FILE = "expert_similarity.safetensors"  # in a bundle: [MoE layers, experts, experts], key `similarity`
 
 
 def resolve_pipeline(tokens) -> TokenPipeline:
@@ -66,9 +70,13 @@ def token_settings(info, pipeline: TokenPipeline, similarity=None):
     sim = load_similarity(similarity)
     L, E = len(info.assignment), len(info.assignment[0]) if info.assignment else 0
     if any(p.name == "substitute" for p in pipeline.policies):
+        shipped = Path(info.directory) / SIMILARITY_FILE  # what `moecompress shard` writes (co-activation)
+        if sim is None and shipped.exists():
+            sim = load_similarity(shipped)
         if sim is None:
             raise MoecompressError("the substitute policy needs an expert similarity [MoE layers, experts, experts]: "
-                                   "pass similarity= (a tensor or file) to deploy, or --token-similarity FILE")
+                                   "pass similarity= (a tensor or file) to deploy, or --token-similarity FILE "
+                                   f"(bundles written by `moecompress shard` carry one: {SIMILARITY_FILE})")
     if sim is not None and tuple(sim.shape) != (L, E, E):
         raise MoecompressError(f"expert similarity must be [{L}, {E}, {E}] for this deployment, got "
                                f"{tuple(sim.shape)}")

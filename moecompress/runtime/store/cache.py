@@ -173,6 +173,11 @@ class ExpertCache:
                 self.counters.pinned_bytes += slot.nbytes
         return True
 
+    def begin_call(self, layer: int) -> None:
+        """A forward call of MoE layer `layer` starts (the policy counts the layers' calls)."""
+        with self.cond:
+            self.policy.on_call(layer)
+
     def classify(self, requests: list[tuple[tuple[int, int], bool]]) -> list[str]:
         """For one layer call's experts [(key, may_substitute)]: "hit" (resident: marked in use now, so nothing
         evicts it before it is computed; release it after), "copy" (not resident and may be substituted: the low-bit

@@ -93,3 +93,43 @@ def fused_call(settings: FusedSettings, proj_names: tuple[str, str], num_experts
             where[e] = [i, slot]
         args += [qs, ss, zs, bits, torch.tensor(where, dtype=torch.int64)]
     return cpu_moe.moe_decode(hidden, top_k_index, top_k_weights, args, settings.group_size, settings.isa)
+
+
+def fused_rows(settings: FusedSettings, proj_names: tuple[str, str], num_experts: int, hidden: torch.Tensor,
+               top_k_index: torch.Tensor, table: dict[int, tuple[dict[str, PackedGroup], int]]
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each (token, k) pair's expert output, unweighted, for the pairs whose expert is in `table`: (rows [P, H]
+    float32, pair positions [P] as t * K + k). The same C++ call with every pair as its own one-expert token of weight
+    1: a row's activation quantization and kernel do not depend on the other rows, and 0 + y * 1 == y, so each row
+    equals the one the full call sums."""
+    T, K = top_k_index.shape
+    flat = top_k_index.reshape(-1).tolist()
+    pos = [i for i, e in enumerate(flat) if e in table]
+    if not pos:
+        return torch.empty(0, hidden.shape[1], dtype=torch.float32), torch.empty(0, dtype=torch.int64)
+    pos_t = torch.tensor(pos, dtype=torch.int64)
+    x = hidden.float()[pos_t // K]  # float32 in, float32 out (no rounding to hidden's dtype)
+    index = top_k_index.reshape(-1, 1)[pos_t]
+    rows = fused_call(settings, proj_names, num_experts, x, index, torch.ones(len(pos), 1), table)
+    return rows, pos_t
+
+
+def weighted_sum(parts: list[tuple[torch.Tensor, torch.Tensor]], top_k_weights: torch.Tensor,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """The C++ call's sum from rows computed apart (fused_rows): per token, out = 0, then out += y_k * w_k in k order
+    over the pairs present, in float32 with a separate multiply and add (the module is built with -ffp-contract=off),
+    so the result equals the one call's bit for bit. -> [T, H] in `dtype`."""
+    T, K = top_k_weights.shape
+    H = next(r.shape[1] for r, _ in parts)
+    rows = torch.zeros(T * K, H, dtype=torch.float32)
+    present = torch.zeros(T * K, dtype=torch.bool)
+    for r, pos in parts:
+        rows[pos] = r
+        present[pos] = True
+    rows, present = rows.view(T, K, H), present.view(T, K)
+    w = top_k_weights.float()
+    out = torch.zeros(T, H, dtype=torch.float32)
+    for k in range(K):
+        term = rows[:, k] * w[:, k:k + 1]
+        out = torch.where(present[:, k:k + 1], out + term, out)
+    return out.to(dtype)

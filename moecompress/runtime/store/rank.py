@@ -4,10 +4,17 @@ Each server keeps at most `budget` bytes of its own experts in memory and reads 
 use. The home (it has the dense weights, hence each layer's router) prefetches with the routers (the defaults of
 store.default_config); an expert-only server, without routers, prefetches from the activation paths shipped in its
 bundle (expert_stats.safetensors), or not at all without them.
+
+Diagnostics: with MOECOMPRESS_STORE_COUNTERS=DIR in the environment, each server's store writes its counters to
+DIR/store-<bundle directory name>.json when its process exits (the server processes' stores are otherwise out of
+reach of the home; the multi-process test reads them); the store then stays alive until the process exits.
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import json
+import os
 from pathlib import Path
 
 from torch import nn
@@ -44,4 +51,18 @@ def attach_server_store(directory: str | Path, experts: dict[int, PackedExperts]
     if model is None:  # no routers here: the activation paths, when shipped
         config = dataclasses.replace(config, prefetch="paths" if has_stats else None)
     paths = {layer: experts_paths[layer] for layer in experts}
-    return attach_store(model, directory, config, modules=experts, paths=paths)
+    store = attach_store(model, directory, config, modules=experts, paths=paths)
+    where = os.environ.get(COUNTERS_ENV)
+    if where:
+        atexit.register(_write_counters, store, Path(where) / f"store-{Path(directory).name}.json")
+    return store
+
+
+def _write_counters(store: ExpertStore, target: Path) -> None:
+    try:
+        target.write_text(json.dumps(store.counters()))
+    except OSError:  # the directory is gone: nobody reads them
+        pass
+
+
+COUNTERS_ENV = "MOECOMPRESS_STORE_COUNTERS"

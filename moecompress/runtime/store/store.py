@@ -3,9 +3,11 @@ with pinning, prefetch (prefetch.py) and optional low-bit copies. Each PackedExp
 its `expert_store` hook (a `LayerView`); routing, gate and activation stay the model's own.
 
 Two computes, the same as the fully resident PackedExperts would take for the call: decode steps that the resident
-layer runs as cpu_moe's fused C++ call run that call over the slots (store/fused.py: one call for all routed
-experts, after their misses are read; resident low-bit copies join it); everything else (prefill, float32 without
-int8 activations, GPU) runs one expert at a time with the per-group kernels, the demand reads overlapping the hits'
+layer runs as cpu_moe's fused C++ call run that call over the slots (store/fused.py): one call for all routed
+experts when all are resident, resident low-bit copies joining it; on a miss, one call for the resident ones while
+reader threads read the missing ones (the C++ call runs without the GIL), one for those, then the one call's sum
+(`overlap=False`: wait for every miss, then the one call). Everything else (prefill, float32 without int8
+activations, GPU) runs one expert at a time with the per-group kernels, the demand reads overlapping the hits'
 compute.
 
 Exactness: every routed expert is computed from its own packed rows with the same kernels, row order and summation
@@ -26,7 +28,8 @@ import torch
 from moecompress.errors import MoecompressError
 from moecompress.runtime import cpu_moe
 from moecompress.runtime.store.cache import ExpertCache
-from moecompress.runtime.store.fused import FusedSettings, fused_call, layer_settings, settings_key
+from moecompress.runtime.store.fused import (FusedSettings, fused_call, fused_rows, layer_settings, settings_key,
+                                             weighted_sum)
 from moecompress.runtime.store.policies import EVICTION_POLICIES
 from moecompress.runtime.store.prefetch import PREDICTORS, Prefetcher
 
@@ -46,6 +49,8 @@ class StoreConfig:
     tier: str = "file"  # "file": safetensors read bypassing the page cache; "pinned": pinned CPU memory -> GPU
     direct_io: bool = True  # O_DIRECT reads (else plain reads + posix_fadvise DONTNEED)
     read_threads: int = 4  # demand reads in flight at once
+    overlap: bool = True  # fused decode: on a miss compute the resident experts while the missing ones are read
+    prefetch_min_score: float = 0.0  # read ahead only experts the predictor scores at least this (0: no floor)
 
     def __post_init__(self):
         if type(self.budget) is not int or self.budget < 0:
@@ -58,6 +63,8 @@ class StoreConfig:
             raise MoecompressError(f"pin_share must be in 0..1, got {self.pin_share}")
         if self.tier not in TIERS:
             raise MoecompressError(f"unknown store tier {self.tier!r}; allowed: {', '.join(TIERS)}")
+        if not 0.0 <= self.prefetch_min_score <= 1.0:
+            raise MoecompressError(f"prefetch_min_score must be in 0..1, got {self.prefetch_min_score}")
         if self.prefetch_width is not None and self.prefetch_width < 1:
             raise MoecompressError(f"prefetch_width must be at least 1, got {self.prefetch_width}")
 
@@ -92,6 +99,7 @@ class ExpertStore:
         num_tokens, top_k = top_k_index.shape
         if layer == self.first_layer:
             self.cache.counters.tokens += num_tokens
+        self.cache.begin_call(layer)
         if self.prefetcher is not None:
             self.prefetcher.begin_call()
             self._predict(layer, hidden, top_k_index, top_k_weights)
@@ -206,16 +214,29 @@ class ExpertStore:
                     table[e] = (copies, e)
                 elif kind == "hit":
                     table[e] = (self.cache.slots[(layer, e)].groups, 0)
-            for e, kind in zip(order, kinds):
-                if kind == "miss":
-                    slot = self.cache.wait_for((layer, e))
-                    held.append((layer, e))
-                    table[e] = (slot.groups, 0)
-            return fused_call(settings, module.proj_names, module.num_experts, hidden, top_k_index, top_k_weights,
-                              table)
+            if "miss" not in kinds or not self.config.overlap:  # (every miss read, then) the one call
+                late = self._wait_misses(layer, order, kinds, held)
+                return fused_call(settings, module.proj_names, module.num_experts, hidden, top_k_index, top_k_weights,
+                                  {**table, **late})
+            # misses: the resident experts compute (the C++ call runs without the GIL) while the reader threads
+            # read the missing ones; then those; the rows are summed in the one call's order (fused.weighted_sum)
+            args = (settings, module.proj_names, module.num_experts, hidden, top_k_index)
+            parts = [fused_rows(*args, table)] if table else []
+            parts.append(fused_rows(*args, self._wait_misses(layer, order, kinds, held)))
+            return weighted_sum(parts, top_k_weights, hidden.dtype)
         finally:
             for key in held:
                 self.cache.release(key)
+
+    def _wait_misses(self, layer: int, order: list[int], kinds: list[str], held: list) -> dict:
+        """The missed experts' slots once read (added to `held`, released by the caller): expert -> (groups, 0)."""
+        late = {}
+        for e, kind in zip(order, kinds):
+            if kind == "miss":
+                slot = self.cache.wait_for((layer, e))
+                held.append((layer, e))
+                late[e] = (slot.groups, 0)
+        return late
 
     def _read_ahead(self, call: int, key) -> None:
         if call == self._calls:  # a read still queued when its layer call is over is dropped
@@ -236,7 +257,10 @@ class ExpertStore:
             return
         width = min(self.config.prefetch_width or top_k_index.shape[1], scores.shape[0])
         held = self.cache.layout.shapes[layer + 1]
-        ranked = [e for e in torch.topk(scores.float().cpu(), width).indices.tolist() if e in held]
+        top = torch.topk(scores.float().cpu(), width)
+        floor = self.config.prefetch_min_score
+        ranked = [e for e, v in zip(top.indices.tolist(), top.values.tolist())
+                  if e in held and (not floor or v >= floor)]
         if ranked:
             self.prefetcher.request(layer + 1, ranked)
 

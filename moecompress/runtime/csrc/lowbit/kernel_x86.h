@@ -23,8 +23,11 @@
 // memory, and every block then waits on a store-to-load round trip).
 #define MC_UNROLL _Pragma("GCC unroll 16")
 
+
 namespace mc_lowbit {
 namespace {
+
+constexpr int64_t kPrefetchBytes = 2048;
 
 inline uint64_t load_u64(const uint8_t* p) { uint64_t v; std::memcpy(&v, p, 8); return v; }
 inline uint32_t load_u32(const uint8_t* p) { uint32_t v; std::memcpy(&v, p, 4); return v; }
@@ -131,7 +134,14 @@ void rows_kernel(const Weights& w, const Acts& a, int64_t e, int64_t r0, int64_t
       MC_UNROLL
       for (int m = 0; m < MR; ++m) facc[j][m] = _mm256_setzero_ps();
     }
+    // Software prefetch of the weight bytes kPrefetchBytes ahead (whole passes of NR rows; an expert's rows are
+    // contiguous), a group's share per group: with the hardware prefetchers alone one thread streamed the weights
+    // at 3-4 GB/s on a Zen 3 EPYC, with this at 7-10 GB/s (1 KB-2 KB ahead measured best, none 1.5-2.6x slower).
+    const int64_t pass = NR * w.row_bytes, dist = (kPrefetchBytes + pass - 1) / pass * pass;
+    const uint8_t* pf = src[0] + dist;
+    const int64_t pf_step = NR * w.group * BITS / 8;
     for (int64_t g = 0; g < w.groups; ++g) {
+      for (int64_t off = 0; off < pf_step; off += 64) _mm_prefetch(reinterpret_cast<const char*>(pf + g * pf_step + off), _MM_HINT_T0);
       __m256i iacc[NR][MR];
       MC_UNROLL
       for (int j = 0; j < NR; ++j)

@@ -198,6 +198,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode", &decode, "x @ W^T per slot with int8 activations (few rows per slot)");
   m.def("dequant_tile", &dequant_tile, "rows of one slot dequantized, float32, in the ISA's block order");
   m.def("tile_linear", &tile_linear, "x @ W^T per slot through dequantized tiles and at::mm (many rows per slot)");
-  m.def("moe_decode", &mc_lowbit::moe_decode, "a MoE layer of a few tokens: gate_up, silu(gate) * up, down, weighted sum");
+  // without the GIL: the expert store's reading threads (runtime/store/) run Python while the layer computes
+  m.def("moe_decode", &mc_lowbit::moe_decode, "a MoE layer of a few tokens: gate_up, silu(gate) * up, down, weighted sum",
+        py::call_guard<py::gil_scoped_release>());
   m.def("block_order", &block_order_tensor, "lane of each input of a 32-input block in the SIMD kernels");
 }

@@ -1,0 +1,230 @@
+"""End-to-end GPU benchmark: packed-expert models against bf16, forward and greedy generation (eager and CUDA graph).
+
+Run on a CUDA machine (results: eval/results/gpu_e2e.md|json, copied from --out):
+
+    PYTHONPATH=. python eval/bench_gpu_e2e.py --out $OUT          # about 2-3 minutes on an H200
+
+Models: refmoe-qwen3 (bf16 from .gpu_carry/refmoe-qwen3-bf16, and checkpoints exported on the CPU with RTN, carried
+in .gpu_carry/refmoe-qwen3-{mix,4bit}) and a random-init Qwen3-30B-A3B-dims model with --layers layers (bf16, or
+its experts replaced by random packed ones at the mix 25 % 2 / 50 % 3 / 25 % 4-bit or uniform 4-bit, group 128).
+bf16 runs transformers' grouped_mm and batched_mm experts implementations.
+
+Per model, in a child process of its own (a failure on the device cannot stop the others):
+- forward of 8 x 256 tokens (no cache; median of 5);
+- greedy generation, batch 1, prompt --prompt tokens: the eager loop with a DynamicCache (what model.generate
+  does) and GraphDecoder (moecompress.runtime.cuda.graph_decode: StaticCache, each step one CUDA graph replay).
+  ms per token = (time of prompt + N tokens - time of prompt + 1 token) / (N - 1), median of 3 runs each;
+- the graph's tokens == the same steps run eagerly, and == the DynamicCache loop's tokens (printed as checks);
+- refmoe-qwen3: the logits' rel. difference from bf16 (first 64 tokens of a row).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "eval"))
+sys.path.insert(0, str(ROOT))
+from bench_gpu import GROUP_SIZE, MIXES, bits_for, random_experts, sync, time_calls  # noqa: E402
+
+CARRY = ROOT / ".gpu_carry"
+DEVICE = "cuda"  # (a dry run of the script's logic on the CPU sets "cpu")
+VARIANTS = {"refmoe-qwen3": ["bf16 grouped_mm", "bf16 batched_mm", "packed mix", "packed 4bit"],
+            "random": ["bf16 grouped_mm", "bf16 batched_mm", "packed mix 2/3/4", "packed 4-bit"]}
+
+
+def set_impl(model, impl: str) -> None:
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_experts_implementation_internal"):
+            config._experts_implementation = impl
+
+
+def build_model(kind: str, variant: str, layers: int):
+    """One model on the GPU (see the module doc)."""
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    import moecompress
+
+    if kind == "refmoe-qwen3":
+        if variant.startswith("bf16"):
+            model = AutoModelForCausalLM.from_pretrained(CARRY / "refmoe-qwen3-bf16", dtype=torch.bfloat16)
+            model = model.to(DEVICE).eval()
+            set_impl(model, variant.split()[1])
+            return model
+        return moecompress.from_pretrained(CARRY / f"refmoe-qwen3-{variant.split()[1]}", dtype=torch.bfloat16,
+                                           device_map=DEVICE).eval()
+    config = Qwen3MoeConfig(vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                            num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                            num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1,
+                            mlp_only_layers=[], max_position_embeddings=4096, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    if variant.startswith("bf16"):
+        set_impl(model, variant.split()[1])
+        return model
+    mix = MIXES[variant.removeprefix("packed ")]
+    for i, layer in enumerate(model.model.layers):
+        template = layer.mlp.experts  # the bf16 module: its gate is used
+        layer.mlp.experts = random_experts(128, 2048, 768, bits_for(128, mix, seed=i), group_size=GROUP_SIZE,
+                                           device=DEVICE, template=template, seed=i)
+        del template
+        gc.collect()
+        torch.cuda.empty_cache()
+    return model
+
+
+def dynamic_decode(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, torch.Tensor]:
+    """Eager greedy loop with a DynamicCache: (seconds, tokens [1, n + new_tokens])."""
+    from transformers import DynamicCache
+
+    sync()
+    t = time.perf_counter()
+    cache, step, out = DynamicCache(), prompt, [prompt]
+    for _ in range(new_tokens):
+        logits = model(input_ids=step, past_key_values=cache, use_cache=True).logits[:, -1]
+        step = logits.argmax(-1, keepdim=True)
+        out.append(step)
+    sync()
+    return time.perf_counter() - t, torch.cat(out, 1)
+
+
+def per_token_ms(run, new_tokens: int, runs: int = 3) -> float:
+    """(time of prompt + N tokens - time of prompt + 1 token) / (N - 1): the decode time per token, median."""
+    full = statistics.median(run(new_tokens) for _ in range(runs))
+    one = statistics.median(run(1) for _ in range(runs))
+    return (full - one) / (new_tokens - 1) * 1e3
+
+
+def child(spec: str, args) -> dict:
+    from moecompress.runtime.cuda.graph_decode import GraphDecoder
+
+    kind, variant = spec.split(":", 1)
+    model = build_model(kind, variant, args.layers)
+    vocab = model.config.vocab_size
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    ids = torch.randint(0, vocab, (8, 256), device=DEVICE, generator=gen)
+    prompt = torch.randint(0, vocab, (1, args.prompt), device=DEVICE, generator=gen)
+    row: dict = dict(model=kind, variant=variant)
+    with torch.no_grad():
+        if variant != "bf16 batched_mm":  # batched_mm gathers one weight copy per (token, expert) pair: decode only
+            row["forward_8x256_ms"] = time_calls([lambda: model(input_ids=ids, use_cache=False)], graph=False,
+                                                 repeats=5) / 1e3
+        logits = model(input_ids=ids[:1, :64], use_cache=False).logits.float()
+        torch.save(logits.cpu(), args.logits_dir / f"{kind}-{variant.replace(' ', '_').replace('/', '')}.pt")
+        dynamic_decode(model, prompt, 4)  # warm-up (Triton compiles)
+        row["decode_eager_ms"] = per_token_ms(lambda n: dynamic_decode(model, prompt, n)[0], args.new_tokens)
+        eager_tokens = dynamic_decode(model, prompt, args.new_tokens)[1]
+        row["graph_error"] = None
+        try:
+            max_len = args.prompt + args.new_tokens + 8
+            decoder = GraphDecoder(model, max_len)
+            t = time.perf_counter()
+            graph_tokens = decoder.generate(prompt, args.new_tokens)  # captures the step's graph
+            sync()
+            row["graph_capture_s"] = time.perf_counter() - t
+
+            def timed(n):
+                sync()
+                t0 = time.perf_counter()
+                decoder.generate(prompt, n)
+                sync()
+                return time.perf_counter() - t0
+            row["decode_graph_ms"] = per_token_ms(timed, args.new_tokens)
+            static_tokens = GraphDecoder(model, max_len, graph=False).generate(prompt, args.new_tokens)
+            row["graph_equals_eager_static"] = bool(torch.equal(graph_tokens, static_tokens))
+            row["graph_equals_dynamic_cache"] = bool(torch.equal(graph_tokens, eager_tokens))
+            row["tokens_compared"] = args.new_tokens
+        except Exception as exc:  # noqa: BLE001 (reported in the table)
+            row["graph_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    return row
+
+
+def run_children(args) -> list[dict]:
+    rows = []
+    for kind, variants in VARIANTS.items():
+        if kind == "refmoe-qwen3" and not (CARRY / "refmoe-qwen3-bf16").exists():
+            print("refmoe-qwen3: .gpu_carry/ not here (export it on the CPU first): skipped", flush=True)
+            continue
+        for variant in variants:
+            cmd = [sys.executable, __file__, "--child", f"{kind}:{variant}", "--layers", str(args.layers),
+                   "--new-tokens", str(args.new_tokens), "--prompt", str(args.prompt), "--logits-dir",
+                   str(args.logits_dir)]
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.child_timeout)
+                lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+                row = json.loads(lines[-1].removeprefix("RESULT ")) if lines else dict(
+                    model=kind, variant=variant, error=" | ".join(proc.stderr.strip().splitlines()[-3:])[:400])
+            except subprocess.TimeoutExpired:
+                row = dict(model=kind, variant=variant, error=f"timed out after {args.child_timeout} s")
+            rows.append(row)
+            print(row, flush=True)
+    ref = args.logits_dir / "refmoe-qwen3-bf16_grouped_mm.pt"
+    for row in rows:
+        path = args.logits_dir / f"{row['model']}-{row['variant'].replace(' ', '_').replace('/', '')}.pt"
+        if row["model"] == "refmoe-qwen3" and ref.exists() and path.exists() and path != ref:
+            a, b = torch.load(path), torch.load(ref)
+            row["logits_rel_diff_vs_bf16"] = float((a - b).norm() / b.norm())
+    return rows
+
+
+def report(rows: list[dict], args, info: dict) -> str:
+    def f(v, fmt=".2f"):
+        return format(v, fmt) if isinstance(v, float) else "n/a"
+
+    lines = ["# End to end on a GPU: `python eval/bench_gpu_e2e.py`", "",
+             f"Device: {info['gpu']}; torch {info['torch']}, transformers {info['transformers']}. Greedy decode, "
+             f"batch 1, prompt {args.prompt} tokens, {args.new_tokens} new tokens; random model: Qwen3-30B-A3B dims, "
+             f"{args.layers} layers.", "",
+             "| model | variant | forward 8x256 ms | decode ms/token, eager (DynamicCache) | decode ms/token, CUDA graph "
+             "(GraphDecoder) | graph tokens == eager | logits rel. diff vs bf16 |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['variant']} | failed: {r['error'][:150]} | | | | |")
+            continue
+        same = ("n/a" if r.get("graph_error") else
+                f"{'yes' if r['graph_equals_eager_static'] else 'NO'} (static), "
+                f"{'yes' if r['graph_equals_dynamic_cache'] else 'no'} (DynamicCache)")
+        graph = f(r.get("decode_graph_ms")) if not r.get("graph_error") else f"failed: {r['graph_error'][:120]}"
+        lines.append(f"| {r['model']} | {r['variant']} | {f(r.get('forward_8x256_ms'))} | "
+                     f"{f(r.get('decode_eager_ms'))} | {graph} | {same} | "
+                     f"{f(r.get('logits_rel_diff_vs_bf16'), '.3f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "eval" / "results")
+    parser.add_argument("--layers", type=int, default=4, help="decoder layers of the random 30B-dims model")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--prompt", type=int, default=32)
+    parser.add_argument("--child-timeout", type=int, default=240)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--logits-dir", type=Path, default=Path("/tmp/moecompress-e2e-logits"))
+    args = parser.parse_args(argv)
+    args.logits_dir.mkdir(parents=True, exist_ok=True)
+    if args.child:
+        print("RESULT " + json.dumps(child(args.child, args)), flush=True)
+        return
+    import transformers
+
+    info = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, transformers=transformers.__version__)
+    rows = run_children(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "gpu_e2e.json").write_text(json.dumps(dict(info=info, rows=rows), indent=1))
+    text = report(rows, args, info)
+    (args.out / "gpu_e2e.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
