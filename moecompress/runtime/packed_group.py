@@ -151,7 +151,7 @@ class PackedGroup(nn.Module):
         """Format-packed group on CPU: the registry's decode kernel for slots with fewer rows than its prefill
         kernel's `min_rows` (or PREFILL_MIN_ROWS), the prefill kernel for the others, by runs of consecutive slots of one kind. x [R, in] -> [R, out]."""
         decode, prefill = self._kernels(x.dtype)
-        min_rows = prefill.min_rows if PREFILL_MIN_ROWS is None else PREFILL_MIN_ROWS
+        min_rows = prefill_min_rows(prefill)
         big = [r >= min_rows for r in rows]
         if decode is prefill or not any(big) or all(big):
             return (prefill if all(big) else decode).run(self, x, hit, rows)
@@ -277,6 +277,11 @@ class PackedGroup(nn.Module):
     def extra_repr(self) -> str:
         kernel = "int4-cpu" if self._int4 is not None else ("bf16" if self.bits == 16 else "packed")
         return f"bits={self.bits}, experts={len(self.experts)}, in={self.in_features}, out={self.out_features}, kernel={kernel}"
+
+
+def prefill_min_rows(prefill) -> int:
+    """Rows per slot from which `prefill` (a registry Kernel) replaces the decode kernel."""
+    return prefill.min_rows if PREFILL_MIN_ROWS is None else PREFILL_MIN_ROWS
 
 
 def _rows(t: torch.Tensor, slots: list[int]) -> torch.Tensor:

@@ -4,43 +4,35 @@ It is a one-expert PackedGroup, so its tensors follow the group naming with n = 
 
 A decode step calls each PackedLinear with one or a few rows, where the general path's Python (hit slots, kernel
 runs, index tensors) costs as much as the kernel itself on small projections (k_proj of refmoe-qwen3: 78 µs per call
-against 17 µs in C++). Rows below the prefill kernel's crossover go straight to the registry's decode kernel, looked
-up once per dtype and setting: the same kernel with the same arguments as the general path, so the same numbers.
+against 17 µs in C++). Rows below the prefill kernel's crossover go straight to the registry's decode kernel (the
+group's cached lookup): the same kernel with the same arguments as the general path, so the same numbers.
 """
 from __future__ import annotations
 
 import torch
 
-from moecompress.runtime import kernel_registry, packed_group
-from moecompress.runtime.packed_group import PackedGroup
+from moecompress.runtime.packed_group import PackedGroup, prefill_min_rows
 
 
 class PackedLinear(PackedGroup):
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, symmetric: bool,
                  has_bias: bool, dtype: torch.dtype = torch.bfloat16, device=None):
         super().__init__((0,), bits, in_features, out_features, group_size, symmetric, has_bias, dtype, device)
-        self._decode_cache: dict = {}  # (dtype, registry settings) -> (decode kernel run, rows below which it applies)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         x2 = x.reshape(rows, x.shape[-1])
-        run, below = self._decode_path(x2)
-        if rows < below:
-            y = run(self, x2, [0], [rows])
-        else:
-            y = self.linear_sorted(x2, [rows])  # [tokens, out], one slot
+        run = self._decode_run(x2)
+        y = run(self, x2, [0], [rows]) if run is not None else self.linear_sorted(x2, [rows])  # [tokens, out]
         return y.reshape(*x.shape[:-1], self.out_features)
 
-    def _decode_path(self, x: torch.Tensor):
-        """(run, rows): the decode kernel that `linear_sorted` would take for fewer than `rows` rows on CPU, or
-        (None, 0) where the general path must run (bf16 or int4-layout weights, a bias, another device)."""
+    def _decode_run(self, x: torch.Tensor):
+        """The decode kernel's `run` that `linear_sorted` would take for x's rows on CPU, or None where the general
+        path must run (bf16 or int4-layout weights, a bias, another device, rows for the prefill kernel)."""
         if (x.device.type != "cpu" or self.bits == 16 or self._int4 is not None or "bias" in self._buffers
                 or self.qweight.device.type != "cpu"):
-            return None, 0
-        key = (x.dtype, packed_group.PREFILL_MIN_ROWS, *kernel_registry.settings())
-        path = self._decode_cache.get(key)
-        if path is None:
-            decode, prefill = self._kernels(x.dtype)
-            below = prefill.min_rows if key[1] is None else key[1]
-            path = self._decode_cache[key] = (decode.run, below if decode is not prefill else 0)
-        return path
+            return None
+        decode, prefill = self._kernels(x.dtype)  # looked up once per dtype and setting
+        if decode is prefill or x.shape[0] >= prefill_min_rows(prefill):
+            return None
+        return decode.run

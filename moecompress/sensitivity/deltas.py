@@ -97,3 +97,12 @@ def quantized(w: torch.Tensor, bits: int, settings: QuantizerSettings,
               hessians: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
     """Q(W) for w [E, out, in] (float32); w itself at 16 bits."""
     return w if bits == 16 else w - quant_error(w, bits, settings, hessians)
+
+
+def candidate(moe, proj: str, bits: int, orig: torch.Tensor, settings: QuantizerSettings,
+              hessians: Sequence[torch.Tensor | None] | None = None,
+              weights: CandidateWeights | None = None) -> torch.Tensor:
+    """One projection's candidate weights at `bits` [E, out, in], in orig's dtype: the given ones (`weights`), else
+    simulated from `orig` with `settings` (and the layer's GPTQ Hessians)."""
+    q = quantized(orig.to(torch.float32), bits, settings, hessians) if weights is None else weights(moe, proj, bits)
+    return q.to(orig)

@@ -28,7 +28,7 @@ from moecompress.arch.adapters import proj_weights
 from moecompress.arch.layout import ModelLayout, MoELayer
 from moecompress.artifacts.calibration_stats import CalibrationStats
 from moecompress.artifacts.cost_table import ALL_PROJS
-from moecompress.sensitivity.deltas import CandidateWeights, QuantizerSettings, layer_gptq_hessians, quantized
+from moecompress.sensitivity.deltas import CandidateWeights, QuantizerSettings, candidate, layer_gptq_hessians
 from moecompress.sensitivity.hessian import damages_to_items, non_increasing
 
 
@@ -94,8 +94,7 @@ def _layer_kl(held: _HeldOut, moe: MoELayer, experts: nn.Module, candidates: tup
         for bits in candidates:
             dmg = torch.zeros(E, dtype=torch.float64)
             if bits != 16:
-                q = {p: (quantized(orig[p].to(torch.float32), bits, settings, hessians[p]) if weights is None
-                         else weights(moe, p, bits)).to(orig[p]) for p in projs}
+                q = {p: candidate(moe, p, bits, orig[p], settings, hessians[p], weights) for p in projs}
                 for e in tqdm(range(E), desc=f"kl {moe.experts_path} {group} {bits}-bit", unit="expert",
                               disable=not progress, leave=False):
                     for p in projs:

@@ -27,7 +27,7 @@ from moecompress.arch.layout import ModelLayout, MoELayer
 from moecompress.artifacts.calibration_stats import CalibrationStats
 from moecompress.artifacts.cost_table import ALL_PROJS
 from moecompress.sensitivity.capture import BlockCapture, LayerCapture
-from moecompress.sensitivity.deltas import CandidateWeights, QuantizerSettings, layer_gptq_hessians, quantized
+from moecompress.sensitivity.deltas import CandidateWeights, QuantizerSettings, candidate, layer_gptq_hessians
 from moecompress.sensitivity.hessian import damages_to_items, non_increasing
 
 CHUNK_ROWS = 4096  # (token, slot) rows per experts call
@@ -77,8 +77,7 @@ def layer_damages(moe: MoELayer, experts: nn.Module, cap: LayerCapture, candidat
             dmg = torch.zeros(E, dtype=torch.float64)
             if bits != 16:
                 for p in projs:
-                    set_proj_weights(work, moe, p, quantized(orig[p], bits, settings, hessians[p]) if weights is None
-                                     else weights(moe, p, bits).to(orig[p]))
+                    set_proj_weights(work, moe, p, candidate(moe, p, bits, orig[p], settings, hessians[p], weights))
                 for c, base in zip(chunks, y0):
                     dy = run(c) - base  # [r, H]
                     if fisher:
