@@ -19,11 +19,13 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
-# The whole path a user walks: compress (the recipe's run directory), shard onto two servers (expert model: the home
-# holds the dense weights), then generate across them (the second server runs as a local process).
+# The whole path a user walks: compress (the recipe's run directory), generate from the checkpoint on this machine
+# (the whole-model C++ decode step), shard onto two servers (expert model: the home holds the dense weights), then
+# generate across them (the second server runs as a local process).
 DEMO := runs/demo
 demo: install
 	$(BIN)/moecompress quantize --recipe recipes/demo.yaml
+	$(BIN)/moecompress generate --model $(DEMO)/checkpoint --prompt "def main(" --prompt "import os" --max-new-tokens 24
 	rm -rf $(DEMO)/deploy
 	$(BIN)/moecompress shard --model $(DEMO)/checkpoint --stats $(DEMO)/calibration --servers 2x1.5MB --mode expert \
 		--out $(DEMO)/deploy

@@ -93,7 +93,10 @@ def export_plans(bf16_dir: Path, work: Path, key: str, plans, group_size: int, d
 
 
 # -- ours: one configuration in this (fresh) process ------------------------------------------------------------------
-def measure_ours(directory: Path, threads: int, prefill: int, prompt: int, gen: int, batches: list[int]) -> dict:
+def measure_ours(directory: Path, threads: int, prefill: int, prompt: int, gen: int, batches: list[int],
+                 decoder: str = "step") -> dict:
+    """decoder "step": decode with CpuDecoder (the whole-model C++ step, runtime/cpu_step/); "transformers": one
+    transformers forward per token (the engine ours-transformers)."""
     import torch
 
     torch.set_num_threads(threads)
@@ -112,14 +115,23 @@ def measure_ours(directory: Path, threads: int, prefill: int, prompt: int, gen: 
            "load_s": load_s}
     vocab = model.config.vocab_size
     gen_ids = torch.Generator().manual_seed(0)
+    if decoder == "step":  # models the step does not run (bf16: unpacked experts) decode through transformers
+        from moecompress.runtime.cpu_step import StepPlan, UnsupportedModel
+
+        try:
+            StepPlan.of(model)
+        except UnsupportedModel as exc:
+            decoder = f"transformers ({exc})"
+    generate = _step_generate if decoder == "step" else _generate
+    out["decoder"] = decoder
     with torch.no_grad():  # as model.generate does
-        _generate(model, torch.randint(0, vocab, (1, 32), generator=gen_ids), 4)  # warm-up (kernels, allocator)
+        generate(model, torch.randint(0, vocab, (1, 32), generator=gen_ids), 4)  # warm-up (kernels, allocator)
         ids = torch.randint(0, vocab, (1, prefill), generator=gen_ids)
         t0 = time.perf_counter()
         model(ids, use_cache=True, logits_to_keep=1)
         out["prefill"] = prefill / (time.perf_counter() - t0)
         for b in batches:
-            secs = _generate(model, torch.randint(0, vocab, (b, prompt), generator=gen_ids), gen)
+            secs = generate(model, torch.randint(0, vocab, (b, prompt), generator=gen_ids), gen)
             out[f"decode_b{b}"] = b * gen / secs
     out["hwm_end"] = rt.vm_kib("VmHWM") * 1024
     out["rss_end"] = rt.vm_kib("VmRSS") * 1024
@@ -155,10 +167,28 @@ def _generate(model, prompt_ids, gen: int) -> float:
     return time.perf_counter() - t0
 
 
-def ours_subprocess(directory: Path, args, fused: bool = True) -> dict:
+def _step_generate(model, prompt_ids, gen: int) -> float:
+    """As `_generate`, the decode steps through CpuDecoder (one C++ call per token; the prompt through the model's
+    forward, not timed); seconds of the `gen` decode steps."""
+    import torch
+
+    from moecompress.runtime.cpu_step import CpuDecoder
+
+    batch, n = prompt_ids.shape
+    decoder = CpuDecoder(model, n + gen + 1, batch)
+    logits, positions = decoder.prefill(prompt_ids, torch.ones_like(prompt_ids))
+    nxt, position = logits.argmax(-1), positions[:, -1].clone()
+    t0 = time.perf_counter()
+    for t in range(gen):
+        position += 1
+        nxt = decoder.step_logits(nxt, position, n + t).argmax(-1)
+    return time.perf_counter() - t0
+
+
+def ours_subprocess(directory: Path, args, fused: bool = True, decoder: str = "step") -> dict:
     cmd = [sys.executable, __file__, "--measure", str(directory), "--threads", str(args.threads), "--prefill",
            str(args.prefill), "--prompt", str(args.prompt), "--gen", str(args.gen), "--batches",
-           ",".join(map(str, args.batches))]
+           ",".join(map(str, args.batches)), "--decoder", decoder]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     if not fused:  # PackedExperts' general path at decode too (runtime/cpu_moe.py)
         env["MOECOMPRESS_CPU_FUSED_TOKENS"] = "0"
@@ -205,6 +235,8 @@ def prepare(args) -> tuple[list[tuple], object]:
         ggufs = {t: ggufs[t] for t in ["bf16", *args.gguf] if t in ggufs}
         for p, d in dirs.items():
             configs.append((key, "ours", p, d, bf16_dir))
+            if args.ours_transformers and p != "bf16":
+                configs.append((key, "ours-transformers", p, d, bf16_dir))
             if args.compare_fused and p != "bf16":
                 configs.append((key, "ours-unfused", p, d, bf16_dir))
             if MATCH.get(p) in ggufs:
@@ -233,7 +265,8 @@ def run(args, configs, lib, report) -> dict:
             print(f"round {r + 1}/{args.rounds}: [{key}] {engine} {plan}", flush=True)
             try:
                 if engine.startswith("ours"):
-                    samples[i].append(ours_subprocess(path, args, fused=engine == "ours"))
+                    decoder = "step" if engine == "ours" else "transformers"
+                    samples[i].append(ours_subprocess(path, args, fused=engine != "ours-unfused", decoder=decoder))
                 else:
                     res = llama.llama_bench(lib, path, args.threads, args.prefill, args.gen)
                     res.update(llama.batched_bench(lib, path, args.threads, args.prompt, args.gen, args.batches))
@@ -266,6 +299,10 @@ def parse_args(argv=None):
     ap.add_argument("--no-llama", action="store_true", help="ours only")
     ap.add_argument("--compare-fused", action="store_true",
                     help="also run each quantized plan of ours without the fused MoE decode call (engine ours-unfused)")
+    ap.add_argument("--ours-transformers", action="store_true",
+                    help="also decode each quantized plan of ours with one transformers forward per token (engine "
+                         "ours-transformers; engine ours decodes with the whole-model C++ step, CpuDecoder)")
+    ap.add_argument("--decoder", default="step", choices=("step", "transformers"), help=argparse.SUPPRESS)
     ap.add_argument("--prepare-only", action="store_true", help="build, export and convert the models, then stop")
     ap.add_argument("--llama-dir", default=str(llama.DEFAULT_DIR), help="llama.cpp source + build cache")
     ap.add_argument("--ref-model", default="../shared/models/refmoe-qwen3", help="model (a), relative to the repo")
@@ -287,7 +324,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.measure:
         print(json.dumps(measure_ours(Path(args.measure), args.threads, args.prefill, args.prompt, args.gen,
-                                      args.batches)))
+                                      args.batches, args.decoder)))
         return
     if args.bandwidth:
         print(json.dumps(read_bandwidth(args.threads)))

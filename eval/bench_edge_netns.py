@@ -243,17 +243,20 @@ def time_model(placement, counters, profile, latency: float, rate: float | None)
 def home_compute(placement, counters, profile) -> float:
     """The part of the time model's compute per call that the home's own thread runs (pipeline: the head and its
     stage's layers; expert model: the head, every layer but its experts, its dispatch and its share of the pairs)."""
+    from dataclasses import replace
+
     from moecompress.execution.timing import add_dispatch
 
     home = placement.home
     if placement.mode == "pipeline":
-        return profile.head_seconds + sum(t for t, s in zip(profile.layer_seconds, placement.layer_servers)
-                                          if s == home)
+        return profile.head_seconds + profile.generate_seconds + sum(
+            t for t, s in zip(profile.layer_seconds, placement.layer_servers) if s == home)
     pairs = counters.pairs.astype(np.float64)
     share = pairs[:, home] / np.maximum(pairs.sum(1), 1)
     rows = [[0.0] * placement.num_servers for _ in profile.moe_seconds]
-    return (profile.head_seconds + sum(profile.layer_seconds) - sum(profile.moe_seconds)
-            + add_dispatch(rows, home, counters, profile) + float(np.dot(profile.moe_seconds, share)))
+    without_transport = replace(profile, transport_seconds=0.0)  # a wall time, not the home thread's CPU
+    return (profile.head_seconds + profile.generate_seconds + sum(profile.layer_seconds) - sum(profile.moe_seconds)
+            + add_dispatch(rows, home, counters, without_transport) + float(np.dot(profile.moe_seconds, share)))
 
 
 def main() -> None:
@@ -328,7 +331,9 @@ def main() -> None:
                        "measured_over_time_model": r["decode_s_per_token"] / full["seconds"],
                        "less_waits_over_time_model": r["decode_s_per_token_less_waits"] / full["seconds"],
                        "profile_compute_s": full["compute"], "load_average": os.getloadavg()[0],
-                       "home_compute_s": home_compute(placement, counters, profile)}
+                       "home_compute_s": home_compute(placement, counters, profile),
+                       "profile_transport_s": profile.transport_seconds,
+                       "profile_generate_s": profile.generate_seconds}
                 if name == "none":  # compute = unlimited wall - its own (tiny) network time
                     base = (r["prefill_s"] - pc["hops"] * lat, r["decode_s_per_token"] - dc["hops"] * lat)
                 elif base is not None:
@@ -360,6 +365,11 @@ def main() -> None:
                      f"{(md or float('nan')) * 1e3:.1f}{err} | {r['prefill_s']:.3f} / "
                      f"{r.get('model_prefill_s', float('nan')):.3f} | {r['decode_counts']['hops']:.0f} / "
                      f"{r['decode_counts']['bytes']:.0f} | {r.get('load_average', float('nan')):.1f} |")
+    parts = {r["mode"]: (r["profile_transport_s"], r["profile_generate_s"]) for r in rows if "profile_transport_s" in r}
+    if parts:
+        lines.append("\nProfile parts (last run of each model): " + "; ".join(
+            f"{m}: transport round trip {t * 1e3:.2f} ms, generation step {g * 1e3:.2f} ms"
+            for m, (t, g) in parts.items()))
     if skipped:
         lines.append(f"\nSkipped (over --budget {args.budget:g} s, or failed): {'; '.join(skipped)}")
     lines.append(f"\n({time.time() - t0:.0f} s; {args.steps} decode steps after an 8-token prompt, prefill of "

@@ -6,12 +6,14 @@ Run on a CUDA machine (results: eval/results/gpu.md, copied from --out):
     PYTHONPATH=. python eval/bench_gpu.py --out $OUT --skip tinygemm variants            # layer table (~1 min)
     PYTHONPATH=. python eval/bench_gpu.py --out $OUT --skip tinygemm layers --sweeps tables prefill   # sweeps
     PYTHONPATH=. python eval/bench_gpu.py --out $OUT --quick            # Qwen3 shape only in the layer table
+    PYTHONPATH=. python eval/bench_gpu.py --out $OUT --skip tinygemm layers --sweeps adopt   # candidate defaults
 
 1. Ceilings: device-to-device copy bandwidth (bytes read + written) and a bf16 8192^3 matmul, measured here.
 2. Sweeps (Qwen3 and Mixtral layers; --sweeps picks them): "pair": the pair path's tile (columns per program,
    warps, groups per program = split of K, lop3 on/off), pair path against the routing-table path at 4 and 16
    tokens; "tables": Mixtral at 16 tokens, the pair path against the routing-table path's decode tiles (the tables
-   path then takes layers above 2 pairs per expert if it wins); "prefill": tiles per row-block height.
+   path then takes layers above 2 pairs per expert if it wins); "prefill": tiles per row-block height; "adopt"
+   (not in the default list): candidate defaults against the current ones on every decode shape, with a verdict.
    The setting with the lowest geometric mean of each sweep is used for the rest of the run (printed; launch.py's
    defaults are the ones chosen on an H200). Also the pair path against the tables path at real sizes (rel. diff).
 3. MoE layers with real sizes: Qwen3-30B-A3B (hidden 2048, 128 experts of 768, top-8) and Mixtral-8x7B (hidden
@@ -234,9 +236,10 @@ def _layer(model: str, mix: str, template=None):
                           group_size=GROUP_SIZE, device="cuda", template=template)
 
 
-def _sweep(name: str, settings: dict, cases: list, rows: list) -> dict:
+def _sweep(name: str, settings: dict, cases: list, rows: list, scores: dict | None = None) -> dict:
     """Time every setting (a dict of launch attributes) on every case (model, mix, tokens); set launch to the
-    setting with the lowest geometric mean over the cases and return it."""
+    setting with the lowest geometric mean over the cases and return it (scores: filled with each setting's µs per
+    case, in the order of cases)."""
     saved = {k: getattr(launch, k) for k in next(iter(settings.values()))}
     score = {}
     for model, mix, tokens in cases:
@@ -260,6 +263,8 @@ def _sweep(name: str, settings: dict, cases: list, rows: list) -> dict:
         del layer, calls
         gc.collect()
         torch.cuda.empty_cache()
+    if scores is not None:
+        scores.update(score)
     ok = {k: statistics.geometric_mean(v) for k, v in score.items() if all(t != float("inf") for t in v)}
     if not ok:
         print(f"{name}: no setting ran", flush=True)
@@ -281,7 +286,45 @@ def variant_rows(args) -> list[dict]:
         _tables_sweep(rows)
     if "prefill" in args.sweeps:
         _prefill_sweep(rows)
+    if "adopt" in args.sweeps:
+        _adopt_sweep(rows)
     return rows
+
+
+ADOPT_TOLERANCE = 1.02  # "no slower": within 2 % (graph-replay timings repeat within about that on an H200)
+
+
+def _adopt_sweep(rows: list) -> None:
+    """Whether the decode tile 64x128 and the rule "above PAIR_MAX_MEAN_ROWS = 2 rows per expert, the tables path"
+    (with the 64x128 tile there: DECODE_DENSE) are no slower (ADOPT_TOLERANCE) than 32x256 and "pair path always" on
+    every case: Qwen3-30B-A3B and Mixtral, mix and 4-bit, 4 and 16 tokens (1 token takes neither: the pair path or
+    gemv). Session 21 on an H200: the rule ADOPT (worst 1.005x), the tile for every tables-path layer not (1.028x on
+    Qwen3 mix at 4 tokens): launch.py has the rule with DECODE_DENSE. launch keeps its defaults afterwards; the
+    verdicts are rows of the sweep table."""
+    inf, every = float("inf"), (2, 3, 4, 8, 16)
+    old, new = launch.Config(32, 256), launch.Config(64, 128)
+    saved = dict(PAIR_TOKENS=launch.PAIR_TOKENS, PAIR_MAX_MEAN_ROWS=launch.PAIR_MAX_MEAN_ROWS,
+                 DECODE=dict(launch.DECODE), DECODE_DENSE=dict(launch.DECODE_DENSE))
+    tile = lambda c: dict(DECODE={b: c for b in every}, DECODE_DENSE={b: c for b in every})  # noqa: E731
+    settings = {"pair path always (32x256)": dict(PAIR_TOKENS=16, PAIR_MAX_MEAN_ROWS=inf, **tile(old)),
+                "PAIR_MAX_MEAN_ROWS 2 + 64x128": dict(PAIR_TOKENS=16, PAIR_MAX_MEAN_ROWS=2, **tile(new)),
+                "tables path 32x256": dict(PAIR_TOKENS=0, PAIR_MAX_MEAN_ROWS=inf, **tile(old)),
+                "tables path 64x128": dict(PAIR_TOKENS=0, PAIR_MAX_MEAN_ROWS=inf, **tile(new))}
+    cases = [(model, mix, tokens) for model in SHAPES for mix in MIXES for tokens in (4, 16)]
+    scores: dict = {}
+    _sweep("adopt", settings, cases, rows, scores)
+    for k, v in saved.items():
+        setattr(launch, k, v)
+    for name, (base, cand) in {"decode tile 64x128": ("tables path 32x256", "tables path 64x128"),
+                               "PAIR_MAX_MEAN_ROWS 2 (+64x128)": ("pair path always (32x256)",
+                                                                  "PAIR_MAX_MEAN_ROWS 2 + 64x128")}.items():
+        ratios = [c / b for b, c in zip(scores.get(base, []), scores.get(cand, []))]
+        worst = max(ratios) if ratios else inf
+        verdict = "ADOPT" if len(ratios) == len(cases) and worst <= ADOPT_TOLERANCE else "keep default"
+        for (model, mix, tokens), r in zip(cases, ratios):
+            rows.append(dict(tokens=tokens, variant=f"adopt {name}: candidate / default ({model}, {mix})", us=r))
+        rows.append(dict(tokens=0, variant=f"adopt {name}: worst ratio {worst:.3f} -> {verdict}", us=worst))
+        print(f"adopt {name}: ratios {[round(r, 3) for r in ratios]} worst {worst:.3f} -> {verdict}", flush=True)
 
 
 def _tables_sweep(rows: list) -> None:
@@ -291,9 +334,10 @@ def _tables_sweep(rows: list) -> None:
     tiles = {"32x256 w4 s3": launch.Config(32, 256), "64x128 w4 s3": launch.Config(64, 128),
              "64x256 w4 s2": launch.Config(64, 256, 4, 2), "128x128 w8 s3": launch.Config(128, 128, 8, 3)}
     inf = float("inf")
-    settings = {"pair path": dict(PAIR_TOKENS=16, PAIR_MAX_MEAN_ROWS=inf, DECODE=dict(launch.DECODE))}
-    settings.update({f"tables {name}": dict(PAIR_TOKENS=0, PAIR_MAX_MEAN_ROWS=inf, DECODE={b: c for b in every})
-                     for name, c in tiles.items()})
+    settings = {"pair path": dict(PAIR_TOKENS=16, PAIR_MAX_MEAN_ROWS=inf, DECODE=dict(launch.DECODE),
+                                  DECODE_DENSE=dict(launch.DECODE_DENSE))}
+    settings.update({f"tables {name}": dict(PAIR_TOKENS=0, PAIR_MAX_MEAN_ROWS=inf, DECODE={b: c for b in every},
+                                            DECODE_DENSE={b: c for b in every}) for name, c in tiles.items()})
     chosen = _sweep("mixtral 16", settings, [("mixtral-8x7b", "mix 2/3/4", 16), ("mixtral-8x7b", "4-bit", 16)],
                     rows)
     launch.PAIR_TOKENS = 16  # the tables path above 2 pairs per expert where it won, else the pair path always
@@ -427,7 +471,7 @@ def main(argv=None) -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16, 2048])
     parser.add_argument("--skip", nargs="*", default=[], choices=["layers", "variants", "tinygemm"])
     parser.add_argument("--sweeps", nargs="*", default=["pair", "tables", "prefill"],
-                        choices=["pair", "tables", "prefill"],
+                        choices=["pair", "tables", "prefill", "adopt"],
                         help="the sweeps of the variants stage")
     args = parser.parse_args(argv)
     t0 = time.time()

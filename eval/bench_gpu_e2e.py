@@ -2,7 +2,7 @@
 
 Run on a CUDA machine (results: eval/results/gpu_e2e.md|json, copied from --out):
 
-    PYTHONPATH=. python eval/bench_gpu_e2e.py --out $OUT          # about 2-3 minutes on an H200
+    PYTHONPATH=. python eval/bench_gpu_e2e.py --out $OUT          # about 6 minutes on an H200
 
 Models: refmoe-qwen3 (bf16 from .gpu_carry/refmoe-qwen3-bf16, and checkpoints exported on the CPU with RTN, carried
 in .gpu_carry/refmoe-qwen3-{mix,4bit}) and a random-init Qwen3-30B-A3B-dims model with --layers layers (bf16, or
@@ -15,7 +15,10 @@ Per model, in a child process of its own (a failure on the device cannot stop th
   does) and GraphDecoder (moecompress.runtime.cuda.graph_decode: StaticCache, each step one CUDA graph replay).
   ms per token = (time of prompt + N tokens - time of prompt + 1 token) / (N - 1), median of 3 runs each;
 - the graph's tokens == the same steps run eagerly, and == the DynamicCache loop's tokens (printed as checks);
-- refmoe-qwen3: the logits' rel. difference from bf16 (first 64 tokens of a row).
+- refmoe-qwen3: the logits' rel. difference from bf16 (first 64 tokens of a row);
+- --batch rows of left-padded prompts, sampled (temperature 0.8, top-p 0.95, seed 0): transformers' model.generate
+  against GraphDecoder (ms per step of all rows), graph tokens == eager steps' with the same seed; packed models
+  also with the launch defaults before session 21 (pair path always: PAIR_MAX_MEAN_ROWS inf), batch 1 and batched.
 """
 from __future__ import annotations
 
@@ -133,20 +136,94 @@ def child(spec: str, args) -> dict:
             sync()
             row["graph_capture_s"] = time.perf_counter() - t
 
-            def timed(n):
-                sync()
-                t0 = time.perf_counter()
-                decoder.generate(prompt, n)
-                sync()
-                return time.perf_counter() - t0
-            row["decode_graph_ms"] = per_token_ms(timed, args.new_tokens)
+            row["decode_graph_ms"] = per_token_ms(lambda n: timed_generate(decoder, prompt, n), args.new_tokens)
             static_tokens = GraphDecoder(model, max_len, graph=False).generate(prompt, args.new_tokens)
             row["graph_equals_eager_static"] = bool(torch.equal(graph_tokens, static_tokens))
             row["graph_equals_dynamic_cache"] = bool(torch.equal(graph_tokens, eager_tokens))
             row["tokens_compared"] = args.new_tokens
+            if variant.startswith("packed"):  # the previous launch defaults, batch 1 greedy
+                with pair_path_always():
+                    other = GraphDecoder(model, max_len)
+                    other.generate(prompt, 4)
+                    row["decode_graph_ms_pair_always"] = per_token_ms(
+                        lambda n: timed_generate(other, prompt, n), args.new_tokens)
         except Exception as exc:  # noqa: BLE001 (reported in the table)
             row["graph_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        try:
+            row.update(batched(model, args, vocab, gen, packed=variant.startswith("packed")))
+        except Exception as exc:  # noqa: BLE001 (reported in the table)
+            row["batched_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
     return row
+
+
+SAMPLING = dict(temperature=0.8, top_p=0.95)
+
+
+class pair_path_always:
+    """The launch defaults before session 21 (PAIR_MAX_MEAN_ROWS inf: up to PAIR_TOKENS tokens every packed layer
+    takes the pair path, also above 2 rows per expert), for the duration of a with block (graphs captured inside keep
+    them): what the default (2 rows per expert, then the tables path with the DECODE_DENSE tile) is weighed against."""
+
+    def __enter__(self):
+        from moecompress.runtime.cuda import launch
+
+        self.saved = launch.PAIR_MAX_MEAN_ROWS
+        launch.PAIR_MAX_MEAN_ROWS = float("inf")
+
+    def __exit__(self, *exc):
+        from moecompress.runtime.cuda import launch
+
+        launch.PAIR_MAX_MEAN_ROWS = self.saved
+
+
+def timed_generate(decoder, ids, n, **kwargs) -> float:
+    sync()
+    t = time.perf_counter()
+    decoder.generate(ids, n, **kwargs)
+    sync()
+    return time.perf_counter() - t
+
+
+def batched(model, args, vocab: int, gen, packed: bool) -> dict:
+    """args.batch rows, prompts of args.prompt // 2 .. args.prompt tokens left-padded (attention mask), sampled
+    (SAMPLING, seed 0): transformers' model.generate (DynamicCache, eager) against GraphDecoder, ms per token; the
+    graph's tokens against the same steps run eagerly (same seed); packed: also with the pair path always."""
+    from moecompress.runtime.cuda.graph_decode import GraphDecoder
+
+    rows, n = args.batch, args.prompt
+    lengths = torch.randint(n // 2, n + 1, (rows,), device=DEVICE, generator=gen)
+    ids = torch.randint(1, vocab, (rows, n), device=DEVICE, generator=gen)
+    mask = (torch.arange(n, device=DEVICE)[None] >= n - lengths[:, None]).long()
+    ids = ids * mask  # padding token 0
+    model.generation_config.eos_token_id = None  # every call makes all its tokens
+
+    def hf(k):
+        sync()
+        t = time.perf_counter()
+        model.generate(ids, attention_mask=mask, max_new_tokens=k, do_sample=True, pad_token_id=0, **SAMPLING)
+        sync()
+        return time.perf_counter() - t
+    out: dict = {"batch": rows}
+    try:
+        hf(2)
+        out["batched_hf_generate_ms"] = per_token_ms(hf, args.new_tokens)
+    except Exception as exc:  # noqa: BLE001 (reported in the table)
+        out["batched_hf_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    max_len = n + args.new_tokens + 8
+    kwargs = dict(attention_mask=mask, sample=True, seed=0, **SAMPLING)
+    decoder = GraphDecoder(model, max_len, rows)
+    tokens = decoder.generate(ids, args.new_tokens, **kwargs)
+    out["batched_graph_ms"] = per_token_ms(lambda k: timed_generate(decoder, ids, k, **kwargs), args.new_tokens)
+    eager = GraphDecoder(model, max_len, rows, graph=False).generate(ids, args.new_tokens, **kwargs)
+    out["batched_graph_equals_eager"] = bool(torch.equal(tokens, eager))
+    del decoder
+    if packed:
+        with pair_path_always():
+            decoder = GraphDecoder(model, max_len, rows)
+            decoder.generate(ids, 4, **kwargs)
+            out["batched_graph_ms_pair_always"] = per_token_ms(lambda k: timed_generate(decoder, ids, k, **kwargs),
+                                                             args.new_tokens)
+    return out
 
 
 def run_children(args) -> list[dict]:
@@ -157,7 +234,8 @@ def run_children(args) -> list[dict]:
             continue
         for variant in variants:
             cmd = [sys.executable, __file__, "--child", f"{kind}:{variant}", "--layers", str(args.layers),
-                   "--new-tokens", str(args.new_tokens), "--prompt", str(args.prompt), "--logits-dir",
+                   "--new-tokens", str(args.new_tokens), "--prompt", str(args.prompt), "--batch", str(args.batch),
+                   "--logits-dir",
                    str(args.logits_dir)]
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.child_timeout)
@@ -168,6 +246,8 @@ def run_children(args) -> list[dict]:
                 row = dict(model=kind, variant=variant, error=f"timed out after {args.child_timeout} s")
             rows.append(row)
             print(row, flush=True)
+            # what a run stopped at its time limit measured (the tables are written at the end)
+            (args.out / "gpu_e2e.partial.json").write_text(json.dumps(rows, indent=1))
     ref = args.logits_dir / "refmoe-qwen3-bf16_grouped_mm.pt"
     for row in rows:
         path = args.logits_dir / f"{row['model']}-{row['variant'].replace(' ', '_').replace('/', '')}.pt"
@@ -198,6 +278,22 @@ def report(rows: list[dict], args, info: dict) -> str:
         lines.append(f"| {r['model']} | {r['variant']} | {f(r.get('forward_8x256_ms'))} | "
                      f"{f(r.get('decode_eager_ms'))} | {graph} | {same} | "
                      f"{f(r.get('logits_rel_diff_vs_bf16'), '.3f')} |")
+    lines += ["", f"Left-padded batch of {args.batch} rows (prompts of {args.prompt // 2}-{args.prompt} tokens), sampled "
+              f"(temperature {SAMPLING['temperature']}, top-p {SAMPLING['top_p']}, seed 0), {args.new_tokens} new tokens, "
+              "ms per step of all rows. 'pair path always': the launch defaults before session 21 (PAIR_MAX_MEAN_ROWS "
+              "inf), in the same process.", "",
+              "| model | variant | transformers generate (eager) | GraphDecoder | graph == eager steps | GraphDecoder, "
+              "pair path always | batch 1 greedy graph: default / pair path always |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            continue
+        if r.get("batched_error"):
+            lines.append(f"| {r['model']} | {r['variant']} | failed: {r['batched_error'][:150]} | | | | |")
+            continue
+        hf = f(r.get("batched_hf_generate_ms")) if "batched_hf_error" not in r else f"failed: {r['batched_hf_error'][:80]}"
+        lines.append(f"| {r['model']} | {r['variant']} | {hf} | {f(r.get('batched_graph_ms'))} | "
+                     f"{'yes' if r.get('batched_graph_equals_eager') else 'NO'} | {f(r.get('batched_graph_ms_pair_always'))} "
+                     f"| {f(r.get('decode_graph_ms'))} / {f(r.get('decode_graph_ms_pair_always'))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -207,6 +303,7 @@ def main(argv=None) -> None:
     parser.add_argument("--layers", type=int, default=4, help="decoder layers of the random 30B-dims model")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prompt", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=16, help="rows of the padded, sampled generation")
     parser.add_argument("--child-timeout", type=int, default=240)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--logits-dir", type=Path, default=Path("/tmp/moecompress-e2e-logits"))
@@ -218,8 +315,8 @@ def main(argv=None) -> None:
     import transformers
 
     info = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, transformers=transformers.__version__)
-    rows = run_children(args)
     args.out.mkdir(parents=True, exist_ok=True)
+    rows = run_children(args)
     (args.out / "gpu_e2e.json").write_text(json.dumps(dict(info=info, rows=rows), indent=1))
     text = report(rows, args, info)
     (args.out / "gpu_e2e.md").write_text(text)

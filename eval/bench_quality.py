@@ -27,6 +27,11 @@ ours[attn8] (attention 8-bit by rule), both at the same TOTAL bytes as the other
 attention in bf16 (the `attention MiB` column). Every plan is allocated deterministically (allocate/solvers.py);
 popularity-only is allocated twice and must come out the same.
 
+`--held-back SHARE` runs the pipeline's `calibration.held_back`: GPTQ on all sequences, the costs' candidates
+from the fit sequences' Hessians, measured on the held-back ones (calibrate/split.py). A variant ending in `+layer`
+(e.g. `loss_aware:projection:exact+layer`) has layer-calibrated costs (sensitivity/layer_scale.py).
+`--post-rows` and `--uniform` restrict the rows run (for bounded device calls; eval/bench_quality_device.sh).
+
 Rows are written as they finish; --deadline-s stops starting new post-quantization rows after that many seconds (the
 plain rows all come first), so a bounded run still yields a complete table without them. The allocator's solver and
 proven gap of every plan are recorded in the JSON (`allocations`).
@@ -57,6 +62,7 @@ from moecompress.artifacts.quantized import QuantizedTensors, expert_key  # noqa
 from moecompress.calibrate.dataset import build_calibration_data  # noqa: E402
 from moecompress.calibrate.options import CalibrationOptions  # noqa: E402
 from moecompress.calibrate.run import calibrate  # noqa: E402
+from moecompress.calibrate.split import held_back_data, held_samples, joined  # noqa: E402
 from moecompress.evaluate import evaluate, prepare_eval_data  # noqa: E402
 from moecompress.format.sizes import matrix_bytes  # noqa: E402
 from moecompress.pipeline.progressive import ProgressiveOptions, progressive_allocation  # noqa: E402
@@ -207,6 +213,14 @@ def main() -> None:
     ap.add_argument("--skip-untuned", action="store_true", help="run only bf16 and the tuned rows")
     ap.add_argument("--skip", default="", help="methods whose tuned row not to run (comma-separated, e.g. measured "
                     "in an earlier run with the same settings)")
+    ap.add_argument("--held-back", type=float, default=0.0,
+                    help="share of the calibration documents kept out of calibration for the costs to be measured on "
+                         "(recipe calibration.held_back; calibrate/split.py); 0: the last 25 %% of the calibration "
+                         "sequences")
+    ap.add_argument("--uniform", type=lambda s: [int(b) for b in s.split(",") if b], default=[2, 3, 4],
+                    help="bit-widths of the plain uniform GPTQ rows (comma-separated; default 2,3,4)")
+    ap.add_argument("--post-rows", default="", help="run the post-quantization rows of only these labels "
+                    "(comma-separated, e.g. 'ours gptq 3.0,uniform gptq 3-bit'; '' = all)")
     ap.add_argument("--out", default=str(ROOT / "eval/results"))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
@@ -221,34 +235,51 @@ def main() -> None:
     g = args.group_size
     attn = tuple(layout.attention_linears) if args.dense else ()
     shapes = linear_shapes(model, tuple(layout.attention_linears))
-    stats = calibrate(model, tokenizer, args.calib, CalibrationOptions(samples=args.calib_samples, seq_len=args.seq_len,
-                                                                       all_experts=True, progress=False,
-                                                                       dense_hessians=attn or False,
-                                                                       device=args.device))
-    batches = [(i.to(args.device), m.to(args.device)) for i, m, _ in build_calibration_data(
-        args.calib, tokenizer, args.calib_samples, args.seq_len, seed=0).batches(8)]
+    calib_options = CalibrationOptions(samples=args.calib_samples, seq_len=args.seq_len, all_experts=True,
+                                       progress=False, dense_hessians=attn or False, device=args.device)
+    if args.held_back:  # as the pipeline with calibration.held_back (steps.calibration_data): all sequences for
+        # GPTQ; the costs' candidates from the fit sequences' Hessians, measured on the held-back sequences
+        fit, held = held_back_data(args.calib, tokenizer, args.calib_samples,
+                                   held_samples(args.calib_samples, SensitivityOptions().holdout), args.seq_len,
+                                   args.held_back)
+        data = joined(fit, held)
+        fit_stats = calibrate(model, tokenizer, fit, calib_options)
+    else:
+        data, held = build_calibration_data(args.calib, tokenizer, args.calib_samples, args.seq_len, seed=0), None
+    stats = calibrate(model, tokenizer, data, calib_options)
+    if not args.held_back:
+        fit_stats = stats
+    batches = [(i.to(args.device), m.to(args.device)) for i, m, _ in data.batches(8)]
+    # what the sensitivity runs: all held-back sequences, or the last 25 % of the calibration sequences
+    sens_batches = batches if held is None else [(i.to(args.device), m.to(args.device)) for i, m, _ in held.batches(8)]
+    sens_holdout = {} if held is None else {"holdout": 1.0}
     quantized = {m: quantize_all(model, layout, stats, m, g, attn if m == "gptq" else ()) for m in QUANTIZERS
                  if m == "gptq" or not (args.skip_untuned or args.skip_rtn)}
+    # the costs' candidates: these GPTQ weights, or with --held-back those of the fit sequences' Hessians
+    candidates = quantized["gptq"] if fit_stats is stats else quantize_all(model, layout, fit_stats, "gptq", g)
 
     def exact(moe, proj: str, bits: int) -> torch.Tensor:
         """The experts' weights [E, out, in] of `proj` as the GPTQ run above made them at `bits` (what every row is
-        evaluated with): sensitivity quantizer "exact"."""
+        evaluated with; with --held-back, GPTQ on the fit sequences): sensitivity quantizer "exact"."""
         w = proj_weights(model.get_submodule(moe.experts_path), moe, proj).detach().to(torch.float32).clone()
         for e in range(moe.num_experts):
             key = expert_key(moe.experts_path, proj, e)
-            if key in quantized["gptq"][bits].weights:
-                w[e] = quantized["gptq"][bits].weights[key].dequantize(torch.float32).to(w.device)
+            if key in candidates[bits].weights:
+                w[e] = candidates[bits].weights[key].dequantize(torch.float32).to(w.device)
         return w
 
     costs, cost_seconds = {}, {}
     for variant in [args.sensitivity] + [v for v in args.variants.split(",") if v]:
-        # METHOD:GRANULARITY[:QUANTIZER]: rtn | gptq (simulated) | exact (the GPTQ weights the rows are made of)
-        method, granularity, *quantizer = variant.split(":")
+        # METHOD:GRANULARITY[:QUANTIZER][+layer]: QUANTIZER rtn | gptq (simulated) | exact (the GPTQ weights the rows
+        # are made of); +layer: layer-calibrated costs (sensitivity/layer_scale.py)
+        spec, _, extra = variant.partition("+")
+        method, granularity, *quantizer = spec.split(":")
         main = variant == args.sensitivity and method == "loss_aware"
         cost_seconds[variant] = time.time()
-        costs[variant] = estimate_costs(model, layout, stats, SensitivityOptions(
-            method, granularity, *["gptq" if q == "exact" else q for q in quantizer]), candidates=(2, 3, 4, 8, 16),
-            group_size=g, calibration_batches=batches, progress=False, linears=attn if main else (),
+        costs[variant] = estimate_costs(model, layout, fit_stats, SensitivityOptions(
+            method, granularity, *["gptq" if q == "exact" else q for q in quantizer], layer_scale=extra == "layer",
+            **sens_holdout), candidates=(2, 3, 4, 8, 16),
+            group_size=g, calibration_batches=sens_batches, progress=False, linears=attn if main else (),
             candidate_weights=exact if quantizer == ["exact"] else None)
         cost_seconds[variant] = round(time.time() - cost_seconds[variant], 1)
         print(f"{name}: costs {variant} in {cost_seconds[variant]:.0f}s", flush=True)
@@ -267,7 +298,7 @@ def main() -> None:
                "blockwise": BlockwiseOptions(steps=args.blockwise_steps)}
     rows, tuned = [], []
     info = {"model": name, "path": args.model, "device": machine(args.device), "overlap": overlap.__dict__,
-            "args": vars(args), "cost_seconds": cost_seconds}
+            "args": vars(args), "cost_seconds": cost_seconds, "cost_methods": {v: c.method for v, c in costs.items()}}
 
     def run(label: str, family: str, plan: BitPlan | None, method: str = "gptq", post: str = "", **extra):
         t = time.time()
@@ -312,14 +343,16 @@ def main() -> None:
     def solve(what: str, table: CostTable, avg: float) -> BitPlan:
         return record(what, avg, allocate(table, Budget(avg_bits=avg), rules))
 
-    method, granularity, *quantizer = args.sensitivity.split(":")
-    main_options = SensitivityOptions(method, granularity, *["gptq" if q == "exact" else q for q in quantizer])
+    spec, _, extra = args.sensitivity.partition("+")
+    method, granularity, *quantizer = spec.split(":")
+    main_options = SensitivityOptions(method, granularity, *["gptq" if q == "exact" else q for q in quantizer],
+                                      layer_scale=extra == "layer", **sens_holdout)
 
     def reestimate(plan: BitPlan) -> CostTable:
         """Ours' costs re-measured in the model quantized (GPTQ, as evaluated) by `plan`."""
         context = fake_quantized(model, layout, plan_tensors(layout, plan, quantized["gptq"]))
-        return estimate_costs(model, layout, stats, main_options, candidates=(2, 3, 4, 8, 16), group_size=g,
-                              calibration_batches=batches, progress=False, context_model=context,
+        return estimate_costs(model, layout, fit_stats, main_options, candidates=(2, 3, 4, 8, 16), group_size=g,
+                              calibration_batches=sens_batches, progress=False, context_model=context,
                               candidate_weights=exact if quantizer == ["exact"] else None)
 
     for avg in (float(x) for x in args.budgets.split(",")):
@@ -358,15 +391,16 @@ def main() -> None:
             except Exception as exc:  # reported, then left out
                 failure(f"ours[dense] {avg}", exc)
     print(f"{name}: plans ready at {time.time() - t0:.0f}s", flush=True)
-    uniform = {b: BitPlan.uniform(layout, b, g) for b in (2, 3, 4)}
+    uniform = {b: BitPlan.uniform(layout, b, g) for b in (2, 3, 4) if b in args.uniform or b in (2, 3)}
+    plain_uniform = [b for b in uniform if b in args.uniform]
 
     run("bf16", "bf16", None)
     if not args.skip_untuned:
         if not args.skip_rtn:
             for b, plan in uniform.items():
                 run(f"uniform rtn {b}-bit", "uniform rtn (context)", plan, "rtn")
-        for b, plan in uniform.items():
-            run(f"uniform gptq {b}-bit", "uniform gptq", plan)
+        for b in plain_uniform:
+            run(f"uniform gptq {b}-bit", "uniform gptq", uniform[b])
         for avg, by in plans.items():
             for what, plan in by.items():
                 try:
@@ -374,6 +408,7 @@ def main() -> None:
                 except Exception as exc:  # reported, then left out
                     failure(f"{what} gptq {avg}", exc)
     skip = {x.strip() for x in args.skip.split(",") if x.strip()}
+    only = {x.strip() for x in args.post_rows.split(",") if x.strip()}
     posts = [p for p in posts if p != "tune" or args.tune_steps]
     budgets = list(plans)
     variants = [w for w in plans[budgets[0]] if w.startswith("ours[")]
@@ -389,14 +424,14 @@ def main() -> None:
                       ("uniform gptq 2-bit", "uniform gptq", uniform[2], None)]
     order += [(f"random s{s} gptq {a}", "random", plans[a][f"random s{s}"], a)
               for s in range(args.random_seeds) for a in budgets]
-    order += [("uniform gptq 4-bit", "uniform gptq", uniform[4], None)]
+    order += [("uniform gptq 4-bit", "uniform gptq", uniform[4], None)] if 4 in uniform else []
     failed: set[str] = set()
     for label, family, plan, avg in order:
         if args.deadline_s is not None and time.time() - t0 > args.deadline_s:
             print(f"{name}: deadline reached; post-quantization rows from {label!r} on not run", flush=True)
             break
         for post in posts:
-            if label in skip or f"{label} + {post}" in skip or post in failed:
+            if label in skip or f"{label} + {post}" in skip or post in failed or (only and label not in only):
                 continue
             try:
                 run(label, family, plan, post=post, **({"budget": avg} if avg else {}))

@@ -162,15 +162,20 @@ CONFIGS = {  # name -> StoreConfig fields besides the budget
     "pin + prefetch (router)": dict(policy="lru", pin_share=0.5, prefetch="router"),
     "pin 0.4 + prefetch (router)": dict(policy="lru", pin_share=0.4, prefetch="router"),
     "pin + prefetch (router), width 3": dict(policy="lru", pin_share=0.5, prefetch="router", prefetch_width=3),
-    "pin + prefetch (router, score >= 0.05)": dict(policy="lru", pin_share=0.5, prefetch="router",
-                                                   prefetch_min_score=0.05),
+    "pin + prefetch (router, score >= 2/E)": dict(policy="lru", pin_share=0.5, prefetch="router", prefetch_floor=2.0),
+    "pin + prefetch (router, precision >= 0.3)": dict(policy="lru", pin_share=0.5, prefetch="router",
+                                                      prefetch_min_precision=0.3),
+    "pin + prefetch (router, precision >= 0.5)": dict(policy="lru", pin_share=0.5, prefetch="router",
+                                                      prefetch_min_precision=0.5),
+    "pin + prefetch (router + refine, precision >= 0.5) (default)": dict(
+        policy="lru", pin_share=0.5, prefetch="router", prefetch_refine=True, prefetch_min_precision=0.5),
     "cyclic": dict(policy="cyclic"),
     "pin + cyclic + prefetch (router)": dict(policy="cyclic", pin_share=0.5, prefetch="router"),
     "pin + prefetch (paths)": dict(policy="lru", pin_share=0.5, prefetch="paths"),
     # the copies (about half the main copies' bytes at 2 vs 4 bits) do not fit inside a 25-50 % budget: they come
     # on top of it here, and the table gives the total memory
-    "pin + prefetch + 2-bit copies": dict(policy="lru", pin_share=0.5, prefetch="router", copy_threshold=None,
-                                          copies_in_budget=False),
+    "pin + prefetch + 2-bit copies": dict(policy="lru", pin_share=0.5, prefetch="router", prefetch_refine=True,
+                                          prefetch_min_precision=0.5, copy_threshold=None, copies_in_budget=False),
 }
 
 

@@ -218,7 +218,7 @@ def decode(d, prompts, new_tokens: int, placement, profile) -> dict:
         nbytes += int(gen.bytes.sum() - pre.bytes.sum())
         steps += new_tokens - 1
         only = SimpleNamespace(pairs=gen.pairs - pre.pairs, messages=gen.messages - pre.messages,
-                               calls=gen.calls - pre.calls)  # the decode steps' counters
+                               hops=gen.hops - pre.hops, calls=gen.calls - pre.calls)  # the decode steps' counters
         compute += profile_compute(placement, only, profile) * (new_tokens - 1)  # per call = per token (batch 1)
     out = {"decode_round_trips": hops / 2 / steps, "decode_bytes": nbytes / steps, "compute_ms": 1e3 * compute / steps}
     for name, p in PROFILES.items():
@@ -291,6 +291,10 @@ def main() -> None:
                     "lossless and int8): localize_gap, localize, prune_layer, substitute, prune_server, "
                     "skip_weakest, fuse, combined; default all")
     ap.add_argument("--quick", action="store_true", help="fewer thresholds (development)")
+    ap.add_argument("--pick-on-calib", type=float, default=None, metavar="DPPL", help="decide each curve's threshold "
+                    "on calibration text (a fresh sample of --calib, never the eval text): the one with the fewest "
+                    "round trips/token whose Δppl there (vs this placement's and the default's lossless run) is <= "
+                    "DPPL %%; only those rows (and the baselines) are then measured on the eval text")
     ap.add_argument("--work", default="/tmp/moecompress-bench-tokens")
     ap.add_argument("--out", default=str(ROOT / "eval/results"))
     ap.add_argument("--name", default="tokens", help="stem of the output files")
@@ -320,6 +324,11 @@ def main() -> None:
     with torch.no_grad():
         ref_logp = [model(input_ids=data.input_ids[i:i + args.batch]).logits[:, :-1].float().log_softmax(-1)
                     .to(torch.bfloat16) for i in range(0, args.samples, args.batch)]
+    if args.pick_on_calib is not None:  # calibration text for the thresholds: a fresh sample, never the eval text
+        pick_data = build_calibration_data(args.calib, tokenizer, args.samples, args.seq_len, seed=11)
+        with torch.no_grad():
+            pick_ref = [model(input_ids=pick_data.input_ids[i:i + args.batch]).logits[:, :-1].float().log_softmax(-1)
+                        .to(torch.bfloat16) for i in range(0, args.samples, args.batch)]
     ids = data.input_ids
     full_ppl = float(np.exp(-sum(r.float().gather(-1, ids[i * args.batch:(i + 1) * args.batch, 1:, None]).sum().item()
                                  for i, r in enumerate(ref_logp)) / ids[:, 1:].numel()))
@@ -342,6 +351,8 @@ def main() -> None:
           f"decode {base['decode_round_trips']:.3f}", flush=True)
     print(f"home holds {local:.0%} of the experts; full model ppl {full_ppl:.3f}; pipeline {pipe}; setup "
           f"{time.time() - t0:.0f}s", flush=True)
+    if args.pick_on_calib is not None:
+        rows = pick_on_calibration(rows, out_e, out_d, pick_data, pick_ref, args)
     results = []
     with deploy(out_e, simulate=True, verify=False) as d:
         for curve, label, spec in rows:
@@ -357,6 +368,36 @@ def main() -> None:
             write(results, pipe, full_ppl, args, local, extra, profile, replayed, time.time() - t0, base,
                   quiet=True)  # partial
     write(results, pipe, full_ppl, args, local, extra, profile, replayed, time.time() - t0, base)
+
+
+def pick_on_calibration(rows, out_e, out_d, data, ref_logp, args) -> list:
+    """The baselines and, per curve, the row with the fewest round trips/token whose Δppl on calibration text
+    (against this placement's lossless run and the default placement's, the larger) is <= --pick-on-calib; none
+    when no threshold qualifies. The label says what calibration measured."""
+    with deploy(out_d, simulate=True, verify=False) as d:
+        d.set_tokens("native")
+        base = evaluate(d, data, ref_logp, args.batch)
+    measured = {}
+    with deploy(out_e, simulate=True, verify=False) as d:
+        for curve, label, spec in rows:
+            d.set_tokens(spec)
+            measured[label] = evaluate(d, data, ref_logp, args.batch)
+            print(f"calibration text: {label:<30} ppl {measured[label]['ppl']:.3f} rt/tok "
+                  f"{measured[label]['round_trips_per_token']:.2f}", flush=True)
+    lossless = next(measured[label] for _, label, spec in rows if spec == "native")
+    kept = [r for r in rows if r[0] == "baseline"]
+    for curve in dict.fromkeys(r[0] for r in rows if r[0] != "baseline"):
+        ok = []
+        for c, label, spec in rows:
+            m = measured[label]
+            dppl = 100 * max(m["ppl"] / lossless["ppl"] - 1, m["ppl"] / base["ppl"] - 1)
+            if c == curve and dppl <= args.pick_on_calib:
+                ok.append((m["round_trips_per_token"], dppl, label, spec))
+        if ok:
+            rt, dppl, label, spec = min(ok)
+            kept.append((curve, f"{label} (picked on calib: Δppl {dppl:+.2f} %, rt/tok {rt:.2f})", spec))
+        print(f"calibration pick for {curve}: {kept[-1][1] if ok else 'none within the limit'}", flush=True)
+    return kept
 
 
 def write(results, pipe, full_ppl, args, local, extra, profile, replayed, seconds, base, quiet=False):

@@ -12,8 +12,13 @@ half, the store's cache starting from its pinned experts; steady state: the seco
 store / resident, both medians, and the store's counters of that half. Disk tier: the checkpoint's safetensors read
 with O_DIRECT. Both take the fused CPU decode call (cpu_moe). Exact rows check every step's logits for equality.
 
-RSS: each configuration in a fresh subprocess (load + the same decode), VmHWM (peak RSS) after loading and at the end,
-and RssAnon/RssFile at the end, from /proc/self/status.
+RSS: each configuration in a fresh subprocess (load + the same decode, the default store), VmHWM (peak RSS) after
+loading and at the end, RssAnon/RssFile at the end (/proc/self/status), smaps_rollup's Anonymous, and what the
+anonymous memory holds beyond the loaded model's and the resident slots' bytes.
+
+CPU: time.thread_time() of the compute thread per step, plus the store's reader and prefetch threads' CPU clocks
+(ExpertStore.background_cpu_s), over the resident model's compute thread: with --threads 1 a measure that load does
+not change much (wall ratios do).
 """
 from __future__ import annotations
 
@@ -28,16 +33,20 @@ from pathlib import Path
 import torch
 
 
+PIN_PREFETCH = dict(policy="lru", pin_share=0.5, prefetch="router")
 CONFIGS = [  # (name, StoreConfig fields besides the budget, budget shares it runs at (None: all))
     ("LRU", dict(policy="lru"), None),
-    ("pin + prefetch (router)", dict(policy="lru", pin_share=0.5, prefetch="router"), None),
+    ("pin + prefetch (router), every prediction", dict(PIN_PREFETCH), (0.5,)),
     # the same without computing the resident experts while a miss is read (one call after every miss is in)
-    ("pin + prefetch (router), no overlap", dict(policy="lru", pin_share=0.5, prefetch="router", overlap=False),
-     (0.5,)),
-    ("pin + prefetch (router, score >= 0.05)", dict(policy="lru", pin_share=0.5, prefetch="router",
-                                                   prefetch_min_score=0.05), (0.5,)),
-    ("+ 2-bit copies (w < 0.1)", dict(policy="lru", pin_share=0.5, prefetch="router", copy_threshold=0.1,
-                                      copies_in_budget=False), None),
+    ("pin + prefetch (router), no overlap", dict(PIN_PREFETCH, overlap=False), (0.5,)),
+    ("pin + prefetch (router, score >= 2/E)", dict(PIN_PREFETCH, prefetch_floor=2.0), (0.5,)),
+    ("pin + prefetch (router, precision >= 0.5)", dict(PIN_PREFETCH, prefetch_min_precision=0.5), (0.5,)),
+    ("pin + prefetch (router + refine, precision >= 0.3)",
+     dict(PIN_PREFETCH, prefetch_refine=True, prefetch_min_precision=0.3), (0.5,)),
+    ("pin + prefetch (router + refine, precision >= 0.5) (default)",
+     dict(PIN_PREFETCH, prefetch_refine=True, prefetch_min_precision=0.5), None),
+    ("+ 2-bit copies (w < 0.1)", dict(PIN_PREFETCH, prefetch_refine=True, prefetch_min_precision=0.5,
+                                      copy_threshold=0.1, copies_in_budget=False), None),
 ]
 
 
@@ -47,13 +56,17 @@ def _status() -> dict:
         key = line.split(":")[0]
         if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
             out[key] = int(line.split()[1]) * 1024
+    for line in open("/proc/self/smaps_rollup"):  # anonymous pages of every mapping (heap, arenas, mmaps)
+        if line.startswith("Anonymous:"):
+            out["Anonymous"] = int(line.split()[1]) * 1024
     return out
 
 
 def _step(model, ids, t, past):
-    start = time.perf_counter()
+    """One decode step: (output, wall seconds, this thread's CPU seconds)."""
+    start, cpu = time.perf_counter(), time.thread_time()
     out = model(ids[:, t:t + 1], cache=past, use_cache=True)
-    return out, time.perf_counter() - start
+    return out, time.perf_counter() - start, time.thread_time() - cpu
 
 
 def warm_pages(model) -> int:
@@ -67,11 +80,17 @@ def warm_pages(model) -> int:
     return total
 
 
-def _half(tr, ts, c0, c1, tokens) -> dict:
-    """Times and store counters of one half of a row (c0, c1: store.counters() at its start and end)."""
+def _half(tr, ts, cr, cs, c0, c1, tokens) -> dict:
+    """Times and store counters of one half of a row (c0, c1: store.counters() at its start and end; cr, cs: the
+    compute thread's CPU seconds per step, resident and store). CPU ratio: the store's compute thread + its reader and
+    prefetch threads over the resident model's compute thread (meaningful with one torch thread: the load-independent
+    measure)."""
     uses = max(1, sum(c1[k] - c0[k] for k in ("hits", "misses", "substitutions")))
+    background = c1["background_cpu_s"] - c0["background_cpu_s"]
     return {"resident_s": statistics.median(tr), "store_s": statistics.median(ts),
             "ratio": statistics.median(b / a for a, b in zip(tr, ts)),
+            "cpu_ratio": (sum(cs) + background) / sum(cr), "resident_cpu_s": sum(cr) / tokens,
+            "store_cpu_s": sum(cs) / tokens, "background_cpu_s": background / tokens,
             "ratio_of_means": sum(ts) / sum(tr), "tokens": tokens,
             "hit_rate": (c1["hits"] - c0["hits"]) / uses,
             "served_rate": (c1["hits"] + c1["substitutions"] - c0["hits"] - c0["substitutions"]) / uses,
@@ -84,7 +103,7 @@ def interleaved(resident, model, store, ids: torch.Tensor, exact: bool) -> dict:
     steady state: the second) the median step times, the median per-step ratio and the store's counters; logits
     equality at every step (exact rows)."""
     past_r = past_s = None
-    tr, ts, equal, nll_r, nll_s = [], [], True, 0.0, 0.0
+    tr, ts, cr, cs, equal, nll_r, nll_s = [], [], [], [], True, 0.0, 0.0
     n = ids.shape[1] - 1
     half = n // 2
     marks = [store.counters()]
@@ -92,17 +111,19 @@ def interleaved(resident, model, store, ids: torch.Tensor, exact: bool) -> dict:
         for t in range(n):
             if t == half:
                 marks.append(store.counters())
-            out_r, a = _step(resident, ids, t, past_r)
-            out_s, b = _step(model, ids, t, past_s)
+            out_r, a, ca = _step(resident, ids, t, past_r)
+            out_s, b, cb = _step(model, ids, t, past_s)
             past_r, past_s = out_r.past_key_values, out_s.past_key_values
             equal &= bool(torch.equal(out_r.logits, out_s.logits))
             nll_r -= float(torch.log_softmax(out_r.logits[0, -1].float(), -1)[ids[0, t + 1]])
             nll_s -= float(torch.log_softmax(out_s.logits[0, -1].float(), -1)[ids[0, t + 1]])
             tr.append(a)
             ts.append(b)
+            cr.append(ca)
+            cs.append(cb)
     marks.append(store.counters())
-    cold = _half(tr[:half], ts[:half], marks[0], marks[1], half)
-    steady = _half(tr[half:], ts[half:], marks[1], marks[2], n - half)
+    cold = _half(tr[:half], ts[:half], cr[:half], cs[:half], marks[0], marks[1], half)
+    steady = _half(tr[half:], ts[half:], cr[half:], cs[half:], marks[1], marks[2], n - half)
     return {"cold": cold, "steady": steady, "ratio": steady["ratio"], "store_s": steady["store_s"],
             "resident_s": steady["resident_s"], "logits_equal": equal if exact else None,
             "dnll_per_token": (nll_s - nll_r) / n}
@@ -152,7 +173,8 @@ def run_time(args, load, routing_stats, rtn_copies) -> dict:
             rows.append({"config": name, "share": share, "budget": budget, **r})
             halves = (("cold", r["cold"]), ("steady", r["steady"]))
             print(f"{share:.0%} {name}: " + "; ".join(
-                f"{part} {h['ratio']:.2f}x ({1000 * h['store_s']:.0f} vs {1000 * h['resident_s']:.0f} ms/token) hit "
+                f"{part} {h['ratio']:.2f}x ({1000 * h['store_s']:.0f} vs {1000 * h['resident_s']:.0f} ms/token) "
+                f"cpu {h['cpu_ratio']:.2f}x (bg {1000 * h['background_cpu_s']:.1f} ms/token) hit "
                 f"{h['hit_rate']:.3f} served {h['served_rate']:.3f} stall {1000 * h['stall_s_per_token']:.1f} ms/token "
                 f"{h['bytes_per_token'] / 2**20:.1f} MiB/token" for part, h in halves)
                 + f"; equal {r['logits_equal']}", flush=True)
@@ -189,13 +211,13 @@ def expert_bytes(ckpt: Path) -> int:
 def _rss_child(ckpt: str, tokens: int, threads: int, share: str) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import moecompress
-    from moecompress.runtime.store import StoreConfig
+    from moecompress.runtime.store.store import default_config
 
     torch.set_num_threads(threads)
     ckpt = Path(ckpt)
     kw = {}
     if share:
-        kw["store"] = StoreConfig(budget=int(float(share) * expert_bytes(ckpt)), policy="lru", prefetch="router")
+        kw["store"] = default_config(int(float(share) * expert_bytes(ckpt)), has_stats=False)  # no statistics here
     model = moecompress.from_pretrained(ckpt, dtype=torch.bfloat16, verify=False, **kw).eval()
     after_load = _status()
     ids = torch.randint(0, 8192, (1, tokens + 1), generator=torch.Generator().manual_seed(0))
@@ -206,9 +228,11 @@ def _rss_child(ckpt: str, tokens: int, threads: int, share: str) -> None:
             past = out.past_key_values
     end = _status()
     res = {"share": float(share) if share else None, "peak_after_load": after_load["VmHWM"], "peak": end["VmHWM"],
-           "anon": end["RssAnon"], "file": end["RssFile"]}
+           "anon": end["RssAnon"], "file": end["RssFile"], "smaps_anonymous": end["Anonymous"],
+           "anon_after_load": after_load["RssAnon"]}
     if share:
         res["budget"] = kw["store"].budget
+        res["slot_bytes"] = model.expert_store.cache.used  # the experts resident at the end (what the budget counts)
     else:  # a few tokens touch only some experts: the fully resident model's RSS once every expert was used
         warm_pages(model)
         res["peak_all_touched"] = _status()["VmHWM"]
@@ -238,16 +262,25 @@ def markdown(res: dict) -> list[str]:
                   + (": **LOADED** (other jobs shared the CPUs; times are noisy, ratios less so)." if loaded else "."),
                   ""]
     lines += [
-             "| budget | policy | steady: time / token vs resident | store ms | resident ms | hit rate | served | "
-             "stall ms / token | MiB read / token | cold start: vs resident | hit rate | stall ms / token | "
+             "CPU: the store's compute thread + its reader and prefetch threads (thread CPU clocks) over the resident "
+             "model's compute thread, steady state; load-independent with --threads 1 (with more torch threads the "
+             "OpenMP workers are not counted).", "",
+             "| budget | policy | steady: time / token vs resident | CPU vs resident | store ms | resident ms | hit rate | "
+             "served | stall ms / token | MiB read / token | cold start: vs resident | hit rate | stall ms / token | "
              "prefetch accuracy | logits equal resident | memory (experts) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    best = {}  # budget share -> lowest steady ratio (bold: only the row that wins its budget)
+    for r in res["rows"]:
+        best[r["share"]] = min(best.get(r["share"], float("inf")), r["steady"]["ratio"])
     for r in res["rows"]:
         acc = r["prefetch_accuracy"]
         mem = (r["budget"] + (0 if r["copies_in_budget"] else r["copy_bytes"])) / res["expert_bytes"]
         eq = {True: "yes", False: "NO", None: "- (copies)"}[r["logits_equal"]]
         st, co = r["steady"], r["cold"]
-        lines.append(f"| {100 * r['share']:.0f} % | {r['config']} | **{st['ratio']:.2f}x** | {1000 * st['store_s']:.0f} | "
+        ratio = f"{st['ratio']:.2f}x"
+        ratio = f"**{ratio}**" if st["ratio"] == best[r["share"]] else ratio
+        lines.append(f"| {100 * r['share']:.0f} % | {r['config']} | {ratio} | {st.get('cpu_ratio', 0):.2f}x | "
+                     f"{1000 * st['store_s']:.0f} | "
                      f"{1000 * st['resident_s']:.0f} | {st['hit_rate']:.3f} | {st['served_rate']:.3f} | "
                      f"{1000 * st['stall_s_per_token']:.1f} | {st['bytes_per_token'] / mib:.1f} | {co['ratio']:.2f}x | "
                      f"{co['hit_rate']:.3f} | {1000 * co['stall_s_per_token']:.1f} | "
@@ -255,14 +288,17 @@ def markdown(res: dict) -> list[str]:
     if not res["rss"]:
         return lines + [""]
     lines += ["", "Process RSS (a fresh process per row: load, then the same decode; VmHWM = peak):", "",
-              "| experts | budget | peak RSS after load | peak RSS | anonymous at end | file-backed at end |",
-              "|---|---|---|---|---|---|"]
+              "| experts | budget | peak RSS after load | peak RSS | anonymous at end | file-backed at end | "
+              "anonymous beyond load + slots |",
+              "|---|---|---|---|---|---|---|"]
     for r in res["rss"]:
         what = "fully resident" if r["share"] is None else f"store, {100 * r['share']:.0f} %"
         budget = "-" if r["share"] is None else f"{r['budget'] / mib:.0f} MiB"
         lines.append(f"| {what} | {budget} | {r['peak_after_load'] / mib:.0f} MiB | {r['peak'] / mib:.0f} MiB | "
-                     f"{r['anon'] / mib:.0f} MiB | {r['file'] / mib:.0f} MiB |")
+                     f"{r['anon'] / mib:.0f} MiB | {r['file'] / mib:.0f} MiB | "
+                     + ("-" if "slot_bytes" not in r else
+                        f"{(r['smaps_anonymous'] - r['anon_after_load'] - r['slot_bytes']) / mib:.1f} MiB") + " |")
         if "peak_all_touched" in r:
             lines.append(f"| fully resident, every expert used once | - | - | {r['peak_all_touched'] / mib:.0f} MiB "
-                         "| - | - |")
+                         "| - | - | - |")
     return lines + [""]

@@ -17,6 +17,8 @@ def _quantize(args) -> None:
         overrides.append(f"allocation.budget.servers={args.budget_from_servers}")
     if args.device:
         overrides.append(f"device={args.device}")
+    if args.offload:
+        overrides.append(f"offload={args.offload}")
     recipe = load_recipe(args.recipe, overrides)
     quantize(recipe, out=args.out, stop_after=args.stop_after, progress=not args.quiet)
 
@@ -84,7 +86,7 @@ def _shard(args) -> None:
                       balance=args.balance, replicate=not args.no_replicate, eval_stats=args.eval_stats,
                       replicate_dense=not args.dense_on_one, balance_epsilon=args.balance_epsilon,
                       link=args.link, batch=args.batch, compute_profile=args.compute_profile,
-                      home_replicas=args.home_replicas)
+                      home_replicas=args.home_replicas, home_bits=args.home_bits)
 
 
 def _profile(args) -> None:
@@ -99,8 +101,9 @@ def _profile(args) -> None:
     for p in profiles:
         print(f"batch {p.batch}: {1e3 * (p.head_seconds + sum(p.layer_seconds)):.2f} ms per decode step, experts "
               f"{1e3 * sum(p.moe_seconds):.2f} ms, expert-model dispatch {1e3 * sum(p.dispatch_seconds):.2f} ms + "
-              f"{1e3 * sum(p.message_seconds) + 1e3 * sum(p.serve_seconds):.2f} ms per request per layer "
-              f"({p.source})")
+              f"{1e3 * sum(p.message_seconds) + 1e3 * sum(p.serve_seconds):.2f} ms per request per layer, "
+              f"transport round trip {1e3 * p.transport_seconds:.2f} ms, generation step "
+              f"{1e3 * p.generate_seconds:.2f} ms ({p.source})")
     print(f"wrote {args.out}")
 
 
@@ -136,8 +139,9 @@ def _eval_bundles(args) -> None:
         report_counters(d.counters, args.counters_out)
 
 
-def _edge_arguments(p, prompts: bool = True) -> None:
-    """Options of the commands that run a deployment (run, generate, eval --bundles)."""
+def _edge_arguments(p, prompts: bool = True, model: bool = False) -> None:
+    """Options of the commands that run a deployment (run, generate, eval --bundles); model: --model CKPT instead
+    of --bundles (generate)."""
     p.add_argument("--simulate", action="store_true", help="run every server in this process (same outputs and "
                    "counters as the real run), for planning without a cluster")
     p.add_argument("--servers", dest="num_servers", type=int, help="number of servers (default: the placement's; a "
@@ -154,7 +158,12 @@ def _edge_arguments(p, prompts: bool = True) -> None:
                    "read from its bundle on use (tiered expert store; default: all resident)")
     if not prompts:
         return
-    p.add_argument("--bundles", required=True, help="a `moecompress shard` output directory")
+    source = p.add_mutually_exclusive_group(required=True) if model else p
+    source.add_argument("--bundles", required=not model, help="a `moecompress shard` output directory")
+    if model:
+        source.add_argument("--model", help="one checkpoint, generated from in this process: the whole-model C++ "
+                            "decode step on CPU, CUDA graphs on --device cuda, else transformers' generate")
+        p.add_argument("--device", default="cpu", help="with --model: where the model runs (cpu, cuda, cuda:N)")
     p.add_argument("--prompt", action="append", default=[], help="repeatable; one batch, left-padded")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--sample", action="store_true", help="sample (default: greedy)")
@@ -166,6 +175,22 @@ def _edge_arguments(p, prompts: bool = True) -> None:
 
 
 def _generate(args) -> None:
+    if getattr(args, "model", None):
+        from moecompress.runtime.generation import run_model
+
+        edge_only = [flag for attr, flag in (("simulate", "--simulate"), ("num_servers", "--servers"),
+                                             ("counters_out", "--counters-out"), ("tokens", "--tokens"),
+                                             ("token_similarity", "--token-similarity"),
+                                             ("expert_budget", "--expert-budget"), ("homes", "--homes"))
+                     if getattr(args, attr, None)]
+        if edge_only:
+            raise MoecompressError(f"{', '.join(edge_only)}: options of a deployment (--bundles), not of --model")
+        if not args.prompt:
+            raise MoecompressError("generate needs at least one --prompt TEXT")
+        run_model(args.model, args.prompt, max_new_tokens=args.max_new_tokens, sample=args.sample,
+                  temperature=args.temperature, top_p=args.top_p, seed=args.seed, dtype=args.dtype,
+                  tokenizer=args.tokenizer, device=args.device)
+        return
     from moecompress.runtime.edge.commands import run_command, run_generate
 
     options = dict(max_new_tokens=args.max_new_tokens, sample=args.sample, temperature=args.temperature,
@@ -205,6 +230,9 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--stop-after", choices=("calibrate", "sensitivity", "allocate", "quantize", "export"))
     q.add_argument("--device", help="where calibration, sensitivity, GPTQ and tuning run: cpu (default), cuda or "
                    "cuda:N (= --set device=...)")
+    q.add_argument("--offload", choices=("none", "layer", "auto"),
+                   help="layer: the model stays in host memory, one decoder layer at a time on --device (calibrate, "
+                        "sensitivity, quantize); auto: layer when the model does not fit there (= --set offload=...)")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=_quantize)
 
@@ -281,6 +309,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--home-replicas", type=int, default=0, metavar="N", help="expert model: a copy of each MoE "
                    "layer's N most used experts on the home, inside the home's memory (lets token policies such as "
                    "localize make whole layers local; default 0)")
+    s.add_argument("--home-bits", type=int, metavar="B", help="expert model: the home copies are the experts --model "
+                   "stores at B bits (a checkpoint quantized with shard.home.home_bit_plan: more copies in the same "
+                   "memory); with --home-replicas N, N of them per layer")
     s.set_defaults(func=_shard)
 
     pr = sub.add_parser("profile", help="measure a checkpoint's decode compute per layer on this machine (run it on "
@@ -304,8 +335,9 @@ def parser() -> argparse.ArgumentParser:
                        "The home rank generates, the others serve.")
     _edge_arguments(r)
     r.set_defaults(func=_generate)
-    g = sub.add_parser("generate", help="generate text through a deployment's servers (greedy or sampling)")
-    _edge_arguments(g)
+    g = sub.add_parser("generate", help="generate text through a deployment's servers (--bundles) or from one "
+                       "checkpoint (--model); greedy or sampling")
+    _edge_arguments(g, model=True)
     g.add_argument("--homes", help="servers that admit the prompts in turn, e.g. 0,1 (each must hold the dense "
                    "weights; each keeps its sequences' KV cache; default: the placement's one home)")
     g.set_defaults(func=_generate)

@@ -56,6 +56,11 @@ class CalibrationConfig:
     all_experts: bool = True  # also feed every token to every expert, for the Hessians of rare experts
     min_tokens: int = 16  # below this an expert's routed Hessian is replaced by its all-tokens Hessian
     layerwise: bool = False  # one decoder layer in memory at a time
+    # share of the calibration documents (by characters, per domain) held back for the sensitivity stage
+    # (calibrate/split.py): it measures on sensitivity.holdout x samples sequences of them, with candidates made
+    # from the Hessians of the other sequences; GPTQ still uses all. 0 (measured better): the sensitivity runs the
+    # last sensitivity.holdout share of the calibration sequences themselves
+    held_back: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,9 @@ class SensitivityConfig:
     # how each candidate's weights are made when its cost is measured: rtn (fast proxy) or gptq (the quantize
     # stage's GPTQ rules, so the cost is that of the weights the export writes; slower: one GPTQ per expert & bits)
     quantizer: Quantizer = Quantizer.RTN
+    # measured methods: rescale each MoE layer's costs to the real KL with the whole layer quantized
+    # (sensitivity/layer_scale.py)
+    layer_scale: bool = False
 
 
 @dataclass(frozen=True)
@@ -163,6 +171,9 @@ class Recipe:
     dtype: str = "bfloat16"  # dtype of the checkpoint's float tensors
     compute_dtype: str = "float32"  # dtype the model is loaded in for calibration, sensitivity and quantization
     device: str = "cpu"  # where calibration, sensitivity, GPTQ and tuning run: "cpu", "cuda" or "cuda:N"
+    # "none": the whole model on `device`; "layer": the model stays in host memory and one decoder layer at a time
+    # is on `device` while it computes (pipeline/offload.py); "auto": "layer" when the model does not fit on it
+    offload: str = "none"
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
     allocation: AllocationConfig = field(default_factory=AllocationConfig)
@@ -200,6 +211,8 @@ def validate(r: Recipe) -> None:
     need(c.seq_len > 1, "calibration.seq_len", f"must be > 1, got {c.seq_len}")
     need(c.batch_size > 0, "calibration.batch_size", f"must be > 0, got {c.batch_size}")
     need(0 < r.sensitivity.holdout < 1, "sensitivity.holdout", f"must be in (0, 1), got {r.sensitivity.holdout}")
+    need(0 <= c.held_back < 1, "calibration.held_back", f"must be in [0, 1) (0: none held back), got {c.held_back}")
+    need(r.offload in ("none", "layer", "auto"), "offload", f"got {r.offload!r}; allowed: none, layer, auto")
     a = r.allocation
     for b in a.candidates:
         need(b in ALLOWED_BITS, "allocation.candidates", f"bits {b} not allowed; allowed: 2, 3, 4, 8, 16")

@@ -1,8 +1,9 @@
-"""GraphDecoder (runtime/cuda/graph_decode.py): greedy tokens equal transformers' own greedy loop.
+"""GraphDecoder (runtime/cuda/graph_decode.py): greedy tokens equal transformers' own greedy loop and generate
+(left-padded batches too); sampling (runtime/sampling.py) draws from transformers' top-p distribution.
 
 On the CPU the StaticCache steps run eagerly (what the graph captures); with CUDA, a tiny Qwen3-MoE model whose
 experts are packed 2/3/4/8-bit (the Triton kernels) decodes with graph replays and gives the same tokens as the
-same steps run eagerly and as a DynamicCache loop.
+same steps run eagerly (greedy and sampled, padded or not) and as a DynamicCache loop.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from moecompress.errors import MoecompressError
 from moecompress.runtime import cuda
 from moecompress.runtime.cuda.graph_decode import GraphDecoder, set_cache_length
+from moecompress.runtime.sampling import pick_tokens, top_p_filter
 
 
 def tiny_qwen3_moe(device="cpu", dtype=torch.float32, layers: int = 2):
@@ -79,6 +81,10 @@ def test_errors_say_what_is_allowed():
         decoder.generate(torch.zeros(1, 10, dtype=torch.long), 7)
     with pytest.raises(MoecompressError, match="batch_size=1"):
         decoder.generate(torch.zeros(2, 4, dtype=torch.long), 2)
+    with pytest.raises(MoecompressError, match="left padding"):  # right-padded rows
+        decoder.generate(torch.zeros(1, 4, dtype=torch.long), 2, attention_mask=torch.tensor([[1, 1, 1, 0]]))
+    with pytest.raises(MoecompressError, match="temperature > 0"):
+        decoder.generate(torch.zeros(1, 4, dtype=torch.long), 2, sample=True, temperature=0)
     if not torch.cuda.is_available():
         with pytest.raises(MoecompressError, match="CUDA"):
             GraphDecoder(model, 16, graph=True)
@@ -96,11 +102,102 @@ def test_set_cache_length_moves_every_layer_counter():
     assert all(int(layer.cumulative_length) == 2 for layer in decoder.cache.layers)
 
 
+def left_padded(lengths: list[int], seed: int, device="cpu", pad: int = 0):
+    """Random prompts of `lengths` tokens, left-padded with `pad`: (input_ids, attention_mask) [B, max]."""
+    gen = torch.Generator().manual_seed(seed)
+    n = max(lengths)
+    ids = torch.full((len(lengths), n), pad, dtype=torch.long)
+    mask = torch.zeros(len(lengths), n, dtype=torch.long)
+    for r, length in enumerate(lengths):
+        ids[r, n - length:] = torch.randint(1, 512, (length,), generator=gen)
+        mask[r, n - length:] = 1
+    return ids.to(device), mask.to(device)
+
+
+def test_left_padded_rows_equal_transformers_generate_and_each_row_alone():
+    """Prompts of 9, 4 and 6 tokens left-padded to 9: greedy tokens == model.generate with the attention mask, and
+    each row's new tokens == that row's prompt run alone without padding."""
+    model = tiny_qwen3_moe()
+    ids, mask = left_padded([9, 4, 6], seed=4)
+    decoder = GraphDecoder(model, 32, 3, graph=False)
+    got = decoder.generate(ids, 10, attention_mask=mask)
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0,
+                         eos_token_id=None)
+    assert torch.equal(got, ref)
+    alone = GraphDecoder(model, 32, 1, graph=False)
+    for r in range(3):
+        row = ids[r:r + 1, mask[r].bool()]
+        assert torch.equal(alone.generate(row, 10)[0, row.shape[1]:], got[r, 9:]), r
+    assert torch.equal(decoder.generate(ids[:, -4:], 10), dynamic_greedy(model, ids[:, -4:], 10))  # no padding
+
+
+def test_left_padded_rows_with_eager_attention():
+    """Eager attention takes the mask as additive floats (mask_kind "float"): padded greedy == model.generate."""
+    from moecompress.runtime.cuda.graph_decode import mask_kind
+
+    model = tiny_qwen3_moe(layers=1)
+    model.set_attn_implementation("eager")
+    assert mask_kind(model) == "float"
+    ids, mask = left_padded([8, 3], seed=9)
+    got = GraphDecoder(model, 24, 2, graph=False).generate(ids, 8, attention_mask=mask)
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                         eos_token_id=None)
+    assert torch.equal(got, ref)
+
+
+def test_sampling_repeats_with_a_seed_and_narrows_to_greedy():
+    """The same seed draws the same tokens (padded batch, top-p); another seed others; top_p so small that only
+    the most likely token stays, or a tiny temperature, gives the greedy tokens."""
+    model = tiny_qwen3_moe()
+    ids, mask = left_padded([7, 5], seed=5)
+    decoder = GraphDecoder(model, 32, 2, graph=False)
+    greedy = decoder.generate(ids, 12, attention_mask=mask)
+    a = decoder.generate(ids, 12, attention_mask=mask, sample=True, temperature=1.5, top_p=0.9, seed=7)
+    b = decoder.generate(ids, 12, attention_mask=mask, sample=True, temperature=1.5, top_p=0.9, seed=7)
+    c = decoder.generate(ids, 12, attention_mask=mask, sample=True, temperature=1.5, top_p=0.9, seed=8)
+    assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, greedy)
+    assert torch.equal(decoder.generate(ids, 12, attention_mask=mask, sample=True, top_p=1e-6, seed=1), greedy)
+    assert torch.equal(decoder.generate(ids, 12, attention_mask=mask, sample=True, temperature=1e-4, seed=1), greedy)
+
+
+def test_pick_tokens_draws_from_transformers_top_p_distribution():
+    """top_p_filter keeps exactly the tokens transformers' TopPLogitsWarper keeps; 200,000 draws of pick_tokens
+    land on each token with softmax(logits / T) restricted to the nucleus, within 0.006 (> 4 standard errors)."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+    gen = torch.Generator().manual_seed(6)
+    logits = torch.randn(4, 50, generator=gen) * 3
+    for top_p in (0.3, 0.8, 0.95, 1.0):
+        ours = top_p_filter(logits, torch.tensor([top_p]))
+        theirs = TopPLogitsWarper(top_p)(None, logits.clone()) if top_p < 1 else logits
+        assert torch.equal(ours.isinf(), theirs.isinf()), top_p
+    row = torch.tensor([[2.0, 1.5, 1.0, 0.2, -1.0, -3.0]])
+    temperature, top_p = 0.8, 0.9
+    expect = TopPLogitsWarper(top_p)(None, TemperatureLogitsWarper(temperature)(None, row.clone())).softmax(-1)[0]
+    draws = pick_tokens(row.expand(200_000, 6), True, torch.tensor([temperature]), torch.tensor([top_p]),
+                        torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws[:, 0], minlength=6).float() / 200_000
+    assert (freq - expect).abs().max() < 0.006 and freq[expect == 0].sum() == 0
+
+
 @pytest.mark.skipif(not cuda.available(), reason=f"CUDA graph decode: {cuda.unavailable_reason()}")
 @pytest.mark.parametrize("batch", [1, 2])
 def test_graph_replay_tokens_equal_eager_with_packed_experts(batch):
     """bf16 on CUDA, every MoE layer's experts packed at 2/3/4/8 bits (the Triton pair path): graph-replayed
     greedy tokens == the same steps run eagerly (twice: the graph is reused), and start like a DynamicCache loop."""
+    model = packed_tiny_model()
+    ids = torch.randint(0, 512, (batch, 9), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
+    graph = GraphDecoder(model, 64, batch)
+    first = graph.generate(ids, 24)
+    again = graph.generate(ids, 24)  # the captured graph reused for a second call
+    eager = GraphDecoder(model, 64, batch, graph=False).generate(ids, 24)
+    assert torch.equal(first, eager) and torch.equal(again, eager)
+    # a DynamicCache attends over fewer positions (other bf16 roundings): the first tokens agree
+    assert torch.equal(eager[:, :13], dynamic_greedy(model, ids, 4))
+
+
+def packed_tiny_model():
+    """tiny_qwen3_moe in bf16 on CUDA, every MoE layer's experts packed at 2/3/4/8 bits (the Triton pair path)."""
     import sys
     from pathlib import Path
 
@@ -111,11 +208,20 @@ def test_graph_replay_tokens_equal_eager_with_packed_experts(batch):
     for i, layer in enumerate(model.model.layers):
         layer.mlp.experts = random_experts(8, 128, 64, [2, 3, 4, 8, 3, 2, 4, 3], group_size=32, device="cuda",
                                            template=layer.mlp.experts, seed=i)
-    ids = torch.randint(0, 512, (batch, 9), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
-    graph = GraphDecoder(model, 64, batch)
-    first = graph.generate(ids, 24)
-    again = graph.generate(ids, 24)  # the captured graph reused for a second call
-    eager = GraphDecoder(model, 64, batch, graph=False).generate(ids, 24)
-    assert torch.equal(first, eager) and torch.equal(again, eager)
-    # a DynamicCache attends over fewer positions (other bf16 roundings): the first tokens agree
-    assert torch.equal(eager[:, :13], dynamic_greedy(model, ids, 4))
+    return model
+
+
+@pytest.mark.skipif(not cuda.available(), reason=f"CUDA graph decode: {cuda.unavailable_reason()}")
+def test_graph_replay_padded_and_sampled_equal_eager_with_packed_experts():
+    """Left-padded rows (prompts of 9, 3 and 6 tokens), greedy, sampled and sampled with top-p, one decoder (a graph
+    per mode): graph-replayed tokens == the same steps run eagerly with the same seed; the seed repeats the draws."""
+    model = packed_tiny_model()
+    ids, mask = left_padded([9, 3, 6], seed=8, device="cuda")
+    graph, eager = GraphDecoder(model, 64, 3), GraphDecoder(model, 64, 3, graph=False)
+    for kwargs in (dict(), dict(sample=True, temperature=1.3, seed=11), dict(sample=True, top_p=0.8, seed=12)):
+        got = graph.generate(ids, 20, attention_mask=mask, **kwargs)
+        assert torch.equal(got, eager.generate(ids, 20, attention_mask=mask, **kwargs)), kwargs
+        assert torch.equal(got, graph.generate(ids, 20, attention_mask=mask, **kwargs)), kwargs
+    assert len(graph._graphs) == 3
+    alone = GraphDecoder(model, 64, 1).generate(ids[1:2, 6:], 20)  # row 1 without its padding: same start
+    assert torch.equal(alone[0, 3:7], graph.generate(ids, 20, attention_mask=mask)[1, 9:13])

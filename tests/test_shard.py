@@ -184,3 +184,46 @@ def test_home_replicas_are_recorded_in_placement_json(sharded, tmp_path):
             assert doc["home"] in copies[e]
     assert doc["memory_bytes"] == [memory, memory] and all(u <= m for u, m in zip(doc["server_bytes"], [memory] * 2))
     assert "+home2" in doc["method"]
+
+
+def test_home_bits_copies_the_low_bit_experts_to_the_home(sharded, tmp_path, capsys):
+    """`moecompress shard --home-bits 4`: a checkpoint whose 2 hottest experts per layer are stored at 4 bits (the rest
+    at 8; shard.home.home_bit_plan) gets a home copy of exactly those, within the same memory; bad input is refused
+    with one line before any placement."""
+    import numpy as np
+    from conftest import _build
+
+    from moecompress.artifacts.bit_plan import BitPlan
+    from moecompress.artifacts.calibration_stats import CalibrationStats
+    from moecompress.cli import main
+    from moecompress.arch.adapters import describe
+    from moecompress.shard.home import home_bit_plan
+
+    model = _build("qwen3_moe")
+    layout = describe(model)
+    tokens = CalibrationStats.load(sharded / "stats").tokens.numpy()
+    hot = [np.argsort(-tokens[i], kind="stable")[:2].tolist() for i in range(len(layout.moe_layers))]
+    paths = [m.experts_path for m in layout.moe_layers]
+    plan = home_bit_plan(BitPlan.uniform(layout, 8, group_size=32), paths, hot, 4)
+    layout, plan, quantized = quantize_tiny(model, plan=plan)
+    export_checkpoint(model, layout, plan, quantized, tmp_path / "ck", dtype=torch.float32)
+    memory = _doc(sharded, "expert")["memory_bytes"][0]
+    base = ["shard", "--model", str(tmp_path / "ck"), "--stats", str(sharded / "stats"), "--servers",
+            f"2x{memory}B", "--balance-epsilon", "0.5"]
+    assert main(base + ["--out", str(tmp_path / "home"), "--home-bits", "4"]) == 0
+    doc = json.loads((tmp_path / "home" / PLACEMENT_FILE).read_text())
+    assert doc["mode"] == "expert" and "+home2" in doc["method"]
+    for layer, copies in enumerate(doc["assignment"]):
+        assert all(doc["home"] in copies[e] for e in hot[layer])
+    assert all(u <= m for u, m in zip(doc["server_bytes"], doc["memory_bytes"]))
+    capsys.readouterr()
+    for extra, message in (
+            (["--home-bits", "5"], "error: unsupported bits 5 at --home-bits; allowed: "),
+            (["--home-bits", "2"], "error: --home-bits 2: MoE layer 0 (" + paths[0] + ") stores no expert at 2 bits "
+                                   "(its bits: 4, 8)"),
+            (["--home-bits", "4", "--home-replicas", "3"], "error: --home-bits 4: MoE layer 0 stores 2 experts at 4 "
+                                                            "bits, --home-replicas asks for 3"),
+            (["--home-bits", "4", "--mode", "pipeline"], "error: --home-bits is for the expert model's home copies")):
+        assert main(base + ["--out", str(tmp_path / "bad")] + extra) == 2
+        assert capsys.readouterr().err.startswith(message)
+        assert not (tmp_path / "bad" / PLACEMENT_FILE).exists()

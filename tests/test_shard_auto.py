@@ -136,6 +136,15 @@ def test_profile_compute_on_the_critical_path():
     assert ComputeProfile.from_json(old) == prof  # a profile file written before the dispatch was measured
     with pytest.raises(MoecompressError, match="dispatch_seconds needs one entry per MoE layer"):
         replace(prof, dispatch_seconds=(0.1,))
+    # the transport round trip (0.05 per request: 1.5 requests per call) and a generation step's own work (0.25)
+    # go on the home's path; the pipeline pays the round trip per two hops (3 hops per call here)
+    full = replace(disp, transport_seconds=0.05, generate_seconds=0.25)
+    assert profile_compute(expert, c, full) == pytest.approx(3.0 + 0.3 + 0.45 + 2.0 + 2.25 + 1.5 * 0.05 + 0.25)
+    c.hops[:] = [4, 2]
+    assert profile_compute(pipe, c, full) == pytest.approx(1.0 + 3.0 + 5.0 + 0.25 + 1.5 * 0.05)
+    assert ComputeProfile.from_json(full.to_json()) == full
+    with pytest.raises(MoecompressError, match="seconds must be >= 0"):
+        replace(prof, transport_seconds=-1.0)
 
 
 def test_measured_profile_and_errors(ck, tmp_path):
@@ -148,6 +157,7 @@ def test_measured_profile_and_errors(ck, tmp_path):
     L = len(sizes.moe_decoder_layers)  # the dispatch, measured on the runtime's own dispatcher
     assert len(prof.dispatch_seconds) == len(prof.message_seconds) == len(prof.serve_seconds) == L
     assert sum(prof.dispatch_seconds) > 0 and sum(prof.message_seconds) > 0 and sum(prof.serve_seconds) > 0
+    assert prof.transport_seconds > 0 and prof.generate_seconds >= 0  # a real gloo round trip on loopback
     save_profiles([prof], tmp_path / "p.json")
     assert load_profile(tmp_path / "p.json", 2) == prof
     with pytest.raises(MoecompressError, match=r"batch sizes \[2\], not 8"):

@@ -128,17 +128,78 @@ def test_pinning_and_prefetch_exact_and_within_budget(ckpt, reference, sizes, pr
 
 
 def test_prefetch_score_floor_reads_only_confident_predictions(ckpt, reference, sizes):
-    """prefetch_min_score: experts scored below it are not read ahead (a floor above every score reads none); the
-    results stay exact."""
+    """prefetch_floor (a multiple of the uniform score 1 / experts): experts scored below it are not read ahead (a
+    floor above every possible score reads none); the results stay exact."""
     total, smallest = sizes
     budget = max(smallest, total // 2)
     counts = {}
-    for floor in (0.0, 0.99):
-        outs, c = _store_run(ckpt[0], StoreConfig(budget=budget, prefetch="router", prefetch_min_score=floor))
+    for floor in (0.0, 1000.0):
+        outs, c = _store_run(ckpt[0], StoreConfig(budget=budget, prefetch="router", prefetch_floor=floor))
         for got, ref in zip(outs, reference):
             assert torch.equal(got, ref)
         counts[floor] = c["prefetches"]
-    assert counts[0.0] > 0 and counts[0.99] == 0
+    assert counts[0.0] > 0 and counts[1000.0] == 0
+
+
+def test_rank_precision_reads_ahead_only_precise_ranks():
+    """Each rank's precision is an exponential average of "was routed at the layer's next call" (starting at 1); a
+    rank below the minimum is not read ahead, and is again once its predictions come true."""
+    from moecompress.runtime.store.prefetch import RankPrecision
+
+    gate = RankPrecision(min_precision=0.5, rate=0.5)
+    assert gate.predicted(1, [3, 5]) == [3, 5]  # nothing measured yet: every rank
+    gate.routed(1, {3, 8})  # rank 0 right, rank 1 wrong
+    assert gate.precision == {(1, 0): 1.0, (1, 1): 0.5}
+    assert gate.predicted(1, [3, 6]) == [3, 6]  # 0.5 >= 0.5
+    gate.routed(1, {3})
+    assert gate.precision[(1, 1)] == 0.25
+    assert gate.predicted(1, [4, 7]) == [4]  # rank 1 not read ahead, still checked
+    gate.routed(1, {7, 9})
+    assert gate.precision == {(1, 0): 0.5, (1, 1): 0.625}
+    assert gate.predicted(1, [2, 9]) == [2, 9]
+    gate.routed(2, {1})  # no prediction pending for layer 2: nothing changes
+    assert (2, 0) not in gate.precision
+
+
+def test_evicted_row_buffers_serve_the_next_reads_within_the_budget():
+    """tiers.BufferPool: a buffer given back is handed to the next read of its size; the pool keeps at most `limit`
+    bytes (plus each buffer's ROW_PAD), dropping the sizes least recycled first."""
+    from moecompress.runtime.store.tiers import ROW_PAD, BufferPool
+
+    pool = BufferPool()
+    a, b, c = pool.take(1000), pool.take(1000), pool.take(300)
+    assert pool.nbytes == 0 and a.numel() == 1000 and c.numel() == 300
+    pool.give([a, b, c], limit=2000)  # 2300 bytes > 2000 + 3 * ROW_PAD: the 300-byte size (one buffer) goes
+    assert pool.nbytes == 2000
+    assert pool.take(1000).data_ptr() == b.data_ptr() and pool.take(1000).data_ptr() == a.data_ptr()
+    assert pool.take(1000).data_ptr() not in (a.data_ptr(), b.data_ptr()) and pool.nbytes == 0
+    pool.give([c], limit=300 - ROW_PAD)  # within limit + ROW_PAD: kept
+    assert pool.nbytes == 300
+    pool.give([], limit=0)
+    assert pool.nbytes == 0
+
+
+def test_second_prediction_from_the_residual_stream_is_exact_and_unhooked(ckpt, reference, sizes):
+    """prefetch_refine: hooks keep each MoE block's input stream; after a layer's experts computed, layer l+1 is
+    predicted again from the stream + the output. Results stay exact, the hooks go with the store."""
+    total, smallest = sizes
+    model = _load(ckpt[0])
+    config = StoreConfig(budget=max(smallest, total // 2), pin_share=0.5, prefetch="router", prefetch_refine=True,
+                         prefetch_min_precision=0.5)
+    store = attach_store(model, ckpt[0], config)
+    norms = [layer.post_attention_layernorm for layer in model.model.layers]
+    try:
+        assert len(store.hooks) == len(norms) and all(len(n._forward_pre_hooks) == 1 for n in norms)
+        outs = _run(model)
+        c = store.counters()
+    finally:
+        store.close()
+    for got, ref in zip(outs, reference):
+        assert torch.equal(got, ref)
+    assert c["peak_bytes"] <= config.budget
+    later = {layer for layer, _ in store.refine_precision.precision}
+    assert later == set(range(1, len(norms)))  # every layer after the first was predicted a second time
+    assert all(not n._forward_pre_hooks for n in norms) and not store.residuals
 
 
 class WrongPredictor:
@@ -260,8 +321,10 @@ def test_bad_settings_are_clear_errors():
         StoreConfig(budget=1, policy="fifo")
     with pytest.raises(MoecompressError, match="unknown prefetch predictor"):
         StoreConfig(budget=1, prefetch="oracle")
-    with pytest.raises(MoecompressError, match="prefetch_min_score must be in 0..1"):
-        StoreConfig(budget=1, prefetch="router", prefetch_min_score=1.5)
+    with pytest.raises(MoecompressError, match="prefetch_floor .* must be >= 0"):
+        StoreConfig(budget=1, prefetch="router", prefetch_floor=-1.0)
+    with pytest.raises(MoecompressError, match="prefetch_min_precision must be in 0..1"):
+        StoreConfig(budget=1, prefetch="router", prefetch_min_precision=1.5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the pinned-memory -> GPU tier needs CUDA")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from functools import cached_property
 
 import torch
 
@@ -69,6 +70,16 @@ class ExpertTables:
     def from_placement(cls, placement) -> "ExpertTables":
         return cls.from_assignment(placement.assignment, placement.num_servers)
 
+    @cached_property
+    def holders(self) -> tuple[tuple[tuple[int, ...], ...], ...]:
+        """[L][E] the servers holding each expert, ascending (for `route_few`)."""
+        return tuple(tuple(tuple(row.nonzero().squeeze(1).tolist()) for row in layer) for layer in self.holds)
+
+    @cached_property
+    def primaries(self) -> tuple[tuple[int, ...], ...]:
+        """[L][E] each expert's primary server, as Python ints (for `route_few`)."""
+        return tuple(tuple(row) for row in self.primary.tolist())
+
 
 def route_pairs(
     holds_l: torch.Tensor, primary_l: torch.Tensor, topk_ids: torch.Tensor, home: torch.Tensor
@@ -101,3 +112,23 @@ def sent_rows(servers: torch.Tensor, home: torch.Tensor, num_servers: int) -> to
     sent = hits > 0
     sent[torch.arange(T, device=servers.device), home.long().to(servers.device)] = False
     return sent
+
+
+def route_few(holders_l, primaries_l, topk_ids: list[list[int]], home: int) -> list[list[int]]:
+    """route_pairs of a few tokens of one home, on Python lists (a decode step: no tensor op per rule).
+
+    holders_l [E] servers holding each expert (ascending), primaries_l [E], topk_ids [T][k]; -> [T][k] the server of
+    each pair, exactly route_pairs' (tests/test_edge_dispatch.py compares the two)."""
+    out = []
+    for ids in topk_ids:
+        forced = {primaries_l[e] for e in ids if len(holders_l[e]) == 1}  # servers visited anyway
+        row = []
+        for e in ids:
+            held = holders_l[e]
+            if home in held:
+                row.append(home)
+                continue
+            visited = [n for n in held if n in forced]
+            row.append(visited[0] if visited else primaries_l[e])
+        out.append(row)
+    return out

@@ -9,8 +9,10 @@ sequential, so again every byte is. Compute on the critical path (`critical_comp
 one after the other; in the expert model the home computes its own pairs of a MoE layer while the other servers
 compute theirs (as the runtime's dispatcher does), so each MoE layer costs its busiest rank, plus the dispatch
 the profile measured on the runtime's dispatcher (the home's routing and per-request encode/decode/index_add in
-sequence; each server's per-request decode/encode on its side of the layer). The pipeline's stage handover
-(encoding the hidden state, mask and positions) is not modeled.
+sequence; each server's per-request decode/encode on its side of the layer) and, per request, a round trip
+through the runtime's torch.distributed exchange measured between two local processes (both ends' gloo calls and
+wake-ups; the pipeline pays it per two hops). A decode step also pays generation's own work besides the forward.
+The pipeline's stage encoding (hidden state, mask, positions) is not modeled apart from that round trip.
 """
 from __future__ import annotations
 
@@ -121,7 +123,9 @@ class ComputeProfile:
     spends routing a layer besides computing experts (route_pairs, sent_rows, masks, counters); message_seconds [L]
     the home's share of one request to another server carrying the call's rows (gather, encode, decode the reply,
     index_add); serve_seconds [L] that server's share besides computing its experts (decode the request, encode the
-    reply).
+    reply); transport_seconds: one request + reply through the runtime's torch.distributed exchange between two
+    local processes (shard/profile_transport.py: both ends' gloo calls and wake-ups, loopback latency included).
+    generate_seconds: what a generation step adds to the forward (choosing the token, cache and stopping checks).
     """
 
     batch: int
@@ -135,6 +139,8 @@ class ComputeProfile:
     message_seconds: tuple[float, ...] = ()  # [L] or (): the home's share of one request + its reply
     serve_seconds: tuple[float, ...] = ()  # [L] or (): the server's share of one request besides its experts
     dtype: str = ""  # the compute dtype measured ("float32", "bfloat16", ...); "": not recorded
+    transport_seconds: float = 0.0  # wall s of one request + reply through torch.distributed on loopback (expert)
+    generate_seconds: float = 0.0  # a generation step's own work besides the model's forward (sampling, cache, ...)
 
     def __post_init__(self):
         L = len(self.moe_decoder_layers)
@@ -144,7 +150,8 @@ class ComputeProfile:
             if len(getattr(self, name)) not in (0, L):
                 raise MoecompressError(f"compute profile: {name} needs one entry per MoE layer ({L}) or none")
         if any(t < 0 for t in (*self.layer_seconds, *self.moe_seconds, self.head_seconds, *self.dispatch_seconds,
-                               *self.message_seconds, *self.serve_seconds)):
+                               *self.message_seconds, *self.serve_seconds, self.transport_seconds,
+                               self.generate_seconds)):
             raise MoecompressError("compute profile: seconds must be >= 0")
 
     def to_json(self) -> dict:
@@ -152,7 +159,8 @@ class ComputeProfile:
                 "moe_seconds": list(self.moe_seconds), "moe_decoder_layers": list(self.moe_decoder_layers),
                 "head_seconds": self.head_seconds, "source": self.source,
                 "dispatch_seconds": list(self.dispatch_seconds), "message_seconds": list(self.message_seconds),
-                "serve_seconds": list(self.serve_seconds), "dtype": self.dtype}
+                "serve_seconds": list(self.serve_seconds), "dtype": self.dtype,
+                "transport_seconds": self.transport_seconds, "generate_seconds": self.generate_seconds}
 
     @classmethod
     def from_json(cls, d: dict) -> "ComputeProfile":
@@ -162,7 +170,8 @@ class ComputeProfile:
                        float(d["head_seconds"]), str(d.get("source", "")),
                        tuple(map(float, d.get("dispatch_seconds", ()))),
                        tuple(map(float, d.get("message_seconds", ()))),
-                       tuple(map(float, d.get("serve_seconds", ()))), str(d.get("dtype", "")))
+                       tuple(map(float, d.get("serve_seconds", ()))), str(d.get("dtype", "")),
+                       float(d.get("transport_seconds", 0.0)), float(d.get("generate_seconds", 0.0)))
         except (KeyError, TypeError, ValueError) as exc:
             raise MoecompressError(f"not a compute profile ({exc}); write one with `moecompress profile`") from exc
 
@@ -170,12 +179,14 @@ class ComputeProfile:
 def profile_compute(placement, counters: Counters, profile: ComputeProfile) -> float:
     """Compute seconds on the critical path of one call of the profile's shape on `placement` (critical_compute).
 
-    Pipeline: each stage computes its decoder layers, the home also the head. Expert model: the home computes the
-    head and every decoder layer but its experts; each server computes the share of a MoE layer's experts time that
-    its routed pairs (from `counters`) are of the layer's pairs. The dispatch (when the profile has it): the home
-    routes every layer and handles each request it sends (both before or after the overlapped part: added to the
-    home's own time); each server decodes and encodes each request it gets (added to its share of the layer).
-    Requests per call come from `counters` (messages from the home, divided by its calls).
+    Pipeline: each stage computes its decoder layers, the home also the head, and every two hops (a round trip)
+    cost the profile's transport round trip. Both: a generation step's own work (`generate_seconds`). Expert model:
+    the home computes the head and every decoder layer but its experts; each server computes the share of a MoE
+    layer's experts time that its routed pairs (from `counters`) are of the layer's pairs. The dispatch (when the
+    profile has it): the home routes every layer and handles each request it sends, transport round trip included
+    (before or after the overlapped part: added to the home's own time); each server decodes and encodes each
+    request it gets (added to its share of the layer). Requests per call come from `counters` (messages from the
+    home, divided by its calls).
     """
     import numpy as np
 
@@ -189,16 +200,18 @@ def profile_compute(placement, counters: Counters, profile: ComputeProfile) -> f
                                    f"{len(placement.layer_servers)}: it was measured on another model")
         rows = [[t if s == server else 0.0 for s in range(N)]
                 for t, server in zip(profile.layer_seconds, placement.layer_servers)]
-        return critical_compute(rows, profile.head_seconds, "pipeline")
+        handovers = float(counters.hops.sum()) / max(counters.calls, 1) / 2 * profile.transport_seconds
+        return critical_compute(rows, profile.head_seconds + profile.generate_seconds + handovers, "pipeline")
     pairs = counters.pairs.astype(np.float64)  # [L, N]
     share = pairs / np.maximum(pairs.sum(1, keepdims=True), 1)
     rows = [[t * share[layer, s] for s in range(N)] for layer, t in enumerate(profile.moe_seconds)]
-    home = profile.head_seconds + sum(profile.layer_seconds) - sum(profile.moe_seconds)
+    home = profile.head_seconds + profile.generate_seconds + sum(profile.layer_seconds) - sum(profile.moe_seconds)
     return critical_compute(rows, home + add_dispatch(rows, placement.home, counters, profile), "expert")
 
 
 def add_dispatch(rows: list[list[float]], home: int, counters: Counters, profile: ComputeProfile) -> float:
-    """Add each server's per-request work to `rows` [L][N] in place; return the home's dispatch seconds per call."""
+    """Add each server's per-request work to `rows` [L][N] in place; return the home's dispatch seconds per call
+    (its routing, and per request its own work and the measured transport round trip, requests taken in turn)."""
     L = len(rows)
     dispatch = profile.dispatch_seconds or (0.0,) * L
     message = profile.message_seconds or (0.0,) * L
@@ -207,7 +220,7 @@ def add_dispatch(rows: list[list[float]], home: int, counters: Counters, profile
     extra = 0.0
     for layer in range(L):
         requests = counters.messages[layer, home] / calls  # [N] requests per call to each server
-        extra += dispatch[layer] + float(requests.sum()) * message[layer]
+        extra += dispatch[layer] + float(requests.sum()) * (message[layer] + profile.transport_seconds)
         for s, r in enumerate(requests):
             if s != home:
                 rows[layer][s] += float(r) * serve[layer]

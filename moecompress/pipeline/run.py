@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable
+from contextlib import nullcontext
 from functools import cache
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from moecompress.calibrate.command import require_finite_weights
 from moecompress.errors import MoecompressError
 from moecompress.format.files import MANIFEST, read_json_object, verify_files, verify_listed, write_manifest
 from moecompress.pipeline import steps
+from moecompress.pipeline.offload import LayerOffload, model_bytes, wants_offload
 from moecompress.pipeline.lockfile import check_lock, check_resume, make_lock, read_lock, write_lock
 from moecompress.recipe import Recipe
 
@@ -50,11 +52,14 @@ def run_stage(out: Path, stage: str, produce: Callable[[Path], None]) -> tuple[P
 
 
 def check_finished(final: Path, stage: str) -> None:
-    """A finished stage's files still match its manifest (runs written before stage manifests are trusted)."""
+    """A finished stage's files still match its manifest (runs written before stage manifests are trusted), and so
+    do those of its sub-directories that have one (calibration/fit/)."""
     if stage == "export":
         verify_files(final)
     elif (final / MANIFEST).exists():
         verify_listed(final)
+        for sub in sorted(p for p in final.iterdir() if p.is_dir() and (p / MANIFEST).exists()):
+            verify_listed(sub)
 
 
 def clean_partials(out: Path) -> None:
@@ -104,6 +109,18 @@ def check_model_config(model_path: str, recipe: Recipe) -> None:
                                    f"{limit} ({path / 'config.json'}); use at most {limit}")
 
 
+OFFLOADED_STAGES = ("calibrate", "sensitivity", "quantize")  # the post steps run on the host under offload
+
+
+def offloaded(ctx: steps.RunContext, stage: str, offloading: list):
+    """The context a stage runs in: LayerOffload for the offloaded stages once the model is offloaded, else none."""
+    if stage not in OFFLOADED_STAGES or ctx.recipe.offload == "none" or \
+            (stage == "calibrate" and ctx.recipe.calibration.layerwise):
+        return nullcontext()
+    model, _, layout = ctx.load()
+    return LayerOffload(model, layout, ctx.recipe.device) if offloading else nullcontext()
+
+
 def quantize(recipe: Recipe, out: str | Path | None = None, stop_after: str | None = None,
              progress: bool = True) -> Path:
     """Run (or resume) the main job; returns the run directory. `stop_after` ends after that stage."""
@@ -113,15 +130,30 @@ def quantize(recipe: Recipe, out: str | Path | None = None, stop_after: str | No
     steps.check_device(recipe.device)  # before anything is written
     model_path, dataset_path = prepare_run(recipe, out)
 
+    offloading = []  # [True] once the model is loaded in host memory, one layer at a time on the device
+
     @cache
     def load():
-        loaded = steps.load_model(model_path, recipe.revision, steps.DTYPES[recipe.compute_dtype], recipe.device)
+        # offload "layer" / "auto": loaded in host memory first ("auto" then moves it when it fits)
+        first = "cpu" if recipe.offload != "none" else recipe.device
+        loaded = steps.load_model(model_path, recipe.revision, steps.DTYPES[recipe.compute_dtype], first)
         require_finite_weights(loaded[0], model_path)  # before any stage computes statistics from them
+        if wants_offload(recipe.offload, recipe.device, model_bytes(loaded[0])):
+            offloading.append(True)
+            if progress:
+                print(f"[offload] the model stays in host memory; one decoder layer at a time on {recipe.device}",
+                      flush=True)
+        else:
+            loaded[0].to(recipe.device)
         return loaded
+
+    def produce(tmp: Path, stage: str) -> None:
+        with offloaded(ctx, stage, offloading):
+            steps.STEPS[stage](ctx, tmp)
 
     ctx = steps.RunContext(recipe, out, model_path, dataset_path, progress, load)
     for stage in STAGES:
-        directory, ran = run_stage(out, stage, lambda tmp, s=stage: steps.STEPS[s](ctx, tmp))
+        directory, ran = run_stage(out, stage, lambda tmp, s=stage: produce(tmp, s))
         if progress:
             print(f"[{stage}] {'done' if ran else 'already done, skipped'}: {directory}", flush=True)
         if stage == stop_after:

@@ -18,6 +18,7 @@ from moecompress.artifacts.calibration_stats import CalibrationStats
 from moecompress.artifacts.cost_table import CostTable
 from moecompress.artifacts.quantized import QuantizedTensors
 from moecompress.errors import MoecompressError
+from moecompress.format.files import write_manifest
 from moecompress.recipe import Quantizer, Recipe
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -25,6 +26,7 @@ COST_FILE = "cost_table.json"
 TUNE_REPORT = "tune.json"
 PLAN_FILE = "bit_plan.json"
 ALLOC_REPORT = "report.json"
+FIT_STATS = "fit"  # calibration/fit/: statistics of the fit sequences alone (calibration.held_back)
 HEAD = "lm_head"  # the output projection's module path in every supported architecture (protect.lm_head)
 
 
@@ -123,7 +125,15 @@ def calibrate_step(ctx: RunContext, tmp: Path) -> None:
                                  hessians=True, dense_hessians=dense or False, all_experts=c.all_experts,
                                  layerwise=c.layerwise, min_tokens=c.min_tokens, dtype=r.compute_dtype,
                                  hessian_dir=str(tmp), device=r.device, progress=ctx.progress)
-    stats = calibrate(ctx.model_path if c.layerwise else model, tokenizer, ctx.dataset_path, options)
+    source = ctx.model_path if c.layerwise else model
+    if not c.held_back:
+        stats = calibrate(source, tokenizer, ctx.dataset_path, options)
+    else:  # all sequences for the quantize stage; the fit ones alone for the sensitivity's candidates (fit/)
+        data = calibration_data(ctx, tokenizer)
+        stats = calibrate(source, tokenizer, data.all, options)
+        fit_dir = tmp / FIT_STATS
+        calibrate(source, tokenizer, data.fit, dataclasses.replace(options, hessian_dir=str(fit_dir))).save(fit_dir)
+        write_manifest(fit_dir, {"stage": "calibrate", "split": "fit"})  # checked with the stage (run.check_finished)
     stats.save(tmp)
     save_plots(stats, tmp)
     (tmp / "summary.md").write_text(format_summary(stats) + "\n")
@@ -134,28 +144,54 @@ def sensitivity_step(ctx: RunContext, tmp: Path) -> None:
 
     r = ctx.recipe
     model, tokenizer, layout = ctx.load()
-    stats = CalibrationStats.load(ctx.dir("calibration"))
+    # with a held-back split, the candidates' GPTQ Hessians are those of the fit sequences alone
+    stats = CalibrationStats.load(ctx.dir("calibration") / (FIT_STATS if r.calibration.held_back else ""))
     q = r.quantize
     options = SensitivityOptions(method=r.sensitivity.method.value, granularity=r.sensitivity.granularity.value,
                                  quantizer=r.sensitivity.quantizer.value, holdout=r.sensitivity.holdout, damp=q.damp,
                                  block_size=q.block_size, act_order=q.act_order, clip=q.clip.value,
-                                 min_tokens=r.calibration.min_tokens)
+                                 min_tokens=r.calibration.min_tokens, layer_scale=r.sensitivity.layer_scale,
+                                 device=r.device)  # per-layer damages on the device, also when offloaded
     candidates = tuple(sorted(set(r.allocation.candidates) | {16}))
-    # the measured methods re-run (the last `holdout` share of) the calibration sequences
-    batches = None if options.method == "hessian" else calibration_batches(ctx, tokenizer)
+    # the measured methods run the held-back sequences (calibration.held_back: text the Hessians never saw), else
+    # the last `holdout` share of the calibration sequences
+    batches = None
+    if options.method != "hessian" and r.calibration.held_back:
+        held = calibration_data(ctx, tokenizer).held
+        batches = [(ids, mask) for ids, mask, _ in held.batches(r.calibration.batch_size)]
+        options = dataclasses.replace(options, holdout=1.0)
+    elif options.method != "hessian":
+        batches = calibration_batches(ctx, tokenizer)
     cost = estimate_costs(model, layout, stats, options, candidates=candidates, group_size=r.quantize.group_size,
                           symmetric=r.quantize.symmetric, calibration_batches=batches, progress=ctx.progress,
                           linears=tuple(allocated_linears(r, layout)))
     cost.save(tmp / COST_FILE)
 
 
-def calibration_batches(ctx: RunContext, tokenizer) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The recipe's calibration sequences as (input_ids, attention_mask) batches, as the calibrate stage saw them."""
+@dataclass(frozen=True)
+class CalibrationSplit:
+    all: object  # CalibrationData: every calibration sequence (fit, then held back)
+    fit: object | None = None  # with calibration.held_back: the sequences of the fit documents
+    held: object | None = None  # and those of the held-back documents (the sensitivity measures on them)
+
+
+def calibration_data(ctx: RunContext, tokenizer) -> CalibrationSplit:
+    """The recipe's calibration sequences, and with calibration.held_back their split (calibrate/split.py)."""
     from moecompress.calibrate.dataset import build_calibration_data
+    from moecompress.calibrate.split import held_back_data, held_samples, joined
 
     c = ctx.recipe.calibration
-    data = build_calibration_data(ctx.dataset_path, tokenizer, c.samples, c.seq_len, c.seed)
-    return [(ids, mask) for ids, mask, _ in data.batches(c.batch_size)]
+    if not c.held_back:
+        return CalibrationSplit(build_calibration_data(ctx.dataset_path, tokenizer, c.samples, c.seq_len, c.seed))
+    fit, held = held_back_data(ctx.dataset_path, tokenizer, c.samples,
+                               held_samples(c.samples, ctx.recipe.sensitivity.holdout), c.seq_len, c.held_back, c.seed)
+    return CalibrationSplit(joined(fit, held), fit, held)
+
+
+def calibration_batches(ctx: RunContext, tokenizer) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The recipe's calibration sequences as (input_ids, attention_mask) batches, as the calibrate stage saw them."""
+    c = ctx.recipe.calibration
+    return [(ids, mask) for ids, mask, _ in calibration_data(ctx, tokenizer).all.batches(c.batch_size)]
 
 
 def dense_bytes(model, layout: ModelLayout, recipe: Recipe) -> int:
@@ -257,9 +293,11 @@ def quantize_step(ctx: RunContext, tmp: Path) -> None:
     stats = CalibrationStats.load(ctx.dir("calibration")) if q.method == Quantizer.GPTQ else None
     options = QuantizeOptions(method=q.method.value, damp=q.damp, block_size=q.block_size, act_order=q.act_order,
                               min_tokens=ctx.recipe.calibration.min_tokens, clip=q.clip.value)
-    quantize_model(model, layout, plan, stats, options, progress=ctx.progress).save(tmp)
+    device = ctx.recipe.device  # GPTQ on the device, also when the model is offloaded to the host
+    quantize_model(model, layout, plan, stats, options, progress=ctx.progress, device=device).save(tmp)
     if plan.copy_bits is not None:
-        quantize_copies(model, layout, plan, stats, options, progress=ctx.progress).save(tmp, stem=COPIES_STEM)
+        quantize_copies(model, layout, plan, stats, options, progress=ctx.progress, device=device).save(
+            tmp, stem=COPIES_STEM)
 
 
 def post_options(recipe: Recipe):

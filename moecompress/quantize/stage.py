@@ -68,7 +68,9 @@ def _quantize(w: torch.Tensor, bits: int, plan: BitPlan, hessian, options: Quant
 
 def quantize_model(model: nn.Module, layout: ModelLayout, plan: BitPlan, stats: CalibrationStats | None,
                    options: QuantizeOptions = QuantizeOptions(), progress: bool = True,
-                   desc: str = "quantize experts") -> QuantizedTensors:
+                   desc: str = "quantize experts", device: str | torch.device | None = None) -> QuantizedTensors:
+    """Every planned expert projection (and dense linear) quantized; GPTQ runs on `device` (default: where the
+    weights are; a model offloaded to the host layer by layer passes the device it computes on)."""
     if options.method == "gptq" and stats is None:
         raise MoecompressError("GPTQ needs calibration statistics with Hessians; use method rtn or calibrate first")
     weights, fallbacks = {}, {}
@@ -78,6 +80,7 @@ def quantize_model(model: nn.Module, layout: ModelLayout, plan: BitPlan, stats: 
         key = expert_key(m.experts_path, proj, e)
         bits = plan.experts[m.experts_path][proj][e]
         w = proj_weights(model.get_submodule(m.experts_path), m, proj)[e].detach().float()
+        w = w if device is None else w.to(device)
         hessian, note = (None, None) if options.method == "rtn" else expert_hessian(stats, m.layer, proj, e,
                                                                                      options.min_tokens)
         weights[key], fallback = _quantize(w, bits, plan, hessian, options)
@@ -87,6 +90,7 @@ def quantize_model(model: nn.Module, layout: ModelLayout, plan: BitPlan, stats: 
         if bits == 16:
             continue
         w = model.get_submodule(path).weight.detach().float()
+        w = w if device is None else w.to(device)
         hessian = None if stats is None else stats.dense_hessians.get(path)
         if options.method == "gptq" and hessian is None:
             fallbacks[path] = "no dense Hessian recorded: RTN"
@@ -98,14 +102,16 @@ def quantize_model(model: nn.Module, layout: ModelLayout, plan: BitPlan, stats: 
 
 
 def quantize_copies(model: nn.Module, layout: ModelLayout, plan: BitPlan, stats: CalibrationStats | None,
-                    options: QuantizeOptions = QuantizeOptions(), progress: bool = True) -> QuantizedTensors:
+                    options: QuantizeOptions = QuantizeOptions(), progress: bool = True,
+                    device: str | torch.device | None = None) -> QuantizedTensors:
     """The low-bit copy of EVERY expert projection at plan.copy_bits (whatever its main bits), quantized exactly as
     quantize_model would quantize it at those bits (same method, Hessian choice, clip search and GPTQ-vs-RTN rule)."""
     if plan.copy_bits is None:
         raise MoecompressError("the bit plan has no copy_bits; nothing to copy")
     at_copy_bits = replace(plan, experts={path: {proj: (plan.copy_bits,) * len(bits) for proj, bits in projs.items()}
                                           for path, projs in plan.experts.items()}, linears={}, copy_bits=None)
-    return quantize_model(model, layout, at_copy_bits, stats, options, progress=progress, desc="quantize copies")
+    return quantize_model(model, layout, at_copy_bits, stats, options, progress=progress, desc="quantize copies",
+                          device=device)
 
 
 def _on_cpu(w: QuantizedWeight) -> QuantizedWeight:

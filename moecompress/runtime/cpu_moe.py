@@ -13,6 +13,9 @@ one, all of one ISA (so x is bf16/fp16, or MOECOMPRESS_INT8_ACTIVATIONS=always);
 gated one (transformers' `_default_apply_gate` with SiLU), without bias or post-expert norm. Elsewhere the general
 path runs. The result differs from the general path only by rounding: the gate_up output and the activation stay
 float32 here (the general path rounds them to x's dtype between the calls).
+
+`dense_layer` builds the same call with the layer's 16-bit groups included (moe.cpp computes them with a float32
+GEMV); the whole-model CPU decode step (runtime/cpu_step/) uses it, the per-layer path above does not.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from moecompress.errors import MoecompressError
-from moecompress.runtime import cpu_lowbit, kernel_registry
+from moecompress.runtime import cpu_features, cpu_lowbit, kernel_registry
 
 # Tokens per call up to which the layer runs fused (decode steps of batch <= 8); MOECOMPRESS_CPU_FUSED_TOKENS=N sets
 # another limit (0: never fused, e.g. to compare with the general path in eval/bench_cpu.py --compare-fused).
@@ -88,7 +91,9 @@ def gated_silu(module) -> bool:
             and not module.has_bias and not module.has_post_expert_norm and len(module.proj_names) == 2)
 
 
-def _build(module, dtype: torch.dtype) -> FusedLayer | None:
+def _build(module, dtype: torch.dtype, dense: bool = False) -> FusedLayer | None:
+    """dense: 16-bit groups join the call too (moe.cpp computes them in float32 with its dense GEMV; the whole-model
+    decode step, cpu_step/, uses that), else a layer holding any is left to the general path."""
     if not gated_silu(module) or not cpu_lowbit.available():
         return None
     first, down = (getattr(module, name) for name in module.proj_names)
@@ -97,7 +102,18 @@ def _build(module, dtype: torch.dtype) -> FusedLayer | None:
         groups = list(proj.children())
         qs, ss, zs, bits = [], [], [], []
         for g in groups:
-            if g.bits == 16 or g._int4 is not None or g.qweight.device.type != "cpu" or not len(g.experts):
+            if not len(g.experts):
+                return None
+            if g.bits == 16:
+                if not dense or g.weight.device.type != "cpu" or g.weight.dtype not in (torch.float32, torch.bfloat16) \
+                        or "bias" in g._buffers:
+                    return None
+                qs.append(g.weight.contiguous())
+                ss.append(torch.empty(0, dtype=torch.float16))
+                zs.append(torch.empty(0, dtype=torch.uint8))
+                bits.append(16)
+                continue
+            if g._int4 is not None or g.qweight.device.type != "cpu":
                 return None
             isa = decode_isa(g, dtype)
             if isa is None:
@@ -114,11 +130,31 @@ def _build(module, dtype: torch.dtype) -> FusedLayer | None:
                 if 0 <= e < module.num_experts:
                     where[e] = torch.tensor([gi, slot])
         args += [qs, ss, zs, bits, where]
-    if len(isas) != 1 or len(group_sizes) != 1:
+    if len(isas) > 1 or len(group_sizes) > 1 or not (isas or dense):
         return None
     # only the experts both projections compute (ProjGroups.set_computed: the last lookup entry marks the others)
     for where, proj in ((args[4], first), (args[9], down)):
         for e in range(module.num_experts):
             if proj._lookup[e] == proj._lookup[-1]:
                 where[e] = -1
-    return FusedLayer(tuple(args), group_sizes.pop(), isas.pop())
+    isa = isas.pop() if isas else dense_isa()
+    if isa is None:
+        return None
+    return FusedLayer(tuple(args), group_sizes.pop() if group_sizes else 32, isa)
+
+
+def dense_isa() -> str | None:
+    """The ISA whose kernels a layer of 16-bit groups only runs with (the dense GEMV is AVX2 on x86 SIMD ISAs)."""
+    best = cpu_features.best_isa()
+    return {"cpu:amx": "cpu:avx512_vnni"}.get(best, best) if best in (*cpu_lowbit.ISA_ID, "cpu:amx") else None
+
+
+def dense_layer(module) -> FusedLayer | None:
+    """The fused call with 16-bit groups included (float32 GEMV), for the whole-model decode step; None where the
+    layer does not fit it. Int8 activations for the packed groups whatever the model's dtype is not implied: the
+    groups' decode kernels must be q8_* ones for bfloat16 activations (what a decode step of such a model takes)."""
+    key = ("dense", *kernel_registry.settings())
+    cache = module.__dict__.setdefault(_CACHE_ATTR, {})
+    if key not in cache:
+        cache[key] = _build(module, torch.bfloat16, dense=True)
+    return cache[key]

@@ -90,11 +90,12 @@ def non_increasing(by_bits: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
 
 def layer_damages(moe: MoELayer, experts: nn.Module, stats: CalibrationStats, candidates: tuple[int, ...],
                   settings: QuantizerSettings, prior_weight: float = 0.1, up_offset: float = 0.0,
-                  ) -> dict[str, dict[int, torch.Tensor]]:
+                  device: str | torch.device | None = None) -> dict[str, dict[int, torch.Tensor]]:
     """proj -> bits -> damage [E] float64 of one MoE layer (units: see the module docstring)."""
     layer, E = moe.layer, moe.num_experts
     first, down = moe.projs[0].name, "down"
-    w = {p.name: proj_weights(experts, moe, p).detach().to(torch.float32) for p in moe.projs}  # [E, out, in]
+    w = {p.name: proj_weights(experts, moe, p).detach().to(device=device, dtype=torch.float32)
+         for p in moe.projs}  # [E, out, in]
     device = w[down].device
     hw = {p: stats.hessian(layer, p, weighted=True).to(device) for p in (first, down)}
     n = max(int(stats.num_tokens), 1)
@@ -146,12 +147,13 @@ def damages_to_items(moe: MoELayer, per_group: dict[str, dict[int, torch.Tensor]
 
 def hessian_costs(model: nn.Module, layout: ModelLayout, stats: CalibrationStats, candidates: tuple[int, ...],
                   settings: QuantizerSettings, granularity: str = "expert", prior_weight: float = 0.1,
-                  progress: bool = True) -> dict[str, dict[int, float]]:
-    """Item key -> bits -> damage for every routed expert of the model, from the calibration Hessians."""
+                  progress: bool = True, device: str | torch.device | None = None) -> dict[str, dict[int, float]]:
+    """Item key -> bits -> damage for every routed expert of the model, from the calibration Hessians (computed
+    on `device`, default: where the experts are)."""
     items = {}
     for moe in tqdm(layout.moe_layers, desc=f"sensitivity (hessian, {settings.quantizer})", unit="layer",
                     disable=not progress):
         per_proj = layer_damages(moe, model.get_submodule(moe.experts_path), stats, candidates, settings,
-                                 prior_weight, UP_OFFSET.get(layout.model_type, 0.0))
+                                 prior_weight, UP_OFFSET.get(layout.model_type, 0.0), device)
         items.update(damages_to_items(moe, per_proj, combine=granularity == "expert"))
     return items

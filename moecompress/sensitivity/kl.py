@@ -57,7 +57,7 @@ def _merged(batches: list[tuple[torch.Tensor, torch.Tensor]], chunk_tokens: int 
     return [(torch.cat([i for i, _ in part]), torch.cat([m for _, m in part])) for part in out]
 
 
-class _HeldOut:
+class HeldOut:
     """The held-out batches on the model's device with the reference log-probabilities of their kept tokens."""
 
     def __init__(self, model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]):
@@ -78,7 +78,7 @@ class _HeldOut:
         return max(total / self.num_tokens, 0.0)
 
 
-def _layer_kl(held: _HeldOut, moe: MoELayer, experts: nn.Module, candidates: tuple[int, ...],
+def _layer_kl(held: HeldOut, moe: MoELayer, experts: nn.Module, candidates: tuple[int, ...],
               settings: QuantizerSettings, granularity: str, stats: CalibrationStats | None, progress: bool,
               weights: CandidateWeights | None = None) -> dict[str, dict[int, torch.Tensor]]:
     """proj (or "*" for granularity "expert") -> bits -> damage [E] float64 of one MoE layer."""
@@ -119,7 +119,7 @@ def kl_costs(model: nn.Module, layout: ModelLayout, batches: list[tuple[torch.Te
     was = model.training
     model.eval()
     try:
-        held = _HeldOut(model, batches)
+        held = HeldOut(model, batches)
         items = {}
         for moe in tqdm(layout.moe_layers, desc=f"sensitivity (kl, {settings.quantizer})", unit="layer",
                         disable=not progress):

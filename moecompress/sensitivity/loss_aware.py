@@ -76,9 +76,9 @@ def loss_aware_costs(model: nn.Module, layout: ModelLayout, batches: list[tuple[
                      candidates: tuple[int, ...], settings: QuantizerSettings, granularity: str = "expert",
                      stats: CalibrationStats | None = None, progress: bool = True,
                      context_model: nn.Module | None = None, weights: CandidateWeights | None = None,
-                     ) -> dict[str, dict[int, float]]:
+                     device: str | torch.device | None = None) -> dict[str, dict[int, float]]:
     """Item key -> bits -> gradient-weighted block-output damage on the held-out `batches`; inputs and gradients
     from `context_model` (default `model`), candidate weights quantized from `model`'s (or given: `weights`)."""
     captures, n = capture_with_grads(model if context_model is None else context_model, layout, batches, progress)
     return captured_costs(model, layout, captures, n, candidates, settings, granularity, stats, True, progress,
-                          weights)
+                          weights, device)

@@ -44,15 +44,16 @@ def _rows(cap: LayerCapture, num_experts: int) -> tuple[torch.Tensor, torch.Tens
 def layer_damages(moe: MoELayer, experts: nn.Module, cap: LayerCapture, candidates: tuple[int, ...],
                   settings: QuantizerSettings, granularity: str = "expert", stats: CalibrationStats | None = None,
                   fisher: bool = False, num_tokens: int | None = None, weights: CandidateWeights | None = None,
-                  ) -> dict[str, dict[int, torch.Tensor]]:
+                  device: str | torch.device | None = None) -> dict[str, dict[int, torch.Tensor]]:
     """proj (or "*" for granularity "expert") -> bits -> damage [E] float64 of one MoE layer.
     fisher: weight each row's error by the captured loss gradient (loss-aware). weights: the candidates' weights
-    given (see CandidateWeights) instead of simulated with `settings`."""
+    given (see CandidateWeights) instead of simulated with `settings`. device: where to compute (default: where
+    the experts are)."""
     if fisher and cap.grad is None:
         raise ValueError("loss-aware damages need captures with gradients")
     E = moe.num_experts
-    device = next(experts.parameters()).device
-    work = copy.deepcopy(experts).to(torch.float32)  # the model is never modified
+    device = next(experts.parameters()).device if device is None else torch.device(device)
+    work = copy.deepcopy(experts).to(device=device, dtype=torch.float32)  # the model is never modified
     orig = {p.name: proj_weights(work, moe, p).detach().clone() for p in moe.projs}  # [E, out, in]
     token, slot = _rows(cap, E)
     expert_of_row = cap.top_k_index[token, slot]  # [R]
@@ -96,14 +97,15 @@ def layer_damages(moe: MoELayer, experts: nn.Module, cap: LayerCapture, candidat
 def captured_costs(model: nn.Module, layout: ModelLayout, captures: list[LayerCapture], num_tokens: int,
                    candidates: tuple[int, ...], settings: QuantizerSettings, granularity: str = "expert",
                    stats: CalibrationStats | None = None, fisher: bool = False, progress: bool = True,
-                   weights: CandidateWeights | None = None) -> dict[str, dict[int, float]]:
+                   weights: CandidateWeights | None = None, device: str | torch.device | None = None,
+                   ) -> dict[str, dict[int, float]]:
     """Item key -> bits -> damage from captured held-out inputs (and gradients when `fisher`)."""
     items = {}
     name = "loss_aware" if fisher else "measured"
     for moe in tqdm(layout.moe_layers, desc=f"sensitivity ({name}, {settings.quantizer})", unit="layer",
                     disable=not progress):
         per_group = layer_damages(moe, model.get_submodule(moe.experts_path), captures[moe.layer], candidates,
-                                  settings, granularity, stats, fisher, num_tokens, weights)
+                                  settings, granularity, stats, fisher, num_tokens, weights, device)
         items.update(damages_to_items(moe, per_group))  # groups: proj names, or "*" (whole experts)
     return items
 
@@ -130,9 +132,9 @@ def measured_costs(model: nn.Module, layout: ModelLayout, batches: list[tuple[to
                    candidates: tuple[int, ...], settings: QuantizerSettings, granularity: str = "expert",
                    stats: CalibrationStats | None = None, progress: bool = True,
                    context_model: nn.Module | None = None, weights: CandidateWeights | None = None,
-                   ) -> dict[str, dict[int, float]]:
+                   device: str | torch.device | None = None) -> dict[str, dict[int, float]]:
     """Item key -> bits -> measured block-output damage on the held-out `batches`; inputs from `context_model`
     (default `model`), candidate weights quantized from `model`'s (or given: `weights`)."""
     captures, n = capture_inputs(model if context_model is None else context_model, layout, batches, progress)
     return captured_costs(model, layout, captures, n, candidates, settings, granularity, stats, False, progress,
-                          weights)
+                          weights, device)

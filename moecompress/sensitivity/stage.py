@@ -9,6 +9,10 @@ The first three give damage in one unit (squared block-output error per token; l
 change per token), comparable across experts and layers. Bytes per item come from format/sizes.py through
 artifacts.cost_table.build_cost_table. Dense linears get items only when `linears` names them (loss_aware;
 linears.py); otherwise their bits come from the recipe's protect rules.
+Option `layer_scale` (measured methods): each MoE layer's damages rescaled to the real KL with the whole layer
+quantized (layer_scale.py). Which text the measured methods run is the caller's: the pipeline passes the held-back
+split of the calibration text (calibration.held_back, calibrate/split.py) or the calibration sequences, of which
+the last `holdout` share is run.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from moecompress.sensitivity.capture import holdout_batches
 from moecompress.sensitivity.deltas import QUANTIZERS, CandidateWeights, QuantizerSettings
 from moecompress.sensitivity.hessian import hessian_costs
 from moecompress.sensitivity.kl import kl_costs
+from moecompress.sensitivity.layer_scale import SCALE_BITS, layer_factors, layer_kl, scale_layers
 from moecompress.sensitivity.linears import linear_costs, linear_shapes
 from moecompress.sensitivity.loss_aware import loss_aware_costs
 from moecompress.sensitivity.measured import measured_costs
@@ -51,6 +56,10 @@ class SensitivityOptions:
     block_size: int = 128
     act_order: bool = False
     clip: str = "mse"  # group ranges as the quantize stage: "minmax" | "mse"
+    # measured methods: rescale each MoE layer's damages to the model's real KL with the whole layer quantized at
+    # 2 and 3 bits (layer_scale.py; 2 extra forward passes over the held-out batches per layer)
+    layer_scale: bool = False
+    device: str | None = None  # where the per-layer damages are computed (default: where the experts are)
 
     def __post_init__(self):
         for name, allowed in (("method", METHODS), ("granularity", GRANULARITIES), ("quantizer", QUANTIZERS)):
@@ -122,7 +131,7 @@ def estimate_costs(model: nn.Module, layout: ModelLayout, stats: CalibrationStat
             raise MoecompressError("the hessian method runs no forward pass, so it takes no context_model; use "
                                    "method measured or loss_aware for in-context (progressive) sensitivity")
         damage = hessian_costs(model, layout, stats, candidates, settings, config.granularity, config.prior_weight,
-                               progress)
+                               progress, config.device)
         label = f"hessian-trace {config.quantizer}"
     else:
         if calibration_batches is None:
@@ -141,8 +150,13 @@ def estimate_costs(model: nn.Module, layout: ModelLayout, stats: CalibrationStat
                                            f"granularity={config.granularity}")
         costs = measured_costs if config.method == "measured" else loss_aware_costs
         damage = costs(model, layout, batches, candidates, settings, config.granularity, stats, progress,
-                       context_model=context_model, weights=candidate_weights)
+                       context_model=context_model, weights=candidate_weights, device=config.device)
         label = f"{config.method} {quantizer} holdout={config.holdout:g}"
+        if config.layer_scale:
+            kl = layer_kl(model, layout, batches, SCALE_BITS, settings, stats, candidate_weights)
+            factors = layer_factors(damage, layout, kl)
+            damage = scale_layers(damage, layout, factors)
+            label += " layer-scaled x(" + ",".join(f"{f:.3g}" for f in factors.values()) + ")"
         if context_model is not None and context_model is not model:
             label += " in-context"
         if linears:

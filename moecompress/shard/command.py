@@ -97,15 +97,22 @@ def run_shard_command(model: str, stats: str, servers: str, out: str, method: st
                       eval_stats: str | None = None, replicate_dense: bool = True, balance_epsilon: float = 0.1,
                       payload_bytes: int = 2, link: str | None = None, batch: int = 1,
                       compute_profile: str | None = None,
-                      home_replicas: int = 0):
+                      home_replicas: int = 0, home_bits: int | None = None):
     """mode "auto" (default): with --method, that method's execution model; without, every method of both models,
     the fastest by modeled decode time on `link` for `batch` sequences (compute from `compute_profile`, a
     `moecompress profile` file measured on the servers, else measured here on this machine). `link` None: planned
     for LAN and WAN together (the candidate least slower than the best baseline on either, shard/choose.py);
     'a+b': for those links. `home_replicas` > 0:
     the expert model with a home copy of each MoE layer's that many hottest experts, in the same memory
-    (shard/home.py)."""
-    if home_replicas and mode == AUTO:
+    (shard/home.py). `home_bits` B: the home copies are the experts `model` stores at B bits (a checkpoint quantized
+    with shard/home.home_bit_plan), `home_replicas` (if given) of them per layer."""
+    if home_bits is not None:
+        from moecompress.artifacts.bit_plan import check_bits
+
+        check_bits(home_bits, "--home-bits")  # before any file is read
+        if mode == "pipeline":
+            raise MoecompressError("--home-bits is for the expert model's home copies; the pipeline model has none")
+    if (home_replicas or home_bits is not None) and mode == AUTO:
         mode = "expert"  # home replicas exist only in the expert model
     if mode == AUTO and method is not None:
         mode = mode_of(method)
@@ -126,10 +133,14 @@ def run_shard_command(model: str, stats: str, servers: str, out: str, method: st
         placement, traffic["choice"] = auto_placement(checkpoint, calib, rstats, sizes, spec, hidden, payload_bytes,
                                                       link_profile, batch, compute_profile, eval_stats, replicate)
         print(format_choice(traffic["choice"]))
-    elif home_replicas:
-        from moecompress.shard.home import place_home_replicas
+    elif home_replicas or home_bits is not None:
+        from moecompress.shard.home import experts_at_bits, place_home_replicas
 
-        placement = place_home_replicas(rstats, sizes, spec, method, home_replicas, replicate)
+        hot = None
+        if home_bits is not None:
+            _, fspec = read_spec_and_config(checkpoint)
+            hot = experts_at_bits(fspec, list(fspec.experts), home_bits, home_replicas)  # sizes' layer order
+        placement = place_home_replicas(rstats, sizes, spec, method, home_replicas or len(hot[0]), replicate, hot=hot)
     else:
         placement = place(rstats, sizes, spec, method, replicate)
     if eval_stats:

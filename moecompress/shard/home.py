@@ -160,6 +160,27 @@ def home_bit_plan(plan: BitPlan, experts_paths, hot, bits: int) -> BitPlan:
     return replace(plan, experts=experts)
 
 
+def experts_at_bits(spec, experts_paths, bits: int, count: int = 0) -> list[list[int]]:
+    """[L][...] the experts a checkpoint stores at `bits` in every projection (its FormatSpec `spec`), per MoE layer
+    in the order of `experts_paths`: the low-bit home copies of `moecompress shard --home-bits` (a checkpoint
+    quantized with `home_bit_plan`). `count` > 0: every layer must have exactly that many (--home-replicas)."""
+    check_bits(bits, "--home-bits")
+    hot = []
+    for layer, path in enumerate(experts_paths):
+        groups = spec.experts[path].groups
+        ids = set.intersection(*(set(by_bits.get(bits, ())) for by_bits in groups.values()))
+        if not ids:
+            stored = sorted({b for by_bits in groups.values() for b in by_bits})
+            raise MoecompressError(f"--home-bits {bits}: MoE layer {layer} ({path}) stores no expert at {bits} bits "
+                                   f"(its bits: {', '.join(map(str, stored))}); quantize the home-copied experts at "
+                                   f"{bits} bits first (shard.home.home_bit_plan), or pick one of those bits")
+        if count and len(ids) != count:
+            raise MoecompressError(f"--home-bits {bits}: MoE layer {layer} stores {len(ids)} experts at {bits} bits, "
+                                   f"--home-replicas asks for {count}; leave --home-replicas out to copy them all")
+        hot.append(sorted(ids))
+    return hot
+
+
 def coactivation_similarity(stats: RoutingStats):
     """[L, E, E] float32 expert similarity from calibration co-activation (execution/tokens/similarity.py: count of
     tokens choosing both / sqrt of each one's count; diagonal 1 for used experts), what `moecompress shard` writes

@@ -24,10 +24,11 @@ from moecompress.shard.bundles import moe_decoder_layers, read_spec_and_config
 
 
 def measure_profile(checkpoint: str | Path, batch: int = 1, context: int = 128, reps: int = 5,
-                    dtype: torch.dtype = torch.bfloat16, model=None) -> ComputeProfile:
+                    dtype: torch.dtype = torch.bfloat16, model=None, transport: bool = True) -> ComputeProfile:
     """ComputeProfile of a decode step of `batch` sequences after `context` cached tokens (random token ids), in
     `dtype` (the deployment's: `moecompress run/generate --dtype`, float32 by default; `model`, when given, must
-    have been loaded in it)."""
+    have been loaded in it). `transport`: also time a request's round trip through torch.distributed between two
+    local processes (shard/profile_transport.py; False: charged as 0)."""
     import moecompress
 
     if batch < 1 or context < 1 or reps < 1:
@@ -71,17 +72,52 @@ def measure_profile(checkpoint: str | Path, batch: int = 1, context: int = 128, 
         for h in handles:
             h.remove()
     total, layer_s, moe_s = best
+    step = generate_overhead(model, vocab, batch, context, reps, timer)  # after the hooks are gone
     # the dispatch's parts are sub-millisecond differences: the fastest of more calls than the model's
     dispatch = [measure_dispatch(mod, *inputs[i], reps=max(4 * reps, 20), timer=timer)
                 for i, mod in enumerate(experts)]
     how = "thread CPU time" if timer is time.thread_time else "wall time"
+    round_trip = 0.0
+    if transport:
+        from moecompress.shard.profile_transport import measure_transport
+
+        hidden, ids, _ = inputs[0]
+        gap = (total - sum(moe_s)) / max(len(experts), 1)  # the home's own work between two MoE layers
+        round_trip = measure_transport(ids.shape[0], hidden.shape[-1], ids.shape[1], dtype, gap=gap)
     return ComputeProfile(batch=batch, context=context, layer_seconds=tuple(layer_s), moe_seconds=tuple(moe_s),
                           moe_decoder_layers=tuple(moe), head_seconds=max(total - sum(layer_s), 0.0),
                           source=f"{platform.node()} {platform.processor() or platform.machine()}, torch "
                                  f"{torch.__version__}, {torch.get_num_threads()} thread(s), {how}, {dtype}, "
                                  f"min of {reps}",
                           dispatch_seconds=tuple(d[0] for d in dispatch), message_seconds=tuple(d[1] for d in dispatch),
-                          serve_seconds=tuple(d[2] for d in dispatch), dtype=str(dtype).removeprefix("torch."))
+                          serve_seconds=tuple(d[2] for d in dispatch), dtype=str(dtype).removeprefix("torch."),
+                          transport_seconds=round_trip, generate_seconds=step)
+
+
+def generate_overhead(model, vocab: int, batch: int, context: int, reps: int, timer, steps: int = 8) -> float:
+    """Seconds a step of `model.generate` (greedy) after `context` tokens adds to the model's forward: (a generation
+    of 1 + `steps` new tokens - one of 1) / `steps` - one decode forward, each the fastest of `reps`; >= 0."""
+    ids = torch.randint(0, vocab, (batch, context), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+
+    def run(n: int) -> float:
+        start = timer()
+        model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                       pad_token_id=0)
+        return timer() - start
+
+    def forward() -> float:
+        past = model(ids, use_cache=True).past_key_values
+        start = timer()
+        model(ids[:, :1], past_key_values=past, use_cache=True)
+        return timer() - start
+
+    with torch.no_grad():
+        run(2)  # warm-up
+        one = min(run(1) for _ in range(reps))
+        many = min(run(1 + steps) for _ in range(reps))
+        bare = min(forward() for _ in range(reps))
+    return max((many - one) / steps - bare, 0.0)
 
 
 def _experts_args(args, kwargs) -> tuple:

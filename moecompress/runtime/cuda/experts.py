@@ -6,10 +6,11 @@ gate between the projections, the routing weights applied in the down kernel, th
 in float32 in a fixed order. Shapes depend only on the number of tokens, so a whole decode step can be captured in a
 CUDA graph (warm up once first: Triton compiles at the first call).
 
-Paths: up to PAIR_TOKENS tokens per call, layers whose groups are all packed 2/3/4/8-bit (no bias, no post-expert
-norm) take the pair path (decode.py, run by a plan cached per layer and shape: pairs.py): 4-5 launches per layer,
-all bit-widths in one launch per projection, no routing tables, the SiLU gate fused where the model's gate is
-SiLU(gate) * up.
+Paths: up to PAIR_TOKENS tokens per call and PAIR_MAX_MEAN_ROWS rows per expert, layers whose groups are all packed
+2/3/4/8-bit (no bias, no post-expert norm) take the pair path (decode.py, run by a plan cached per layer and shape:
+pairs.py): 4-5 launches per layer, all bit-widths in one launch per projection, no routing tables, the SiLU gate
+fused where the model's gate is SiLU(gate) * up. Above PAIR_MAX_MEAN_ROWS rows per expert (few large experts) the
+decode path below runs with the DECODE_DENSE tile.
 Otherwise up to DECODE_ROWS tokens per call (and <= routing.SMALL_PAIRS pairs) take the decode path (one program
 builds the routing tables; every hit expert is one block of rows, so its packed bytes are read once per column
 tile); one token per call runs gemv_kernel there (CUDA cores; launch.GEMV_ENABLED), 2-16 tokens packed_kernel.
@@ -88,11 +89,11 @@ def _grid_m(tables: routing.Tables, n_slots: int, pairs: int) -> int:
     return min(n_slots, pairs) + pairs // tables.block_rows
 
 
-def _project(proj, groups, tables, x, out, row_div, path, weights=None, one_token=False) -> None:
+def _project(proj, groups, tables, x, out, row_div, path, weights=None, one_token=False, dense=False) -> None:
     pairs = tables.order.numel()
     for group, pos0 in groups:
         launch.run(group, x, tables, pos0, _grid_m(tables, len(group.experts), pairs), out, row_div,
-                   launch.config_for(path, group.bits, tables.block_rows), weights,
+                   launch.config_for(path, group.bits, tables.block_rows, dense), weights,
                    gemv=one_token and launch.GEMV_ENABLED)
 
 
@@ -163,8 +164,8 @@ def forward(experts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top
     pairs = tokens * top_k
     x = hidden_states.contiguous()
     flat = top_k_index.reshape(-1)
-    if (tokens <= launch.PAIR_TOKENS and pair_supported(experts)
-            and pairs <= launch.PAIR_MAX_MEAN_ROWS * getattr(experts, experts.proj_names[0]).num_experts):
+    dense = pairs > launch.PAIR_MAX_MEAN_ROWS * getattr(experts, experts.proj_names[0]).num_experts
+    if tokens <= launch.PAIR_TOKENS and pair_supported(experts) and not dense:
         weights = top_k_weights.reshape(-1).contiguous()
         flat = flat.contiguous()
         return _pair_plan(experts, x, flat, weights, tokens, top_k)(x, flat, weights)
@@ -172,7 +173,7 @@ def forward(experts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top
     path = _path(tokens, pairs)
     groups, tables = _tables(first, flat, path, pairs)
     h = torch.empty(pairs, first.out_features, dtype=x.dtype, device=x.device)  # [S, out_first], by pair
-    _project(first, groups, tables, x, h, top_k, path, one_token=tokens == 1)
+    _project(first, groups, tables, x, h, top_k, path, one_token=tokens == 1, dense=dense)
     h = experts._gate_fn(experts, h) if experts.has_gate else experts.act_fn(h)
     h = h.contiguous()
     if not experts._same_order:
@@ -182,11 +183,12 @@ def forward(experts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top
     hidden = down.out_features
     if experts.has_post_expert_norm:
         y = torch.zeros(pairs, hidden, dtype=x.dtype, device=x.device)
-        _project(down, groups, tables, h, y, 1, path, one_token=tokens == 1)
+        _project(down, groups, tables, h, y, 1, path, one_token=tokens == 1, dense=dense)
         y = experts.post_expert_norm(y).float() * top_k_weights.reshape(-1, 1).float()
     else:
         y = torch.zeros(pairs, hidden, dtype=torch.float32, device=x.device)  # [S, H], weighted, by pair
-        _project(down, groups, tables, h, y, 1, path, top_k_weights.reshape(-1).contiguous(), one_token=tokens == 1)
+        _project(down, groups, tables, h, y, 1, path, top_k_weights.reshape(-1).contiguous(), one_token=tokens == 1,
+                 dense=dense)
     return y.view(tokens, top_k, hidden).sum(1).to(hidden_states.dtype)
 
 

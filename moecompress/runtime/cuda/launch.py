@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moecompress.errors import MoecompressError
 from moecompress.runtime.cuda.routing import Tables
 
 
@@ -23,10 +24,24 @@ class Config:
     num_stages: int = 3
 
 
-# decode: BM 16 (tl.dot's smallest M), narrow column tiles so that the few hit experts still fill the GPU. The sweep
-# on an H200 (Mixtral-8x7B, 16 tokens, gpu_sweeps.md) timed 64 x 128 at 1.16 / 1.00 ms mix / 4-bit against 1.59 /
-# 1.90 with 32 x 256, but its outputs were not checked on a GPU (device time ran out): not the default yet
-DECODE = {bits: Config(32, 256) for bits in (2, 3, 4, 8, 16)}
+# decode: BM 16 (tl.dot's smallest M), narrow column tiles so that the few hit experts still fill the GPU. On an
+# H200 (eval/bench_gpu.py --sweeps adopt, session 21) 64 x 128 beat 32 x 256 on the tables path by 22-48 % in 7 of
+# 8 shapes but was 2.8 % slower on Qwen3-30B-A3B mix at 4 tokens (0.25 rows per expert): DECODE keeps 32 x 256, and
+# DECODE_DENSE (64 x 128) serves the layers above PAIR_MAX_MEAN_ROWS rows per expert (Mixtral at 16 tokens: 1.16 /
+# 0.99 ms mix / 4-bit against 1.99 / 1.29 on the pair path)
+def _env_tile(default: str) -> Config:
+    """MOECOMPRESS_DECODE_TILE="BNxBK" (e.g. 64x128): another decode tile without editing this file (benchmarks,
+    tests of a candidate default); an unreadable value is an error, not a silent default."""
+    text = os.environ.get("MOECOMPRESS_DECODE_TILE", default)
+    try:
+        block_n, block_k = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise MoecompressError(f"MOECOMPRESS_DECODE_TILE={text!r}: expected BNxBK, e.g. 64x128") from None
+    return Config(block_n, block_k)
+
+
+DECODE = {bits: _env_tile("32x256") for bits in (2, 3, 4, 8, 16)}
+DECODE_DENSE = {bits: Config(64, 128) for bits in (2, 3, 4, 8, 16)}
 # prefill tiles, from eval/bench_gpu.py's sweep on an H200 (eval/results/gpu.md): 128 x 128 for row blocks up to
 # 128 (Qwen3-30B-A3B: 1.83 ms, against 1.94-2.05 for the others), 128 x 64 for blocks of 256 rows (Mixtral: 6.38 ms,
 # against 7.6-9.5 with blocks of 128)
@@ -44,10 +59,10 @@ PAIR_GROUPS_PER_PROGRAM = 4  # quantization groups per program of the pair path 
 PAIR_ASM = os.environ.get("MOECOMPRESS_PAIR_ASM", "1") != "0"  # one lop3 (inline PTX) per value; 0: plain ops
 PAIR_TOKENS = 16  # tokens per call up to which eligible layers run decode.pair_kernel (experts.pair_supported)
 # ... and pairs per expert (tokens * top_k / experts) up to which; above, every expert's rows are one block of the
-# routing-table path (its packed bytes read once, not once per pair: few large experts, e.g. Mixtral at 16 tokens).
-# 2 pays with the 64 x 128 decode tile above (not yet the default); with 32 x 256 it loses at 4 bits (1.90 vs 1.3
-# ms): no limit until that tile is checked on a GPU
-PAIR_MAX_MEAN_ROWS = float("inf")
+# routing-table path with the DECODE_DENSE tile (its packed bytes read once, not once per pair: few large experts,
+# e.g. Mixtral at 16 tokens). Measured on an H200 (session 21, --sweeps adopt): no slower on any of 8 decode shapes
+# (worst 1.005x), 0.58x / 0.77x of the pair path's time for Mixtral at 16 tokens mix / 4-bit
+PAIR_MAX_MEAN_ROWS = float(os.environ.get("MOECOMPRESS_PAIR_MAX_MEAN_ROWS", "2"))
 
 
 def values_per_unit(bits: int) -> tuple[int, int]:
@@ -64,10 +79,11 @@ def prefill_rows(pairs: int, positions: int) -> int:
                else 256)
 
 
-def config_for(path: str, bits: int, block_rows: int) -> Config:
-    """The tile of a routing-table path: DECODE, PREFILL, or PREFILL_TALL for row blocks of 256."""
+def config_for(path: str, bits: int, block_rows: int, dense: bool = False) -> Config:
+    """The tile of a routing-table path: DECODE (DECODE_DENSE for layers above PAIR_MAX_MEAN_ROWS rows per expert),
+    PREFILL, or PREFILL_TALL for row blocks of 256."""
     if path == "decode":
-        return DECODE[bits]
+        return (DECODE_DENSE if dense else DECODE)[bits]
     return (PREFILL_TALL if block_rows >= 256 else PREFILL)[bits]
 
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from moecompress.errors import MoecompressError
 from moecompress.execution.counters import HEADER_BYTES, Counters
-from moecompress.execution.routing import ExpertTables, route_pairs, sent_rows
+from moecompress.execution.routing import ExpertTables, route_few, route_pairs, sent_rows
 from moecompress.execution.tokens.exchange import (
     batch_messages, pairs_per_server, reply_layout, row_values, server_batches,
 )
@@ -27,6 +27,8 @@ from moecompress.execution.tokens.policy import PolicyState, TokenPipeline
 from moecompress.execution.tokens.traffic import token_stats
 from moecompress.runtime.edge import wire
 from moecompress.runtime.packed_experts import PackedExperts
+
+FEW_TOKENS = 16  # at most this many token rows: `_forward_few` (Python lists) instead of the tensor rules
 
 
 class TokenSettings:
@@ -76,6 +78,8 @@ class DispatchedExperts(nn.Module):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         if self.tokens is not None:
             return self._forward_plan(hidden_states, top_k_index, top_k_weights)
+        if top_k_index.shape[0] <= FEW_TOKENS and hidden_states.device.type == "cpu":
+            return self._forward_few(hidden_states, top_k_index, top_k_weights)
         T, k = top_k_index.shape
         H, dtype, N = hidden_states.shape[-1], hidden_states.dtype, self.tables.num_servers
         homes = torch.full((T,), self.home, dtype=torch.long)
@@ -105,6 +109,47 @@ class DispatchedExperts(nn.Module):
                                           dtype.itemsize)
         if self.recorder is not None:
             self.recorder.append((self.layer, ids.clone(), top_k_weights.detach().float().cpu().clone()))
+        return out
+
+    def _forward_few(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        """`forward` of a few tokens on the CPU (a decode step): the same routing (routing.route_few), messages,
+        sums and counts, built from Python lists instead of a dozen tensor ops per rule."""
+        T, k = top_k_index.shape
+        H, dtype, N, E, home = hidden_states.shape[-1], hidden_states.dtype, self.tables.num_servers, \
+            self.num_experts, self.home
+        ids = top_k_index.tolist()
+        servers = route_few(self.tables.holders[self.layer], self.tables.primaries[self.layer], ids, home)
+        weights32 = top_k_weights.to(torch.float32)
+        remote, rows_sent, pairs = [], [0] * N, [0] * N
+        for row in servers:
+            for n in row:
+                pairs[n] += 1
+        for n in range(N):
+            if n == home or not pairs[n]:
+                continue
+            rows = [t for t in range(T) if n in servers[t]]
+            mine = torch.tensor([[e if s == n else E for e, s in zip(ids[t], servers[t])] for t in rows],
+                                dtype=torch.int32)  # [R, k] this server's pairs, others = E
+            whole = len(rows) == T  # every token goes there: no gather, no scatter
+            index = None if whole else torch.tensor(rows)
+            x = hidden_states if whole else hidden_states.index_select(0, index)
+            w = weights32 if whole else weights32.index_select(0, index)
+            payload = torch.cat([wire.as_bytes(x), wire.as_bytes(mine), wire.as_bytes(w)])
+            self.transport.request(n, wire.request_header(self.layer, len(rows), k, dtype, H), payload)
+            remote.append((n, index, len(rows)))
+            rows_sent[n] = len(rows)
+        if self.local is not None:
+            local_ids = torch.tensor([[e if s == home else E for e, s in zip(i, row)] for i, row in zip(ids, servers)],
+                                     dtype=top_k_index.dtype)
+            out = self.local(hidden_states, local_ids, top_k_weights)
+        else:
+            out = torch.zeros_like(hidden_states)
+        for n, index, R in remote:
+            y = wire.decode_rows(self.transport.reply(n, R * H * dtype.itemsize), R, H, dtype)
+            out = out + y if index is None else out.index_add(0, index, y)
+        self.counters.add_expert_exchange(self.layer, home, rows_sent, pairs, H, k, dtype.itemsize)
+        if self.recorder is not None:
+            self.recorder.append((self.layer, top_k_index.long().clone(), top_k_weights.detach().float().clone()))
         return out
 
     def _forward_plan(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):

@@ -42,6 +42,11 @@ class _Tier:
             return self.pinned.read_expert(key)
         return self.files.read(self.sources[key])
 
+    def recycle(self, buffers: list, limit: int) -> None:
+        """An evicted expert's row buffers (cache.py), for the next reads (file tier only)."""
+        if self.pinned is None:
+            self.files.pool.give(buffers, limit)
+
     def close(self) -> None:
         self.files.close()
 
@@ -110,19 +115,41 @@ def _routers(model: nn.Module | None, paths: dict[int, str], num_experts: dict[i
     return out
 
 
-def _norms(model: nn.Module | None, paths: dict[int, str]) -> list:
-    """Per MoE layer: the RMSNorm weight in front of its MoE block (the decoder layer's post_attention_layernorm)."""
+def _norm_modules(model: nn.Module | None, paths: dict[int, str]) -> list:
+    """Per MoE layer: the RMSNorm in front of its MoE block (the decoder layer's post_attention_layernorm), or None."""
     out = []
     for layer in range(max(paths) + 1):
-        weight = None
+        norm = None
         if model is not None and layer in paths:
             block = paths[layer].rpartition(".")[0].rpartition(".")[0]  # decoder layer of <layer>.mlp.experts
             norm = getattr(model.get_submodule(block), "post_attention_layernorm", None) if block else None
             w = getattr(norm, "weight", None)
-            if isinstance(w, torch.Tensor) and w.dim() == 1:
-                weight = w.detach()
-        out.append(weight)
+            if not (isinstance(w, torch.Tensor) and w.dim() == 1):
+                norm = None
+        out.append(norm)
     return out
+
+
+def _norms(model: nn.Module | None, paths: dict[int, str]) -> list:
+    """Per MoE layer: the RMSNorm weight in front of its MoE block."""
+    return [None if n is None else n.weight.detach() for n in _norm_modules(model, paths)]
+
+
+def _norm_eps(model: nn.Module | None, paths: dict[int, str]) -> list:
+    """Per MoE layer: that RMSNorm's epsilon (None where unknown: no second prediction there)."""
+    out = []
+    for n in _norm_modules(model, paths):
+        eps = getattr(n, "variance_epsilon", getattr(n, "eps", None))
+        out.append(float(eps) if isinstance(eps, (int, float)) else None)
+    return out
+
+
+def _hook_residuals(store: ExpertStore, model: nn.Module, paths: dict[int, str]) -> None:
+    """Keep the residual stream entering each MoE block (the input of its RMSNorm) for the second prediction."""
+    for layer, norm in enumerate(_norm_modules(model, paths)):
+        if norm is not None:
+            store.hooks.append(norm.register_forward_pre_hook(
+                lambda mod, args, layer=layer: store.residuals.__setitem__(layer, args[0].detach())))
 
 
 def _copy_groups(copies: dict, modules: dict[int, PackedExperts], layout: StoreLayout) -> tuple[dict, int]:
@@ -215,13 +242,15 @@ def attach_store(model: nn.Module | None, directory: str | Path, config: StoreCo
     cache.copy_bytes = copy_bytes
     if predictor is None and config.prefetch is not None:
         routers = _routers(model, paths, {layer: spec.experts[paths[layer]].num_experts for layer in paths})
-        predictor = make_predictor(config.prefetch, stats, routers, _norms(model, paths))
+        predictor = make_predictor(config.prefetch, stats, routers, _norms(model, paths), _norm_eps(model, paths))
     if config.pin_share > 0:
         if not value:
             raise MoecompressError("pinning needs the checkpoint's expert statistics (expert_stats.safetensors), "
                                    "which it lacks; give pin_share=0 or re-export with statistics")
         cache.pin(_pin_value(value, set(modules), predictor is not None), config.pin_share)
     store = ExpertStore(cache, config, predictor, copy_groups)
+    if config.prefetch_refine and model is not None and hasattr(predictor, "residual_scores"):
+        _hook_residuals(store, model, paths)
     for layer, m in modules.items():
         m.expert_store = LayerView(store, layer)
     return store

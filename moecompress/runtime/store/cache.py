@@ -43,6 +43,7 @@ class Slot:
     pinned: bool = False
     prefetched: bool = False  # read by the prefetcher and not used yet
     in_use: int = 0
+    buffers: list = field(default_factory=list)  # the row buffers its tensors view (given back to the tier on eviction)
 
 
 @dataclass
@@ -95,6 +96,11 @@ class ExpertCache:
         self.used -= slot.nbytes
         self.policy.on_evict(key)
         self.counters.evictions += 1
+        recycle = getattr(self.tier, "recycle", None)
+        if recycle is not None and slot.buffers:  # not in use (never evicted then): its buffers serve the next reads
+            buffers, slot.buffers, slot.groups = slot.buffers, [], {}
+            recycle(buffers, self.capacity - self.used)  # slots + kept buffers within the budget; the reads
+            # being reserved (counted in `reserved`) take theirs from these
 
     def _reserve(self, nbytes: int, wait: bool, key=None) -> bool | None:
         """Make room for nbytes and reserve it; False (wait=False) when only pinned or busy slots could go; None when
@@ -130,6 +136,11 @@ class ExpertCache:
     def _build(self, key) -> Slot:
         layer, e = key
         tensors = self.tier.read_expert(key)
+        buffers = {}  # storage address -> the whole buffer a row was read into (tiers.py: one per row)
+        for t in tensors.values():
+            if t.device.type == "cpu" and t._base is not None:
+                storage = t.untyped_storage()
+                buffers[storage.data_ptr()] = torch.empty(0, dtype=torch.uint8).set_(storage)
         groups = {}
         for proj, shape in self.layout.shapes[layer][e].items():
             g = PackedGroup((e,), shape.bits, shape.in_features, shape.out_features, self.layout.group_size,
@@ -141,7 +152,7 @@ class ExpertCache:
                 g._buffers[name] = t.to(self.layout.device)
             g.prepare(self.layout.compute_dtype)
             groups[proj] = g
-        return Slot(groups, self.layout.nbytes[key])
+        return Slot(groups, self.layout.nbytes[key], buffers=list(buffers.values()))
 
     def fill(self, key, *, pinned: bool = False, prefetched: bool = False, wait: bool = True) -> bool:
         """Read `key` into a slot (no-op if resident or in flight); False when no room could be made (wait=False)."""

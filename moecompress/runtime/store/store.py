@@ -20,6 +20,7 @@ real MoE has more) can differ in the last float32 bits unless torch runs one thr
 """
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -31,7 +32,7 @@ from moecompress.runtime.store.cache import ExpertCache
 from moecompress.runtime.store.fused import (FusedSettings, fused_call, fused_rows, layer_settings, settings_key,
                                              weighted_sum)
 from moecompress.runtime.store.policies import EVICTION_POLICIES
-from moecompress.runtime.store.prefetch import PREDICTORS, Prefetcher
+from moecompress.runtime.store.prefetch import PREDICTORS, Prefetcher, RankPrecision
 
 TIERS = ("file", "pinned")
 
@@ -50,7 +51,14 @@ class StoreConfig:
     direct_io: bool = True  # O_DIRECT reads (else plain reads + posix_fadvise DONTNEED)
     read_threads: int = 4  # demand reads in flight at once
     overlap: bool = True  # fused decode: on a miss compute the resident experts while the missing ones are read
-    prefetch_min_score: float = 0.0  # read ahead only experts the predictor scores at least this (0: no floor)
+    # read ahead only experts the predictor scores at least this many times the uniform score 1 / experts (0: no
+    # floor; relative, so one value serves 16 and 128 experts)
+    prefetch_floor: float = 0.0
+    # read ahead only the prediction ranks routed at least this often at the layer's next call (prefetch.RankPrecision)
+    prefetch_min_precision: float = 0.0
+    # router prefetch: after layer l's experts computed, predict layer l+1 again from the residual stream (layer l's
+    # input stream + its output, under layer l+1's norm) and read what the first prediction missed
+    prefetch_refine: bool = False
 
     def __post_init__(self):
         if type(self.budget) is not int or self.budget < 0:
@@ -63,8 +71,11 @@ class StoreConfig:
             raise MoecompressError(f"pin_share must be in 0..1, got {self.pin_share}")
         if self.tier not in TIERS:
             raise MoecompressError(f"unknown store tier {self.tier!r}; allowed: {', '.join(TIERS)}")
-        if not 0.0 <= self.prefetch_min_score <= 1.0:
-            raise MoecompressError(f"prefetch_min_score must be in 0..1, got {self.prefetch_min_score}")
+        if self.prefetch_floor < 0:
+            raise MoecompressError(f"prefetch_floor (a multiple of the uniform score) must be >= 0, got "
+                                   f"{self.prefetch_floor}")
+        if not 0.0 <= self.prefetch_min_precision <= 1.0:
+            raise MoecompressError(f"prefetch_min_precision must be in 0..1, got {self.prefetch_min_precision}")
         if self.prefetch_width is not None and self.prefetch_width < 1:
             raise MoecompressError(f"prefetch_width must be at least 1, got {self.prefetch_width}")
 
@@ -74,7 +85,11 @@ def default_config(budget: int, has_stats: bool = True) -> StoreConfig:
     return StoreConfig(budget=int(budget), **DEFAULTS, pin_share=DEFAULT_PIN_SHARE if has_stats else 0.0)
 
 
-DEFAULTS = {"policy": "lru", "prefetch": "router"}
+# Chosen by steady-state CPU time and bytes read on the 30B-dims model and hit rate on refmoe-qwen3 / refmoe-olmoe
+# (eval/results/store_time.md, store_default50.md): reading every prediction cost 1.6x the resident CPU per token on
+# untrained routing (20 % of the reads used); ranks below 0.5 precision are not read ahead; the second prediction
+# from the residual stream lifts refmoe-qwen3's hit rate from 0.88-0.89 to 0.90-0.91.
+DEFAULTS = {"policy": "lru", "prefetch": "router", "prefetch_refine": True, "prefetch_min_precision": 0.5}
 DEFAULT_PIN_SHARE = 0.5
 
 
@@ -84,6 +99,10 @@ class ExpertStore:
         self.cache, self.config, self.predictor = cache, config, predictor
         self.copies = copies or {}
         self.prefetcher = Prefetcher(cache) if predictor is not None else None
+        self.precision = RankPrecision(config.prefetch_min_precision) if predictor is not None else None
+        self.refine_precision = RankPrecision(config.prefetch_min_precision)  # of the second prediction
+        self.residuals: dict[int, torch.Tensor] = {}  # MoE layer -> the stream entering its block (attach's hooks)
+        self.hooks: list = []  # handles of those hooks (removed by close)
         # demand reads of one layer call run in parallel, beside the compute of its resident experts
         self._readers = ThreadPoolExecutor(max_workers=config.read_threads, thread_name_prefix="moecompress-read")
         self._baseline = cache.tier.bytes_read
@@ -96,13 +115,24 @@ class ExpertStore:
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         """PackedExperts.forward with the experts taken from the cache: the fused decode call where the fully
         resident layer would take it (store/fused.py), else one expert (all projections) at a time."""
-        num_tokens, top_k = top_k_index.shape
         if layer == self.first_layer:
-            self.cache.counters.tokens += num_tokens
+            self.cache.counters.tokens += top_k_index.shape[0]
         self.cache.begin_call(layer)
         if self.prefetcher is not None:
             self.prefetcher.begin_call()
+            routed = set(top_k_index.reshape(-1).tolist())
+            self.precision.routed(layer, routed)
+            self.refine_precision.routed(layer, routed)
             self._predict(layer, hidden, top_k_index, top_k_weights)
+        out = self._compute(layer, module, hidden, top_k_index, top_k_weights)
+        residual = self.residuals.pop(layer, None)
+        if residual is not None and self.prefetcher is not None:
+            self._refine(layer, residual.reshape(-1, residual.shape[-1]) + out.to(residual.dtype), top_k_index.shape[1])
+        return out
+
+    def _compute(self, layer: int, module, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                 top_k_weights: torch.Tensor) -> torch.Tensor:
+        num_tokens, top_k = top_k_index.shape
         settings = self._fused_settings(layer, module, hidden)
         if settings is not None:
             return self._forward_fused(layer, module, settings, hidden, top_k_index, top_k_weights)
@@ -258,9 +288,23 @@ class ExpertStore:
         width = min(self.config.prefetch_width or top_k_index.shape[1], scores.shape[0])
         held = self.cache.layout.shapes[layer + 1]
         top = torch.topk(scores.float().cpu(), width)
-        floor = self.config.prefetch_min_score
-        ranked = [e for e, v in zip(top.indices.tolist(), top.values.tolist())
-                  if e in held and (not floor or v >= floor)]
+        ranked = top.indices.tolist()
+        if self.config.prefetch_floor > 0:  # x the uniform score
+            floor = self.config.prefetch_floor * float(scores.sum()) / scores.shape[0]
+            ranked = [e for e, v in zip(ranked, top.values.tolist()) if v >= floor]
+        ranked = [e for e in self.precision.predicted(layer + 1, ranked) if e in held]
+        if ranked:
+            self.prefetcher.request(layer + 1, ranked)
+
+    def _refine(self, layer: int, residual: torch.Tensor, top_k: int) -> None:
+        """The second prediction for layer l+1, once layer l's output is known (config.prefetch_refine)."""
+        scores = self.predictor.residual_scores(layer, residual)
+        if scores is None:
+            return
+        width = min(self.config.prefetch_width or top_k, scores.shape[0])
+        held = self.cache.layout.shapes[layer + 1]
+        ranked = torch.topk(scores, width).indices.tolist()
+        ranked = [e for e in self.refine_precision.predicted(layer + 1, ranked) if e in held]
         if ranked:
             self.prefetcher.request(layer + 1, ranked)
 
@@ -270,7 +314,21 @@ class ExpertStore:
         c.bytes_fetched = self.cache.tier.bytes_read - self._baseline
         return {**c.summary(), "budget": self.cache.budget, "min_budget": self.cache.min_budget,
                 "peak_bytes": self.cache.peak, "copy_bytes": self.cache.copy_bytes,
-                "copies_in_budget": self.config.copies_in_budget}
+                "copies_in_budget": self.config.copies_in_budget, "background_cpu_s": self.background_cpu_s()}
+
+    def background_cpu_s(self) -> float:
+        """CPU seconds the store's own threads (demand readers, prefetchers) have used so far: with the compute
+        thread's time.thread_time(), the store's whole CPU cost, independent of the machine's load."""
+        threads = list(getattr(self._readers, "_threads", ()))
+        threads += self.prefetcher.threads if self.prefetcher is not None else []
+        total = 0.0
+        for t in threads:
+            if t.ident is not None and t.is_alive() and hasattr(time, "pthread_getcpuclockid"):
+                try:
+                    total += time.clock_gettime(time.pthread_getcpuclockid(t.ident))
+                except OSError:  # the thread ended between the check and the call
+                    pass
+        return total
 
     def reset_counters(self) -> None:
         """Zero the per-run counters (pinned bytes and bytes at load stay)."""
@@ -280,6 +338,9 @@ class ExpertStore:
             self._baseline = self.cache.tier.bytes_read
 
     def close(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks.clear()
         self._readers.shutdown(wait=True)
         if self.prefetcher is not None:
             self.prefetcher.close()

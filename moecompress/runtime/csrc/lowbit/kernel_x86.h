@@ -28,6 +28,7 @@ namespace mc_lowbit {
 namespace {
 
 constexpr int64_t kPrefetchBytes = 2048;
+constexpr int64_t kStackFloats = 1024;  // rows_kernel's factors on the stack up to this size
 
 inline uint64_t load_u64(const uint8_t* p) { uint64_t v; std::memcpy(&v, p, 8); return v; }
 inline uint32_t load_u32(const uint8_t* p) { uint32_t v; std::memcpy(&v, p, 4); return v; }
@@ -97,6 +98,21 @@ inline void row_factors(const Weights& w, int64_t e, int64_t r, const float* con
     }
   }
   for (int m = 0; m < MR; ++m) corr[m] = hsum(cv[m]);
+  if (g + 4 <= w.groups) {  // 4 more groups at once (small in_features: k = 256 at group 64 has 4 in all)
+    const __m128 s = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.s + base + g)));
+    int32_t z4;
+    if (w.z) std::memcpy(&z4, w.z + base + g, 4);
+    const __m128 z = w.z ? _mm_cvtepi32_ps(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(z4))) : _mm_set1_ps(static_cast<float>(1 << (BITS - 1)));
+    const __m128 sz = _mm_mul_ps(s, _mm_sub_ps(z, _mm_set1_ps(shift)));
+    for (int m = 0; m < MR; ++m) {
+      _mm_storeu_ps(sd[m] + g, _mm_mul_ps(s, _mm_loadu_ps(dx[m] + g)));
+      __m128 c = _mm_mul_ps(sz, _mm_loadu_ps(xs[m] + g));
+      c = _mm_add_ps(c, _mm_movehl_ps(c, c));
+      c = _mm_add_ss(c, _mm_movehdup_ps(c));
+      corr[m] += _mm_cvtss_f32(c);
+    }
+    g += 4;
+  }
   for (; g < w.groups; ++g) {
     const float s = _cvtsh_ss(w.s[base + g]), sz = s * (static_cast<float>(w.zero(base + g)) - shift);
     for (int m = 0; m < MR; ++m) sd[m][g] = s * dx[m][g], corr[m] += sz * xs[m][g];
@@ -106,19 +122,25 @@ inline void row_factors(const Weights& w, int64_t e, int64_t r, const float* con
 // MR rows of x (x0 ..) against weight rows r0 .. r1 of expert e, NR weight rows at a time ((r1 - r0) % NR == 0):
 // each activation block is loaded once for NR rows, each unpacked weight block used for MR rows, and the NR * MR
 // accumulators are independent chains.
-template <int BITS, int MR, int NR>
+// BPG: blocks per group when known at compile time (group 64: 2, group 128: 4; 0: read from w), so that the loops
+// over a group's blocks have a constant trip count.
+template <int BITS, int MR, int NR, int BPG>
 void rows_kernel(const Weights& w, const Acts& a, int64_t e, int64_t r0, int64_t r1, int64_t x0, float* y) {
-  const int64_t bpg = w.group / 32, G = w.group;
+  const int64_t bpg = BPG ? BPG : w.group / 32, G = 32 * bpg;
   const int8_t* xr[MR];
   const float* dx[MR];
-  std::vector<float> buf((1 + NR) * MR * w.groups);  // xs[m] = dx * isum per group; sd[j][m] per weight row
+  // xs[m] = dx * isum per group; sd[j][m] per weight row: on the stack when small (no allocation per call)
+  const int64_t need = (1 + NR) * MR * w.groups;
+  float stack_buf[kStackFloats];
+  std::vector<float> heap_buf(need > kStackFloats ? need : 0);
+  float* const buf_p = need > kStackFloats ? heap_buf.data() : stack_buf;
   float* xs[MR];
   float* sd[NR][MR];
   MC_UNROLL
   for (int m = 0; m < MR; ++m) {
-    xr[m] = a.xq + (x0 + m) * a.k, dx[m] = a.dx + (x0 + m) * a.groups, xs[m] = buf.data() + m * w.groups;
+    xr[m] = a.xq + (x0 + m) * a.k, dx[m] = a.dx + (x0 + m) * a.groups, xs[m] = buf_p + m * w.groups;
     MC_UNROLL
-    for (int j = 0; j < NR; ++j) sd[j][m] = buf.data() + ((1 + j) * MR + m) * w.groups;
+    for (int j = 0; j < NR; ++j) sd[j][m] = buf_p + ((1 + j) * MR + m) * w.groups;
     const int32_t* is = a.isum + (x0 + m) * a.groups;
     for (int64_t g = 0; g < w.groups; ++g) xs[m][g] = dx[m][g] * static_cast<float>(is[g]);
   }
@@ -139,7 +161,7 @@ void rows_kernel(const Weights& w, const Acts& a, int64_t e, int64_t r0, int64_t
     // at 3-4 GB/s on a Zen 3 EPYC, with this at 7-10 GB/s (1 KB-2 KB ahead measured best, none 1.5-2.6x slower).
     const int64_t pass = NR * w.row_bytes, dist = (kPrefetchBytes + pass - 1) / pass * pass;
     const uint8_t* pf = src[0] + dist;
-    const int64_t pf_step = NR * w.group * BITS / 8;
+    const int64_t pf_step = NR * G * BITS / 8;
     for (int64_t g = 0; g < w.groups; ++g) {
       for (int64_t off = 0; off < pf_step; off += 64) _mm_prefetch(reinterpret_cast<const char*>(pf + g * pf_step + off), _MM_HINT_T0);
       __m256i iacc[NR][MR];
@@ -215,12 +237,21 @@ void rows_kernel(const Weights& w, const Acts& a, int64_t e, int64_t r0, int64_t
 
 // NR weight rows at a time where the accumulators fit the registers (NR * MR <= 4 with AVX2's 16, <= 8 with
 // AVX-512's 32), the last rows one by one.
-template <int BITS, int MR>
-void rows_any(const Weights& w, const Acts& a, int64_t e, int64_t r0, int64_t r1, int64_t x0, float* y) {
+template <int BITS, int MR, int BPG>
+void rows_group(const Weights& w, const Acts& a, int64_t e, int64_t r0, int64_t r1, int64_t x0, float* y) {
   constexpr int NR = MC_VNNI ? (MR <= 2 ? 4 : 2) : (MR <= 2 ? 2 : 1);
   const int64_t split = r0 + (r1 - r0) / NR * NR;
-  rows_kernel<BITS, MR, NR>(w, a, e, r0, split, x0, y);
-  if (split < r1) rows_kernel<BITS, MR, 1>(w, a, e, split, r1, x0, y);
+  rows_kernel<BITS, MR, NR, BPG>(w, a, e, r0, split, x0, y);
+  if (split < r1) rows_kernel<BITS, MR, 1, BPG>(w, a, e, split, r1, x0, y);
+}
+
+template <int BITS, int MR>
+void rows_any(const Weights& w, const Acts& a, int64_t e, int64_t r0, int64_t r1, int64_t x0, float* y) {
+  switch (w.group) {  // the common group sizes with constant loop counts, others as read
+    case 64: rows_group<BITS, MR, 2>(w, a, e, r0, r1, x0, y); break;
+    case 128: rows_group<BITS, MR, 4>(w, a, e, r0, r1, x0, y); break;
+    default: rows_group<BITS, MR, 0>(w, a, e, r0, r1, x0, y); break;
+  }
 }
 
 template <int BITS>

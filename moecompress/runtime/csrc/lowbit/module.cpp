@@ -202,4 +202,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("moe_decode", &mc_lowbit::moe_decode, "a MoE layer of a few tokens: gate_up, silu(gate) * up, down, weighted sum",
         py::call_guard<py::gil_scoped_release>());
   m.def("block_order", &block_order_tensor, "lane of each input of a 32-input block in the SIMD kernels");
+  mc_lowbit::bind_step(m);  // the whole-model decode step (step.cpp)
 }

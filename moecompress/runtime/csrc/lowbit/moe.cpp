@@ -6,10 +6,15 @@
 // hold are sorted by (group, slot, token, k); each pair's row is quantized to int8 once, per group of `group` inputs,
 // in the lane order of its group's bit-width, and the experts' rows are computed together with at::parallel_for
 // over (expert, block of output rows). The activation and the weighted sum are in float32.
+//
+// A group of bits 16 is dense: its qweight is the experts' float32 / bfloat16 weights [N, n, k] (scales and zeros
+// empty), computed in float32 by dense.h's GEMV (AVX2 where isa is an x86 SIMD one) on the rows of each expert.
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <vector>
+#include "dense.h"
 #include "ops.h"
 
 namespace mc_lowbit {
@@ -18,7 +23,8 @@ namespace {
 constexpr int64_t kRowsPerUnit = 64;  // weight rows per work unit, as the per-group decode
 
 struct Proj {
-  std::vector<Weights> groups;
+  std::vector<Weights> groups;  // dense groups: only n, k and bits (16) set
+  std::vector<torch::Tensor> dense;  // per group: its dense weights, or undefined
   const int64_t* map;  // [E, 2]
   int64_t experts;
 };
@@ -29,9 +35,20 @@ Proj proj(const std::vector<torch::Tensor>& q, const std::vector<torch::Tensor>&
               "one qweight, scales, zeros and bits per group");
   TORCH_CHECK(map.scalar_type() == torch::kInt64 && map.is_contiguous() && map.dim() == 2 && map.size(1) == 2,
               "map: int64 [experts, 2] (group, slot)");
-  Proj p{{}, map.data_ptr<int64_t>(), map.size(0)};
+  Proj p{{}, {}, map.data_ptr<int64_t>(), map.size(0)};
   for (size_t i = 0; i < q.size(); ++i) {
-    p.groups.push_back(weights(q[i], s[i], z[i], bits[i], group));
+    if (bits[i] == 16) {
+      TORCH_CHECK(q[i].dim() == 3 && q[i].is_contiguous() &&
+                  (q[i].scalar_type() == torch::kFloat || q[i].scalar_type() == torch::kBFloat16),
+                  "a 16-bit group's weights: contiguous float32 / bfloat16 [N, n, k]");
+      Weights w{};
+      w.n = q[i].size(1), w.k = q[i].size(2), w.bits = 16;
+      p.groups.push_back(w);
+      p.dense.push_back(q[i]);
+    } else {
+      p.groups.push_back(weights(q[i], s[i], z[i], bits[i], group));
+      p.dense.emplace_back();
+    }
     TORCH_CHECK(p.groups[i].n == p.groups[0].n && p.groups[i].k == p.groups[0].k, "groups of one projection: same shapes");
   }
   for (int64_t e = 0; e < p.experts; ++e) {
@@ -53,9 +70,23 @@ void project(const Proj& p, const std::vector<Pair>& pairs, const float* src, co
   std::vector<int8_t> xq(P * k);
   std::vector<float> dx(P * groups);
   std::vector<int32_t> isum(P * groups);
+  const int64_t NG = static_cast<int64_t>(p.groups.size());
+  std::vector<std::array<int, 32>> orders(NG);  // each group's lane order (dense groups: unused)
+  for (int64_t g = 0; g < NG; ++g)
+    if (!p.dense[g].defined()) lane_order(p.groups[g].bits, isa, orders[g].data());
   for (int64_t i = 0; i < P; ++i) {
-    int order[32];
-    lane_order(p.groups[pairs[i].group].bits, isa, order);
+    const int64_t gi = pairs[i].group;
+    if (p.dense[gi].defined()) continue;  // dense rows are read as float32
+    const int* order = orders[gi].data();
+    int64_t same = -1;  // an earlier pair of the same row in the same lane order: a copy of its int8 row
+    for (int64_t j = i - 1; j >= 0 && same < 0; --j)
+      if (rows[j] == rows[i] && !p.dense[pairs[j].group].defined() && orders[pairs[j].group] == orders[gi]) same = j;
+    if (same >= 0) {
+      std::copy(&xq[same * k], &xq[same * k] + k, &xq[i * k]);
+      std::copy(&dx[same * groups], &dx[same * groups] + groups, &dx[i * groups]);
+      std::copy(&isum[same * groups], &isum[same * groups] + groups, &isum[i * groups]);
+      continue;
+    }
     for (int64_t g = 0; g < groups; ++g)
       dx[i * groups + g] = quantize_group(src + rows[i] * k + g * group, group, order, xq.data() + i * k + g * group,
                                           isum.data() + i * groups + g);
@@ -66,11 +97,31 @@ void project(const Proj& p, const std::vector<Pair>& pairs, const float* src, co
     if (i == P || pairs[i].group != pairs[i - 1].group || pairs[i].slot != pairs[i - 1].slot) starts.push_back(i);
   const int64_t runs = static_cast<int64_t>(starts.size()) - 1, blocks = (n + kRowsPerUnit - 1) / kRowsPerUnit;
   const DecodeFn fn = decode_kernel(isa);
+#if defined(__x86_64__) || defined(_M_X64)
+  const bool simd = isa == kAvx2 || isa == kAvx512Vnni;
+#else
+  const bool simd = false;
+#endif
   at::parallel_for(0, runs * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> xs;  // a dense expert's rows of src, gathered
     for (int64_t u = begin; u < end; ++u) {
-      const int64_t r = u / blocks, r0 = (u % blocks) * kRowsPerUnit, first = starts[r];
+      const int64_t r = u / blocks, r0 = (u % blocks) * kRowsPerUnit, first = starts[r], m = starts[r + 1] - first;
+      const int64_t r1 = std::min(n, r0 + kRowsPerUnit);
       const Pair& pr = pairs[first];
-      fn(p.groups[pr.group], a, pr.slot, r0, std::min(n, r0 + kRowsPerUnit), first, starts[r + 1] - first, y);
+      const torch::Tensor& d = p.dense[pr.group];
+      if (!d.defined()) {
+        fn(p.groups[pr.group], a, pr.slot, r0, r1, first, m, y);
+        continue;
+      }
+      xs.resize(m * k);
+      for (int64_t i = 0; i < m; ++i) std::copy(src + rows[first + i] * k, src + rows[first + i] * k + k, &xs[i * k]);
+      if (d.scalar_type() == torch::kFloat) {
+        const float* w = d.data_ptr<float>() + pr.slot * n * k;
+        (simd ? gemv_f32_avx2 : gemv_f32_portable)(w, r0, r1, k, xs.data(), m, y + first * n, n);
+      } else {
+        const auto* w = reinterpret_cast<const uint16_t*>(d.data_ptr<at::BFloat16>()) + pr.slot * n * k;
+        (simd ? gemv_bf16_avx2 : gemv_bf16_portable)(w, r0, r1, k, xs.data(), m, y + first * n, n);
+      }
     }
   });
 }

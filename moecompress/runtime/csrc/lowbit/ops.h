@@ -28,4 +28,7 @@ torch::Tensor moe_decode(torch::Tensor x, torch::Tensor topk_index, torch::Tenso
                          std::vector<torch::Tensor> dn_s, std::vector<torch::Tensor> dn_z, std::vector<int64_t> dn_bits,
                          torch::Tensor dn_map, int64_t group, int64_t isa);
 
+// The decode step of a whole model (step.cpp): its Python classes StepLinear and DecodeStep.
+void bind_step(py::module& m);
+
 }  // namespace mc_lowbit
