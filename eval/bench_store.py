@@ -169,6 +169,10 @@ CONFIGS = {  # name -> StoreConfig fields besides the budget
                                                       prefetch_min_precision=0.5),
     "pin + prefetch (router + refine, precision >= 0.5) (default)": dict(
         policy="lru", pin_share=0.5, prefetch="router", prefetch_refine=True, prefetch_min_precision=0.5),
+    "pin 0.25 + prefetch (router + refine, precision >= 0.5)": dict(
+        policy="lru", pin_share=0.25, prefetch="router", prefetch_refine=True, prefetch_min_precision=0.5),
+    "no pin + prefetch (router + refine, precision >= 0.5)": dict(
+        policy="lru", pin_share=0.0, prefetch="router", prefetch_refine=True, prefetch_min_precision=0.5),
     "cyclic": dict(policy="cyclic"),
     "pin + cyclic + prefetch (router)": dict(policy="cyclic", pin_share=0.5, prefetch="router"),
     "pin + prefetch (paths)": dict(policy="lru", pin_share=0.5, prefetch="paths"),

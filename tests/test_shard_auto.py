@@ -176,6 +176,7 @@ def test_method_implies_its_mode(ck, tmp_path):
         run_shard_command(str(ck / "ck"), str(ck / "stats"), f"2x{memory}B", str(tmp_path / "p"), method="greedy")
 
 
+@pytest.mark.slow  # ~30 s: each profile run times the transport between two local processes
 def test_profile_command_writes_a_loadable_profile(ck, tmp_path, capsys):
     from moecompress.cli import main
 
