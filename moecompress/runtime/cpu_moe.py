@@ -64,10 +64,14 @@ def fused_layer(module, hidden: torch.Tensor) -> FusedLayer | None:
     """The fused call for this PackedExperts module and these hidden states, or None (the general path runs)."""
     if hidden.shape[0] > max_tokens() or hidden.device.type != "cpu":
         return None
-    key = (hidden.dtype, *kernel_registry.settings())
+    return _cached(module, (hidden.dtype, *kernel_registry.settings()), lambda: _build(module, hidden.dtype))
+
+
+def _cached(module, key: tuple, build) -> FusedLayer | None:
+    """The module's fused call for `key` (dtype / "dense" and the kernel settings), built once."""
     cache = module.__dict__.setdefault(_CACHE_ATTR, {})
     if key not in cache:
-        cache[key] = _build(module, hidden.dtype)
+        cache[key] = build()
     return cache[key]
 
 
@@ -153,8 +157,4 @@ def dense_layer(module) -> FusedLayer | None:
     """The fused call with 16-bit groups included (float32 GEMV), for the whole-model decode step; None where the
     layer does not fit it. Int8 activations for the packed groups whatever the model's dtype is not implied: the
     groups' decode kernels must be q8_* ones for bfloat16 activations (what a decode step of such a model takes)."""
-    key = ("dense", *kernel_registry.settings())
-    cache = module.__dict__.setdefault(_CACHE_ATTR, {})
-    if key not in cache:
-        cache[key] = _build(module, torch.bfloat16, dense=True)
-    return cache[key]
+    return _cached(module, ("dense", *kernel_registry.settings()), lambda: _build(module, torch.bfloat16, dense=True))

@@ -9,7 +9,6 @@ it; `generate_text` tokenizes (one left-padded batch), generates and decodes.
 """
 from __future__ import annotations
 
-import inspect
 import logging
 
 import torch
@@ -30,12 +29,10 @@ def _cpu(model, batch: int, cache_len: int, request: dict):
 def _cuda(model, batch: int, cache_len: int, request: dict):
     if next(model.parameters()).device.type != "cuda":
         return None, "the model is not on a CUDA device"
-    from moecompress.runtime.cuda.graph_decode import GraphDecoder
+    from moecompress.runtime.cuda.graph_decode import GraphDecoder, mask_kind
 
-    accepted = inspect.signature(GraphDecoder.generate).parameters
-    missing = [k for k, v in request.items() if v and k not in accepted]
-    if missing:
-        return None, f"GraphDecoder.generate takes no {', '.join(missing)}"
+    if request["attention_mask"] and mask_kind(model) is None:
+        return None, (f"padded batches need sdpa or eager attention, not {model.config._attn_implementation}")
     return GraphDecoder(model, cache_len, batch), ""
 
 
