@@ -7,9 +7,9 @@ same bf16 weights converted with its own convert_hf_to_gguf.py, quantized to Q8_
 (eval/bench_cpu_llama.py builds it from the llama-cpp-python sdist).
 
 Every configuration runs in a fresh process (RSS is per process), configurations interleaved over --rounds rounds;
-medians. Ours: prefill = one 512-token forward (logits of the last token); decode = 64 greedy tokens one at a time
-with the KV cache after a 128-token prompt, batch 1 and 4 (only the 64 steps timed). llama.cpp: llama-bench -p 512
-(prefill) and llama-batched-bench -npp 128 -ntg 64 -npl 1,4 (decode after the same prompt).
+medians. Ours: prefill = the median of 3 512-token forwards (logits of the last token); decode = 64 greedy tokens one
+at a time with the KV cache after a 128-token prompt, batch 1 and 4 (only the 64 steps timed). llama.cpp:
+llama-bench -p 512 (prefill) and llama-batched-bench -npp 128 -ntg 64 -npl 1,4 (decode after the same prompt).
 
     .venv/bin/python eval/bench_cpu.py                                   # everything (~8 min on an idle 2-core box)
     .venv/bin/python eval/bench_cpu.py --models b --plans bf16,4 --gguf Q4_0 --rounds 1
@@ -37,6 +37,7 @@ PLANS = ("bf16", "8", "4", "3", "2", "mixed")
 # The GGUF type each of our plans is compared with (decode goal: ours >= llama.cpp at the matching type).
 MATCH = {"bf16": "bf16", "8": "Q8_0", "4": "Q4_0", "3": "Q3_K_M", "2": "Q2_K"}
 GROUP_SIZE = {"a": 64, "b": 128}
+PREFILL_REPEATS = 3  # 512-token forwards of ours per configuration and round (median)
 
 
 # -- models and checkpoints -------------------------------------------------------------------------------------------
@@ -127,9 +128,12 @@ def measure_ours(directory: Path, threads: int, prefill: int, prompt: int, gen: 
     with torch.no_grad():  # as model.generate does
         generate(model, torch.randint(0, vocab, (1, 32), generator=gen_ids), 4)  # warm-up (kernels, allocator)
         ids = torch.randint(0, vocab, (1, prefill), generator=gen_ids)
-        t0 = time.perf_counter()
-        model(ids, use_cache=True, logits_to_keep=1)
-        out["prefill"] = prefill / (time.perf_counter() - t0)
+        times = []
+        for _ in range(PREFILL_REPEATS):  # the median of a few forwards (llama-bench averages 5 repetitions)
+            t0 = time.perf_counter()
+            model(ids, use_cache=True, logits_to_keep=1)
+            times.append(time.perf_counter() - t0)
+        out["prefill"] = prefill / statistics.median(times)
         for b in batches:
             secs = generate(model, torch.randint(0, vocab, (b, prompt), generator=gen_ids), gen)
             out[f"decode_b{b}"] = b * gen / secs
@@ -168,8 +172,8 @@ def _generate(model, prompt_ids, gen: int) -> float:
 
 
 def _step_generate(model, prompt_ids, gen: int) -> float:
-    """As `_generate`, the decode steps through CpuDecoder (one C++ call per token; the prompt through the model's
-    forward, not timed); seconds of the `gen` decode steps."""
+    """As `_generate`, the decode steps through CpuDecoder (all `gen` steps one C++ call, as its generate runs them;
+    the prompt through the model's forward, not timed); seconds of the `gen` decode steps."""
     import torch
 
     from moecompress.runtime.cpu_step import CpuDecoder
@@ -177,11 +181,9 @@ def _step_generate(model, prompt_ids, gen: int) -> float:
     batch, n = prompt_ids.shape
     decoder = CpuDecoder(model, n + gen + 1, batch)
     logits, positions = decoder.prefill(prompt_ids, torch.ones_like(prompt_ids))
-    nxt, position = logits.argmax(-1), positions[:, -1].clone()
+    nxt, position = logits.argmax(-1), positions[:, -1] + 1
     t0 = time.perf_counter()
-    for t in range(gen):
-        position += 1
-        nxt = decoder.step_logits(nxt, position, n + t).argmax(-1)
+    decoder.greedy_steps(nxt, position, n, gen)  # gen greedy steps in one C++ call, as CpuDecoder.generate runs them
     return time.perf_counter() - t0
 
 
@@ -190,8 +192,9 @@ def ours_subprocess(directory: Path, args, fused: bool = True, decoder: str = "s
            str(args.prefill), "--prompt", str(args.prompt), "--gen", str(args.gen), "--batches",
            ",".join(map(str, args.batches)), "--decoder", decoder]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    if not fused:  # PackedExperts' general path at decode too (runtime/cpu_moe.py)
+    if not fused:  # PackedExperts' general path at decode too (runtime/experts/cpu_moe.py)
         env["MOECOMPRESS_CPU_FUSED_TOKENS"] = "0"
+        env["MOECOMPRESS_CPU_PREFILL_FUSED"] = "0"  # nor the fused prefill call (experts/cpu_prefill.py)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
         raise RuntimeError(f"measuring {directory} failed:\n{proc.stderr[-3000:]}")
@@ -298,7 +301,8 @@ def parse_args(argv=None):
                          "to llama.cpp's: it stores the output matrix at Q6_K, Q8_0 in Q8_0 files; 16: bf16)")
     ap.add_argument("--no-llama", action="store_true", help="ours only")
     ap.add_argument("--compare-fused", action="store_true",
-                    help="also run each quantized plan of ours without the fused MoE decode call (engine ours-unfused)")
+                    help="also run each quantized plan of ours without the fused MoE decode and prefill calls (engine "
+                         "ours-unfused)")
     ap.add_argument("--ours-transformers", action="store_true",
                     help="also decode each quantized plan of ours with one transformers forward per token (engine "
                          "ours-transformers; engine ours decodes with the whole-model C++ step, CpuDecoder)")

@@ -39,7 +39,7 @@ def _moe_config(hf_dir: Path) -> tuple[int, int]:
 
 
 def active_bytes_hf(directory: Path, batches) -> dict:
-    from moecompress.runtime.inspect import tensor_table
+    from moecompress.runtime.loading.inspect import tensor_table
 
     sizes = {name: b for name, (_, b) in tensor_table(directory).items()}
     n, k = _moe_config(directory)
@@ -136,7 +136,7 @@ def write_report(result: dict, out: Path) -> str:
              + ("lm_head, router and norms stay bf16" if result.get("head_bits", "16") == "16" else
                 f"lm_head {result['head_bits']}-bit in model (b) (tied to the embeddings in (a): bf16), router and "
                 "norms bf16") + ". Group size: 64 for (a), 128 for (b). ours-unfused: ours without the fused MoE "
-             "decode call (runtime/cpu_moe.py), i.e. per-group kernel calls with routing in Python.",
+             "decode call (runtime/experts/cpu_moe.py), i.e. per-group kernel calls with routing in Python.",
              ""]
     for key in dict.fromkeys(r["model"] for r in result["rows"]):
         rows = [r for r in result["rows"] if r["model"] == key]

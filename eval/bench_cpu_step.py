@@ -6,6 +6,11 @@ on a loaded machine) and wall time; medians. Checkpoints: eval/bench_cpu.py's (k
 
     OMP_NUM_THREADS=1 .venv/bin/python eval/bench_cpu_step.py --models a-4,b-4 --threads 1
     .venv/bin/python eval/bench_cpu_step.py --models a-8,a-4,a-2,b-4 --threads 2 --out eval/results/cpu_step.md
+
+--profile: instead, where the step's wall time goes, per part of step.cpp (DecodeStep.profile: embedding, norms,
+q/k/v, q/k norm + RoPE + cache write, attention, o_proj, router, experts, shared expert, lm_head), ms per token and
+the weight / cache bytes each part reads in GB/s (against --bandwidth, the machine's measured read bandwidth);
+--clock cpu: the calling thread's CPU time instead of wall time (with --threads 1 on a loaded machine).
 """
 from __future__ import annotations
 
@@ -51,16 +56,13 @@ def transformers_loop(model, ids: torch.Tensor, gen: int) -> tuple[float, float]
 
 
 def step_loop(decoder, ids: torch.Tensor, gen: int) -> tuple[float, float]:
+    """`gen` greedy steps in one C++ call (CpuDecoder.greedy_steps, what its generate runs)."""
     n = ids.shape[1]
     logits, positions = decoder.prefill(ids, torch.ones_like(ids))
-    state = {"nxt": logits.argmax(-1), "pos": positions[:, -1].clone(), "t": 0}
-
-    def step():
-        state["pos"] += 1
-        state["nxt"] = decoder.step_logits(state["nxt"], state["pos"], n + state["t"]).argmax(-1)
-        state["t"] += 1
-
-    return timed_steps(step, gen)
+    nxt, pos = logits.argmax(-1), positions[:, -1] + 1
+    c0, w0 = time.thread_time(), time.perf_counter()
+    decoder.greedy_steps(nxt, pos, n, gen)
+    return time.thread_time() - c0, time.perf_counter() - w0
 
 
 def measure(directory: Path, args) -> list[dict]:
@@ -87,6 +89,40 @@ def measure(directory: Path, args) -> list[dict]:
     return rows
 
 
+PROFILE_COLUMNS = "| checkpoint | batch | part | ms / token | share | MB / token | GB/s | bound ms (at --bandwidth) |"
+
+
+def profile(directory: Path, args) -> list[str]:
+    """Rows of the per-part table: the step's own clock over --rounds x --gen tokens after the prompt."""
+    import moecompress
+    from moecompress.runtime.cpu_step import CpuDecoder
+
+    model = moecompress.from_pretrained(directory, dtype=torch.bfloat16).eval()
+    gen_ids = torch.Generator().manual_seed(0)
+    lines = []
+    with torch.no_grad():
+        for b in args.batches:
+            ids = torch.randint(0, model.config.vocab_size, (b, args.prompt), generator=gen_ids)
+            decoder = CpuDecoder(model, args.prompt + args.gen + 1, b)
+            step_loop(decoder, ids[:, :16], 4)  # warm-up
+            decoder.step.set_profile({"wall": 1, "cpu": 2}[args.clock])
+            walls = [step_loop(decoder, ids, args.gen)[1] for _ in range(args.rounds)]
+            parts = decoder.step.profile()
+            steps = parts.pop("steps")[0]
+            total = sum(sec for sec, _ in parts.values())
+            for name, (sec, read) in [*parts.items(), ("all parts", (total, sum(r for _, r in parts.values())))]:
+                if not sec:
+                    continue
+                ms, mb = 1e3 * sec / steps, read / steps / 1e6
+                gbs = f"{read / sec / 1e9:.1f}" if read else ""
+                bound = f"{1e3 * read / steps / (args.bandwidth * 1e9):.3f}" if read else ""
+                lines.append(f"| {directory.name} | {b} | {name} | {ms:.3f} | {sec / total:.0%} | {mb:.2f} | {gbs} | {bound} |")
+            lines.append(f"| {directory.name} | {b} | (whole greedy_steps call, wall) | {1e3 * statistics.median(walls) / args.gen:.3f} "
+                         "| | | | |")
+            print("\n".join(lines[-len(parts) - 2:]), flush=True)
+    return lines
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="a-4", help="comma-separated KEY-PLAN, e.g. a-8,a-4,a-2,b-4")
@@ -97,8 +133,23 @@ def main(argv=None) -> None:
     ap.add_argument("--batches", default="1", type=lambda s: [int(x) for x in s.split(",")])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", help="markdown table to write")
+    ap.add_argument("--profile", action="store_true", help="per-part wall time of the step instead (see above)")
+    ap.add_argument("--bandwidth", type=float, default=19.0, help="GB/s of the machine's reads (--profile)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="--profile: wall time, or the calling thread's CPU time (one thread on a loaded machine)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.profile:
+        lines = [f"Decode step per part ({args.threads} thread(s), {args.rounds} x {args.gen} tokens after a "
+                 f"{args.prompt}-token prompt; {args.clock} time by the step's clock; load average at the end "
+                 f"{os.getloadavg()[0]:.1f})", "", PROFILE_COLUMNS, "|---|---|---|---|---|---|---|---|"]
+        for name in args.models.split(","):
+            lines += profile(checkpoint(name, Path(args.workdir)), args)
+        text = "\n".join(lines) + "\n"
+        print(text)
+        if args.out:
+            Path(args.out).write_text(text)
+        return
     rows = []
     for name in args.models.split(","):
         rows += measure(checkpoint(name, Path(args.workdir)), args)

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import bench_cpu_llama as llama  # noqa: E402
 from bench_kernels import make, timed  # noqa: E402
 
-from moecompress.runtime import cpu_features, cpu_lowbit, kernel_registry  # noqa: E402
+from moecompress.runtime.kernels import cpu_features, cpu_lowbit, kernel_registry  # noqa: E402
 
 EXPERTS, USED, ROWS, COLS, GROUP = 128, 8, 768, 2048, 128
 PAIRS = (("q4_0", 4), ("q8_0", 8), ("q4_K", 4), ("q6_K", 8))  # ggml type, our bits at or above its size

@@ -7,12 +7,15 @@ Run on a CUDA machine (results: eval/results/gpu.md, copied from --out):
     PYTHONPATH=. python eval/bench_gpu.py --out $OUT --skip tinygemm layers --sweeps tables prefill   # sweeps
     PYTHONPATH=. python eval/bench_gpu.py --out $OUT --quick            # Qwen3 shape only in the layer table
     PYTHONPATH=. python eval/bench_gpu.py --out $OUT --skip tinygemm layers --sweeps adopt   # candidate defaults
+    PYTHONPATH=. python eval/bench_gpu.py --out $OUT --skip tinygemm --sweeps prefill   # session 22's gpu.md (~1 min
+        # after `--warm prefill:LABEL` per setting in parallel: .gpu_carry/s22/run2.sh)
 
 1. Ceilings: device-to-device copy bandwidth (bytes read + written) and a bf16 8192^3 matmul, measured here.
 2. Sweeps (Qwen3 and Mixtral layers; --sweeps picks them): "pair": the pair path's tile (columns per program,
    warps, groups per program = split of K, lop3 on/off), pair path against the routing-table path at 4 and 16
    tokens; "tables": Mixtral at 16 tokens, the pair path against the routing-table path's decode tiles (the tables
-   path then takes layers above 2 pairs per expert if it wins); "prefill": tiles per row-block height; "adopt"
+   path then takes layers above 2 pairs per expert if it wins); "prefill": tiles per row-block height, the SiLU gate
+   fused into the first projection or not (`--warm prefill:LABEL` compiles one setting); "adopt"
    (not in the default list): candidate defaults against the current ones on every decode shape, with a verdict.
    The setting with the lowest geometric mean of each sweep is used for the rest of the run (printed; launch.py's
    defaults are the ones chosen on an H200). Also the pair path against the tables path at real sizes (rel. diff).
@@ -20,9 +23,10 @@ Run on a CUDA machine (results: eval/results/gpu.md, copied from --out):
    4096, 8 experts of 14336, top-2), bit mix 25 % 2 / 50 % 3 / 25 % 4-bit (per expert, both projections) and
    uniform 4-bit, group 128, random packed weights: decode 1/4/16 tokens and prefill 2048 tokens. Each timed call
    gets a different routing (16 routings rotated: the active experts change, so they come from HBM, not the 60 MB
-   L2). Decode is timed eager and as CUDA-graph replays of 16 back-to-back calls; prefill eager. Baseline:
-   transformers' Qwen3MoeExperts in bf16 with each experts implementation (grouped_mm, batched_mm where it fits in
-   memory, eager), graph-captured where it captures; the fastest counts. Floor: packed bytes of the distinct active
+   L2). Every shape is timed eager and as CUDA-graph replays of the back-to-back calls (16 decode, 2 prefill).
+   Baseline: transformers' Qwen3MoeExperts in bf16 with each experts implementation (grouped_mm, batched_mm where it
+   fits in memory, eager), graph-captured where it captures; the fastest counts ("speedup"); "speedup eager" is
+   ours eager against bf16's fastest eager (a model's prefill runs eagerly). Floor: packed bytes of the distinct active
    experts / measured copy bandwidth. Memory: resident bytes of a layer's experts (torch.cuda.memory_allocated) vs
    their packed bytes; the transient workspace of a call.
 End to end (models, forward and generation, eager and CUDA graph): eval/bench_gpu_e2e.py.
@@ -153,6 +157,15 @@ def bf16_experts(shape: dict):
     return experts, config
 
 
+def _try_graph(calls) -> float | None:
+    """time_calls as one CUDA graph, None where the calls do not capture."""
+    try:
+        return time_calls(calls, graph=True)
+    except Exception:  # noqa: BLE001 (not capturable: eager only)
+        torch.cuda.synchronize()
+        return None
+
+
 def time_bf16(experts, config, shape, inputs, tokens) -> dict:
     """Every transformers experts implementation that fits; graph replay where it captures."""
     results = {}
@@ -169,12 +182,7 @@ def time_bf16(experts, config, shape, inputs, tokens) -> dict:
         except Exception as exc:  # noqa: BLE001 (report, do not stop the benchmark)
             results[impl] = {"error": f"{type(exc).__name__}: {str(exc)[:100]}"}
             continue
-        graph = None
-        if tokens <= 16 and impl != "eager":  # eager syncs on the host: not capturable
-            try:
-                graph = time_calls(calls, graph=True)
-            except Exception:  # noqa: BLE001 (not capturable: eager only)
-                graph = None
+        graph = _try_graph(calls) if impl != "eager" else None  # eager syncs on the host: not capturable
         results[impl] = {"eager_us": eager, "graph_us": graph}
         gc.collect()
         torch.cuda.empty_cache()
@@ -201,7 +209,7 @@ def layer_rows(args, peak, rows: list, write=lambda: None) -> list[dict]:
                 base = torch.cuda.memory_allocated()
                 eager = time_calls(calls, graph=False)
                 workspace = torch.cuda.max_memory_allocated() - base
-                graph = time_calls(calls, graph=True) if tokens <= 16 else None
+                graph = _try_graph(calls)
                 ours = graph if graph is not None else eager
                 bf16 = time_bf16(experts, config, shape, inputs, tokens)
                 best = min(((k, min(t for t in (v["eager_us"], v["graph_us"]) if t)) for k, v in bf16.items()
@@ -212,6 +220,8 @@ def layer_rows(args, peak, rows: list, write=lambda: None) -> list[dict]:
                            active_MB=active / 1e6, floor_us=floor, over_floor=ours / floor,
                            bw_fraction=active / (ours * 1e3) / peak, resident_MB=resident / 1e6,
                            packed_MB=packed / 1e6, workspace_MB=workspace / 1e6)
+                bf16_eager = min(v["eager_us"] for v in bf16.values() if "eager_us" in v)
+                row["speedup_eager"] = bf16_eager / eager  # eager against eager (prefill runs eagerly in a model)
                 if tokens > 16:
                     flops = 2 * tokens * shape["top_k"] * 3 * shape["hidden"] * shape["inter"]
                     row["ours_TFLOPs"] = flops / ours / 1e6
@@ -289,6 +299,31 @@ def variant_rows(args) -> list[dict]:
     if "adopt" in args.sweeps:
         _adopt_sweep(rows)
     return rows
+
+
+PREFILL_CASES = [(model, mix, 2048) for model in SHAPES for mix in MIXES]
+
+
+def warm(label: str) -> None:
+    """Compile one setting's kernels ("prefill:LABEL" of prefill_settings):
+    one call per prefill case; fills Triton's disk cache, so that several settings compile in parallel processes
+    before the timed run."""
+    label = label.split(":", 1)[-1]
+    tall = label in PREFILL_TALL
+    setting = prefill_settings(tall)[label]
+    for k, v in setting.items():
+        setattr(launch, k, v)
+    cases = [c for c in PREFILL_CASES if (c[0] == "mixtral-8x7b") == tall]
+    for model, mix, tokens in cases:
+        layer = _layer(model, mix)
+        x, idx, w = routings(tokens, SHAPES[model], 1)[0]
+        with torch.no_grad():
+            layer(x, idx, w)
+        sync()
+        del layer
+        gc.collect()
+        torch.cuda.empty_cache()
+    print(f"warm {label}: done", flush=True)
 
 
 ADOPT_TOLERANCE = 1.02  # "no slower": within 2 % (graph-replay timings repeat within about that on an H200)
@@ -378,18 +413,33 @@ def _pair_sweeps(rows: list) -> None:
            rows)
 
 
+# session 22 (H200, eager µs mix / 4-bit), call 2: short 128x128 w8 s3 1760 / 1630, gated 1750 / 1650, 256x128 w8
+# s3 gated 1670 / 1460 (adopted); tall 128x64 w8 s3 7830 / 6480 (kept), gated 8490 / 6940, 256x64 gated 18830 / 16850.
+# Call 3 (slower host): 256x128 gated 1985 / 1770, unfused 1880 / 1620, 256x64 gated 2000 / 1750 (graph-replayed in
+# the layer table 256x128 gated and unfused were equal: 1446 / 1245 and 1444 / 1246); 256x128 s4: no shared memory
+PREFILL_SHORT = {"256x128 w8 s3 gated": (launch.Config(256, 128, 8, 3), True),
+                 "256x128 w8 s3": (launch.Config(256, 128, 8, 3), False),
+                 "256x64 w8 s3 gated": (launch.Config(256, 64, 8, 3), True),
+                 "128x128 w8 s3 gated": (launch.Config(128, 128, 8, 3), True)}
+PREFILL_TALL = {"128x64 w8 s3": (launch.Config(128, 64, 8, 3), False),
+                "128x64 w8 s4": (launch.Config(128, 64, 8, 4), False)}
+
+
+def prefill_settings(tall: bool) -> dict:
+    """packed_kernel's prefill tiles (BN x BK, warps, stages; gated: SiLU(gate) * up fused into the first
+    projection, BN/2 columns of each half) for row blocks up to 128 (PREFILL) or of 256 (PREFILL_TALL)."""
+    every = (2, 3, 4, 8, 16)
+    name, flag = ("PREFILL_TALL", "PREFILL_TALL_GATED") if tall else ("PREFILL", "PREFILL_GATED")
+    return {label: {name: {b: c for b in every}, flag: gated}
+            for label, (c, gated) in (PREFILL_TALL if tall else PREFILL_SHORT).items()}
+
+
 def _prefill_sweep(rows: list) -> None:
     """Tiles of the prefill path, per row-block height: PREFILL (blocks up to 128 rows: Qwen3-30B-A3B, 128 rows per
-    expert on average at 2048 tokens) and PREFILL_TALL (blocks of 256: Mixtral, 512 rows per expert)."""
-    every = (2, 3, 4, 8, 16)
-    short = {"128x128 w8 s3": launch.Config(128, 128, 8, 3), "128x128 w8 s4": launch.Config(128, 128, 8, 4),
-             "128x128 w4 s3": launch.Config(128, 128, 4, 3), "256x64 w8 s3": launch.Config(256, 64, 8, 3)}
-    _sweep("prefill", {name: dict(PREFILL={b: c for b in every}) for name, c in short.items()},
-           [("qwen3-30b-a3b", "mix 2/3/4", 2048), ("qwen3-30b-a3b", "4-bit", 2048)], rows)
-    tall = {"128x64 w8 s3": launch.Config(128, 64, 8, 3), "128x64 w8 s4": launch.Config(128, 64, 8, 4),
-            "256x64 w8 s3": launch.Config(256, 64, 8, 3)}
-    _sweep("prefill tall", {name: dict(PREFILL_TALL={b: c for b in every}) for name, c in tall.items()},
-           [("mixtral-8x7b", "mix 2/3/4", 2048), ("mixtral-8x7b", "4-bit", 2048)], rows)
+    expert on average at 2048 tokens) and PREFILL_TALL (blocks of 256: Mixtral, 512 rows per expert), the gate
+    fused into the first projection or not (session 22; session 20 chose 128x128 and 128x64 among 4 + 3 tiles)."""
+    _sweep("prefill", prefill_settings(False), [("qwen3-30b-a3b", mix, 2048) for mix in MIXES], rows)
+    _sweep("prefill tall", prefill_settings(True), [("mixtral-8x7b", mix, 2048) for mix in MIXES], rows)
 
 
 def tinygemm_rows() -> list[dict]:
@@ -439,15 +489,18 @@ def report(info: dict, rows: list[dict], variants: list[dict], secs: float) -> s
              f"Device: {info['gpu']}; torch {info['torch']}, Triton {info['triton']}, transformers "
              f"{info['transformers']}. Measured ceilings: copy {info['copy_GBps']:.0f} GB/s (read + write), bf16 "
              f"matmul {info['bf16_TFLOPs']:.0f} TFLOP/s. Group size {GROUP_SIZE}, asymmetric; {secs:.0f} s.", "",
-             "## MoE layer (one call; decode: CUDA-graph replay of 16 calls with different routings, per call)", "",
-             "| model | bits | tokens | ours µs | ours eager µs | best bf16 (impl) µs | speedup | active MB | floor µs "
-             "| ours / floor | bandwidth | resident / packed MB | workspace MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "## MoE layer (one call; CUDA-graph replay of 16 calls (decode) or 2 (prefill) with different "
+             "routings, per call; bf16: its fastest implementation, graph or eager; speedup eager: eager against "
+             "bf16's fastest eager)", "",
+             "| model | bits | tokens | ours µs | ours eager µs | best bf16 (impl) µs | speedup | speedup eager "
+             "| active MB | floor µs | ours / floor | bandwidth | resident / packed MB | workspace MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ours = r["ours_graph_us"] if r["ours_graph_us"] is not None else r["ours_eager_us"]
         extra = f" ({r['ours_TFLOPs']:.0f} vs {r['bf16_TFLOPs']:.0f} TFLOP/s)" if "ours_TFLOPs" in r else ""
         lines.append(f"| {r['model']} | {r['mix']} | {r['tokens']} | {ours:.1f} | {r['ours_eager_us']:.1f} | "
-                     f"{r['bf16_best_us']:.1f} ({r['bf16_best']}) | {r['speedup']:.2f}x{extra} | {r['active_MB']:.1f} | "
+                     f"{r['bf16_best_us']:.1f} ({r['bf16_best']}) | {r['speedup']:.2f}x{extra} | "
+                     f"{r.get('speedup_eager', float('nan')):.2f}x | {r['active_MB']:.1f} | "
                      f"{r['floor_us']:.1f} | {r['over_floor']:.1f}x | {100 * r['bw_fraction']:.0f} % | "
                      f"{r['resident_MB']:.1f} / {r['packed_MB']:.1f} | {r['workspace_MB']:.1f} |")
     lines += ["", "bf16 implementations (µs, eager / graph):", ""]
@@ -470,10 +523,13 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="Qwen3 shape only in the layer table")
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16, 2048])
     parser.add_argument("--skip", nargs="*", default=[], choices=["layers", "variants", "tinygemm"])
+    parser.add_argument("--warm", help="compile this prefill setting's kernels and exit (parallel warm-up)")
     parser.add_argument("--sweeps", nargs="*", default=["pair", "tables", "prefill"],
                         choices=["pair", "tables", "prefill", "adopt"],
                         help="the sweeps of the variants stage")
     args = parser.parse_args(argv)
+    if args.warm:
+        return warm(args.warm)
     t0 = time.time()
     info = ceilings()
     print(info, flush=True)
@@ -500,7 +556,8 @@ def main(argv=None) -> None:
                               pair_tokens=launch.PAIR_TOKENS, pair_max_mean_rows=launch.PAIR_MAX_MEAN_ROWS,
                               decode=str(launch.DECODE[4]), prefill=str(launch.PREFILL[4]),
                               prefill_tall=str(launch.PREFILL_TALL[4]),
-                              prefill_max_rows=launch.PREFILL_MAX_ROWS)
+                              prefill_max_rows=launch.PREFILL_MAX_ROWS, prefill_gated=launch.PREFILL_GATED,
+                              prefill_tall_gated=launch.PREFILL_TALL_GATED)
     write()
     if args.quick:
         SHAPES.pop("mixtral-8x7b")

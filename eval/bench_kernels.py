@@ -11,7 +11,7 @@ matmuls over bf16 weights (what transformers computes for unquantized experts), 
     .venv/bin/python eval/bench_kernels.py --layer --rows 1 4          # a whole MoE layer: fused call vs per group
 
 --layer: one MoE layer of 128 experts (top-8, gate_up + SiLU gate + down, Qwen3-30B-A3B dims) for `rows` tokens,
-ms per layer call: the fused decode call (runtime/cpu_moe.py) against PackedExperts' general path (per-group
+ms per layer call: the fused decode call (runtime/experts/cpu_moe.py) against PackedExperts' general path (per-group
 kernel calls with routing in Python), median and min over repeats (min: the least disturbed run on a shared box);
 --cpu-time --threads 1 measures process CPU time instead, which other processes' scheduling does not inflate.
 """
@@ -24,7 +24,7 @@ import time
 import torch
 
 from moecompress.format.pack import pack
-from moecompress.runtime import cpu_features, cpu_int4, cpu_kernels, cpu_lowbit
+from moecompress.runtime.kernels import cpu_features, cpu_int4, cpu_kernels, cpu_lowbit
 
 SHAPES = {"gate_up": (2048, 1536), "down": (768, 2048)}  # (in, out)
 
@@ -53,7 +53,7 @@ def layer(bits: int, experts: int, group: int, gen: torch.Generator):
     from transformers.integrations.moe import _default_apply_gate
 
     from moecompress.format.spec import ExpertsSpec
-    from moecompress.runtime.packed_experts import PackedExperts
+    from moecompress.runtime.experts.packed_experts import PackedExperts
 
     class Template(nn.Module):
         has_gate, has_bias, has_post_expert_norm, _apply_gate = True, False, False, _default_apply_gate
@@ -73,7 +73,7 @@ def layer(bits: int, experts: int, group: int, gen: torch.Generator):
 
 
 def layer_main(args) -> None:
-    from moecompress.runtime import cpu_moe
+    from moecompress.runtime.experts import cpu_moe
 
     gen = torch.Generator().manual_seed(0)
     clock = time.process_time if args.cpu_time else time.perf_counter

@@ -116,7 +116,7 @@ def measure_load(directory: Path, threads: int, mmap: bool, prefill: tuple[int, 
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import moecompress  # noqa: F401  (imported before the baseline RSS)
-    from moecompress.runtime.inspect import resident_bytes
+    from moecompress.runtime.loading.inspect import resident_bytes
 
     with torch.device("meta"):  # page in the modeling code first: library memory is not model memory
         AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory))
@@ -142,7 +142,7 @@ def measure_load_subprocess(directory: Path, threads: int, prefill: tuple[int, i
 
 
 def disk_bytes(directory: Path) -> int:
-    from moecompress.runtime.inspect import tensor_table
+    from moecompress.runtime.loading.inspect import tensor_table
 
     return sum(b for _, b in tensor_table(directory).values())
 
@@ -203,7 +203,7 @@ def bench_one(key: str, bm: BenchModel, args, work: Path) -> list[dict]:
 
 # -- reporting --------------------------------------------------------------------------------------------------------
 def avg_bits(directory: Path) -> str:
-    from moecompress.runtime.inspect import checkpoint_report
+    from moecompress.runtime.loading.inspect import checkpoint_report
 
     if not (directory / "moecompress.json").exists():
         return "16"
@@ -248,7 +248,7 @@ def report(rows: list[dict], args, models: dict[str, BenchModel], load: tuple[fl
         f"before, {load[1]:.1f} after, wall {secs / 60:.1f} min: under load the tokens/s are pessimistic; the x bf16 "
         "ratios compare rows timed under the same load.",
         "packed MB: tensor bytes of the checkpoint (bf16 row: the bf16 model). resident: "
-        "runtime.inspect.resident_bytes. RSS: VmRSS increase over from_pretrained in a fresh process (modeling "
+        "runtime.loading.inspect.resident_bytes. RSS: VmRSS increase over from_pretrained in a fresh process (modeling "
         "code paged in first), split into anonymous and file-backed pages, and again after one prefill forward "
         "(mmapped weights count once touched); disable_mmap: the same with from_pretrained(..., disable_mmap=True).",
         "",

@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT / "eval"))
 import moecompress  # noqa: E402
 from moecompress.format.expert_stats import ExpertStats  # noqa: E402
 from moecompress.quantize.rtn import quantize_rtn  # noqa: E402
-from moecompress.runtime.packed_experts import PackedExperts  # noqa: E402
+from moecompress.runtime.experts.packed_experts import PackedExperts  # noqa: E402
 from moecompress.runtime.store import StoreConfig, attach_store  # noqa: E402
 
 RESULTS = ROOT / "eval" / "results"
@@ -142,7 +142,7 @@ def load(ckpt: Path, dtype):
 
 def store_run(ckpt: Path, dtype, texts, config: StoreConfig, stats, copies=None) -> dict:
     model = load(ckpt, dtype)
-    store = attach_store(model, ckpt, config, stats=stats, copies=copies if config.copy_threshold else {})
+    store = attach_store(model, ckpt, config, stats=stats, copies=copies if config.copy_threshold is not None else {})
     try:
         store.reset_counters()
         res = decode(model, texts)
@@ -302,11 +302,19 @@ def main() -> None:
     ap.add_argument("--big-tokens", type=int, default=64,
                     help="--time: decode tokens per row (the first half: cold start, the second: steady state)")
     ap.add_argument("--no-rss", action="store_false", dest="rss", help="--time: skip the RSS subprocesses")
+    ap.add_argument("--time-copy-bits", type=int, default=2, help="--time: bits of the copies rows' RTN copies")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default="/tmp/moecompress-bench-edge")
     ap.add_argument("--out", default="store")
     ap.add_argument("--configs", nargs="+", help="only these of CONFIGS")
     ap.add_argument("--merge", nargs="+", help="only: write OUT.md/_hit_rate.png from these result JSON files")
+    ap.add_argument("--copies", action="store_true",
+                    help="part 3: the copies' threshold chosen on calibration text, Δppl on eval text "
+                         "(store_copies.py)")
+    ap.add_argument("--copy-bits", type=int, nargs="+", default=[2, 3], help="--copies: bit-widths of the copies")
+    ap.add_argument("--copies-budget", type=float, default=0.5, help="--copies: budget share")
+    ap.add_argument("--ppl-docs", type=int, default=16, help="--copies: docs of each text for Δppl")
+    ap.add_argument("--target", type=float, default=0.4, help="--copies: highest Δppl %% on calibration text")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     RESULTS.mkdir(exist_ok=True)
@@ -331,6 +339,18 @@ def main() -> None:
                                                          "results": [res]}, indent=1))
         (RESULTS / f"{out}.md").write_text("\n".join(["# Tiered expert store: time per token and RSS (issue 12)", "",
                                                       f"`{' '.join(sys.argv)}`", "", *store_time.markdown(res)]))
+        return
+    if args.copies:
+        import types
+
+        import store_copies
+
+        tools = types.SimpleNamespace(docs=docs, routing_stats=routing_stats, rtn_copies=rtn_copies, decode=decode,
+                                      load=load, store_run=store_run, SHARED=SHARED)
+        out = args.out if args.out != "store" else "store_copies"
+        results = [store_copies.run_copies(m, args, tools) for m in args.models.split(",")]
+        (RESULTS / f"{out}.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+        (RESULTS / f"{out}.md").write_text("\n".join([f"`{' '.join(sys.argv)}`", "", *store_copies.markdown(results)]))
         return
     results = [run_model(m, args) for m in args.models.split(",")]
     (RESULTS / f"{args.out}.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1))

@@ -295,6 +295,9 @@ def main() -> None:
                     "on calibration text (a fresh sample of --calib, never the eval text): the one with the fewest "
                     "round trips/token whose Δppl there (vs this placement's and the default's lossless run) is <= "
                     "DPPL %%; only those rows (and the baselines) are then measured on the eval text")
+    ap.add_argument("--per-layer", type=int, default=0, metavar="V", help="with --pick-on-calib: also pick "
+                    "per-MoE-layer localize thresholds on the calibration text, trying each layer at the next V "
+                    "values of the localize grid (curve localize_layers)")
     ap.add_argument("--work", default="/tmp/moecompress-bench-tokens")
     ap.add_argument("--out", default=str(ROOT / "eval/results"))
     ap.add_argument("--name", default="tokens", help="stem of the output files")
@@ -397,7 +400,66 @@ def pick_on_calibration(rows, out_e, out_d, data, ref_logp, args) -> list:
             rt, dppl, label, spec = min(ok)
             kept.append((curve, f"{label} (picked on calib: Δppl {dppl:+.2f} %, rt/tok {rt:.2f})", spec))
         print(f"calibration pick for {curve}: {kept[-1][1] if ok else 'none within the limit'}", flush=True)
+    if args.per_layer:
+        kept += per_layer_pick(rows, measured, lossless, base, out_e, data, ref_logp, args)
     return kept
+
+
+def per_layer_pick(rows, measured, lossless, base, out_e, data, ref_logp, args) -> list:
+    """Per-MoE-layer localize thresholds, decided on the calibration text: from one grid step below the uniform pick
+    of the `localize` curve (or 0), each layer alone is raised to each of the next `--per-layer` grid values (the
+    others kept) and measured; then the raises are taken greedily, most round trips saved per Δppl point first,
+    while the summed Δppl increments stay within --pick-on-calib; the combination is measured once more and the
+    last raise undone while it is over the limit. Returns the picked row (curve `localize_layers`) or none."""
+    def dppl(m):
+        return 100 * max(m["ppl"] / lossless["ppl"] - 1, m["ppl"] / base["ppl"] - 1)
+
+    threshold = lambda spec: float(spec.split("threshold=")[1].split(",")[0])  # noqa: E731
+    ok = [(measured[label]["round_trips_per_token"], threshold(spec)) for c, label, spec in rows
+          if c == "localize" and dppl(measured[label]) <= args.pick_on_calib]
+    grid = sorted({threshold(spec) for c, _, spec in rows if c == "localize"})
+    if not grid:
+        return []
+    pick = min(ok)[1] if ok else grid[0]  # the uniform pick
+    start = max([g for g in grid if g < pick], default=0.0)  # one grid step below it: room to raise some layers
+    spec_of = lambda ts: "int8+localize:thresholds=" + "/".join(f"{t:g}" for t in ts)  # noqa: E731
+    num_layers = len(json.loads((Path(out_e) / "placement.json").read_text())["assignment"])
+    with deploy(out_e, simulate=True, verify=False) as d:
+        def run(ts):
+            d.set_tokens(spec_of(ts))
+            m = evaluate(d, data, ref_logp, args.batch)
+            print(f"calibration text: per-layer {'/'.join(f'{t:g}' for t in ts):<30} ppl {m['ppl']:.3f} "
+                  f"(Δppl {dppl(m):+.2f} %) rt/tok {m['round_trips_per_token']:.2f}", flush=True)
+            return m
+        now = [start] * num_layers
+        at_start = run(now)
+        steps = []  # (rt saved per Δppl point, layer, value, rt saved, Δppl added)
+        for layer in range(num_layers):
+            for v in [g for g in grid if g > start][:args.per_layer]:
+                ts = list(now)
+                ts[layer] = v
+                m = run(ts)
+                saved = at_start["round_trips_per_token"] - m["round_trips_per_token"]
+                cost = max(dppl(m) - dppl(at_start), 1e-3)
+                if saved > 0:
+                    steps.append((saved / cost, layer, v, saved, cost))
+        budget = args.pick_on_calib - dppl(at_start)
+        taken = []  # layers raised, in the order taken
+        for _, layer, v, saved, cost in sorted(steps, reverse=True):
+            if layer not in taken and cost <= budget:  # one raise per layer, the most efficient that fits
+                budget -= cost
+                taken.append(layer)
+                now[layer] = v
+        while taken:
+            m = run(now)
+            if dppl(m) <= args.pick_on_calib:
+                label = (f"localize per layer {'/'.join(f'{t:g}' for t in now)} (picked on calib: Δppl "
+                         f"{dppl(m):+.2f} %, rt/tok {m['round_trips_per_token']:.2f})")
+                print(f"calibration pick for localize_layers: {label}", flush=True)
+                return [("localize_layers", label, spec_of(now))]
+            now[taken.pop()] = start
+    print("calibration pick for localize_layers: none within the limit", flush=True)
+    return []
 
 
 def write(results, pipe, full_ppl, args, local, extra, profile, replayed, seconds, base, quiet=False):

@@ -32,8 +32,12 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from moecompress.runtime.store.store import DEFAULT_COPY_THRESHOLD  # noqa: E402
 
 PIN_PREFETCH = dict(policy="lru", pin_share=0.5, prefetch="router")
+DEFAULT = dict(PIN_PREFETCH, prefetch_refine=True, prefetch_min_precision=0.5)
+COPIES = dict(copy_relative=True, copy_fetch=True, copies_in_budget=False)  # copies on top of the budget
 CONFIGS = [  # (name, StoreConfig fields besides the budget, budget shares it runs at (None: all))
     ("LRU", dict(policy="lru"), None),
     ("pin + prefetch (router), every prediction", dict(PIN_PREFETCH), (0.5,)),
@@ -43,10 +47,15 @@ CONFIGS = [  # (name, StoreConfig fields besides the budget, budget shares it ru
     ("pin + prefetch (router, precision >= 0.5)", dict(PIN_PREFETCH, prefetch_min_precision=0.5), (0.5,)),
     ("pin + prefetch (router + refine, precision >= 0.3)",
      dict(PIN_PREFETCH, prefetch_refine=True, prefetch_min_precision=0.3), (0.5,)),
-    ("pin + prefetch (router + refine, precision >= 0.5) (default)",
-     dict(PIN_PREFETCH, prefetch_refine=True, prefetch_min_precision=0.5), None),
-    ("+ 2-bit copies (w < 0.1)", dict(PIN_PREFETCH, prefetch_refine=True, prefetch_min_precision=0.5,
-                                      copy_threshold=0.1, copies_in_budget=False), None),
+    ("pin + prefetch (router + refine, precision >= 0.5) (default)", DEFAULT, None),
+    ("+ 2-bit copies (w < 0.1)", dict(DEFAULT, copy_threshold=0.1, copies_in_budget=False), (0.5,)),
+    # HOBBIT: a miss under the threshold runs on its copy and its full expert is read in the background; relative
+    # thresholds (x the token's mean top-k weight) as chosen on calibration text (store_copies.py)
+    (f"+ 2-bit copies, fetch (w < {DEFAULT_COPY_THRESHOLD[2]} x mean: default)",
+     dict(DEFAULT, **COPIES, copy_threshold=DEFAULT_COPY_THRESHOLD[2]), None),
+    ("+ 2-bit copies, fetch (every miss)", dict(DEFAULT, **COPIES, copy_threshold=1000.0), (0.5,)),
+    ("pin + 2-bit copies, fetch (every miss), no prefetch", dict(policy="lru", pin_share=0.5, **COPIES,
+                                                                copy_threshold=1000.0), (0.5,)),
 ]
 
 
@@ -135,7 +144,7 @@ def run_time(args, load, routing_stats, rtn_copies) -> dict:
 
     import bench_edge
     from moecompress.runtime.store import StoreConfig, attach_store, detach_store
-    from moecompress.runtime.packed_experts import PackedExperts
+    from moecompress.runtime.experts.packed_experts import PackedExperts
 
     ns = argparse.Namespace(work=args.work, big_layers=4, tokenizer=str(args.shared / "models/refmoe-qwen3"))
     _, ckpt = bench_edge.build_big(ns)
@@ -147,11 +156,12 @@ def run_time(args, load, routing_stats, rtn_copies) -> dict:
     warm_bytes = warm_pages(resident)
     t0 = time.time()
     stats = routing_stats(resident, calib)
-    cached = Path(ckpt).parent / f"{Path(ckpt).name}-copies2.pt"  # made once (minutes at these dims)
+    bits = args.time_copy_bits
+    cached = Path(ckpt).parent / f"{Path(ckpt).name}-copies{bits}.pt"  # made once (minutes at these dims)
     if cached.exists():
         copies = torch.load(cached)
     else:
-        copies = rtn_copies(None, resident, 2, 128, False)  # of the main copies' dequantized weights
+        copies = rtn_copies(None, resident, bits, 128, False)  # of the main copies' dequantized weights
         torch.save(copies, cached)
     print(f"stats + copies {time.time() - t0:.0f} s", flush=True)
     model = load(ckpt, torch.bfloat16)
@@ -161,6 +171,10 @@ def run_time(args, load, routing_stats, rtn_copies) -> dict:
         for name, fields, shares in CONFIGS:
             if (args.configs and name not in args.configs) or (shares is not None and share not in shares):
                 continue
+            if fields.get("copy_relative") and fields["copy_threshold"] == DEFAULT_COPY_THRESHOLD[2]:  # the default
+                fields = dict(fields, copy_threshold=DEFAULT_COPY_THRESHOLD[bits])  # threshold of these copies
+                name = name.replace(f"{DEFAULT_COPY_THRESHOLD[2]} x", f"{DEFAULT_COPY_THRESHOLD[bits]} x")
+            name = name.replace("2-bit copies", f"{bits}-bit copies")
             budget = int(share * total)
             store = attach_store(model, ckpt, StoreConfig(budget=budget, **fields), stats=stats,
                                  copies=copies if "copy_threshold" in fields else {})

@@ -5,8 +5,8 @@ Importing the package registers the `moecompress` quantization method with trans
 checks the files first.
 """
 from moecompress.errors import MoecompressError
-from moecompress.runtime.hf_quantizer import register as _register
-from moecompress.runtime.load import from_pretrained
+from moecompress.runtime.loading.hf_quantizer import register as _register
+from moecompress.runtime.loading.load import from_pretrained
 
 __version__ = "0.1.0"
 __all__ = ["MoecompressError", "from_pretrained", "__version__"]

@@ -51,13 +51,13 @@ def _eval(args) -> None:
 
 
 def _verify(args) -> None:
-    from moecompress.runtime.verify import verify_path
+    from moecompress.runtime.loading.verify import verify_path
 
     print(verify_path(args.dir).line())
 
 
 def _verification_line(directory: str) -> str:
-    from moecompress.runtime.verify import verify_path
+    from moecompress.runtime.loading.verify import verify_path
 
     try:
         return verify_path(directory).line()
@@ -74,7 +74,7 @@ def _inspect(args) -> None:
 
         print(format_placement(args.dir))
         return
-    from moecompress.runtime.inspect import checkpoint_report, format_report
+    from moecompress.runtime.loading.inspect import checkpoint_report, format_report
 
     print(format_report(checkpoint_report(args.dir)))
 

@@ -30,7 +30,7 @@ from moecompress.quantize.rtn import quantize_rtn
 from moecompress.quantize.stage import QuantizeOptions, _quantize, expert_hessian, quantize_copies
 from moecompress.recipe import recipe_from_dict
 from moecompress.format.spec import read_spec
-from moecompress.runtime.verify import verify_checkpoint
+from moecompress.runtime.loading.verify import verify_checkpoint
 
 IDS = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(3))
 
@@ -279,3 +279,83 @@ def test_the_expert_store_computes_misses_with_the_checkpoint_s_copies(exported)
     c = low.expert_store.counters()
     assert c["substitutions"] > 0 and c["copy_bytes"] > 0
     assert (got - full).abs().max() > 100 * max(base, 1e-7) and torch.isfinite(got).all()  # the 2-bit copies computed
+
+
+def test_bundles_carry_their_experts_copies_within_the_budget(exported, monkeypatch):
+    """`moecompress shard`: each server's bundle holds the copies of exactly the experts it holds (round trip: its
+    rows equal the checkpoint's rows of those experts), an expert's copy is counted in its bytes (placement and
+    bundle), verify passes, and deploy(..., expert_budget=) computes misses with them within the budget."""
+    from edge_bundles import expert_bundles
+    from test_store import _server_stores as _stores
+
+    from moecompress.format.copies import copy_bytes, copy_experts
+    from moecompress.format.headers import read_header
+    from moecompress.format.sizes import DTYPE_BYTES
+    from moecompress.runtime.edge import deploy
+    from moecompress.runtime.store.store import DEFAULT_COPY_THRESHOLD
+    from moecompress.shard.command import checkpoint_sizes
+
+    tmp = exported[3]
+    ck = tmp / "ck"
+    spec = read_spec(ck)
+    with_copies, _ = checkpoint_sizes(ck)
+    without, _ = checkpoint_sizes(tmp / "plain")
+    per_expert = copy_bytes(ck, spec)
+    file_bytes = lambda d: sum(int(np.prod(h.shape)) * DTYPE_BYTES[h.dtype]  # noqa: E731
+                               for h in read_header(copies_file(d)).values())
+    assert sum(per_expert.values()) == file_bytes(ck) > 0
+    paths = list(spec.experts)
+    for (path, e), n in per_expert.items():
+        assert with_copies[paths.index(path), e] == without[paths.index(path), e] + n
+    out = expert_bundles(ck, tmp / "bundles", 2)
+    held_by = {}
+    for server in (0, 1):
+        bundle = out / f"server-{server}"
+        verify_checkpoint(bundle)
+        sub = read_spec(bundle)
+        assert sub.copy_bits == 2
+        for path, es in sub.experts.items():
+            for proj in es.groups:
+                rows, all_rows = copy_experts(sub, path, proj), copy_experts(spec, path, proj)
+                assert rows == es.held(proj) and len(rows) < len(all_rows)
+                got, full = read_copy_group(bundle, path, proj, 2), read_copy_group(ck, path, proj, 2)
+                assert sorted(got) == sorted(full)
+                for part in full:
+                    assert torch.equal(got[part], full[part][[all_rows.index(e) for e in rows]])
+                held_by.setdefault(server, set()).update((path, e) for e in rows)
+        assert file_bytes(bundle) == sum(per_expert[k] for k in held_by[server])
+    with deploy(out, simulate=True, expert_budget=1 << 40) as d:
+        stores = _stores(d)
+        smallest = max(s.cache.min_budget for s in stores.values())
+        total = min(sum(s.cache.layout.nbytes.values()) + s.cache.copy_bytes for s in stores.values())
+    budget = max(smallest, total // 2)
+    with deploy(out, simulate=True, expert_budget=budget) as d:
+        logits = d(IDS, torch.ones_like(IDS))
+        stores = _stores(d)
+        counters = {n: s.counters() for n, s in stores.items()}
+    assert torch.isfinite(logits).all() and set(counters) == {0, 1}
+    for n, c in counters.items():
+        assert c["copy_bytes"] == file_bytes(out / f"server-{n}") and c["copies_in_budget"]
+        assert c["peak_bytes"] <= budget and c["misses"] + c["substitutions"] > 0
+        config = stores[n].config  # misses under the default copy threshold run on the copies
+        assert config.copy_threshold == DEFAULT_COPY_THRESHOLD[2] and config.copy_relative and config.copy_fetch
+        assert set(stores[n].copies) == {layer for layer, _ in stores[n].cache.layout.nbytes}  # every layer held
+    # every expert on its copy (no pinning, prefetch or fetch: nothing is read): the servers' copies compute what the
+    # checkpoint's own copies compute (each bundle's rows at their experts' slots)
+    from moecompress.runtime.store import StoreConfig
+    from moecompress.runtime.store import store as store_module
+
+    monkeypatch.setattr(store_module, "DEFAULT_PIN_SHARE", 0.0)
+    monkeypatch.setitem(store_module.DEFAULT_COPY_THRESHOLD, 2, 1000.0)
+    monkeypatch.setitem(store_module.DEFAULT_COPIES, "copy_fetch", False)
+    monkeypatch.setitem(store_module.DEFAULTS, "prefetch", None)
+    monkeypatch.setitem(store_module.DEFAULTS, "prefetch_refine", False)
+    with deploy(out, simulate=True, expert_budget=budget) as d:
+        got = d(IDS, torch.ones_like(IDS))
+        counters = [s.counters() for s in _stores(d).values()]
+    assert all(c["substitutions"] > 0 and c["misses"] == 0 and c["bytes_fetched"] == 0 for c in counters)
+    config = StoreConfig(budget=1 << 40, copy_threshold=1000.0)
+    with torch.no_grad():
+        want = moecompress.from_pretrained(ck, store=config).eval()(IDS).logits
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()  # float32: summation order only
+

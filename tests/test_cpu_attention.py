@@ -1,4 +1,4 @@
-"""One-token attention on CPU (runtime/cpu_attention.py): the same attention as a float64 reference, transformers'
+"""One-token attention on CPU (runtime/kernels/cpu_attention.py): the same attention as a float64 reference, transformers'
 own function for everything else, and a model using it generates the tokens of the plain model."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from moecompress.runtime import cpu_attention
+from moecompress.runtime.kernels import cpu_attention
 
 
 class Attn:

@@ -1,4 +1,4 @@
-"""The low-bit CPU kernels without AMX (runtime/cpu_lowbit.py, csrc/lowbit/) and the kernel registry.
+"""The low-bit CPU kernels without AMX (runtime/kernels/cpu_lowbit.py, csrc/lowbit/) and the kernel registry.
 
 Every ISA this CPU has is checked, and always the portable C++ one (forced), so that the kernels' arithmetic is
 covered on any CPU. Tolerances:
@@ -17,8 +17,9 @@ import torch
 
 from moecompress.errors import MoecompressError
 from moecompress.format.pack import dequantize, pack
-from moecompress.runtime import cpu_features, cpu_lowbit, kernel_registry, packed_group
-from moecompress.runtime.packed_group import PackedGroup
+from moecompress.runtime.kernels import cpu_features, cpu_lowbit, kernel_registry
+from moecompress.runtime.experts import packed_group
+from moecompress.runtime.experts.packed_group import PackedGroup
 
 SIMD = ("cpu:avx2", "cpu:avx512_vnni")
 
@@ -236,6 +237,7 @@ def test_packed_group_runs_the_registry_kernels_of_each_isa(bits, symmetric, mon
     rows = [counts[s] for s in hit]
     want = per_slot(x.double(), w, hit, rows) + group.bias[hit].double().repeat_interleave(torch.tensor(rows), 0)
     scale = want.abs().max()
+    min_in = kernel_registry.Q8_PREFILL_MIN_IN
     for isa in isas():
         monkeypatch.setenv(cpu_features.ISA_ENV, isa)
         group.prepare(torch.bfloat16)
@@ -243,7 +245,15 @@ def test_packed_group_runs_the_registry_kernels_of_each_isa(bits, symmetric, mon
         name = isa.removeprefix("cpu:")
         assert kernel_registry.select(bits, "decode", group, torch.bfloat16).name == f"q8_{name}"
         tile = "tile_mm_portable" if isa == "cpu:portable" else "tile_mm_avx2"
+        assert kernel_registry.select(bits, "prefill", group, torch.bfloat16).name == tile  # in_features 128: tiles
+        assert kernel_registry.select(bits, "prefill", group, torch.float32).name == tile
+        monkeypatch.setattr(kernel_registry, "Q8_PREFILL_MIN_IN", 128)  # AVX2: int8 at every row count from there
+        prefill = f"q8_{name}" if isa in kernel_registry.Q8_PREFILL_ISAS else tile
+        assert kernel_registry.select(bits, "prefill", group, torch.bfloat16).name == prefill
+        assert kernel_registry.select(bits, "prefill", group, torch.float32).name == tile
+        monkeypatch.setattr(kernel_registry, "Q8_PREFILL_MIN_IN", 129)
         assert kernel_registry.select(bits, "prefill", group, torch.bfloat16).name == tile
+        monkeypatch.setattr(kernel_registry, "Q8_PREFILL_MIN_IN", min_in)
         assert kernel_registry.select(bits, "decode", group, torch.float32).name == tile
         for min_rows in (None, 16, 0, 10**9):  # the kernel's own crossover, a split at slot 2, all tiles, all q8
             monkeypatch.setattr(packed_group, "PREFILL_MIN_ROWS", min_rows)

@@ -1,4 +1,4 @@
-"""The fused MoE decode call on CPU (runtime/cpu_moe.py, csrc/lowbit/moe.cpp) against a float64 reference.
+"""The fused MoE decode call on CPU (runtime/experts/cpu_moe.py, csrc/lowbit/moe.cpp) against a float64 reference.
 
 The reference computes the layer pair by pair from the dequantized weights with the activations quantized to int8
 exactly as the kernels do (cpu_lowbit.quantize_rows), so the fused result may differ from it only by float32
@@ -15,8 +15,9 @@ from torch import nn
 from moecompress.errors import MoecompressError
 from moecompress.format.pack import dequantize, pack
 from moecompress.format.spec import ExpertsSpec
-from moecompress.runtime import cpu_features, cpu_lowbit, cpu_moe, kernel_registry
-from moecompress.runtime.packed_experts import PackedExperts
+from moecompress.runtime.kernels import cpu_features, cpu_lowbit, kernel_registry
+from moecompress.runtime.experts import cpu_moe
+from moecompress.runtime.experts.packed_experts import PackedExperts
 
 SIMD = ("cpu:avx2", "cpu:avx512_vnni")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-LOWBIT = REPO / "moecompress" / "runtime" / "csrc" / "lowbit"
+LOWBIT = REPO / "moecompress" / "runtime" / "kernels" / "csrc" / "lowbit"
 CXX, QEMU = "aarch64-linux-gnu-g++", "qemu-aarch64"
 SYSROOT = Path("/usr/aarch64-linux-gnu")
 

@@ -20,7 +20,7 @@ from helpers import mixed_plan, quantize_tiny
 import moecompress
 from moecompress.arch.adapters import describe
 from moecompress.export.checkpoint import export_checkpoint
-from moecompress.runtime import cpu_features, cpu_lowbit, kernel_registry
+from moecompress.runtime.kernels import cpu_features, cpu_lowbit, kernel_registry
 from moecompress.runtime.cpu_step import CpuDecoder, StepPlan, UnsupportedModel
 
 pytestmark = [pytest.mark.skipif(not cpu_lowbit.available(), reason="the low-bit C++ kernels are not built"),
@@ -161,6 +161,28 @@ def test_eos_pads_and_stops_like_transformers(tmp_path_factory):
         assert torch.equal(got[r, :stop], free[r, :stop])
         assert (got[r, stop:] == -1).all()
     assert got.shape[1] <= free.shape[1]
+
+
+def test_greedy_steps_equal_one_step_at_a_time(tmp_path_factory):
+    """greedy_steps (the C++ loop generate runs) = step_logits + argmax token by token; it stops once every row has
+    produced an EOS (a row's input token counts)."""
+    model = load(checkpoint("mixtral", tmp_path_factory))
+    ids, mask = prompts(3, seed=6)
+    n = ids.shape[1]
+    decoder = CpuDecoder(model, max_cache_len=24, batch_size=3)
+    logits, positions = decoder.prefill(ids, mask)
+    first, pos = logits.argmax(-1), positions[:, -1] + 1
+    loop, nxt = [], first
+    for t in range(10):
+        nxt = decoder.step_logits(nxt, pos + t, n + t).argmax(-1)
+        loop.append(nxt)
+    loop = torch.stack(loop, 1)
+    decoder.prefill(ids, mask)
+    assert torch.equal(decoder.greedy_steps(first, pos, n, 10), loop)
+    eos = [int(loop[0, 2]), int(loop[1, 4]), int(loop[2, 1])]  # each row has produced one of them by step 5
+    last = max(int((torch.isin(loop[r], torch.tensor(eos))).nonzero()[0, 0]) for r in range(3))
+    decoder.prefill(ids, mask)
+    assert torch.equal(decoder.greedy_steps(first, pos, n, 10, eos), loop[:, :last + 1])
 
 
 def test_sampling_is_seeded_and_stays_in_the_nucleus(tmp_path_factory):

@@ -14,7 +14,7 @@ from torch import nn
 from moecompress.format.pack import dequantize, pack
 from moecompress.format.spec import ExpertsSpec
 from moecompress.runtime import cuda
-from moecompress.runtime.packed_experts import PackedExperts
+from moecompress.runtime.experts.packed_experts import PackedExperts
 
 GROUP = 128
 
@@ -304,3 +304,20 @@ def test_few_large_experts_take_the_tables_path(tokens, pair, monkeypatch):
     out = layer(x, idx, w)
     assert rel_err(out, reference_layer(layer, x, idx, w)) < tolerance(tokens)
     assert bool(getattr(layer, "_cuda_pair_plans", None)) == pair
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_prefill_gate_fused_or_not(gated, monkeypatch):
+    """packed_kernel's prefill with SiLU(gate) * up fused into the first projection (GATED) or the model's gate in
+    torch: row blocks up to 128 (PREFILL) and of 256 (PREFILL_TALL), symmetric group 32, every packed bit-width."""
+    from moecompress.runtime.cuda import experts as cuda_experts, launch
+
+    monkeypatch.setattr(launch, "PREFILL_GATED", gated)
+    monkeypatch.setattr(launch, "PREFILL_TALL_GATED", gated)
+    layer = random_experts(4, 384, 160, [3, 2, 8, 4], group_size=32, symmetric=True, seed=12)
+    assert cuda_experts.prefill_gate_fused(layer, cuda_experts._proj_groups(layer.gate_up)[0])
+    for tokens in (40, 600):
+        x = activations(tokens, 384, seed=11)
+        idx, w = routing(tokens, 4, 2, "cuda", seed=tokens)
+        out = cuda_experts.forward(layer, x, idx, w)
+        assert rel_err(out, reference_layer(layer, x, idx, w)) < 1e-2, tokens

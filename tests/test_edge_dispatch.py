@@ -72,3 +72,53 @@ def test_few_token_path_equals_the_tensor_path(monkeypatch):
         assert {k_: str(v) for k_, v in ca.items()} == {k_: str(v) for k_, v in cb.items()}
         assert all(torch.equal(x[1], y[1]) and torch.equal(x[2], y[2]) for x, y in zip(ra, rb))
         assert np.asarray(ca["messages"]).sum() > 0 and np.asarray(ca["pairs"])[:, 0].sum() > 0  # remote and home
+
+
+ECHO_SERVER = """
+import sys, torch, torch.distributed as dist
+from moecompress.runtime.edge.transport import init_group, recv_request
+device = init_group(sys.argv[1], 1, 2, 60.0)
+for _ in range(3):  # each request back as [op, payload bytes, payload sum]
+    _, head, payload = recv_request(0, device)
+    dist.send(torch.tensor([head[0], payload.numel(), int(payload.long().sum())], dtype=torch.int64), 0)
+dist.destroy_process_group()
+"""
+
+
+def test_a_request_is_one_gloo_message_when_it_fits(tmp_path):
+    import subprocess
+    import sys
+
+    import torch.distributed as dist
+
+    from moecompress.runtime.edge import wire
+    from moecompress.runtime.edge.transport import init_group, send_request
+
+    small = torch.arange(300, dtype=torch.uint8)
+    big = (torch.arange(wire.FRAME_BYTES + 1000) % 251).to(torch.uint8)
+    head_small, head_big = wire.header(wire.OP_ADMIT, a=small.numel()), wire.header(wire.OP_ADMIT, a=big.numel())
+    assert [p.numel() for p in wire.frame(head_small, small, True)] == [64 + 300]  # one message
+    assert [p.numel() for p in wire.frame(head_big, big, True)] == [8, big.numel()]  # too big: header, then payload
+    assert [p.numel() for p in wire.frame(head_small, small, False)] == [8, 300]  # NCCL: always two
+    assert [p.numel() for p in wire.frame(wire.header(wire.OP_PING), None, True)] == [8]
+    first = wire.first_buffer(True, "cpu")
+    first[:364] = wire.frame(head_small, small, True)[0]
+    head, payload = wire.unframe(first, True)
+    assert head == head_small.tolist() and torch.equal(payload, small)
+    first[:64] = wire.as_bytes(head_big)
+    assert wire.unframe(first, True)[1] is None  # the payload follows
+    init = f"file://{tmp_path / 'rendezvous'}"  # the real thing: gloo between two processes
+    child = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, init])
+    try:
+        device = init_group(init, 0, 2, 60.0)
+        got = []
+        for head, payload in ((head_small, small), (head_big, big), (wire.header(wire.OP_PING), None)):
+            send_request(1, head, payload, device)
+            answer = torch.empty(3, dtype=torch.int64)
+            dist.recv(answer, 1)
+            got.append(answer.tolist())
+        dist.destroy_process_group()
+        assert got == [[wire.OP_ADMIT, 300, int(small.long().sum())],
+                       [wire.OP_ADMIT, big.numel(), int(big.long().sum())], [wire.OP_PING, 0, 0]]
+    finally:
+        assert child.wait(timeout=60) == 0

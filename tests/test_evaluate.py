@@ -19,7 +19,7 @@ from moecompress.evaluate import (
 )
 from moecompress.evaluate.command import run_eval_command
 from moecompress.export.checkpoint import export_checkpoint
-from moecompress.runtime.inspect import checkpoint_report
+from moecompress.runtime.loading.inspect import checkpoint_report
 
 V = 128  # vocabulary of the tiny models
 

@@ -10,8 +10,8 @@ from helpers import quantize_tiny
 
 import moecompress
 from moecompress.export.checkpoint import export_checkpoint
-from moecompress.runtime import convert
-from moecompress.runtime.file_pages import file_mappings, unused_ranges
+from moecompress.runtime.loading import convert
+from moecompress.runtime.loading.file_pages import file_mappings, unused_ranges
 
 IDS = torch.tensor([[5, 17, 99, 3, 64, 23, 11, 7], [9, 4, 61, 33, 120, 2, 18, 47]])
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
@@ -57,7 +57,7 @@ def test_converted_tensors_leave_no_resident_file_pages(tiny_model, tmp_path, mo
 def test_long_cpu_forwards_give_the_freed_heap_back(tiny_model, tmp_path, monkeypatch):
     """A loaded checkpoint trims the heap after every forward of >= TRIM_MIN_TOKENS tokens, never after decode-sized
     ones, and computes the same logits with or without the hook."""
-    from moecompress.runtime import heap
+    from moecompress.runtime.kernels import heap
 
     model = tiny_model("qwen3_moe")
     layout, plan, quantized = quantize_tiny(model)

@@ -17,8 +17,8 @@ import moecompress
 from moecompress.artifacts.bit_plan import BitPlan
 from moecompress.errors import MoecompressError
 from moecompress.export.checkpoint import export_checkpoint
-from moecompress.runtime.inspect import checkpoint_report, resident_bytes
-from moecompress.runtime.packed_group import PackedGroup
+from moecompress.runtime.loading.inspect import checkpoint_report, resident_bytes
+from moecompress.runtime.experts.packed_group import PackedGroup
 
 IDS = torch.tensor([[5, 17, 99, 3, 64, 23, 11, 7, 42, 101, 8, 77, 30, 12, 90, 55],
                     [9, 4, 61, 33, 120, 2, 18, 47, 66, 71, 13, 29, 84, 6, 111, 40]])

@@ -215,7 +215,7 @@ def test_lm_head_quantized_by_protect_rule(inputs, tmp_path):
     """protect.lm_head: 8 puts lm_head in the plan at 8 bits, stores it packed (no Hessian: round to nearest,
     reported as a fallback) and the checkpoint computes it from the packed form; a tied lm_head is refused."""
     from moecompress.artifacts.quantized import QuantizedTensors
-    from moecompress.runtime.packed_linear import PackedLinear
+    from moecompress.runtime.experts.packed_linear import PackedLinear
 
     over = {"protect": {"lm_head": 8}, "tune": {"steps": 0}}
     run = quantize(recipe_from_dict(_recipe(inputs, "head8", **over)), progress=False)

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from moecompress.format.pack import dequantize, pack
-from moecompress.runtime import cpu_features, cpu_int4, kernel_registry, packed_group
-from moecompress.runtime.packed_group import PackedGroup
+from moecompress.runtime.kernels import cpu_features, cpu_int4, kernel_registry
+from moecompress.runtime.experts import packed_group
+from moecompress.runtime.experts.packed_group import PackedGroup
 
 IN, OUT, GROUP = 128, 128, 32
 COUNTS = [5, 0, 70, 1, 0, 3]  # rows per slot: empty slots, a single row, one slot past the dequant threshold
@@ -103,7 +104,7 @@ def test_prepared_int4_group_is_its_packed_size_and_saves_exactly(int4_layout):
 
 def cpp_kernels():
     """cpu_kernels, or a skip where the C++ kernels cannot run here."""
-    from moecompress.runtime import cpu_kernels
+    from moecompress.runtime.kernels import cpu_kernels
 
     if not cpu_int4.available() or cpu_int4.block_layout(OUT, IN) is None:
         pytest.skip("no blocked CPU int4 layout on this CPU")

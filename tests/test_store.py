@@ -3,6 +3,7 @@ predictions harmless, low-bit substitution only under its threshold, the smalles
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from moecompress.errors import MoecompressError
 from moecompress.export.checkpoint import export_checkpoint
 from moecompress.format.expert_stats import ExpertStats, write_expert_stats
 from moecompress.quantize.rtn import quantize_rtn
-from moecompress.runtime.packed_experts import PackedExperts
+from moecompress.runtime.experts.packed_experts import PackedExperts
 from moecompress.runtime.store import StoreConfig, attach_store
 
 from helpers import quantize_tiny
@@ -74,12 +75,8 @@ def reference(ckpt):
 
 
 def _total_and_min(ckpt_dir) -> tuple[int, int]:
-    model = _load(ckpt_dir)
-    store = attach_store(model, ckpt_dir, StoreConfig(budget=1 << 40))
-    try:
+    with _attached(ckpt_dir, StoreConfig(budget=1 << 40)) as (_, store):
         return sum(store.cache.layout.nbytes.values()), store.cache.min_budget
-    finally:
-        store.close()
 
 
 @pytest.fixture(scope="module")
@@ -87,13 +84,22 @@ def sizes(ckpt):
     return _total_and_min(ckpt[0])
 
 
-def _store_run(ckpt_dir, config: StoreConfig, **kw):
-    model = _load(ckpt_dir)
-    store = attach_store(model, ckpt_dir, config, **kw)
+@contextmanager
+def _attached(ckpt_dir, config: StoreConfig, model=None, load=None, **kw):
+    """(model, store): a fresh model (or `model`) with an ExpertStore attached (to kw's `modules` where given); the
+    store is closed on exit."""
+    model = model if model is not None else (load or _load)(ckpt_dir)
+    store = attach_store(None if "modules" in kw else model, ckpt_dir, config, **kw)
     try:
-        return _run(model), store.counters()
+        yield model, store
     finally:
         store.close()
+
+
+def _store_run(ckpt_dir, config: StoreConfig, run=None, **kw):
+    """(every step's logits, the store's counters) of `run` (default _run) under a store."""
+    with _attached(ckpt_dir, config, **kw) as (model, store):
+        return (run or _run)(model), store.counters()
 
 
 GRID = [(p, s) for p in ("lru", "lfu", "popularity", "demand", "cyclic") for s in (0.0, 0.3, 0.6, 1.0)]
@@ -183,17 +189,13 @@ def test_second_prediction_from_the_residual_stream_is_exact_and_unhooked(ckpt, 
     """prefetch_refine: hooks keep each MoE block's input stream; after a layer's experts computed, layer l+1 is
     predicted again from the stream + the output. Results stay exact, the hooks go with the store."""
     total, smallest = sizes
-    model = _load(ckpt[0])
     config = StoreConfig(budget=max(smallest, total // 2), pin_share=0.5, prefetch="router", prefetch_refine=True,
                          prefetch_min_precision=0.5)
-    store = attach_store(model, ckpt[0], config)
-    norms = [layer.post_attention_layernorm for layer in model.model.layers]
-    try:
+    with _attached(ckpt[0], config) as (model, store):
+        norms = [layer.post_attention_layernorm for layer in model.model.layers]
         assert len(store.hooks) == len(norms) and all(len(n._forward_pre_hooks) == 1 for n in norms)
         outs = _run(model)
         c = store.counters()
-    finally:
-        store.close()
     for got, ref in zip(outs, reference):
         assert torch.equal(got, ref)
     assert c["peak_bytes"] <= config.budget
@@ -217,60 +219,58 @@ class WrongPredictor:
 def test_a_wrong_prediction_never_changes_results(ckpt, reference, sizes):
     total, smallest = sizes
     model = _load(ckpt[0])
-    store = attach_store(model, ckpt[0], StoreConfig(budget=max(smallest, total // 3)), predictor=WrongPredictor(model))
-    try:
-        outs = _run(model)
-        c = store.counters()
-    finally:
-        store.close()
+    outs, c = _store_run(ckpt[0], StoreConfig(budget=max(smallest, total // 3)), model=model,
+                         predictor=WrongPredictor(model))
     for got, ref in zip(outs, reference):
         assert torch.equal(got, ref)
     assert c["prefetches"] > 0 and c["prefetch_accuracy"] < 0.5
 
 
-def _substitution_run(ckpt_dir, copies, budget, threshold):
+def _substitution_run(ckpt_dir, copies, budget, threshold, **fields):
     """Run with copies; record every experts call's routing and every acquire (key, substituted)."""
-    model = _load(ckpt_dir)
-    store = attach_store(model, ckpt_dir, StoreConfig(budget=budget, copy_threshold=threshold), copies=copies)
     calls, acquired = [], []
-    hooks = [m.register_forward_pre_hook(lambda mod, args: calls.append((args[1].clone(), args[2].clone())))
-             for m in model.modules() if isinstance(m, PackedExperts)]
-    classify = store.cache.classify
+    with _attached(ckpt_dir, StoreConfig(budget=budget, copy_threshold=threshold, **fields), copies=copies) as (
+            model, store):
+        hooks = [m.register_forward_pre_hook(lambda mod, args: calls.append((args[1].clone(), args[2].clone())))
+                 for m in model.modules() if isinstance(m, PackedExperts)]
+        classify = store.cache.classify
 
-    def recording(requests):
-        kinds = classify(requests)
-        acquired.extend((key, kind == "copy") for (key, _), kind in zip(requests, kinds))
-        return kinds
+        def recording(requests, **kw):
+            kinds = classify(requests, **kw)
+            acquired.extend((key, kind == "copy") for (key, _), kind in zip(requests, kinds))
+            return kinds
 
-    store.cache.classify = recording
-    try:
-        outs = _run(model)
+        store.cache.classify = recording
+        try:
+            outs = _run(model)
+        finally:
+            for h in hooks:
+                h.remove()
         return outs, store.counters(), calls, acquired
-    finally:
-        for h in hooks:
-            h.remove()
-        store.close()
 
 
-def test_low_bit_substitution_only_under_threshold_and_counted(ckpt, reference, sizes):
+@pytest.mark.parametrize("relative", [False, True])
+def test_low_bit_substitution_only_under_threshold_and_counted(ckpt, reference, sizes, relative):
+    """copy_relative: the threshold is in units of the token's mean top-k weight."""
     ckpt_dir, copies = ckpt
     total, smallest = sizes
     copy_bytes = sum(t.numel() * t.element_size() for by in copies.values() for d in by.values()
                      for k, t in d.items() if k != "bits")
     budget = smallest + copy_bytes + total // 4
     # threshold 0: never substitutes, exact
-    outs, c, _, _ = _substitution_run(ckpt_dir, copies, budget, 0.0)
+    outs, c, _, _ = _substitution_run(ckpt_dir, copies, budget, 0.0, copy_relative=relative)
     assert c["substitutions"] == 0 and c["copy_bytes"] == copy_bytes and c["peak_bytes"] <= budget
     assert all(torch.equal(a, b) for a, b in zip(outs, reference))
     # a middle threshold: substituted uses all have routing weight below it, and are counted
-    threshold = 0.45
-    outs, c, calls, acquired = _substitution_run(ckpt_dir, copies, budget, threshold)
+    threshold = 0.9 if relative else 0.45
+    outs, c, calls, acquired = _substitution_run(ckpt_dir, copies, budget, threshold, copy_relative=relative)
     assert c["peak_bytes"] <= budget
     num_layers = len(copies)
     per_call = []  # (layer, expert) -> max routing weight, in call order
     for i, (idx, w) in enumerate(calls):
         layer = i % num_layers
         weights = {}
+        w = w.float() / w.float().mean(-1, keepdim=True) if relative else w
         for e, v in zip(idx.reshape(-1).tolist(), w.reshape(-1).tolist()):
             weights[e] = max(weights.get(e, 0.0), v)
         per_call.extend(((layer, e), weights[e]) for e in sorted(weights))
@@ -304,6 +304,40 @@ def test_budget_below_the_largest_expert_is_a_clear_error(ckpt, sizes):
         moecompress.from_pretrained(ckpt[0], dtype=torch.float32, verify=False, expert_budget=smallest - 1)
 
 
+def test_copy_fetch_serves_every_miss_from_the_copy_and_reads_it_for_next_time(ckpt, reference, sizes):
+    """copy_fetch (HOBBIT): a miss under the threshold (here every miss) is computed by its copy, never waited for,
+    and its full expert is read in the background: with room for everything, each expert is substituted at most
+    until its read lands, then hit, and ends resident; the budget holds."""
+    ckpt_dir, copies = ckpt
+    total, smallest = sizes
+    copy_bytes = sum(t.numel() * t.element_size() for by in copies.values() for d in by.values()
+                     for k, t in d.items() if k != "bits")
+    budget = copy_bytes + total
+    with _attached(ckpt_dir, StoreConfig(budget=budget, copy_threshold=2.0, copy_fetch=True), copies=copies) as (
+            model, store):
+        kinds = []  # (key, kind) of every use
+        classify = store.cache.classify
+
+        def recording(requests, **kw):
+            got = classify(requests, **kw)
+            kinds.extend(zip([key for key, _ in requests], got))
+            return got
+
+        store.cache.classify = recording
+        first = _run(model)
+        store._readers.shutdown(wait=True)  # the background reads done
+        c = store.counters()
+        resident = store.cache.resident()
+    substituted = {key for key, kind in kinds if kind == "copy"}
+    assert c["misses"] == 0 and c["substitutions"] == sum(kind == "copy" for _, kind in kinds) > 0
+    assert c["uses"] == c["hits"] + c["substitutions"] and c["peak_bytes"] <= budget
+    assert resident == substituted and c["copy_fetches"] == len(resident)  # each read once, all fit: all stay
+    assert not all(torch.equal(a, b) for a, b in zip(first, reference))
+    # without copy_fetch the same threshold substitutes every miss and reads nothing
+    outs, c = _store_run(ckpt_dir, StoreConfig(budget=budget, copy_threshold=2.0), copies=copies)
+    assert c["bytes_fetched"] == 0 and c["copy_fetches"] == 0 and c["hits"] == 0
+
+
 def test_from_pretrained_with_a_budget(ckpt, reference, sizes):
     total, smallest = sizes
     model = moecompress.from_pretrained(ckpt[0], dtype=torch.float32, verify=False, expert_budget=total // 2)
@@ -325,6 +359,12 @@ def test_bad_settings_are_clear_errors():
         StoreConfig(budget=1, prefetch="router", prefetch_floor=-1.0)
     with pytest.raises(MoecompressError, match="prefetch_min_precision must be in 0..1"):
         StoreConfig(budget=1, prefetch="router", prefetch_min_precision=1.5)
+    with pytest.raises(MoecompressError, match="copy_fetch .* give copy_threshold"):
+        StoreConfig(budget=1, copy_fetch=True)
+    with pytest.raises(MoecompressError, match="copy_relative .* give copy_threshold"):
+        StoreConfig(budget=1, copy_relative=True)
+    with pytest.raises(MoecompressError, match="copy_threshold .* must be >= 0"):
+        StoreConfig(budget=1, copy_threshold=-0.1)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the pinned-memory -> GPU tier needs CUDA")
@@ -334,14 +374,11 @@ def test_gpu_tier_exact(ckpt, sizes):
     ids = torch.tensor([[5, 17, 3, 99, 42, 7, 64, 8]], device="cuda")
     with torch.no_grad():
         ref = model(ids).logits
-    store = attach_store(model, ckpt[0], StoreConfig(budget=max(smallest, total // 3), tier="pinned",
-                                                     prefetch="router"))
-    try:
+    config = StoreConfig(budget=max(smallest, total // 3), tier="pinned", prefetch="router")
+    with _attached(ckpt[0], config, model=model) as (_, store):
         with torch.no_grad():
             got = model(ids).logits
         c = store.counters()
-    finally:
-        store.close()
     assert torch.equal(got, ref) and c["peak_bytes"] <= max(smallest, total // 3) and c["misses"] > 0
 
 
@@ -351,13 +388,10 @@ def test_one_rank_s_experts_under_a_store(ckpt, reference, sizes):
     model = _load(ckpt[0])
     paths = {layer: f"model.layers.{layer}.mlp.experts" for layer in (1, 2)}
     modules = {layer: model.get_submodule(p) for layer, p in paths.items()}
-    store = attach_store(None, ckpt[0], StoreConfig(budget=smallest, pin_share=0.0, prefetch="paths"),
-                         modules=modules, paths=paths)
-    try:
+    with _attached(ckpt[0], StoreConfig(budget=smallest, pin_share=0.0, prefetch="paths"), model=model,
+                   modules=modules, paths=paths) as (_, store):
         outs = _run(model)
         c = store.counters()
-    finally:
-        store.close()
     assert all(torch.equal(a, b) for a, b in zip(outs, reference))
     assert c["misses"] > 0 and c["peak_bytes"] <= smallest and set(k[0] for k in store.cache.layout.nbytes) == {1, 2}
 
@@ -433,7 +467,7 @@ def ckpt_fused(tmp_path_factory):
     from conftest import _build
     from helpers import mixed_plan
 
-    from moecompress.runtime import cpu_lowbit
+    from moecompress.runtime.kernels import cpu_lowbit
 
     if not cpu_lowbit.available():
         pytest.skip("no C++ compiler: the fused decode call is not built")
@@ -477,7 +511,7 @@ def _run_one(model) -> list[torch.Tensor]:
 
 
 def test_fused_decode_exact_at_every_budget(ckpt_fused):
-    from moecompress.runtime import cpu_moe
+    from moecompress.runtime.experts import cpu_moe
 
     ckpt_dir, _ = ckpt_fused
     resident = _load_bf16(ckpt_dir)
@@ -512,18 +546,15 @@ def test_fused_decode_exact_at_every_budget(ckpt_fused):
             assert c["misses"] > 0
 
 
-def test_fused_decode_low_bit_copies_in_the_same_call(ckpt_fused):
+@pytest.mark.parametrize("copy_fetch", [False, True])
+def test_fused_decode_low_bit_copies_in_the_same_call(ckpt_fused, copy_fetch):
     ckpt_dir, copies = ckpt_fused
     reference = _run_one(_load_bf16(ckpt_dir))
-    model = _load_bf16(ckpt_dir)
-    store = attach_store(model, ckpt_dir, StoreConfig(budget=1 << 40, copy_threshold=1.1, copies_in_budget=False),
-                         copies=copies)
-    try:
-        outs = _run_one(model)  # nothing resident at first and every weight < 1.1: the first uses run on the copies
-        c = store.counters()
-    finally:
-        store.close()
-    assert c["substitutions"] > 0
+    config = StoreConfig(budget=1 << 40, copy_threshold=1.1, copies_in_budget=False, copy_fetch=copy_fetch)
+    # nothing resident at first and every weight < 1.1: the first uses run on the copies
+    outs, c = _store_run(ckpt_dir, config, run=_run_one, load=_load_bf16, copies=copies)
+    assert c["substitutions"] > 0 and c["misses"] == 0
+    assert (c["copy_fetches"] > 0) == copy_fetch and (c["bytes_fetched"] > 0) == copy_fetch
     assert not torch.equal(outs[1], reference[1])
 
 
@@ -573,9 +604,7 @@ def test_fused_rows_summed_apart_equal_the_one_call(ckpt_fused):
     from moecompress.runtime.store.fused import FusedSettings, fused_call, fused_rows, weighted_sum
 
     ckpt_dir, _ = ckpt_fused
-    model = _load_bf16(ckpt_dir)
-    store = attach_store(model, ckpt_dir, StoreConfig(budget=1 << 40))
-    try:
+    with _attached(ckpt_dir, StoreConfig(budget=1 << 40), load=_load_bf16) as (model, store):
         module = next(m for m in model.modules() if isinstance(m, PackedExperts))
         settings = store._fused_settings(0, module, torch.zeros(1, 256, dtype=torch.bfloat16))
         assert isinstance(settings, FusedSettings)
@@ -598,8 +627,6 @@ def test_fused_rows_summed_apart_equal_the_one_call(ckpt_fused):
             assert full.dtype == torch.float32 and torch.equal(got, full)
             differs += not torch.equal(fused_call(*args, index, weights, a) + fused_call(*args, index, weights, b), full)
         assert differs > 0
-    finally:
-        store.close()
 
 
 def test_server_processes_with_an_expert_budget_equal_the_resident_run(tmp_path_factory, monkeypatch):

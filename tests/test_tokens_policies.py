@@ -349,3 +349,26 @@ def test_localize_gap_measure_moves_exactly_the_tokens_whose_local_choices_lose_
     assert int(((by_remote.servers != lossless_plan(ctx).servers).any(-1)).sum()) <= int(moved.sum())
     with pytest.raises(MoecompressError, match="measure must be one of remote, gap"):
         build_pipeline("localize:threshold=0.1,measure=mass")
+
+
+def test_localize_per_layer_thresholds_apply_each_layers_own():
+    from dataclasses import replace
+
+    g = torch.Generator().manual_seed(9)
+    logits = torch.randn(T, E, generator=g)
+    probs = torch.softmax(logits, -1)
+    ids = probs.topk(K, -1).indices
+    w = probs.gather(1, ids)
+    ctx = replace(make_ctx(True), topk_ids=ids, topk_weights=w / w.sum(-1, keepdim=True), router_logits=logits)
+    per_layer = build_pipeline("localize:thresholds=0/0.6/1.01")
+    for layer, t in enumerate((0.0, 0.6, 1.01)):
+        at = replace(ctx, layer=layer)
+        assert same_plan(per_layer.plan(at), build_pipeline(f"localize:threshold={t}").plan(at))
+    assert same_plan(per_layer.plan(ctx), lossless_plan(ctx))  # layer 0: threshold 0 changes nothing
+    moved = (per_layer.plan(replace(ctx, layer=2)).servers != lossless_plan(ctx).servers).any(-1)
+    assert int(moved.sum()) > 10
+    with pytest.raises(MoecompressError, match="lists 3 MoE layers"):
+        per_layer.plan(replace(ctx, layer=3))
+    for bad in ("0.1/x", "0.1/-0.2"):
+        with pytest.raises(MoecompressError, match="thresholds must be"):
+            build_pipeline(f"localize:thresholds={bad}")

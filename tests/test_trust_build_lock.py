@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from moecompress.runtime.build_lock import PID_FILE, TORCH_LOCK, build_guard
+from moecompress.runtime.kernels.build_lock import PID_FILE, TORCH_LOCK, build_guard
 
 
 def _dead_pid() -> int:
@@ -49,8 +49,8 @@ def test_a_live_builder_is_waited_for_then_timeout(tmp_path):
 @pytest.mark.slow
 def test_kernels_load_after_a_killed_build(tmp_path):
     """A torch lock left in the real build directory (as a kill mid-compile leaves it) no longer hangs the load."""
-    code = ("import hashlib, torch, moecompress.runtime.cpu_kernels as k\n"
-            "from moecompress.runtime.build_lock import build_directory\n"
+    code = ("import hashlib, torch, moecompress.runtime.kernels.cpu_kernels as k\n"
+            "from moecompress.runtime.kernels.build_lock import build_directory\n"
             "text = ''.join(p.read_text() for p in k.SOURCES + k.HEADERS)\n"
             "tag = hashlib.sha256((k._cpu_flags() + torch.__version__ + text).encode()).hexdigest()[:12]\n"
             "d = build_directory(f'moecompress_cpu_kernels_{tag}')\n"

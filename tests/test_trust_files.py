@@ -19,7 +19,7 @@ from moecompress.cli import main
 from moecompress.errors import MoecompressError
 from moecompress.export.checkpoint import export_checkpoint
 from moecompress.format.files import MANIFEST, write_manifest
-from moecompress.runtime.verify import verify_path
+from moecompress.runtime.loading.verify import verify_path
 
 IDS = torch.tensor([[5, 17, 99, 3, 64, 23, 11, 7]])
 
@@ -251,7 +251,7 @@ def _edit_placement(out: Path, edit) -> None:
 
 
 def test_bundles_load_and_verify(bundles, original, capsys):
-    from moecompress.runtime.bundles import load_bundles
+    from moecompress.runtime.loading.bundles import load_bundles
 
     out = _logits(load_bundles(bundles, dtype=torch.float32))
     assert torch.allclose(out, original[1], atol=1e-5)
@@ -280,7 +280,7 @@ def _rename_entry(doc, new):
     (lambda d: d.update(experts_paths=[1, 2, 3]), "experts_paths"),
 ])
 def test_bad_placement_refused(bundles, edit, match):
-    from moecompress.runtime.bundles import load_bundles
+    from moecompress.runtime.loading.bundles import load_bundles
 
     _edit_placement(bundles, edit)
     with pytest.raises(MoecompressError, match=match):

@@ -182,7 +182,7 @@ def test_fuzz_safetensors_header(original, data, reseal, flips):
 @pytest.fixture(scope="module")
 def bundles(original):
     from moecompress.artifacts.placement import Placement
-    from moecompress.runtime.bundles import load_bundles
+    from moecompress.runtime.loading.bundles import load_bundles
     from moecompress.shard.bundles import write_bundles
 
     ck, _ = original
@@ -199,7 +199,7 @@ def bundles(original):
 @settings(FUZZ, max_examples=6)
 @given(data=st.data(), reseal=st.booleans())
 def test_fuzz_placement(bundles, data, reseal):
-    from moecompress.runtime.bundles import load_bundles
+    from moecompress.runtime.loading.bundles import load_bundles
 
     src, ref = bundles
     out = _copy(src)

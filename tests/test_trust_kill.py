@@ -14,7 +14,7 @@ import moecompress
 from moecompress.errors import MoecompressError
 from moecompress.pipeline import quantize
 from moecompress.recipe import recipe_from_dict
-from moecompress.runtime.verify import verify_checkpoint, verify_path
+from moecompress.runtime.loading.verify import verify_checkpoint, verify_path
 
 from helpers import make_job_inputs
 

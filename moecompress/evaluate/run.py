@@ -139,7 +139,7 @@ def load_model(spec: str | Path, dtype: torch.dtype = torch.float32, device: str
     directory / hub id / `builtin:` model through transformers; in eval mode on `device`."""
     from transformers import AutoModelForCausalLM
 
-    from moecompress.runtime.load import from_pretrained
+    from moecompress.runtime.loading.load import from_pretrained
 
     spec = _resolve_model(spec)
     if is_moecompress_checkpoint(spec):

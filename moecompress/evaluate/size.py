@@ -7,7 +7,7 @@ from pathlib import Path
 from torch import nn
 
 from moecompress.evaluate.result import ModelSize
-from moecompress.runtime.inspect import checkpoint_report, tensor_table
+from moecompress.runtime.loading.inspect import checkpoint_report, tensor_table
 from moecompress.format.spec import read_spec
 
 

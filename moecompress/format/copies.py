@@ -2,7 +2,9 @@
 
 When `quantization_config.experts[P].copy_bits` is set, every expert of P has a second copy at that bit-width, made
 with the run's quantizer (same group_size and symmetry as the main groups). For each projection one group holds
-all num_experts experts in id order (slot e == expert e), under copy_prefix(P, proj, bits) (format/spec.py):
+the E experts the main groups of that projection hold, in id order, under copy_prefix(P, proj, bits)
+(format/spec.py): in a checkpoint all num_experts (slot e == expert e), in one server's bundle (`moecompress shard`)
+that server's experts (`copy_experts`; `bundle_copies` slices them from the checkpoint's):
     <prefix>.qweight  uint8   [E, out, in*bits/8]
     <prefix>.scales   float16 [E, out, in/group_size]
     <prefix>.zeros    uint8   [E, out, in/group_size]   (asymmetric only)
@@ -15,6 +17,7 @@ Imports only torch, safetensors, the format and our exception type: the runtime 
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -22,6 +25,7 @@ import torch
 from moecompress.errors import MoecompressError
 from moecompress.format.files import weight_files
 from moecompress.format.headers import TensorHeader, read_header
+from moecompress.format.sizes import DTYPE_BYTES
 from moecompress.format.spec import FormatSpec, copy_prefix, group_prefix
 
 COPIES_FILE = "expert_copies.safetensors"
@@ -32,8 +36,56 @@ def copies_file(checkpoint_dir: str | Path) -> Path:
     return Path(checkpoint_dir) / COPIES_FILE
 
 
+def copy_experts(spec: FormatSpec, experts_path: str, proj: str) -> tuple[int, ...]:
+    """The expert ids of the copy group's rows, in order: the experts the projection's main groups hold."""
+    return spec.experts[experts_path].held(proj)
+
+
+def bundle_copies(checkpoint_dir: str | Path, spec: FormatSpec, sub: FormatSpec) -> dict[str, torch.Tensor]:
+    """The tensors of a bundle's expert_copies.safetensors: for every experts module and projection of `sub` (the
+    bundle's spec, with copy_bits), the rows of the checkpoint's copy group (spec) for the experts `sub` holds."""
+    from safetensors import safe_open
+
+    out: dict[str, torch.Tensor] = {}
+    path = copies_file(checkpoint_dir)
+    with safe_open(str(path), framework="pt") as f:
+        for experts_path, es in sub.experts.items():
+            if es.copy_bits is None:
+                continue
+            for proj in es.groups:
+                rows = copy_experts(spec, experts_path, proj)
+                at = {e: i for i, e in enumerate(rows)}
+                keep = torch.tensor([at[e] for e in copy_experts(sub, experts_path, proj)], dtype=torch.int64)
+                prefix = copy_prefix(experts_path, proj, es.copy_bits)
+                for part, t in _group(f, prefix, str(path)).items():
+                    out[f"{prefix}.{part}"] = t[keep].contiguous()
+    return out
+
+
+def copy_bytes(directory: str | Path, spec: FormatSpec) -> dict[tuple[str, int], int]:
+    """(experts path, expert id) -> stored bytes of its low-bit copy (all projections), from the copies file's header;
+    empty without copies."""
+    if spec.copy_bits is None:
+        return {}
+    header = read_header(copies_file(directory))
+    out: dict[tuple[str, int], int] = {}
+    for path, es in spec.experts.items():
+        if es.copy_bits is None:
+            continue
+        for proj in es.groups:
+            rows = copy_experts(spec, path, proj)
+            prefix = copy_prefix(path, proj, es.copy_bits)
+            for part in PARTS:
+                h = header.get(f"{prefix}.{part}")
+                if h is not None and rows:
+                    per_row = math.prod(h.shape) * DTYPE_BYTES[h.dtype] // len(rows)
+                    for e in rows:
+                        out[(path, e)] = out.get((path, e), 0) + per_row
+    return out
+
+
 def read_copy_group(source, experts_path: str, proj: str, bits: int) -> dict[str, torch.Tensor]:
-    """{"qweight", "scales"[, "zeros"][, "bias"]} of the copy group of one projection, all experts in id order.
+    """{"qweight", "scales"[, "zeros"][, "bias"]} of the copy group of one projection: the rows of `copy_experts`.
 
     `source`: an open `safetensors.safe_open` handle of expert_copies.safetensors, that file's path, or the
     checkpoint directory."""
@@ -75,7 +127,7 @@ def expected_copy_headers(spec: FormatSpec, weights: dict[str, TensorHeader]) ->
             if in_f % 8 or in_f % spec.group_size:
                 raise MoecompressError(f"{path}.{proj}: in_features {in_f} cannot hold {bits}-bit copies of "
                                        f"group_size {spec.group_size}")
-            e, groups, prefix = es.num_experts, in_f // spec.group_size, copy_prefix(path, proj, bits)
+            e, groups, prefix = len(es.held(proj)), in_f // spec.group_size, copy_prefix(path, proj, bits)
             out[f"{prefix}.qweight"] = TensorHeader("U8", (e, out_f, in_f * bits // 8))
             out[f"{prefix}.scales"] = TensorHeader("F16", (e, out_f, groups))
             if not spec.symmetric:

@@ -15,7 +15,8 @@ Tensor names, below an experts module path P (e.g. "model.layers.0.mlp.experts")
         transformers without moecompress stops on a size mismatch instead of building random experts;
 where n experts are listed, in increasing id order, in quantization_config.experts[P][proj][str(b)].
 Low-bit copies (optional, `quantization_config.experts[P].copy_bits`, absent = none): a second copy of EVERY expert
-of P at copy_bits, one group per projection of all num_experts experts in id order, in its own file
+of P at copy_bits, one group per projection of the experts its main groups hold (in a checkpoint all num_experts, in
+a server's bundle that server's) in id order, in its own file
 `expert_copies.safetensors` (format/copies.py) under copy_prefix(P, proj, copy_bits): `.qweight`, `.scales`,
 `.zeros`, `.bias` laid out as the main groups' (same group_size and symmetry).
 Weights are in the canonical orientation [out, in] whatever the model's own storage layout.

@@ -5,7 +5,7 @@ import json
 
 from moecompress.artifacts.quantized import META_FILE
 from moecompress.pipeline.steps import ALLOC_REPORT, TUNE_REPORT, RunContext
-from moecompress.runtime.inspect import checkpoint_report, format_report
+from moecompress.runtime.loading.inspect import checkpoint_report, format_report
 
 
 def _allocation_lines(report: dict) -> list[str]:

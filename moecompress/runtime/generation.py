@@ -99,7 +99,7 @@ def run_model(directory: str, prompts: list[str], max_new_tokens: int = 32, dtyp
 
     from transformers import AutoTokenizer
 
-    from moecompress.runtime.load import from_pretrained
+    from moecompress.runtime.loading.load import from_pretrained
 
     if max_new_tokens < 1:
         raise MoecompressError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from moecompress.artifacts.calibration_stats import CalibrationStats
+from moecompress.artifacts.cost_table import ALL_PROJS
 from moecompress.errors import MoecompressError
 from moecompress.quantize.gptq import gptq_quantize, layer_output_error
 from moecompress.quantize.rtn import check_clip, fake_quantize, quantize_rtn
@@ -106,3 +107,42 @@ def candidate(moe, proj: str, bits: int, orig: torch.Tensor, settings: Quantizer
     simulated from `orig` with `settings` (and the layer's GPTQ Hessians)."""
     q = quantized(orig.to(torch.float32), bits, settings, hessians) if weights is None else weights(moe, proj, bits)
     return q.to(orig)
+
+
+def non_increasing(by_bits: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Running minimum over increasing bits: damage never grows with more bits."""
+    out, best = {}, None
+    for b in sorted(by_bits):
+        best = by_bits[b] if best is None else torch.minimum(best, by_bits[b])
+        out[b] = best
+    return out
+
+
+# (projs quantized together, proj -> its candidate weights [E, out, in] (made on call), label) -> damage [E] float64
+Measure = Callable[[list[str], Callable[[str], torch.Tensor], str], torch.Tensor]
+
+
+def candidate_damages(moe, orig: dict[str, torch.Tensor], candidates: tuple[int, ...], settings: QuantizerSettings,
+                      granularity: str, stats: CalibrationStats | None, weights: CandidateWeights | None,
+                      measure: Measure) -> dict[str, dict[int, torch.Tensor]]:
+    """proj (or "*" for granularity "expert") -> bits -> damage [E] float64 of one MoE layer: for each group of
+    projections quantized together and each candidate below 16 bits, `measure` gets a function giving each
+    projection's candidate weights (the given ones, else simulated with `settings` and the layer's GPTQ Hessians;
+    made on call, so a caller may hold one projection's at a time); 16 bits -> 0; made non-increasing."""
+    E = moe.num_experts
+    hessians = {p: layer_gptq_hessians(stats, moe.layer, p, E, settings) for p in orig}
+    groups = [ALL_PROJS] if granularity == "expert" else list(orig)
+    out = {}
+    for group in groups:
+        projs = list(orig) if group == ALL_PROJS else [group]
+        by_bits = {}
+        for bits in candidates:
+            if bits == 16:
+                by_bits[bits] = torch.zeros(E, dtype=torch.float64)
+                continue
+            def weights_of(p: str, bits: int = bits) -> torch.Tensor:
+                return candidate(moe, p, bits, orig[p], settings, hessians[p], weights)
+
+            by_bits[bits] = measure(projs, weights_of, f"{group} {bits}-bit")
+        out[group] = non_increasing(by_bits)
+    return out

@@ -36,7 +36,7 @@ from moecompress.arch.adapters import proj_weights, split_gate_up
 from moecompress.arch.layout import ModelLayout, MoELayer
 from moecompress.artifacts.calibration_stats import CalibrationStats
 from moecompress.artifacts.cost_table import ALL_PROJS, item_key
-from moecompress.sensitivity.deltas import QuantizerSettings, layer_gptq_hessians, quant_error
+from moecompress.sensitivity.deltas import QuantizerSettings, layer_gptq_hessians, non_increasing, quant_error
 
 # z = (up + UP_OFFSET) * act(gate) instead of up * act(gate), by config.model_type
 UP_OFFSET: dict[str, float] = {"gpt_oss": 1.0}
@@ -77,15 +77,6 @@ def first_row_factors(moe: MoELayer, w_first: torch.Tensor, h_first: torch.Tenso
     else:
         factors.copy_(_ratio(z_energy, energy) * col)
     return factors
-
-
-def non_increasing(by_bits: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-    """Running minimum over increasing bits: damage never grows with more bits."""
-    out, best = {}, None
-    for b in sorted(by_bits):
-        best = by_bits[b] if best is None else torch.minimum(best, by_bits[b])
-        out[b] = best
-    return out
 
 
 def layer_damages(moe: MoELayer, experts: nn.Module, stats: CalibrationStats, candidates: tuple[int, ...],

@@ -27,9 +27,8 @@ from tqdm.auto import tqdm
 from moecompress.arch.adapters import proj_weights
 from moecompress.arch.layout import ModelLayout, MoELayer
 from moecompress.artifacts.calibration_stats import CalibrationStats
-from moecompress.artifacts.cost_table import ALL_PROJS
-from moecompress.sensitivity.deltas import CandidateWeights, QuantizerSettings, candidate, layer_gptq_hessians
-from moecompress.sensitivity.hessian import damages_to_items, non_increasing
+from moecompress.sensitivity.deltas import CandidateWeights, QuantizerSettings, candidate_damages
+from moecompress.sensitivity.hessian import damages_to_items
 
 
 def _kept_logprobs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -82,31 +81,24 @@ def _layer_kl(held: HeldOut, moe: MoELayer, experts: nn.Module, candidates: tupl
               settings: QuantizerSettings, granularity: str, stats: CalibrationStats | None, progress: bool,
               weights: CandidateWeights | None = None) -> dict[str, dict[int, torch.Tensor]]:
     """proj (or "*" for granularity "expert") -> bits -> damage [E] float64 of one MoE layer."""
-    E = moe.num_experts
     views = {p.name: proj_weights(experts, moe, p) for p in moe.projs}  # views of the parameters, [E, out, in]
     orig = {p: v.detach().clone() for p, v in views.items()}
-    hessians = {p: layer_gptq_hessians(stats, moe.layer, p, E, settings) for p in orig}
-    groups = [ALL_PROJS] if granularity == "expert" else list(orig)
-    out = {}
-    for group in groups:
-        projs = list(orig) if group == ALL_PROJS else [group]
-        by_bits = {}
-        for bits in candidates:
-            dmg = torch.zeros(E, dtype=torch.float64)
-            if bits != 16:
-                q = {p: candidate(moe, p, bits, orig[p], settings, hessians[p], weights) for p in projs}
-                for e in tqdm(range(E), desc=f"kl {moe.experts_path} {group} {bits}-bit", unit="expert",
-                              disable=not progress, leave=False):
-                    for p in projs:
-                        views[p][e].copy_(q[p][e])
-                    try:
-                        dmg[e] = held.kl()
-                    finally:
-                        for p in projs:
-                            views[p][e].copy_(orig[p][e])
-            by_bits[bits] = dmg
-        out[group] = non_increasing(by_bits)
-    return out
+
+    def measure(projs: list[str], weights_of, label: str) -> torch.Tensor:
+        q = {p: weights_of(p) for p in projs}
+        dmg = torch.zeros(moe.num_experts, dtype=torch.float64)
+        for e in tqdm(range(moe.num_experts), desc=f"kl {moe.experts_path} {label}", unit="expert",
+                      disable=not progress, leave=False):
+            for p in projs:
+                views[p][e].copy_(q[p][e])
+            try:
+                dmg[e] = held.kl()
+            finally:
+                for p in projs:
+                    views[p][e].copy_(orig[p][e])
+        return dmg
+
+    return candidate_damages(moe, orig, candidates, settings, granularity, stats, weights, measure)
 
 
 @torch.no_grad()

@@ -25,10 +25,9 @@ from tqdm.auto import tqdm
 from moecompress.arch.adapters import proj_weights, set_proj_weights
 from moecompress.arch.layout import ModelLayout, MoELayer
 from moecompress.artifacts.calibration_stats import CalibrationStats
-from moecompress.artifacts.cost_table import ALL_PROJS
 from moecompress.sensitivity.capture import BlockCapture, LayerCapture
-from moecompress.sensitivity.deltas import CandidateWeights, QuantizerSettings, candidate, layer_gptq_hessians
-from moecompress.sensitivity.hessian import damages_to_items, non_increasing
+from moecompress.sensitivity.deltas import CandidateWeights, QuantizerSettings, candidate_damages
+from moecompress.sensitivity.hessian import damages_to_items
 
 CHUNK_ROWS = 4096  # (token, slot) rows per experts call
 
@@ -67,31 +66,25 @@ def layer_damages(moe: MoELayer, experts: nn.Module, cap: LayerCapture, candidat
         return work(x, idx, w).to(torch.float32)  # [r, H]
 
     y0 = [run(c) for c in chunks]
-    groups = [ALL_PROJS] if granularity == "expert" else [p.name for p in moe.projs]
-    hessians = {p: layer_gptq_hessians(stats, moe.layer, p, E, settings) for p in orig}
     n = max(num_tokens if num_tokens is not None else cap.num_tokens, 1)
-    out = {}
-    for group in groups:
-        projs = list(orig) if group == ALL_PROJS else [group]
-        by_bits = {}
-        for bits in candidates:
-            dmg = torch.zeros(E, dtype=torch.float64)
-            if bits != 16:
-                for p in projs:
-                    set_proj_weights(work, moe, p, candidate(moe, p, bits, orig[p], settings, hessians[p], weights))
-                for c, base in zip(chunks, y0):
-                    dy = run(c) - base  # [r, H]
-                    if fisher:
-                        g = cap.grad[token[c]].to(device=device)  # [r, H]
-                        err = (g * dy).sum(-1) ** 2
-                    else:
-                        err = (dy ** 2).sum(-1)
-                    dmg.index_add_(0, expert_of_row[c], err.to(torch.float64).cpu())
-                for p in projs:
-                    set_proj_weights(work, moe, p, orig[p])
-            by_bits[bits] = torch.nan_to_num(dmg / n, nan=0.0, posinf=torch.finfo(torch.float64).max)
-        out[group] = non_increasing(by_bits)
-    return out
+
+    def measure(projs: list[str], weights_of, label: str) -> torch.Tensor:
+        dmg = torch.zeros(E, dtype=torch.float64)
+        for p in projs:
+            set_proj_weights(work, moe, p, weights_of(p))
+        for c, base in zip(chunks, y0):
+            dy = run(c) - base  # [r, H]
+            if fisher:
+                g = cap.grad[token[c]].to(device=device)  # [r, H]
+                err = (g * dy).sum(-1) ** 2
+            else:
+                err = (dy ** 2).sum(-1)
+            dmg.index_add_(0, expert_of_row[c], err.to(torch.float64).cpu())
+        for p in projs:
+            set_proj_weights(work, moe, p, orig[p])
+        return torch.nan_to_num(dmg / n, nan=0.0, posinf=torch.finfo(torch.float64).max)
+
+    return candidate_damages(moe, orig, candidates, settings, granularity, stats, weights, measure)
 
 
 def captured_costs(model: nn.Module, layout: ModelLayout, captures: list[LayerCapture], num_tokens: int,

@@ -30,6 +30,7 @@ from moecompress.format.files import (
     weight_files,
     write_manifest,
 )
+from moecompress.format.copies import bundle_copies, copies_file
 from moecompress.format.spec import ExpertsSpec, FormatSpec
 from moecompress.runtime.edge.tokens import SIMILARITY_FILE
 
@@ -56,7 +57,7 @@ def server_spec(spec: FormatSpec, placement: Placement, server: int) -> FormatSp
         groups = {proj: {b: ids for b, ids in by_bits.items() if ids} for proj, by_bits in groups.items()}
         groups = {proj: by_bits for proj, by_bits in groups.items() if by_bits}
         if groups:  # a layer of which the server holds no expert is left out of its spec
-            experts[path] = ExpertsSpec(num_experts=es.num_experts, groups=groups)
+            experts[path] = ExpertsSpec(num_experts=es.num_experts, groups=groups, copy_bits=es.copy_bits)
     return FormatSpec(group_size=spec.group_size, symmetric=spec.symmetric, experts=experts, linears=spec.linears)
 
 
@@ -163,6 +164,8 @@ def write_bundles(checkpoint: str | Path, placement: Placement, out: str | Path,
             bundle.mkdir()
             tensors = bundle_tensors(checkpoint, spec, sub, placement, server)
             save_file(tensors, bundle / "model.safetensors", metadata={"format": "pt"})
+            if sub.copy_bits is not None:  # the low-bit copies of the experts it holds (format/copies.py)
+                save_file(bundle_copies(checkpoint, spec, sub), copies_file(bundle), metadata={"format": "pt"})
             if similarity is not None and placement.mode == "expert":
                 save_file({"similarity": similarity.float().contiguous()}, bundle / SIMILARITY_FILE)
             (bundle / "config.json").write_text(json.dumps({**config, "quantization_config": sub.to_dict()}, indent=2))

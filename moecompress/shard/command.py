@@ -10,6 +10,7 @@ from moecompress.artifacts.calibration_stats import CalibrationStats
 from moecompress.artifacts.placement import Placement
 from moecompress.errors import MoecompressError
 from moecompress.execution.replay import Call, decode_calls, replay
+from moecompress.format.copies import copy_bytes
 from moecompress.format.files import verify_files, weight_files
 from moecompress.format.sizes import DTYPE_BYTES
 from moecompress.shard.bundles import (
@@ -74,6 +75,8 @@ def checkpoint_layer_sizes(checkpoint: Path) -> LayerSizes:
                 path, proj, bits, _ = group
                 ids = spec.experts[path].groups[proj][bits]
                 expert_bytes[paths.index(path), list(ids)] += nbytes // len(ids)
+    for (path, e), nbytes in copy_bytes(checkpoint, spec).items():  # an expert's low-bit copy goes with it
+        expert_bytes[paths.index(path), e] += nbytes
     return LayerSizes(expert_bytes=expert_bytes, moe_decoder_layers=moe,
                       layer_dense_bytes=tuple(int(b) for b in layer_dense), head_bytes=int(head))
 

@@ -2,7 +2,8 @@
 
 The compute profile's `message_seconds` and `serve_seconds` time the dispatcher and the expert server in one process
 (InProcess transport: encoding, decoding, sums). A real request also goes through torch.distributed (gloo): the
-home's isend of header and payload, the server's receive loop waking up twice, its send, the home's receive and
+home's isend of the request (header and payload in one message: wire.frame), the server's receive loop waking up,
+its send, the home's receive and
 waits, on both ends' CPUs. `measure_transport` times exactly that path, the runtime's own code on both ends
 (runtime/edge/transport.TorchDistributed on the home, runtime/edge/serve.serve on a second local process answering
 every request with a reply of the size the real server sends), with decode-sized messages: the median wall seconds

@@ -5,7 +5,7 @@ Start at policy.py (the protocol, the registry, spec strings), plan.py (LayerCon
 plan), exchange.py (the server batches the edge runtime sends for a plan, their bytes, the reply layout),
 traffic.py (what a plan sends, the counters' per-layer token statistics) and executor.py (a reference computation
 in one process, for experiments without a deployment). The edge runtime runs them in
-runtime/edge/dispatcher.py (home) and runtime/edge/serve.py (PlanServer).
+runtime/edge/dispatcher.py (home) and runtime/edge/handlers.py (PlanServer).
 """
 from moecompress.execution.tokens.executor import execute_plan
 from moecompress.execution.tokens.fuse import Fuse

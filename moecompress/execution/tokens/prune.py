@@ -212,7 +212,10 @@ class Localize:
     `measure` is what is compared with the threshold: `remote` (the weight of the token's remote pairs) or `gap`
     (the router probability the local top-k loses against the router's top-k: softmax over all experts, summed
     over the chosen top-k minus summed over the local top-k; never above the remote weight, and small when the
-    home holds the router's next choices at nearly the same probability)."""
+    home holds the router's next choices at nearly the same probability).
+
+    `thresholds`: one threshold per MoE layer, `/`-separated (e.g. `0.1/0.3/0.1/0.2`), used instead of `threshold`
+    (a model with more MoE layers than listed is refused at its first unlisted layer)."""
 
     name: ClassVar[str] = "localize"
     stage: ClassVar[str] = "prune"
@@ -220,11 +223,35 @@ class Localize:
     relative: bool = False
     min_local: int = 1
     measure: str = "remote"
+    thresholds: str = ""
 
     def __post_init__(self):
         if self.measure not in LOCALIZE_MEASURES:
             raise MoecompressError(f"localize: measure must be one of {', '.join(LOCALIZE_MEASURES)}, got "
                                    f"{self.measure!r}")
+        self.per_layer()  # a malformed list is refused when the policy is made
+
+    def per_layer(self) -> tuple[float, ...]:
+        """The `thresholds` knob as numbers (empty: none given)."""
+        if not self.thresholds.strip():
+            return ()
+        try:
+            values = tuple(float(v) for v in self.thresholds.split("/"))
+        except ValueError:
+            raise MoecompressError(f"localize: thresholds must be numbers separated by '/', one per MoE layer "
+                                   f"(e.g. 0.1/0.3/0.2), got {self.thresholds!r}") from None
+        if any(v < 0 for v in values):
+            raise MoecompressError(f"localize: thresholds must be >= 0, got {self.thresholds!r}")
+        return values
+
+    def threshold_at(self, layer: int) -> float:
+        values = self.per_layer()
+        if not values:
+            return self.threshold
+        if layer >= len(values):
+            raise MoecompressError(f"localize: thresholds lists {len(values)} MoE layers, the model has more "
+                                   f"(layer {layer}); give one per MoE layer")
+        return values[layer]
 
     def __call__(self, ctx: LayerContext, plan: DispatchPlan, state) -> DispatchPlan:
         if ctx.router_logits is None:
@@ -243,7 +270,8 @@ class Localize:
         if self.measure == "gap" and kk > 0:
             local_p = torch.where(local, probs, torch.zeros_like(probs)).topk(kk, -1).values.sum(-1)
             mass = probs.gather(1, ctx.topk_ids.long()).sum(-1) - local_p
-        go = (mass < _limit(self.threshold, self.relative, ctx.topk_weights.float().amax(-1))) & remote.any(-1)
+        limit = _limit(self.threshold_at(ctx.layer), self.relative, ctx.topk_weights.float().amax(-1))
+        go = (mass < limit) & remote.any(-1)
         go = go & ~plan.protected & (n_local >= max(self.min_local, 1))
         if not bool(go.any()):
             return replace(plan, notes=plan.notes + (self.name,))

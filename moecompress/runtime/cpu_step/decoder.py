@@ -3,7 +3,8 @@
 A batch-1 decode step of a small MoE model through transformers is mostly Python: ~60 small torch ops per layer
 (norms, attention glue, router, the linears' dispatch). llama.cpp runs its graph without Python between ops; so does
 this decoder. The prompt runs through the model's own forward (one call, fast enough), its KV cache is copied into
-the step's float32 cache, then each new token is one `DecodeStep.forward` (all layers, the logits) plus the pick:
+the step's float32 cache, then each new token is one `DecodeStep.forward` (all layers, the logits) plus the pick;
+greedy generation runs all its steps, argmax included, in one C++ call (`greedy_steps`):
 
     from moecompress.runtime.cpu_step import CpuDecoder
     model = moecompress.from_pretrained(directory, dtype=torch.bfloat16)
@@ -21,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from moecompress.errors import MoecompressError
-from moecompress.runtime import cpu_lowbit
+from moecompress.runtime.kernels import cpu_lowbit
 from moecompress.runtime.cpu_step.plan import MAX_BATCH, QK_NORM_ID, StepPlan, UnsupportedModel
 from moecompress.runtime.sampling import check_request, pick_tokens
 
@@ -85,6 +86,13 @@ class CpuDecoder:
         """One token per row (ids [B]) at RoPE positions [B], written at cache slot `slot` -> logits float32 [B, V]."""
         return self.step.forward(ids.long().contiguous(), positions.long().contiguous(), slot)
 
+    def greedy_steps(self, ids: torch.Tensor, positions: torch.Tensor, slot: int, steps: int,
+                     eos: list[int] | None = None) -> torch.Tensor:
+        """`steps` greedy steps in one C++ call (no Python between them): step s reads ids [B] (then the previous
+        step's argmax) at positions + s, cache slot slot + s. -> the argmax tokens [B, taken], taken < steps only
+        where every row produced one of `eos`."""
+        return self.step.greedy(ids.long().contiguous(), positions.long().contiguous(), slot, steps, list(eos or []))
+
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, attention_mask: torch.Tensor | None = None,
                  eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None, sample: bool = False,
@@ -104,6 +112,8 @@ class CpuDecoder:
                      top_p=torch.tensor([float(top_p)]) if top_p < 1 else None, generator=generator) if sample else {}
         logits, positions = self.prefill(input_ids, mask)
         position = positions[:, -1].clone()
+        if not sample:
+            return self._greedy(input_ids, logits, position, max_new_tokens, eos, pad)
         out = [input_ids]
         done = torch.zeros(batch, dtype=torch.bool)
         for t in range(max_new_tokens):
@@ -119,6 +129,22 @@ class CpuDecoder:
             if eos and bool(done.all()):
                 break
         return torch.cat(out, 1)
+
+    def _greedy(self, input_ids, logits, position, max_new_tokens: int, eos: list[int], pad: int) -> torch.Tensor:
+        """generate's greedy path: the first token from the prompt's logits, the rest in one C++ loop; after a row's
+        EOS its tokens become pad (as transformers does)."""
+        if max_new_tokens == 0:
+            return input_ids
+        first = pick_tokens(logits, False)[:, :1]
+        tokens = first
+        if max_new_tokens > 1 and not (eos and bool(torch.isin(first, torch.tensor(eos)).all())):
+            rest = self.greedy_steps(first[:, 0], position + 1, input_ids.shape[1], max_new_tokens - 1, eos)
+            tokens = torch.cat([first, rest], 1)
+        if eos:  # tokens after a row's first EOS: pad
+            hit = torch.isin(tokens, torch.tensor(eos)).long()
+            after = (hit.cumsum(1) - hit) > 0
+            tokens = tokens.masked_fill(after, pad)
+        return torch.cat([input_ids, tokens], 1)
 
 
 def cpu_generate(model, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:

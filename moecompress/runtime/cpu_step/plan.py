@@ -18,9 +18,10 @@ import torch
 from torch import nn
 
 from moecompress.errors import MoecompressError
-from moecompress.runtime import cpu_lowbit, cpu_moe
-from moecompress.runtime.packed_experts import PackedExperts
-from moecompress.runtime.packed_group import PackedGroup
+from moecompress.runtime.kernels import cpu_lowbit
+from moecompress.runtime.experts import cpu_moe
+from moecompress.runtime.experts.packed_experts import PackedExperts
+from moecompress.runtime.experts.packed_group import PackedGroup
 
 MAX_BATCH = 8  # sequences per step (the step's buffers and the GEMV's register blocking)
 

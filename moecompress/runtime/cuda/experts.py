@@ -14,7 +14,10 @@ decode path below runs with the DECODE_DENSE tile.
 Otherwise up to DECODE_ROWS tokens per call (and <= routing.SMALL_PAIRS pairs) take the decode path (one program
 builds the routing tables; every hit expert is one block of rows, so its packed bytes are read once per column
 tile); one token per call runs gemv_kernel there (CUDA cores; launch.GEMV_ENABLED), 2-16 tokens packed_kernel.
-More tokens take the prefill path (tables by torch ops, row blocks of 16-64, packed_kernel with wide tiles).
+More tokens take the prefill path: tables by torch ops, row blocks of 16-256, packed_kernel with wide tiles, the
+SiLU gate fused into the first projection where the model's gate is that (launch.PREFILL_GATED / _TALL_GATED).
+(A grouped-matmul formulation that dequantizes each packed value's own weight tile, Marlin/MxMoE style, measured
+1.2-2.8x slower than packed_kernel on an H200 and was not kept: eval/results/gpu_grouped.md.)
 """
 from __future__ import annotations
 
@@ -89,12 +92,20 @@ def _grid_m(tables: routing.Tables, n_slots: int, pairs: int) -> int:
     return min(n_slots, pairs) + pairs // tables.block_rows
 
 
-def _project(proj, groups, tables, x, out, row_div, path, weights=None, one_token=False, dense=False) -> None:
+def _project(proj, groups, tables, x, out, row_div, path, weights=None, one_token=False, dense=False,
+             gated=False) -> None:
     pairs = tables.order.numel()
     for group, pos0 in groups:
         launch.run(group, x, tables, pos0, _grid_m(tables, len(group.experts), pairs), out, row_div,
                    launch.config_for(path, group.bits, tables.block_rows, dense), weights,
-                   gemv=one_token and launch.GEMV_ENABLED)
+                   gemv=one_token and launch.GEMV_ENABLED, gated=gated)
+
+
+def prefill_gate_fused(experts, groups) -> bool:
+    """Whether the prefill path's first projection applies the gate itself (packed_kernel GATED): the model's gate
+    is SiLU(gate) * up, every group of the first projection packed, no bias."""
+    return (experts.has_gate and not getattr(experts, "has_bias", False) and all(g.bits != 16 for g, _ in groups)
+            and silu_gate(experts))
 
 
 def pair_supported(experts) -> bool:
@@ -169,12 +180,16 @@ def forward(experts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top
         weights = top_k_weights.reshape(-1).contiguous()
         flat = flat.contiguous()
         return _pair_plan(experts, x, flat, weights, tokens, top_k)(x, flat, weights)
-    first, down = (getattr(experts, name) for name in experts.proj_names)
     path = _path(tokens, pairs)
+    first, down = (getattr(experts, name) for name in experts.proj_names)
     groups, tables = _tables(first, flat, path, pairs)
-    h = torch.empty(pairs, first.out_features, dtype=x.dtype, device=x.device)  # [S, out_first], by pair
-    _project(first, groups, tables, x, h, top_k, path, one_token=tokens == 1, dense=dense)
-    h = experts._gate_fn(experts, h) if experts.has_gate else experts.act_fn(h)
+    gated = (path == "prefill" and (launch.PREFILL_TALL_GATED if tables.block_rows >= 256 else launch.PREFILL_GATED)
+             and prefill_gate_fused(experts, groups))
+    h = torch.empty(pairs, first.out_features // 2 if gated else first.out_features, dtype=x.dtype,
+                    device=x.device)  # [S, out_first], by pair
+    _project(first, groups, tables, x, h, top_k, path, one_token=tokens == 1, dense=dense, gated=gated)
+    if not gated:
+        h = experts._gate_fn(experts, h) if experts.has_gate else experts.act_fn(h)
     h = h.contiguous()
     if not experts._same_order:
         groups, tables = _tables(down, flat, path, pairs)

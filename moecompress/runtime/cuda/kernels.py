@@ -18,9 +18,10 @@ products accumulate in float32.
 Integers become floats by the 2**23 trick (exponent bits or'ed in, 2**23 subtracted); ptxas may turn it back into
 its fast int->float convert (I2FP), which is exact too.
 
-- `packed_kernel` (the decode path's 2-16 tokens, BM 16, narrow column tiles; the prefill path, BM 16-64, wide
+- `packed_kernel` (the decode path's 2-16 tokens, BM 16, narrow column tiles; the prefill path, BM 16-256, wide
   tiles): per step the packed words of a [BK, BN] weight tile are loaded once, expanded in registers, dequantized
-  and multiplied with x's [BM, BK] rows in one tl.dot (HMMA; HGMMA for the prefill tiles on Hopper).
+  and multiplied with x's [BM, BK] rows in one tl.dot (HMMA; HGMMA for the prefill tiles on Hopper). GATED (prefill):
+  the gate and up halves in two dots per step, SiLU(gate) * up written as h.
 - `gemv_kernel` (one token per call): the same expansion, then FMAs on the CUDA cores in float32, no shared memory;
   1.4-2.1x faster than packed_kernel at one token on an H200 (eval/results/gpu.md, runs 2 and 3).
 (A first version that dequantized per element from a gathered word, and one that ran a dot per value of a word over
@@ -33,9 +34,9 @@ import triton.language as tl
 
 
 @triton.jit
-def _block(blocks_ptr, first_ptr, order_ptr, pos0, n_slots, max_blocks, row_div, BM: tl.constexpr):
-    """(valid, slot, row mask [BM], pair [BM], source row [BM]) of this program's block."""
-    blk = tl.load(first_ptr + pos0) + tl.program_id(0)
+def _block(blocks_ptr, first_ptr, order_ptr, pos0, n_slots, max_blocks, row_div, m, BM: tl.constexpr):
+    """(valid, slot, row mask [BM], pair [BM], source row [BM]) of block m of this launch's group."""
+    blk = tl.load(first_ptr + pos0) + m
     valid = blk < max_blocks
     blk = tl.minimum(blk, max_blocks - 1)
     slot = tl.load(blocks_ptr + blk * 3) - pos0
@@ -68,6 +69,14 @@ def _store(acc, y_ptr, b_ptr, rw_ptr, slot64, pair, rmask, offs_n, nmask, N, str
         tl.store(ptrs, yv.to(tl.float32) * rw[:, None], mask=rmask[:, None] & nmask[None, :])
     else:
         tl.store(ptrs, yv, mask=rmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _silu_mul(gate, up, OUT_DTYPE: tl.constexpr):
+    """SiLU(gate) * up rounded as the reference does it: matmul outputs, SiLU and the product each in OUT_DTYPE."""
+    g = gate.to(OUT_DTYPE).to(tl.float32)
+    a = (g / (1.0 + tl.exp(-g))).to(OUT_DTYPE).to(tl.float32)
+    return (a * up.to(OUT_DTYPE).to(tl.float32)).to(OUT_DTYPE)
 
 
 @triton.jit
@@ -123,20 +132,28 @@ def packed_kernel(
     stride_xm, stride_ym, stride_qe, stride_qn,
     BITS: tl.constexpr, GS: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr,
     WEIGHTED: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    VPW: tl.constexpr, UNIT: tl.constexpr,
+    VPW: tl.constexpr, UNIT: tl.constexpr, GATED: tl.constexpr = False,
 ):
     """Per step: BK values of K; the packed words of the [BN, BK] weight tile are loaded once, expanded in
     registers to [BK/VPW, VPW, BN] -> [BK, BN], dequantized, and multiplied with the [BM, BK] rows of x in one tl.dot.
-    A unit is UNIT words (3 at 3 bits, else 1) holding VPW values; GS % VPW == 0; K % VPW == 0."""
-    valid, slot, rmask, pair, src = _block(blocks_ptr, first_ptr, order_ptr, pos0, n_slots, max_blocks, row_div, BM)
+    A unit is UNIT words (3 at 3 bits, else 1) holding VPW values; GS % VPW == 0; K % VPW == 0.
+    GATED (packed groups, the model's gate SiLU(gate) * up): columns n and N/2 + n in two dots per step, y[pair, n]
+    = SiLU(gate) * up (no bias, not weighted): the first projection writes h itself."""
+    valid, slot, rmask, pair, src = _block(blocks_ptr, first_ptr, order_ptr, pos0, n_slots, max_blocks, row_div,
+                                              tl.program_id(0), BM)
     if valid:
         dt = x_ptr.dtype.element_ty
         slot64 = slot.to(tl.int64)
+        if GATED:
+            n_out = N // 2
+        else:
+            n_out = N
         offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
-        nmask = offs_n < N
+        nmask = offs_n < n_out
         offs_k = tl.arange(0, BK)
         q_rows = q_ptr + slot64 * stride_qe + offs_n[None, :].to(tl.int64) * stride_qn  # [1, BN]
         acc = tl.zeros((BM, BN), dtype=tl.float32)
+        acc_up = tl.zeros((BM, BN), dtype=tl.float32)
         if BITS == 16:
             for k0 in range(0, K, BK):
                 kk = k0 + offs_k
@@ -156,16 +173,32 @@ def packed_kernel(
                 uu = k0 // VPW + offs_u
                 umask = uu < units
                 wmask = umask[:, None] & nmask[None, :]
-                q = _values(q_rows, uu, wmask, BITS, VPW, UNIT)  # [BKW, VPW, BN]
-                s, z = _step_scale_zero(s_rows, z_rows, k0, uu, nmask, wmask, BITS, GS, SYMMETRIC, UPG % BKW == 0,
-                                        UPG)
-                w = tl.fma(_int_to_float(q), s, -(z * s)).to(dt)
-                w = tl.reshape(w, (BK, BN))
                 kk = k0 + offs_k
                 x = tl.load(x_ptr + src[:, None] * stride_xm + kk[None, :],
                             mask=rmask[:, None] & (kk < K)[None, :], other=0.0)
-                acc = tl.dot(x, w, acc)
-        _store(acc, y_ptr, b_ptr, rw_ptr, slot64, pair, rmask, offs_n, nmask, N, stride_ym, dt, HAS_BIAS, WEIGHTED)
+                acc = tl.dot(x, _weights(q_rows, s_rows, z_rows, k0, uu, nmask, wmask, BITS, GS, SYMMETRIC, VPW, UNIT,
+                                         BKW, UPG, BK, BN, dt), acc)
+                if GATED:
+                    acc_up = tl.dot(x, _weights(q_rows + n_out * stride_qn, s_rows + n_out * groups,
+                                                z_rows + n_out * groups, k0, uu, nmask, wmask, BITS, GS, SYMMETRIC,
+                                                VPW, UNIT, BKW, UPG, BK, BN, dt), acc_up)
+        if GATED:
+            tl.store(y_ptr + pair[:, None].to(tl.int64) * stride_ym + offs_n[None, :], _silu_mul(acc, acc_up, dt),
+                     mask=rmask[:, None] & nmask[None, :])
+        else:
+            _store(acc, y_ptr, b_ptr, rw_ptr, slot64, pair, rmask, offs_n, nmask, N, stride_ym, dt, HAS_BIAS,
+                   WEIGHTED)
+
+
+@triton.jit
+def _weights(q_rows, s_rows, z_rows, k0, uu, nmask, wmask, BITS: tl.constexpr, GS: tl.constexpr,
+             SYMMETRIC: tl.constexpr, VPW: tl.constexpr, UNIT: tl.constexpr, BKW: tl.constexpr, UPG: tl.constexpr,
+             BK: tl.constexpr, BN: tl.constexpr, dt: tl.constexpr):
+    """packed_kernel's dequantized [BK, BN] weight tile of one step."""
+    q = _values(q_rows, uu, wmask, BITS, VPW, UNIT)  # [BKW, VPW, BN]
+    s, z = _step_scale_zero(s_rows, z_rows, k0, uu, nmask, wmask, BITS, GS, SYMMETRIC, UPG % BKW == 0, UPG)
+    w = tl.fma(_int_to_float(q), s, -(z * s)).to(dt)
+    return tl.reshape(w, (BK, BN))
 
 
 @triton.jit
@@ -180,7 +213,8 @@ def gemv_kernel(
     expanded in registers to [BK/VPW, VPW, BN], dequantized in float32 (not rounded to bf16: the result differs from
     the reference's bf16 weights by that rounding only) and multiplied with x on the CUDA cores; the products
     accumulate per element and are reduced once at the end."""
-    valid, slot, rmask, pair, src = _block(blocks_ptr, first_ptr, order_ptr, pos0, n_slots, max_blocks, row_div, 1)
+    valid, slot, rmask, pair, src = _block(blocks_ptr, first_ptr, order_ptr, pos0, n_slots, max_blocks, row_div,
+                                              tl.program_id(0), 1)
     if valid:
         dt = x_ptr.dtype.element_ty
         slot64 = slot.to(tl.int64)

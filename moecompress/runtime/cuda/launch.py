@@ -8,7 +8,7 @@ packed groups take up to PAIR_TOKENS tokens per call; eval/bench_gpu.py sweeps t
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -42,11 +42,17 @@ def _env_tile(default: str) -> Config:
 
 DECODE = {bits: _env_tile("32x256") for bits in (2, 3, 4, 8, 16)}
 DECODE_DENSE = {bits: Config(64, 128) for bits in (2, 3, 4, 8, 16)}
-# prefill tiles, from eval/bench_gpu.py's sweep on an H200 (eval/results/gpu.md): 128 x 128 for row blocks up to
-# 128 (Qwen3-30B-A3B: 1.83 ms, against 1.94-2.05 for the others), 128 x 64 for blocks of 256 rows (Mixtral: 6.38 ms,
-# against 7.6-9.5 with blocks of 128)
-PREFILL = {bits: Config(128, 128, num_warps=8) for bits in (2, 3, 4, 8, 16)}
+# prefill tiles, from eval/bench_gpu.py's prefill sweep on an H200 (eval/results/gpu.md): for row blocks up to 128
+# (Qwen3-30B-A3B) 256 x 128 with the gate fused (PREFILL_GATED: 128 gate + 128 up columns per program; session 22:
+# 1.67 / 1.46 ms mix / 4-bit eager, against 1.76 / 1.63 for 128 x 128 unfused), for blocks of 256 rows (Mixtral)
+# 128 x 64 unfused (6.48 ms 4-bit; gated 6.94, 256 x 64 gated 16.9: too many registers at 256 rows)
+PREFILL = {**{bits: Config(256, 128, num_warps=8) for bits in (2, 3, 4, 8)},
+           16: Config(128, 128, num_warps=8)}  # bf16 groups: 256 x 128 needs 288 KB of shared memory
 PREFILL_TALL = {bits: Config(128, 64, num_warps=8) for bits in (2, 3, 4, 8, 16)}
+# packed_kernel's prefill with SiLU(gate) * up fused into the first projection (layers whose gate is that): for row
+# blocks up to 128 (PREFILL) and of 256 (PREFILL_TALL)
+PREFILL_GATED = os.environ.get("MOECOMPRESS_PREFILL_GATED", "1") != "0"
+PREFILL_TALL_GATED = os.environ.get("MOECOMPRESS_PREFILL_TALL_GATED", "0") == "1"
 GEMV = Config(32, 128)  # one token per call: gemv_kernel (CUDA cores, no shared memory)
 GEMV_ENABLED = True
 DECODE_ROWS = 16  # BM of the decode path: tokens per call up to which each expert's rows are one block
@@ -89,10 +95,11 @@ def config_for(path: str, bits: int, block_rows: int, dense: bool = False) -> Co
 
 def run(group, x: torch.Tensor, tables: Tables, pos0: int, grid_m: int, out: torch.Tensor, row_div: int,
         config: Config, routing_weights: torch.Tensor | None = None, with_bias: bool = True,
-        gemv: bool = False) -> None:
+        gemv: bool = False, gated: bool = False) -> None:
     """Compute `group`'s rows of `tables` into `out` (rows indexed by pair): out[pair] = x[pair // row_div] @ W.T
     (+ the expert's bias when with_bias), times routing_weights[pair] when given (out float32 then). gemv: every
-    block is one row (one token per call): gemv_kernel with the GEMV tile (packed groups)."""
+    block is one row (one token per call): gemv_kernel with the GEMV tile (packed groups). gated (packed groups, no
+    bias, no weights): out[pair] = SiLU(gate) * up of the two halves of W's output, block_n / 2 columns of each."""
     from moecompress.runtime.cuda.kernels import gemv_kernel, packed_kernel
 
     n_slots, N, K = len(group.experts), group.out_features, group.in_features
@@ -105,25 +112,60 @@ def run(group, x: torch.Tensor, tables: Tables, pos0: int, grid_m: int, out: tor
         groups = s.shape[-1]
     bias = getattr(group, "bias", None) if with_bias else None
     vpw, unit = values_per_unit(group.bits)
+    args = [x, q, s, z, bias if bias is not None else out, routing_weights if routing_weights is not None else out,
+            out, tables.order, tables.blocks, tables.first, pos0, n_slots, tables.blocks.shape[0], row_div, N, K,
+            groups, x.stride(0), out.stride(0), q.stride(0), q.stride(1)]
+    dynamic = (0, 5, 6, 7, 8, 9) if bias is not None else (0, 4, 5, 6, 7, 8, 9)  # the tensors of this call
+    common = dict(BITS=group.bits, SYMMETRIC=bool(group.symmetric), HAS_BIAS=bias is not None,
+                  WEIGHTED=routing_weights is not None, VPW=vpw, UNIT=unit)
     if gemv and group.bits != 16:
         config = GEMV
         grid = (max(1, grid_m), -(-N // config.block_n))
-        gemv_kernel[grid](
-            x, q, s, z, bias if bias is not None else out, routing_weights if routing_weights is not None else out,
-            out, tables.order, tables.blocks, tables.first, pos0, n_slots, tables.blocks.shape[0], row_div, N, K,
-            groups, x.stride(0), out.stride(0), q.stride(0), q.stride(1),
-            BITS=group.bits, GS=group.group_size, SYMMETRIC=bool(group.symmetric), HAS_BIAS=bias is not None,
-            WEIGHTED=routing_weights is not None, BN=config.block_n, BK=config.block_k, VPW=vpw, UNIT=unit,
-            num_warps=config.num_warps, num_stages=config.num_stages)
+        _call(group, gemv_kernel, grid, args, dynamic, dict(common, GS=group.group_size, BN=config.block_n,
+                                                           BK=config.block_k), config)
         return
-    grid = (max(1, grid_m), -(-N // config.block_n))
-    packed_kernel[grid](
-        x, q, s, z, bias if bias is not None else out, routing_weights if routing_weights is not None else out, out,
-        tables.order, tables.blocks, tables.first, pos0, n_slots, tables.blocks.shape[0], row_div, N, K, groups,
-        x.stride(0), out.stride(0), q.stride(0), q.stride(1),
-        BITS=group.bits, GS=group.group_size if group.bits != 16 else 1, SYMMETRIC=bool(group.symmetric),
-        HAS_BIAS=bias is not None, WEIGHTED=routing_weights is not None, BM=tables.block_rows, BN=config.block_n,
-        BK=config.block_k, VPW=vpw, UNIT=unit, num_warps=config.num_warps, num_stages=config.num_stages)
+    block_n = config.block_n // 2 if gated else config.block_n
+    grid = (max(1, grid_m), -(-(N // 2 if gated else N) // block_n))
+    fits = (group.bits, tables.block_rows, config, gated)
+    stages = min(config.num_stages, _STAGES_THAT_FIT.get(fits, config.num_stages))
+    constexprs = dict(common, GS=group.group_size if group.bits != 16 else 1, BM=tables.block_rows, BN=block_n,
+                      BK=config.block_k, GATED=gated)
+    while True:
+        try:
+            _call(group, packed_kernel, grid, args, dynamic, constexprs, replace(config, num_stages=stages))
+            return
+        except Exception as exc:  # noqa: BLE001 (Triton's OutOfResources, raised before launching: fewer stages)
+            if type(exc).__name__ != "OutOfResources" or stages <= 1:
+                raise
+            stages -= 1
+            _STAGES_THAT_FIT[fits] = stages
+
+
+_STAGES_THAT_FIT: dict = {}  # (bits, BM, tile, gated) -> pipeline stages, where a tile's did not fit in shared memory
+FAST_TABLES = os.environ.get("MOECOMPRESS_FAST_TABLES", "1") != "0"  # 0: every routing-table launch via Triton
+
+
+def _call(group, kernel, grid, args: list, dynamic: tuple[int, ...], constexprs: dict, config: Config) -> None:
+    """kernel[grid](*args, **constexprs) through a Launcher cached on the group (launcher.py: after the first call
+    the compiled kernel is called directly, without Triton's per-call binding of ~20 arguments); args at `dynamic`
+    positions (this call's tensors) change per call. Its host-time gain was not separable from the H200 host's
+    run-to-run differences (session 22)."""
+    if not FAST_TABLES:
+        kernel[grid](*args, **constexprs, num_warps=config.num_warps, num_stages=config.num_stages)
+        return
+    from moecompress.runtime.cuda.launcher import Launcher
+
+    static = tuple(None if i in dynamic else a.data_ptr() if isinstance(a, torch.Tensor) else a
+                   for i, a in enumerate(args))
+    key = (id(kernel), grid, static, tuple(constexprs.items()), config.num_warps, config.num_stages)
+    cache = group.__dict__.setdefault("_cuda_launchers", {})
+    launcher = cache.get(key)
+    if launcher is None:
+        if len(cache) >= 64:  # many shapes (prompt lengths): start over rather than grow
+            cache.clear()
+        launcher = cache[key] = Launcher(kernel, grid, [None if i in dynamic else a for i, a in enumerate(args)],
+                                         dynamic, constexprs, config.num_warps, config.num_stages)
+    launcher(*[args[i] for i in dynamic])
 
 
 def split_k(groups: int) -> int:

@@ -15,7 +15,7 @@ from moecompress.errors import MoecompressError
 from moecompress.execution.routing import Mode
 from moecompress.format.files import MANIFEST, PLACEMENT_FILE, sha256_file, verify_files
 from moecompress.format.spec import read_spec
-from moecompress.runtime.load import BUNDLE_FILE
+from moecompress.runtime.loading.load import BUNDLE_FILE
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from moecompress.execution.tokens.plan import LayerContext
 from moecompress.execution.tokens.policy import PolicyState, TokenPipeline
 from moecompress.execution.tokens.traffic import token_stats
 from moecompress.runtime.edge import wire
-from moecompress.runtime.packed_experts import PackedExperts
+from moecompress.runtime.experts.packed_experts import PackedExperts
 
 FEW_TOKENS = 16  # at most this many token rows: `_forward_few` (Python lists) instead of the tensor rules
 

@@ -25,6 +25,9 @@ from torch import nn
 from moecompress.errors import MoecompressError
 from moecompress.execution.counters import Counters
 from moecompress.runtime.edge import wire
+from moecompress.runtime.edge.handlers import PlanServer
+from moecompress.runtime.edge.running import Deployment
+from moecompress.runtime.edge.transport import recv_request, send_request
 
 
 def split_rows(batch: int, homes: tuple[int, ...]) -> dict[int, torch.Tensor]:
@@ -44,7 +47,6 @@ def local_experts(model: nn.Module) -> dict:
 def home_server(server: int, model: nn.Module, num_experts: int):
     """The expert server of a home (answers the other homes with the home model's own experts)."""
     from moecompress.runtime.edge.rank_model import ExpertServer
-    from moecompress.runtime.edge.serve import PlanServer
 
     return PlanServer(ExpertServer(server, server, local_experts(model)), num_experts)
 
@@ -70,20 +72,14 @@ class RemoteHome:
         head, payload = wire.encode_object(wire.OP_ADMIT, request)
         with t.lock:  # no ping goes to the home while it works: its channel from the front carries replies only
             try:
-                dist.send(head.to(t.device), h)
-                dist.send(payload.to(t.device), h)
+                send_request(h, head, payload, t.device)
                 while True:
-                    got = wire.empty_header().to(t.device)
-                    dist.recv(got, h)
-                    got = got.cpu().tolist()
-                    buf = torch.empty(wire.payload_bytes(got), dtype=torch.uint8, device=t.device)
-                    if buf.numel():
-                        dist.recv(buf, h)
+                    _, got, buf = recv_request(h, t.device)
                     if got[0] == wire.OP_RESULT:
-                        result = wire.decode_object(buf.cpu())
+                        result = wire.decode_object(buf)
                         break
                     if got[0] in (wire.OP_EXPERT, wire.OP_PLAN):
-                        for _, _, reply in self.server.handle(got, buf.cpu()):
+                        for _, _, reply in self.server.handle(got, buf):
                             dist.send(reply.to(t.device), h)
             except RuntimeError as exc:
                 raise t._failure(h, exc) from exc
@@ -167,8 +163,6 @@ class HomesDeployment:
         return ids
 
     def generate_text(self, prompts: list[str], **kwargs) -> list[str]:
-        from moecompress.runtime.edge.deployment import Deployment
-
         return Deployment.generate_text(self, prompts, **kwargs)
 
     @property

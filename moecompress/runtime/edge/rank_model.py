@@ -18,11 +18,11 @@ from torch import nn
 
 from moecompress.errors import MoecompressError
 from moecompress.format.files import weight_files
-from moecompress.runtime.convert import prepare_kernels, replace_modules
+from moecompress.runtime.loading.convert import prepare_kernels, replace_modules
 from moecompress.runtime.edge import wire
 from moecompress.runtime.edge.bundle import BundleInfo
 from moecompress.format.spec import read_spec
-from moecompress.runtime.packed_experts import PackedExperts
+from moecompress.runtime.experts.packed_experts import PackedExperts
 
 
 def load_full(info: BundleInfo, dtype: torch.dtype) -> nn.Module:

@@ -17,6 +17,7 @@ import torch
 
 from moecompress.errors import MoecompressError
 from moecompress.runtime.edge import wire
+from moecompress.runtime.edge.handlers import PlanServer, build_handler  # noqa: F401 -- PlanServer: serve.PlanServer
 
 
 def serve(handler, rank: int, upstream: int, downstream: int | None, home: int, world_size: int,
@@ -26,43 +27,38 @@ def serve(handler, rank: int, upstream: int, downstream: int | None, home: int, 
     (OP_ADMIT, homes.run_admission)."""
     import torch.distributed as dist
 
-    from moecompress.runtime.edge.transport import LinkDelay, message_bytes
+    from moecompress.runtime.edge.transport import LinkDelay, message_bytes, recv_request, send_request
 
     delay = LinkDelay.from_env()  # emulated link (MOECOMPRESS_LINK_DELAY), counted as exchange time
     exchange = 0.0
     while True:
-        head = wire.empty_header().to(device)
-        src = dist.recv(head, None if any_source else upstream)  # idle wait: not exchange time
+        src, h, payload = recv_request(None if any_source else upstream, device)  # idle wait: not exchange time
         src = upstream if src is None or src < 0 else int(src)
-        h = head.cpu().tolist()
         op = h[0]
         start = time.perf_counter()
         if op in (wire.OP_STOP, wire.OP_PING, wire.OP_RESET):
             handler.control(op)
             if downstream is not None:
-                dist.send(head, downstream)
+                send_request(downstream, torch.tensor(h, dtype=torch.int64), None, device)
             if op == wire.OP_STOP:
                 return
             continue
-        payload = torch.empty(wire.payload_bytes(h), dtype=torch.uint8, device=device)
-        if payload.numel():
-            dist.recv(payload, src)
         if op == wire.OP_STATS:
-            stats = payload.cpu().view(torch.float64) if payload.numel() else torch.zeros(world_size * 3,
-                                                                                          dtype=torch.float64)
+            stats = payload.view(torch.float64) if payload.numel() else torch.zeros(world_size * 3,
+                                                                                    dtype=torch.float64)
             compute, own_exchange, peak = handler.stats()
             stats[rank * 3:rank * 3 + 3] = torch.tensor([compute, exchange + own_exchange, peak], dtype=torch.float64)
             if downstream is not None:
-                dist.send(wire.header(wire.OP_STATS, rows=world_size, a=1).to(device), downstream)
-                dist.send(wire.as_bytes(stats).to(device), downstream)
+                send_request(downstream, wire.header(wire.OP_STATS, rows=world_size, a=1), wire.as_bytes(stats),
+                             device)
             else:
                 dist.send(stats.to(device), home)
             continue
         exchange += time.perf_counter() - start
         if op == wire.OP_ADMIT and admit is not None:
-            outgoing = [(src, *wire.encode_object(wire.OP_RESULT, admit(wire.decode_object(payload.cpu()))))]
+            outgoing = [(src, *wire.encode_object(wire.OP_RESULT, admit(wire.decode_object(payload))))]
         else:
-            outgoing = handler.handle(h, payload.cpu())
+            outgoing = handler.handle(h, payload)
         for dst, out_head, out_payload in outgoing:
             if any_source and out_head is None:
                 dst = src  # a reply answers the home that asked
@@ -70,8 +66,9 @@ def serve(handler, rank: int, upstream: int, downstream: int | None, home: int, 
             if delay is not None:
                 delay.before_send(message_bytes(out_head) + message_bytes(out_payload), first=True)
             if out_head is not None:
-                dist.send(out_head.to(device), dst)
-            dist.send(out_payload.to(device), dst)
+                send_request(dst, out_head, out_payload, device)
+            else:
+                dist.send(out_payload.to(device), dst)
             exchange += time.perf_counter() - start
 
 
@@ -86,56 +83,6 @@ def neighbours(info) -> tuple[int, int | None]:
         return info.home, None  # holds no layer: only control messages come
     i = stages.index(info.server)
     return stages[i - 1], (stages[i + 1] if i + 1 < len(stages) else None)
-
-
-class PlanServer:
-    """An expert server that also answers token-policy requests (OP_PLAN: rows at a payload precision, fused rows
-    with their multiplicities; execution/tokens/exchange.py); everything else goes to the wrapped ExpertServer."""
-
-    def __init__(self, inner, num_experts: int):
-        self.inner, self.num_experts = inner, num_experts
-
-    def handle(self, head: list[int], payload: torch.Tensor):
-        if head[0] != wire.OP_PLAN:
-            return self.inner.handle(head, payload)
-        from moecompress.execution.tokens.exchange import reply_layout
-
-        layer, dtype = head[1], wire.dtype_of(head[4])
-        rows, sizes, ids, weights, ret = wire.decode_plan_request(payload, head)
-        member_rows = torch.repeat_interleave(torch.arange(len(sizes)), sizes)  # [M] row of each member
-        layout = reply_layout(member_rows, sizes, ids, self.num_experts)
-        k = ids.shape[1]
-        one_hot_ids = torch.full((len(layout.expert_ids), k), self.num_experts, dtype=torch.long)
-        one_hot_ids[:, 0] = layout.expert_ids
-        one_hot_w = torch.zeros(len(layout.expert_ids), k, dtype=weights.dtype)
-        one_hot_w[:, 0] = 1.0
-        x = torch.cat([rows[member_rows[layout.per_member]], rows[layout.expert_rows]])
-        out = self.inner.compute(layer, x, torch.cat([ids[layout.per_member], one_hot_ids]),
-                                 torch.cat([weights[layout.per_member], one_hot_w]))
-        return [(self.inner.home, None, wire.encode_values(out.to(dtype), ret))]
-
-    def control(self, op: int) -> None:
-        self.inner.control(op)
-
-    def stats(self) -> list[float]:
-        return self.inner.stats()
-
-
-def build_handler(info, dtype: torch.dtype, expert_budget: int | None = None):
-    from moecompress.execution.routing import Mode
-    from moecompress.runtime.edge.rank_model import ExpertServer, load_experts
-
-    if info.mode == Mode.EXPERT:
-        num_experts = len(info.assignment[0]) if info.assignment else 0
-        experts = load_experts(info, dtype)
-        if expert_budget is not None:  # at most that many bytes of experts resident (runtime/store/)
-            from moecompress.runtime.store.rank import attach_server_store
-
-            attach_server_store(info.directory, experts, info.experts_paths, expert_budget)
-        return PlanServer(ExpertServer(info.server, info.home, experts), num_experts)
-    from moecompress.runtime.edge.pipeline import IdleServer, StageServer
-
-    return StageServer.load(info, dtype) if info.server in info.stages else IdleServer()
 
 
 def run_rank(out: str, rank: int, world_size: int, init_method: str, timeout: float, dtype: torch.dtype,
@@ -174,7 +121,7 @@ def _run_home(info, rank: int, world_size: int, init_method: str, timeout: float
     import torch.distributed as dist
 
     from moecompress.execution.counters import Counters
-    from moecompress.runtime.edge.deployment import Deployment, _home_model
+    from moecompress.runtime.edge.running import Deployment, home_model
     from moecompress.runtime.edge.homes import home_server, run_admission
     from moecompress.runtime.edge.transport import TorchDistributed, init_group
 
@@ -184,7 +131,7 @@ def _run_home(info, rank: int, world_size: int, init_method: str, timeout: float
 
     info = replace(info, home=rank)  # this rank's sequences are routed from here
     counters = Counters(world_size, len(info.experts_paths))
-    model, _ = _home_model(info, dtype, None, counters, None, None, expert_budget)  # loaded before joining
+    model, _ = home_model(info, dtype, None, counters, None, None, expert_budget)  # loaded before joining
     num_experts = len(info.assignment[0]) if info.assignment else 0
     if ready:
         Path(ready).write_text("ready")

@@ -1,6 +1,7 @@
 """How the home's messages reach the other servers: in one process (simulation) or over torch.distributed.
 
-A message is a header (int64 [8], wire.py) and, for most ops, one uint8 payload whose size the header determines.
+A message is a header (int64 [8], wire.py) and, for most ops, one uint8 payload whose size the header determines;
+on gloo both go as one torch.distributed message when they fit wire.FRAME_BYTES (`send_request`, `recv_request`).
 The home `request`s work from a server and later takes the `reply` (payload only, size known to the home). A
 server's `Handler` turns a request into outgoing messages: a reply to the home, or (pipeline) the next stage's
 request. `InProcess` runs the servers' handlers in the calling process on the very same bytes; `TorchDistributed`
@@ -12,7 +13,7 @@ payloads are sent and received as CUDA tensors. The default, `cpu`, is gloo over
 the CPU either way (the packed experts' kernels are CPU kernels).
 
 Link emulation (tests of the time model without netem): `MOECOMPRESS_LINK_DELAY=LATENCY[,RATE]` (e.g. `5ms` or
-`5ms,100Mbit/s`) makes every rank sleep before each message it sends: the one-way latency, plus the message's
+`5ms,100Mbit/s`) makes every rank wait (busy) before each message it sends: the one-way latency, plus the message's
 bytes / RATE when a rate is given (serialisation). Counted as exchange time. See `LinkDelay`.
 """
 from __future__ import annotations
@@ -80,7 +81,7 @@ _TIME = {"s": 1.0, "ms": 1e-3, "us": 1e-6}
 
 @dataclass(frozen=True)
 class LinkDelay:
-    """Emulated link: sleep latency (+ bytes / rate) before each message a rank sends. From MOECOMPRESS_LINK_DELAY
+    """Emulated link: wait latency (+ bytes / rate) before each message a rank sends. From MOECOMPRESS_LINK_DELAY
     ('5ms' or '5ms,100Mbit/s'); `None` when unset. One message = a header and its payload (counters.py). A server
     pays the latency on every message; the home once per send phase (its requests to several servers of one layer
     go out in parallel, as the time model's hops count them); the rate is paid per byte by whoever sends."""
@@ -99,15 +100,51 @@ class LinkDelay:
         rate = float(m.group(3)) * _RATE[m.group(4).lower()] if m.group(3) else None
         return cls(float(m.group(1)) * _TIME[m.group(2)], rate)
 
-    def before_send(self, nbytes: int, first: bool) -> None:
-        """Sleep for a message part of `nbytes`; `first`: the part that opens a message (pays the latency)."""
+    def before_send(self, nbytes: int, first: bool) -> float:
+        """Hold the sender for a message part of `nbytes` (`first`: the part that opens a message, pays the
+        latency); returns the seconds held. A busy wait, not a sleep: a real link delays the message, not the
+        sender's thread, and a sleep would add an OS sleep / wake-up (and the caches it cools) that no real link
+        causes (session 21, quiet: the home's thread CPU per decode step 16.8 ms without the emulation, 24-26 ms
+        with sleeps of 0.5 / 5 ms)."""
         seconds = (self.latency if first else 0.0) + (nbytes / self.rate if self.rate else 0.0)
         if seconds > 0:
-            time.sleep(seconds)
+            end = time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                pass
+        return seconds
 
 
 def message_bytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
+
+
+def one_message(device: torch.device) -> bool:
+    """Whether a request's header and payload travel as one message (gloo; wire.frame)."""
+    return device.type == "cpu"
+
+
+def send_request(dst: int, head: torch.Tensor, payload: torch.Tensor | None, device: torch.device) -> None:
+    """Send a request (header, payload or None) as wire.frame cuts it; blocking."""
+    import torch.distributed as dist
+
+    for part in wire.frame(head, payload, one_message(device)):
+        dist.send(part.to(device), dst)
+
+
+def recv_request(src: int | None, device: torch.device) -> tuple[int | None, list[int], torch.Tensor]:
+    """Wait for a request from `src` (None: any rank) -> (the sender as dist.recv says it, header, payload on the
+    CPU). The wait for the first message is idle time; a second message (a large payload) follows at once."""
+    import torch.distributed as dist
+
+    one = one_message(device)
+    first = wire.first_buffer(one, device)
+    sender = dist.recv(first, src)
+    head, payload = wire.unframe(first, one)
+    if payload is None:
+        payload = torch.empty(wire.payload_bytes(head), dtype=torch.uint8, device=device)
+        dist.recv(payload, src if sender is None or sender < 0 else int(sender))
+        payload = payload.cpu()
+    return sender, head, payload
 
 
 class InProcess:
@@ -166,6 +203,7 @@ class TorchDistributed:
         self.lock = threading.RLock()
         self._pending: list = []
         self.exchange_seconds = 0.0
+        self.delay_seconds = 0.0  # of it, held by the link emulation (a busy wait on this thread)
         self._closed = threading.Event()
         self._last = time.monotonic()
         self._pinger = threading.Thread(target=self._ping_loop, daemon=True)
@@ -191,11 +229,11 @@ class TorchDistributed:
         import torch.distributed as dist
 
         if self.delay is not None and delay:
-            self.delay.before_send(message_bytes(head) + message_bytes(payload), first=self._phase_open)
+            self.delay_seconds += self.delay.before_send(message_bytes(head) + message_bytes(payload),
+                                                         first=self._phase_open)
             self._phase_open = False
-        self._pending.append(dist.isend(head.to(self.device), dst))
-        if payload is not None:
-            self._pending.append(dist.isend(payload.to(self.device), dst))
+        for part in wire.frame(head, payload, one_message(self.device)):  # gloo: one message when it fits
+            self._pending.append(dist.isend(part.to(self.device), dst))
 
     def request(self, dst: int, head: torch.Tensor, payload: torch.Tensor | None) -> None:
         start = time.perf_counter()

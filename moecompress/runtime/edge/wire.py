@@ -1,5 +1,10 @@
 """The bytes that cross between servers: a fixed-size header, then one flat uint8 payload.
 
+Framing (`frame`, `unframe`): on gloo a request whose header and payload fit in FRAME_BYTES goes as ONE message
+(header bytes then payload bytes; the receiver posts a FRAME_BYTES buffer, gloo delivers a shorter message into it),
+a larger one as the header, then the payload. NCCL needs equal sizes on both ends: there every request is two
+messages. Replies (their size known to the asker) are a payload alone either way.
+
 Sizes are the ones moecompress/execution/counters.py counts (a test holds them equal). Header fields (int64):
 [op, layer, rows, top_k, dtype code, a, b, c]; the op-specific a, b, c are documented where each op is built.
 """
@@ -27,6 +32,39 @@ def header(op: int, layer: int = 0, rows: int = 0, top_k: int = 0, dtype: torch.
 
 def empty_header() -> torch.Tensor:
     return torch.empty(HEADER_INTS, dtype=torch.int64)
+
+
+FRAME_BYTES = 1 << 16  # the receive buffer of a request's first message (decode requests fit: one message)
+
+
+def frame(head: torch.Tensor, payload: torch.Tensor | None, one: bool) -> list[torch.Tensor]:
+    """The tensors a request is sent as: [header + payload] when `one` (gloo) and it fits FRAME_BYTES, else [header,
+    payload] (or [header] without payload)."""
+    if payload is None or not payload.numel():
+        return [head]
+    if one and HEADER_INTS * 8 + payload.numel() <= FRAME_BYTES:
+        return [torch.cat([as_bytes(head), payload])]
+    return [head, payload]
+
+
+def first_buffer(one: bool, device) -> torch.Tensor:
+    """What the receiver of a request posts first: FRAME_BYTES of uint8 (gloo), else the header alone."""
+    return torch.empty(FRAME_BYTES, dtype=torch.uint8, device=device) if one else \
+        torch.empty(HEADER_INTS, dtype=torch.int64, device=device)
+
+
+def unframe(first: torch.Tensor, one: bool) -> tuple[list[int], torch.Tensor | None]:
+    """(header, payload) of a received first message (on the CPU); payload None: it follows as a second message
+    of payload_bytes(header)."""
+    if not one:
+        head = first.cpu().tolist()
+        return head, (torch.empty(0, dtype=torch.uint8) if payload_bytes(head) == 0 else None)
+    first = first.cpu()
+    head = first[:HEADER_INTS * 8].view(torch.int64).tolist()
+    n = payload_bytes(head)
+    if n and HEADER_INTS * 8 + n > FRAME_BYTES:
+        return head, None
+    return head, first[HEADER_INTS * 8:HEADER_INTS * 8 + n]
 
 
 def dtype_of(code: int) -> torch.dtype:

@@ -14,10 +14,10 @@ from torch import nn
 from moecompress.errors import MoecompressError
 from moecompress.format.expert_stats import read_expert_stats
 from moecompress.format.spec import group_prefix
-from moecompress.runtime.file_pages import release_unused
+from moecompress.runtime.loading.file_pages import release_unused
 from moecompress.format.spec import read_spec
-from moecompress.runtime.packed_experts import PackedExperts
-from moecompress.runtime.packed_group import PackedGroup
+from moecompress.runtime.experts.packed_experts import PackedExperts
+from moecompress.runtime.experts.packed_group import PackedGroup
 from moecompress.runtime.store.cache import ExpertCache, ProjShape, StoreLayout
 from moecompress.runtime.store.fused import layer_settings
 from moecompress.runtime.store.prefetch import make_predictor
@@ -153,7 +153,8 @@ def _hook_residuals(store: ExpertStore, model: nn.Module, paths: dict[int, str])
 
 
 def _copy_groups(copies: dict, modules: dict[int, PackedExperts], layout: StoreLayout) -> tuple[dict, int]:
-    """copies: layer -> proj -> {"bits", "qweight", "scales"[, "zeros"]} for all experts -> resident PackedGroups."""
+    """copies: layer -> proj -> {"bits", "qweight", "scales"[, "zeros"][, "experts"]} -> resident PackedGroups (rows:
+    the ids in "experts", default all experts in id order)."""
     out, total = {}, 0
     for layer, by_proj in copies.items():
         module = modules[layer]
@@ -163,7 +164,10 @@ def _copy_groups(copies: dict, modules: dict[int, PackedExperts], layout: StoreL
         for proj, d in by_proj.items():
             first = next(iter(getattr(module, proj).children()))
             n = d["qweight"].shape[0]
-            g = PackedGroup(tuple(range(n)), d["bits"], first.in_features, first.out_features, layout.group_size,
+            ids = tuple(d.get("experts", range(n)))
+            if len(ids) != n:
+                raise MoecompressError(f"MoE layer {layer} {proj}: low-bit copies of {n} experts listed as {len(ids)}")
+            g = PackedGroup(ids, d["bits"], first.in_features, first.out_features, layout.group_size,
                             layout.symmetric, False, layout.compute_dtype, device="meta")
             for name in list(g._buffers):
                 g._buffers[name] = d[name].to(layout.device)
@@ -178,9 +182,10 @@ def checkpoint_copies(directory: Path, spec, paths: dict[int, str]) -> dict | No
     bits = {layer: getattr(spec.experts[p], "copy_bits", None) for layer, p in paths.items()}
     if not any(bits.values()):
         return None
-    from moecompress.format.copies import read_copy_group  # written with the format's copies (store-pipeline)
+    from moecompress.format.copies import copy_experts, read_copy_group
 
-    return {layer: {proj: {"bits": bits[layer], **read_copy_group(directory, p, proj, bits[layer])}
+    return {layer: {proj: {"bits": bits[layer], "experts": copy_experts(spec, p, proj),
+                           **read_copy_group(directory, p, proj, bits[layer])}
                     for proj in spec.experts[p].groups}
             for layer, p in paths.items() if bits[layer]}
 

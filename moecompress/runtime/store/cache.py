@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moecompress.errors import MoecompressError
-from moecompress.runtime.packed_group import PackedGroup
+from moecompress.runtime.experts.packed_group import PackedGroup
 from moecompress.runtime.store.counters import StoreCounters
 from moecompress.runtime.store.policies import EVICTION_POLICIES
 
@@ -154,8 +154,10 @@ class ExpertCache:
             groups[proj] = g
         return Slot(groups, self.layout.nbytes[key], buffers=list(buffers.values()))
 
-    def fill(self, key, *, pinned: bool = False, prefetched: bool = False, wait: bool = True) -> bool:
-        """Read `key` into a slot (no-op if resident or in flight); False when no room could be made (wait=False)."""
+    def fill(self, key, *, pinned: bool = False, prefetched: bool = False, wait: bool = True,
+             after_copy: bool = False) -> bool:
+        """Read `key` into a slot (no-op if resident or in flight); False when no room could be made (wait=False).
+        after_copy: read because its low-bit copy computed a miss (counted as a copy fetch)."""
         with self.cond:
             if key in self.slots or key in self.inflight:
                 return True
@@ -182,6 +184,7 @@ class ExpertCache:
                 self.counters.prefetches += 1
             if pinned:
                 self.counters.pinned_bytes += slot.nbytes
+            self.counters.copy_fetches += after_copy
         return True
 
     def begin_call(self, layer: int) -> None:
@@ -189,10 +192,11 @@ class ExpertCache:
         with self.cond:
             self.policy.on_call(layer)
 
-    def classify(self, requests: list[tuple[tuple[int, int], bool]]) -> list[str]:
+    def classify(self, requests: list[tuple[tuple[int, int], bool]], copy_inflight: bool = False) -> list[str]:
         """For one layer call's experts [(key, may_substitute)]: "hit" (resident: marked in use now, so nothing
         evicts it before it is computed; release it after), "copy" (not resident and may be substituted: the low-bit
-        copy computes it, nothing read) or "miss" (to be read: `wait_for` it). Counted here."""
+        copy computes it; also when its read is in flight if copy_inflight) or "miss" (to be read: `wait_for` it).
+        Counted here."""
         kinds = []
         with self.cond:
             for key, substitute in requests:
@@ -201,7 +205,7 @@ class ExpertCache:
                     self.counters.hits += 1
                     self._use(key, slot, late=False)
                     kinds.append("hit")
-                elif substitute and key not in self.inflight:
+                elif substitute and (copy_inflight or key not in self.inflight):
                     self.counters.substitutions += 1
                     kinds.append("copy")
                 else:

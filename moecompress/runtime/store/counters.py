@@ -13,6 +13,7 @@ class StoreCounters:
     hits: int = 0
     misses: int = 0
     substitutions: int = 0  # misses computed with the resident low-bit copy
+    copy_fetches: int = 0  # full experts read after their copy computed a miss (StoreConfig.copy_fetch)
     prefetches: int = 0  # experts the prefetcher read
     useful_prefetches: int = 0  # of those, used before being evicted (also when the use had to wait for the read)
     late_prefetches: int = 0  # useful prefetches whose read had not finished when the expert was needed

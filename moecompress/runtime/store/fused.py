@@ -1,4 +1,4 @@
-"""The store's experts computed with the fused CPU decode call (runtime/cpu_moe.py, csrc/lowbit/moe.cpp).
+"""The store's experts computed with the fused CPU decode call (runtime/experts/cpu_moe.py, csrc/lowbit/moe.cpp).
 
 The fully resident PackedExperts runs a decode step (at most cpu_moe's token limit, on CPU) as one C++ call over its
 groups when the layer qualifies (`cpu_moe.fused_layer`: every group 2/3/4/8-bit in the format's packing, a `q8_*`
@@ -17,8 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
-from moecompress.runtime import cpu_lowbit, cpu_moe, kernel_registry
-from moecompress.runtime.packed_group import PackedGroup
+from moecompress.runtime.kernels import cpu_lowbit, kernel_registry
+
+from moecompress.runtime.experts import cpu_moe
+from moecompress.runtime.experts.packed_group import PackedGroup
 
 _NO_ZEROS = torch.empty(0, dtype=torch.uint8)  # symmetric groups: the call's "no zeros"
 
@@ -78,10 +80,10 @@ def fused_call(settings: FusedSettings, proj_names: tuple[str, str], num_experts
     """table: expert -> (proj -> group holding it, its slot there), for every routed expert to compute (the others
     contribute nothing). hidden [T, H] -> [T, H] in hidden's dtype."""
     args = []
+    experts = torch.tensor(list(table), dtype=torch.int64)
     for proj in proj_names:
-        qs, ss, zs, bits, entry = [], [], [], [], {}
-        where = [[-1, -1]] * num_experts
-        for e, (groups, slot) in table.items():
+        qs, ss, zs, bits, entry, at = [], [], [], [], {}, []
+        for groups, slot in table.values():
             g = groups[proj]
             i = entry.get(id(g))
             if i is None:
@@ -90,8 +92,11 @@ def fused_call(settings: FusedSettings, proj_names: tuple[str, str], num_experts
                 ss.append(g.scales)
                 zs.append(_NO_ZEROS if g.symmetric else g.zeros)
                 bits.append(g.bits)
-            where[e] = [i, slot]
-        args += [qs, ss, zs, bits, torch.tensor(where, dtype=torch.int64)]
+            at.append((i, slot))
+        where = torch.full((num_experts, 2), -1, dtype=torch.int64)  # expert -> (entry, slot); -1: not computed
+        if at:
+            where[experts] = torch.tensor(at, dtype=torch.int64)
+        args += [qs, ss, zs, bits, where]
     return cpu_moe.moe_decode(hidden, top_k_index, top_k_weights, args, settings.group_size, settings.isa)
 
 

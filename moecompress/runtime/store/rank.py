@@ -3,7 +3,9 @@
 Each server keeps at most `budget` bytes of its own experts in memory and reads the rest from its bundle's files on
 use. The home (it has the dense weights, hence each layer's router) prefetches with the routers (the defaults of
 store.default_config); an expert-only server, without routers, prefetches from the activation paths shipped in its
-bundle (expert_stats.safetensors), or not at all without them.
+bundle (expert_stats.safetensors), or not at all without them. A bundle with low-bit copies (`moecompress shard` of
+a checkpoint exported with copies: the copies of the server's experts) computes misses under the default copy
+threshold of their width with them (store.DEFAULT_COPY_THRESHOLD), the copies counted in the budget.
 
 Diagnostics: with MOECOMPRESS_STORE_COUNTERS=DIR in the environment, each server's store writes its counters to
 DIR/store-<bundle directory name>.json when its process exits (the server processes' stores are otherwise out of
@@ -20,7 +22,8 @@ from pathlib import Path
 from torch import nn
 
 from moecompress.format.expert_stats import EXPERT_STATS_FILE
-from moecompress.runtime.packed_experts import PackedExperts
+from moecompress.format.spec import read_spec
+from moecompress.runtime.experts.packed_experts import PackedExperts
 from moecompress.runtime.store.attach import attach_store
 from moecompress.runtime.store.store import ExpertStore, default_config
 
@@ -47,7 +50,7 @@ def attach_server_store(directory: str | Path, experts: dict[int, PackedExperts]
     if budget is None or not experts:
         return None
     has_stats = (Path(directory) / EXPERT_STATS_FILE).exists()
-    config = default_config(int(budget), has_stats)
+    config = default_config(int(budget), has_stats, copy_bits=read_spec(directory).copy_bits)
     if model is None:  # no routers here: the activation paths, when shipped
         config = dataclasses.replace(config, prefetch="paths" if has_stats else None)
     paths = {layer: experts_paths[layer] for layer in experts}

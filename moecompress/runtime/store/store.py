@@ -10,6 +10,11 @@ reader threads read the missing ones (the C++ call runs without the GIL), one fo
 activations, GPU) runs one expert at a time with the per-group kernels, the demand reads overlapping the hits'
 compute.
 
+Low-bit copies (optional, resident): a miss routed below `copy_threshold` (a routing weight, or with copy_relative
+a multiple of the token's mean top-k weight) is computed by its copy. With copy_fetch (HOBBIT) its full expert is
+also read in the background for the next use, and a miss whose read is still in flight is not waited for; without
+it nothing is read for it (the next use misses again), and a read in flight is waited for.
+
 Exactness: every routed expert is computed from its own packed rows with the same kernels, row order and summation
 order as the fully resident PackedExperts, so with exact settings (no `copy_threshold`) outputs equal the fully
 resident model's bit for bit, whatever the budget, policy or prediction. One condition on the per-expert path, from
@@ -27,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from moecompress.errors import MoecompressError
-from moecompress.runtime import cpu_moe
+from moecompress.runtime.experts import cpu_moe
 from moecompress.runtime.store.cache import ExpertCache
 from moecompress.runtime.store.fused import (FusedSettings, fused_call, fused_rows, layer_settings, settings_key,
                                              weighted_sum)
@@ -44,7 +49,14 @@ class StoreConfig:
     pin_share: float = 0.0  # share of the slots pinned at load by routing mass per byte (needs statistics)
     prefetch: str | None = None  # predictor: prefetch.PREDICTORS; None = no prefetch
     prefetch_width: int | None = None  # experts read ahead per layer call (None: the call's top-k)
-    copy_threshold: float | None = None  # a miss routed below this weight runs on the low-bit copy (None: never)
+    copy_threshold: float | None = None  # a miss routed below this weight runs on the low-bit copy (None: never;
+    # above 1: every miss)
+    # with copies: a miss computed by its copy also reads the full expert in the background for its next use, and a
+    # miss whose read is in flight (a prefetch not done yet) is computed by its copy instead of waited for (HOBBIT)
+    copy_fetch: bool = False
+    # copy_threshold in units of the token's mean top-k routing weight (1 / top_k with renormalised weights), so one
+    # value serves models with and without renormalisation and any top-k
+    copy_relative: bool = False
     copies_in_budget: bool = True  # the resident low-bit copies count inside `budget` (else they come on top)
     domain: str | None = None  # pin by this domain's mass (the statistics' domains)
     tier: str = "file"  # "file": safetensors read bypassing the page cache; "pinned": pinned CPU memory -> GPU
@@ -76,13 +88,23 @@ class StoreConfig:
                                    f"{self.prefetch_floor}")
         if not 0.0 <= self.prefetch_min_precision <= 1.0:
             raise MoecompressError(f"prefetch_min_precision must be in 0..1, got {self.prefetch_min_precision}")
+        if self.copy_threshold is not None and self.copy_threshold < 0:
+            raise MoecompressError(f"copy_threshold (a routing weight) must be >= 0 or None, got {self.copy_threshold}")
+        if self.copy_relative and self.copy_threshold is None:
+            raise MoecompressError("copy_relative sets copy_threshold's unit: give copy_threshold too")
+        if self.copy_fetch and self.copy_threshold is None:
+            raise MoecompressError("copy_fetch computes misses with the low-bit copies: give copy_threshold too "
+                                   "(a routing weight; above 1: every miss)")
         if self.prefetch_width is not None and self.prefetch_width < 1:
             raise MoecompressError(f"prefetch_width must be at least 1, got {self.prefetch_width}")
 
 
-def default_config(budget: int, has_stats: bool = True) -> StoreConfig:
-    """The defaults chosen on both reference models (eval/results/store.md); pinning only with statistics."""
-    return StoreConfig(budget=int(budget), **DEFAULTS, pin_share=DEFAULT_PIN_SHARE if has_stats else 0.0)
+def default_config(budget: int, has_stats: bool = True, copy_bits: int | None = None) -> StoreConfig:
+    """The defaults chosen on both reference models (eval/results/store.md); pinning only with statistics; with the
+    checkpoint's (or bundle's) low-bit copies of `copy_bits`, misses under that width's DEFAULT_COPY_THRESHOLD run on
+    them (DEFAULT_COPIES; the copies inside the budget)."""
+    copies = {} if copy_bits is None else {**DEFAULT_COPIES, "copy_threshold": DEFAULT_COPY_THRESHOLD[copy_bits]}
+    return StoreConfig(budget=int(budget), **DEFAULTS, pin_share=DEFAULT_PIN_SHARE if has_stats else 0.0, **copies)
 
 
 # Chosen by steady-state CPU time and bytes read on the 30B-dims model and hit rate on refmoe-qwen3 / refmoe-olmoe
@@ -91,6 +113,13 @@ def default_config(budget: int, has_stats: bool = True) -> StoreConfig:
 # from the residual stream lifts refmoe-qwen3's hit rate from 0.88-0.89 to 0.90-0.91.
 DEFAULTS = {"policy": "lru", "prefetch": "router", "prefetch_refine": True, "prefetch_min_precision": 0.5}
 DEFAULT_PIN_SHARE = 0.5
+# Chosen on calibration text (eval/results/store_copies.md; bench_store.py --copies): per copy width, the largest
+# relative threshold (x the token's mean top-k weight; 1000: every miss) whose Δppl stayed within 0.4 % on both
+# reference models at a 50 % budget (RTN copies, 4-bit main experts); 4- and 8-bit copies: every miss (not measured).
+# On evaluation text the 3-bit choice cost +0.8 % (refmoe-qwen3) / +1.2 % (refmoe-olmoe): calibration text of this
+# size does not predict it (see the README).
+DEFAULT_COPIES = {"copy_relative": True, "copy_fetch": True}
+DEFAULT_COPY_THRESHOLD = {2: 0.25, 3: 1000.0, 4: 1000.0, 8: 1000.0}
 
 
 class ExpertStore:
@@ -149,19 +178,20 @@ class ExpertStore:
             if c:
                 plan.append((positions[pos], order[row:row + c]))
                 row += c
-        may_copy = [copies is not None and threshold is not None and float(flat_w[rows].max()) < threshold
-                    for _, rows in plan]
-        kinds = self.cache.classify([((layer, e), sub) for (e, _), sub in zip(plan, may_copy)])
+        copy_w = self._copy_weights(top_k_weights).reshape(-1)
+        may_copy = [copies is not None and threshold is not None and e in copies[first_name].slot
+                    and float(copy_w[rows].max()) < threshold for e, rows in plan]
+        kinds = self.cache.classify([((layer, e), sub) for (e, _), sub in zip(plan, may_copy)],
+                                    copy_inflight=self.config.copy_fetch)
         self._calls += 1
-        for (e, _), kind in zip(plan, kinds):  # misses are read by the reader threads while the hits compute
-            if kind == "miss":
-                self._readers.submit(self._read_ahead, self._calls, (layer, e))
+        self._submit_reads(layer, [e for e, _ in plan], kinds)  # read by the reader threads while the hits compute
         pieces = [None] * len(plan)
         for i in sorted(range(len(plan)), key=lambda i: kinds[i] == "miss"):  # hits and copies first
             e, rows = plan[i]
             x = hidden[rows // top_k]
             if kinds[i] == "copy":  # the resident low-bit copy computes it
-                pieces[i] = self._expert(module, x, copies[first_name], copies[down_name], e, len(rows))
+                pieces[i] = self._expert(module, x, copies[first_name], copies[down_name],
+                                         copies[first_name].slot[e], len(rows))
                 continue
             slot = self.cache.slots[(layer, e)] if kinds[i] == "hit" else self.cache.wait_for((layer, e))
             try:
@@ -226,22 +256,22 @@ class ExpertStore:
         threshold, copies = self.config.copy_threshold, self.copies.get(layer)
         held_here = self.cache.layout.shapes[layer]
         weight: dict[int, float] = {}  # held expert -> its highest routing weight in the chunk
-        for experts, ws in zip(top_k_index.tolist(), top_k_weights.float().tolist()):
+        for experts, ws in zip(top_k_index.tolist(), self._copy_weights(top_k_weights).tolist()):
             for e, w in zip(experts, ws):
                 if e in held_here:
                     weight[e] = max(weight.get(e, w), w)
         order = list(weight)
-        may_copy = [copies is not None and threshold is not None and weight[e] < threshold for e in order]
-        kinds = self.cache.classify([((layer, e), sub) for e, sub in zip(order, may_copy)])
+        copy_slot = copies[module.proj_names[0]].slot if copies else {}  # expert -> its row in the copy groups
+        may_copy = [threshold is not None and e in copy_slot and weight[e] < threshold for e in order]
+        kinds = self.cache.classify([((layer, e), sub) for e, sub in zip(order, may_copy)],
+                                    copy_inflight=self.config.copy_fetch)
         held = [(layer, e) for e, kind in zip(order, kinds) if kind == "hit"]
-        for e, kind in zip(order, kinds):  # misses are read by the reader threads, in parallel
-            if kind == "miss":
-                self._readers.submit(self._read_ahead, self._calls, (layer, e))
+        self._submit_reads(layer, order, kinds)  # misses are read by the reader threads, in parallel
         table = {}
         try:
             for e, kind in zip(order, kinds):
                 if kind == "copy":  # the resident low-bit copy computes it
-                    table[e] = (copies, e)
+                    table[e] = (copies, copy_slot[e])
                 elif kind == "hit":
                     table[e] = (self.cache.slots[(layer, e)].groups, 0)
             if "miss" not in kinds or not self.config.overlap:  # (every miss read, then) the one call
@@ -258,6 +288,11 @@ class ExpertStore:
             for key in held:
                 self.cache.release(key)
 
+    def _copy_weights(self, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """[T, K] routing weights in copy_threshold's unit (float32): as routed, or over the token's mean."""
+        w = top_k_weights.float()
+        return w / w.mean(-1, keepdim=True).clamp(min=1e-30) if self.config.copy_relative else w
+
     def _wait_misses(self, layer: int, order: list[int], kinds: list[str], held: list) -> dict:
         """The missed experts' slots once read (added to `held`, released by the caller): expert -> (groups, 0)."""
         late = {}
@@ -267,6 +302,21 @@ class ExpertStore:
                 held.append((layer, e))
                 late[e] = (slot.groups, 0)
         return late
+
+    def _submit_reads(self, layer: int, experts: list[int], kinds: list[str]) -> None:
+        """Misses to the reader threads (this call waits for them); with copy_fetch, the experts computed by their
+        copies too, for their next use (nobody waits for those; dropped when only pinned or busy slots could make
+        room)."""
+        for e, kind in zip(experts, kinds):
+            if kind == "miss":
+                self._readers.submit(self._read_ahead, self._calls, (layer, e))
+        if self.config.copy_fetch:
+            for e, kind in zip(experts, kinds):
+                if kind == "copy":
+                    self._readers.submit(self._fetch_copied, (layer, e))
+
+    def _fetch_copied(self, key) -> None:
+        self.cache.fill(key, wait=False, after_copy=True)
 
     def _read_ahead(self, call: int, key) -> None:
         if call == self._calls:  # a read still queued when its layer call is over is dropped

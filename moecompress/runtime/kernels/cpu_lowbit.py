@@ -1,0 +1,124 @@
+"""Low-bit kernels for packed experts on CPUs without AMX (sources: csrc/lowbit/, its lowbit.h explains the math).
+
+- `decode` (few rows per expert), llama.cpp's approach: each row of x is quantized to int8 per group of the weights
+  (dx = max|x| / 127), integer dot products against the packed 2/3/4/8-bit weights unpacked in registers
+  (AVX2: vpmaddubsw + vpmaddwd; AVX-512 VNNI: vpdpbusd; ARM64 NEON dotprod: sdot; portable C++ elsewhere), then per group
+  s * dx * (sum(q * xq) - z * sum(xq)) in float32. The result is x_hat @ W^T with x_hat = dx * xq: the only error
+  beyond float32 summation order is the int8 rounding of x, at most dx / 2 per input.
+- `prefill` (many rows per expert): for each expert and strip of `tile_rows` weight rows, the strip is dequantized
+  into a per-thread tile, (q - z) * s exact in float32 (bf16 where the CPU computes bf16 natively, see
+  cpu_features.compute_dtype), and multiplied with at::mm. No more than one tile per thread is ever dequantized.
+- Threads: both split the work over (expert, block of weight rows) with at::parallel_for.
+
+The module is compiled with torch.utils.cpp_extension on first use (tens of seconds, cached in torch's extension
+directory by machine type, torch version and source). It is built with the compiler's baseline flags, never
+-march=native: each ISA's kernels carry their own target pragma and run only where cpu_features finds that ISA, so
+one build runs on every CPU of the architecture. Without a compiler, or with MOECOMPRESS_NO_CPP=1, `available()`
+is False and the registry falls back to the torch-ops paths.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import warnings
+from functools import cache, lru_cache
+from pathlib import Path
+
+import torch
+
+CSRC = Path(__file__).parent / "csrc" / "lowbit"
+ISA_ID = {"cpu:portable": 0, "cpu:avx2": 1, "cpu:avx512_vnni": 2, "cpu:neon_dotprod": 3}  # the Isa enum of lowbit.h
+TILE_ROWS = 128  # weight rows per prefill tile: 128 x 2048 float32 = 1 MiB, one core's L2 on current x86 CPUs
+
+
+@cache
+def _module():
+    if os.environ.get("MOECOMPRESS_NO_CPP"):
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        from moecompress.runtime.kernels.build_lock import build_directory, build_guard
+
+        sources = sorted(CSRC.glob("*.cpp"))
+        text = "".join(p.read_text() for p in sorted(CSRC.iterdir()) if p.suffix in (".cpp", ".h"))
+        tag = hashlib.sha256((platform.machine() + torch.__version__ + text).encode()).hexdigest()[:12]
+        name = f"moecompress_lowbit_{tag}"
+        with build_guard(build_directory(name)):  # survives a build killed earlier
+            return load(name=name, sources=[str(p) for p in sources],
+                        extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as exc:  # no compiler, no ninja, failed build: the torch-ops paths stay in use
+        warnings.warn(f"moecompress: the low-bit C++ CPU kernels are unavailable ({type(exc).__name__}: "
+                      f"{str(exc)[:200]}); using the slower torch-ops paths")
+        return None
+
+
+def available() -> bool:
+    """The module is built (compiles it on first call)."""
+    return _module() is not None
+
+
+def _slots_starts(slots: list[int], counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    return _slots_starts_of(tuple(slots), tuple(counts))
+
+
+@lru_cache(maxsize=4096)
+def _slots_starts_of(slots: tuple[int, ...], counts: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read-only index tensors of the C++ calls, made once per (slots, counts): decode steps repeat a few of them."""
+    starts = [0]
+    for c in counts:
+        starts.append(starts[-1] + c)
+    return torch.tensor(slots, dtype=torch.int64), torch.tensor(starts, dtype=torch.int64)
+
+
+def _zeros(zeros: torch.Tensor | None) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.uint8) if zeros is None else zeros
+
+
+def quantize_rows(x: torch.Tensor, group: int, bits: int, isa: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x float32 [R, k] -> (xq int8 [R, k] in the ISA's block order, dx float32 [R, k/group], isum int32)."""
+    return tuple(_module().quantize_rows(x.float().contiguous(), group, bits, ISA_ID[isa]))
+
+
+@cache
+def block_order(bits: int) -> torch.Tensor:
+    """int64 [32]: lane of each input of a 32-input block in the SIMD kernels' order."""
+    return _module().block_order(bits)
+
+
+@cache
+def _column_order(bits: int, k: int) -> torch.Tensor:
+    """int64 [k]: x[:, order] puts x's columns in the SIMD block order (order[32b + lane(i)] = 32b + i)."""
+    lane = block_order(bits)
+    inverse = torch.empty(32, dtype=torch.int64)
+    inverse[lane] = torch.arange(32)
+    return (torch.arange(0, k, 32).unsqueeze(1) + inverse).reshape(-1)
+
+
+def decode(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
+           group: int, slots: list[int], counts: list[int], isa: str) -> torch.Tensor:
+    """x [R, k] sorted by slot (counts[i] rows for slots[i]); qweight [N, n, k*bits/8], scales float16 / zeros uint8
+    [N, n, k/group] (None: symmetric) -> [R, n] in x's dtype, x @ W[slot]^T with x quantized to int8 per group."""
+    s, starts = _slots_starts(slots, counts)
+    y = _module().decode(x.float().contiguous(), qweight, scales, _zeros(zeros), bits, group, s, starts, ISA_ID[isa])
+    return y.to(x.dtype)
+
+
+def prefill(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
+            group: int, slots: list[int], counts: list[int], isa: str, dtype: torch.dtype,
+            tile_rows: int = TILE_ROWS) -> torch.Tensor:
+    """As `decode`, through dequantized tiles in `dtype` (float32 or bfloat16) and at::mm: [R, n] in x's dtype."""
+    s, starts = _slots_starts(slots, counts)
+    xt = x.to(dtype)
+    if isa in ("cpu:avx2", "cpu:avx512_vnni"):  # their tiles hold each block's inputs in SIMD order: permute x
+        xt = xt.index_select(1, _column_order(bits, x.shape[1]))
+    y = _module().tile_linear(xt.contiguous(), qweight, scales, _zeros(zeros), bits, group, s, starts, ISA_ID[isa],
+                              tile_rows)
+    return y.to(x.dtype)
+
+
+def dequant_tile(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, group: int,
+                 slot: int, rows: tuple[int, int], isa: str) -> torch.Tensor:
+    """Weight rows [rows[0], rows[1]) of one slot, float32 [r, k], in the ISA's block order (what `prefill` uses)."""
+    return _module().dequant_tile(qweight, scales, _zeros(zeros), bits, group, slot, rows[0], rows[1], ISA_ID[isa])

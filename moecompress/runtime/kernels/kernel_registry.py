@@ -1,0 +1,202 @@
+"""Which kernel computes a packed group on CPU or CUDA: one plain dict keyed by (ISA, bits, path), looked up, never branched.
+
+`path` is `decode` (few rows per expert; PackedGroup sends slots with fewer than PREFILL_MIN_ROWS rows there) or
+`prefill` (many rows). Each key lists kernels best first; `select` takes the first one that is built here and
+supports the group's shapes, and walks down to the next ISA (cpu_features.ISA_ORDER) when none does. The ISA to
+start from is the CPU's best, read at run time (cpu_features.best_isa; MOECOMPRESS_CPU_ISA forces a lower one), or
+`cuda` for a group on a CUDA device.
+
+| ISA              | 2/3/8-bit decode        | 2/3/8-bit prefill        | 4-bit decode            | 4-bit prefill            |
+|------------------|-------------------------|--------------------------|-------------------------|--------------------------|
+| cpu:amx          | q8_avx512_vnni          | packed_amx (fused AMX)   | int4 (PyTorch int4 op)* | int4 (fused AMX int4_mm)*|
+| cpu:avx512_vnni  | q8_avx512_vnni          | tile_mm_avx2             | q8_avx512_vnni          | tile_mm_avx2             |
+| cpu:avx2         | q8_avx2                 | q8_avx2**, tile_mm_avx2  | q8_avx2                 | q8_avx2**, tile_mm_avx2  |
+| cpu:neon_dotprod | q8_neon_dotprod         | tile_mm_portable         | q8_neon_dotprod         | tile_mm_portable         |
+| cpu:portable     | q8_portable             | tile_mm_portable         | q8_portable             | tile_mm_portable         |
+| cpu:torch        | dequant (torch ops)     | dequant                  | int4, else dequant      | int4, else dequant       |
+| cuda             | triton_decode           | triton_prefill           | triton_decode           | triton_prefill           |
+
+cuda: the Triton kernels of runtime/cuda/ (bf16 / float16 x; the format's packing read as it is, no repack); whole
+MoE layers on CUDA run them from PackedExperts.forward with device-side routing (runtime/cuda/experts.py), this
+entry serves PackedGroup.linear. Without Triton or for other shapes: dequant.
+
+q8_*: int8 activations x low-bit weights, integer dot products (cpu_lowbit.decode); used for bfloat16 / float16
+activations, while float32 activations take the exact tile_mm kernel on both paths unless
+MOECOMPRESS_INT8_ACTIVATIONS=always (e.g. a float32 model on an AVX2-only CPU, for speed). tile_mm_*: dequantized tiles of
+128 weight rows + at::mm, in float32, or bf16 where the CPU computes bf16 natively (cpu_lowbit.prefill,
+cpu_features.compute_dtype). q8_neon_dotprod is tested under qemu-user only (tests/test_cpu_neon.py); ARM64 without
+dotprod takes the portable kernels. int4: 4-bit groups converted at load to PyTorch's int4 layout (`layout="int4"`, what
+PackedGroup.prepare looks for); the AMX kernels are cpu_kernels.py's. A 4-bit group on a CPU without AMX keeps the
+format's packing. *A 4-bit group not converted (prepare() not called)
+takes q8_avx512_vnni / packed_amx. **bf16 / float16 x and in_features >= Q8_PREFILL_MIN_IN, else the tiles.
+float32 x on AMX CPUs: the avx512_vnni row. 16-bit groups are plain matmuls and never looked up.
+
+A whole MoE layer of at most cpu_moe.FUSED_MAX_TOKENS tokens (decode steps) runs in one C++ call (cpu_moe.py) when
+every group of its two projections takes a q8_* decode kernel here (all of one ISA) and the gate is the default
+SiLU one: the same kernels, with the routing, the activation and the weighted sum in C++ too.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import torch
+
+from moecompress.errors import MoecompressError
+from moecompress.runtime.kernels import cpu_features, cpu_int4, cpu_kernels, cpu_lowbit
+from moecompress.runtime import cuda
+
+PATHS = ("decode", "prefill")
+# Rows per expert from which the prefill kernels beat q8 decode, Qwen3-30B-A3B expert shapes, group 128, 2 threads,
+# Xeon (Sapphire Rapids), eval/bench_kernels.py: tiles + GEMM between 32 and 64 rows (4-bit, ms per expert, q8 /
+# tiles: gate_up 1.14 / 1.88 at 32 rows, 2.45 / 1.79 at 64; down 0.71 / 1.00 at 32, 1.66 / 0.81 at 64; with the
+# AVX2 kernels down 1.25 / 1.09 at 32); packed_amx already at 4-8 rows.
+TILE_MIN_ROWS = 48
+# On AVX2 without VNNI the int8 decode kernel stays ahead of the tiles + float32 GEMM up to about 128 rows per expert
+# (AMD EPYC Zen 3, 1 thread, gate_up 1536 x 2048 and 2048 x 4096, 2/4/8-bit: tiles / int8 time 1.0-1.9 at 32-64
+# rows, 0.84-1.29 at 128, mixed above: `eval/bench_kernels.py --threads 1 --paths decode prefill --rows 32 64 128 256`).
+TILE_MIN_ROWS_AVX2 = 128
+# ISAs whose prefill path (bf16 / float16 x) runs the q8 kernels at every row count, before the tiles: on AVX2 without
+# VNNI the int8 kernel beats dequantized tiles + at::mm at 32-512 rows per expert (AMD EPYC Zen 3, 1 thread, bf16 x,
+# group 128, GFLOP/s q8 / best tile: 4-bit q_proj 4096 x 2048 at 512 rows 76 / 57, 8 experts of 1536 x 2048 at 32
+# rows 96 / 43, 2-bit 106-117 / 44-66, 8-bit 44-76 / 35-66; torch's own float32 mm reaches 21-70 here).
+# Only for in_features of at least Q8_PREFILL_MIN_IN: at 256 (refmoe-qwen3) the tiles win (4-bit q_proj 256 x 256 at
+# 512 rows: int8 27, tiles 41-53 GFLOP/s; 2-bit k_proj 15 / 25-42), at 768 (down of 30B-A3B) int8 wins (74-86 / 42-46).
+Q8_PREFILL_ISAS = ("cpu:avx2",)
+Q8_PREFILL_MIN_IN = 512
+AMX_MIN_ROWS = 6
+# int8 activations (the q8 kernels): "auto" for bfloat16 / float16 x only, so that float32 models stay exact up to
+# summation order (what the end-to-end tests hold them to); "always" also for float32 x; "never".
+INT8_ACTIVATIONS_ENV = "MOECOMPRESS_INT8_ACTIVATIONS"
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    layout: str  # "packed": the format's packing; "int4": PyTorch's int4 layout, converted once at load
+    run: Callable  # (group: PackedGroup, x [R, in], slots, counts) -> [R, out] in x's dtype
+    available: Callable[[], bool]  # built / usable in this process
+    supports: Callable  # (group, dtype) -> bool: the group's shapes and x's dtype fit
+    min_rows: int = 0  # prefill kernels: rows per expert from which they beat the decode kernels (measured)
+
+
+def _lowbit_shapes(group, dtype: torch.dtype) -> bool:
+    return (group.group_size % 32 == 0 and group.in_features % group.group_size == 0 and group.scales.device.type == "cpu"
+            and group.scales.dtype == torch.float16 and dtype in (torch.float32, torch.bfloat16, torch.float16))
+
+
+def _q8_shapes(group, dtype: torch.dtype) -> bool:
+    mode = os.environ.get(INT8_ACTIVATIONS_ENV, "auto")
+    wanted = {"auto": dtype != torch.float32, "always": True, "never": False}.get(mode)
+    if wanted is None:
+        raise MoecompressError(f"{INT8_ACTIVATIONS_ENV}={mode!r}; allowed: auto, always, never")
+    return wanted and _lowbit_shapes(group, dtype)
+
+
+def _zeros(group):
+    return None if group.symmetric else group.zeros
+
+
+def _q8(isa: str) -> Kernel:
+    def run(group, x, slots, counts):
+        return cpu_lowbit.decode(x, group.qweight, group.scales, _zeros(group), group.bits, group.group_size, slots,
+                                 counts, isa)
+
+    return Kernel(f"q8_{isa.removeprefix('cpu:')}", "packed", run, cpu_lowbit.available, _q8_shapes)
+
+
+def _tile_mm(isa: str, name: str, min_rows: int = TILE_MIN_ROWS) -> Kernel:
+    def run(group, x, slots, counts):
+        dtype = torch.float32 if x.dtype == torch.float32 else cpu_features.compute_dtype()
+        return cpu_lowbit.prefill(x, group.qweight, group.scales, _zeros(group), group.bits, group.group_size, slots,
+                                  counts, isa, dtype)
+
+    return Kernel(name, "packed", run, cpu_lowbit.available, _lowbit_shapes, min_rows)
+
+
+def _packed_amx_run(group, x, slots, counts):
+    return cpu_kernels.packed_mm(x, group.qweight, group.scales, _zeros(group), group.bits, group.group_size, slots, counts)
+
+
+def _packed_amx_shapes(group, dtype: torch.dtype) -> bool:
+    return (dtype == torch.bfloat16 and group.scales.device.type == "cpu" and group.out_features % 64 == 0
+            and group.group_size % 32 == 0 and group.in_features % group.group_size == 0
+            and group.scales.dtype == torch.float16)
+
+
+PACKED_AMX = Kernel("packed_amx", "packed", _packed_amx_run, cpu_kernels.amx, _packed_amx_shapes, AMX_MIN_ROWS)
+
+
+def _int4_run(group, x, slots, counts):
+    """PyTorch's int4 layout: PackedGroup._int4_matmul picks per slot between PyTorch's int4 op (few rows) and the
+    fused AMX kernel or dequantization (many rows), as before this registry."""
+    per_slot = [0] * len(group.experts)  # _int4_matmul takes the rows of every slot of the group
+    for s, c in zip(slots, counts):
+        per_slot[s] = c
+    return group._int4_matmul(x, slots, per_slot)
+
+
+INT4 = Kernel("int4", "int4", _int4_run, cpu_int4.available,
+              lambda group, dtype: group.bits == 4 and group.scales.device.type == "cpu")
+DEQUANT = Kernel("dequant", "packed", lambda group, x, slots, counts: group._dequantized_matmul(x, slots, counts),
+                 lambda: True, lambda group, dtype: True)
+
+Q8 = {isa: _q8(isa) for isa in ("cpu:avx512_vnni", "cpu:avx2", "cpu:neon_dotprod", "cpu:portable")}
+TILE_MM = {"cpu:avx512_vnni": _tile_mm("cpu:avx512_vnni", "tile_mm_avx2"),
+           "cpu:avx2": _tile_mm("cpu:avx2", "tile_mm_avx2", TILE_MIN_ROWS_AVX2),
+           "cpu:portable": _tile_mm("cpu:portable", "tile_mm_portable")}
+TILE_MM["cpu:neon_dotprod"] = TILE_MM["cpu:portable"]  # no NEON dequantization: the portable tiles
+Q8_PREFILL = {isa: replace(Q8[isa], supports=lambda group, dtype: group.in_features >= Q8_PREFILL_MIN_IN
+                           and _q8_shapes(group, dtype)) for isa in Q8_PREFILL_ISAS}
+
+KERNELS: dict[tuple[str, int, str], tuple[Kernel, ...]] = {}
+for _bits in (2, 3, 4, 8):
+    # AMX CPUs have AVX-512 VNNI too: its int8 decode beats packed_amx at 1-4 rows (4x at 1 row, eval/bench_kernels.py)
+    KERNELS[("cpu:amx", _bits, "decode")] = ((INT4,) if _bits == 4 else ()) + (Q8["cpu:avx512_vnni"], PACKED_AMX)
+    KERNELS[("cpu:amx", _bits, "prefill")] = ((INT4,) if _bits == 4 else ()) + (PACKED_AMX,)
+    for _isa in Q8:
+        KERNELS[(_isa, _bits, "decode")] = (Q8[_isa], TILE_MM[_isa])  # float32 x: the exact tiles
+        KERNELS[(_isa, _bits, "prefill")] = ((Q8_PREFILL[_isa],) if _isa in Q8_PREFILL else ()) + (TILE_MM[_isa],)
+    for _path in PATHS:
+        KERNELS[("cpu:torch", _bits, _path)] = (INT4, DEQUANT) if _bits == 4 else (DEQUANT,)
+del _bits, _path, _isa
+
+
+def _cuda_kernel(path: str) -> Kernel:
+    def run(group, x, slots, counts):
+        from moecompress.runtime.cuda import experts
+
+        return experts.linear_sorted(group, x, slots, counts, path)
+
+    def supports(group, dtype):
+        from moecompress.runtime.cuda import experts
+
+        return experts.group_supported(group, dtype)
+
+    return Kernel(f"triton_{path}", "packed", run, cuda.available, supports, 16 if path == "prefill" else 0)
+
+
+CUDA = {path: _cuda_kernel(path) for path in PATHS}
+for _bits in (2, 3, 4, 8):
+    for _path in PATHS:
+        KERNELS[("cuda", _bits, _path)] = (CUDA[_path],)
+del _bits, _path
+
+
+def settings() -> tuple:
+    """The environment settings that change what `select` returns (callers caching a lookup key on them)."""
+    return os.environ.get(cpu_features.ISA_ENV), os.environ.get(INT8_ACTIVATIONS_ENV)
+
+
+def select(bits: int, path: str, group, dtype: torch.dtype, isa: str | None = None, layout: str | None = None) -> Kernel:
+    """The kernel for a group of `bits` on `path` with x in `dtype`: the first one listed for the ISA (default: the
+    CPU's best) that is available and supports the group (and reads `layout`, when given), else the same for the
+    next ISA down."""
+    isa = isa or ("cuda" if group.scales.device.type == "cuda" else cpu_features.best_isa())
+    order = cpu_features.ISA_ORDER
+    for candidate in order[order.index(isa):] if isa in order else (isa,):
+        for kernel in KERNELS.get((candidate, bits, path), ()):
+            if (layout is None or kernel.layout == layout) and kernel.available() and kernel.supports(group, dtype):
+                return kernel
+    return DEQUANT
