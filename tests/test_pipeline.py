@@ -142,6 +142,7 @@ def test_cli_prints_one_line_error_and_exits_2(tmp_path):
     assert proc.stderr.strip().splitlines() == ["error: recipe key quantize.method: got 'awq'; allowed: rtn, gptq"]
 
 
+@pytest.mark.slow  # 13 s: a whole pipeline run, then shard
 def test_budget_from_servers_then_shard_fits(inputs, tmp_path):
     from moecompress.pipeline.steps import dense_bytes, load_model
     from moecompress.shard.command import run_shard_command

@@ -64,10 +64,10 @@ def fused_layer(module, hidden: torch.Tensor) -> FusedLayer | None:
     """The fused call for this PackedExperts module and these hidden states, or None (the general path runs)."""
     if hidden.shape[0] > max_tokens() or hidden.device.type != "cpu":
         return None
-    return _cached(module, (hidden.dtype, *kernel_registry.settings()), lambda: _build(module, hidden.dtype))
+    return cached_on(module, (hidden.dtype, *kernel_registry.settings()), lambda: build_layer(module, hidden.dtype))
 
 
-def _cached(module, key: tuple, build) -> FusedLayer | None:
+def cached_on(module, key: tuple, build) -> FusedLayer | None:
     """The module's fused call for `key` (dtype / "dense" and the kernel settings), built once."""
     cache = module.__dict__.setdefault(_CACHE_ATTR, {})
     if key not in cache:
@@ -95,7 +95,7 @@ def gated_silu(module) -> bool:
             and not module.has_bias and not module.has_post_expert_norm and len(module.proj_names) == 2)
 
 
-def _build(module, dtype: torch.dtype, dense: bool = False) -> FusedLayer | None:
+def build_layer(module, dtype: torch.dtype, dense: bool = False) -> FusedLayer | None:
     """dense: 16-bit groups join the call too (moe.cpp computes them in float32 with its dense GEMV; the whole-model
     decode step, cpu_step/, uses that), else a layer holding any is left to the general path."""
     if not gated_silu(module) or not cpu_lowbit.available():
@@ -157,4 +157,5 @@ def dense_layer(module) -> FusedLayer | None:
     """The fused call with 16-bit groups included (float32 GEMV), for the whole-model decode step; None where the
     layer does not fit it. Int8 activations for the packed groups whatever the model's dtype is not implied: the
     groups' decode kernels must be q8_* ones for bfloat16 activations (what a decode step of such a model takes)."""
-    return _cached(module, ("dense", *kernel_registry.settings()), lambda: _build(module, torch.bfloat16, dense=True))
+    return cached_on(module, ("dense", *kernel_registry.settings()),
+                     lambda: build_layer(module, torch.bfloat16, dense=True))

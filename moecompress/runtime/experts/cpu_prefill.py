@@ -52,12 +52,12 @@ def prefill_layer(module, hidden: torch.Tensor) -> PrefillLayer | None:
     if (hidden.device.type != "cpu" or hidden.shape[0] <= max(cpu_moe.max_tokens(), cpu_moe.FUSED_MAX_TOKENS)
             or not enabled()):
         return None
-    return cpu_moe._cached(module, ("prefill", hidden.dtype, *kernel_registry.settings()),
+    return cpu_moe.cached_on(module, ("prefill", hidden.dtype, *kernel_registry.settings()),
                            lambda: _build(module, hidden.dtype))
 
 
 def _build(module, dtype: torch.dtype) -> PrefillLayer | None:
-    layer = cpu_moe._build(module, dtype)  # packed groups whose decode kernels are q8_* ones of one ISA
+    layer = cpu_moe.build_layer(module, dtype)  # packed groups whose decode kernels are q8_* ones of one ISA
     if layer is None or layer.isa not in kernel_registry.Q8_PREFILL_ISAS:
         return None
     return PrefillLayer(layer.args, layer.group_size, layer.isa)

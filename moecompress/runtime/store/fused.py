@@ -38,7 +38,7 @@ def settings_key(dtype: torch.dtype) -> tuple:
 
 def fused_settings(module, proj_bits: dict[str, set[int]], proj_shapes: dict[str, tuple[int, int]], group_size: int,
                    symmetric: bool, dtype: torch.dtype) -> FusedSettings | None:
-    """The fused call's settings where the fully resident layer would take it (cpu_moe._build's conditions, decided
+    """The fused call's settings where the fully resident layer would take it (cpu_moe.build_layer's conditions, decided
     from the bit-widths each projection holds), else None. proj_shapes: proj -> (in_features, out_features)."""
     if not cpu_moe.gated_silu(module) or not cpu_lowbit.available():
         return None
