@@ -39,18 +39,20 @@ class FusedLayer:
     args: tuple  # both projections' groups (qweight, scales, zeros, bits lists) and expert maps, made once
     group_size: int
     isa: str
+    op: str = "moe_decode"  # the C++ op: moe_decode, or moe_prefill (cpu_prefill.py: same arguments and result)
 
     def __call__(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         """hidden [T, H], top_k_index [T, K], top_k_weights [T, K] -> [T, H] in hidden's dtype."""
-        return moe_decode(hidden, top_k_index, top_k_weights, self.args, self.group_size, self.isa)
+        return moe_decode(hidden, top_k_index, top_k_weights, self.args, self.group_size, self.isa, self.op)
 
 
 def moe_decode(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, args, group_size: int,
-               isa: str) -> torch.Tensor:
-    """The C++ call: args = both projections' (qweight list, scales list, zeros list, bits list, expert map
+               isa: str, op: str = "moe_decode") -> torch.Tensor:
+    """The C++ call `op`: args = both projections' (qweight list, scales list, zeros list, bits list, expert map
     [experts, 2]); hidden [T, H] -> [T, H] in hidden's dtype."""
-    y = cpu_lowbit._module().moe_decode(hidden.float().contiguous(), top_k_index.long().contiguous(),
-                                        top_k_weights.float().contiguous(), *args, group_size, cpu_lowbit.ISA_ID[isa])
+    y = getattr(cpu_lowbit._module(), op)(hidden.float().contiguous(), top_k_index.long().contiguous(),
+                                          top_k_weights.float().contiguous(), *args, group_size,
+                                          cpu_lowbit.ISA_ID[isa])
     return y.to(hidden.dtype)
 
 

@@ -15,29 +15,15 @@ off (eval/bench_cpu.py compares). The numbers are the fused decode call's: int8 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import replace
 
 import torch
 
 from moecompress.errors import MoecompressError
 from moecompress.runtime.experts import cpu_moe
-from moecompress.runtime.kernels import cpu_lowbit, kernel_registry
+from moecompress.runtime.kernels import kernel_registry
 
 PREFILL_FUSED_ENV = "MOECOMPRESS_CPU_PREFILL_FUSED"
-
-
-@dataclass(frozen=True)
-class PrefillLayer:
-    args: tuple  # as cpu_moe.FusedLayer: both projections' groups and expert maps
-    group_size: int
-    isa: str
-
-    def __call__(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        """hidden [T, H], top_k_index [T, K], top_k_weights [T, K] -> [T, H] in hidden's dtype."""
-        y = cpu_lowbit._module().moe_prefill(hidden.float().contiguous(), top_k_index.long().contiguous(),
-                                             top_k_weights.float().contiguous(), *self.args, self.group_size,
-                                             cpu_lowbit.ISA_ID[self.isa])
-        return y.to(hidden.dtype)
 
 
 def enabled() -> bool:
@@ -47,7 +33,7 @@ def enabled() -> bool:
     return value == "1"
 
 
-def prefill_layer(module, hidden: torch.Tensor) -> PrefillLayer | None:
+def prefill_layer(module, hidden: torch.Tensor) -> cpu_moe.FusedLayer | None:
     """The prefill call for this PackedExperts module and these hidden states, or None (the general path runs)."""
     if (hidden.device.type != "cpu" or hidden.shape[0] <= max(cpu_moe.max_tokens(), cpu_moe.FUSED_MAX_TOKENS)
             or not enabled()):
@@ -56,8 +42,8 @@ def prefill_layer(module, hidden: torch.Tensor) -> PrefillLayer | None:
                            lambda: _build(module, hidden.dtype))
 
 
-def _build(module, dtype: torch.dtype) -> PrefillLayer | None:
+def _build(module, dtype: torch.dtype) -> cpu_moe.FusedLayer | None:
     layer = cpu_moe.build_layer(module, dtype)  # packed groups whose decode kernels are q8_* ones of one ISA
     if layer is None or layer.isa not in kernel_registry.Q8_PREFILL_ISAS:
         return None
-    return PrefillLayer(layer.args, layer.group_size, layer.isa)
+    return replace(layer, op="moe_prefill")

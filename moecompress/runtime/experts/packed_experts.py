@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from moecompress.format.spec import ExpertsSpec
-from moecompress.runtime.experts import cpu_moe, cpu_prefill
 from moecompress.runtime import cuda
 from moecompress.runtime.cuda import experts as cuda_experts
+from moecompress.runtime.experts import cpu_moe, cpu_prefill
 from moecompress.runtime.experts.packed_group import PackedGroup
 
 
