@@ -2,7 +2,7 @@
 
 Each condition sets the link: a rate limit on both veth ends with `tc qdisc ... tbf`, and/or the runtime's own
 per-message link emulation (MOECOMPRESS_LINK_DELAY=LATENCY[,RATE], runtime/edge/transport.py: every rank waits
-(busy) the one-way latency before each message it sends -- the home once per send phase -- plus bytes / RATE when a rate is
+(a sleep, then a spin for the last 100 us) the one-way latency before each message it sends -- the home once per send phase -- plus bytes / RATE when a rate is
 given). This kernel has no netem, so latency comes only from that emulation (and the veth's own, measured as half
 a TCP ping-pong). tbf shapes only the average rate: a message that fits its bucket passes at once, which is why
 decoding (0.5-7 KB per message) needs the emulated serialisation to see the rate. For each condition: measured wall
@@ -49,9 +49,9 @@ out, steps, prompt, server = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), in
 cpu, waited = [], []  # per timed call: the home's main-thread CPU s; both ranks' main threads' run-queue wait s
 def _runqueue():  # seconds the home's and the server's main threads spent runnable, waiting for a CPU
     return sum(int(open(f"/proc/{p}/schedstat").read().split()[1]) for p in (os.getpid(), server)) / 1e9
-def _time(fn):  # the home's CPU less the link emulation's busy wait (the link's time, not the home's work)
-    t0, c0, w0, h0 = time.perf_counter(), time.thread_time(), _runqueue(), d.transport.delay_seconds; fn()
-    cpu.append(time.thread_time() - c0 - (d.transport.delay_seconds - h0)); waited.append(_runqueue() - w0)
+def _time(fn):  # the home's CPU less the link emulation's spins (the link's time, not the home's work)
+    t0, c0, w0, h0 = time.perf_counter(), time.thread_time(), _runqueue(), d.transport.delay_cpu_seconds; fn()
+    cpu.append(time.thread_time() - c0 - (d.transport.delay_cpu_seconds - h0)); waited.append(_runqueue() - w0)
     return time.perf_counter() - t0
 ids = torch.randint(3, 8000, (1, prompt), generator=torch.Generator().manual_seed(0))
 with deploy(out, simulate=False, timeout=120, dtype=torch.bfloat16) as d:

@@ -7,6 +7,9 @@ Run on a CUDA machine (results: eval/results/gpu.md, copied from --out):
     PYTHONPATH=. python eval/bench_gpu.py --out $OUT --skip tinygemm layers --sweeps tables prefill   # sweeps
     PYTHONPATH=. python eval/bench_gpu.py --out $OUT --quick            # Qwen3 shape only in the layer table
     PYTHONPATH=. python eval/bench_gpu.py --out $OUT --skip tinygemm layers --sweeps adopt   # candidate defaults
+    PYTHONPATH=. python eval/bench_gpu.py --out $OUT --skip tinygemm --sweeps hopper --tokens 2048  # session 23:
+        # the Hopper prefill kernel against packed_kernel, then the prefill table (~2.5 min with `--warm hopper:LABEL`
+        # per setting in parallel first: .gpu_carry/s23/run3.sh; eval/results/gpu_hopper.md is its gpu.md)
     PYTHONPATH=. python eval/bench_gpu.py --out $OUT --skip tinygemm --sweeps prefill   # session 22's gpu.md (~1 min
         # after `--warm prefill:LABEL` per setting in parallel: .gpu_carry/s22/run2.sh)
 
@@ -15,7 +18,9 @@ Run on a CUDA machine (results: eval/results/gpu.md, copied from --out):
    warps, groups per program = split of K, lop3 on/off), pair path against the routing-table path at 4 and 16
    tokens; "tables": Mixtral at 16 tokens, the pair path against the routing-table path's decode tiles (the tables
    path then takes layers above 2 pairs per expert if it wins); "prefill": tiles per row-block height, the SiLU gate
-   fused into the first projection or not (`--warm prefill:LABEL` compiles one setting); "adopt"
+   fused into the first projection or not (`--warm prefill:LABEL` compiles one setting); "hopper": the sm90 prefill
+   kernel (hopper.py) against packed_kernel, graph-replayed, with each setting's output against packed_kernel's
+   (`--warm hopper:LABEL`); "adopt"
    (not in the default list): candidate defaults against the current ones on every decode shape, with a verdict.
    The setting with the lowest geometric mean of each sweep is used for the rest of the run (printed; launch.py's
    defaults are the ones chosen on an H200). Also the pair path against the tables path at real sizes (rel. diff).
@@ -246,21 +251,32 @@ def _layer(model: str, mix: str, template=None):
                           group_size=GROUP_SIZE, device="cuda", template=template)
 
 
-def _sweep(name: str, settings: dict, cases: list, rows: list, scores: dict | None = None) -> dict:
+def _sweep(name: str, settings: dict, cases: list, rows: list, scores: dict | None = None,
+           graph: bool | None = None, check: bool = False) -> dict:
     """Time every setting (a dict of launch attributes) on every case (model, mix, tokens); set launch to the
     setting with the lowest geometric mean over the cases and return it (scores: filled with each setting's µs per
-    case, in the order of cases)."""
+    case, in the order of cases). graph: time CUDA-graph replays (default: up to 16 tokens). check: each setting's
+    output against the first setting's on the first input (norm-relative difference, a row of the table)."""
     saved = {k: getattr(launch, k) for k in next(iter(settings.values()))}
     score = {}
     for model, mix, tokens in cases:
         layer = _layer(model, mix)
         inputs = routings(tokens, SHAPES[model], ROTATE if tokens <= 16 else 2)
         calls = [lambda x=x, i=i, w=w: layer(x, i, w) for x, i, w in inputs]
+        first = None
         for label, setting in settings.items():
             for k, v in setting.items():
                 setattr(launch, k, v)
             try:
-                us = time_calls(calls, graph=tokens <= 16)
+                if check:
+                    with torch.no_grad():
+                        out = calls[0]().float()
+                    first = out if first is None else first
+                    diff = float((out - first).norm() / first.norm())
+                    rows.append(dict(tokens=tokens, variant=f"{name}: {label} vs {next(iter(settings))}, rel. "
+                                                            f"difference ({model}, {mix})", us=diff))
+                    print(f"{name} {label} {model} {mix}: rel diff {diff:.2e}", flush=True)
+                us = time_calls(calls, graph=tokens <= 16 if graph is None else graph)
             except Exception as exc:  # noqa: BLE001 (a setting that does not compile or run: reported, skipped)
                 print(f"{name} {label} {model} {mix} T={tokens}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
                 us = float("inf")
@@ -298,7 +314,30 @@ def variant_rows(args) -> list[dict]:
         _prefill_sweep(rows)
     if "adopt" in args.sweeps:
         _adopt_sweep(rows)
+    if "hopper" in args.sweeps:
+        _sweep("hopper", hopper_settings(), PREFILL_CASES, rows, graph=True, check=True)
     return rows
+
+
+# the Hopper prefill (hopper.wgmma_kernel, session 23) against packed_kernel: tile rows (BNT, two tiles per
+# program), warps, stages of x's cp.async pipeline, the largest row block
+# session 23 (H200, graph µs, Qwen3 mix / 4-bit, Mixtral mix / 4-bit). Call 1, words from global memory half a step
+# ahead: packed_kernel 1453 / 1249 / 7594 / 6297; 128 w8 s3 1278 / 1123 / 5765 / 4934; 64 w4 s3 (one warpgroup)
+# 1393 / 1241 / 5644 / 4988; s4 1278 / 1132 / 5738 / 4965; blocks of 64 rows 1206 / 1148 / 6514 / 6058. Call 2,
+# words by cp.async into shared memory (3 bits too): 128 w8 s3 1290 / 1000 / 6205 / 4491, s4 1300 / 1001 / 6179 /
+# 4417, rows 64 1420 / 1140 / 8093 / 6213; the 3-bit words went back to registers afterwards (hopper.py). Call 3:
+# packed_kernel 1450 / 1249 / 7546 / 6257, 128 w8 s4 1259 / 990 / 6026 / 4389. gpu2 helper: dequantization into
+# 1.0's mantissa (launch.HOPPER_MANTISSA) against the magic-number form (the first setting: the check's reference,
+# equal bit for bit; measured so): 1192 / 971 / 5545 / 4301 -> 1098 / 881 / 4765 / 3660 (gpu_hopper_mantissa.md);
+# ("packed_kernel": (None, 0, True) times packed_kernel)
+HOPPER_SETTINGS = {"hopper 128 w8 s4 magic": (launch.Config(128, 128, 8, 4), 128, False),  # (config, max rows,
+                   "hopper 128 w8 s4": (launch.Config(128, 128, 8, 4), 128, True)}  # launch.HOPPER_MANTISSA)
+
+
+def hopper_settings() -> dict:
+    return {label: dict(HOPPER_PREFILL=False) if config is None else
+            dict(HOPPER_PREFILL=True, HOPPER=config, HOPPER_MAX_ROWS=rows, HOPPER_MANTISSA=mantissa)
+            for label, (config, rows, mantissa) in HOPPER_SETTINGS.items()}
 
 
 PREFILL_CASES = [(model, mix, 2048) for model in SHAPES for mix in MIXES]
@@ -308,12 +347,12 @@ def warm(label: str) -> None:
     """Compile one setting's kernels ("prefill:LABEL" of prefill_settings):
     one call per prefill case; fills Triton's disk cache, so that several settings compile in parallel processes
     before the timed run."""
-    label = label.split(":", 1)[-1]
+    kind, label = label.split(":", 1) if ":" in label else ("prefill", label)
     tall = label in PREFILL_TALL
-    setting = prefill_settings(tall)[label]
+    setting = hopper_settings()[label] if kind == "hopper" else prefill_settings(tall)[label]
     for k, v in setting.items():
         setattr(launch, k, v)
-    cases = [c for c in PREFILL_CASES if (c[0] == "mixtral-8x7b") == tall]
+    cases = PREFILL_CASES if kind == "hopper" else [c for c in PREFILL_CASES if (c[0] == "mixtral-8x7b") == tall]
     for model, mix, tokens in cases:
         layer = _layer(model, mix)
         x, idx, w = routings(tokens, SHAPES[model], 1)[0]
@@ -525,7 +564,7 @@ def main(argv=None) -> None:
     parser.add_argument("--skip", nargs="*", default=[], choices=["layers", "variants", "tinygemm"])
     parser.add_argument("--warm", help="compile this prefill setting's kernels and exit (parallel warm-up)")
     parser.add_argument("--sweeps", nargs="*", default=["pair", "tables", "prefill"],
-                        choices=["pair", "tables", "prefill", "adopt"],
+                        choices=["pair", "tables", "prefill", "adopt", "hopper"],
                         help="the sweeps of the variants stage")
     args = parser.parse_args(argv)
     if args.warm:
@@ -557,7 +596,9 @@ def main(argv=None) -> None:
                               decode=str(launch.DECODE[4]), prefill=str(launch.PREFILL[4]),
                               prefill_tall=str(launch.PREFILL_TALL[4]),
                               prefill_max_rows=launch.PREFILL_MAX_ROWS, prefill_gated=launch.PREFILL_GATED,
-                              prefill_tall_gated=launch.PREFILL_TALL_GATED)
+                              prefill_tall_gated=launch.PREFILL_TALL_GATED, hopper_prefill=launch.HOPPER_PREFILL,
+                              hopper=str(launch.HOPPER), hopper_max_rows=launch.HOPPER_MAX_ROWS,
+                              hopper_mantissa=launch.HOPPER_MANTISSA)
     write()
     if args.quick:
         SHAPES.pop("mixtral-8x7b")

@@ -15,6 +15,10 @@ dims, budgets 25/50/75 %, exact policies and with low-bit copies: see eval/store
 resident model in one process, 64 tokens per row reported as cold start (first half) and steady state (second
 half); RSS in fresh subprocesses, `--no-rss` skips them).
 
+Part 3 (--copies): the low-bit copies' threshold chosen on calibration text, Δppl on eval text (store_copies.py).
+Part 4 (--tier gpu, on a GPU machine): the pinned-memory -> GPU tier, time on the 30B-dims model and hit rates on
+refmoe-qwen3 (store_gpu.py; --gpu-prepare makes what the hit rates need on the CPU box).
+
     .venv/bin/python eval/bench_store.py --models refmoe-qwen3,refmoe-olmoe      # -> eval/results/store*.{json,md,png}
     .venv/bin/python eval/bench_store.py --time                                 # -> eval/results/store_time.{json,md}
 """
@@ -68,7 +72,7 @@ def routing_stats(model, texts: list[torch.Tensor]) -> ExpertStats:
     L = len(mods)
     mass, tokens, paths = torch.zeros(L, E, dtype=torch.float64), torch.zeros(L, E), torch.zeros(max(L - 1, 0), E, E)
     seen: list = []
-    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.append((args[1], args[2]))) for m in mods]
+    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.append((args[1].cpu(), args[2].cpu()))) for m in mods]
     with torch.no_grad():
         for ids in texts:
             seen.clear()
@@ -128,7 +132,7 @@ def decode(model, texts: list[torch.Tensor]) -> dict:
             past = None
             for t in range(ids.shape[1] - 1):
                 start = time.perf_counter()
-                out = model(ids[:, t:t + 1], cache=past, use_cache=True)
+                out = model(ids[:, t:t + 1], past_key_values=past, use_cache=True)
                 times.append(time.perf_counter() - start)
                 past = out.past_key_values
                 nll -= float(torch.log_softmax(out.logits[0, -1].float(), -1)[ids[0, t + 1]])
@@ -292,7 +296,16 @@ def plot(results: list[dict], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="refmoe-qwen3")
-    ap.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.5, 0.75])
+    ap.add_argument("--budgets", type=float, nargs="+", help="shares of the experts' bytes (default 0.25 0.5 0.75; "
+                    "--tier gpu: and 1.0)")
+    ap.add_argument("--tier", choices=("disk", "gpu"), default="disk",
+                    help="gpu: the pinned-memory -> GPU tier on a GPU machine (store_gpu.py)")
+    ap.add_argument("--gpu-prepare", metavar="DIR", help="only: write what --tier gpu's hit rates need into DIR")
+    ap.add_argument("--gpu-data", metavar="DIR", help="--tier gpu: the folder --gpu-prepare wrote")
+    ap.add_argument("--gpu-parts", nargs="+", default=["time", "hits"], choices=("time", "hits"))
+    ap.add_argument("--gpu-small", action="store_true", help="--tier gpu: toy dims instead of 30B-A3B's (a check)")
+    ap.add_argument("--device", default="cuda", help="--tier gpu: cpu runs the script on the file tier (a check)")
+    ap.add_argument("--out-dir", default=str(RESULTS), help="--tier gpu: where OUT.md/json go")
     ap.add_argument("--thresholds", type=float, nargs="+", default=[0.1, 0.2])
     ap.add_argument("--docs", type=int, default=2)
     ap.add_argument("--calib-docs", type=int, default=16)
@@ -315,9 +328,29 @@ def main() -> None:
     ap.add_argument("--copies-budget", type=float, default=0.5, help="--copies: budget share")
     ap.add_argument("--ppl-docs", type=int, default=16, help="--copies: docs of each text for Δppl")
     ap.add_argument("--target", type=float, default=0.4, help="--copies: highest Δppl %% on calibration text")
+    ap.add_argument("--copies-mode", choices=("fetch", "deterministic"), default="fetch",
+                    help="--copies: store_copies.MODES")
+    ap.add_argument("--time-copy-thresholds", type=float, nargs="+", default=[],
+                    help="--time: also rows with deterministic copies (copy_deterministic) at these thresholds "
+                         "(x the token's mean top-k weight)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     RESULTS.mkdir(exist_ok=True)
+    if args.gpu_prepare or args.tier == "gpu":
+        import types
+
+        import store_gpu
+
+        tools = types.SimpleNamespace(docs=docs, routing_stats=routing_stats, rtn_copies=rtn_copies, decode=decode,
+                                      load=load, fmt=fmt, SHARED=SHARED)
+        if args.gpu_prepare:
+            store_gpu.prepare(Path(args.gpu_prepare), args, tools)
+            return
+        args.budgets = args.budgets or list(store_gpu.BUDGETS)
+        args.out = args.out if args.out != "store" else "store_gpu"
+        store_gpu.run(args, tools, " ".join(sys.argv))
+        return
+    args.budgets = args.budgets or [0.25, 0.5, 0.75]
     if args.merge:
         results = []
         for f in args.merge:  # runs of one model (e.g. extra configurations) join its table

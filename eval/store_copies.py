@@ -28,8 +28,18 @@ THRESHOLDS = (0.25, 0.5, 0.75, 1.0, 1000.0)  # x the token's mean top-k weight; 
 EXACT = dict(policy="lru", pin_share=0.5, prefetch="router", prefetch_refine=True, prefetch_min_precision=0.5)
 
 
-def copies_config(threshold: float) -> dict:
-    return dict(EXACT, copy_threshold=threshold, copy_relative=True, copy_fetch=True, copies_in_budget=False)
+MODES = {  # --copies-mode: how a use below the threshold is decided
+    # HOBBIT: a miss (or a read in flight) under the threshold runs on the copy, the full expert is read for next time;
+    # which uses are misses depends on the reads' timing, so Δppl does too
+    "fetch": dict(copy_fetch=True),
+    # every use under the threshold runs on the copy, resident or not; the pinned experts keep no copies: Δppl
+    # depends on the routing alone (reproducible), the copies' memory is that of the unpinned experts
+    "deterministic": dict(copy_deterministic=True),
+}
+
+
+def copies_config(threshold: float, mode: str = "fetch") -> dict:
+    return dict(EXACT, copy_threshold=threshold, copy_relative=True, copies_in_budget=False, **MODES[mode])
 
 
 def run_copies(name: str, args, tools) -> dict:
@@ -77,12 +87,12 @@ def run_copies(name: str, args, tools) -> dict:
     for bits in args.copy_bits:
         chosen[bits] = None
         for t in THRESHOLDS:  # ascending: more substitutions each; stop at the first over the target
-            if row("calib", copies_config(t), bits, t)["dppl_pct"] > args.target:
+            if row("calib", copies_config(t, args.copies_mode), bits, t)["dppl_pct"] > args.target:
                 break
             chosen[bits] = t
         if chosen[bits] is not None:
-            row("eval", copies_config(chosen[bits]), bits, chosen[bits])
-    return {"model": name, "checkpoint": str(ckpt), "expert_bytes": total, "budget": budget,
+            row("eval", copies_config(chosen[bits], args.copies_mode), bits, chosen[bits])
+    return {"model": name, "checkpoint": str(ckpt), "expert_bytes": total, "budget": budget, "mode": args.copies_mode,
             "share": args.copies_budget, "target_pct": args.target, "chosen": chosen,
             "copy_bytes": {b: sum(t.numel() * t.element_size() for by in c.values() for d in by.values()
                                   for k, t in d.items() if k != "bits") for b, c in copies.items()},
@@ -101,14 +111,15 @@ def markdown(results: list[dict]) -> list[str]:
                               for b, v in res["copy_bytes"].items())
                   + f"; tokens: calibration {res['tokens']['calib']}, evaluation {res['tokens']['eval']}; "
                   f"fully resident ppl {res['resident']['calib']['ppl']:.3f} (calibration text), "
-                  f"{res['resident']['eval']['ppl']:.3f} (evaluation text). Chosen (Δppl <= "
+                  f"{res['resident']['eval']['ppl']:.3f} (evaluation text). Mode: {res.get('mode', 'fetch')}. "
+                  f"Chosen (Δppl <= "
                   f"{res['target_pct']} % on calibration text): "
                   + ", ".join(f"{b}-bit: {'none' if t is None else t}" for b, t in res["chosen"].items()), "",
                   "| text | copies | threshold (x mean top-k weight) | hit rate | served | substituted uses | "
                   "bytes fetched / token | Δppl % | memory (experts) |", "|---|---|---|---|---|---|---|---|---|"]
         for r in res["rows"]:
             thr = "-" if r["threshold"] is None else ("every miss" if r["threshold"] >= 1000 else f"{r['threshold']}")
-            mem = res["budget"] + (res["copy_bytes"][r["bits"]] if r["bits"] else 0)
+            mem = res["budget"] + (r.get("copy_bytes", res["copy_bytes"][r["bits"]]) if r["bits"] else 0)
             lines.append(f"| {r['text']} | {'-' if not r['bits'] else str(r['bits']) + '-bit'} | {thr} | "
                          f"{r['hit_rate']:.3f} | {r['served_rate']:.3f} | "
                          f"{r['substitutions'] / max(1, r['uses']):.3f} | "

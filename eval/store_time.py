@@ -73,8 +73,12 @@ def _status() -> dict:
 
 def _step(model, ids, t, past):
     """One decode step: (output, wall seconds, this thread's CPU seconds)."""
+    if ids.is_cuda:  # the GPU tier (store_gpu.py): time the step's work, not its launches
+        torch.cuda.synchronize()
     start, cpu = time.perf_counter(), time.thread_time()
-    out = model(ids[:, t:t + 1], cache=past, use_cache=True)
+    out = model(ids[:, t:t + 1], past_key_values=past, use_cache=True)
+    if ids.is_cuda:
+        torch.cuda.synchronize()
     return out, time.perf_counter() - start, time.thread_time() - cpu
 
 
@@ -104,7 +108,10 @@ def _half(tr, ts, cr, cs, c0, c1, tokens) -> dict:
             "hit_rate": (c1["hits"] - c0["hits"]) / uses,
             "served_rate": (c1["hits"] + c1["substitutions"] - c0["hits"] - c0["substitutions"]) / uses,
             "stall_s_per_token": (c1["stall_s"] - c0["stall_s"]) / tokens,
-            "bytes_per_token": (c1["bytes_fetched"] - c0["bytes_fetched"]) / tokens}
+            "bytes_per_token": (c1["bytes_fetched"] - c0["bytes_fetched"]) / tokens,
+            # the GPU tier: time its side stream spent copying (store_gpu.py)
+            "copy_s_per_token": None if c1.get("tier_busy_s") is None else
+            (c1["tier_busy_s"] - c0["tier_busy_s"]) / tokens}
 
 
 def interleaved(resident, model, store, ids: torch.Tensor, exact: bool) -> dict:
@@ -112,7 +119,7 @@ def interleaved(resident, model, store, ids: torch.Tensor, exact: bool) -> dict:
     steady state: the second) the median step times, the median per-step ratio and the store's counters; logits
     equality at every step (exact rows)."""
     past_r = past_s = None
-    tr, ts, cr, cs, equal, nll_r, nll_s = [], [], [], [], True, 0.0, 0.0
+    tr, ts, cr, cs, equal, nll_r, nll_s, diff = [], [], [], [], True, 0.0, 0.0, 0.0
     n = ids.shape[1] - 1
     half = n // 2
     marks = [store.counters()]
@@ -124,6 +131,7 @@ def interleaved(resident, model, store, ids: torch.Tensor, exact: bool) -> dict:
             out_s, b, cb = _step(model, ids, t, past_s)
             past_r, past_s = out_r.past_key_values, out_s.past_key_values
             equal &= bool(torch.equal(out_r.logits, out_s.logits))
+            diff = max(diff, float((out_r.logits.float() - out_s.logits.float()).abs().max()))
             nll_r -= float(torch.log_softmax(out_r.logits[0, -1].float(), -1)[ids[0, t + 1]])
             nll_s -= float(torch.log_softmax(out_s.logits[0, -1].float(), -1)[ids[0, t + 1]])
             tr.append(a)
@@ -134,7 +142,7 @@ def interleaved(resident, model, store, ids: torch.Tensor, exact: bool) -> dict:
     cold = _half(tr[:half], ts[:half], cr[:half], cs[:half], marks[0], marks[1], half)
     steady = _half(tr[half:], ts[half:], cr[half:], cs[half:], marks[1], marks[2], n - half)
     return {"cold": cold, "steady": steady, "ratio": steady["ratio"], "store_s": steady["store_s"],
-            "resident_s": steady["resident_s"], "logits_equal": equal if exact else None,
+            "resident_s": steady["resident_s"], "logits_equal": equal if exact else None, "max_logit_diff": diff,
             "dnll_per_token": (nll_s - nll_r) / n}
 
 
@@ -167,9 +175,13 @@ def run_time(args, load, routing_stats, rtn_copies) -> dict:
     model = load(ckpt, torch.bfloat16)
     modules = [m for m in model.modules() if isinstance(m, PackedExperts)]
     rows, total = [], expert_bytes(ckpt)
+    configs = CONFIGS + [(f"pin + prefetch + 2-bit copies, deterministic (w < {t} x mean)",
+                          dict(DEFAULT, copy_relative=True, copy_deterministic=True, copies_in_budget=False,
+                               copy_threshold=t), None) for t in getattr(args, "time_copy_thresholds", [])]
     for share in args.budgets:
-        for name, fields, shares in CONFIGS:
-            if (args.configs and name not in args.configs) or (shares is not None and share not in shares):
+        for name, fields, shares in configs:
+            if (args.configs and name not in args.configs and "deterministic" not in name) or \
+                    (shares is not None and share not in shares):
                 continue
             if fields.get("copy_relative") and fields["copy_threshold"] == DEFAULT_COPY_THRESHOLD[2]:  # the default
                 fields = dict(fields, copy_threshold=DEFAULT_COPY_THRESHOLD[bits])  # threshold of these copies
@@ -238,7 +250,7 @@ def _rss_child(ckpt: str, tokens: int, threads: int, share: str) -> None:
     with torch.no_grad():
         past = None
         for t in range(tokens):
-            out = model(ids[:, t:t + 1], cache=past, use_cache=True)
+            out = model(ids[:, t:t + 1], past_key_values=past, use_cache=True)
             past = out.past_key_values
     end = _status()
     res = {"share": float(share) if share else None, "peak_after_load": after_load["VmHWM"], "peak": end["VmHWM"],

@@ -196,7 +196,7 @@ def _generate(args) -> None:
     options = dict(max_new_tokens=args.max_new_tokens, sample=args.sample, temperature=args.temperature,
                    top_p=args.top_p, seed=args.seed, simulate=args.simulate, counters_out=args.counters_out,
                    tokenizer=args.tokenizer, tokens=args.tokens, similarity=args.token_similarity,
-                   expert_budget=args.expert_budget)
+                   expert_budget=args.expert_budget, homes=_homes(args.homes))
     if args.command == "run":
         run_command(args.bundles, args.prompt, servers=args.num_servers, timeout=args.timeout, dtype=args.dtype,
                     **options)
@@ -204,7 +204,7 @@ def _generate(args) -> None:
     if not args.prompt:
         raise MoecompressError("generate needs at least one --prompt TEXT")
     run_generate(args.bundles, args.prompt, servers=args.num_servers, timeout=args.timeout, dtype=args.dtype,
-                 homes=_homes(args.homes), **options)
+                 **options)
 
 
 def _homes(text: str | None) -> tuple[int, ...] | None:
@@ -334,12 +334,15 @@ def parser() -> argparse.ArgumentParser:
                        "--rdzv-endpoint HOST:PORT` ranks come in join order, so give every machine every server-K/. "
                        "The home rank generates, the others serve.")
     _edge_arguments(r)
+    r.add_argument("--homes", help="servers that admit the prompts, e.g. 0,1 (the same on every rank; the first "
+                   "generates, the others compute their share at the same time; each must hold the dense weights)")
     r.set_defaults(func=_generate)
     g = sub.add_parser("generate", help="generate text through a deployment's servers (--bundles) or from one "
                        "checkpoint (--model); greedy or sampling")
     _edge_arguments(g, model=True)
-    g.add_argument("--homes", help="servers that admit the prompts in turn, e.g. 0,1 (each must hold the dense "
-                   "weights; each keeps its sequences' KV cache; default: the placement's one home)")
+    g.add_argument("--homes", help="servers that admit the prompts round robin and compute at the same time, e.g. "
+                   "0,1 (each must hold the dense weights; each keeps its sequences' KV cache; default: the "
+                   "placement's one home)")
     g.set_defaults(func=_generate)
     return p
 

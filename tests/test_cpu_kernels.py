@@ -245,7 +245,8 @@ def test_packed_group_runs_the_registry_kernels_of_each_isa(bits, symmetric, mon
         name = isa.removeprefix("cpu:")
         assert kernel_registry.select(bits, "decode", group, torch.bfloat16).name == f"q8_{name}"
         tile = "tile_mm_portable" if isa == "cpu:portable" else "tile_mm_avx2"
-        assert kernel_registry.select(bits, "prefill", group, torch.bfloat16).name == tile  # in_features 128: tiles
+        monkeypatch.setattr(kernel_registry, "Q8_PREFILL_MIN_IN", 129)  # in_features 128 below it: tiles
+        assert kernel_registry.select(bits, "prefill", group, torch.bfloat16).name == tile
         assert kernel_registry.select(bits, "prefill", group, torch.float32).name == tile
         monkeypatch.setattr(kernel_registry, "Q8_PREFILL_MIN_IN", 128)  # AVX2: int8 at every row count from there
         prefill = f"q8_{name}" if isa in kernel_registry.Q8_PREFILL_ISAS else tile

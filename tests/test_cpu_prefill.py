@@ -4,7 +4,8 @@ Against the float64 reference of test_cpu_moe (pairs from the dequantized weight
 the kernels do): |err| <= 1e-3 of the output's scale (float32 summation order, a rare int8 rounding flip). Against
 the fused decode call (moe_decode, same arguments): 1e-5 of the scale (the rows kernel groups rows differently).
 Every ISA here, the portable one forced; mixed bit-widths, experts not held, gate_up and down grouping the experts
-differently, 1 and 2 threads.
+differently, 1 and 2 threads. On AVX2 the experts of >= cpu_lowbit.gemm_min_rows() rows run the prefill GEMM
+(csrc/lowbit/gemm.h); its own test compares it with the decode kernels and float64 x_hat @ W^T.
 """
 from __future__ import annotations
 
@@ -98,7 +99,8 @@ def test_layers_the_prefill_call_does_not_take(monkeypatch):
     x = torch.randn(20, 64).to(torch.bfloat16)
     assert cpu_prefill.prefill_layer(layer, x) is not None
     assert cpu_prefill.prefill_layer(layer, x.float()) is None  # float32 x: the exact tiles
-    group = layer.gate_up.b4  # in_features 64: the general path would take the tiles, this call the int8 kernels
+    group = layer.gate_up.b4  # in_features 64: below Q8_PREFILL_MIN_IN the general path takes the tiles
+    monkeypatch.setattr(kernel_registry, "Q8_PREFILL_MIN_IN", 65)
     assert kernel_registry.select(4, "prefill", group, torch.bfloat16).name == "tile_mm_avx2"
     monkeypatch.setattr(kernel_registry, "Q8_PREFILL_MIN_IN", 64)
     assert kernel_registry.select(4, "prefill", group, torch.bfloat16).name == "q8_avx2"
@@ -110,3 +112,43 @@ def test_layers_the_prefill_call_does_not_take(monkeypatch):
     other = make_layer(4, 64, 32, [4, 4, 4, 4], [0, 1, 2, 3], 32, False, seed=1)
     other._gate_fn = lambda self, h: h[..., :32] * h[..., 32:]  # a gate of its own
     assert cpu_prefill.prefill_layer(other, x) is None
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_prefill_gemm_matches_the_decode_kernels_and_the_reference(threads):
+    """cpu_lowbit.prefill_q8 (the register-blocked GEMM for slots of >= gemm_min_rows rows on AVX2, the decode kernel
+    elsewhere and on the portable ISA) against the decode op (exactly, where both run the decode kernel; 1e-5 of the
+    scale with the GEMM: float32 order) and against float64 x_hat @ W^T (x_hat: x quantized as the kernels do, 1e-5):
+    every bit-width, symmetric or not, 100 output rows (a 64-row unit and one of 36: the GEMM's 8-row vectors and a
+    4-row tail), slots of 0-33 rows (token tails of 1-3 rows, both sides of the threshold)."""
+    from moecompress.format.pack import dequantize
+
+    isa_list = isas()
+    gen = torch.Generator().manual_seed(5)
+    n_out, k, group = 100, 96, 32
+    slots, counts = [2, 0, 3, 1, 4, 0], [9, 1, 33, 0, 7, 8]
+    before, min_rows = torch.get_num_threads(), cpu_lowbit.gemm_min_rows()
+    torch.set_num_threads(threads)
+    try:
+        for bits in (2, 3, 4, 8):
+            for symmetric in (False, True):
+                q, s, z = _group(gen, 5, n_out, k, bits, group, symmetric)
+                zeros = None if symmetric else z
+                wd = dequantize(q, s, zeros, bits, group, k, torch.float64)  # [5, n, k]
+                x = torch.randn(sum(counts), k, generator=gen)
+                xq, dx, _ = cpu_lowbit.quantize_rows(x, group, bits, "cpu:portable")  # natural order
+                x_hat = (xq.double().view(-1, k // group, group) * dx.double().unsqueeze(-1)).view(-1, k)
+                rows = torch.tensor(slots).repeat_interleave(torch.tensor(counts))
+                want = torch.einsum("rk,rnk->rn", x_hat, wd[rows])
+                scale = want.abs().max()
+                for isa in isa_list:
+                    dec = cpu_lowbit.decode(x, q, s, zeros, bits, group, slots, counts, isa)
+                    got = cpu_lowbit.prefill_q8(x, q, s, zeros, bits, group, slots, counts, isa)
+                    assert (got.double() - want).abs().max() <= 1e-5 * scale, (bits, symmetric, isa)
+                    assert (got - dec).abs().max() <= 1e-5 * scale, (bits, symmetric, isa)
+                    cpu_lowbit.gemm_min_rows(10**9)  # the decode kernel for every slot: the decode op's numbers
+                    assert torch.equal(cpu_lowbit.prefill_q8(x, q, s, zeros, bits, group, slots, counts, isa), dec)
+                    cpu_lowbit.gemm_min_rows(min_rows)
+    finally:
+        torch.set_num_threads(before)
+        cpu_lowbit.gemm_min_rows(min_rows)

@@ -189,6 +189,7 @@ def test_any_tile_shape(bits, block_n, block_k, monkeypatch):
     the pair path's column tiles too (block_n)."""
     from moecompress.runtime.cuda import experts as cuda_experts, launch
 
+    monkeypatch.setattr(launch, "HOPPER_PREFILL", False)  # packed_kernel's tiles (test_hopper_prefill: sm90's)
     config = launch.Config(block_n, block_k)
     monkeypatch.setitem(launch.DECODE, bits, config)
     monkeypatch.setitem(launch.DECODE_DENSE, bits, config)
@@ -203,10 +204,11 @@ def test_any_tile_shape(bits, block_n, block_k, monkeypatch):
             assert rel_err(out, reference_layer(layer, x, idx, w)) < tolerance(tokens), (group_size, tokens)
 
 
-def test_prefill_tall_row_blocks():
+def test_prefill_tall_row_blocks(monkeypatch):
     """Many rows per expert (300): the prefill path's blocks of 256 rows (PREFILL_TALL), mixed bit-widths."""
     from moecompress.runtime.cuda import experts as cuda_experts, launch
 
+    monkeypatch.setattr(launch, "HOPPER_PREFILL", False)  # sm90's kernel takes blocks up to 128 rows
     assert launch.prefill_rows(1200, 4) == 256
     layer = random_experts(4, 256, 128, [2, 3, 4, 8], seed=11)
     x = activations(600, 256, seed=5)
@@ -314,6 +316,7 @@ def test_prefill_gate_fused_or_not(gated, monkeypatch):
 
     monkeypatch.setattr(launch, "PREFILL_GATED", gated)
     monkeypatch.setattr(launch, "PREFILL_TALL_GATED", gated)
+    monkeypatch.setattr(launch, "HOPPER_PREFILL", False)  # packed_kernel here (test_hopper_prefill: sm90's)
     layer = random_experts(4, 384, 160, [3, 2, 8, 4], group_size=32, symmetric=True, seed=12)
     assert cuda_experts.prefill_gate_fused(layer, cuda_experts._proj_groups(layer.gate_up)[0])
     for tokens in (40, 600):
@@ -321,3 +324,92 @@ def test_prefill_gate_fused_or_not(gated, monkeypatch):
         idx, w = routing(tokens, 4, 2, "cuda", seed=tokens)
         out = cuda_experts.forward(layer, x, idx, w)
         assert rel_err(out, reference_layer(layer, x, idx, w)) < 1e-2, tokens
+
+
+def _hopper_reason() -> str | None:
+    """None where the sm90 prefill kernel (runtime/cuda/hopper.py, Gluon) runs, else why not."""
+    if not cuda.available():
+        return cuda.unavailable_reason()
+    if torch.cuda.get_device_capability() != (9, 0):
+        return f"hopper.py needs an sm90 GPU, this is sm{''.join(map(str, torch.cuda.get_device_capability()))}"
+    from moecompress.runtime.cuda import launch
+
+    return None if launch._gluon_imports() else "this Triton has no Gluon (triton.experimental.gluon)"
+
+
+def _ran_hopper(layer, proj: str) -> bool:
+    from moecompress.runtime.cuda import hopper
+
+    return all(any(key[0] == id(hopper.wgmma_kernel) for key in group.__dict__.get("_cuda_launchers", {}))
+               for group in getattr(layer, proj).children() if group.experts and group.bits != 16)
+
+
+@pytest.mark.skipif(_hopper_reason() is not None, reason=f"{_hopper_reason()}")
+@pytest.mark.parametrize("bits", [(2, 3, 4, 8), (4, 4, 4, 4), (3, 16, 2, 3)])
+@pytest.mark.parametrize("group_size,symmetric", [(128, False), (32, True), (64, False)])
+@pytest.mark.parametrize("gated", [True, False])
+def test_hopper_prefill_matches_reference(bits, group_size, symmetric, gated, monkeypatch):
+    """sm90's prefill (wgmma, dequantized weights as the register operand, K permuted per step of 128): every
+    packed width, a bf16 group beside (packed_kernel), SiLU gate fused or not (then down's weighted store of two
+    row tiles), row blocks of 16 and 128, output columns not a multiple of the tile (384 = 1.5 x 256)."""
+    from moecompress.runtime.cuda import experts as cuda_experts, launch
+
+    monkeypatch.setattr(launch, "HOPPER_PREFILL", True)
+    monkeypatch.setattr(launch, "PREFILL_GATED", gated)
+    layer = random_experts(4, 384, 384, list(bits), group_size=group_size, symmetric=symmetric, seed=group_size)
+    for tokens in (40, 600):
+        x = activations(tokens, 384, seed=12)
+        idx, w = routing(tokens, 4, 2, "cuda", seed=tokens)
+        out = cuda_experts.forward(layer, x, idx, w)
+        assert rel_err(out, reference_layer(layer, x, idx, w)) < 1e-2, tokens
+    assert _ran_hopper(layer, "gate_up") and _ran_hopper(layer, "down")
+
+
+@pytest.mark.skipif(_hopper_reason() is not None, reason=f"{_hopper_reason()}")
+def test_hopper_prefill_equals_packed_kernel_closely(monkeypatch):
+    """The two prefill kernels on one layer (mixed widths, K 640 = 5 steps of 128; down K 160: packed_kernel for
+    both; group 32): the same products in another order, so equal within bf16 rounding of the outputs."""
+    from moecompress.runtime.cuda import experts as cuda_experts, launch
+
+    layer = random_experts(4, 640, 160, [2, 3, 4, 8], group_size=32, seed=21)
+    x = activations(300, 640, seed=13)
+    idx, w = routing(300, 4, 2, "cuda", seed=5)
+    outs = []
+    for on in (False, True):
+        monkeypatch.setattr(launch, "HOPPER_PREFILL", on)
+        outs.append(cuda_experts.forward(layer, x, idx, w))
+    assert _ran_hopper(layer, "gate_up") and not _ran_hopper(layer, "down")
+    assert rel_err(outs[1], outs[0]) < 1e-2
+
+
+@pytest.mark.skipif(_hopper_reason() is not None, reason=f"{_hopper_reason()}")
+@pytest.mark.parametrize("group_size,symmetric", [(64, False), (32, True)])
+def test_hopper_dequant_forms_equal(group_size, symmetric, monkeypatch):
+    """hopper.py's two dequantizations (q in 1.0's mantissa + one fma; magic number + add + fma) give the same
+    bf16 weights, so the same outputs bit for bit: every packed width (3 bits: the values across two words)."""
+    from moecompress.runtime.cuda import experts as cuda_experts, launch
+
+    monkeypatch.setattr(launch, "HOPPER_PREFILL", True)
+    layer = random_experts(4, 384, 256, [2, 3, 4, 8], group_size=group_size, symmetric=symmetric, seed=7)
+    x = activations(600, 384, seed=14)
+    idx, w = routing(600, 4, 2, "cuda", seed=6)
+    outs = []
+    for mantissa in (False, True):
+        monkeypatch.setattr(launch, "HOPPER_MANTISSA", mantissa)
+        outs.append(cuda_experts.forward(layer, x, idx, w))
+    assert _ran_hopper(layer, "gate_up") and _ran_hopper(layer, "down")
+    assert torch.equal(outs[0], outs[1])
+    assert rel_err(outs[1], reference_layer(layer, x, idx, w)) < 1e-2
+
+
+def test_permute_k_order():
+    """hopper.permute_k: column 16i + 8h + 2t + e of each block of 128 takes x's column 32t + 4i + 2h + e."""
+    pytest.importorskip("triton.experimental.gluon", reason="hopper.py needs Triton's Gluon")
+    from moecompress.runtime.cuda.hopper import permute_k
+
+    x = torch.arange(2 * 256).view(2, 256)
+    p = permute_k(x)
+    for c in range(256):
+        blk, cc = divmod(c, 128)
+        i, h, t, e = cc // 16, (cc // 8) % 2, (cc // 2) % 4, cc % 2
+        assert int(p[1, c]) == 256 + blk * 128 + 32 * t + 4 * i + 2 * h + e

@@ -76,10 +76,12 @@ def test_few_token_path_equals_the_tensor_path(monkeypatch):
 
 ECHO_SERVER = """
 import sys, torch, torch.distributed as dist
+from moecompress.runtime.edge import wire
 from moecompress.runtime.edge.transport import init_group, recv_request
 device = init_group(sys.argv[1], 1, 2, 60.0)
+buffer = wire.first_buffer(True, device)  # one receive buffer for every request, as the serve loop keeps it
 for _ in range(3):  # each request back as [op, payload bytes, payload sum]
-    _, head, payload = recv_request(0, device)
+    _, head, payload = recv_request(0, device, buffer)
     dist.send(torch.tensor([head[0], payload.numel(), int(payload.long().sum())], dtype=torch.int64), 0)
 dist.destroy_process_group()
 """

@@ -37,10 +37,21 @@ def make_group(bits: int, symmetric: bool = False, bias: bool = True, n: int = l
     return group, ref
 
 
+# The C++ module of cpu_kernels.py (-march=native, ~90 s to build) serves the int4 layout, which the registry picks by
+# default on AMX CPUs only: elsewhere its tests skip before building it, and the int4 layout runs the torch ops.
+NO_AMX = None if cpu_features.detect().has("cpu:amx") else (
+    "no AMX on this CPU: the int4 layout's C++ kernels (cpu_kernels.py) serve AMX CPUs only and are not built here")
+
+
 @pytest.fixture
 def int4_layout(monkeypatch):
-    """The registry's torch-ops ISA: 4-bit groups convert to PyTorch's int4 layout at prepare() on every CPU."""
+    """The registry's torch-ops ISA: 4-bit groups convert to PyTorch's int4 layout at prepare() on every CPU (the
+    C++ int4 kernels only where AMX exists: NO_AMX)."""
     monkeypatch.setenv(cpu_features.ISA_ENV, "cpu:torch")
+    if NO_AMX:
+        from moecompress.runtime.kernels import cpu_kernels
+
+        monkeypatch.setattr(cpu_kernels, "available", lambda: False)
 
 
 def reference(x: torch.Tensor, counts: list[int], ref_w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -106,6 +117,8 @@ def cpp_kernels():
     """cpu_kernels, or a skip where the C++ kernels cannot run here."""
     from moecompress.runtime.kernels import cpu_kernels
 
+    if NO_AMX:
+        pytest.skip(NO_AMX)
     if not cpu_int4.available() or cpu_int4.block_layout(OUT, IN) is None:
         pytest.skip("no blocked CPU int4 layout on this CPU")
     if not cpu_kernels.available():

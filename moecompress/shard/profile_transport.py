@@ -83,6 +83,7 @@ def measure_transport(rows: int, hidden_size: int, top_k: int, dtype: torch.dtyp
             while time.thread_time() < busy:  # the home's own work between two MoE layers
                 pass
             start = time.perf_counter()
+            transport.expect(1, reply)  # as the dispatcher does: the reply's receive is posted with the request
             transport.request(1, head, payload)
             transport.reply(1, reply)
             if i >= 20:

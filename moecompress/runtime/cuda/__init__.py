@@ -1,7 +1,8 @@
-"""CUDA kernels for packed experts (Triton): see kernels.py and decode.py for the math, routing.py for the device-side
-routing, experts.py for the MoE layer and the group-level entry that kernel_registry.py lists under ("cuda", bits,
-path), pairs.py and launcher.py for the few-token plan and its launches, graph_decode.py for generation (greedy or
-sampled, left-padded batches) with each step one CUDA graph replay (the token pick: runtime/sampling.py).
+"""CUDA kernels for packed experts (Triton): see kernels.py and decode.py for the math, hopper.py for the sm90 prefill
+(Gluon, wgmma), routing.py for the device-side routing, experts.py for the MoE layer and the group-level entry that
+kernel_registry.py lists under ("cuda", bits, path), pairs.py and launcher.py for the few-token plan and its
+launches, graph_decode.py for generation (greedy or sampled, left-padded batches) with each step one CUDA graph replay
+(the token pick: runtime/sampling.py).
 
 Importing this package never needs Triton or a GPU: `available()` says whether the kernels can run here, and why not.
 """

@@ -15,7 +15,9 @@ Otherwise up to DECODE_ROWS tokens per call (and <= routing.SMALL_PAIRS pairs) t
 builds the routing tables; every hit expert is one block of rows, so its packed bytes are read once per column
 tile); one token per call runs gemv_kernel there (CUDA cores; launch.GEMV_ENABLED), 2-16 tokens packed_kernel.
 More tokens take the prefill path: tables by torch ops, row blocks of 16-256, packed_kernel with wide tiles, the
-SiLU gate fused into the first projection where the model's gate is that (launch.PREFILL_GATED / _TALL_GATED).
+SiLU gate fused into the first projection where the model's gate is that (launch.PREFILL_GATED / _TALL_GATED). On
+sm90 (launch.hopper_device) packed groups with K % 128 == 0 take hopper.wgmma_kernel instead (row blocks of at most
+128; x permuted once per projection input), the others packed_kernel.
 (A grouped-matmul formulation that dequantizes each packed value's own weight tile, Marlin/MxMoE style, measured
 1.2-2.8x slower than packed_kernel on an H200 and was not kept: eval/results/gpu_grouped.md.)
 """
@@ -82,7 +84,8 @@ def _path(tokens: int, pairs: int) -> str:
 def _tables(proj, flat: torch.Tensor, path: str, pairs: int):
     groups, positions = _proj_groups(proj)
     keys = _lookup(proj, flat.device)[flat.clamp(max=proj.num_experts)]  # [S]; -1 -> the last entry (dropped)
-    rows = launch.DECODE_ROWS if path == "decode" else launch.prefill_rows(pairs, positions)
+    max_rows = launch.HOPPER_MAX_ROWS if path == "prefill" and launch.hopper_device(flat.device) else None
+    rows = launch.DECODE_ROWS if path == "decode" else launch.prefill_rows(pairs, positions, max_rows)
     return groups, routing.build(keys, positions, rows, small=path == "decode")
 
 
@@ -95,7 +98,17 @@ def _grid_m(tables: routing.Tables, n_slots: int, pairs: int) -> int:
 def _project(proj, groups, tables, x, out, row_div, path, weights=None, one_token=False, dense=False,
              gated=False) -> None:
     pairs = tables.order.numel()
+    hopper = path == "prefill" and launch.hopper_device(x.device)
+    x_perm = None
     for group, pos0 in groups:
+        if hopper and launch.hopper_group(group):
+            if x_perm is None:
+                from moecompress.runtime.cuda.hopper import permute_k
+
+                x_perm = permute_k(x)
+            launch.run_hopper(group, x_perm, tables, pos0, _grid_m(tables, len(group.experts), pairs), out, row_div,
+                              weights, gated)
+            continue
         launch.run(group, x, tables, pos0, _grid_m(tables, len(group.experts), pairs), out, row_div,
                    launch.config_for(path, group.bits, tables.block_rows, dense), weights,
                    gemv=one_token and launch.GEMV_ENABLED, gated=gated)

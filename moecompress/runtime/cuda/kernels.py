@@ -20,7 +20,8 @@ its fast int->float convert (I2FP), which is exact too.
 
 - `packed_kernel` (the decode path's 2-16 tokens, BM 16, narrow column tiles; the prefill path, BM 16-256, wide
   tiles): per step the packed words of a [BK, BN] weight tile are loaded once, expanded in registers, dequantized
-  and multiplied with x's [BM, BK] rows in one tl.dot (HMMA; HGMMA for the prefill tiles on Hopper). GATED (prefill):
+  and multiplied with x's [BM, BK] rows in one tl.dot (HMMA; HGMMA with both operands from shared memory for the
+  prefill tiles on Hopper, where hopper.py's kernel, weights as the register operand, replaces it). GATED (prefill):
   the gate and up halves in two dots per step, SiLU(gate) * up written as h.
 - `gemv_kernel` (one token per call): the same expansion, then FMAs on the CUDA cores in float32, no shared memory;
   1.4-2.1x faster than packed_kernel at one token on an H200 (eval/results/gpu.md, runs 2 and 3).

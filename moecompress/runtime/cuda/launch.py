@@ -53,6 +53,21 @@ PREFILL_TALL = {bits: Config(128, 64, num_warps=8) for bits in (2, 3, 4, 8, 16)}
 # blocks up to 128 (PREFILL) and of 256 (PREFILL_TALL)
 PREFILL_GATED = os.environ.get("MOECOMPRESS_PREFILL_GATED", "1") != "0"
 PREFILL_TALL_GATED = os.environ.get("MOECOMPRESS_PREFILL_TALL_GATED", "0") == "1"
+# Hopper prefill (hopper.py: wgmma with the dequantized weights as the register operand): on sm90 GPUs where Gluon
+# imports, for packed groups without bias, K % 128 == 0 and group_size % 32 == 0; row blocks of at most
+# HOPPER_MAX_ROWS; HOPPER: tile rows per wgmma tile (BNT, two tiles per program), warps, cp.async stages (>= 3).
+# H200, 2048 tokens, graph-replayed (eval/bench_gpu.py --sweeps hopper, session 23): packed_kernel -> this, µs,
+# Qwen3-30B-A3B mix / 4-bit 1450 / 1249 -> 1259 / 990, Mixtral-8x7B 7546 / 6257 -> 6026 / 4389 (3 stages: within
+# 2 %; blocks of 64 rows: 1-40 % slower). MOECOMPRESS_HOPPER_PREFILL=0: packed_kernel everywhere
+HOPPER_PREFILL = os.environ.get("MOECOMPRESS_HOPPER_PREFILL", "1") != "0"
+HOPPER = Config(128, 128, num_warps=8, num_stages=4)  # 8 bits: 3 stages (4 do not fit in shared memory)
+# hopper.py's dequantization: q or'ed into 1.0's mantissa, then one fma (2 ops a value; same values bit for bit);
+# MOECOMPRESS_HOPPER_MANTISSA=0: the magic-number form (shift, mask, or, add, fma). Offline (ptxas, sm90a): loop
+# 866 -> 576 instructions at 3 bits, 815 -> 557 at 4. H200, 2048 tokens, graph µs (session 23, gpu2; with int32
+# scale/word offsets: eval/results/gpu_hopper_mantissa.md), Qwen3-30B-A3B mix / 4-bit, Mixtral-8x7B mix / 4-bit:
+# magic 1192 / 971 / 5545 / 4301, mantissa 1098 / 881 / 4765 / 3660 (before both: 1259 / 990 / 6026 / 4389)
+HOPPER_MANTISSA = os.environ.get("MOECOMPRESS_HOPPER_MANTISSA", "1") != "0"
+HOPPER_MAX_ROWS = 128
 GEMV = Config(32, 128)  # one token per call: gemv_kernel (CUDA cores, no shared memory)
 GEMV_ENABLED = True
 DECODE_ROWS = 16  # BM of the decode path: tokens per call up to which each expert's rows are one block
@@ -78,11 +93,11 @@ def values_per_unit(bits: int) -> tuple[int, int]:
     return (32, 3) if bits == 3 else (32 // bits, 1)
 
 
-def prefill_rows(pairs: int, positions: int) -> int:
+def prefill_rows(pairs: int, positions: int, max_rows: int | None = None) -> int:
     """BM of the prefill path from the mean rows per position: small tiles when experts get few rows."""
     mean = pairs / max(1, positions)
-    return min(PREFILL_MAX_ROWS, 16 if mean < 24 else 32 if mean < 48 else 64 if mean < 96 else 128 if mean < 192
-               else 256)
+    return min(max_rows or PREFILL_MAX_ROWS, 16 if mean < 24 else 32 if mean < 48 else 64 if mean < 96
+               else 128 if mean < 192 else 256)
 
 
 def config_for(path: str, bits: int, block_rows: int, dense: bool = False) -> Config:
@@ -166,6 +181,67 @@ def _call(group, kernel, grid, args: list, dynamic: tuple[int, ...], constexprs:
         launcher = cache[key] = Launcher(kernel, grid, [None if i in dynamic else a for i, a in enumerate(args)],
                                          dynamic, constexprs, config.num_warps, config.num_stages)
     launcher(*[args[i] for i in dynamic])
+
+
+def hopper_device(device) -> bool:
+    """Whether the Hopper prefill kernel can run on `device` (sm90, Gluon importable, HOPPER_PREFILL)."""
+    if not HOPPER_PREFILL or torch.cuda.get_device_capability(device) != (9, 0):
+        return False
+    return _gluon_imports()
+
+
+def _gluon_imports() -> bool:
+    global _GLUON
+    if _GLUON is None:
+        try:
+            from moecompress.runtime.cuda import hopper  # noqa: F401
+            _GLUON = True
+        except Exception:  # noqa: BLE001 (no Gluon in this Triton: packed_kernel serves)
+            _GLUON = False
+    return _GLUON
+
+
+_GLUON = None
+
+
+def hopper_group(group) -> bool:
+    """Whether a group's prefill launch can take hopper.wgmma_kernel (given hopper_device): packed, no bias."""
+    return (group.bits in (2, 3, 4, 8) and getattr(group, "bias", None) is None and group.in_features % 128 == 0
+            and group.group_size % 32 == 0)
+
+
+def run_hopper(group, x_perm: torch.Tensor, tables: Tables, pos0: int, grid_m: int, out: torch.Tensor, row_div: int,
+               routing_weights: torch.Tensor | None = None, gated: bool = False, config: Config | None = None) -> None:
+    """launch.run's prefill for one packed group on sm90 (hopper.wgmma_kernel): x_perm = hopper.permute_k(x)."""
+    from moecompress.runtime.cuda import hopper
+
+    config = config or HOPPER
+    n_slots, N, K = len(group.experts), group.out_features, group.in_features
+    q = group.qweight.view(torch.int32)
+    s = group.scales
+    z = s if group.symmetric else group.zeros
+    rw = routing_weights if routing_weights is not None else out
+    args = [x_perm, q, s, z, rw, out, tables.order, tables.blocks, tables.first, pos0, n_slots,
+            tables.blocks.shape[0], row_div, N, K, s.shape[-1], x_perm.stride(0), out.stride(0), q.stride(0),
+            q.stride(1)]
+    bnt = config.block_n
+    grid = (max(1, grid_m), -(-(N // 2) // bnt) if gated else -(-N // (2 * bnt)))
+    constexprs = dict(BITS=group.bits, GS=group.group_size, SYMMETRIC=bool(group.symmetric),
+                      WEIGHTED=routing_weights is not None, GATED=gated, BM=tables.block_rows,
+                      NUM_STAGES=config.num_stages, MANTISSA=HOPPER_MANTISSA,
+                      **hopper.layouts(bnt, tables.block_rows, config.num_warps, group.bits))
+    fits = ("hopper", group.bits, tables.block_rows, config)
+    stages = min(config.num_stages, _STAGES_THAT_FIT.get(fits, config.num_stages))
+    while True:  # 3 stages at least (the kernel waits for step i + 1 while step i's second wgmma runs)
+        try:
+            _call(group, hopper.wgmma_kernel, grid, args, (0, 4, 5, 6, 7, 8), dict(constexprs, NUM_STAGES=stages),
+                  replace(config, num_stages=stages))
+            return
+        except Exception as exc:  # noqa: BLE001 (OutOfResources: x and the words of 3-4 stages, 8 bits)
+            if type(exc).__name__ != "OutOfResources" or stages <= 3:
+                raise
+            stages -= 1
+            _STAGES_THAT_FIT[fits] = stages
 
 
 def split_k(groups: int) -> int:

@@ -8,7 +8,9 @@ rendezvous makes RANK the node rank:
         -m moecompress.cli run --bundles OUT --prompt "..." --max-new-tokens 32
 The c10d rendezvous (`--rdzv-backend c10d --rdzv-endpoint HOST:PORT`) hands out ranks in join order, so with it
 give every machine every server-K/ (each rank loads only the one of the rank it got; a missing one is refused
-before any exchange). The home rank generates; the other ranks serve until the home stops them.
+before any exchange). The home rank generates; the other ranks serve until the home stops them. Several homes: the
+same `--homes 0,1` on every rank; the first home generates and hands each other home its share of the prompts,
+which that home computes at the same time (gloo only).
 """
 from __future__ import annotations
 
@@ -70,11 +72,15 @@ def run_command(bundles: str, prompts: list[str], servers: int | None = None, ti
     from moecompress.runtime.edge.serve import run_rank
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    doc, _ = placement_doc(bundles)
-    home = doc.get("home")
-    home = int(home if home is not None else (doc.get("layer_servers") or doc["dense_servers"])[0])
+    homes = tuple(generate.get("homes") or ())
+    if len(homes) > 1:  # several homes: the first (the front) generates, the others compute its share of the rows
+        home = homes[0]
+    else:
+        doc, _ = placement_doc(bundles)
+        home = doc.get("home")
+        home = int(home if home is not None else (doc.get("layer_servers") or doc["dense_servers"])[0])
     if rank != home:
-        run_rank(bundles, rank, world, "env://", timeout, getattr(torch, dtype),
+        run_rank(bundles, rank, world, "env://", timeout, getattr(torch, dtype), homes=homes if len(homes) > 1 else (),
                  expert_budget=generate.get("expert_budget"))
         return
     run_generate(bundles, prompts or _stdin_prompts(), servers=servers, timeout=timeout, dtype=dtype, **generate)

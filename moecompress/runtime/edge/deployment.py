@@ -36,7 +36,8 @@ def deploy(out: str | Path, simulate: bool = True, servers: int | None = None, d
     or a TokenPipeline; see execution/tokens/policy.py; None: off, the lossless exchange). similarity: [L, E, E]
     expert similarity for the `substitute` policy (a tensor or a file, see `token_settings`). Use as a context
     manager, or call close(). homes: several servers admitting requests (expert model, dense weights on each of
-    them; sequences spread round robin, the first home is this process; see homes.py): a HomesDeployment.
+    them; sequences spread round robin, the first home is this process, the homes compute at the same time; see
+    homes.py and home_rank.py; gloo only; token policies run at every home): a HomesDeployment.
     expert_budget: bytes of experts each server keeps in memory, the rest read from its bundle on use (expert
     model; runtime/store/); None: all resident.
     """
@@ -44,7 +45,7 @@ def deploy(out: str | Path, simulate: bool = True, servers: int | None = None, d
 
     if homes is not None and len(set(homes)) > 1:
         return _deploy_homes(Path(out), tuple(int(h) for h in homes), simulate, servers, dtype, timeout, record,
-                             verify, tokens, expert_budget)
+                             verify, tokens, similarity, expert_budget)
 
     pipeline = resolve_pipeline(tokens)  # a bad spec is refused before anything starts
     out = Path(out)
@@ -124,82 +125,107 @@ def _downstream(info: BundleInfo) -> tuple[list[int], dict[int, int]]:
 
 
 def _deploy_homes(out: Path, homes: tuple[int, ...], simulate: bool, servers, dtype, timeout: float, record: bool,
-                  verify: bool, tokens, expert_budget: int | None = None):
-    """deploy(..., homes=...): every home's model (simulation) or the front's and the other homes' processes.
-    expert_budget: every server's own experts (homes' too) under a store of that many bytes."""
+                  verify: bool, tokens, similarity=None, expert_budget: int | None = None):
+    """deploy(..., homes=...): every home's model (simulation) or the front's and the other homes' processes (the
+    other homes compute at the same time as the front: home_rank.py). Under torchrun this must be the front's rank
+    (homes[0]); the other ranks run `moecompress run` with the same --homes. expert_budget: every server's own
+    experts (homes' too) under a store of that many bytes."""
+    from dataclasses import replace
+
     from moecompress.runtime.edge.homes import HomesDeployment, RemoteHome, home_server
+    from moecompress.runtime.edge.tokens import load_similarity, resolve_pipeline, token_settings
 
     doc, _ = placement_doc(out)
     num_servers = len(doc["memory_bytes"])
     if servers is not None and servers != num_servers:
         raise MoecompressError(f"the placement in {out} has {num_servers} servers, not {servers}")
-    if tokens is not None:
-        raise MoecompressError("token policies with several homes are not supported; deploy with one home")
     if len(set(homes)) != len(homes) or not all(0 <= h < num_servers for h in homes):
         raise MoecompressError(f"homes {list(homes)}: give distinct servers of the placement (0..{num_servers - 1})")
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not simulate:
-        raise MoecompressError("several homes under torchrun are not supported; use deploy(..., simulate=False) on "
-                               "one machine")
-    infos = {h: read_bundle(out, h, world_size=num_servers, verify=verify) for h in homes}
+    pipeline = resolve_pipeline(tokens)  # a bad spec is refused before anything starts
+    similarity = load_similarity(similarity)
+    front = homes[0]
+    torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ and not simulate
+    if torchrun and int(os.environ["RANK"]) != front:
+        raise MoecompressError(f"rank {os.environ['RANK']} is not the front home ({front}); start every rank with "
+                               f"`moecompress run --homes {','.join(map(str, homes))}`, which serves on the others")
+    world = int(os.environ["WORLD_SIZE"]) if torchrun else num_servers
+    infos = {h: replace(read_bundle(out, h, world_size=world, verify=verify), home=h) for h in homes}
     for h, info in infos.items():
         if info.mode != Mode.EXPERT or info.holds != "full":
             raise MoecompressError(f"server {h} cannot be a home: several homes need the expert model with dense "
                                    f"weights on every home (its bundle holds {info.holds}, mode {info.mode.value}); "
                                    "shard without --dense-on-one")
-    front = homes[0]
-    counters = Counters(num_servers, len(infos[front].experts_paths))
+    settings = {h: token_settings(infos[h], pipeline, similarity) if pipeline.policies else None for h in homes}
     num_experts = len(infos[front].assignment[0]) if infos[front].assignment else 0
     tables = ExpertTables.from_assignment(infos[front].assignment, num_servers)
+
+    def counters():
+        c = Counters(num_servers, len(infos[front].experts_paths))
+        c.token_policy = pipeline.spec
+        return c
+
     if simulate:
         from moecompress.runtime.edge.dispatcher import install_dispatchers
         from moecompress.runtime.edge.rank_model import load_full
-        models, recorders = {}, {}
+
+        handlers = {n: build_handler(read_bundle(out, n, world_size=num_servers, verify=verify), dtype,
+                                     expert_budget) for n in range(num_servers) if n not in homes}
+        deployments = {}
         for h in homes:
-            models[h] = load_full(infos[h], dtype)
+            model = load_full(infos[h], dtype)
             if expert_budget is not None:  # the home's own experts under a store (as home_model does)
                 from moecompress.runtime.store.rank import attach_server_store, held_experts_modules
 
-                attach_server_store(infos[h].directory, held_experts_modules(models[h], infos[h].experts_paths),
-                                    infos[h].experts_paths, expert_budget, models[h])
-            recorders[h] = [] if record else None
-        handlers = {n: build_handler(read_bundle(out, n, world_size=num_servers, verify=verify), dtype,
-                                     expert_budget) for n in range(num_servers) if n not in homes}
-        members = {}
-        for h in homes:
-            transport = InProcess(h, {}, num_servers)
-            install_dispatchers(models[h], infos[h].experts_paths, tables, h, transport, counters, recorders[h])
-            members[h] = (models[h], transport)
-        handlers.update({h: home_server(h, models[h], num_experts) for h in homes})
-        deployments = {}
-        for h, (model, transport) in members.items():
-            transport.handlers = {n: handler for n, handler in handlers.items() if n != h}
-            deployments[h] = Deployment(model, infos[h], transport, counters, bundle_tokenizer(infos[h].directory),
-                                        None, recorders[h])
-        return HomesDeployment(homes, deployments, deployments[front], counters,
+                attach_server_store(infos[h].directory, held_experts_modules(model, infos[h].experts_paths),
+                                    infos[h].experts_paths, expert_budget)  # no router prefetch: see home_model
+            transport, own, recorder = InProcess(h, {}, num_servers), counters(), [] if record else None
+            install_dispatchers(model, infos[h].experts_paths, tables, h, transport, own, recorder, settings[h])
+            handlers[h] = home_server(h, model, num_experts)
+            deployments[h] = Deployment(model, infos[h], transport, own, bundle_tokenizer(infos[h].directory),
+                                        None, recorder, settings[h])
+        for h, d in deployments.items():
+            d.transport.handlers = {n: handler for n, handler in handlers.items() if n != h}
+        return HomesDeployment(homes, deployments, deployments[front],
                                [d for h, d in deployments.items() if h != front])
     import torch.distributed as dist
 
-    from moecompress.runtime.edge.launch import LocalServers
-    from moecompress.runtime.edge.transport import init_group
+    from moecompress.runtime.edge.home_rank import ExpertService, check_gloo
+    from moecompress.runtime.edge.transport import exchange_device, init_group
 
-    launched = LocalServers(out, num_servers, front, timeout, str(dtype).removeprefix("torch."), homes=homes,
-                            expert_budget=expert_budget)
-    launched.wait_ready(load_timeout=max(timeout, 600.0))
+    check_gloo(exchange_device(front))
+    launched = None
+    if torchrun:
+        init, watch = "env://", None
+    else:
+        from moecompress.runtime.edge.launch import LocalServers
+
+        launched = LocalServers(out, num_servers, front, timeout, str(dtype).removeprefix("torch."), homes=homes,
+                                expert_budget=expert_budget)
+        launched.wait_ready(load_timeout=max(timeout, 600.0))
+        init, watch = launched.init_method, launched.watch
     try:
-        device = init_group(launched.init_method, front, num_servers, timeout)
+        device = init_group(init, front, num_servers, timeout)
     except RuntimeError as exc:
-        launched.close(grace=1.0)
+        if launched is not None:
+            launched.close(grace=1.0)
         raise MoecompressError(f"the servers did not all join within {timeout:g} s ({exc})") from exc
-    transport = TorchDistributed(front, num_servers, timeout, device, launched.watch)
+    transport = TorchDistributed(front, num_servers, timeout, device, watch)
     try:
-        model, tokenizer = home_model(infos[front], dtype, transport, counters, None, None, expert_budget)
+        own = counters()
+        model, tokenizer = home_model(infos[front], dtype, transport, own, None, settings[front], expert_budget,
+                                      router_prefetch=False)
+        deployment = Deployment(model, infos[front], transport, own, tokenizer, launched, None, settings[front])
+        service = ExpertService(home_server(front, model, num_experts), front, num_servers, device, len(homes) - 1)
     except BaseException:
         transport.close()
-        launched.close()
+        if launched is not None:
+            launched.close()
         if dist.is_initialized():
             dist.destroy_process_group()
         raise
-    deployment = Deployment(model, infos[front], transport, counters, tokenizer, launched, None)
-    server = home_server(front, model, num_experts)
-    members = {h: deployment if h == front else RemoteHome(h, transport, server, counters) for h in homes}
-    return HomesDeployment(homes, members, deployment, counters)
+    members = {h: deployment if h == front else RemoteHome(h, transport, counters()) for h in homes}
+    if pipeline.policies:
+        for h, m in members.items():
+            if h != front:
+                m.tokens = (pipeline.spec, similarity)
+    return HomesDeployment(homes, members, deployment, service=service)

@@ -13,6 +13,8 @@ go as the lossless OP_EXPERT message, everything else as OP_PLAN.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch import nn
 
@@ -74,6 +76,7 @@ class DispatchedExperts(nn.Module):
         self.tables, self.transport, self.counters = tables, transport, counters
         self.recorder = recorder  # when a list: (layer, top_k_index, top_k_weights) of every call is appended
         self.tokens, self.router_weight = tokens, router_weight
+        self.lock = nullcontext()  # several homes: a Lock shared with the home's expert server (homes.home_server)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         if self.tokens is not None:
@@ -95,10 +98,13 @@ class DispatchedExperts(nn.Module):
                 continue
             mine = torch.where(servers_dev[rows] == n, top_k_index[rows], sentinel[rows])
             payload = wire.encode_request(hidden_states[rows], mine, top_k_weights[rows])
+            self.transport.expect(n, rows.numel() * H * dtype.itemsize)
             self.transport.request(n, wire.request_header(self.layer, rows.numel(), k, dtype, H), payload)
             remote.append((n, rows))
         if self.local is not None:
-            out = self.local(hidden_states, torch.where(servers_dev == self.home, top_k_index, sentinel), top_k_weights)
+            with self.lock:
+                out = self.local(hidden_states, torch.where(servers_dev == self.home, top_k_index, sentinel),
+                                 top_k_weights)
         else:
             out = torch.zeros_like(hidden_states)
         for n, rows in remote:
@@ -135,13 +141,15 @@ class DispatchedExperts(nn.Module):
             x = hidden_states if whole else hidden_states.index_select(0, index)
             w = weights32 if whole else weights32.index_select(0, index)
             payload = torch.cat([wire.as_bytes(x), wire.as_bytes(mine), wire.as_bytes(w)])
+            self.transport.expect(n, len(rows) * H * dtype.itemsize)
             self.transport.request(n, wire.request_header(self.layer, len(rows), k, dtype, H), payload)
             remote.append((n, index, len(rows)))
             rows_sent[n] = len(rows)
         if self.local is not None:
             local_ids = torch.tensor([[e if s == home else E for e, s in zip(i, row)] for i, row in zip(ids, servers)],
                                      dtype=top_k_index.dtype)
-            out = self.local(hidden_states, local_ids, top_k_weights)
+            with self.lock:
+                out = self.local(hidden_states, local_ids, top_k_weights)
         else:
             out = torch.zeros_like(hidden_states)
         for n, index, R in remote:
@@ -170,7 +178,7 @@ class DispatchedExperts(nn.Module):
         device = hidden_states.device
         sent = []
         native = plan.dispatch_precision == plan.return_precision == "native"
-        for b, (n, request_bytes, _, outputs) in zip(batches, messages):
+        for b, (n, request_bytes, reply_bytes, outputs) in zip(batches, messages):
             rows = row_values(hidden_states, b)
             if native and not b.fused:  # the lossless message, byte for byte
                 head = wire.request_header(self.layer, b.num_members, b.ids.shape[1], dtype, H)
@@ -182,12 +190,14 @@ class DispatchedExperts(nn.Module):
             if HEADER_BYTES + payload.numel() != request_bytes:
                 raise MoecompressError(f"layer {self.layer}: a request to server {n} has {payload.numel()} payload "
                                        f"bytes, the counted format {request_bytes - HEADER_BYTES}")
+            self.transport.expect(n, reply_bytes)
             self.transport.request(n, head, payload)
             sent.append((b, outputs))
         on_home = plan.servers.to(device) == self.home
         if self.local is not None:
             ids = torch.where(on_home, plan.experts.to(device), torch.full_like(top_k_index, E))
-            out = self.local(hidden_states, ids, plan.weights.to(device=device, dtype=top_k_weights.dtype))
+            with self.lock:
+                out = self.local(hidden_states, ids, plan.weights.to(device=device, dtype=top_k_weights.dtype))
         else:
             out = torch.zeros_like(hidden_states)
         for b, outputs in sent:

@@ -127,6 +127,7 @@ class RemoteStages(nn.Module):
         past = kv - S
         positions = (position_ids if position_ids is not None else torch.arange(past, kv)[None]).expand(B, S)
         payload = wire.encode_stage(hidden_states, mask, positions)
+        self.transport.expect(self.stages[-1], B * S * H * elem)
         self.transport.request(self.stages[0], wire.stage_header(self.firsts[0], B, S, kv, H, dtype, past), payload)
         reply = self.transport.reply(self.stages[-1], B * S * H * elem)
         src = self.info.home

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -151,17 +152,19 @@ def load_experts(info: BundleInfo, dtype: torch.dtype, model: nn.Module | None =
 class ExpertServer:
     """One server's experts in the expert model: answers a request with the routing-weighted sum of its pairs."""
 
-    def __init__(self, server: int, home: int, experts: dict[int, PackedExperts]):
+    def __init__(self, server: int, home: int, experts: dict[int, PackedExperts], lock=None):
+        """lock: held while computing (a home's experts, shared with its own rows' computations; homes.py)."""
         self.server, self.home, self.experts = server, home, experts
+        self.lock = lock if lock is not None else nullcontext()
         self.compute_seconds = 0.0
 
     def compute(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if layer not in self.experts:
             raise MoecompressError(f"server {self.server} was asked for MoE layer {layer}, of which it holds no expert")
-        start = time.perf_counter()
-        with torch.no_grad():
+        with self.lock, torch.no_grad():
+            start = time.perf_counter()
             out = self.experts[layer](hidden, ids, weights)
-        self.compute_seconds += time.perf_counter() - start
+            self.compute_seconds += time.perf_counter() - start
         return out
 
     def handle(self, head: list[int], payload: torch.Tensor):

@@ -148,7 +148,9 @@ class Deployment:
         if self._closed:
             raise MoecompressError("this deployment is closed")
 
-    def close(self) -> None:
+    def close(self, before_group_ends=None) -> None:
+        """Stop the servers and leave the process group. before_group_ends: called once the servers were told to
+        stop, before the group is destroyed (several homes: the front's expert service ends then)."""
         if self._closed:
             return
         try:
@@ -159,6 +161,8 @@ class Deployment:
         self._hook.remove()
         try:
             self.transport.close()
+            if before_group_ends is not None:
+                before_group_ends()
         finally:
             if self.servers is not None:
                 self.servers.close()
@@ -187,9 +191,13 @@ class Deployment:
         self.close()
 
 
-def home_model(info: BundleInfo, dtype, transport, counters, recorder, settings=None, expert_budget=None):
+def home_model(info: BundleInfo, dtype, transport, counters, recorder, settings=None, expert_budget=None,
+               router_prefetch: bool = True):
     """The home's model of a bundle (expert model: dispatchers installed on `transport`; pipeline model: the home's
-    stages) and its tokenizer (None without tokenizer files)."""
+    stages) and its tokenizer (None without tokenizer files). router_prefetch: the store (expert_budget) predicts
+    from the home's routers and residual stream; False (several homes, homes.py): from activation paths only, as a
+    pure server's store does (the residual it keeps belongs to the home's own rows, not to the other homes' requests
+    its experts answer meanwhile)."""
     from moecompress.runtime.edge.dispatcher import install_dispatchers
     from moecompress.runtime.edge.rank_model import load_full
 
@@ -203,7 +211,7 @@ def home_model(info: BundleInfo, dtype, transport, counters, recorder, settings=
         from moecompress.runtime.store.rank import attach_server_store, held_experts_modules
 
         attach_server_store(info.directory, held_experts_modules(model, info.experts_paths), info.experts_paths,
-                            expert_budget, model)
+                            expert_budget, model if router_prefetch else None)
     install_dispatchers(model, info.experts_paths, ExpertTables.from_assignment(info.assignment, info.num_servers),
                         info.home, transport, counters, recorder, settings)
     return model, tokenizer

@@ -12,9 +12,17 @@ its own GPU (`cuda:LOCAL_RANK`, else `cuda:RANK`; one GPU per rank) and the proc
 payloads are sent and received as CUDA tensors. The default, `cpu`, is gloo over TCP. The ranks' compute stays on
 the CPU either way (the packed experts' kernels are CPU kernels).
 
+Tags (gloo): requests travel on REQUEST_TAG, replies (a payload alone, to the home that asked) on REPLY_TAG,
+several homes' admission results on RESULT_TAG, so a rank that is a home and an expert server at once (homes.py)
+receives its replies in one thread while another answers requests. The home posts the receive of a reply when it
+sends the request (`expect`): a server's reply never waits for the home to get round to it (gloo sends only into a
+posted receive), which is what keeps homes that serve each other free of deadlock. NCCL has no tags (and no
+receive from any rank): one home only, as before.
+
 Link emulation (tests of the time model without netem): `MOECOMPRESS_LINK_DELAY=LATENCY[,RATE]` (e.g. `5ms` or
-`5ms,100Mbit/s`) makes every rank wait (busy) before each message it sends: the one-way latency, plus the message's
-bytes / RATE when a rate is given (serialisation). Counted as exchange time. See `LinkDelay`.
+`5ms,100Mbit/s`) makes every rank wait before each message it sends: the one-way latency, plus the message's
+bytes / RATE when a rate is given (serialisation); it sleeps until SPIN_SECONDS before the deadline, then spins.
+Counted as exchange time. See `LinkDelay`.
 """
 from __future__ import annotations
 
@@ -43,6 +51,8 @@ class Handler(Protocol):
     def stats(self) -> list[float]: ...
 
 
+REQUEST_TAG, REPLY_TAG, RESULT_TAG = 0, 1, 2
+LONG_WAIT = timedelta(days=1)  # a wait that only a closed connection ends (a home busy with its own rows)
 DEVICE_ENV = "MOECOMPRESS_EDGE_DEVICE"
 DELAY_ENV = "MOECOMPRESS_LINK_DELAY"
 BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
@@ -77,6 +87,7 @@ def init_group(init_method: str, rank: int, world_size: int, timeout: float) -> 
 
 _RATE = {"bit": 1 / 8, "kbit": 1e3 / 8, "mbit": 1e6 / 8, "gbit": 1e9 / 8, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9}
 _TIME = {"s": 1.0, "ms": 1e-3, "us": 1e-6}
+SPIN_SECONDS = 100e-6  # the link emulation sleeps until this long before a deadline, then spins (sleep overshoot)
 
 
 @dataclass(frozen=True)
@@ -102,13 +113,17 @@ class LinkDelay:
 
     def before_send(self, nbytes: int, first: bool) -> float:
         """Hold the sender for a message part of `nbytes` (`first`: the part that opens a message, pays the
-        latency); returns the seconds held. A busy wait, not a sleep: a real link delays the message, not the
-        sender's thread, and a sleep would add an OS sleep / wake-up (and the caches it cools) that no real link
-        causes (session 21, quiet: the home's thread CPU per decode step 16.8 ms without the emulation, 24-26 ms
-        with sleeps of 0.5 / 5 ms)."""
+        latency); returns the seconds held. Sleeps until SPIN_SECONDS before the deadline, then spins: a spin alone
+        burns a core per sending rank for the whole latency (more ranks than cores slow each other), a sleep alone
+        overshoots by the OS wake-up (60-100 us measured here). The cost of sleeping: session 21 (quiet) measured
+        the home's thread CPU per decode step at 16.8 ms without the emulation and 24-26 ms with plain sleeps of
+        0.5 / 5 ms (caches cooled while asleep); session 22 therefore spun the whole wait; whether this mix brings
+        that back is for the quiet netns run to show (bench_edge_netns.py's home CPU column)."""
         seconds = (self.latency if first else 0.0) + (nbytes / self.rate if self.rate else 0.0)
         if seconds > 0:
             end = time.perf_counter() + seconds
+            if seconds > SPIN_SECONDS:
+                time.sleep(seconds - SPIN_SECONDS)
             while time.perf_counter() < end:
                 pass
         return seconds
@@ -123,28 +138,51 @@ def one_message(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def send_request(dst: int, head: torch.Tensor, payload: torch.Tensor | None, device: torch.device) -> None:
-    """Send a request (header, payload or None) as wire.frame cuts it; blocking."""
+def send_request(dst: int, head: torch.Tensor, payload: torch.Tensor | None, device: torch.device,
+                 tag: int = REQUEST_TAG, wait: timedelta | None = None) -> None:
+    """Send a request (header, payload or None) as wire.frame cuts it; blocking (`wait`: for at most that long,
+    else the group's timeout)."""
     import torch.distributed as dist
 
-    for part in wire.frame(head, payload, one_message(device)):
-        dist.send(part.to(device), dst)
+    parts = [p.to(device) for p in wire.frame(head, payload, one_message(device))]
+    if wait is None:
+        for part in parts:
+            dist.send(part, dst, tag=tag)
+        return
+    for work in [dist.isend(part, dst, tag=tag) for part in parts]:
+        work.wait(wait)
 
 
-def recv_request(src: int | None, device: torch.device) -> tuple[int | None, list[int], torch.Tensor]:
+def recv_request(src: int | None, device: torch.device, buffer: torch.Tensor | None = None, tag: int = REQUEST_TAG,
+                 wait: timedelta | None = None) -> tuple[int | None, list[int], torch.Tensor]:
     """Wait for a request from `src` (None: any rank) -> (the sender as dist.recv says it, header, payload on the
-    CPU). The wait for the first message is idle time; a second message (a large payload) follows at once."""
+    CPU). The wait for the first message is idle time; a second message (a large payload) follows at once.
+    buffer: the first message's receive buffer (`wire.first_buffer`), reused from call to call: the payload
+    returned may be a view into it, valid until the next call with that buffer. wait: how long the first
+    message may take (None: the group's timeout)."""
     import torch.distributed as dist
 
     one = one_message(device)
-    first = wire.first_buffer(one, device)
-    sender = dist.recv(first, src)
+    first = buffer if buffer is not None else wire.first_buffer(one, device)
+    if wait is None:
+        sender = dist.recv(first, src, tag=tag)
+    else:
+        work = dist.irecv(first, src, tag=tag)
+        work.wait(wait)
+        sender = src if src is not None else work._source_rank()
     head, payload = wire.unframe(first, one)
     if payload is None:
         payload = torch.empty(wire.payload_bytes(head), dtype=torch.uint8, device=device)
-        dist.recv(payload, src if sender is None or sender < 0 else int(sender))
+        dist.recv(payload, src if sender is None or sender < 0 else int(sender), tag=tag)
         payload = payload.cpu()
     return sender, head, payload
+
+
+def send_reply(dst: int, payload: torch.Tensor, device: torch.device) -> None:
+    """A server's reply (a payload alone) to the home that asked; that home posted its receive (`expect`)."""
+    import torch.distributed as dist
+
+    dist.send(payload.to(device), dst, tag=REPLY_TAG)
 
 
 class InProcess:
@@ -167,6 +205,9 @@ class InProcess:
                     self._replies[d].append(np_)
                 else:
                     queue.append((nxt, nh, np_))
+
+    def expect(self, src: int, nbytes: int) -> None:
+        """(TorchDistributed posts the reply's receive here; in one process the reply is queued by `request`.)"""
 
     def reply(self, src: int, nbytes: int) -> torch.Tensor:
         payload = self._replies[src].popleft()
@@ -202,8 +243,10 @@ class TorchDistributed:
         self._phase_open = True  # the next request opens a send phase (pays the latency once: sent in parallel)
         self.lock = threading.RLock()
         self._pending: list = []
+        self._expected: dict[int, tuple] = {}  # src -> (work, buffer) of a posted reply receive
         self.exchange_seconds = 0.0
-        self.delay_seconds = 0.0  # of it, held by the link emulation (a busy wait on this thread)
+        self.delay_seconds = 0.0  # of it, held by the link emulation (a sleep, then a spin, on this thread)
+        self.delay_cpu_seconds = 0.0  # this thread's CPU time in the emulation (its spins)
         self._closed = threading.Event()
         self._last = time.monotonic()
         self._pinger = threading.Thread(target=self._ping_loop, daemon=True)
@@ -229,11 +272,13 @@ class TorchDistributed:
         import torch.distributed as dist
 
         if self.delay is not None and delay:
+            cpu = time.thread_time()
             self.delay_seconds += self.delay.before_send(message_bytes(head) + message_bytes(payload),
                                                          first=self._phase_open)
+            self.delay_cpu_seconds += time.thread_time() - cpu
             self._phase_open = False
         for part in wire.frame(head, payload, one_message(self.device)):  # gloo: one message when it fits
-            self._pending.append(dist.isend(part.to(self.device), dst))
+            self._pending.append(dist.isend(part.to(self.device), dst, tag=REQUEST_TAG))
 
     def request(self, dst: int, head: torch.Tensor, payload: torch.Tensor | None) -> None:
         start = time.perf_counter()
@@ -244,21 +289,44 @@ class TorchDistributed:
                 raise self._failure(dst, exc) from exc
         self.exchange_seconds += time.perf_counter() - start
 
+    def expect(self, src: int, nbytes: int) -> None:
+        """Post the receive of `src`'s next reply (`nbytes`) now, before its request goes out: the server can
+        send it the moment it is computed, whatever this rank does meanwhile (gloo sends into posted receives).
+        NCCL: nothing (a receive posted before the request would hold up the request on the same stream)."""
+        import torch.distributed as dist
+
+        if not one_message(self.device):
+            return
+        if src in self._expected:
+            raise MoecompressError(f"a reply from server {src} is expected already; take it (reply) first")
+        buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        with self.lock:
+            try:
+                self._expected[src] = (dist.irecv(buf, src, tag=REPLY_TAG), buf)
+            except RuntimeError as exc:
+                raise self._failure(src, exc) from exc
+
     def reply(self, src: int, nbytes: int) -> torch.Tensor:
         import torch.distributed as dist
 
         start = time.perf_counter()
-        buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-        with self.lock:
-            try:
-                dist.recv(buf, src)
+        work, buf = self._expected.pop(src, (None, None))
+        if buf is not None and buf.numel() != nbytes:
+            raise MoecompressError(f"server {src}: a reply of {nbytes} bytes was asked, {buf.numel()} expected")
+        try:
+            if work is not None:
+                work.wait()  # outside the lock: pings go on meanwhile
+            with self.lock:
+                if work is None:
+                    buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+                    dist.recv(buf, src, tag=REPLY_TAG)
                 self._phase_open = True
-                for work in self._pending:
-                    work.wait()
+                for w in self._pending:
+                    w.wait()
                 self._pending.clear()
-            except RuntimeError as exc:
-                raise self._failure(src, exc) from exc
-            self._last = time.monotonic()
+        except RuntimeError as exc:
+            raise self._failure(src, exc) from exc
+        self._last = time.monotonic()
         self.exchange_seconds += time.perf_counter() - start
         return buf.cpu()
 
@@ -283,7 +351,7 @@ class TorchDistributed:
                     self._send(n, wire.header(wire.OP_STATS, rows=self.world_size), None, delay=False)
                 for n in self.downstream:
                     buf = torch.empty(self.world_size * 3, dtype=torch.float64, device=self.device)
-                    dist.recv(buf, src=self._last_of_chain(n))
+                    dist.recv(buf, src=self._last_of_chain(n), tag=REPLY_TAG)
                     rows = buf.cpu().reshape(self.world_size, 3)
                     for r in range(self.world_size):
                         if rows[r].abs().sum() > 0:
@@ -313,6 +381,7 @@ class TorchDistributed:
         """After a failure: stop pinging; the servers stop on their own (lost home) or are killed by the launcher."""
         self._closed.set()
         self._pending.clear()
+        self._expected.clear()
 
     def close(self) -> None:
         self._closed.set()

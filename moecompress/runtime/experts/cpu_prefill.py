@@ -2,7 +2,8 @@
 
 Where the decode kernel of every group is a `q8_*` one of an ISA whose prefill runs the int8 kernels too (AVX2
 without VNNI, bf16 / float16 activations: kernel_registry.Q8_PREFILL_ISAS), PackedExperts' general path would run
-the same integer kernels per projection and group (or tiles, for in_features below Q8_PREFILL_MIN_IN), with the
+the same integer kernels per projection and group (the register-blocked GEMM of csrc/lowbit/gemm.h for experts of
+8 rows and more, cpu_lowbit.prefill_q8), with the
 routing, the gather of 8 copies of each token, their float32 conversion and int8 quantization, the
 activation and the weighted sum as torch ops in between (about a sixth of a 512-token prefill of a Qwen3-30B-A3B-dims
 layer). This call does all of it in C++, each step split over the threads: every token quantized once, copied to its

@@ -105,6 +105,21 @@ def decode(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: 
     return y.to(x.dtype)
 
 
+def prefill_q8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
+               group: int, slots: list[int], counts: list[int], isa: str) -> torch.Tensor:
+    """As `decode` (the same integers and per-group factors), with the register-blocked GEMM (csrc/lowbit/gemm.h) for
+    slots of at least `gemm_min_rows()` rows on AVX2: [R, n] in x's dtype."""
+    s, starts = _slots_starts(slots, counts)
+    y = _module().prefill_q8(x.float().contiguous(), qweight, scales, _zeros(zeros), bits, group, s, starts, ISA_ID[isa])
+    return y.to(x.dtype)
+
+
+def gemm_min_rows(rows: int | None = None) -> int:
+    """Rows per slot from which the prefill calls (prefill_q8, moe_prefill) run the GEMM on AVX2; with `rows`, sets
+    it (tests and eval/bench_cpu_prefill.py compare it with the decode kernels). Returns the value before."""
+    return _module().prefill_gemm_min_rows(-1 if rows is None else rows)
+
+
 def prefill(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
             group: int, slots: list[int], counts: list[int], isa: str, dtype: torch.dtype,
             tile_rows: int = TILE_ROWS) -> torch.Tensor:

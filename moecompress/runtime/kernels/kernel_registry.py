@@ -20,7 +20,8 @@ cuda: the Triton kernels of runtime/cuda/ (bf16 / float16 x; the format's packin
 MoE layers on CUDA run them from PackedExperts.forward with device-side routing (runtime/cuda/experts.py), this
 entry serves PackedGroup.linear. Without Triton or for other shapes: dequant.
 
-q8_*: int8 activations x low-bit weights, integer dot products (cpu_lowbit.decode); used for bfloat16 / float16
+q8_*: int8 activations x low-bit weights, integer dot products (cpu_lowbit.decode; on the prefill path
+cpu_lowbit.prefill_q8, a register-blocked GEMM of the same integers for slots of many rows); used for bfloat16 / float16
 activations, while float32 activations take the exact tile_mm kernel on both paths unless
 MOECOMPRESS_INT8_ACTIVATIONS=always (e.g. a float32 model on an AVX2-only CPU, for speed). tile_mm_*: dequantized tiles of
 128 weight rows + at::mm, in float32, or bf16 where the CPU computes bf16 natively (cpu_lowbit.prefill,
@@ -61,10 +62,16 @@ TILE_MIN_ROWS_AVX2 = 128
 # VNNI the int8 kernel beats dequantized tiles + at::mm at 32-512 rows per expert (AMD EPYC Zen 3, 1 thread, bf16 x,
 # group 128, GFLOP/s q8 / best tile: 4-bit q_proj 4096 x 2048 at 512 rows 76 / 57, 8 experts of 1536 x 2048 at 32
 # rows 96 / 43, 2-bit 106-117 / 44-66, 8-bit 44-76 / 35-66; torch's own float32 mm reaches 21-70 here).
-# Only for in_features of at least Q8_PREFILL_MIN_IN: at 256 (refmoe-qwen3) the tiles win (4-bit q_proj 256 x 256 at
-# 512 rows: int8 27, tiles 41-53 GFLOP/s; 2-bit k_proj 15 / 25-42), at 768 (down of 30B-A3B) int8 wins (74-86 / 42-46).
+# The prefill calls take the register-blocked GEMM (cpu_lowbit.prefill_q8, csrc/lowbit/gemm.h) for slots of 8 rows
+# and more (session 23): at in_features 256 / 128 (refmoe-qwen3) it reaches 58-120 GFLOP/s against 12-69 for the
+# decode kernel and 41-54 for the tiles (1 thread, CPU time, 128 rows), at 768 / 2048 it ties or beats the decode
+# kernel (0.91-1.86x). So every in_features from Q8_PREFILL_MIN_IN (0: all) takes it.
 Q8_PREFILL_ISAS = ("cpu:avx2",)
-Q8_PREFILL_MIN_IN = 512
+Q8_PREFILL_MIN_IN = 0
+# ... except the projections of wide layers at 2 / 4 bits, where the GEMM only ties the decode kernel (1536 x 2048 at
+# 32 rows: 2-bit 107 vs 118, 4-bit 61 vs 63 GFLOP/s) and a 512-token prefill of the 30B-dims model at 4 bits took 8 %
+# more CPU time with it (2031 vs 1878 ms, loaded): there the q8 prefill kernel calls the decode kernels.
+Q8_GEMM_MAX_IN = 1024
 AMX_MIN_ROWS = 6
 # int8 activations (the q8 kernels): "auto" for bfloat16 / float16 x only, so that float32 models stay exact up to
 # summation order (what the end-to-end tests hold them to); "always" also for float32 x; "never".
@@ -147,8 +154,22 @@ TILE_MM = {"cpu:avx512_vnni": _tile_mm("cpu:avx512_vnni", "tile_mm_avx2"),
            "cpu:avx2": _tile_mm("cpu:avx2", "tile_mm_avx2", TILE_MIN_ROWS_AVX2),
            "cpu:portable": _tile_mm("cpu:portable", "tile_mm_portable")}
 TILE_MM["cpu:neon_dotprod"] = TILE_MM["cpu:portable"]  # no NEON dequantization: the portable tiles
-Q8_PREFILL = {isa: replace(Q8[isa], supports=lambda group, dtype: group.in_features >= Q8_PREFILL_MIN_IN
-                           and _q8_shapes(group, dtype)) for isa in Q8_PREFILL_ISAS}
+
+
+def _q8_prefill(isa: str) -> Kernel:
+    def run(group, x, slots, counts):
+        if group.in_features > Q8_GEMM_MAX_IN and group.bits in (2, 4):
+            return Q8[isa].run(group, x, slots, counts)
+        return cpu_lowbit.prefill_q8(x, group.qweight, group.scales, _zeros(group), group.bits, group.group_size, slots,
+                                     counts, isa)
+
+    def supports(group, dtype):
+        return group.in_features >= Q8_PREFILL_MIN_IN and _q8_shapes(group, dtype)
+
+    return replace(Q8[isa], run=run, supports=supports)
+
+
+Q8_PREFILL = {isa: _q8_prefill(isa) for isa in Q8_PREFILL_ISAS}
 
 KERNELS: dict[tuple[str, int, str], tuple[Kernel, ...]] = {}
 for _bits in (2, 3, 4, 8):

@@ -37,6 +37,10 @@ class _Tier:
     def bytes_read(self) -> int:
         return self.pinned.bytes_read if self.pinned is not None else self.files.bytes_read
 
+    @property
+    def busy_s(self) -> float | None:
+        return self.pinned.busy_s if self.pinned is not None else None
+
     def read_expert(self, key) -> dict:
         if self.pinned is not None:
             return self.pinned.read_expert(key)
@@ -177,6 +181,20 @@ def _copy_groups(copies: dict, modules: dict[int, PackedExperts], layout: StoreL
     return out, total
 
 
+def _without(copies: dict, keys: set) -> dict:
+    """The copies (attach_store's form) less the rows of the (layer, expert) keys given."""
+    out = {}
+    for layer, by_proj in copies.items():
+        out[layer] = {}
+        for proj, d in by_proj.items():
+            ids = list(d.get("experts", range(d["qweight"].shape[0])))
+            rows = [i for i, e in enumerate(ids) if (layer, e) not in keys]
+            index = torch.tensor(rows, dtype=torch.long, device=d["qweight"].device)
+            out[layer][proj] = {**{k: (v.index_select(0, index) if isinstance(v, torch.Tensor) else v)
+                                   for k, v in d.items()}, "experts": [ids[i] for i in rows]}
+    return out
+
+
 def checkpoint_copies(directory: Path, spec, paths: dict[int, str]) -> dict | None:
     """The low-bit copies a checkpoint holds (ExpertsSpec.copy_bits), or None."""
     bits = {layer: getattr(spec.experts[p], "copy_bits", None) for layer, p in paths.items()}
@@ -192,7 +210,7 @@ def checkpoint_copies(directory: Path, spec, paths: dict[int, str]) -> dict | No
 
 def attach_store(model: nn.Module | None, directory: str | Path, config: StoreConfig, *,
                  modules: dict[int, PackedExperts] | None = None, paths: dict[int, str] | None = None, stats=None,
-                 copies: dict | None = None, predictor=None, top_k: int | None = None) -> ExpertStore:
+                 copies: dict | None = None, predictor=None, top_k: int | None = None, tier=None) -> ExpertStore:
     """Hook an ExpertStore into every PackedExperts of `model`, or into the given {MoE layer: module} with their
     {MoE layer: experts path} (one rank of the edge runtime: `rank_model.load_experts(info, dtype)` and
     `info.experts_paths`; `directory` is then the rank's bundle, layers keep their global MoE ordinals).
@@ -201,7 +219,8 @@ def attach_store(model: nn.Module | None, directory: str | Path, config: StoreCo
     `checkpoint_copies` gives them (default: the checkpoint's own); predictor: an object with `scores(layer, hidden,
     top_k_index, top_k_weights)` overriding config.prefetch (tests use a deliberately wrong one); top_k: experts
     routed per token (default: the model's config), needed where the layers take the fused decode call, which
-    computes one token's routed experts together (the smallest workable budget holds them).
+    computes one token's routed experts together (the smallest workable budget holds them); tier: a slow tier to
+    reuse, another store's `cache.tier` over the same experts (the GPU tier's pinned host copy is then read once).
     """
     directory = Path(directory)
     spec = read_spec(directory)
@@ -242,7 +261,13 @@ def attach_store(model: nn.Module | None, directory: str | Path, config: StoreCo
         if working_set is None:
             raise MoecompressError("these experts take the fused decode call, which computes one token's routed "
                                    "experts together: give attach_store top_k= (experts routed per token)")
-    cache = ExpertCache(layout, _Tier(sources, config, device), config.budget, config.policy, value, inside, note,
+    if tier is None:
+        tier = _Tier(sources, config, device)
+    elif not isinstance(tier, _Tier) or tier.sources.keys() != sources.keys() or \
+            (tier.pinned is not None) != (config.tier == "pinned"):
+        raise MoecompressError("attach_store(tier=...) takes another store's cache.tier over the same experts and "
+                               "of the same StoreConfig.tier")
+    cache = ExpertCache(layout, tier, config.budget, config.policy, value, inside, note,
                         working_set)
     cache.copy_bytes = copy_bytes
     if predictor is None and config.prefetch is not None:
@@ -253,6 +278,10 @@ def attach_store(model: nn.Module | None, directory: str | Path, config: StoreCo
             raise MoecompressError("pinning needs the checkpoint's expert statistics (expert_stats.safetensors), "
                                    "which it lacks; give pin_share=0 or re-export with statistics")
         cache.pin(_pin_value(value, set(modules), predictor is not None), config.pin_share)
+    if config.copy_deterministic and copy_groups:  # a pinned expert never runs on its copy: drop those copies
+        pinned = {key for key, slot in cache.slots.items() if slot.pinned}
+        copy_groups, kept = _copy_groups(_without(copies, pinned), modules, layout)
+        cache.give_back_copies(copy_bytes - kept)
     store = ExpertStore(cache, config, predictor, copy_groups)
     if config.prefetch_refine and model is not None and hasattr(predictor, "residual_scores"):
         _hook_residuals(store, model, paths)

@@ -192,16 +192,22 @@ class ExpertCache:
         with self.cond:
             self.policy.on_call(layer)
 
-    def classify(self, requests: list[tuple[tuple[int, int], bool]], copy_inflight: bool = False) -> list[str]:
+    def classify(self, requests: list[tuple[tuple[int, int], bool]], copy_inflight: bool = False,
+                 copy_always: bool = False) -> list[str]:
         """For one layer call's experts [(key, may_substitute)]: "hit" (resident: marked in use now, so nothing
         evicts it before it is computed; release it after), "copy" (not resident and may be substituted: the low-bit
-        copy computes it; also when its read is in flight if copy_inflight) or "miss" (to be read: `wait_for` it).
+        copy computes it; also when its read is in flight if copy_inflight; with copy_always whenever it may be
+        substituted, resident or not: the choice then depends on the requests alone) or "miss" (to be read:
+        `wait_for` it).
         Counted here."""
         kinds = []
         with self.cond:
             for key, substitute in requests:
                 slot = self.slots.get(key)
-                if slot is not None:
+                if substitute and copy_always:
+                    self.counters.substitutions += 1
+                    kinds.append("copy")
+                elif slot is not None:
                     self.counters.hits += 1
                     self._use(key, slot, late=False)
                     kinds.append("hit")
@@ -263,6 +269,16 @@ class ExpertCache:
             total += nb
             self.fill(key, pinned=True)
         self.counters.bytes_at_load += self.tier.bytes_read - before
+
+    def give_back_copies(self, nbytes: int) -> None:
+        """Resident low-bit copies of `nbytes` were dropped (attach_store: the pinned experts' copies): their bytes go
+        to the slots when the copies counted inside the budget."""
+        with self.cond:
+            self.copy_bytes -= nbytes
+            if self.extra:
+                self.extra -= nbytes
+                self.capacity += nbytes
+            self.cond.notify_all()
 
     def resident(self) -> set[tuple[int, int]]:
         with self.cond:

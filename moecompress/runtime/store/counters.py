@@ -22,6 +22,7 @@ class StoreCounters:
     stall_s: float = 0.0  # time forward calls waited for the slow tier
     pinned_bytes: int = 0
     bytes_at_load: int = 0  # read to pin at load
+    tier_busy_s: float | None = None  # GPU tier: time its side stream spent copying (CUDA events); None on the file tier
 
     @property
     def uses(self) -> int:

@@ -8,12 +8,15 @@ experts when all are resident, resident low-bit copies joining it; on a miss, on
 reader threads read the missing ones (the C++ call runs without the GIL), one for those, then the one call's sum
 (`overlap=False`: wait for every miss, then the one call). Everything else (prefill, float32 without int8
 activations, GPU) runs one expert at a time with the per-group kernels, the demand reads overlapping the hits'
-compute.
+compute (on CUDA a token's experts are summed in k order: no atomics, the same outputs at every budget; the resident
+layer there takes the fused CUDA kernels, so bf16 outputs differ from it by rounding).
 
 Low-bit copies (optional, resident): a miss routed below `copy_threshold` (a routing weight, or with copy_relative
 a multiple of the token's mean top-k weight) is computed by its copy. With copy_fetch (HOBBIT) its full expert is
 also read in the background for the next use, and a miss whose read is still in flight is not waited for; without
-it nothing is read for it (the next use misses again), and a read in flight is waited for.
+it nothing is read for it (the next use misses again), and a read in flight is waited for. With copy_deterministic
+every use under the threshold runs on its copy, resident or not, and pinned experts keep no copies: which uses run on
+copies then depends on the routing alone (Δppl reproducible, independent of read timing and load).
 
 Exactness: every routed expert is computed from its own packed rows with the same kernels, row order and summation
 order as the fully resident PackedExperts, so with exact settings (no `copy_threshold`) outputs equal the fully
@@ -57,12 +60,17 @@ class StoreConfig:
     # copy_threshold in units of the token's mean top-k routing weight (1 / top_k with renormalised weights), so one
     # value serves models with and without renormalisation and any top-k
     copy_relative: bool = False
+    # a use under the threshold runs on its copy whether or not the full expert is resident or being read, and the
+    # pinned experts (fixed at load) have no copies (dropped at attach): which uses run on copies then depends on the
+    # routing alone, so outputs (Δppl) do not depend on read timing or load
+    copy_deterministic: bool = False
     copies_in_budget: bool = True  # the resident low-bit copies count inside `budget` (else they come on top)
     domain: str | None = None  # pin by this domain's mass (the statistics' domains)
     tier: str = "file"  # "file": safetensors read bypassing the page cache; "pinned": pinned CPU memory -> GPU
     direct_io: bool = True  # O_DIRECT reads (else plain reads + posix_fadvise DONTNEED)
     read_threads: int = 4  # demand reads in flight at once
-    overlap: bool = True  # fused decode: on a miss compute the resident experts while the missing ones are read
+    overlap: bool = True  # on a miss compute the resident experts while the missing ones are read (else: wait, then
+    # compute)
     # read ahead only experts the predictor scores at least this many times the uniform score 1 / experts (0: no
     # floor; relative, so one value serves 16 and 128 experts)
     prefetch_floor: float = 0.0
@@ -92,6 +100,9 @@ class StoreConfig:
             raise MoecompressError(f"copy_threshold (a routing weight) must be >= 0 or None, got {self.copy_threshold}")
         if self.copy_relative and self.copy_threshold is None:
             raise MoecompressError("copy_relative sets copy_threshold's unit: give copy_threshold too")
+        if self.copy_deterministic and self.copy_threshold is None:
+            raise MoecompressError("copy_deterministic decides which uses run on the low-bit copies: give "
+                                   "copy_threshold too")
         if self.copy_fetch and self.copy_threshold is None:
             raise MoecompressError("copy_fetch computes misses with the low-bit copies: give copy_threshold too "
                                    "(a routing weight; above 1: every miss)")
@@ -135,6 +146,7 @@ class ExpertStore:
         # demand reads of one layer call run in parallel, beside the compute of its resident experts
         self._readers = ThreadPoolExecutor(max_workers=config.read_threads, thread_name_prefix="moecompress-read")
         self._baseline = cache.tier.bytes_read
+        self._busy_baseline = getattr(cache.tier, "busy_s", None) or 0.0
         self._calls = 0  # layer calls so far
         self._fused: dict = {}  # (layer, settings_key) -> FusedSettings or None: the fused decode call's decision
         self.first_layer = min(layer for layer, _ in cache.layout.nbytes)  # tokens are counted there
@@ -182,9 +194,12 @@ class ExpertStore:
         may_copy = [copies is not None and threshold is not None and e in copies[first_name].slot
                     and float(copy_w[rows].max()) < threshold for e, rows in plan]
         kinds = self.cache.classify([((layer, e), sub) for (e, _), sub in zip(plan, may_copy)],
-                                    copy_inflight=self.config.copy_fetch)
+                                    copy_inflight=self.config.copy_fetch,
+                                    copy_always=self.config.copy_deterministic)
         self._calls += 1
-        self._submit_reads(layer, [e for e, _ in plan], kinds)  # read by the reader threads while the hits compute
+        futures = self._submit_reads(layer, [e for e, _ in plan], kinds)  # read while the hits compute
+        if not self.config.overlap:  # every miss read first, then the compute (the A/B of bench_store.py --tier gpu)
+            self._wait_reads(layer, [e for e, _ in plan], kinds, futures)
         pieces = [None] * len(plan)
         for i in sorted(range(len(plan)), key=lambda i: kinds[i] == "miss"):  # hits and copies first
             e, rows = plan[i]
@@ -209,6 +224,8 @@ class ExpertStore:
             y, order = y[row_of_pair[down_order]], down_order
         weights = flat_w[order]
         y = y.float() * weights.float().unsqueeze(-1)
+        if y.is_cuda:  # index_add_ adds with atomics there (any order): sum each token's pairs in k order instead
+            return _sum_in_k_order(y, order, num_tokens, top_k).to(hidden.dtype)
         out = torch.zeros(num_tokens, y.shape[-1], dtype=torch.float32, device=y.device).index_add_(0, order // top_k, y)
         return out.to(hidden.dtype)
 
@@ -264,7 +281,8 @@ class ExpertStore:
         copy_slot = copies[module.proj_names[0]].slot if copies else {}  # expert -> its row in the copy groups
         may_copy = [threshold is not None and e in copy_slot and weight[e] < threshold for e in order]
         kinds = self.cache.classify([((layer, e), sub) for e, sub in zip(order, may_copy)],
-                                    copy_inflight=self.config.copy_fetch)
+                                    copy_inflight=self.config.copy_fetch,
+                                    copy_always=self.config.copy_deterministic)
         held = [(layer, e) for e, kind in zip(order, kinds) if kind == "hit"]
         self._submit_reads(layer, order, kinds)  # misses are read by the reader threads, in parallel
         table = {}
@@ -303,17 +321,32 @@ class ExpertStore:
                 late[e] = (slot.groups, 0)
         return late
 
-    def _submit_reads(self, layer: int, experts: list[int], kinds: list[str]) -> None:
-        """Misses to the reader threads (this call waits for them); with copy_fetch, the experts computed by their
-        copies too, for their next use (nobody waits for those; dropped when only pinned or busy slots could make
-        room)."""
+    def _submit_reads(self, layer: int, experts: list[int], kinds: list[str]) -> list:
+        """Misses to the reader threads (this call waits for them; -> their futures); with copy_fetch, the experts
+        computed by their copies too, for their next use (nobody waits for those; dropped when only pinned or busy
+        slots could make room)."""
+        futures = []
         for e, kind in zip(experts, kinds):
             if kind == "miss":
-                self._readers.submit(self._read_ahead, self._calls, (layer, e))
+                futures.append(self._readers.submit(self._read_ahead, self._calls, (layer, e)))
         if self.config.copy_fetch:
             for e, kind in zip(experts, kinds):
                 if kind == "copy":
                     self._readers.submit(self._fetch_copied, (layer, e))
+        return futures
+
+    def _wait_reads(self, layer: int, experts: list[int], kinds: list[str], futures: list) -> None:
+        """overlap=False on the per-expert path: wait until every miss of the call is read, then compute. Only where
+        the call's experts fit in the unpinned room together (else a read would wait for room that the call's own
+        experts hold: the call then computes as with the overlap). The wait counts as stall time."""
+        nbytes = self.cache.layout.nbytes
+        if sum(nbytes[(layer, e)] for e in experts) > self.cache.room():
+            return
+        start = time.perf_counter()
+        for f in futures:
+            f.result()
+        with self.cache.cond:
+            self.cache.counters.stall_s += time.perf_counter() - start
 
     def _fetch_copied(self, key) -> None:
         self.cache.fill(key, wait=False, after_copy=True)
@@ -362,6 +395,8 @@ class ExpertStore:
     def counters(self) -> dict:
         c = self.cache.counters
         c.bytes_fetched = self.cache.tier.bytes_read - self._baseline
+        busy = getattr(self.cache.tier, "busy_s", None)  # the GPU tier: seconds its side stream spent copying
+        c.tier_busy_s = None if busy is None else busy - self._busy_baseline
         return {**c.summary(), "budget": self.cache.budget, "min_budget": self.cache.min_budget,
                 "peak_bytes": self.cache.peak, "copy_bytes": self.cache.copy_bytes,
                 "copies_in_budget": self.config.copies_in_budget, "background_cpu_s": self.background_cpu_s()}
@@ -386,6 +421,7 @@ class ExpertStore:
             old = self.cache.counters
             self.cache.counters = type(old)(pinned_bytes=old.pinned_bytes, bytes_at_load=old.bytes_at_load)
             self._baseline = self.cache.tier.bytes_read
+            self._busy_baseline = getattr(self.cache.tier, "busy_s", None) or 0.0
 
     def close(self) -> None:
         for h in self.hooks:
@@ -398,6 +434,19 @@ class ExpertStore:
         close = getattr(self.cache.tier, "close", None)
         if close:
             close()
+
+
+def _sum_in_k_order(y: torch.Tensor, order: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:
+    """y [R, H] float32 weighted rows of pairs `order` (t * K + k) -> [T, H]: per token out = 0, then += row k for
+    k = 0..K-1 (pairs not computed add nothing). Deterministic on CUDA, so the store's GPU outputs do not depend on
+    the budget, the policy or the run."""
+    rows = torch.zeros(num_tokens * top_k, y.shape[-1], dtype=torch.float32, device=y.device)
+    rows[order] = y
+    rows = rows.view(num_tokens, top_k, -1)
+    out = torch.zeros(num_tokens, y.shape[-1], dtype=torch.float32, device=y.device)
+    for k in range(top_k):
+        out = out + rows[:, k]
+    return out
 
 
 class LayerView:

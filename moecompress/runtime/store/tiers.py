@@ -197,17 +197,21 @@ class PinnedTier:
         self._stream = torch.cuda.Stream(self.device)
         self._compute = torch.cuda.default_stream(self.device)
         self._lock = threading.Lock()
+        self._enqueue = threading.Lock()
         self.bytes_read = 0  # bytes copied host -> GPU
+        self.busy_s = 0.0  # time the side stream spent on the copies (CUDA events: what the overlap hides or not)
 
     def read_expert(self, key) -> dict:
         host = self._host[key]
-        with torch.cuda.stream(self._stream):
+        start, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with self._enqueue, torch.cuda.stream(self._stream):  # one read's events bracket its copies alone
+            start.record(self._stream)
             out = {k: t.to(self.device, non_blocking=True) for k, t in host.items()}
-            done = torch.cuda.Event()
             done.record(self._stream)
         done.synchronize()  # this (reading) thread waits; the compute stream never does
         for t in out.values():
             t.record_stream(self._compute)  # freed memory is not reused by the side stream while compute reads it
         with self._lock:
             self.bytes_read += sum(t.numel() * t.element_size() for t in out.values())
+            self.busy_s += start.elapsed_time(done) / 1000
         return out

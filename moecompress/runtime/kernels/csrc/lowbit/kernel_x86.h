@@ -28,7 +28,7 @@ namespace mc_lowbit {
 namespace {
 
 constexpr int64_t kPrefetchBytes = 2048;
-constexpr int64_t kStackFloats = 1024;  // rows_kernel's factors on the stack up to this size
+constexpr int64_t kStackFloats = 3072;  // rows_kernel's factors (and permuted x) on the stack up to this size
 
 inline uint64_t load_u64(const uint8_t* p) { uint64_t v; std::memcpy(&v, p, 8); return v; }
 inline uint32_t load_u32(const uint8_t* p) { uint32_t v; std::memcpy(&v, p, 4); return v; }
@@ -63,6 +63,46 @@ template <> inline __m256i unpack<3>(const uint8_t* p) {
   const __m256i a = _mm256_srli_epi16(_mm256_mullo_epi16(_mm256_shuffle_epi8(bytes, pairs_a), lift), 13);
   const __m256i b = _mm256_srli_epi16(_mm256_mullo_epi16(_mm256_shuffle_epi8(bytes, pairs_b), lift), 13);
   return _mm256_packus_epi16(a, b);
+}
+
+// 3-bit weights two blocks (24 bytes) at a time, for the AVX2 kernel (rows_kernel with an even number of blocks per
+// group): fewer shuffle-port operations than unpack<3> (which is bound by them: 2 pshufb + 2 shifts + a pack + the
+// loads' inserts per block). Block A sits in the low 128-bit lane (bytes 0..11), block B in the high one (bytes
+// 4..15: no byte past the pair is read). Vector t's 16-bit lane l holds, per half, the value j = 8t + l in its low
+// byte (pshufb a byte pair, (pair >> p) by pmulhuw with 2^(16 - p), p in 1..8) and j = 16 + 8t + l in its high byte
+// (pair << (8 - p) by pmullw), blended, masked to 3 bits. x's int8 inputs are permuted to match (permute3).
+inline void unpack3_pair(const uint8_t* p, __m256i& v0, __m256i& v1) {
+  const __m256i bytes = _mm256_inserti128_si256(
+      _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)), 1);
+  const __m256i lo0 = _mm256_setr_epi8(-128, 0, 0, 1, 0, 1, 1, 2, 1, 2, 1, 2, 2, 3, 2, 3,
+                                       -128, 4, 4, 5, 4, 5, 5, 6, 5, 6, 5, 6, 6, 7, 6, 7);
+  const __m256i hi0 = _mm256_setr_epi8(6, 7, 6, 7, 6, 7, 7, 8, 7, 8, 7, 8, 8, 9, 8, 9,
+                                       10, 11, 10, 11, 10, 11, 11, 12, 11, 12, 11, 12, 12, 13, 12, 13);
+  const __m256i lo1 = _mm256_setr_epi8(2, 3, 3, 4, 3, 4, 4, 5, 4, 5, 4, 5, 5, 6, 5, 6,
+                                       6, 7, 7, 8, 7, 8, 8, 9, 8, 9, 8, 9, 9, 10, 9, 10);
+  const __m256i hi1 = _mm256_setr_epi8(9, 10, 9, 10, 9, 10, 10, 11, 10, 11, 10, 11, 11, -128, 11, -128,
+                                       13, 14, 13, 14, 13, 14, 14, 15, 14, 15, 14, 15, 15, -128, 15, -128);
+  const __m256i down = _mm256_setr_epi16(256, 8192, 1024, -32768, 4096, 512, 16384, 2048,
+                                         256, 8192, 1024, -32768, 4096, 512, 16384, 2048);
+  const __m256i up = _mm256_setr_epi16(256, 32, 4, 128, 16, 2, 64, 8, 256, 32, 4, 128, 16, 2, 64, 8);
+  const __m256i high = _mm256_set1_epi16(static_cast<short>(0xFF00)), three = _mm256_set1_epi8(7);
+  v0 = _mm256_and_si256(_mm256_blendv_epi8(_mm256_mulhi_epu16(_mm256_shuffle_epi8(bytes, lo0), down),
+                                           _mm256_mullo_epi16(_mm256_shuffle_epi8(bytes, hi0), up), high), three);
+  v1 = _mm256_and_si256(_mm256_blendv_epi8(_mm256_mulhi_epu16(_mm256_shuffle_epi8(bytes, lo1), down),
+                                           _mm256_mullo_epi16(_mm256_shuffle_epi8(bytes, hi1), up), high), three);
+}
+
+// x's int8 row (k inputs, natural order, k % 64 == 0) in unpack3_pair's order: per 64 inputs (blocks A, B), vector t's
+// half h holds inputs 32h + 8t + l (even bytes) and 32h + 16 + 8t + l (odd bytes), l = 0..7.
+inline void permute3(const int8_t* x, int64_t k, int8_t* out) {
+  for (int64_t c = 0; c < k; c += 64)
+    for (int t = 0; t < 2; ++t)
+      for (int h = 0; h < 2; ++h) {
+        const __m128i a = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(x + c + 32 * h + 8 * t));
+        const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(x + c + 32 * h + 16 + 8 * t));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + c + 32 * t + 16 * h), _mm_unpacklo_epi8(a, b));
+      }
 }
 
 template <> inline __m256i unpack<8>(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
@@ -113,6 +153,21 @@ inline void row_factors(const Weights& w, int64_t e, int64_t r, const float* con
     }
     g += 4;
   }
+  if (g + 2 <= w.groups) {  // 2 more (k = 768 at group 128: 4 + 2 groups): the 4-wide path with two lanes
+    const __m128 s = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(load_u32(reinterpret_cast<const uint8_t*>(w.s + base + g)))));
+    uint16_t z2 = 0;
+    if (w.z) std::memcpy(&z2, w.z + base + g, 2);
+    const __m128 z = w.z ? _mm_cvtepi32_ps(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(z2))) : _mm_set1_ps(static_cast<float>(1 << (BITS - 1)));
+    const __m128 sz = _mm_mul_ps(s, _mm_sub_ps(z, _mm_set1_ps(shift)));
+    for (int m = 0; m < MR; ++m) {
+      const __m128 d = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(dx[m] + g)));
+      const __m128 x = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(xs[m] + g)));
+      _mm_store_sd(reinterpret_cast<double*>(sd[m] + g), _mm_castps_pd(_mm_mul_ps(s, d)));
+      const __m128 c = _mm_mul_ps(sz, x);
+      corr[m] += _mm_cvtss_f32(_mm_add_ss(c, _mm_movehdup_ps(c)));
+    }
+    g += 2;
+  }
   for (; g < w.groups; ++g) {
     const float s = _cvtsh_ss(w.s[base + g]), sz = s * (static_cast<float>(w.zero(base + g)) - shift);
     for (int m = 0; m < MR; ++m) sd[m][g] = s * dx[m][g], corr[m] += sz * xs[m][g];
@@ -127,10 +182,13 @@ inline void row_factors(const Weights& w, int64_t e, int64_t r, const float* con
 template <int BITS, int MR, int NR, int BPG>
 void rows_kernel(const Weights& w, const Acts& a, int64_t e, int64_t r0, int64_t r1, int64_t x0, float* y) {
   const int64_t bpg = BPG ? BPG : w.group / 32, G = 32 * bpg;
+  // 3-bit on AVX2 with an even number of blocks per group: two blocks per unpack, x's rows permuted to match
+  constexpr bool kPair3 = BITS == 3 && !MC_VNNI && BPG > 0 && BPG % 2 == 0;
   const int8_t* xr[MR];
   const float* dx[MR];
-  // xs[m] = dx * isum per group; sd[j][m] per weight row: on the stack when small (no allocation per call)
-  const int64_t need = (1 + NR) * MR * w.groups;
+  // xs[m] = dx * isum per group; sd[j][m] per weight row (+ kPair3: x's permuted rows): on the stack when small (no
+  // allocation per call)
+  const int64_t xfloats = kPair3 ? (MR * a.k + 3) / 4 : 0, need = (1 + NR) * MR * w.groups + xfloats;
   float stack_buf[kStackFloats];
   std::vector<float> heap_buf(need > kStackFloats ? need : 0);
   float* const buf_p = need > kStackFloats ? heap_buf.data() : stack_buf;
@@ -138,9 +196,14 @@ void rows_kernel(const Weights& w, const Acts& a, int64_t e, int64_t r0, int64_t
   float* sd[NR][MR];
   MC_UNROLL
   for (int m = 0; m < MR; ++m) {
-    xr[m] = a.xq + (x0 + m) * a.k, dx[m] = a.dx + (x0 + m) * a.groups, xs[m] = buf_p + m * w.groups;
+    xr[m] = a.xq + (x0 + m) * a.k, dx[m] = a.dx + (x0 + m) * a.groups, xs[m] = buf_p + xfloats + m * w.groups;
+    if constexpr (kPair3) {
+      int8_t* const xp = reinterpret_cast<int8_t*>(buf_p) + m * a.k;
+      permute3(xr[m], a.k, xp);
+      xr[m] = xp;
+    }
     MC_UNROLL
-    for (int j = 0; j < NR; ++j) sd[j][m] = buf_p + ((1 + j) * MR + m) * w.groups;
+    for (int j = 0; j < NR; ++j) sd[j][m] = buf_p + xfloats + ((1 + j) * MR + m) * w.groups;
     const int32_t* is = a.isum + (x0 + m) * a.groups;
     for (int64_t g = 0; g < w.groups; ++g) xs[m][g] = dx[m][g] * static_cast<float>(is[g]);
   }
@@ -204,15 +267,35 @@ void rows_kernel(const Weights& w, const Acts& a, int64_t e, int64_t r0, int64_t
             MC_UNROLL
             for (int m = 0; m < MR; ++m) acc16[j][m] = _mm256_setzero_si256();
           const int64_t b1 = b0 + 8 < bpg ? b0 + 8 : bpg;
-          for (int64_t b = b0; b < b1; ++b) {
-            __m256i xv[MR];
-            MC_UNROLL
-            for (int m = 0; m < MR; ++m) xv[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr[m] + g * G + 32 * b));
-            MC_UNROLL
-            for (int j = 0; j < NR; ++j) {
-              const __m256i wv = unpack<BITS>(src[j] + (g * bpg + b) * 4 * BITS);
+          if constexpr (kPair3) {
+            for (int64_t b = b0; b < b1; b += 2) {
+              __m256i xv0[MR], xv1[MR];
               MC_UNROLL
-              for (int m = 0; m < MR; ++m) acc16[j][m] = _mm256_add_epi16(acc16[j][m], _mm256_maddubs_epi16(wv, xv[m]));
+              for (int m = 0; m < MR; ++m) {
+                xv0[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr[m] + g * G + 32 * b));
+                xv1[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr[m] + g * G + 32 * b + 32));
+              }
+              MC_UNROLL
+              for (int j = 0; j < NR; ++j) {
+                __m256i v0, v1;
+                unpack3_pair(src[j] + (g * bpg + b) * 12, v0, v1);
+                MC_UNROLL
+                for (int m = 0; m < MR; ++m)
+                  acc16[j][m] = _mm256_add_epi16(acc16[j][m], _mm256_add_epi16(_mm256_maddubs_epi16(v0, xv0[m]),
+                                                                               _mm256_maddubs_epi16(v1, xv1[m])));
+              }
+            }
+          } else {
+            for (int64_t b = b0; b < b1; ++b) {
+              __m256i xv[MR];
+              MC_UNROLL
+              for (int m = 0; m < MR; ++m) xv[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr[m] + g * G + 32 * b));
+              MC_UNROLL
+              for (int j = 0; j < NR; ++j) {
+                const __m256i wv = unpack<BITS>(src[j] + (g * bpg + b) * 4 * BITS);
+                MC_UNROLL
+                for (int m = 0; m < MR; ++m) acc16[j][m] = _mm256_add_epi16(acc16[j][m], _mm256_maddubs_epi16(wv, xv[m]));
+              }
             }
           }
           MC_UNROLL

@@ -199,6 +199,10 @@ torch::Tensor moe_prefill(torch::Tensor x, torch::Tensor topk_index, torch::Tens
                           std::vector<int64_t> gu_bits, torch::Tensor gu_map, std::vector<torch::Tensor> dn_q,
                           std::vector<torch::Tensor> dn_s, std::vector<torch::Tensor> dn_z, std::vector<int64_t> dn_bits,
                           torch::Tensor dn_map, int64_t group, int64_t isa);
+// the prefill GEMM (gemm.cpp): decode's arguments, gemm.h's kernel for slots of many rows
+torch::Tensor prefill_q8(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor zeros, int64_t bits,
+                         int64_t group, torch::Tensor slots, torch::Tensor starts, int64_t isa);
+int64_t prefill_gemm_min_rows(int64_t rows);
 }  // namespace mc_lowbit
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -211,6 +215,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("moe_prefill", &mc_lowbit::moe_prefill, "a MoE layer of many tokens: moe_decode's work, every step threaded",
         py::call_guard<py::gil_scoped_release>());
+  m.def("prefill_q8", &mc_lowbit::prefill_q8, "x @ W^T per slot with int8 activations, the GEMM for many rows",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("prefill_gemm_min_rows", &mc_lowbit::prefill_gemm_min_rows,
+        "rows from which the prefill GEMM runs (sets it; < 0 reads it); returns the value before");
   m.def("block_order", &block_order_tensor, "lane of each input of a 32-input block in the SIMD kernels");
   mc_lowbit::bind_step(m);  // the whole-model decode step (step.cpp)
 }

@@ -4,7 +4,8 @@
 // Same arguments and result as moe_decode (moe.cpp), for packed groups only (2/3/4/8-bit), but every step is split
 // over the threads and nothing costs more than linear in the pairs: each token row is quantized once per lane
 // order (the groups' bit-widths) and copied to its (token, k) pairs; the pairs sorted by (group, slot) run
-// (expert, block of 64 weight rows) units across the threads; silu(gate) * up and its quantization run per pair;
+// (expert, block of 64 weight rows) units across the threads, each by gemm.h's kernel (AVX2, many rows) or the
+// decode kernel; silu(gate) * up and its quantization run per pair;
 // the weighted sum per token, its experts in k order (deterministic whatever the thread count).
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -12,6 +13,8 @@
 #include <cmath>
 #include <cstring>
 #include <vector>
+#include "dense.h"
+#include "gemm.h"
 #include "ops.h"
 
 namespace mc_lowbit {
@@ -60,11 +63,12 @@ struct Quantized {  // int8 rows in block order, per group of `group` inputs: dx
   Quantized(int64_t rows, int64_t k, int64_t groups) : xq(rows * k), dx(rows * groups), isum(rows * groups) {}
 };
 
-void quantize_row(const float* src, int64_t k, int64_t group, const int* order, Quantized& q, int64_t row) {
+void quantize_row(QuantizeFn quantize, const float* src, int64_t k, int64_t group, const int* order, Quantized& q,
+                  int64_t row) {
   const int64_t groups = k / group;
   for (int64_t g = 0; g < groups; ++g)
-    q.dx[row * groups + g] = quantize_group(src + g * group, group, order, q.xq.data() + row * k + g * group,
-                                            q.isum.data() + row * groups + g);
+    q.dx[row * groups + g] = quantize(src + g * group, group, order, q.xq.data() + row * k + g * group,
+                                      q.isum.data() + row * groups + g);
 }
 
 // Pairs sorted by (group, slot) [P] (group[i], slot[i]), their quantized rows a; y [P, n].
@@ -76,11 +80,10 @@ void run_experts(const Groups& p, const std::vector<int64_t>& grp, const std::ve
   for (int64_t i = 1; i <= P; ++i)
     if (i == P || grp[i] != grp[i - 1] || slot[i] != slot[i - 1]) starts.push_back(i);
   const int64_t runs = static_cast<int64_t>(starts.size()) - 1, blocks = (n + kUnitRows - 1) / kUnitRows;
-  const DecodeFn fn = decode_kernel(isa);
   at::parallel_for(0, runs * blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u) {
-      const int64_t r = u / blocks, r0 = (u % blocks) * kUnitRows, first = starts[r];
-      fn(p.w[grp[first]], a, slot[first], r0, std::min(n, r0 + kUnitRows), first, starts[r + 1] - first, y);
+      const int64_t r = u / blocks, r0 = (u % blocks) * kUnitRows, first = starts[r], rows = starts[r + 1] - first;
+      prefill_kernel(isa, rows)(p.w[grp[first]], a, slot[first], r0, std::min(n, r0 + kUnitRows), first, rows, y);
     }
   });
 }
@@ -136,8 +139,10 @@ torch::Tensor moe_prefill(torch::Tensor x, torch::Tensor topk_index, torch::Tens
   const int64_t NO = static_cast<int64_t>(gu.orders.size());
   Quantized tok(NO * T, H, G1), q1(P, H, G1);
   const float* xs = x.data_ptr<float>();
+  const QuantizeFn quantize = quantize_fn(isa);
+  const bool simd = simd_isa(isa);
   at::parallel_for(0, NO * T, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t u = begin; u < end; ++u) quantize_row(xs + (u % T) * H, H, group, gu.orders[u / T].data(), tok, u);
+    for (int64_t u = begin; u < end; ++u) quantize_row(quantize, xs + (u % T) * H, H, group, gu.orders[u / T].data(), tok, u);
   });
   at::parallel_for(0, P, 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
@@ -167,8 +172,8 @@ torch::Tensor moe_prefill(torch::Tensor x, torch::Tensor topk_index, torch::Tens
     std::vector<float> act(I);
     for (int64_t j = begin; j < end; ++j) {
       const float* hi = &h[perm[j] * N1];
-      for (int64_t c = 0; c < I; ++c) act[c] = hi[c] / (1.f + std::exp(-hi[c])) * hi[I + c];
-      quantize_row(act.data(), I, group, dn.order[g2[j]].data(), q2, j);
+      (simd ? silu_mul_avx2 : silu_mul_portable)(hi, hi + I, act.data(), I);
+      quantize_row(quantize, act.data(), I, group, dn.order[g2[j]].data(), q2, j);
     }
   });
   std::vector<float>().swap(h);

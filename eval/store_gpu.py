@@ -1,0 +1,301 @@
+"""The expert store's GPU tier (bench_store.py --tier gpu): experts in pinned CPU memory, copied to the GPU on a side
+CUDA stream when used (StoreConfig(tier="pinned"); runtime/store/tiers.PinnedTier), on a lent GPU.
+
+Time: a random-init Qwen3-MoE with Qwen3-30B-A3B's MoE dims (hidden 2048, 128 experts of width 768, top-8), 4 decoder
+layers, RTN 4-bit experts (group 128, min-max), bf16 -- store_time.py's model, built on the GPU machine by this script
+(initialised and quantized on the GPU; its 1.2 GiB checkpoint cannot travel there). One process holds the fully
+resident model (every expert on the GPU, the CUDA kernels' layer path: runtime/cuda) and the store's model (the
+store's per-expert path over its GPU slots) and decodes random tokens with both, alternating step by step, each step
+timed between two torch.cuda.synchronize() (store_time.interleaved). Budgets 25/50/75/100 % of the experts' bytes;
+the 100 % row (every expert fits, nothing copied after the first use) separates the store's compute path from its
+copies. Overlap: the side stream's copy time (CUDA events around each expert's copies, `tier_busy_s`) against the
+time the steps took beyond the 100 % row; and an A/B row that waits for every copy before computing (overlap=False).
+
+Hit rates: refmoe-qwen3 (RTN 4-bit, group 64: bench_edge.export_4bit's checkpoint), bf16 on the GPU, decoding eval
+text one token at a time with a KV cache (teacher forcing). Its checkpoint, the tokenized texts, the routing
+statistics (measured on calibration text) and the 2-bit copies (RTN of the float weights) are made on the CPU box
+(`--gpu-prepare DIR`) and travel in DIR.
+
+    .venv/bin/python eval/bench_store.py --gpu-prepare .store_carry                     # on the CPU box
+    python3 eval/bench_store.py --tier gpu --gpu-data .store_carry --out-dir $OUT          # on the GPU machine
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+import store_time
+
+BUDGETS = (0.25, 0.5, 0.75, 1.0)
+CONFIGS = [  # (name, StoreConfig fields besides the budget and tier, budget shares it runs at (None: all))
+    ("on demand", dict(policy="demand"), (0.5,)),
+    ("LRU", dict(policy="lru"), None),
+    ("LRU, no overlap (every copy waited for, then the compute)", dict(policy="lru", overlap=False), (0.5,)),
+    ("pin + LRU", dict(policy="lru", pin_share=0.5), (0.5,)),
+    ("pin + prefetch (router + refine, precision >= 0.5) (default)", store_time.DEFAULT, (0.25, 0.5, 0.75)),
+    ("+ 2-bit copies, fetch (w < 0.25 x mean: default)", dict(store_time.DEFAULT, **store_time.COPIES,
+                                                              copy_threshold=0.25), (0.5,)),
+    ("+ 2-bit copies, fetch (every miss)", dict(store_time.DEFAULT, **store_time.COPIES, copy_threshold=1000.0),
+     (0.5,)),
+]
+HIT_CONFIGS = [(n, f, s) for n, f, s in CONFIGS if "no overlap" not in n] + [
+    ("pin + prefetch (paths)", dict(policy="lru", pin_share=0.5, prefetch="paths"), (0.5,))]
+
+
+def model_config(layers: int, small: bool = False):
+    """Qwen3-30B-A3B's MoE dims (bench_runtime.build_random_30b_dims) with `layers` layers; small: toy dims (a CPU
+    check of this script)."""
+    from transformers import Qwen3MoeConfig
+
+    h, w, e, k, heads, kv = (2048, 768, 128, 8, 32, 4) if not small else (256, 128, 16, 4, 4, 2)
+    return Qwen3MoeConfig(vocab_size=8192, hidden_size=h, intermediate_size=3 * h, moe_intermediate_size=w,
+                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv, head_dim=128,
+                          num_experts=e, num_experts_per_tok=k, norm_topk_prob=True, decoder_sparse_step=1,
+                          mlp_only_layers=[], max_position_embeddings=4096, tie_word_embeddings=False,
+                          rope_parameters={"rope_type": "default", "rope_theta": 1e6}, dtype="bfloat16")
+
+
+def build_checkpoint(out: Path, layers: int, device: str, small: bool = False) -> Path:
+    """Random init on `device`, RTN 4-bit experts (group 128, min-max ranges) quantized there, exported (dense bf16)."""
+    from transformers import AutoModelForCausalLM
+
+    from moecompress.arch.adapters import describe
+    from moecompress.artifacts.bit_plan import BitPlan
+    from moecompress.export.checkpoint import export_checkpoint
+    from moecompress.quantize.stage import QuantizeOptions, quantize_model
+
+    if (out / "config.json").exists():
+        return out
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(model_config(layers, small), dtype=torch.bfloat16)
+    layout = describe(model)
+    plan = BitPlan.uniform(layout, 4, group_size=128)
+    quantized = quantize_model(model, layout, plan, None, QuantizeOptions(method="rtn", clip="minmax"), progress=False)
+    export_checkpoint(model.to("cpu"), layout, plan, quantized, out, overwrite=True)
+    return out
+
+
+def prepare(directory: Path, args, tools) -> None:
+    """CPU box: what the hit-rate part needs on the GPU machine, into `directory` (a folder that travels)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import bench_edge
+
+    src = tools.SHARED / "models" / "refmoe-qwen3"
+    ckpt = bench_edge.export_4bit(str(src), Path(args.work))
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(ckpt, directory / "refmoe-qwen3-rtn4", dirs_exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(src)
+    calib = tools.docs(tools.SHARED / "data/corpus/calib.jsonl.gz", tok, args.calib_docs, args.length)
+    texts = tools.docs(tools.SHARED / "data/corpus/eval.jsonl.gz", tok, args.docs, args.length)
+    resident = tools.load(ckpt, torch.float32)
+    stats = tools.routing_stats(resident, calib)
+    float_model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    copies = tools.rtn_copies(float_model, resident, 2, 64, False)
+    torch.save({"texts": texts, "stats": (stats.mass, stats.tokens, stats.paths), "copies": copies},
+               directory / "refmoe-qwen3.pt")
+
+
+def _load(ckpt: Path, device: str):
+    import moecompress
+
+    kw = {"device_map": device} if device != "cpu" else {}
+    return moecompress.from_pretrained(ckpt, dtype=torch.bfloat16, verify=False, **kw).eval()
+
+
+def _tier(device: str) -> str:
+    return "pinned" if device != "cpu" else "file"  # cpu: a check of this script without a GPU
+
+
+def _rows(budgets, configs):
+    for share in budgets:
+        for name, fields, shares in configs:
+            if shares is None or share in shares:
+                yield share, name, fields
+
+
+def run_time(args, tools, save) -> dict:
+    """Every budget x CONFIGS on the 30B-dims model, store and resident alternating step by step."""
+    from moecompress.runtime.experts.packed_experts import PackedExperts
+    from moecompress.runtime.store import StoreConfig, attach_store, detach_store
+
+    device, t0 = args.device, time.time()
+    ckpt = build_checkpoint(Path(args.work) / ("gpu-30b-dims-4l-4" + ("-small" if args.gpu_small else "")), 4,
+                            device, args.gpu_small)
+    built = time.time() - t0
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 8192, (1, args.big_tokens + 1), generator=gen).to(device)
+    calib = [torch.randint(0, 8192, (1, 64), generator=gen).to(device)]
+    resident = _load(ckpt, device)
+    stats = tools.routing_stats(resident, calib)
+    t1 = time.time()
+    copies = tools.rtn_copies(None, resident, 2, 128, False)  # of the main copies' dequantized weights
+    copies_s = time.time() - t1
+    model = _load(ckpt, device)
+    modules = [m for m in model.modules() if isinstance(m, PackedExperts)]
+    total = store_time.expert_bytes(ckpt)
+    res = {"model": "random-init Qwen3-30B-A3B MoE dims, 4 layers (time)", "device": _device_name(device),
+           "expert_bytes": total, "tokens": args.big_tokens, "build_s": built, "copies_s": copies_s, "rows": []}
+    warm = attach_store(model, ckpt, StoreConfig(budget=total, tier=_tier(device)), stats=stats, copies={})
+    tier = warm.cache.tier
+    try:  # compile the kernels of both paths (Triton) before the rows
+        store_time.interleaved(resident, model, warm, ids[:, :5], exact=False)
+    finally:
+        detach_store(modules)
+    res["warm_s"] = time.time() - t0 - built - copies_s
+    for share, name, fields in _rows(args.budgets, CONFIGS):
+        budget = int(share * total)
+        config = StoreConfig(budget=budget, tier=_tier(device), **fields)
+        t2 = time.time()
+        try:
+            store = attach_store(model, ckpt, config, stats=stats, copies=copies if "copy_threshold" in fields else {},
+                                 tier=tier)
+            tier = store.cache.tier
+            attach_s = time.time() - t2
+            try:
+                store.reset_counters()
+                r = store_time.interleaved(resident, model, store, ids, exact="copy_threshold" not in fields)
+                r.update({k: v for k, v in store.counters().items() if k not in r})
+            finally:
+                detach_store(modules)
+        except Exception as exc:  # one row's failure must not lose the others (one device call)
+            r = {"error": f"{type(exc).__name__}: {exc}"}
+            attach_s = None
+        res["rows"].append({"config": name, "share": share, "budget": budget, "attach_s": attach_s, **r})
+        print(f"{share:.0%} {name}: " + _fmt_time(res["rows"][-1]), flush=True)
+        save(res)
+    return res
+
+
+def run_hits(args, tools, save) -> dict:
+    """Hit rates (and time per token, Δppl) on refmoe-qwen3 on the GPU tier, from --gpu-data."""
+    from moecompress.format.expert_stats import ExpertStats
+    from moecompress.runtime.experts.packed_experts import PackedExperts
+    from moecompress.runtime.store import StoreConfig, attach_store, detach_store
+
+    device = args.device
+    data = torch.load(Path(args.gpu_data) / "refmoe-qwen3.pt")
+    ckpt = Path(args.gpu_data) / "refmoe-qwen3-rtn4"
+    texts = [t.to(device) for t in data["texts"]]
+    stats = ExpertStats.from_counts(*data["stats"])
+    resident = _load(ckpt, device)
+    base = tools.decode(resident, texts)
+    del resident
+    model = _load(ckpt, device)
+    modules = [m for m in model.modules() if isinstance(m, PackedExperts)]
+    probe = attach_store(model, ckpt, StoreConfig(budget=1 << 50, tier=_tier(device)), stats=stats, copies={})
+    total, tier = sum(probe.cache.layout.nbytes.values()), probe.cache.tier
+    detach_store(modules)
+    res = {"model": "refmoe-qwen3", "device": _device_name(device), "expert_bytes": total, "resident": base,
+           "tokens": base["tokens"], "rows": []}
+    for share, name, fields in _rows([b for b in args.budgets if b < 1], HIT_CONFIGS):
+        budget = int(share * total)
+        try:
+            store = attach_store(model, ckpt, StoreConfig(budget=budget, tier=_tier(device), **fields), stats=stats,
+                                 copies=data["copies"] if "copy_threshold" in fields else {}, tier=tier)
+            try:
+                store.reset_counters()
+                r = tools.decode(model, texts)
+                r.update(store.counters())
+            finally:
+                detach_store(modules)
+            r.update(time_vs_resident=r["time_per_token_s"] / base["time_per_token_s"],
+                     dppl_pct=100 * (r["ppl"] / base["ppl"] - 1))
+        except Exception as exc:
+            r = {"error": f"{type(exc).__name__}: {exc}"}
+        res["rows"].append({"config": name, "share": share, "budget": budget, **r})
+        print(f"refmoe-qwen3 {share:.0%} {name}: " + (r.get("error") or tools.fmt(r)), flush=True)
+        save(res)
+    return res
+
+
+def _device_name(device: str) -> str:
+    return torch.cuda.get_device_name(device) if device != "cpu" else "cpu (a check of the script, not the GPU tier)"
+
+
+def _fmt_time(r: dict) -> str:
+    if "error" in r:
+        return r["error"]
+    st = r["steady"]
+    copy = st.get("copy_s_per_token")
+    return (f"steady {st['ratio']:.2f}x ({1000 * st['store_s']:.2f} vs {1000 * st['resident_s']:.2f} ms/token) hit "
+            f"{st['hit_rate']:.3f} served {st['served_rate']:.3f} stall {1000 * st['stall_s_per_token']:.2f} ms/token "
+            f"copies {'-' if copy is None else f'{1000 * copy:.2f}'} ms/token {st['bytes_per_token'] / 2**20:.1f} "
+            f"MiB/token; cold {r['cold']['ratio']:.2f}x; max |Δlogit| {r['max_logit_diff']:.3g}")
+
+
+def markdown(results: dict, command: str) -> str:
+    mib = 2 ** 20
+    lines = ["# Tiered expert store, GPU tier: pinned CPU memory -> GPU on a side stream (issue 12)", "",
+             f"`{command}`", "", __doc__.split("\n\n")[1].replace("\n", " "), ""]
+    t = results.get("time")
+    if t:
+        full = next((r["steady"]["store_s"] for r in t["rows"] if r["share"] == 1.0 and "steady" in r), None)
+        lines += [f"## {t['model']} -- {t['device']}", "",
+                  f"Expert bytes {t['expert_bytes'] / mib:.0f} MiB; {t['tokens']} tokens per row (cold start: the "
+                  f"first half, steady state: the second). Hidden copy time = 1 - (store ms - store ms at 100 %) / "
+                  "copy ms (1: the copies cost no step time; 0: fully serial).", "",
+                  "| budget | policy | steady: time / token vs resident | store ms | resident ms | hit rate | served "
+                  "| MiB copied / token | copy ms / token (side stream) | stall ms / token | copy time hidden | "
+                  "cold start: vs resident | prefetch accuracy | max abs logit diff vs resident | memory (experts) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in t["rows"]:
+            if "error" in r:
+                lines.append(f"| {100 * r['share']:.0f} % | {r['config']} | error: {r['error'][:150]} |")
+                continue
+            st, acc = r["steady"], r["prefetch_accuracy"]
+            copy = st.get("copy_s_per_token")
+            hidden = "-"
+            if full is not None and copy:
+                hidden = f"{1 - max(0.0, st['store_s'] - full) / copy:.2f}"
+            mem = (r["budget"] + (0 if r["copies_in_budget"] else r["copy_bytes"])) / t["expert_bytes"]
+            lines.append(f"| {100 * r['share']:.0f} % | {r['config']} | {st['ratio']:.2f}x | {1000 * st['store_s']:.2f} "
+                         f"| {1000 * st['resident_s']:.2f} | {st['hit_rate']:.3f} | {st['served_rate']:.3f} | "
+                         f"{st['bytes_per_token'] / mib:.1f} | {'-' if copy is None else f'{1000 * copy:.2f}'} | "
+                         f"{1000 * st['stall_s_per_token']:.2f} | {hidden} | {r['cold']['ratio']:.2f}x | "
+                         f"{'-' if acc is None else f'{acc:.2f}'} | {r['max_logit_diff']:.3g} | {mem:.0%} |")
+        lines.append("")
+    h = results.get("hits")
+    if h:
+        lines += [f"## {h['model']} (hit rates) -- {h['device']}", "",
+                  f"{h['tokens']} eval tokens; fully resident {1000 * h['resident']['time_per_token_s']:.2f} ms per "
+                  f"token, ppl {h['resident']['ppl']:.3f}.", "",
+                  "| budget | policy | hit rate | served | KiB copied / token | prefetch accuracy | stall ms / token | "
+                  "time / token vs resident | Δppl % |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in h["rows"]:
+            if "error" in r:
+                lines.append(f"| {100 * r['share']:.0f} % | {r['config']} | error: {r['error'][:150]} |")
+                continue
+            acc = r["prefetch_accuracy"]
+            lines.append(f"| {100 * r['share']:.0f} % | {r['config']} | {r['hit_rate']:.3f} | {r['served_rate']:.3f} | "
+                         f"{r['bytes_per_token'] / 1024:.1f} | {'-' if acc is None else f'{acc:.2f}'} | "
+                         f"{1000 * r['stall_s_per_token']:.2f} | {r['time_vs_resident']:.2f}x | {r['dppl_pct']:+.2f} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def run(args, tools, command: str) -> None:
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict = {"args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, list, type(None)))}}
+
+    def save(part):
+        results["time" if "random-init" in part["model"] else "hits"] = part
+        (out / f"{args.out}.json").write_text(json.dumps(results, indent=1, default=str))
+        (out / f"{args.out}.md").write_text(markdown(results, command))
+
+    for part in args.gpu_parts:
+        t0 = time.time()
+        try:
+            run_time(args, tools, save) if part == "time" else run_hits(args, tools, save)
+        except Exception as exc:
+            import traceback
+
+            traceback.print_exc()
+            print(f"part {part} failed: {exc}", flush=True)
+        print(f"== part {part}: {time.time() - t0:.0f} s", flush=True)
