@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from moecompress.errors import MoecompressError
-from moecompress.runtime.kernels import cpu_lowbit, heap
+from moecompress.runtime.kernels import cpu_lowbit
 from moecompress.runtime.cpu_step.plan import MAX_BATCH, QK_NORM_ID, StepPlan, UnsupportedModel
 from moecompress.runtime.sampling import check_request, pick_tokens
 
@@ -111,8 +111,6 @@ class CpuDecoder:
         knobs = dict(temperature=torch.tensor([float(temperature)]),
                      top_p=torch.tensor([float(top_p)]) if top_p < 1 else None, generator=generator) if sample else {}
         logits, positions = self.prefill(input_ids, mask)
-        if input_ids.numel() >= heap.TRIM_MIN_TOKENS:  # the prompt's forward and transformers' cache are freed now
-            heap.trim()
         position = positions[:, -1].clone()
         if not sample:
             return self._greedy(input_ids, logits, position, max_new_tokens, eos, pad)
