@@ -216,12 +216,17 @@ def read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 7) -> float:
     return x.numel() * 4 / best
 
 
-def measure_bandwidth(threads: int) -> float:
-    """read_bandwidth in a fresh process (bytes/s)."""
+def measure_bandwidth(threads: int) -> list[float]:
+    """read_bandwidth in fresh processes (bytes/s): on 4 KB pages, and on 2 MB pages (torch's THP_MEM_ALLOC_ENABLE;
+    our decode reads its streamed weights from huge pages, runtime/kernels/huge_pages.py, so the probe may too)."""
     print(f"read bandwidth ({threads} threads) ...", flush=True)
-    out = subprocess.run([sys.executable, __file__, "--bandwidth", "--threads", str(threads)], capture_output=True,
-                         text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    out = []
+    for thp in ("0", "1"):
+        env = {**os.environ, "THP_MEM_ALLOC_ENABLE": thp}
+        text = subprocess.run([sys.executable, __file__, "--bandwidth", "--threads", str(threads)], capture_output=True,
+                              text=True, check=True, env=env).stdout
+        out.append(json.loads(text.strip().splitlines()[-1]))
+    return out
 
 
 # -- orchestration ----------------------------------------------------------------------------------------------------
@@ -231,7 +236,7 @@ def prepare(args) -> tuple[list[tuple], object]:
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     ref = (REPO / args.ref_model).resolve()
-    lib = None if args.no_llama else llama.ensure_built(Path(args.llama_dir))
+    lib = None if args.no_llama else llama.ensure_built(Path(args.llama_dir), jobs=args.jobs)
     configs = []
     for key in args.models:
         bf16_dir = ref if key == "a" else work / "b-bf16"
@@ -242,7 +247,7 @@ def prepare(args) -> tuple[list[tuple], object]:
         head = args.head_bits if key == "b" else "16"  # model (a) ties lm_head to the embeddings
         dirs.update(export_plans(bf16_dir, work, key, quant, GROUP_SIZE[key], args.dense_bits, head))
         ggufs = {} if lib is None else llama.convert(lib, bf16_dir, work / f"{key}-gguf",
-                                                     [t for t in args.gguf if t != "bf16"])
+                                                     [t for t in args.gguf if t != "bf16"], threads=args.jobs)
         ggufs = {t: ggufs[t] for t in ["bf16", *args.gguf] if t in ggufs}
         for p, d in dirs.items():
             configs.append((key, "ours", p, d, bf16_dir))
@@ -258,7 +263,7 @@ def prepare(args) -> tuple[list[tuple], object]:
 
 def run(args, configs, lib, report) -> dict:
     """Measure every configuration `args.rounds` times, interleaved; `report(result)` after each measurement."""
-    readings = [measure_bandwidth(args.threads)]
+    readings = measure_bandwidth(args.threads)
     samples: dict[int, list[dict]] = {i: [] for i in range(len(configs))}
     static = {}
     for i, (key, engine, plan, path, hf_dir) in enumerate(configs):
@@ -272,7 +277,7 @@ def run(args, configs, lib, report) -> dict:
               "match": MATCH}
     for r in range(args.rounds):
         if r:  # the probe swings between runs (14-21 GB/s here): the bound takes the highest reading (strictest)
-            readings.append(measure_bandwidth(args.threads))
+            readings += measure_bandwidth(args.threads)
             result.update(bandwidth=max(readings), bandwidth_readings=readings)
         for i, (key, engine, plan, path, _) in enumerate(configs):
             print(f"round {r + 1}/{args.rounds}: [{key}] {engine} {plan}", flush=True)
@@ -289,7 +294,7 @@ def run(args, configs, lib, report) -> dict:
                 static[i].setdefault("errors", []).append(str(exc)[-1500:])
             result["rows"] = [_row(static[k], samples[k], r + 1) for k in static if samples[k]]
             report(result)
-    readings.append(measure_bandwidth(args.threads))
+    readings += measure_bandwidth(args.threads)
     result.update(bandwidth=max(readings), bandwidth_readings=readings)
     report(result)
     return result
@@ -322,6 +327,8 @@ def parse_args(argv=None):
     ap.add_argument("--decoder", default="step", choices=("step", "transformers"), help=argparse.SUPPRESS)
     ap.add_argument("--prepare-only", action="store_true", help="build, export and convert the models, then stop")
     ap.add_argument("--llama-dir", default=str(llama.DEFAULT_DIR), help="llama.cpp source + build cache")
+    ap.add_argument("--jobs", type=int, default=2, help="threads that build llama.cpp and run llama-quantize (not the "
+                    "timed runs)")
     ap.add_argument("--ref-model", default="../shared/models/refmoe-qwen3", help="model (a), relative to the repo")
     ap.add_argument("--vocab-b", type=int, default=32768)
     ap.add_argument("--threads", type=int, default=2)

@@ -55,7 +55,7 @@ def ensure_built(root: Path, version: str = LLAMA_CPP_PYTHON, jobs: int = 2) -> 
     if all(lib.tool(t).exists() for t in TOOLS):
         return lib
     sdist = root / f"llama_cpp_python-{version}.tar.gz"
-    if not sdist.exists():
+    if not sdist.exists() and not (source / "CMakeLists.txt").exists():  # an unpacked source tree needs no sdist
         _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
               f"llama-cpp-python=={version}", "-d", root], log)
     if not (source / "CMakeLists.txt").exists():
@@ -89,8 +89,10 @@ runpy.run_path(script, run_name="__main__")
 """
 
 
-def convert(lib: LlamaCpp, hf_dir: Path, out_dir: Path, types=GGUF_TYPES, log: Path | None = None) -> dict[str, Path]:
-    """HF checkpoint -> bf16 GGUF (llama.cpp's own convert_hf_to_gguf.py and gguf-py) -> llama-quantize per type."""
+def convert(lib: LlamaCpp, hf_dir: Path, out_dir: Path, types=GGUF_TYPES, log: Path | None = None,
+            threads: int = 2) -> dict[str, Path]:
+    """HF checkpoint -> bf16 GGUF (llama.cpp's own convert_hf_to_gguf.py and gguf-py) -> llama-quantize per type
+    (`threads` threads)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     log = log or out_dir / "convert.log"
     files = {"bf16": out_dir / "model-bf16.gguf"}
@@ -103,7 +105,7 @@ def convert(lib: LlamaCpp, hf_dir: Path, out_dir: Path, types=GGUF_TYPES, log: P
     for t in types:
         files[t] = out_dir / f"model-{t}.gguf"
         if not files[t].exists():
-            _run([lib.tool("llama-quantize"), files["bf16"], files[t].with_suffix(".part"), t, "2"], log)
+            _run([lib.tool("llama-quantize"), files["bf16"], files[t].with_suffix(".part"), t, threads], log)
             files[t].with_suffix(".part").rename(files[t])
     return files
 

@@ -115,8 +115,8 @@ def write_report(result: dict, out: Path) -> str:
     s = result["shapes"]
     lines = ["# CPU benchmark: moecompress vs llama.cpp", "",
              f"CPU: {cpu['model_name']} ({cpu['cpus']} CPUs), flags: {', '.join(cpu['flags'])}; "
-             f"{result['threads']} threads. Measured read bandwidth (float32 sum of 1 GiB, best of 7, before "
-             f"each round and at the end; the bound uses the highest reading): {bw / 1e9:.1f} GB/s (readings "
+             f"{result['threads']} threads. Measured read bandwidth (float32 sum of 1 GiB, best of 7, on 4 KB and on "
+             f"2 MB pages, before each round and at the end; the bound uses the highest reading): {bw / 1e9:.1f} GB/s (readings "
              f"{', '.join(f'{x / 1e9:.1f}' for x in result.get('bandwidth_readings', [bw]))}).",
              f"Command: `{result['command']}` (wall {result['wall_s'] / 60:.1f} min, load average "
              f"{result['load'][0]:.1f} before, {result['load'][1]:.1f} after).",

@@ -329,15 +329,19 @@ def variant_rows(args) -> list[dict]:
 # packed_kernel 1450 / 1249 / 7546 / 6257, 128 w8 s4 1259 / 990 / 6026 / 4389. gpu2 helper: dequantization into
 # 1.0's mantissa (launch.HOPPER_MANTISSA) against the magic-number form (the first setting: the check's reference,
 # equal bit for bit; measured so): 1192 / 971 / 5545 / 4301 -> 1098 / 881 / 4765 / 3660 (gpu_hopper_mantissa.md);
-# ("packed_kernel": (None, 0, True) times packed_kernel)
-HOPPER_SETTINGS = {"hopper 128 w8 s4 magic": (launch.Config(128, 128, 8, 4), 128, False),  # (config, max rows,
-                   "hopper 128 w8 s4": (launch.Config(128, 128, 8, 4), 128, True)}  # launch.HOPPER_MANTISSA)
+# ("packed_kernel": (None, 0, True, False) times packed_kernel; "magic": MANTISSA False). Session 24, call 1: each
+# tile's wgmma in two halves (a "split" setting, since removed: launch.py's note) 1110 / 882 / 4810 / 3680 -> 1120 /
+# 909 / 5080 / 4040 (eval/results/gpu_hopper_split.md); call 2: split K of the down projection
+# (launch.HOPPER_SPLIT_K) against none (the first setting: the check's reference), eval/results/gpu.md
+HOPPER_SETTINGS = {"hopper 128 w8 s4": (launch.Config(128, 128, 8, 4), 128, True, False),  # (config, max rows,
+                   "hopper 128 w8 s4 split-k": (launch.Config(128, 128, 8, 4), 128, True, True)}  # MANTISSA, SPLIT_K)
 
 
 def hopper_settings() -> dict:
     return {label: dict(HOPPER_PREFILL=False) if config is None else
-            dict(HOPPER_PREFILL=True, HOPPER=config, HOPPER_MAX_ROWS=rows, HOPPER_MANTISSA=mantissa)
-            for label, (config, rows, mantissa) in HOPPER_SETTINGS.items()}
+            dict(HOPPER_PREFILL=True, HOPPER=config, HOPPER_MAX_ROWS=rows, HOPPER_MANTISSA=mantissa,
+                 HOPPER_SPLIT_K=split_k)
+            for label, (config, rows, mantissa, split_k) in HOPPER_SETTINGS.items()}
 
 
 PREFILL_CASES = [(model, mix, 2048) for model in SHAPES for mix in MIXES]

@@ -65,8 +65,9 @@ def experts_modules(model) -> list[PackedExperts]:
     return [m for m in model.modules() if isinstance(m, PackedExperts)]
 
 
-def routing_stats(model, texts: list[torch.Tensor]) -> ExpertStats:
-    """mass, tokens and layer-to-layer paths of the model's routing on `texts` (calibration text)."""
+def routing_stats(model, texts: list[torch.Tensor], stepwise: bool = False) -> ExpertStats:
+    """mass, tokens and layer-to-layer paths of the model's routing on `texts` (calibration text); stepwise: one token
+    at a time with a KV cache (the same routing, no prefill kernels)."""
     mods = experts_modules(model)
     E = mods[0].num_experts
     L = len(mods)
@@ -76,7 +77,15 @@ def routing_stats(model, texts: list[torch.Tensor]) -> ExpertStats:
     with torch.no_grad():
         for ids in texts:
             seen.clear()
-            model(ids)
+            if stepwise:
+                past = None
+                for t in range(ids.shape[1]):
+                    past = model(ids[:, t:t + 1], past_key_values=past, use_cache=True).past_key_values
+                steps = [seen[i:i + L] for i in range(0, len(seen), L)]  # per step: every layer's call
+                seen[:] = [(torch.cat([s[layer][0] for s in steps]), torch.cat([s[layer][1] for s in steps]))
+                           for layer in range(L)]
+            else:
+                model(ids)
             onehot = []
             for layer, (idx, w) in enumerate(seen):
                 a = torch.zeros(idx.shape[0], E).scatter_(1, idx, 1.0)

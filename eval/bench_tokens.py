@@ -19,13 +19,19 @@ measured here + hops x latency + bytes / rate), next to the pipeline model on th
 placement over all servers, decoded through the runtime the same way). `--home-replicas N` places with shard's
 home replicas (shard/home.py): equal memory by default, `--home-memory fit` grows the home to what they need;
 `--home-bits B` stores those N experts per layer at B bits (GPTQ by default; shard/home.home_bit_plan) so that more
-of them fit the home at equal memory. Every row is also compared with shard's default expert placement at uniform
+of them fit the home at equal memory. `--copies-bits B` gives the home low-bit copies of remote experts **in addition**
+to its share (every expert quantized at B bits with the pipeline's quantizer, the remote ones with the most calibration
+routing mass per byte within `--copies-budget` x a server's expert bytes: shard.home.choose_home_copies; attached with
+runtime/edge/tokens.attach_home_copies) for the curve `copies` (`localize:copies=true`: a token whose remote experts
+all have copies computes them on the home, no round trip); `--per-layer-copies` also picks per-layer copy thresholds
+on calibration text. Every row is also compared with shard's default expert placement at uniform
 `--bits` (its lossless run: Δppl 'vs default', round trips 'vs default placement').
 
     nice .venv/bin/python eval/bench_tokens.py                       # refmoe-qwen3 -> eval/results/tokens.*
     nice .venv/bin/python eval/bench_tokens.py --home-replicas 4 --name tokens_home4
     nice .venv/bin/python eval/bench_tokens.py --model ../shared/models/refmoe-olmoe --name tokens_olmoe
     nice .venv/bin/python eval/bench_tokens.py --home-replicas 8 --home-bits 4 --name tokens_home8b4
+    nice .venv/bin/python eval/bench_tokens.py --curves copies --copies-bits 4 --pick-on-calib 1.0 --name tokens_copies4
 """
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ import gzip
 import json
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -63,7 +70,8 @@ from moecompress.execution.timing import profile_compute  # noqa: E402
 from moecompress.execution.replay import decode_calls, replay  # noqa: E402
 
 
-def configs(quick: bool, curves: str = "", localize: str = "") -> list[tuple[str, str, str | None]]:
+def configs(quick: bool, curves: str = "", localize: str = "", copy_thresholds: str = "",
+            copies: bool = False, copies_localize: str = "0.0001") -> list[tuple[str, str, str | None]]:
     """(curve, label, spec): baselines, then each policy on top of send once + int8 payloads, then combinations;
     `curves`: comma-separated curve names to keep (the baselines are always kept), "" for all."""
     rows = [("baseline", "naive per-(token, expert) bf16", "per_pair+bf16"),
@@ -79,8 +87,15 @@ def configs(quick: bool, curves: str = "", localize: str = "") -> list[tuple[str
         "prune_server": ("prune_server:threshold={},relative=true", (0.1, 0.2, 0.3, 0.5)),
         "skip_weakest": ("skip_weakest:threshold={}", (0.1, 0.2, 0.3, 0.5)),
         "fuse": ("fuse:threshold={}", (0.98, 0.95, 0.9, 0.8)),
+        "copies": ("localize:threshold={},copies=true", tuple(float(v) for v in copies_localize.split(","))),
     }
     for curve, (fmt, values) in grids.items():
+        if curve == "copies":
+            for t in values:
+                for c in (tuple(float(v) for v in copy_thresholds.split(",")) if copy_thresholds else
+                          (0.2, 0.3, 0.4, 0.5, 0.7, 2.0)):
+                    rows.append(("copies", f"copies {t:g} / {c:g}", f"int8+{fmt.format(t)},copy_threshold={c}"))
+            continue
         for v in values[::2] if quick else values:
             rows.append((curve, f"{curve} {v}", f"int8+{fmt.format(v)}"))
     protect = "protect:first=4"
@@ -90,6 +105,8 @@ def configs(quick: bool, curves: str = "", localize: str = "") -> list[tuple[str
               f"int8+{protect}+localize:threshold=0.7",
               f"int8+{protect}+localize:threshold=0.3+prune_layer:threshold=0.1+fuse:threshold=0.9"]
     rows += [("combined", f"combo {i + 1}", spec) for i, spec in enumerate(combos[:2] if quick else combos)]
+    if not copies:  # the copies curve needs --copies-bits
+        rows = [r for r in rows if r[0] != "copies"]
     keep = set(filter(None, curves.split(",")))  # with --curves only the three baselines the ratios need
     return [r for r in rows if not keep or r[0] in keep or r[2] in ("per_pair+bf16", "native", "int8")]
 
@@ -143,6 +160,31 @@ def export_home_bits(model_path: str, tokenizer, args) -> tuple[Path, list[list[
     return out, hot
 
 
+def export_copies(model_path: str, tokenizer, bits: int, quant: str, args) -> Path:
+    """Every expert at `bits` (`quant`: the pipeline's quantizer, GPTQ by default, with Hessians from `--calib-samples`
+    of the calibration text), exported once into `--work`: where the home's low-bit copies are read from
+    (runtime/edge/tokens.attach_home_copies keeps only the chosen experts)."""
+    from transformers import AutoModelForCausalLM
+
+    from moecompress.artifacts.bit_plan import BitPlan
+    from moecompress.export.checkpoint import export_checkpoint
+    from moecompress.quantize.stage import QuantizeOptions, quantize_model
+
+    out = Path(args.work) / f"{Path(model_path).name}-copies{bits}{quant}"
+    if (out / "config.json").exists():
+        return out
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16)
+    layout = describe(model)
+    cstats = None
+    if quant == "gptq":
+        cstats = calibrate(model, tokenizer, args.calib, CalibrationOptions(samples=args.calib_samples,
+                                                                            seq_len=args.seq_len, progress=False))
+    plan = BitPlan.uniform(layout, bits, group_size=64)
+    quantized = quantize_model(model, layout, plan, cstats, QuantizeOptions(method=quant), progress=False)
+    export_checkpoint(model, layout, plan, quantized, out, overwrite=True)
+    return out
+
+
 def bundles(checkpoint: Path, tokenizer, args, home_checkpoint: Path | None = None, hot=None):
     """(expert-model bundles, pipeline bundles, share of experts on the home, expert placement, pipeline placement,
     extra bytes the home got beyond the equal share, shard's default expert placement, its bundles) of shard's
@@ -177,6 +219,45 @@ def bundles(checkpoint: Path, tokenizer, args, home_checkpoint: Path | None = No
     print(f"expert placement {expert.method}: home memory {spec.memory_bytes[0]} bytes (+{extra} beyond the equal "
           f"{memory}), home holds {local:.0%} of the experts", flush=True)
     return out_e, out_p, local, expert, pipeline, extra, default, out_d
+
+
+def home_copies(args, tokenizer, placement) -> dict:
+    """The home's low-bit copies: every expert at --copies-bits (export_copies), the remote experts with the most
+    calibration routing mass per copy byte (shard.home.choose_home_copies) within --copies-budget x the mean
+    server's expert bytes; {checkpoint, experts [L][ids], bytes, server_expert_bytes, home_expert_bytes}."""
+    from moecompress.shard.home import choose_home_copies
+
+    checkpoint = export_copies(args.model, tokenizer, args.copies_bits, args.copies_quant, args)
+    mass = calibrate(args.model, tokenizer, args.calib, CalibrationOptions(
+        samples=args.calib_samples, seq_len=args.seq_len, hessians=False, progress=False)).mass.numpy()
+    copy_bytes = checkpoint_layer_sizes(checkpoint).expert_bytes
+    per_server = np.zeros(len(placement.memory_bytes))
+    for layer, row in enumerate(placement.assignment):
+        for e, servers in enumerate(row):
+            for n in servers:
+                per_server[n] += placement.expert_bytes[layer][e]
+    budget = int(args.copies_budget * per_server.mean())
+    experts = choose_home_copies(placement, mass, copy_bytes, budget)
+    nbytes = int(sum(copy_bytes[layer, e] for layer, ids in enumerate(experts) for e in ids))
+    remote = sum(int(placement.home) not in s for row in placement.assignment for s in row)
+    print(f"home copies at {args.copies_bits} bits ({args.copies_quant}): {sum(map(len, experts))} of the {remote} "
+          f"remote experts, {nbytes} bytes = {nbytes / per_server.mean():.1%} of a server's expert bytes (mean "
+          f"{per_server.mean():.0f}), home's own experts {per_server[placement.home]:.0f}", flush=True)
+    return {"checkpoint": str(checkpoint), "experts": experts, "bytes": nbytes, "copied": sum(map(len, experts)),
+            "remote_experts": remote, "server_expert_bytes": float(per_server.mean()),
+            "home_expert_bytes": float(per_server[placement.home])}
+
+
+@contextmanager
+def deploy_expert(out_e, args):
+    """The expert-model deployment (simulation), with the home's low-bit copies attached when --copies-bits."""
+    with deploy(out_e, simulate=True, verify=False) as d:
+        if args.copies:
+            from moecompress.runtime.edge.tokens import attach_home_copies
+
+            held = attach_home_copies(d, args.copies["checkpoint"], args.copies["experts"])
+            assert held == args.copies["bytes"], (held, args.copies["bytes"])  # the counted bytes are what it holds
+        yield d
 
 
 @torch.no_grad()
@@ -246,7 +327,7 @@ def evaluate(d, data, ref_logp, batch: int) -> dict:
            "bytes_per_token": float(c.bytes.sum()) / c.tokens, "bytes_by_precision": t["bytes_by_precision"],
            "round_trips_per_token": tok["remote_tokens"] / c.tokens,
            "batch1_bytes_per_token": batch1_bytes(d, c.token_policy, tok["token_rows"]) / c.tokens}
-    out.update({k: tok[k] / c.tokens for k in ("pruned_pairs", "substituted_pairs", "fused_rows")})
+    out.update({k: tok[k] / c.tokens for k in ("pruned_pairs", "substituted_pairs", "fused_rows", "copy_pairs")})
     return out
 
 
@@ -286,6 +367,20 @@ def main() -> None:
                     "home's memory (shard/home.home_bit_plan)")
     ap.add_argument("--home-quant", default="gptq", choices=("gptq", "rtn"), help="quantizer of the --home-bits "
                     "experts")
+    ap.add_argument("--copies-bits", type=int, default=0, help="low-bit home copies of remote experts (2/3/4; 0: "
+                    "none): every expert quantized at these bits (--copies-quant), the remote ones with the most "
+                    "calibration routing mass per byte copied to the home within --copies-budget, used by the "
+                    "curve `copies` (localize:copies=true)")
+    ap.add_argument("--copies-quant", default="gptq", choices=("gptq", "rtn"))
+    ap.add_argument("--per-layer-copies", action="store_true", help="with --pick-on-calib and --copies-bits: also "
+                    "pick per-MoE-layer copy thresholds on the calibration text (curve copies_layers): layers made "
+                    "fully local on the copies, greedily by round trips saved per Δppl point")
+    ap.add_argument("--copies-budget", type=float, default=1.0, help="bytes of the home copies, as a fraction of "
+                    "the mean server's expert bytes in the expert placement")
+    ap.add_argument("--copy-thresholds", default="", help="comma-separated copy_threshold values of the copies "
+                    "curve (default 0.2,0.3,0.4,0.5,0.7,2)")
+    ap.add_argument("--copies-localize", default="0.0001", help="comma-separated localize thresholds (weight of "
+                    "the remote pairs without a copy) of the copies curve")
     ap.add_argument("--localize", default="", help="comma-separated localize thresholds (default: the built-in grid)")
     ap.add_argument("--curves", default="", help="comma-separated curves to run (then of the baselines only naive, "
                     "lossless and int8): localize_gap, localize, prune_layer, substitute, prune_server, "
@@ -321,7 +416,9 @@ def main() -> None:
     print(f"compute profile (batch 1, context {args.decode_context}): "
           f"{1e3 * (profile.head_seconds + sum(profile.layer_seconds)):.2f} ms per decode step, experts "
           f"{1e3 * sum(profile.moe_seconds):.2f} ms ({profile.source})", flush=True)
-    rows = configs(args.quick, args.curves, args.localize)
+    rows = configs(args.quick, args.curves, args.localize, args.copy_thresholds, bool(args.copies_bits),
+                   args.copies_localize)
+    args.copies = home_copies(args, tokenizer, placement_e) if args.copies_bits else None
     sim = similarity(model, tokenizer, layout, args) if any("substitute" in r[2] for r in rows) else None
     data = load_eval_data(args.eval, tokenizer, args.samples, args.seq_len, calibration=args.calib)
     with torch.no_grad():
@@ -357,7 +454,7 @@ def main() -> None:
     if args.pick_on_calib is not None:
         rows = pick_on_calibration(rows, out_e, out_d, pick_data, pick_ref, args)
     results = []
-    with deploy(out_e, simulate=True, verify=False) as d:
+    with deploy_expert(out_e, args) as d:
         for curve, label, spec in rows:
             t1 = time.time()
             d.set_tokens(spec, similarity=sim if spec and "substitute" in spec else None)
@@ -381,7 +478,7 @@ def pick_on_calibration(rows, out_e, out_d, data, ref_logp, args) -> list:
         d.set_tokens("native")
         base = evaluate(d, data, ref_logp, args.batch)
     measured = {}
-    with deploy(out_e, simulate=True, verify=False) as d:
+    with deploy_expert(out_e, args) as d:
         for curve, label, spec in rows:
             d.set_tokens(spec)
             measured[label] = evaluate(d, data, ref_logp, args.batch)
@@ -402,7 +499,77 @@ def pick_on_calibration(rows, out_e, out_d, data, ref_logp, args) -> list:
         print(f"calibration pick for {curve}: {kept[-1][1] if ok else 'none within the limit'}", flush=True)
     if args.per_layer:
         kept += per_layer_pick(rows, measured, lossless, base, out_e, data, ref_logp, args)
+    if args.per_layer_copies:
+        kept += per_layer_copies_pick(rows, measured, lossless, base, out_e, data, ref_logp, args)
     return kept
+
+
+def per_layer_copies_pick(rows, measured, lossless, base, out_e, data, ref_logp, args) -> list:
+    """Per-MoE-layer copy thresholds, decided on the calibration text: from the copies curve's uniform pick C (the
+    fewest round trips within --pick-on-calib), each layer alone is made fully local on the copies (its copy
+    threshold raised to the grid's largest value, the others at C) and measured; the raises are taken greedily, most
+    round trips saved per Δppl point first, while the summed Δppl increments fit the limit; the combination is
+    measured and the last raise undone while it is over. Returns the picked row (curve `copies_layers`) or none."""
+    def dppl(m):
+        return 100 * max(m["ppl"] / lossless["ppl"] - 1, m["ppl"] / base["ppl"] - 1)
+
+    knob = lambda spec, name: float(spec.split(f"{name}=")[1].split(",")[0])  # noqa: E731
+    curve = [(measured[label], spec) for c, label, spec in rows if c == "copies"]
+    ok = [(m["round_trips_per_token"], knob(spec, "copy_threshold"), spec) for m, spec in curve
+          if dppl(m) <= args.pick_on_calib]
+    if not ok:
+        print("calibration pick for copies_layers: no uniform copy threshold within the limit", flush=True)
+        return []
+    _, pick, pick_spec = min(ok)
+    full = max(knob(spec, "copy_threshold") for _, spec in curve)
+    if pick == full:
+        print("calibration pick for copies_layers: the uniform pick makes every layer local already", flush=True)
+        return []
+    t = knob(pick_spec, "threshold")
+    spec_of = lambda cs: (f"int8+localize:threshold={t:g},copies=true,copy_thresholds="  # noqa: E731
+                          + "/".join(f"{c:g}" for c in cs))
+    # starts: the uniform pick and the two grid values below it (room in the budget for whole layers)
+    starts = sorted({knob(spec, "copy_threshold") for _, spec in curve if knob(spec, "copy_threshold") <= pick})[-3:]
+    num_layers = len(json.loads((Path(out_e) / "placement.json").read_text())["assignment"])
+    found = []  # (round trips, Δppl, thresholds)
+    with deploy_expert(out_e, args) as d:
+        def run(cs):
+            d.set_tokens(spec_of(cs))
+            m = evaluate(d, data, ref_logp, args.batch)
+            print(f"calibration text: copy thresholds {'/'.join(f'{c:g}' for c in cs):<30} ppl {m['ppl']:.3f} "
+                  f"(Δppl {dppl(m):+.2f} %) rt/tok {m['round_trips_per_token']:.2f}", flush=True)
+            return m
+        for start in starts:
+            at_start = next(m for m, spec in curve if knob(spec, "copy_threshold") == start)
+            steps = []
+            for layer in range(num_layers):
+                cs = [start] * num_layers
+                cs[layer] = full
+                m = run(cs)
+                saved = at_start["round_trips_per_token"] - m["round_trips_per_token"]
+                cost = max(dppl(m) - dppl(at_start), 0.0)
+                if saved > 0:
+                    steps.append((saved / max(cost, 1e-3), layer, cost))
+            now, taken, budget = [start] * num_layers, [], args.pick_on_calib - dppl(at_start)
+            for _, layer, cost in sorted(steps, reverse=True):
+                if cost <= budget:
+                    budget -= cost
+                    taken.append(layer)
+                    now[layer] = full
+            while taken:
+                m = run(now)
+                if dppl(m) <= args.pick_on_calib:
+                    found.append((m["round_trips_per_token"], dppl(m), list(now)))
+                    break
+                now[taken.pop()] = start
+    if not found:
+        print("calibration pick for copies_layers: none within the limit", flush=True)
+        return []
+    rt, dp, now = min(found)
+    label = (f"copies per layer {'/'.join(f'{c:g}' for c in now)} (picked on calib: Δppl {dp:+.2f} %, rt/tok "
+             f"{rt:.2f})")
+    print(f"calibration pick for copies_layers: {label}", flush=True)
+    return [("copies_layers", label, spec_of(now))]
 
 
 def per_layer_pick(rows, measured, lossless, base, out_e, data, ref_logp, args) -> list:
@@ -424,7 +591,7 @@ def per_layer_pick(rows, measured, lossless, base, out_e, data, ref_logp, args) 
     start = max([g for g in grid if g < pick], default=0.0)  # one grid step below it: room to raise some layers
     spec_of = lambda ts: "int8+localize:thresholds=" + "/".join(f"{t:g}" for t in ts)  # noqa: E731
     num_layers = len(json.loads((Path(out_e) / "placement.json").read_text())["assignment"])
-    with deploy(out_e, simulate=True, verify=False) as d:
+    with deploy_expert(out_e, args) as d:
         def run(ts):
             d.set_tokens(spec_of(ts))
             m = evaluate(d, data, ref_logp, args.batch)
@@ -509,9 +676,17 @@ def write(results, pipe, full_ppl, args, local, extra, profile, replayed, second
              "'compute ms' and the totals. Pipeline model (shard's all-servers pipeline, decoded the same way): "
              f"{pipe['decode_round_trips']:.2f} round trips/token, compute {pipe['compute_ms']:.2f} ms, total "
              f"{pipe['ms_lan']:.2f} ms lan, {pipe['ms_wan']:.2f} ms wan.", "",
+             *([f"Home copies (curve `copies`, `localize:copies=true`): {args.copies['copied']} of the "
+                f"{args.copies['remote_experts']} remote experts at {args.copies_bits} bits ({args.copies_quant}), "
+                "chosen by calibration routing mass per byte, held by the home **in addition** to its share: "
+                f"{args.copies['bytes']} bytes = {args.copies['bytes'] / args.copies['server_expert_bytes']:.1%} of "
+                f"a server's expert bytes (mean {args.copies['server_expert_bytes']:.0f}; the home's own experts "
+                f"{args.copies['home_expert_bytes']:.0f}). Row label `copies T / C`: localize threshold T (weight of "
+                "remote pairs without a copy), copy_threshold C (weight computed with copies).", ""]
+               if getattr(args, "copies", None) else []),
              "| policy | Δppl % | vs default % | vs full % | KL | bytes/token | vs naive | batch-1 bytes/token | "
              "round trips/token | vs lossless | vs default placement | decode rt/token | decode vs default | "
-             "compute ms | lan ms/token | wan ms/token | pruned / substituted / fused per token |",
+             "compute ms | lan ms/token | wan ms/token | pruned / substituted / fused / copy pairs per token |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['label']} | {r['dppl']:+.2f} | {r['dppl_default']:+.2f} | {r['dppl_full']:+.2f} | "
@@ -521,7 +696,8 @@ def write(results, pipe, full_ppl, args, local, extra, profile, replayed, second
                      f"{r['round_trips_vs_default']:.1%} | {r['decode_round_trips']:.2f} | "
                      f"{r['decode_round_trips_vs_default']:.1%} | {r['compute_ms']:.2f} | {r['ms_lan']:.2f} | "
                      f"{r['ms_wan']:.2f} | "
-                     f"{r['pruned_pairs']:.2f} / {r['substituted_pairs']:.2f} / {r['fused_rows']:.2f} |")
+                     f"{r['pruned_pairs']:.2f} / {r['substituted_pairs']:.2f} / {r['fused_rows']:.2f} / "
+                     f"{r.get('copy_pairs', 0):.2f} |")
     lines += ["", "Specs (`--tokens` syntax):", ""] + [f"- {r['label']}: `{r['spec']}`" for r in results]
     beats = {n: min(r[f"ms_{n}"] for r in ok) for n in ("lan", "wan")}
     lines += ["", "Goals at Δppl <= 1 % (against this placement's and the default placement's lossless run): "
@@ -542,6 +718,7 @@ def write(results, pipe, full_ppl, args, local, extra, profile, replayed, second
     (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     (out / f"{args.name}.json").write_text(json.dumps({"full_ppl": full_ppl, "pipeline": pipe, "args": vars(args),
                                                        "home_extra_bytes": extra, "replayed_round_trips": replayed,
+                                                       "home_copies": args.copies,
                                                        "default_lossless": base,
                                                        "compute_profile": profile.to_json(),
                                                        "results": results}, indent=1))

@@ -1,15 +1,16 @@
-"""The expert store's GPU tier (bench_store.py --tier gpu): experts in pinned CPU memory, copied to the GPU on a side
-CUDA stream when used (StoreConfig(tier="pinned"); runtime/store/tiers.PinnedTier), on a lent GPU.
+"""The expert store's GPU tier (bench_store.py --tier gpu): experts in pinned CPU memory, the fast tier a slot table
+of preallocated device pools (StoreConfig(tier="pinned", gpu_slots=True); runtime/store/slots.py), on a lent GPU.
 
 Time: a random-init Qwen3-MoE with Qwen3-30B-A3B's MoE dims (hidden 2048, 128 experts of width 768, top-8), 4 decoder
 layers, RTN 4-bit experts (group 128, min-max), bf16 -- store_time.py's model, built on the GPU machine by this script
 (initialised and quantized on the GPU; its 1.2 GiB checkpoint cannot travel there). One process holds the fully
-resident model (every expert on the GPU, the CUDA kernels' layer path: runtime/cuda) and the store's model (the
-store's per-expert path over its GPU slots) and decodes random tokens with both, alternating step by step, each step
-timed between two torch.cuda.synchronize() (store_time.interleaved). Budgets 25/50/75/100 % of the experts' bytes;
-the 100 % row (every expert fits, nothing copied after the first use) separates the store's compute path from its
-copies. Overlap: the side stream's copy time (CUDA events around each expert's copies, `tier_busy_s`) against the
-time the steps took beyond the 100 % row; and an A/B row that waits for every copy before computing (overlap=False).
+resident model (every expert on the GPU, the CUDA pair path: runtime/cuda) and the store's model (the same kernels
+over the slot pools, the non-resident experts read by the kernels from the pinned host copy, no host sync:
+runtime/store/gpu_layer.py) and decodes random tokens with both, alternating step by step, each step timed between two
+torch.cuda.synchronize() (store_time.interleaved). Budgets 25/50/75/100 % of the experts' bytes. Stall = the compute
+stream's time in the host-copy launches (CUDA events): what the misses cost; copy ms = the side stream's time copying
+missed and prefetched experts into slots (hidden behind the compute). The session-23 per-expert path (gpu_slots=False:
+one expert at a time, a host sync per layer) as an A/B row at 50 %.
 
 Hit rates: refmoe-qwen3 (RTN 4-bit, group 64: bench_edge.export_4bit's checkpoint), bf16 on the GPU, decoding eval
 text one token at a time with a KV cache (teacher forcing). Its checkpoint, the tokenized texts, the routing
@@ -32,17 +33,13 @@ import store_time
 
 BUDGETS = (0.25, 0.5, 0.75, 1.0)
 CONFIGS = [  # (name, StoreConfig fields besides the budget and tier, budget shares it runs at (None: all))
-    ("on demand", dict(policy="demand"), (0.5,)),
+    ("on demand (every use from the pinned host copy)", dict(policy="demand"), (0.5,)),
     ("LRU", dict(policy="lru"), None),
-    ("LRU, no overlap (every copy waited for, then the compute)", dict(policy="lru", overlap=False), (0.5,)),
-    ("pin + LRU", dict(policy="lru", pin_share=0.5), (0.5,)),
-    ("pin + prefetch (router + refine, precision >= 0.5) (default)", store_time.DEFAULT, (0.25, 0.5, 0.75)),
-    ("+ 2-bit copies, fetch (w < 0.25 x mean: default)", dict(store_time.DEFAULT, **store_time.COPIES,
-                                                              copy_threshold=0.25), (0.5,)),
-    ("+ 2-bit copies, fetch (every miss)", dict(store_time.DEFAULT, **store_time.COPIES, copy_threshold=1000.0),
-     (0.5,)),
+    ("pin + LRU", dict(policy="lru", pin_share=0.5), None),
+    ("pin + prefetch (router + refine, precision >= 0.5) (default)", store_time.DEFAULT, None),
+    ("LRU, per-expert path (session 23: no slot table)", dict(policy="lru", gpu_slots=False), (0.5,)),
 ]
-HIT_CONFIGS = [(n, f, s) for n, f, s in CONFIGS if "no overlap" not in n] + [
+HIT_CONFIGS = [(n, f, s) for n, f, s in CONFIGS if "per-expert" not in n] + [
     ("pin + prefetch (paths)", dict(policy="lru", pin_share=0.5, prefetch="paths"), (0.5,))]
 
 
@@ -94,7 +91,7 @@ def prepare(directory: Path, args, tools) -> None:
     calib = tools.docs(tools.SHARED / "data/corpus/calib.jsonl.gz", tok, args.calib_docs, args.length)
     texts = tools.docs(tools.SHARED / "data/corpus/eval.jsonl.gz", tok, args.docs, args.length)
     resident = tools.load(ckpt, torch.float32)
-    stats = tools.routing_stats(resident, calib)
+    stats = tools.routing_stats(resident, calib, stepwise=True)  # decode kernels only (no prefill path)
     float_model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     copies = tools.rtn_copies(float_model, resident, 2, 64, False)
     torch.save({"texts": texts, "stats": (stats.mass, stats.tokens, stats.paths), "copies": copies},
@@ -132,16 +129,19 @@ def run_time(args, tools, save) -> dict:
     ids = torch.randint(0, 8192, (1, args.big_tokens + 1), generator=gen).to(device)
     calib = [torch.randint(0, 8192, (1, 64), generator=gen).to(device)]
     resident = _load(ckpt, device)
-    stats = tools.routing_stats(resident, calib)
+    stats = tools.routing_stats(resident, calib, stepwise=True)  # decode kernels only (no prefill path)
     t1 = time.time()
-    copies = tools.rtn_copies(None, resident, 2, 128, False)  # of the main copies' dequantized weights
+    copies = None  # of the main copies' dequantized weights, for rows with copies only
+    if any("copy_threshold" in f for _, f, _ in CONFIGS):
+        copies = tools.rtn_copies(None, resident, 2, 128, False)
     copies_s = time.time() - t1
     model = _load(ckpt, device)
     modules = [m for m in model.modules() if isinstance(m, PackedExperts)]
     total = store_time.expert_bytes(ckpt)
     res = {"model": "random-init Qwen3-30B-A3B MoE dims, 4 layers (time)", "device": _device_name(device),
            "expert_bytes": total, "tokens": args.big_tokens, "build_s": built, "copies_s": copies_s, "rows": []}
-    warm = attach_store(model, ckpt, StoreConfig(budget=total, tier=_tier(device)), stats=stats, copies={})
+    warm = attach_store(model, ckpt, StoreConfig(budget=total, tier=_tier(device), gpu_slots=True), stats=stats,
+                        copies={})
     tier = warm.cache.tier
     try:  # compile the kernels of both paths (Triton) before the rows
         store_time.interleaved(resident, model, warm, ids[:, :5], exact=False)
@@ -150,12 +150,13 @@ def run_time(args, tools, save) -> dict:
     res["warm_s"] = time.time() - t0 - built - copies_s
     for share, name, fields in _rows(args.budgets, CONFIGS):
         budget = int(share * total)
-        config = StoreConfig(budget=budget, tier=_tier(device), **fields)
+        config = StoreConfig(budget=budget, tier=_tier(device), **{"gpu_slots": True, **fields})
         t2 = time.time()
         try:
+            own_tier = fields.get("gpu_slots", True) is False  # the session-23 path: its own PinnedTier
             store = attach_store(model, ckpt, config, stats=stats, copies=copies if "copy_threshold" in fields else {},
-                                 tier=tier)
-            tier = store.cache.tier
+                                 tier=None if own_tier else tier)
+            tier = tier if own_tier else store.cache.tier
             attach_s = time.time() - t2
             try:
                 store.reset_counters()
@@ -188,7 +189,8 @@ def run_hits(args, tools, save) -> dict:
     del resident
     model = _load(ckpt, device)
     modules = [m for m in model.modules() if isinstance(m, PackedExperts)]
-    probe = attach_store(model, ckpt, StoreConfig(budget=1 << 50, tier=_tier(device)), stats=stats, copies={})
+    probe = attach_store(model, ckpt, StoreConfig(budget=1 << 50, tier=_tier(device), gpu_slots=True), stats=stats,
+                         copies={})
     total, tier = sum(probe.cache.layout.nbytes.values()), probe.cache.tier
     detach_store(modules)
     res = {"model": "refmoe-qwen3", "device": _device_name(device), "expert_bytes": total, "resident": base,
@@ -196,7 +198,8 @@ def run_hits(args, tools, save) -> dict:
     for share, name, fields in _rows([b for b in args.budgets if b < 1], HIT_CONFIGS):
         budget = int(share * total)
         try:
-            store = attach_store(model, ckpt, StoreConfig(budget=budget, tier=_tier(device), **fields), stats=stats,
+            config = StoreConfig(budget=budget, tier=_tier(device), **{"gpu_slots": True, **fields})
+            store = attach_store(model, ckpt, config, stats=stats,
                                  copies=data["copies"] if "copy_threshold" in fields else {}, tier=tier)
             try:
                 store.reset_counters()
@@ -226,12 +229,13 @@ def _fmt_time(r: dict) -> str:
     return (f"steady {st['ratio']:.2f}x ({1000 * st['store_s']:.2f} vs {1000 * st['resident_s']:.2f} ms/token) hit "
             f"{st['hit_rate']:.3f} served {st['served_rate']:.3f} stall {1000 * st['stall_s_per_token']:.2f} ms/token "
             f"copies {'-' if copy is None else f'{1000 * copy:.2f}'} ms/token {st['bytes_per_token'] / 2**20:.1f} "
-            f"MiB/token; cold {r['cold']['ratio']:.2f}x; max |Δlogit| {r['max_logit_diff']:.3g}")
+            f"MiB/token; cold {r['cold']['ratio']:.2f}x; max |Δlogit| {r['max_logit_diff']:.3g} equal "
+            f"{r.get('logits_equal')} slots {r.get('slot_device_bytes')}")
 
 
 def markdown(results: dict, command: str) -> str:
     mib = 2 ** 20
-    lines = ["# Tiered expert store, GPU tier: pinned CPU memory -> GPU on a side stream (issue 12)", "",
+    lines = ["# Tiered expert store, GPU tier: pinned CPU memory -> device slot table (issue 12)", "",
              f"`{command}`", "", __doc__.split("\n\n")[1].replace("\n", " "), ""]
     t = results.get("time")
     if t:

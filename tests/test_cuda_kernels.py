@@ -402,6 +402,40 @@ def test_hopper_dequant_forms_equal(group_size, symmetric, monkeypatch):
     assert rel_err(outs[1], reference_layer(layer, x, idx, w)) < 1e-2
 
 
+@pytest.mark.skipif(_hopper_reason() is not None, reason=f"{_hopper_reason()}")
+@pytest.mark.parametrize("splits", [2, 3])
+def test_hopper_split_k_matches(splits, monkeypatch):
+    """Down projections split along K on sm90 (launch.hopper_split_k forced; K 1280 = 10 steps: splits of 5 + 5 or
+    4 + 4 + 2 steps), each split into its own copy of the output, summed: equal to the unsplit kernel up to the
+    rounding of each partial product to bf16, and close to the reference; every packed width, blocks of 16 and 128."""
+    from moecompress.runtime.cuda import experts as cuda_experts, launch
+
+    monkeypatch.setattr(launch, "HOPPER_PREFILL", True)
+    layer = random_experts(4, 256, 1280, [2, 3, 4, 8], group_size=64, seed=11)
+    for tokens in (40, 600):
+        x = activations(tokens, 256, seed=16)
+        idx, w = routing(tokens, 4, 2, "cuda", seed=tokens + 2)
+        outs = []
+        for k in (1, splits):
+            monkeypatch.setattr(launch, "hopper_split_k", lambda *a, k=k: k)
+            outs.append(cuda_experts.forward(layer, x, idx, w))
+        assert rel_err(outs[1], outs[0]) < 5e-3, tokens
+        assert rel_err(outs[1], reference_layer(layer, x, idx, w)) < 1e-2, tokens
+    assert _ran_hopper(layer, "gate_up") and _ran_hopper(layer, "down")
+
+
+def test_split_k_rule():
+    """launch.split_k_for on Mixtral-8x7B's down projection (112 steps of K, 16 column programs, 132 SMs): a group
+    of 2 of the 8 experts (~10 row blocks at 2048 tokens) splits in 4 (ceil(640 / 132) * 28 = 140 program-steps
+    per SM against 2 * 112 = 224), all 8 experts (40 blocks: 5 waves either way) do not split; short K never."""
+    from moecompress.runtime.cuda.launch import split_k_for
+
+    assert split_k_for(160, 112, 132, 128) == 4
+    assert split_k_for(320, 112, 132, 128) == 2
+    assert split_k_for(640, 112, 132, 128) == 1
+    assert split_k_for(10, 12, 132, 128) == 1  # 12 steps: a split of 6 < 8 steps
+
+
 def test_permute_k_order():
     """hopper.permute_k: column 16i + 8h + 2t + e of each block of 128 takes x's column 32t + 4i + 2h + e."""
     pytest.importorskip("triton.experimental.gluon", reason="hopper.py needs Triton's Gluon")

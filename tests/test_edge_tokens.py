@@ -4,6 +4,7 @@ keep their per-row scales both ways; simulation and real gloo processes count th
 errors."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from edge_bundles import IDS, MASK, checkpoint, expert_bundles, run_calls
@@ -304,3 +305,54 @@ def test_substitute_reads_the_similarity_the_bundles_carry(built):
     assert shipped[2]["token_policies"]["total"]["substituted_pairs"] > 0
     assert shipped[2] == passed[2]
     assert not torch.equal(other[0], shipped[0])
+
+
+def test_home_copies_make_layers_local_through_the_runtime(built, tmp_path_factory):
+    """Copies of every remote expert (here from the deployment's own checkpoint, so that the outputs must equal the
+    lossless run's) make every token local under `localize:copies=true`: no round trip, every remote pair computed
+    with a copy and counted; the copies hold exactly those experts' stored bytes; copying an expert the home holds
+    is refused."""
+    from moecompress.runtime.edge.tokens import attach_home_copies
+    from moecompress.shard.command import checkpoint_sizes
+
+    tmp, _, _, (logits, tokens, counts) = built
+    ck = checkpoint(tmp_path_factory)[0]
+    with deploy(tmp / "out3", simulate=True, verify=False) as d:
+        home, assignment = d.info.home, d.info.assignment
+        remote = [[e for e, servers in enumerate(layer) if home not in servers] for layer in assignment]
+        with pytest.raises(MoecompressError, match="holds expert"):
+            attach_home_copies(d, ck, [[e for e in range(len(layer))] for layer in assignment])
+        d.set_tokens("localize:threshold=1e-6,copies=true")
+        copy_bytes = attach_home_copies(d, ck, remote)
+        expert_bytes, _ = checkpoint_sizes(ck)
+        assert copy_bytes == sum(int(expert_bytes[l, e]) for l, ids in enumerate(remote) for e in ids)
+        got_logits, got_tokens, got = run_calls(d)
+    assert (got_logits - logits).abs().max() <= 1e-5 and torch.equal(got_tokens, tokens)
+    hops = lambda c: int(np.asarray(c["hops"]).sum())  # noqa: E731
+    assert hops(counts) > 0 and hops(got) == 0 and int(np.asarray(got["bytes"]).sum()) == 0
+    tok = got["token_policies"]["total"]
+    assert tok["remote_tokens"] == 0 and tok["copy_pairs"] > 0
+    assert tok["saved_hops"] == hops(counts)
+
+
+@pytest.mark.slow
+def test_home_copies_count_the_same_in_processes_and_the_simulation(built, tmp_path_factory):
+    """Copies of every other remote expert, localize with copies and a copy threshold (some tokens go local on
+    copies, others still make round trips): real gloo processes give the simulation's outputs and counts."""
+    from moecompress.runtime.edge.tokens import attach_home_copies
+
+    tmp = built[0]
+    ck = checkpoint(tmp_path_factory)[0]
+    spec = "int8+localize:threshold=0.2,copies=true,copy_threshold=0.6"
+    runs = []
+    for simulate in (True, False):
+        with deploy(tmp / "out2", simulate=simulate, timeout=60) as d:
+            home = d.info.home
+            copies = [[e for e, servers in enumerate(layer) if home not in servers][::2] for layer in d.info.assignment]
+            attach_home_copies(d, ck, copies)
+            d.set_tokens(spec)
+            runs.append(run_calls(d))
+    (sim_logits, sim_tokens, sim), (real_logits, real_tokens, real) = runs
+    assert torch.equal(real_logits, sim_logits) and torch.equal(real_tokens, sim_tokens) and real == sim
+    tok = real["token_policies"]["total"]
+    assert tok["copy_pairs"] > 0 and tok["remote_tokens"] > 0 and tok["saved_hops"] > 0

@@ -37,8 +37,9 @@ def make_group(bits: int, symmetric: bool = False, bias: bool = True, n: int = l
     return group, ref
 
 
-# The C++ module of cpu_kernels.py (-march=native, ~90 s to build) serves the int4 layout, which the registry picks by
-# default on AMX CPUs only: elsewhere its tests skip before building it, and the int4 layout runs the torch ops.
+# The C++ module of cpu_kernels.py (-march=native, ~90 s to build) serves the int4 layout (the cpu:torch ISA, forced by
+# the `int4_layout` fixture) on AMX CPUs only: elsewhere its tests skip before building it, and the int4 layout runs
+# the torch ops.
 NO_AMX = None if cpu_features.detect().has("cpu:amx") else (
     "no AMX on this CPU: the int4 layout's C++ kernels (cpu_kernels.py) serve AMX CPUs only and are not built here")
 
@@ -79,6 +80,14 @@ def test_every_path_matches_the_dequantized_reference(bits, symmetric, isa, monk
         got = group.linear_sorted(x, COUNTS)
         assert got.shape == want.shape
         assert (got - want).abs().max() < 1e-4 * want.abs().max()
+
+
+def test_amx_keeps_every_width_in_the_formats_packing():
+    """On AMX CPUs no width converts to PyTorch's int4 layout: the whole-model CPU decode step (runtime/cpu_step/)
+    takes packed groups only, and 4-bit groups in the int4 layout sent every 4-bit model's decode to transformers."""
+    for bits in (2, 3, 4, 8):
+        for path in kernel_registry.PATHS:
+            assert {k.layout for k in kernel_registry.KERNELS[("cpu:amx", bits, path)]} == {"packed"}, (bits, path)
 
 
 def test_linear_keeps_the_callers_order():
@@ -151,7 +160,7 @@ def test_one_pass_cpp_dequantization_matches_the_formula_and_the_bf16_path(int4_
     assert (fast - slow).abs().max() < 2e-2 * want.abs().max()
 
 
-def test_fused_amx_kernel_equals_a_matmul_with_the_dequantized_weights(monkeypatch):
+def test_fused_amx_kernel_equals_a_matmul_with_the_dequantized_weights(int4_layout, monkeypatch):
     kernels = cpp_kernels()
     if not kernels.amx():
         pytest.skip("no AMX BF16 on this CPU (or the OS does not grant it): dequantize + grouped matmul is used")

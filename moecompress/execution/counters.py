@@ -24,7 +24,7 @@ from moecompress.errors import MoecompressError
 HEADER_INTS = 8  # int64 fields of a request header: op, layer, rows, top_k, 4 spare/op-specific
 HEADER_BYTES = HEADER_INTS * 8
 TOKEN_FIELDS = ("pruned_pairs", "substituted_pairs", "token_rows", "fused_rows", "remote_tokens",
-                "lossless_remote_tokens", "saved_hops")
+                "lossless_remote_tokens", "saved_hops", "copy_pairs")  # copy_pairs: computed with home low-bit copies
 ID_BYTES, WEIGHT_BYTES = 4, 4  # int32 expert ids and float32 routing weights of every request row
 
 
@@ -188,7 +188,7 @@ class Counters:
         tok = d.get("token_policies")
         if tok:
             c.token_policy = tok["spec"]
-            c.token = {name: np.asarray(tok[name], np.int64) for name in TOKEN_FIELDS}
+            c.token = {name: np.asarray(tok.get(name, c.token[name]), np.int64) for name in TOKEN_FIELDS}
             c.bytes_by_precision = {k: int(v) for k, v in tok["bytes_by_precision"].items()}
         return c
 

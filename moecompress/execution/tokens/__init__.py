@@ -1,7 +1,8 @@
 """Token policies of the expert model: what each MoE layer sends where (dedup, protection, pruning, substitution,
 fusion, payload precision), as pure functions that the runtime's dispatcher and the traffic replay both call.
 
-Start at policy.py (the protocol, the registry, spec strings), plan.py (LayerContext, DispatchPlan, the lossless
+Start at policy.py (the protocol, the registry, spec strings; the rules in prune.py, localize.py, fuse.py,
+payload.py), plan.py (LayerContext, DispatchPlan, the lossless
 plan), exchange.py (the server batches the edge runtime sends for a plan, their bytes, the reply layout),
 traffic.py (what a plan sends, the counters' per-layer token statistics) and executor.py (a reference computation
 in one process, for experiments without a deployment). The edge runtime runs them in
@@ -16,7 +17,8 @@ from moecompress.execution.tokens.policy import (
     POLICIES, STAGES, PolicyState, TokenPipeline, TokenPolicy, build_pipeline, make_policy, parse_spec,
     register_policy,
 )
-from moecompress.execution.tokens.prune import Localize, Protect, PruneLayer, PruneServer, SkipWeakest, Substitute
+from moecompress.execution.tokens.localize import Localize
+from moecompress.execution.tokens.prune import Protect, PruneLayer, PruneServer, SkipWeakest, Substitute
 from moecompress.execution.tokens.similarity import expert_similarity, similarity_from_coactivation
 from moecompress.execution.tokens.traffic import PlanTraffic, exchange_args, plan_traffic
 

@@ -38,16 +38,19 @@ def group_rows(hidden: torch.Tensor, groups_n: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def execute_plan(ctx: LayerContext, plan: DispatchPlan, experts_of_server: Sequence[ExpertsFn]) -> torch.Tensor:
-    """[T, H] the MoE layer's output under `plan` (routed experts only; the caller adds shared experts)."""
+def execute_plan(ctx: LayerContext, plan: DispatchPlan, experts_of_server: Sequence[ExpertsFn],
+                 copies: ExpertsFn | None = None) -> torch.Tensor:
+    """[T, H] the MoE layer's output under `plan` (routed experts only; the caller adds shared experts); `copies`
+    computes the pairs the plan puts on the home's low-bit copies (plan.on_copy), after the servers' sum."""
     N = ctx.num_servers
     if len(experts_of_server) != N:
         raise MoecompressError(f"execute_plan needs one experts callable per server ({N}), got "
                                f"{len(experts_of_server)}")
     hidden = ctx.hidden
     out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    by_copy = plan.copy_pairs(ctx.home)  # [T, k]
     for n in range(N):
-        on_n = plan.servers == n  # [T, k]
+        on_n = (plan.servers == n) & ~by_copy  # [T, k]
         tokens = on_n.any(-1)
         if not bool(tokens.any()):
             continue
@@ -66,4 +69,11 @@ def execute_plan(ctx: LayerContext, plan: DispatchPlan, experts_of_server: Seque
         if bool(remote.any()):
             y = torch.where(remote[:, None], round_trip(y, plan.return_precision), y)
         out += y.float()
+    if bool(by_copy.any()):
+        if copies is None:
+            raise MoecompressError("the plan computes pairs with the home's low-bit copies but no copies were given")
+        t, j = torch.nonzero(by_copy, as_tuple=True)
+        y_pairs = copies(hidden[t], plan.experts[t, j][:, None], plan.weights[t, j][:, None])
+        out += torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device).index_add_(
+            0, t, y_pairs.float()).to(hidden.dtype).float()
     return out.to(hidden.dtype)

@@ -34,6 +34,7 @@ class TokenRun:
         self.sequence: torch.Tensor | None = None
         self.position: torch.Tensor | None = None
         self.traffic: list[PlanTraffic] = []
+        self.copies = None  # [L] experts callables of the home's low-bit copies (token_policies(copies=...))
 
     def set_tokens(self, sequence: torch.Tensor, position: torch.Tensor) -> None:
         """The sequence id and position of each token row of the next forward calls."""
@@ -69,14 +70,18 @@ class PolicyExperts(nn.Module):
         ctx = run.context(self.layer, hidden_states, top_k_index, top_k_weights)
         plan = run.pipeline.plan(ctx, run.state)
         run.traffic.append(plan_traffic(ctx, plan))
-        return execute_plan(ctx, plan, [self.inner] * ctx.num_servers)
+        copies = None if run.copies is None else run.copies[self.layer]
+        return execute_plan(ctx, plan, [self.inner] * ctx.num_servers, copies)
 
 
 @contextmanager
 def token_policies(model: nn.Module, experts_paths: Sequence[str], holds: torch.Tensor, primary: torch.Tensor,
-                   pipeline: TokenPipeline, *, renormalize: bool, home: int = 0, state: PolicyState | None = None):
-    """Swap every experts module for a PolicyExperts for the duration of the block; yields the TokenRun."""
+                   pipeline: TokenPipeline, *, renormalize: bool, home: int = 0, state: PolicyState | None = None,
+                   copies: Sequence | None = None):
+    """Swap every experts module for a PolicyExperts for the duration of the block; yields the TokenRun. copies:
+    per MoE layer the experts callable of the home's low-bit copies (those `state.copies` marks)."""
     run = TokenRun(holds, primary, pipeline, home, renormalize, state)
+    run.copies = copies
     swapped = []
     hook = model.register_forward_pre_hook(lambda module, args, kwargs: _read_layout(run, args, kwargs),
                                            with_kwargs=True)

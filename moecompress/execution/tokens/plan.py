@@ -90,12 +90,22 @@ class DispatchPlan:
     return_precision: str = "native"
     per_pair: bool = False  # naive exchange: one row per remote (token, expert) pair instead of per (token, server)
     notes: tuple = field(default=())  # (policy name, ...) applied, in order
+    on_copy: torch.Tensor | None = None  # [T, k] bool: a pair on the token's home computed with the home's low-bit
+    # copy of its expert (`PolicyState.copies`; the expert's full copy is remote); None: no pair is
+
+    def copy_pairs(self, home: torch.Tensor) -> torch.Tensor:
+        """[T, k] bool: live pairs computed on the token's home with its low-bit copy."""
+        if self.on_copy is None:
+            return torch.zeros_like(self.servers, dtype=torch.bool)
+        return self.on_copy & (self.servers >= 0) & (self.servers == home[:, None])
 
     def __post_init__(self):
         T, k = self.servers.shape
         for name in ("experts", "weights"):
             if getattr(self, name).shape != (T, k):
                 raise MoecompressError(f"plan.{name} must be [{T}, {k}], got {tuple(getattr(self, name).shape)}")
+        if self.on_copy is not None and self.on_copy.shape != (T, k):
+            raise MoecompressError(f"plan.on_copy must be [{T}, {k}], got {tuple(self.on_copy.shape)}")
         if self.groups.ndim != 2 or self.groups.shape[0] != T or self.protected.shape != (T,):
             raise MoecompressError(f"plan.groups must be [T={T}, N] and protected [T], got "
                                    f"{tuple(self.groups.shape)} and {tuple(self.protected.shape)}")

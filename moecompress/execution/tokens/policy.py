@@ -25,7 +25,8 @@ from moecompress.errors import MoecompressError
 from moecompress.execution.tokens.fuse import Fuse
 from moecompress.execution.tokens.payload import check_precision
 from moecompress.execution.tokens.plan import DispatchPlan, LayerContext, lossless_plan
-from moecompress.execution.tokens.prune import Localize, Protect, PruneLayer, PruneServer, SkipWeakest, Substitute
+from moecompress.execution.tokens.localize import Localize
+from moecompress.execution.tokens.prune import Protect, PruneLayer, PruneServer, SkipWeakest, Substitute
 
 STAGES = ("dedup", "protect", "prune", "fuse", "precision")
 
@@ -35,6 +36,7 @@ class PolicyState:
     """Read-only inputs of the policies, shared by all layers of a deployment."""
 
     similarity: torch.Tensor | None = None  # [L, E, E] expert similarity, for `substitute`
+    copies: torch.Tensor | None = None  # [L, E] bool: the home holds a low-bit copy of expert e (`localize:copies=true`)
 
 
 @runtime_checkable

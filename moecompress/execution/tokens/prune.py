@@ -13,10 +13,8 @@ from typing import ClassVar
 import torch
 
 from moecompress.errors import MoecompressError
-from moecompress.execution.tokens.plan import DispatchPlan, LayerContext, send_once_groups, with_pairs
+from moecompress.execution.tokens.plan import DispatchPlan, LayerContext, with_pairs
 
-
-LOCALIZE_MEASURES = ("remote", "gap")
 
 
 def top_share(score: torch.Tensor, share: float) -> torch.Tensor:
@@ -197,99 +195,3 @@ class Substitute:
         drop = weak & ~ok
         drop = drop & ((servers >= 0) & ~drop).any(-1, keepdim=True)  # never leave a token without an expert
         return with_pairs(ctx, plan, servers, experts, drop, self.name)
-
-
-
-@dataclass(frozen=True)
-class Localize:
-    """Make a token's layer local: when the weight of its remote pairs is below `threshold` (absolute, or relative
-    to its top routing weight), replace its top-k by the top-k *of the experts its home holds*, ranked by the
-    router's own logits, with the weights that router gives them (softmax over all experts; renormalised to the
-    router's sum where it renormalises). Unlike dropping, the token keeps k experts; unlike `substitute`, the
-    replacements are the router's next choices, not the most similar experts. Tokens whose home holds fewer than
-    `min_local` experts are left alone. Needs `LayerContext.router_logits` (the edge runtime passes them).
-
-    `measure` is what is compared with the threshold: `remote` (the weight of the token's remote pairs) or `gap`
-    (the router probability the local top-k loses against the router's top-k: softmax over all experts, summed
-    over the chosen top-k minus summed over the local top-k; never above the remote weight, and small when the
-    home holds the router's next choices at nearly the same probability).
-
-    `thresholds`: one threshold per MoE layer, `/`-separated (e.g. `0.1/0.3/0.1/0.2`), used instead of `threshold`
-    (a model with more MoE layers than listed is refused at its first unlisted layer)."""
-
-    name: ClassVar[str] = "localize"
-    stage: ClassVar[str] = "prune"
-    threshold: float = 0.0
-    relative: bool = False
-    min_local: int = 1
-    measure: str = "remote"
-    thresholds: str = ""
-
-    def __post_init__(self):
-        if self.measure not in LOCALIZE_MEASURES:
-            raise MoecompressError(f"localize: measure must be one of {', '.join(LOCALIZE_MEASURES)}, got "
-                                   f"{self.measure!r}")
-        self.per_layer()  # a malformed list is refused when the policy is made
-
-    def per_layer(self) -> tuple[float, ...]:
-        """The `thresholds` knob as numbers (empty: none given)."""
-        if not self.thresholds.strip():
-            return ()
-        try:
-            values = tuple(float(v) for v in self.thresholds.split("/"))
-        except ValueError:
-            raise MoecompressError(f"localize: thresholds must be numbers separated by '/', one per MoE layer "
-                                   f"(e.g. 0.1/0.3/0.2), got {self.thresholds!r}") from None
-        if any(v < 0 for v in values):
-            raise MoecompressError(f"localize: thresholds must be >= 0, got {self.thresholds!r}")
-        return values
-
-    def threshold_at(self, layer: int) -> float:
-        values = self.per_layer()
-        if not values:
-            return self.threshold
-        if layer >= len(values):
-            raise MoecompressError(f"localize: thresholds lists {len(values)} MoE layers, the model has more "
-                                   f"(layer {layer}); give one per MoE layer")
-        return values[layer]
-
-    def __call__(self, ctx: LayerContext, plan: DispatchPlan, state) -> DispatchPlan:
-        if ctx.router_logits is None:
-            raise MoecompressError("localize needs the router's logits (LayerContext.router_logits); the edge "
-                                   "runtime's dispatcher passes them when the MoE block has a linear router")
-        k = ctx.topk_ids.shape[1]
-        live = plan.servers >= 0
-        remote = live & (plan.servers != ctx.home[:, None])
-        mass = torch.where(remote, plan.weights.float(), torch.zeros_like(plan.weights, dtype=torch.float)).sum(-1)
-        local = ctx.holds[:, ctx.home].T.to(mass.device)  # [T, E] the token's home holds expert e
-        n_local = local.sum(-1)
-        logits = ctx.router_logits.float()
-        probs = torch.softmax(logits, -1)  # [T, E]
-        ranked = torch.where(local, logits, torch.full_like(logits, float("-inf")))
-        kk = min(k, int(n_local.max()))
-        if self.measure == "gap" and kk > 0:
-            local_p = torch.where(local, probs, torch.zeros_like(probs)).topk(kk, -1).values.sum(-1)
-            mass = probs.gather(1, ctx.topk_ids.long()).sum(-1) - local_p
-        limit = _limit(self.threshold_at(ctx.layer), self.relative, ctx.topk_weights.float().amax(-1))
-        go = (mass < limit) & remote.any(-1)
-        go = go & ~plan.protected & (n_local >= max(self.min_local, 1))
-        if not bool(go.any()):
-            return replace(plan, notes=plan.notes + (self.name,))
-        top_p, top_e = probs.gather(1, ranked.topk(kk, -1).indices), ranked.topk(kk, -1).indices  # [T, kk]
-        valid = torch.arange(kk)[None, :] < n_local[:, None]  # homes holding fewer than k experts: fewer pairs
-        if kk < k:
-            pad = k - kk
-            top_p = torch.cat([top_p, torch.zeros(len(top_p), pad)], -1)
-            top_e = torch.cat([top_e, torch.zeros(len(top_e), pad, dtype=torch.long)], -1)
-            valid = torch.cat([valid, torch.zeros(len(valid), pad, dtype=torch.bool)], -1)
-        top_p = torch.where(valid, top_p, torch.zeros_like(top_p))
-        if ctx.renormalize:
-            before = plan.weights.float().sum(-1, keepdim=True)
-            top_p = top_p / top_p.sum(-1, keepdim=True).clamp_min(1e-30) * before
-        home = ctx.home[:, None].expand_as(plan.servers)
-        new_servers = torch.where(valid, home, torch.full_like(home, -1))
-        servers = torch.where(go[:, None], new_servers, plan.servers)
-        experts = torch.where(go[:, None], torch.where(valid, top_e, plan.experts), plan.experts)
-        weights = torch.where(go[:, None], top_p.to(plan.weights.dtype), plan.weights)
-        return replace(plan, servers=servers, experts=experts, weights=weights,
-                       groups=send_once_groups(servers, ctx.home, ctx.num_servers), notes=plan.notes + (self.name,))

@@ -2,7 +2,8 @@
 
 Messages and bytes come from `exchange.py` (the batches the runtime's dispatcher encodes), so `plan_traffic` counts
 exactly what the runtime sends for the same plan; `token_stats` gives the per-layer counts of the runtime's
-`Counters.add_token_stats` (pairs pruned / substituted, rows fused, remote tokens, round trips saved).
+`Counters.add_token_stats` (pairs pruned / substituted / computed with the home's low-bit copies, rows fused, remote
+tokens, round trips saved).
 `alone_bytes` counts the same plan as if every token were its own call (one message per token and server: decode
 at batch 1, no fusion). `exchange_args` feeds `Counters.add_expert_exchange` for lossless-format plans.
 """
@@ -69,7 +70,8 @@ def token_stats(ctx: LayerContext, plan: DispatchPlan, batches=None) -> dict:
                 substituted_pairs=int(((plan.experts != ctx.topk_ids) & (plan.servers >= 0)).sum()),
                 token_rows=token_rows, fused_rows=sum(b.num_members - b.num_rows for b in batches),
                 remote_tokens=int(remote.sum()), lossless_remote_tokens=int(lossless.sum()),
-                saved_hops=2 if bool(lossless.any()) and not bool(remote.any()) else 0)
+                saved_hops=2 if bool(lossless.any()) and not bool(remote.any()) else 0,
+                copy_pairs=int(plan.copy_pairs(ctx.home).sum()))
 
 
 def plan_traffic(ctx: LayerContext, plan: DispatchPlan, elem_bytes: int | None = None) -> PlanTraffic:

@@ -104,6 +104,16 @@ class StepPlan:
     def of(model) -> StepPlan:
         return build_plan(model)
 
+    def streamed(self) -> list[torch.Tensor]:
+        """The weights a step reads whole every token (packed or dense linears, lm_head, experts; not the embedding,
+        of which it reads one row)."""
+        specs = [self.head] + [s for L in self.layers for s in (L.q, L.k, L.v, L.o, L.router, *L.shared)]
+        out = [t for s in specs for t in (s.qweight, s.scales, s.zeros, s.weight) if t is not None]
+        for L in self.layers:
+            gu_q, gu_s, gu_z, _, _, dn_q, dn_s, dn_z, _, _ = L.experts.args
+            out += [t for ts in (gu_q, gu_s, gu_z, dn_q, dn_s, dn_z) for t in ts]
+        return out
+
     def rope_tables(self, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin float32 [positions, head_dim] from the model's rotary embedding (attention scaling included)."""
         ids = torch.arange(positions)[None]

@@ -17,7 +17,8 @@ tile); one token per call runs gemv_kernel there (CUDA cores; launch.GEMV_ENABLE
 More tokens take the prefill path: tables by torch ops, row blocks of 16-256, packed_kernel with wide tiles, the
 SiLU gate fused into the first projection where the model's gate is that (launch.PREFILL_GATED / _TALL_GATED). On
 sm90 (launch.hopper_device) packed groups with K % 128 == 0 take hopper.wgmma_kernel instead (row blocks of at most
-128; x permuted once per projection input), the others packed_kernel.
+128; x permuted once per projection input), the others packed_kernel; a down projection with few long programs
+(Mixtral) splits K there (launch.hopper_split_k: partial outputs in copies of y, summed in a fixed order).
 (A grouped-matmul formulation that dequantizes each packed value's own weight tile, Marlin/MxMoE style, measured
 1.2-2.8x slower than packed_kernel on an H200 and was not kept: eval/results/gpu_grouped.md.)
 """
@@ -95,8 +96,19 @@ def _grid_m(tables: routing.Tables, n_slots: int, pairs: int) -> int:
     return min(n_slots, pairs) + pairs // tables.block_rows
 
 
+def _split_k(proj, groups, tables, path, weights, device) -> int:
+    """Splits of K of a weighted projection on sm90's prefill kernel (launch.hopper_split_k, the largest over the
+    groups, for every group: the output gets that many copies of its rows, summed afterwards; packed_kernel's
+    groups write the first)."""
+    if path != "prefill" or weights is None or not launch.hopper_device(device):
+        return 1
+    pairs = tables.order.numel()
+    return max([launch.hopper_split_k(g, pairs, proj.num_experts, tables.block_rows, device) for g, _ in groups
+                if launch.hopper_group(g)] or [1])
+
+
 def _project(proj, groups, tables, x, out, row_div, path, weights=None, one_token=False, dense=False,
-             gated=False) -> None:
+             gated=False, split_k: int = 1) -> None:
     pairs = tables.order.numel()
     hopper = path == "prefill" and launch.hopper_device(x.device)
     x_perm = None
@@ -107,7 +119,7 @@ def _project(proj, groups, tables, x, out, row_div, path, weights=None, one_toke
 
                 x_perm = permute_k(x)
             launch.run_hopper(group, x_perm, tables, pos0, _grid_m(tables, len(group.experts), pairs), out, row_div,
-                              weights, gated)
+                              weights, gated, split_k=split_k)
             continue
         launch.run(group, x, tables, pos0, _grid_m(tables, len(group.experts), pairs), out, row_div,
                    launch.config_for(path, group.bits, tables.block_rows, dense), weights,
@@ -214,9 +226,12 @@ def forward(experts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top
         _project(down, groups, tables, h, y, 1, path, one_token=tokens == 1, dense=dense)
         y = experts.post_expert_norm(y).float() * top_k_weights.reshape(-1, 1).float()
     else:
-        y = torch.zeros(pairs, hidden, dtype=torch.float32, device=x.device)  # [S, H], weighted, by pair
-        _project(down, groups, tables, h, y, 1, path, top_k_weights.reshape(-1).contiguous(), one_token=tokens == 1,
-                 dense=dense)
+        rw = top_k_weights.reshape(-1).contiguous()
+        split_k = _split_k(down, groups, tables, path, rw, x.device)
+        y = torch.zeros(split_k * pairs, hidden, dtype=torch.float32, device=x.device)  # [S, H], weighted, by pair
+        _project(down, groups, tables, h, y, 1, path, rw, one_token=tokens == 1, dense=dense, split_k=split_k)
+        if split_k > 1:  # (partial sums of K, rounded to bf16 each as the unsplit product is)
+            y = y.view(split_k, pairs, hidden).sum(0)
     return y.view(tokens, top_k, hidden).sum(1).to(hidden_states.dtype)
 
 

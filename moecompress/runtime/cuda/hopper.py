@@ -13,6 +13,11 @@ MANTISSA False: the magic-number form, five). A first version that loaded every 
 from global memory half a step ahead was 11-13 % slower at 4 bits but ~5 % faster on Mixtral's mix (session 23,
 eval/bench_gpu.py HOPPER_SETTINGS' notes).
 
+ptxas (12.8) treats a wgmma's register operand as free once the wgmma is issued: the next tile's dequantization
+reuses those registers after waiting for the wgmma (SASS: WARPGROUP.DEPBAR right after the HGMMAs), so tensor cores
+and dequantization take turns; a schedule that kept the operand live (two wgmmas per tile, session 24) measured
+slower (launch.py's note). Down projections with few long programs split K (grid axis 2: launch.hopper_split_k).
+
 The order of K inside each step of 128 is permuted so that each thread's 32 values of a weight row are consecutive
 in the packing (whole words: 4 words at 4 bits, 2 at 2, 8 at 8, one 3-word unit at 3): column c = 16i + 8h + 2t + e
 of the A tile (t: the thread in its quad; wgmma's A fragment) holds k = 32t + 4i + 2h + e. x (and h) are permuted
@@ -230,20 +235,24 @@ def _issue(x_smem, wa_smem, wb_smem, stage, x_ptr, src, qa, qb, step, BITS: gl.c
 def wgmma_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, rw_ptr, y_ptr, order_ptr, blocks_ptr, first_ptr,
     pos0, n_slots, max_blocks, row_div, N, K, groups,
-    stride_xm, stride_ym, stride_qe, stride_qn,
+    stride_xm, stride_ym, stride_qe, stride_qn, split_steps, stride_ys,
     BITS: gl.constexpr, GS: gl.constexpr, SYMMETRIC: gl.constexpr, WEIGHTED: gl.constexpr, GATED: gl.constexpr,
     BM: gl.constexpr, NUM_STAGES: gl.constexpr, MANTISSA: gl.constexpr,
     VALUES: gl.constexpr, MMA: gl.constexpr, DOT: gl.constexpr, XLOAD: gl.constexpr, XSMEM: gl.constexpr,
     WLOAD: gl.constexpr, WSMEM: gl.constexpr,
 ):
     """Program (m, n): block m of the group's rows, output columns n*2*BNT.. (plain: two tiles of BNT rows) or
-    n*BNT.. of h (GATED: gate rows n*BNT.. and up rows N/2 + n*BNT..). x is permute_k'ed."""
+    n*BNT.. of h (GATED: gate rows n*BNT.. and up rows N/2 + n*BNT..). x is permute_k'ed. Split K: program
+    (m, n, k) computes steps k*split_steps.. of K into y + k*stride_ys (split_steps * 128 % GS == 0)."""
     BNT: gl.constexpr = VALUES.shape[0]
     dt: gl.constexpr = x_ptr.dtype.element_ty
     valid, slot, rmask, pair, src = _rows(blocks_ptr, first_ptr, order_ptr, pos0, n_slots, max_blocks, row_div, BM,
                                           gl.SliceLayout(1, XLOAD))
     if valid:
         slot64 = slot.to(gl.int64)
+        kbeg = gl.program_id(2) * split_steps  # this program's steps of K: bases moved to its first
+        x_ptr = x_ptr + kbeg * 128
+        y_ptr = y_ptr + gl.program_id(2).to(gl.int64) * stride_ys
         if GATED:
             n_out = N // 2
             n0 = gl.program_id(1) * BNT
@@ -259,25 +268,25 @@ def wgmma_kernel(
         r = gl.arange(0, BNT, layout=row_lay)
         ra = gl.minimum(n0 + r, N - 1)  # rows past N (last tile) read row N - 1, their outputs are not stored
         rb = gl.minimum(n1 + r, N - 1)
-        s_base = s_ptr + slot64 * N * groups
-        z_base = z_ptr + slot64 * N * groups
+        s_base = s_ptr + slot64 * N * groups + kbeg * 128 // GS
+        z_base = z_ptr + slot64 * N * groups + kbeg * 128 // GS
         ga_s = ra * groups
         gb_s = rb * groups
         rw_ = gl.arange(0, BNT, layout=gl.SliceLayout(1, WLOAD))
-        qa = q_ptr + slot64 * stride_qe + gl.minimum(n0 + rw_, N - 1).to(gl.int64) * stride_qn
-        qb = q_ptr + slot64 * stride_qe + gl.minimum(n1 + rw_, N - 1).to(gl.int64) * stride_qn
+        q_base = q_ptr + slot64 * stride_qe + kbeg * (4 * BITS)
+        qa = q_base + gl.minimum(n0 + rw_, N - 1).to(gl.int64) * stride_qn
+        qb = q_base + gl.minimum(n1 + rw_, N - 1).to(gl.int64) * stride_qn
         src_x = src * stride_xm
         x_smem = gl.allocate_shared_memory(dt, [NUM_STAGES, BM, 128], XSMEM)
-        if BITS == 3:  # (words from global memory: _words3)
+        ga = ra * stride_qn  # (3 bits: words from global memory, _words3)
+        gb = rb * stride_qn
+        if BITS == 3:
             wa_smem = x_smem
             wb_smem = x_smem
-            q_base = q_ptr + slot64 * stride_qe
-            ga = ra * stride_qn
-            gb = rb * stride_qn
         else:
             wa_smem = gl.allocate_shared_memory(gl.int32, [NUM_STAGES, BNT, 4 * BITS], WSMEM)
             wb_smem = gl.allocate_shared_memory(gl.int32, [NUM_STAGES, BNT, 4 * BITS], WSMEM)
-        steps = K // 128
+        steps = gl.minimum(K // 128 - kbeg, split_steps)
         for s in gl.static_range(NUM_STAGES - 1):
             if s < steps:
                 _issue(x_smem, wa_smem, wb_smem, s, x_ptr, src_x, qa, qb, s, BITS, XLOAD, WLOAD)

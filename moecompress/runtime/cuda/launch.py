@@ -67,6 +67,11 @@ HOPPER = Config(128, 128, num_warps=8, num_stages=4)  # 8 bits: 3 stages (4 do n
 # scale/word offsets: eval/results/gpu_hopper_mantissa.md), Qwen3-30B-A3B mix / 4-bit, Mixtral-8x7B mix / 4-bit:
 # magic 1192 / 971 / 5545 / 4301, mantissa 1098 / 881 / 4765 / 3660 (before both: 1259 / 990 / 6026 / 4389)
 HOPPER_MANTISSA = os.environ.get("MOECOMPRESS_HOPPER_MANTISSA", "1") != "0"
+# Tried in session 24 and removed (eval/results/gpu_hopper_split.md): ptxas reuses a wgmma's register operand for the
+# other tile's dequantization right after the issue and so waits for that wgmma (SASS: WARPGROUP.DEPBAR right after
+# the HGMMAs; tensor cores and dequantization take turns). Each tile's wgmma in two halves of the row block (the
+# second after the other tile's dequantization) kept the operand live and interleaved them in the SASS, but measured
+# slower on an H200: 1110 / 882 / 4810 / 3680 -> 1120 / 909 / 5080 / 4040 µs (64-column wgmmas; 32-108 B spills)
 HOPPER_MAX_ROWS = 128
 GEMV = Config(32, 128)  # one token per call: gemv_kernel (CUDA cores, no shared memory)
 GEMV_ENABLED = True
@@ -210,9 +215,42 @@ def hopper_group(group) -> bool:
             and group.group_size % 32 == 0)
 
 
+# split K of the down projection on hopper.wgmma_kernel (hopper_split_k). H200, 2048 tokens, graph µs (session 24,
+# eval/results/gpu.md): Mixtral-8x7B mix 4767 -> 4456 (its 2- and 4-bit groups of 2 experts: 16 x ~10 programs of
+# 112 steps on 132 SMs), 4-bit 3709 -> 3715 and Qwen3-30B-A3B (K 768) not split. MOECOMPRESS_HOPPER_SPLIT_K=0: off
+HOPPER_SPLIT_K = os.environ.get("MOECOMPRESS_HOPPER_SPLIT_K", "1") != "0"
+
+
+def hopper_split_k(group, pairs: int, num_experts: int, block_rows: int, device) -> int:
+    """Splits of K for a weighted (down) projection on hopper.wgmma_kernel: few long programs (Mixtral's down: K
+    14336 = 112 steps, ~10-20 row blocks per bit-width group, 16 column programs) leave the last wave of one
+    program per SM nearly empty (split_k_for). Programs estimated from the group's share of the pairs (the tables
+    are on the device)."""
+    steps = group.in_features // 128
+    if not HOPPER_SPLIT_K or steps < 16:
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    blocks = len(group.experts) + pairs * len(group.experts) / max(1, num_experts) / block_rows
+    return split_k_for(int(blocks + 0.5) * -(-group.out_features // (2 * HOPPER.block_n)), steps, sms,
+                       group.group_size)
+
+
+def split_k_for(programs: int, steps: int, sms: int, group_size: int) -> int:
+    """hopper_split_k's rule: S (1-4: the output has S copies, zeroed and summed) with the fewest program-steps per
+    SM, ceil(programs * S / sms) * ceil(steps / S), at least 8 steps per split, each split's start a whole group;
+    1 unless it saves >= 10 %."""
+    cost = {s: -(-programs * s // sms) * -(-steps // s) for s in range(1, 5)
+            if steps // s >= 8 and (-(-steps // s) * 128) % group_size == 0}
+    best = min(cost, key=lambda s: (cost[s], s))
+    return best if cost[best] <= 0.9 * cost[1] else 1
+
+
 def run_hopper(group, x_perm: torch.Tensor, tables: Tables, pos0: int, grid_m: int, out: torch.Tensor, row_div: int,
-               routing_weights: torch.Tensor | None = None, gated: bool = False, config: Config | None = None) -> None:
-    """launch.run's prefill for one packed group on sm90 (hopper.wgmma_kernel): x_perm = hopper.permute_k(x)."""
+               routing_weights: torch.Tensor | None = None, gated: bool = False, config: Config | None = None,
+               split_k: int = 1) -> None:
+    """launch.run's prefill for one packed group on sm90 (hopper.wgmma_kernel): x_perm = hopper.permute_k(x).
+    split_k > 1 (weighted, not gated): split k of K adds into out[k * rows:], out [split_k * rows, N] (summed by the
+    caller)."""
     from moecompress.runtime.cuda import hopper
 
     config = config or HOPPER
@@ -223,9 +261,9 @@ def run_hopper(group, x_perm: torch.Tensor, tables: Tables, pos0: int, grid_m: i
     rw = routing_weights if routing_weights is not None else out
     args = [x_perm, q, s, z, rw, out, tables.order, tables.blocks, tables.first, pos0, n_slots,
             tables.blocks.shape[0], row_div, N, K, s.shape[-1], x_perm.stride(0), out.stride(0), q.stride(0),
-            q.stride(1)]
+            q.stride(1), -(-(K // 128) // split_k), out.shape[0] // split_k * out.stride(0)]
     bnt = config.block_n
-    grid = (max(1, grid_m), -(-(N // 2) // bnt) if gated else -(-N // (2 * bnt)))
+    grid = (max(1, grid_m), -(-(N // 2) // bnt) if gated else -(-N // (2 * bnt)), split_k)
     constexprs = dict(BITS=group.bits, GS=group.group_size, SYMMETRIC=bool(group.symmetric),
                       WEIGHTED=routing_weights is not None, GATED=gated, BM=tables.block_rows,
                       NUM_STAGES=config.num_stages, MANTISSA=HOPPER_MANTISSA,

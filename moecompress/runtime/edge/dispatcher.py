@@ -77,6 +77,7 @@ class DispatchedExperts(nn.Module):
         self.recorder = recorder  # when a list: (layer, top_k_index, top_k_weights) of every call is appended
         self.tokens, self.router_weight = tokens, router_weight
         self.lock = nullcontext()  # several homes: a Lock shared with the home's expert server (homes.home_server)
+        self.copies: PackedExperts | None = None  # the home's low-bit copies of remote experts (edge/tokens.py)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         if self.tokens is not None:
@@ -193,7 +194,8 @@ class DispatchedExperts(nn.Module):
             self.transport.expect(n, reply_bytes)
             self.transport.request(n, head, payload)
             sent.append((b, outputs))
-        on_home = plan.servers.to(device) == self.home
+        by_copy = plan.copy_pairs(ctx.home).to(device)  # pairs computed with the home's low-bit copies
+        on_home = (plan.servers.to(device) == self.home) & ~by_copy
         if self.local is not None:
             ids = torch.where(on_home, plan.experts.to(device), torch.full_like(top_k_index, E))
             with self.lock:
@@ -202,6 +204,11 @@ class DispatchedExperts(nn.Module):
             out = torch.zeros_like(hidden_states)
         for b, outputs in sent:
             out = self._add_reply(out, b, outputs, plan.dispatch_precision, plan.return_precision, H, dtype)
+        if bool(by_copy.any()):
+            if self.copies is None:
+                raise MoecompressError(f"layer {self.layer}: the plan computes pairs with home copies; none attached")
+            ids = torch.where(by_copy, plan.experts.to(device), torch.full_like(top_k_index, E))
+            out = out + self.copies(hidden_states, ids, plan.weights.to(device=device, dtype=top_k_weights.dtype))
         self.counters.add_exchange(self.layer, self.home, [m[:3] for m in messages], pairs_per_server(plan, N),
                                    plan.dispatch_precision, plan.return_precision)
         self.counters.add_token_stats(self.layer, token_stats(ctx, plan, batches))

@@ -42,10 +42,11 @@ class Deployment:
         """Switch the token policies of the running deployment (the servers need nothing: every request says what
         it carries); None: off. The counters keep counting; see `reset_counters`."""
         from moecompress.runtime.edge.dispatcher import DispatchedExperts
-        from moecompress.runtime.edge.tokens import resolve_pipeline, token_settings
+        from moecompress.runtime.edge.tokens import home_copies, resolve_pipeline, token_settings
 
         pipeline = resolve_pipeline(tokens)
-        settings = token_settings(self.info, pipeline, similarity) if pipeline.policies else None
+        settings = token_settings(self.info, pipeline, similarity, home_copies(self.model)) \
+            if pipeline.policies else None
         for module in self.model.modules():
             if isinstance(module, DispatchedExperts):
                 module.tokens = settings

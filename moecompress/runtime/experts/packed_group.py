@@ -8,8 +8,8 @@ their outputs in the same order:
 - 2/3/4/8-bit on CPU: the kernels kernel_registry.py looks up for the CPU's ISA, bit-width and path: slots with
   fewer rows than the prefill kernel's measured crossover take the `decode` kernel (without AMX: int8 activations x packed weights), the
   others the `prefill` kernel (without AMX: dequantized tiles + GEMM), by runs of consecutive slots.
-- 4-bit where the registry's kernel reads PyTorch's int4 layout (AMX CPUs; no C++ compiler): converted once by
-  `prepare()` (same size as our packed bytes). Slots with few rows (decode) run PyTorch's int4 kernel (its cost grows
+- 4-bit where the registry's kernel reads PyTorch's int4 layout (the cpu:torch ISA: no C++ compiler, or forced):
+  converted once by `prepare()` (same size as our packed bytes). Slots with few rows (decode) run PyTorch's int4 kernel (its cost grows
   with the rows: it dequantizes per 4 rows); slots with more rows run our fused int4 x bf16 kernel where the CPU has
   AMX (`FUSED_MIN_ROWS`, cpu_kernels.py), else are dequantized from that layout, a chunk at a time, and run as
   grouped matmuls (`DEQUANT_MIN_ROWS`, or `FAST_DEQUANT_MIN_ROWS` with the one-pass C++ dequantization; whole groups

@@ -6,9 +6,10 @@ reads back 4x the packed bytes (8x at 2 bits). The kernels here do better:
 
 - `int4_mm` and `packed_mm` (CPUs with AMX BF16, e.g. Xeon Sapphire Rapids and later): for each expert and 64-row
   strip of its weights, the strip is dequantized into a small buffer in AMX's tile layout and multiplied there,
-  float32 accumulation; the dequantized weights never leave the core's caches. `int4_mm` reads the blocked int4
-  layout that 4-bit groups are converted to at load (csrc/int4_blocked.cpp); `packed_mm` reads our own packing of
-  any bit-width, 2/3/4/8 (csrc/packed_mm.cpp).
+  float32 accumulation; the dequantized weights never leave the core's caches. `packed_mm` reads our own packing
+  of any bit-width, 2/3/4/8 (csrc/packed_mm.cpp): the registry's prefill kernel on AMX CPUs (packed_amx), where every
+  width keeps the format's packing. `int4_mm` reads the blocked int4 layout that 4-bit groups are converted to at
+  load on the cpu:torch ISA only (csrc/int4_blocked.cpp).
 - `dequant_blocked` (AVX-512 BF16 vectorized, else scalar): a whole 4-bit expert in bf16, one pass, for a bf16
   matmul where there is no AMX.
 

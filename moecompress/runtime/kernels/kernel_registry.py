@@ -8,7 +8,7 @@ start from is the CPU's best, read at run time (cpu_features.best_isa; MOECOMPRE
 
 | ISA              | 2/3/8-bit decode        | 2/3/8-bit prefill        | 4-bit decode            | 4-bit prefill            |
 |------------------|-------------------------|--------------------------|-------------------------|--------------------------|
-| cpu:amx          | q8_avx512_vnni          | packed_amx (fused AMX)   | int4 (PyTorch int4 op)* | int4 (fused AMX int4_mm)*|
+| cpu:amx          | q8_avx512_vnni          | packed_amx (fused AMX)   | q8_avx512_vnni          | packed_amx (fused AMX)   |
 | cpu:avx512_vnni  | q8_avx512_vnni          | tile_mm_avx2             | q8_avx512_vnni          | tile_mm_avx2             |
 | cpu:avx2         | q8_avx2                 | q8_avx2**, tile_mm_avx2  | q8_avx2                 | q8_avx2**, tile_mm_avx2  |
 | cpu:neon_dotprod | q8_neon_dotprod         | tile_mm_portable         | q8_neon_dotprod         | tile_mm_portable         |
@@ -27,9 +27,11 @@ MOECOMPRESS_INT8_ACTIVATIONS=always (e.g. a float32 model on an AVX2-only CPU, f
 128 weight rows + at::mm, in float32, or bf16 where the CPU computes bf16 natively (cpu_lowbit.prefill,
 cpu_features.compute_dtype). q8_neon_dotprod is tested under qemu-user only (tests/test_cpu_neon.py); ARM64 without
 dotprod takes the portable kernels. int4: 4-bit groups converted at load to PyTorch's int4 layout (`layout="int4"`, what
-PackedGroup.prepare looks for); the AMX kernels are cpu_kernels.py's. A 4-bit group on a CPU without AMX keeps the
-format's packing. *A 4-bit group not converted (prepare() not called)
-takes q8_avx512_vnni / packed_amx. **bf16 / float16 x and in_features >= Q8_PREFILL_MIN_IN, else the tiles.
+PackedGroup.prepare looks for) on the cpu:torch ISA only; the AMX kernels are cpu_kernels.py's. On AMX CPUs 4-bit
+groups keep the format's packing like the other widths (session 24, Xeon Emerald Rapids, 2 threads, model (b) of
+eval/bench_cpu.py at 4 bits: the int4 layout's decode ran 107 tok/s through transformers, since the whole-model C++
+step takes packed groups only; packed with q8_avx512_vnni in that step 333 tok/s; 4-bit prefill through packed_amx
+not measured there, 2-bit through it 1940 tok/s against 1635 for the int4 layout at 4 bits). **bf16 / float16 x and in_features >= Q8_PREFILL_MIN_IN, else the tiles.
 float32 x on AMX CPUs: the avx512_vnni row. 16-bit groups are plain matmuls and never looked up.
 
 A whole MoE layer of at most cpu_moe.FUSED_MAX_TOKENS tokens (decode steps) runs in one C++ call (cpu_moe.py) when
@@ -174,8 +176,8 @@ Q8_PREFILL = {isa: _q8_prefill(isa) for isa in Q8_PREFILL_ISAS}
 KERNELS: dict[tuple[str, int, str], tuple[Kernel, ...]] = {}
 for _bits in (2, 3, 4, 8):
     # AMX CPUs have AVX-512 VNNI too: its int8 decode beats packed_amx at 1-4 rows (4x at 1 row, eval/bench_kernels.py)
-    KERNELS[("cpu:amx", _bits, "decode")] = ((INT4,) if _bits == 4 else ()) + (Q8["cpu:avx512_vnni"], PACKED_AMX)
-    KERNELS[("cpu:amx", _bits, "prefill")] = ((INT4,) if _bits == 4 else ()) + (PACKED_AMX,)
+    KERNELS[("cpu:amx", _bits, "decode")] = (Q8["cpu:avx512_vnni"], PACKED_AMX)
+    KERNELS[("cpu:amx", _bits, "prefill")] = (PACKED_AMX,)
     for _isa in Q8:
         KERNELS[(_isa, _bits, "decode")] = (Q8[_isa], TILE_MM[_isa])  # float32 x: the exact tiles
         KERNELS[(_isa, _bits, "prefill")] = ((Q8_PREFILL[_isa],) if _isa in Q8_PREFILL else ()) + (TILE_MM[_isa],)

@@ -21,6 +21,7 @@ from moecompress.runtime.experts.packed_group import PackedGroup
 from moecompress.runtime.store.cache import ExpertCache, ProjShape, StoreLayout
 from moecompress.runtime.store.fused import layer_settings
 from moecompress.runtime.store.prefetch import make_predictor
+from moecompress.runtime.store.slots import HostExperts, SlotTable, slot_table_supported
 from moecompress.runtime.store.store import ExpertStore, LayerView, StoreConfig
 from moecompress.runtime.store.tiers import FileTier, PinnedTier, row_source, tensor_index
 
@@ -28,23 +29,40 @@ from moecompress.runtime.store.tiers import FileTier, PinnedTier, row_source, te
 class _Tier:
     """FileTier (or PinnedTier) with each expert's row sources: read_expert(key) -> {(proj, name): tensor}."""
 
-    def __init__(self, sources: dict, config: StoreConfig, device: torch.device):
+    def __init__(self, sources: dict, config: StoreConfig, device: torch.device, host: HostExperts | None = None):
+        """host: the experts in pinned memory for the GPU slot table (slots.py); then `slots` (set per store) reads."""
         self.files = FileTier(direct=config.direct_io)
         self.sources = sources
-        self.pinned = PinnedTier(self.files, sources, device) if config.tier == "pinned" else None
+        self.host = host
+        self.slots: SlotTable | None = None
+        self.pinned = PinnedTier(self.files, sources, device) if config.tier == "pinned" and host is None else None
 
     @property
     def bytes_read(self) -> int:
+        if self.slots is not None:
+            return self.slots.bytes_read
         return self.pinned.bytes_read if self.pinned is not None else self.files.bytes_read
 
     @property
     def busy_s(self) -> float | None:
+        if self.slots is not None:
+            return self.slots.busy_s
         return self.pinned.busy_s if self.pinned is not None else None
 
     def read_expert(self, key) -> dict:
+        if self.slots is not None:
+            return self.slots.read_expert(key)
         if self.pinned is not None:
             return self.pinned.read_expert(key)
         return self.files.read(self.sources[key])
+
+    def evict(self, key) -> None:
+        if self.slots is not None:
+            self.slots.evict(key)
+
+    def wait_ready(self, key) -> None:
+        if self.slots is not None:
+            self.slots.wait_ready(key)
 
     def recycle(self, buffers: list, limit: int) -> None:
         """An evicted expert's row buffers (cache.py), for the next reads (file tier only)."""
@@ -247,6 +265,9 @@ def attach_store(model: nn.Module | None, directory: str | Path, config: StoreCo
                                f"checkpoint's MoE layers 0..{max(paths)} of {num_experts} experts; re-export it")
     copies = checkpoint_copies(directory, spec, paths) if copies is None else copies
     copy_groups, copy_bytes = _copy_groups(copies or {}, modules, layout)
+    host = None
+    if tier is None and config.tier == "pinned" and config.gpu_slots and slot_table_supported(modules):
+        host = HostExperts(modules)  # before the loaded groups are dropped
     for m in modules.values():
         _drop_groups(m)
     if model is not None:
@@ -262,14 +283,18 @@ def attach_store(model: nn.Module | None, directory: str | Path, config: StoreCo
             raise MoecompressError("these experts take the fused decode call, which computes one token's routed "
                                    "experts together: give attach_store top_k= (experts routed per token)")
     if tier is None:
-        tier = _Tier(sources, config, device)
+        tier = _Tier(sources, config, device, host)
     elif not isinstance(tier, _Tier) or tier.sources.keys() != sources.keys() or \
-            (tier.pinned is not None) != (config.tier == "pinned"):
+            (tier.pinned is not None or tier.host is not None) != (config.tier == "pinned"):
         raise MoecompressError("attach_store(tier=...) takes another store's cache.tier over the same experts and "
                                "of the same StoreConfig.tier")
     cache = ExpertCache(layout, tier, config.budget, config.policy, value, inside, note,
                         working_set)
     cache.copy_bytes = copy_bytes
+    tier.slots = None
+    if tier.host is not None and config.gpu_slots:  # the device slots this budget holds (slots.py)
+        num_experts = {layer: spec.experts[paths[layer]].num_experts for layer in paths}
+        tier.slots = SlotTable(tier.host, layout.nbytes, cache.capacity, device, num_experts)
     if predictor is None and config.prefetch is not None:
         routers = _routers(model, paths, {layer: spec.experts[paths[layer]].num_experts for layer in paths})
         predictor = make_predictor(config.prefetch, stats, routers, _norms(model, paths), _norm_eps(model, paths))

@@ -96,6 +96,9 @@ class ExpertCache:
         self.used -= slot.nbytes
         self.policy.on_evict(key)
         self.counters.evictions += 1
+        evict = getattr(self.tier, "evict", None)
+        if evict is not None:  # the GPU slot table: the expert's slots are free (once the compute queued passes)
+            evict(key)
         recycle = getattr(self.tier, "recycle", None)
         if recycle is not None and slot.buffers:  # not in use (never evicted then): its buffers serve the next reads
             buffers, slot.buffers, slot.groups = slot.buffers, [], {}
@@ -218,6 +221,19 @@ class ExpertCache:
                     self.counters.misses += 1
                     kinds.append("miss")
         return kinds
+
+    def account(self, layer: int, hits: list[int], misses: list[int]) -> None:
+        """A layer call computed elsewhere (the GPU slot table, store/deferred.py): `hits` were resident when it ran,
+        `misses` were not (computed from the slow tier). Counted, and the hits used (the policy's order)."""
+        with self.cond:
+            self.counters.hits += len(hits)
+            self.counters.misses += len(misses)
+            for e in hits:
+                slot = self.slots.get((layer, e))
+                if slot is not None:  # (evicted since it ran: nothing to update)
+                    self._use((layer, e), slot, late=False)
+                    slot.in_use -= 1
+            self.cond.notify_all()
 
     def wait_for(self, key) -> Slot:
         """A missed expert's slot, marked in use: waits for its read in flight (the prefetcher's or a reader's), or

@@ -30,11 +30,15 @@ from moecompress.errors import MoecompressError
 class PathsPredictor:
     def __init__(self, paths: torch.Tensor):
         self.paths = paths.float()  # [L-1, E, E]
+        self._on: dict = {}  # device -> the paths there (copied once: no copy, hence no host wait, per call)
 
     def scores(self, layer: int, hidden, top_k_index, top_k_weights) -> torch.Tensor | None:
         if layer >= self.paths.shape[0]:
             return None
-        p = self.paths[layer].to(top_k_index.device)[top_k_index.reshape(-1)]  # [S, E]
+        device = top_k_index.device
+        if device not in self._on:
+            self._on[device] = self.paths.to(device)
+        p = self._on[device][layer][top_k_index.reshape(-1)]  # [S, E]
         s = (top_k_weights.reshape(-1, 1).float() * p).sum(0)
         return s / s.sum().clamp(min=1e-30)
 

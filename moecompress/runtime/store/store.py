@@ -11,6 +11,12 @@ activations, GPU) runs one expert at a time with the per-group kernels, the dema
 compute (on CUDA a token's experts are summed in k order: no atomics, the same outputs at every budget; the resident
 layer there takes the fused CUDA kernels, so bf16 outputs differ from it by rounding).
 
+GPU tier with the slot table (StoreConfig(tier="pinned", gpu_slots=True), opt-in until it has run on a GPU): decode
+calls that the resident layer would run on the CUDA pair path run the same kernels over the slot table's device
+pools plus the pinned host copy (slots.py, gpu_layer.py), equal to the resident layer bit for bit and with no host sync; counting,
+the policy, reads into slots and prediction follow on the bookkeeping thread once the device has run the call
+(deferred.py). Other calls there (prefill, copies, overlap=False) take the per-expert path over the same slots.
+
 Low-bit copies (optional, resident): a miss routed below `copy_threshold` (a routing weight, or with copy_relative
 a multiple of the token's mean top-k weight) is computed by its copy. With copy_fetch (HOBBIT) its full expert is
 also read in the background for the next use, and a miss whose read is still in flight is not waited for; without
@@ -30,107 +36,19 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import torch
 
 from moecompress.errors import MoecompressError
 from moecompress.runtime.experts import cpu_moe
 from moecompress.runtime.store.cache import ExpertCache
+from moecompress.runtime.store.config import (DEFAULT_COPIES, DEFAULT_COPY_THRESHOLD, DEFAULT_PIN_SHARE,  # noqa: F401
+                                              DEFAULTS, TIERS, StoreConfig, default_config)  # (re-exported)
+from moecompress.runtime.store.deferred import Bookkeeper, CallRecord, to_host
 from moecompress.runtime.store.fused import (FusedSettings, fused_call, fused_rows, layer_settings, settings_key,
                                              weighted_sum)
-from moecompress.runtime.store.policies import EVICTION_POLICIES
-from moecompress.runtime.store.prefetch import PREDICTORS, Prefetcher, RankPrecision
-
-TIERS = ("file", "pinned")
-
-
-@dataclass(frozen=True)
-class StoreConfig:
-    budget: int  # bytes of fast memory for experts: resident slots + reads in flight + low-bit copies
-    policy: str = "lru"  # eviction: policies.EVICTION_POLICIES
-    pin_share: float = 0.0  # share of the slots pinned at load by routing mass per byte (needs statistics)
-    prefetch: str | None = None  # predictor: prefetch.PREDICTORS; None = no prefetch
-    prefetch_width: int | None = None  # experts read ahead per layer call (None: the call's top-k)
-    copy_threshold: float | None = None  # a miss routed below this weight runs on the low-bit copy (None: never;
-    # above 1: every miss)
-    # with copies: a miss computed by its copy also reads the full expert in the background for its next use, and a
-    # miss whose read is in flight (a prefetch not done yet) is computed by its copy instead of waited for (HOBBIT)
-    copy_fetch: bool = False
-    # copy_threshold in units of the token's mean top-k routing weight (1 / top_k with renormalised weights), so one
-    # value serves models with and without renormalisation and any top-k
-    copy_relative: bool = False
-    # a use under the threshold runs on its copy whether or not the full expert is resident or being read, and the
-    # pinned experts (fixed at load) have no copies (dropped at attach): which uses run on copies then depends on the
-    # routing alone, so outputs (Δppl) do not depend on read timing or load
-    copy_deterministic: bool = False
-    copies_in_budget: bool = True  # the resident low-bit copies count inside `budget` (else they come on top)
-    domain: str | None = None  # pin by this domain's mass (the statistics' domains)
-    tier: str = "file"  # "file": safetensors read bypassing the page cache; "pinned": pinned CPU memory -> GPU
-    direct_io: bool = True  # O_DIRECT reads (else plain reads + posix_fadvise DONTNEED)
-    read_threads: int = 4  # demand reads in flight at once
-    overlap: bool = True  # on a miss compute the resident experts while the missing ones are read (else: wait, then
-    # compute)
-    # read ahead only experts the predictor scores at least this many times the uniform score 1 / experts (0: no
-    # floor; relative, so one value serves 16 and 128 experts)
-    prefetch_floor: float = 0.0
-    # read ahead only the prediction ranks routed at least this often at the layer's next call (prefetch.RankPrecision)
-    prefetch_min_precision: float = 0.0
-    # router prefetch: after layer l's experts computed, predict layer l+1 again from the residual stream (layer l's
-    # input stream + its output, under layer l+1's norm) and read what the first prediction missed
-    prefetch_refine: bool = False
-
-    def __post_init__(self):
-        if type(self.budget) is not int or self.budget < 0:
-            raise MoecompressError(f"expert budget must be a whole number of bytes, got {self.budget!r}")
-        if self.policy not in EVICTION_POLICIES:
-            raise MoecompressError(f"unknown eviction policy {self.policy!r}; allowed: {', '.join(EVICTION_POLICIES)}")
-        if self.prefetch is not None and self.prefetch not in PREDICTORS:
-            raise MoecompressError(f"unknown prefetch predictor {self.prefetch!r}; allowed: {', '.join(PREDICTORS)}")
-        if not 0.0 <= self.pin_share <= 1.0:
-            raise MoecompressError(f"pin_share must be in 0..1, got {self.pin_share}")
-        if self.tier not in TIERS:
-            raise MoecompressError(f"unknown store tier {self.tier!r}; allowed: {', '.join(TIERS)}")
-        if self.prefetch_floor < 0:
-            raise MoecompressError(f"prefetch_floor (a multiple of the uniform score) must be >= 0, got "
-                                   f"{self.prefetch_floor}")
-        if not 0.0 <= self.prefetch_min_precision <= 1.0:
-            raise MoecompressError(f"prefetch_min_precision must be in 0..1, got {self.prefetch_min_precision}")
-        if self.copy_threshold is not None and self.copy_threshold < 0:
-            raise MoecompressError(f"copy_threshold (a routing weight) must be >= 0 or None, got {self.copy_threshold}")
-        if self.copy_relative and self.copy_threshold is None:
-            raise MoecompressError("copy_relative sets copy_threshold's unit: give copy_threshold too")
-        if self.copy_deterministic and self.copy_threshold is None:
-            raise MoecompressError("copy_deterministic decides which uses run on the low-bit copies: give "
-                                   "copy_threshold too")
-        if self.copy_fetch and self.copy_threshold is None:
-            raise MoecompressError("copy_fetch computes misses with the low-bit copies: give copy_threshold too "
-                                   "(a routing weight; above 1: every miss)")
-        if self.prefetch_width is not None and self.prefetch_width < 1:
-            raise MoecompressError(f"prefetch_width must be at least 1, got {self.prefetch_width}")
-
-
-def default_config(budget: int, has_stats: bool = True, copy_bits: int | None = None) -> StoreConfig:
-    """The defaults chosen on both reference models (eval/results/store.md); pinning only with statistics; with the
-    checkpoint's (or bundle's) low-bit copies of `copy_bits`, misses under that width's DEFAULT_COPY_THRESHOLD run on
-    them (DEFAULT_COPIES; the copies inside the budget)."""
-    copies = {} if copy_bits is None else {**DEFAULT_COPIES, "copy_threshold": DEFAULT_COPY_THRESHOLD[copy_bits]}
-    return StoreConfig(budget=int(budget), **DEFAULTS, pin_share=DEFAULT_PIN_SHARE if has_stats else 0.0, **copies)
-
-
-# Chosen by steady-state CPU time and bytes read on the 30B-dims model and hit rate on refmoe-qwen3 / refmoe-olmoe
-# (eval/results/store_time.md, store_default50.md): reading every prediction cost 1.6x the resident CPU per token on
-# untrained routing (20 % of the reads used); ranks below 0.5 precision are not read ahead; the second prediction
-# from the residual stream lifts refmoe-qwen3's hit rate from 0.88-0.89 to 0.90-0.91.
-DEFAULTS = {"policy": "lru", "prefetch": "router", "prefetch_refine": True, "prefetch_min_precision": 0.5}
-DEFAULT_PIN_SHARE = 0.5
-# Chosen on calibration text (eval/results/store_copies.md; bench_store.py --copies): per copy width, the largest
-# relative threshold (x the token's mean top-k weight; 1000: every miss) whose Δppl stayed within 0.4 % on both
-# reference models at a 50 % budget (RTN copies, 4-bit main experts); 4- and 8-bit copies: every miss (not measured).
-# On evaluation text the 3-bit choice cost +0.8 % (refmoe-qwen3) / +1.2 % (refmoe-olmoe): calibration text of this
-# size does not predict it (see the README).
-DEFAULT_COPIES = {"copy_relative": True, "copy_fetch": True}
-DEFAULT_COPY_THRESHOLD = {2: 0.25, 3: 1000.0, 4: 1000.0, 8: 1000.0}
+from moecompress.runtime.store.gpu_layer import SlotLayers
+from moecompress.runtime.store.prefetch import Prefetcher, RankPrecision
 
 
 class ExpertStore:
@@ -150,6 +68,11 @@ class ExpertStore:
         self._calls = 0  # layer calls so far
         self._fused: dict = {}  # (layer, settings_key) -> FusedSettings or None: the fused decode call's decision
         self.first_layer = min(layer for layer, _ in cache.layout.nbytes)  # tokens are counted there
+        table = getattr(cache.tier, "slots", None)  # the GPU slot table (attach.py), or None
+        self.slots = SlotLayers(table) if table is not None else None
+        self.book = Bookkeeper(self._account) if table is not None else None
+        self._full: dict[int, int] = {}  # layer -> its evictions when a call last saw every held expert resident
+        self._slots_ran, self.slot_error = False, None
 
     # -- the experts module's compute -------------------------------------------------------------------------------
     def forward(self, layer: int, module, hidden: torch.Tensor, top_k_index: torch.Tensor,
@@ -158,6 +81,18 @@ class ExpertStore:
         resident layer would take it (store/fused.py), else one expert (all projections) at a time."""
         if layer == self.first_layer:
             self.cache.counters.tokens += top_k_index.shape[0]
+        if self.slots is not None and self.config.copy_threshold is None and self.config.overlap and \
+                self.slots.eligible(layer, module, hidden, top_k_index):
+            try:
+                out = self._forward_slots(layer, module, hidden, top_k_index, top_k_weights)
+                self._slots_ran = True
+                return out
+            except Exception as exc:  # noqa: BLE001
+                if self._slots_ran:
+                    raise
+                # the slot path failed at its first call (kernels or pinned-memory access on this machine): the
+                # per-expert path over the same slots computes instead; counters() reports why
+                self.slot_error, self.slots = f"{type(exc).__name__}: {exc}", None
         self.cache.begin_call(layer)
         if self.prefetcher is not None:
             self.prefetcher.begin_call()
@@ -209,6 +144,9 @@ class ExpertStore:
                                          copies[first_name].slot[e], len(rows))
                 continue
             slot = self.cache.slots[(layer, e)] if kinds[i] == "hit" else self.cache.wait_for((layer, e))
+            ready = getattr(self.cache.tier, "wait_ready", None)
+            if ready is not None:  # the GPU slot table: the compute stream waits for the slot's copy, if any
+                ready((layer, e))
             try:
                 pieces[i] = self._expert(module, x, slot.groups[first_name], slot.groups[down_name], 0, len(rows))
             finally:
@@ -366,9 +304,13 @@ class ExpertStore:
 
     def _predict(self, layer: int, hidden, top_k_index, top_k_weights) -> None:
         scores = self.predictor.scores(layer, hidden, top_k_index, top_k_weights)
+        self._request(layer, scores, top_k_index.shape[1])
+
+    def _request(self, layer: int, scores, top_k: int) -> None:
+        """Read ahead layer l+1's experts ranked by `scores` (the first prediction) that passed the precision gate."""
         if scores is None or layer + 1 >= len(self.cache.layout.shapes):
             return
-        width = min(self.config.prefetch_width or top_k_index.shape[1], scores.shape[0])
+        width = min(self.config.prefetch_width or top_k, scores.shape[0])
         held = self.cache.layout.shapes[layer + 1]
         top = torch.topk(scores.float().cpu(), width)
         ranked = top.indices.tolist()
@@ -381,7 +323,9 @@ class ExpertStore:
 
     def _refine(self, layer: int, residual: torch.Tensor, top_k: int) -> None:
         """The second prediction for layer l+1, once layer l's output is known (config.prefetch_refine)."""
-        scores = self.predictor.residual_scores(layer, residual)
+        self._request_refined(layer, self.predictor.residual_scores(layer, residual), top_k)
+
+    def _request_refined(self, layer: int, scores, top_k: int) -> None:
         if scores is None:
             return
         width = min(self.config.prefetch_width or top_k, scores.shape[0])
@@ -391,15 +335,78 @@ class ExpertStore:
         if ranked:
             self.prefetcher.request(layer + 1, ranked)
 
+    # -- the GPU slot table's path (slots.py, gpu_layer.py, deferred.py) -------------------------------------------
+    def _forward_slots(self, layer: int, module, hidden, top_k_index, top_k_weights) -> torch.Tensor:
+        """One batched launch per projection over the resident slots, one over the pinned host copy for the others;
+        the bookkeeping (counters, policy, reads, prediction) follows on the bookkeeping thread."""
+        table, top_k = self.slots.table, top_k_index.shape[1]
+        x, flat = hidden.contiguous(), top_k_index.reshape(-1).contiguous()
+        weights = top_k_weights.reshape(-1).contiguous()
+        scores = None
+        if self.predictor is not None:
+            scores = self.predictor.scores(layer, hidden, top_k_index, top_k_weights)
+        on_cuda = x.is_cuda
+        timing = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if on_cuda else None
+        with table.lock:  # no eviction between the snapshot and the launches that use it
+            table.lookups(layer)
+            unmaps = table.unmaps[layer]
+            host_pass = self._full.get(layer) != unmaps
+            out = self.slots.forward(layer, module, x, flat, weights, top_k, host_pass, timing)
+            snapshot = to_host(table.snap[layer])
+        refine = None
+        residual = self.residuals.pop(layer, None)
+        if residual is not None and self.predictor is not None:
+            refine = self.predictor.residual_scores(layer, residual.reshape(-1, residual.shape[-1]) +
+                                                    out.to(residual.dtype))
+        record = CallRecord(layer, top_k, None, to_host(flat), snapshot, unmaps,
+                            None if scores is None else to_host(scores.float()),
+                            None if refine is None else to_host(refine.float()), timing if host_pass else None)
+        if on_cuda:
+            record.event = torch.cuda.Event()
+            record.event.record()
+        self.book.submit(record)
+        return out
+
+    def _account(self, r: CallRecord) -> None:
+        """The bookkeeping thread's part of a layer call (after the device ran it)."""
+        layer, held = r.layer, self.cache.layout.shapes[r.layer]
+        routed = {e for e in r.routed.tolist() if e in held}
+        snap = r.snapshot.tolist()
+        hits = sorted(e for e in routed if snap[e])
+        misses = sorted(e for e in routed if not snap[e])
+        self.cache.begin_call(layer)
+        if self.prefetcher is not None:
+            self.prefetcher.begin_call()
+            self.precision.routed(layer, routed)
+            self.refine_precision.routed(layer, routed)
+        self.cache.account(layer, hits, misses)
+        if r.timing is not None:
+            with self.cache.cond:  # the compute stream's time on the host-memory plan: what the misses cost
+                self.cache.counters.stall_s += r.timing[0].elapsed_time(r.timing[1]) / 1000
+        self._calls += 1
+        if self.cache.policy.keep_after_layer:  # (on demand keeps nothing: its misses stay on the host copy)
+            for e in misses:
+                self.cache.fill((layer, e), wait=False)
+        self.cache.end_layer(layer)
+        if all(snap[e] for e in held):
+            self._full[layer] = r.unmaps
+        if self.prefetcher is not None:
+            self._request(layer, r.scores, r.top_k)
+            self._request_refined(layer, r.refine, r.top_k)
+
     # -- counters and life cycle ------------------------------------------------------------------------------------
     def counters(self) -> dict:
+        if self.book is not None:
+            self.book.drain()
         c = self.cache.counters
         c.bytes_fetched = self.cache.tier.bytes_read - self._baseline
         busy = getattr(self.cache.tier, "busy_s", None)  # the GPU tier: seconds its side stream spent copying
         c.tier_busy_s = None if busy is None else busy - self._busy_baseline
         return {**c.summary(), "budget": self.cache.budget, "min_budget": self.cache.min_budget,
                 "peak_bytes": self.cache.peak, "copy_bytes": self.cache.copy_bytes,
-                "copies_in_budget": self.config.copies_in_budget, "background_cpu_s": self.background_cpu_s()}
+                "copies_in_budget": self.config.copies_in_budget, "background_cpu_s": self.background_cpu_s(),
+                "slot_device_bytes": None if self.slots is None else self.slots.table.device_bytes,
+                "slot_error": self.slot_error}
 
     def background_cpu_s(self) -> float:
         """CPU seconds the store's own threads (demand readers, prefetchers) have used so far: with the compute
@@ -417,6 +424,8 @@ class ExpertStore:
 
     def reset_counters(self) -> None:
         """Zero the per-run counters (pinned bytes and bytes at load stay)."""
+        if self.book is not None:
+            self.book.drain()
         with self.cache.cond:
             old = self.cache.counters
             self.cache.counters = type(old)(pinned_bytes=old.pinned_bytes, bytes_at_load=old.bytes_at_load)
@@ -427,6 +436,10 @@ class ExpertStore:
         for h in self.hooks:
             h.remove()
         self.hooks.clear()
+        if self.book is not None:  # detach_store closes the one store once per MoE layer: close the thread once
+            self.book.drain()
+            self.book.close()
+            self.book = None
         self._readers.shutdown(wait=True)
         if self.prefetcher is not None:
             self.prefetcher.close()

@@ -1,0 +1,103 @@
+"""The GPU tier on the slot table (runtime/store/slots.py, gpu_layer.py): decode steps computed by the CUDA pair path
+over the device slots plus the pinned host copy equal the fully resident model's (the same kernels) bit for bit at
+every budget and policy, and a step adds no host sync to the resident model's. Needs CUDA and Triton (skipped
+without); the index logic is tested on the CPU in test_store_slots.py."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import moecompress
+from moecompress.runtime import cuda
+from moecompress.runtime.experts.packed_experts import PackedExperts
+from moecompress.runtime.store import StoreConfig, attach_store, detach_store
+
+from test_store_slots import build_packed_checkpoint
+
+pytestmark = pytest.mark.skipif(not cuda.available(), reason=f"GPU slot table: {cuda.unavailable_reason()}")
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return build_packed_checkpoint(tmp_path_factory.mktemp("gpu_slots") / "ck", dtype=torch.bfloat16)
+
+
+def _model(ckpt):
+    return moecompress.from_pretrained(ckpt, dtype=torch.bfloat16, verify=False, device_map="cuda").eval()
+
+
+def _decode(model, ids) -> list[torch.Tensor]:
+    """Every step's logits, one token per step with a KV cache (every MoE call takes the pair path)."""
+    past, outs = None, []
+    with torch.no_grad():
+        for t in range(ids.shape[1]):
+            out = model(ids[:, t:t + 1], past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            outs.append(out.logits)
+    return outs
+
+
+@pytest.fixture(scope="module")
+def reference(ckpt):
+    ids = torch.randint(0, 100, (1, STEPS), generator=torch.Generator().manual_seed(0)).cuda()
+    return ids, _decode(_model(ckpt), ids)
+
+
+def test_slot_path_equals_the_resident_kernels_at_every_budget(ckpt, reference):
+    ids, ref = reference
+    model = _model(ckpt)
+    modules = [m for m in model.modules() if isinstance(m, PackedExperts)]
+    probe = attach_store(model, ckpt, StoreConfig(budget=1 << 40, tier="pinned", gpu_slots=True))
+    total, smallest, tier = sum(probe.cache.layout.nbytes.values()), probe.cache.min_budget, probe.cache.tier
+    detach_store(modules)
+    for budget, fields in ((smallest, dict(policy="lru")), (total // 4, dict(prefetch="router", pin_share=0.5)),
+                           (total // 2, dict(policy="lfu", prefetch="paths")), (total // 2, dict(policy="demand")),
+                           (total, dict(policy="lru"))):
+        config = StoreConfig(budget=budget, tier="pinned", gpu_slots=True, **fields)
+        store = attach_store(model, ckpt, config, tier=tier)
+        tier = store.cache.tier
+        try:
+            assert store.slots is not None
+            got = _decode(model, ids)
+            c = store.counters()
+        finally:
+            detach_store(modules)
+        assert c["slot_error"] is None, c["slot_error"]  # the slot path ran (no fallback to the per-expert one)
+        assert all(torch.equal(a, b) for a, b in zip(got, ref)), (budget, fields)
+        assert c["peak_bytes"] <= budget and c["uses"] > 0
+        table = store.slots.table  # per projection and width a pool within the budget (test_store_slots.py)
+        assert table.device_bytes <= len(table.pools) * budget
+        if budget < total // 2:
+            assert c["misses"] > 0 and c["stall_s"] > 0  # misses computed from the host copy, its time measured
+        if budget == total:
+            assert c["hits"] > c["misses"]
+
+
+def test_a_step_adds_no_host_sync(ckpt, reference):
+    """With every expert resident, a decode step synchronizes the host no more often than the resident model's."""
+    ids, _ = reference
+    resident = _model(ckpt)
+    model = _model(ckpt)
+    modules = [m for m in model.modules() if isinstance(m, PackedExperts)]
+    store = attach_store(model, ckpt, StoreConfig(budget=1 << 40, tier="pinned", gpu_slots=True, policy="lru"))
+    try:
+        _decode(model, ids[:, :4])  # every expert read in and seen resident (the host-memory plan skipped)
+        _decode(model, ids[:, :4])
+        store.counters()  # the bookkeeping thread idle
+        counts = []
+        for m in (resident, model):
+            torch.cuda.synchronize()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    _decode(m, ids[:, :2])
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            counts.append(sum("synchroniz" in str(w.message) for w in caught))
+        assert counts[1] <= counts[0], counts
+    finally:
+        detach_store(modules)

@@ -1,0 +1,230 @@
+"""The GPU tier's slot table (runtime/store/slots.py), its index logic on the CPU: slots hold the right experts' bytes,
+the device and host lookups of one snapshot split every routed expert between them exactly once, and a layer
+computed as the two lookups' pairs (each pair's row from one of them) equals the layer computed from its own groups.
+The CUDA side (the kernels over the slots, no host sync) is tested in test_store_gpu.py."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moecompress
+from moecompress.artifacts.bit_plan import BitPlan
+from moecompress.errors import MoecompressError
+from moecompress.export.checkpoint import export_checkpoint
+from moecompress.format.expert_stats import ExpertStats, write_expert_stats
+from moecompress.format.pack import unpack
+from moecompress.runtime.experts.packed_experts import PackedExperts
+from moecompress.runtime.store.slots import HostExperts, SlotTable, slot_table_supported
+
+from helpers import quantize_tiny
+
+PACKED_BITS = (2, 3, 4, 8)
+
+
+def packed_plan(layout, group_size: int = 32) -> BitPlan:
+    """Every packed bit-width in every layer, the projections of one expert at different widths."""
+    experts = {m.experts_path: {p.name: tuple(PACKED_BITS[(e + m.layer + 2 * j) % 4] for e in range(m.num_experts))
+                                for j, p in enumerate(m.projs)} for m in layout.moe_layers}
+    return BitPlan(group_size=group_size, symmetric=False, experts=experts, linears={})
+
+
+def build_packed_checkpoint(out, dtype=torch.float32):
+    from conftest import _build
+
+    from moecompress.arch.adapters import describe
+
+    model = _build("qwen3_moe", hidden_size=256, moe_intermediate_size=128, intermediate_size=128)
+    layout, plan, quantized = quantize_tiny(model, plan=packed_plan(describe(model)))
+    export_checkpoint(model, layout, plan, quantized, out, dtype=dtype)
+    gen = torch.Generator().manual_seed(0)  # routing statistics (pinning, the paths predictor)
+    L, E = len(layout.moe_layers), layout.moe_layers[0].num_experts
+    write_expert_stats(out, ExpertStats.from_counts(torch.rand(L, E, generator=gen),
+                                                    torch.randint(0, 9, (L, E), generator=gen),
+                                                    torch.rand(L - 1, E, E, generator=gen)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def modules(tmp_path_factory):
+    ckpt = build_packed_checkpoint(tmp_path_factory.mktemp("slots") / "ck")
+    model = moecompress.from_pretrained(ckpt, dtype=torch.float32, verify=False).eval()
+    return dict(enumerate(m for m in model.modules() if isinstance(m, PackedExperts)))
+
+
+def _nbytes(host: HostExperts) -> dict:
+    out = {}
+    for layer, by_proj in host.groups.items():
+        for groups in by_proj.values():
+            for g, _ in groups:
+                for e, row in g.slot.items():
+                    out[(layer, e)] = out.get((layer, e), 0) + sum(t[row].numel() * t.element_size()
+                                                                   for t in g.buffers())
+    return out
+
+
+def _table(modules, share: float):
+    host = HostExperts(modules, pin=False)
+    nbytes = _nbytes(host)
+    num_experts = {layer: m.num_experts for layer, m in modules.items()}
+    return host, nbytes, SlotTable(host, nbytes, int(share * sum(nbytes.values())), "cpu", num_experts)
+
+
+def _dequantized(group, row: int) -> torch.Tensor:
+    """float32 [out, in] of one row (expert) of a packed group."""
+    q = unpack(group.qweight[row], group.bits, group.in_features).float()
+    s = group.scales[row].float().repeat_interleave(group.group_size, -1)
+    z = group.zeros[row].float().repeat_interleave(group.group_size, -1)
+    return (q - z) * s
+
+
+def _pairs(groups, lut: list[int], x: torch.Tensor, flat: list[int], top_k: int) -> torch.Tensor:
+    """The pair path's semantics: row p = x[p // top_k] @ W(expert of pair p)^T where the lookup places the expert
+    in a group, else zeros (dropped)."""
+    out_f = groups[0][0].out_features
+    rows = torch.zeros(len(flat), out_f)
+    for p, e in enumerate(flat):
+        pos = lut[e]
+        for g, pos0 in groups:
+            if pos0 <= pos < pos0 + len(g.experts):
+                rows[p] = x[p // top_k] @ _dequantized(g, pos - pos0).T
+    return rows
+
+
+def test_slots_hold_the_experts_bytes_and_lookups_split_them(modules):
+    host, nbytes, table = _table(modules, 0.4)
+    assert slot_table_supported(modules)
+    layer, E = 1, modules[1].num_experts
+    for e in range(E // 2):
+        table.read_expert((layer, e))
+    for e in range(0, E // 2, 3):  # evict some, read others into their slots
+        table.evict((layer, e))
+    for e in range(E // 2, E // 2 + 2):
+        table.read_expert((layer, e))
+    resident = {e for (l, e) in table.taken if l == layer}
+    assert resident == (set(range(E // 2 + 2)) - set(range(0, E // 2, 3)))
+    table.lookups(layer)
+    projs = list(host.groups[layer])
+    for i, proj in enumerate(projs):
+        dev, hst = table.lut_device[layer][i].tolist(), table.lut_host[layer][i].tolist()
+        drop_d, drop_h = int(table.drop_device[layer][i]), int(table.drop_host[layer][i])
+        for e in range(E):
+            assert (dev[e] < drop_d) == (e in resident) and (hst[e] < drop_h) == (e not in resident)
+        assert dev[E] == drop_d and hst[E] == drop_h  # the sentinel (dropped pairs) in neither
+        for e in resident:  # the device lookup points at the expert's own bytes
+            g, row = host.where(layer, proj, e)
+            pool, pos0 = next((p, p0) for p, p0 in table.device_groups(layer, proj) if p0 <= dev[e] < p0 + len(p.experts))
+            for name in ("qweight", "scales", "zeros"):
+                assert torch.equal(pool._buffers[name][dev[e] - pos0], g._buffers[name][row])
+    # a flag set after the snapshot (the side stream finishing a copy) changes nothing until the next snapshot
+    table.read_expert((layer, E - 1))
+    assert table.lut_host[layer][0, E - 1] < table.drop_host[layer][0]
+    table.lookups(layer)
+    assert table.lut_device[layer][0, E - 1] < table.drop_device[layer][0]
+
+
+def test_two_lookups_compute_the_layer_exactly(modules):
+    """Pairs from the device slots + pairs from the host copy (the two plans of gpu_layer.py) == the layer from its
+    own groups, for both projections, whatever is resident."""
+    host, nbytes, table = _table(modules, 0.5)
+    layer, module = 0, modules[0]
+    gen = torch.Generator().manual_seed(0)
+    for e in torch.randperm(module.num_experts, generator=gen)[:module.num_experts // 3].tolist():
+        table.read_expert((layer, e))
+    table.lookups(layer)
+    x = torch.randn(3, 256, generator=gen)
+    flat = torch.randint(0, module.num_experts, (3 * 4,), generator=gen).tolist()
+    for i, proj in enumerate(module.proj_names):
+        xin = x if i == 0 else torch.randn(len(flat), getattr(module, proj).children().__next__().in_features,
+                                           generator=gen)
+        div = 4 if i == 0 else 1
+        own = _pairs(host.groups[layer][proj], host.lookup[layer][proj], xin, flat, div)
+        split = (_pairs(table.device_groups(layer, proj), table.lut_device[layer][i].tolist(), xin, flat, div)
+                 + _pairs(host.groups[layer][proj], table.lut_host[layer][i].tolist(), xin, flat, div))
+        assert torch.equal(split, own)
+        assert bool(own.abs().sum(-1).gt(0).all())  # every pair computed (none dropped by both)
+
+
+def test_capacity_is_what_the_budget_holds(modules):
+    host, nbytes, table = _table(modules, 0.25)
+    budget = int(0.25 * sum(nbytes.values()))
+    # a pool of one projection and width holds at most what the budget holds of the experts using it: each pool's
+    # bytes are within the budget (a model of one width: the pools are the budget)
+    for key, pool in table.pools.items():
+        assert sum(t.numel() * t.element_size() for t in pool.buffers()) <= budget
+    with pytest.raises(MoecompressError, match="no free slot"):
+        for layer in host.groups:
+            for e in range(modules[layer].num_experts):
+                table.read_expert((layer, e))
+
+
+class _CpuSlotLayers:
+    """gpu_layer.SlotLayers with the pair path's semantics in torch (the device plan's rows + the host plan's rows,
+    the top_k rows of a token summed in k order), so the store's slot-table path (lookups per call, bookkeeping
+    thread, reads and evictions through the table) runs on the CPU; each call also checks that the two plans give
+    exactly the rows of the layer computed from its own groups."""
+
+    def __init__(self, table):
+        self.table, self.mismatches, self.calls = table, 0, 0
+
+    def eligible(self, layer, module, hidden, top_k_index) -> bool:
+        return layer in self.table.host.groups
+
+    def _layer(self, module, plans, x, flat, weights, top_k):
+        (g1, lut1), (g2, lut2) = plans
+        h = _pairs(g1, lut1, x, flat, top_k)
+        h = module._gate_fn(module, h)
+        return _pairs(g2, lut2, h, flat, 1)
+
+    def forward(self, layer, module, x, flat, weights, top_k, host_pass, timing=None):
+        t, names = self.table, module.proj_names
+        flat = flat.tolist()
+        dev = [(t.device_groups(layer, n), t.lut_device[layer][i].tolist()) for i, n in enumerate(names)]
+        hst = [(t.host.groups[layer][n], t.lut_host[layer][i].tolist()) for i, n in enumerate(names)]
+        own = [(t.host.groups[layer][n], t.host.lookup[layer][n]) for n in names]
+        y = self._layer(module, dev, x.float(), flat, weights, top_k)
+        if host_pass:
+            y = y + self._layer(module, hst, x.float(), flat, weights, top_k)
+        self.mismatches += not torch.equal(y, self._layer(module, own, x.float(), flat, weights, top_k))
+        self.calls += 1
+        y = y * weights.float()[:, None]
+        return y.view(x.shape[0], top_k, -1).sum(1).to(x.dtype)
+
+
+@pytest.mark.parametrize("share,fields", [(0.3, dict(policy="lru")), (0.6, dict(policy="lfu", prefetch="paths")),
+                                          (0.5, dict(policy="lru", prefetch="router", prefetch_refine=True,
+                                                     prefetch_min_precision=0.5)),
+                                          (0.5, dict(policy="demand"))])
+def test_store_on_the_slot_table(tmp_path_factory, modules, share, fields):
+    """The store's slot-table path end to end on the CPU: every call split exactly between the two plans, the
+    table's residents = the cache's, counters consistent, the budget held."""
+    from moecompress.runtime.store import StoreConfig, attach_store, detach_store
+    from moecompress.runtime.store.deferred import Bookkeeper
+
+    ckpt = tmp_path_factory.getbasetemp() / "slots0" / "ck"
+    model = moecompress.from_pretrained(ckpt, dtype=torch.float32, verify=False).eval()
+    mods = dict(enumerate(m for m in model.modules() if isinstance(m, PackedExperts)))
+    host = HostExperts(mods, pin=False)
+    total = sum(_nbytes(host).values())
+    store = attach_store(model, ckpt, StoreConfig(budget=int(share * total), **fields))
+    try:
+        table = SlotTable(host, store.cache.layout.nbytes, store.cache.capacity, "cpu",
+                          {layer: m.num_experts for layer, m in mods.items()})
+        store.cache.tier.host, store.cache.tier.slots = host, table
+        store.slots, store.book = _CpuSlotLayers(table), Bookkeeper(store._account)
+        ids = torch.tensor([[5, 17, 3, 99, 42, 7, 64, 8, 11, 23]])
+        past = None
+        with torch.no_grad():
+            for i in range(ids.shape[1]):
+                past = model(ids[:, i:i + 1], past_key_values=past, use_cache=True).past_key_values
+        c = store.counters()
+        assert store.slots.calls == ids.shape[1] * len(mods) and store.slots.mismatches == 0
+        assert set(table.taken) == set(store.cache.slots)  # fills and evictions went through the table
+        assert c["hits"] + c["misses"] == c["uses"] > 0 and c["peak_bytes"] <= int(share * total)
+        if fields["policy"] == "demand":
+            assert c["hits"] == 0 and not table.taken  # on demand: every use from the host copy
+        else:
+            assert c["hits"] > 0 and c["misses"] > 0 and c["bytes_fetched"] > 0
+        if fields.get("prefetch"):
+            assert c["prefetches"] > 0  # read ahead through the table too
+    finally:
+        detach_store(model.modules())  # closes the one store once per MoE layer (3 here): must return
