@@ -21,6 +21,7 @@ import moecompress
 from moecompress.arch.adapters import describe
 from moecompress.export.checkpoint import export_checkpoint
 from moecompress.runtime.kernels import cpu_features, cpu_lowbit, kernel_registry
+from moecompress.runtime.experts import packed_group
 from moecompress.runtime.cpu_step import CpuDecoder, StepPlan, UnsupportedModel
 
 pytestmark = [pytest.mark.skipif(not cpu_lowbit.available(), reason="the low-bit C++ kernels are not built"),
@@ -36,7 +37,12 @@ _BUILT: dict = {}
 
 @pytest.fixture(autouse=True)
 def int8_activations(monkeypatch):
+    """int8 activations on both sides, at any rows per expert: the reference's forwards reach 48+ rows per expert
+    (the tiny configs have use_cache=False, so transformers' generate feeds all 3 x 16 tokens again at step 7), where
+    the registry's prefill kernel of a CPU without an int8 prefill op (every ISA but AVX2) is the float32 tiles
+    (session 24: a token flip there on the AMX CPU and with MOECOMPRESS_CPU_ISA=cpu:portable)."""
     monkeypatch.setenv(kernel_registry.INT8_ACTIVATIONS_ENV, "always")
+    monkeypatch.setattr(packed_group, "PREFILL_MIN_ROWS", 1 << 30)
 
 
 def checkpoint(arch: str, tmp_path_factory):
