@@ -470,6 +470,23 @@ def main() -> None:
     write(results, pipe, full_ppl, args, local, extra, profile, replayed, time.time() - t0, base)
 
 
+def calib_dppl(m: dict, lossless: dict, base: dict) -> float:
+    """Δppl % of a calibration-text run against this placement's lossless run and the default placement's (the
+    larger): what every pick on calibration text compares with --pick-on-calib."""
+    return 100 * max(m["ppl"] / lossless["ppl"] - 1, m["ppl"] / base["ppl"] - 1)
+
+
+def undo_over_limit(run, now: list, taken: list, start: float, limit: float, dppl):
+    """Measure the per-layer thresholds `now` (layers in `taken` raised, in that order) and undo the last raise back
+    to `start` while Δppl is over `limit` -> (metrics, thresholds) of the first combination within it, or None."""
+    while taken:
+        m = run(now)
+        if dppl(m) <= limit:
+            return m, list(now)
+        now[taken.pop()] = start
+    return None
+
+
 def pick_on_calibration(rows, out_e, out_d, data, ref_logp, args) -> list:
     """The baselines and, per curve, the row with the fewest round trips/token whose Δppl on calibration text
     (against this placement's lossless run and the default placement's, the larger) is <= --pick-on-calib; none
@@ -490,7 +507,7 @@ def pick_on_calibration(rows, out_e, out_d, data, ref_logp, args) -> list:
         ok = []
         for c, label, spec in rows:
             m = measured[label]
-            dppl = 100 * max(m["ppl"] / lossless["ppl"] - 1, m["ppl"] / base["ppl"] - 1)
+            dppl = calib_dppl(m, lossless, base)
             if c == curve and dppl <= args.pick_on_calib:
                 ok.append((m["round_trips_per_token"], dppl, label, spec))
         if ok:
@@ -511,7 +528,7 @@ def per_layer_copies_pick(rows, measured, lossless, base, out_e, data, ref_logp,
     round trips saved per Δppl point first, while the summed Δppl increments fit the limit; the combination is
     measured and the last raise undone while it is over. Returns the picked row (curve `copies_layers`) or none."""
     def dppl(m):
-        return 100 * max(m["ppl"] / lossless["ppl"] - 1, m["ppl"] / base["ppl"] - 1)
+        return calib_dppl(m, lossless, base)
 
     knob = lambda spec, name: float(spec.split(f"{name}=")[1].split(",")[0])  # noqa: E731
     curve = [(measured[label], spec) for c, label, spec in rows if c == "copies"]
@@ -556,12 +573,9 @@ def per_layer_copies_pick(rows, measured, lossless, base, out_e, data, ref_logp,
                     budget -= cost
                     taken.append(layer)
                     now[layer] = full
-            while taken:
-                m = run(now)
-                if dppl(m) <= args.pick_on_calib:
-                    found.append((m["round_trips_per_token"], dppl(m), list(now)))
-                    break
-                now[taken.pop()] = start
+            fit = undo_over_limit(run, now, taken, start, args.pick_on_calib, dppl)
+            if fit is not None:
+                found.append((fit[0]["round_trips_per_token"], dppl(fit[0]), fit[1]))
     if not found:
         print("calibration pick for copies_layers: none within the limit", flush=True)
         return []
@@ -579,7 +593,7 @@ def per_layer_pick(rows, measured, lossless, base, out_e, data, ref_logp, args) 
     while the summed Δppl increments stay within --pick-on-calib; the combination is measured once more and the
     last raise undone while it is over the limit. Returns the picked row (curve `localize_layers`) or none."""
     def dppl(m):
-        return 100 * max(m["ppl"] / lossless["ppl"] - 1, m["ppl"] / base["ppl"] - 1)
+        return calib_dppl(m, lossless, base)
 
     threshold = lambda spec: float(spec.split("threshold=")[1].split(",")[0])  # noqa: E731
     ok = [(measured[label]["round_trips_per_token"], threshold(spec)) for c, label, spec in rows
@@ -617,14 +631,13 @@ def per_layer_pick(rows, measured, lossless, base, out_e, data, ref_logp, args) 
                 budget -= cost
                 taken.append(layer)
                 now[layer] = v
-        while taken:
-            m = run(now)
-            if dppl(m) <= args.pick_on_calib:
-                label = (f"localize per layer {'/'.join(f'{t:g}' for t in now)} (picked on calib: Δppl "
-                         f"{dppl(m):+.2f} %, rt/tok {m['round_trips_per_token']:.2f})")
-                print(f"calibration pick for localize_layers: {label}", flush=True)
-                return [("localize_layers", label, spec_of(now))]
-            now[taken.pop()] = start
+        fit = undo_over_limit(run, now, taken, start, args.pick_on_calib, dppl)
+        if fit is not None:
+            m, now = fit
+            label = (f"localize per layer {'/'.join(f'{t:g}' for t in now)} (picked on calib: Δppl "
+                     f"{dppl(m):+.2f} %, rt/tok {m['round_trips_per_token']:.2f})")
+            print(f"calibration pick for localize_layers: {label}", flush=True)
+            return [("localize_layers", label, spec_of(now))]
     print("calibration pick for localize_layers: none within the limit", flush=True)
     return []
 

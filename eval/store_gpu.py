@@ -109,6 +109,13 @@ def _tier(device: str) -> str:
     return "pinned" if device != "cpu" else "file"  # cpu: a check of this script without a GPU
 
 
+def _config(budget: int, device: str, fields: dict | None = None):
+    """The store of a row: the slot table unless the row says gpu_slots=False (the session-23 per-expert path)."""
+    from moecompress.runtime.store import StoreConfig
+
+    return StoreConfig(budget=budget, tier=_tier(device), **{"gpu_slots": True, **(fields or {})})
+
+
 def _rows(budgets, configs):
     for share in budgets:
         for name, fields, shares in configs:
@@ -119,7 +126,7 @@ def _rows(budgets, configs):
 def run_time(args, tools, save) -> dict:
     """Every budget x CONFIGS on the 30B-dims model, store and resident alternating step by step."""
     from moecompress.runtime.experts.packed_experts import PackedExperts
-    from moecompress.runtime.store import StoreConfig, attach_store, detach_store
+    from moecompress.runtime.store import attach_store, detach_store
 
     device, t0 = args.device, time.time()
     ckpt = build_checkpoint(Path(args.work) / ("gpu-30b-dims-4l-4" + ("-small" if args.gpu_small else "")), 4,
@@ -140,7 +147,7 @@ def run_time(args, tools, save) -> dict:
     total = store_time.expert_bytes(ckpt)
     res = {"model": "random-init Qwen3-30B-A3B MoE dims, 4 layers (time)", "device": _device_name(device),
            "expert_bytes": total, "tokens": args.big_tokens, "build_s": built, "copies_s": copies_s, "rows": []}
-    warm = attach_store(model, ckpt, StoreConfig(budget=total, tier=_tier(device), gpu_slots=True), stats=stats,
+    warm = attach_store(model, ckpt, _config(total, device), stats=stats,
                         copies={})
     tier = warm.cache.tier
     try:  # compile the kernels of both paths (Triton) before the rows
@@ -150,7 +157,7 @@ def run_time(args, tools, save) -> dict:
     res["warm_s"] = time.time() - t0 - built - copies_s
     for share, name, fields in _rows(args.budgets, CONFIGS):
         budget = int(share * total)
-        config = StoreConfig(budget=budget, tier=_tier(device), **{"gpu_slots": True, **fields})
+        config = _config(budget, device, fields)
         t2 = time.time()
         try:
             own_tier = fields.get("gpu_slots", True) is False  # the session-23 path: its own PinnedTier
@@ -177,7 +184,7 @@ def run_hits(args, tools, save) -> dict:
     """Hit rates (and time per token, Δppl) on refmoe-qwen3 on the GPU tier, from --gpu-data."""
     from moecompress.format.expert_stats import ExpertStats
     from moecompress.runtime.experts.packed_experts import PackedExperts
-    from moecompress.runtime.store import StoreConfig, attach_store, detach_store
+    from moecompress.runtime.store import attach_store, detach_store
 
     device = args.device
     data = torch.load(Path(args.gpu_data) / "refmoe-qwen3.pt")
@@ -189,7 +196,7 @@ def run_hits(args, tools, save) -> dict:
     del resident
     model = _load(ckpt, device)
     modules = [m for m in model.modules() if isinstance(m, PackedExperts)]
-    probe = attach_store(model, ckpt, StoreConfig(budget=1 << 50, tier=_tier(device), gpu_slots=True), stats=stats,
+    probe = attach_store(model, ckpt, _config(1 << 50, device), stats=stats,
                          copies={})
     total, tier = sum(probe.cache.layout.nbytes.values()), probe.cache.tier
     detach_store(modules)
@@ -198,7 +205,7 @@ def run_hits(args, tools, save) -> dict:
     for share, name, fields in _rows([b for b in args.budgets if b < 1], HIT_CONFIGS):
         budget = int(share * total)
         try:
-            config = StoreConfig(budget=budget, tier=_tier(device), **{"gpu_slots": True, **fields})
+            config = _config(budget, device, fields)
             store = attach_store(model, ckpt, config, stats=stats,
                                  copies=data["copies"] if "copy_threshold" in fields else {}, tier=tier)
             try:

@@ -112,6 +112,13 @@ class PairPlan:
 
     def __call__(self, x: torch.Tensor, flat: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [tokens, H] contiguous, flat [tokens * top_k] expert ids, weights [tokens * top_k] -> [tokens, H]."""
+        self.project(x, flat)
+        out = torch.empty(self.tokens, self.hidden, dtype=self.dtype, device=self.device)
+        self.sum(weights, out)
+        return out
+
+    def project(self, x: torch.Tensor, flat: torch.Tensor) -> None:
+        """Every launch before the sum: the down projection's float32 partial sums land in `partial`."""
         self.permute_x(x)
         self.first(flat)
         if self.mode == "split":
@@ -120,9 +127,11 @@ class PairPlan:
             h = self.experts._gate_fn(self.experts, self.h) if self.experts.has_gate else self.experts.act_fn(self.h)
             self.permute_h(h.contiguous())
         self.down(flat)
-        out = torch.empty(self.tokens, self.hidden, dtype=self.dtype, device=self.device)
-        self.sum(weights, out)
-        return out
+
+    @property
+    def partial(self) -> torch.Tensor:
+        """The down projection's float32 partial sums [KS, pairs, H] (the sum kernel's first argument)."""
+        return self.sum.args[0]
 
 
 def _interpreted() -> bool:

@@ -88,31 +88,14 @@ class SlotLayers:
         """x [T, H] contiguous, flat [T * top_k] expert ids, weights [T * top_k] -> [T, H]; the lookups must be
         current (SlotTable.lookups, same stream). timing: (start, end) CUDA events around the host plan."""
         on_device, on_host = self._plans(layer, module, x.shape[0], top_k, x.dtype, x.device)
-        _projections(on_device, x, flat)
+        on_device.project(x, flat)
         if host_pass:
             if timing is not None:
                 timing[0].record()
-            _projections(on_host, x, flat)
-            _partial(on_device).add_(_partial(on_host))  # a pair's row is zero in the plan that dropped it: exact
+            on_host.project(x, flat)
+            on_device.partial.add_(on_host.partial)  # a pair's row is zero in the plan that dropped it: exact
             if timing is not None:
                 timing[1].record()
         out = torch.empty(x.shape[0], on_device.hidden, dtype=x.dtype, device=x.device)
         on_device.sum(weights, out)
         return out
-
-
-def _projections(plan, x, flat) -> None:
-    """PairPlan.__call__ up to the down projection's partial sums (its steps, in its order)."""
-    plan.permute_x(x)
-    plan.first(flat)
-    if plan.mode == "split":
-        plan.gate()
-    elif plan.mode == "plain":
-        h = plan.experts._gate_fn(plan.experts, plan.h) if plan.experts.has_gate else plan.experts.act_fn(plan.h)
-        plan.permute_h(h.contiguous())
-    plan.down(flat)
-
-
-def _partial(plan) -> torch.Tensor:
-    """The down projection's float32 partial sums [KS, pairs, H] (the sum kernel's first argument)."""
-    return plan.sum.args[0]
