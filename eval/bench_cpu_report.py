@@ -109,15 +109,29 @@ def goals_table(rows: list[dict], match: dict, bw: float) -> list[str]:
     return lines
 
 
+def _bandwidth_text(result: dict) -> str:
+    bw, gb = result["bandwidth"], lambda xs: ", ".join(f"{x / 1e9:.1f}" for x in xs)
+    readings = result.get("bandwidth_readings", [bw])
+    if not result.get("bandwidth_probes"):  # results of session 24 and before
+        return ("Measured read bandwidth (float32 sum of 1 GiB, best of 7, on 4 KB and on 2 MB pages, before each "
+                "round and at the end; the bound uses the highest reading): "
+                f"{bw / 1e9:.1f} GB/s (readings {gb(readings)}).")
+    torch_sum = [x for p in result["bandwidth_probes"] for x in p["torch_sum"]]
+    return (f"Measured read bandwidth (eval/bench_cpu_probe.py, before each round and at the end: {result['threads']} "
+            "threads reading 1 GiB on 2 MB pages as a plain stream, with and without software prefetch, and in the "
+            "decode's pattern, 8 scattered 768 KiB matrices per parallel loop; a reading = the fastest variant's "
+            f"median of 5 passes; the bound uses the median reading): {bw / 1e9:.1f} GB/s (readings {gb(readings)}; "
+            f"session 24's probe, a torch float32 sum best of 7, read {gb(torch_sum)}: its highest, "
+            f"{max(torch_sum) / 1e9:.1f}, would have been the old rule's).")
+
+
 def write_report(result: dict, out: Path) -> str:
     cpu, bw = result["cpu"], result["bandwidth"]
     batches = result["shapes"]["batches"]
     s = result["shapes"]
     lines = ["# CPU benchmark: moecompress vs llama.cpp", "",
              f"CPU: {cpu['model_name']} ({cpu['cpus']} CPUs), flags: {', '.join(cpu['flags'])}; "
-             f"{result['threads']} threads. Measured read bandwidth (float32 sum of 1 GiB, best of 7, on 4 KB and on "
-             f"2 MB pages, before each round and at the end; the bound uses the highest reading): {bw / 1e9:.1f} GB/s (readings "
-             f"{', '.join(f'{x / 1e9:.1f}' for x in result.get('bandwidth_readings', [bw]))}).",
+             f"{result['threads']} threads. {_bandwidth_text(result)}",
              f"Command: `{result['command']}` (wall {result['wall_s'] / 60:.1f} min, load average "
              f"{result['load'][0]:.1f} before, {result['load'][1]:.1f} after).",
              f"Prefill: one {s['prefill']}-token sequence. Decode: {s['gen']} tokens one step at a time with the KV "

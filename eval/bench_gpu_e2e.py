@@ -18,7 +18,8 @@ Per model, in a child process of its own (a failure on the device cannot stop th
 - refmoe-qwen3: the logits' rel. difference from bf16 (first 64 tokens of a row);
 - --batch rows of left-padded prompts, sampled (temperature 0.8, top-p 0.95, seed 0): transformers' model.generate
   against GraphDecoder (ms per step of all rows), graph tokens == eager steps' with the same seed; packed models
-  also with the launch defaults before session 21 (pair path always: PAIR_MAX_MEAN_ROWS inf), batch 1 and batched.
+  also with the launch defaults before session 21 (pair path always: PAIR_MAX_MEAN_ROWS inf), batch 1 and batched
+  (--no-pair-always: not).
 """
 from __future__ import annotations
 
@@ -141,7 +142,7 @@ def child(spec: str, args) -> dict:
             row["graph_equals_eager_static"] = bool(torch.equal(graph_tokens, static_tokens))
             row["graph_equals_dynamic_cache"] = bool(torch.equal(graph_tokens, eager_tokens))
             row["tokens_compared"] = args.new_tokens
-            if variant.startswith("packed"):  # the previous launch defaults, batch 1 greedy
+            if variant.startswith("packed") and args.pair_always:  # the previous launch defaults, batch 1
                 with pair_path_always():
                     other = GraphDecoder(model, max_len)
                     other.generate(prompt, 4)
@@ -150,7 +151,7 @@ def child(spec: str, args) -> dict:
         except Exception as exc:  # noqa: BLE001 (reported in the table)
             row["graph_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
         try:
-            row.update(batched(model, args, vocab, gen, packed=variant.startswith("packed")))
+            row.update(batched(model, args, vocab, gen, packed=variant.startswith("packed") and args.pair_always))
         except Exception as exc:  # noqa: BLE001 (reported in the table)
             row["batched_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
     return row
@@ -233,10 +234,14 @@ def run_children(args) -> list[dict]:
             print("refmoe-qwen3: .gpu_carry/ not here (export it on the CPU first): skipped", flush=True)
             continue
         for variant in variants:
+            if args.only and f"{kind}:{variant}" not in args.only:
+                continue
             cmd = [sys.executable, __file__, "--child", f"{kind}:{variant}", "--layers", str(args.layers),
+                   *([] if args.pair_always else ["--no-pair-always"]),
                    "--new-tokens", str(args.new_tokens), "--prompt", str(args.prompt), "--batch", str(args.batch),
                    "--logits-dir",
                    str(args.logits_dir)]
+            started = time.perf_counter()
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.child_timeout)
                 lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -244,6 +249,7 @@ def run_children(args) -> list[dict]:
                     model=kind, variant=variant, error=" | ".join(proc.stderr.strip().splitlines()[-3:])[:400])
             except subprocess.TimeoutExpired:
                 row = dict(model=kind, variant=variant, error=f"timed out after {args.child_timeout} s")
+            row["child_s"] = round(time.perf_counter() - started, 1)  # (what a shorter run can leave out)
             rows.append(row)
             print(row, flush=True)
             # what a run stopped at its time limit measured (the tables are written at the end)
@@ -305,6 +311,10 @@ def main(argv=None) -> None:
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--batch", type=int, default=16, help="rows of the padded, sampled generation")
     parser.add_argument("--child-timeout", type=int, default=240)
+    parser.add_argument("--no-pair-always", dest="pair_always", action="store_false",
+                        help="skip the runs with the launch defaults before session 21 (a shorter run)")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="children to run, as MODEL:VARIANT (e.g. 'random:packed 4-bit'); default: all")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--logits-dir", type=Path, default=Path("/tmp/moecompress-e2e-logits"))
     args = parser.parse_args(argv)

@@ -335,6 +335,9 @@ def main() -> None:
                          "(store_copies.py)")
     ap.add_argument("--copy-bits", type=int, nargs="+", default=[2, 3], help="--copies: bit-widths of the copies")
     ap.add_argument("--copies-budget", type=float, default=0.5, help="--copies: budget share")
+    ap.add_argument("--copy-shares", type=float, nargs="+", default=[],
+                    help="--copies: copies of the experts with the most calibration misses per byte only, within "
+                         "these shares of the experts' bytes, inside the budget (store_copies.select_copies)")
     ap.add_argument("--ppl-docs", type=int, default=16, help="--copies: docs of each text for Δppl")
     ap.add_argument("--target", type=float, default=0.4, help="--copies: highest Δppl %% on calibration text")
     ap.add_argument("--copies-mode", choices=("fetch", "deterministic"), default="fetch",
@@ -351,7 +354,7 @@ def main() -> None:
         import store_gpu
 
         tools = types.SimpleNamespace(docs=docs, routing_stats=routing_stats, rtn_copies=rtn_copies, decode=decode,
-                                      load=load, fmt=fmt, SHARED=SHARED)
+                                      load=load, fmt=fmt, plot=plot, SHARED=SHARED)
         if args.gpu_prepare:
             store_gpu.prepare(Path(args.gpu_prepare), args, tools)
             return

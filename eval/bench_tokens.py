@@ -21,8 +21,9 @@ home replicas (shard/home.py): equal memory by default, `--home-memory fit` grow
 `--home-bits B` stores those N experts per layer at B bits (GPTQ by default; shard/home.home_bit_plan) so that more
 of them fit the home at equal memory. `--copies-bits B` gives the home low-bit copies of remote experts **in addition**
 to its share (every expert quantized at B bits with the pipeline's quantizer, the remote ones with the most calibration
-routing mass per byte within `--copies-budget` x a server's expert bytes: shard.home.choose_home_copies; attached with
-runtime/edge/tokens.attach_home_copies) for the curve `copies` (`localize:copies=true`: a token whose remote experts
+routing mass per byte within `--copies-budget` x a server's expert bytes: shard.home.choose_home_copies; attached
+with runtime/edge/tokens_copies.attach_home_copies, as `moecompress shard --home-copies B --home-copies-from CKPT` and
+a deployment's `localize:copies=true` do) for the curve `copies` (`localize:copies=true`: a token whose remote experts
 all have copies computes them on the home, no round trip); `--per-layer-copies` also picks per-layer copy thresholds
 on calibration text. Every row is also compared with shard's default expert placement at uniform
 `--bits` (its lossless run: Δppl 'vs default', round trips 'vs default placement').
@@ -163,7 +164,7 @@ def export_home_bits(model_path: str, tokenizer, args) -> tuple[Path, list[list[
 def export_copies(model_path: str, tokenizer, bits: int, quant: str, args) -> Path:
     """Every expert at `bits` (`quant`: the pipeline's quantizer, GPTQ by default, with Hessians from `--calib-samples`
     of the calibration text), exported once into `--work`: where the home's low-bit copies are read from
-    (runtime/edge/tokens.attach_home_copies keeps only the chosen experts)."""
+    (runtime/edge/tokens_copies.attach_home_copies keeps only the chosen experts)."""
     from transformers import AutoModelForCausalLM
 
     from moecompress.artifacts.bit_plan import BitPlan
@@ -226,16 +227,13 @@ def home_copies(args, tokenizer, placement) -> dict:
     calibration routing mass per copy byte (shard.home.choose_home_copies) within --copies-budget x the mean
     server's expert bytes; {checkpoint, experts [L][ids], bytes, server_expert_bytes, home_expert_bytes}."""
     from moecompress.shard.home import choose_home_copies
+    from moecompress.shard.home_copies import server_expert_bytes
 
     checkpoint = export_copies(args.model, tokenizer, args.copies_bits, args.copies_quant, args)
     mass = calibrate(args.model, tokenizer, args.calib, CalibrationOptions(
         samples=args.calib_samples, seq_len=args.seq_len, hessians=False, progress=False)).mass.numpy()
     copy_bytes = checkpoint_layer_sizes(checkpoint).expert_bytes
-    per_server = np.zeros(len(placement.memory_bytes))
-    for layer, row in enumerate(placement.assignment):
-        for e, servers in enumerate(row):
-            for n in servers:
-                per_server[n] += placement.expert_bytes[layer][e]
+    per_server = server_expert_bytes(placement)
     budget = int(args.copies_budget * per_server.mean())
     experts = choose_home_copies(placement, mass, copy_bytes, budget)
     nbytes = int(sum(copy_bytes[layer, e] for layer, ids in enumerate(experts) for e in ids))
@@ -253,7 +251,7 @@ def deploy_expert(out_e, args):
     """The expert-model deployment (simulation), with the home's low-bit copies attached when --copies-bits."""
     with deploy(out_e, simulate=True, verify=False) as d:
         if args.copies:
-            from moecompress.runtime.edge.tokens import attach_home_copies
+            from moecompress.runtime.edge.tokens_copies import attach_home_copies
 
             held = attach_home_copies(d, args.copies["checkpoint"], args.copies["experts"])
             assert held == args.copies["bytes"], (held, args.copies["bytes"])  # the counted bytes are what it holds

@@ -15,11 +15,16 @@ measured on) with the thresholds of the grid in ascending order, up to the first
 within it. Evaluation text (eval.jsonl.gz) is
 decoded once per chosen threshold, never used to choose. Teacher forcing, one token at a time with a KV cache;
 Δppl = ppl(store) / ppl(fully resident) - 1 on the same tokens.
+
+--copy-shares S..: copies of a subset only, counted inside the budget (session 25): the exact store at the budget
+decodes the calibration text the routing statistics come from and counts each expert's misses; copies are kept for
+the experts with the most misses per copy byte within S x the experts' bytes (the slots get the rest of the budget).
 """
 from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -40,6 +45,49 @@ MODES = {  # --copies-mode: how a use below the threshold is decided
 
 def copies_config(threshold: float, mode: str = "fetch") -> dict:
     return dict(EXACT, copy_threshold=threshold, copy_relative=True, copies_in_budget=False, **MODES[mode])
+
+
+def miss_counts(ckpt, dtype, texts, budget: int, stats, tools) -> Counter:
+    """(layer, expert) -> misses of the exact store (EXACT at `budget`) decoding `texts` (calibration text)."""
+    from moecompress.runtime.store import StoreConfig, attach_store
+
+    model = tools.load(ckpt, dtype)
+    store = attach_store(model, ckpt, StoreConfig(budget=budget, **EXACT), stats=stats, copies={})
+    counts: Counter = Counter()
+    classify = store.cache.classify
+
+    def counting(requests, **kw):  # this one store's cache only (a measurement)
+        kinds = classify(requests, **kw)
+        counts.update(key for (key, _), kind in zip(requests, kinds) if kind == "miss")
+        return kinds
+
+    store.cache.classify = counting
+    try:
+        tools.decode(model, texts)
+    finally:
+        store.close()
+    return counts
+
+
+def select_copies(copies: dict, counts: Counter, limit: int) -> tuple[dict, int]:
+    """The copies (attach_store's form) of the experts with the most misses per copy byte within `limit` bytes, and
+    their bytes."""
+    from moecompress.runtime.store.attach import _without
+
+    nbytes: Counter = Counter()  # (layer, expert) -> its copy's bytes (all projections)
+    for layer, by_proj in copies.items():
+        for d in by_proj.values():
+            ids = list(d.get("experts", range(d["qweight"].shape[0])))
+            for name in ("qweight", "scales", "zeros"):
+                if name in d:
+                    row = d[name][0].numel() * d[name].element_size()
+                    nbytes.update({(layer, e): row for e in ids})
+    keep, used = set(), 0
+    for key in sorted(nbytes, key=lambda k: (-counts.get(k, 0) / nbytes[k], k)):
+        if counts.get(key, 0) and used + nbytes[key] <= limit:
+            keep.add(key)
+            used += nbytes[key]
+    return _without(copies, set(nbytes) - keep), used
 
 
 def run_copies(name: str, args, tools) -> dict:
@@ -84,6 +132,27 @@ def run_copies(name: str, args, tools) -> dict:
 
     row("eval", EXACT, None, None)
     chosen = {}
+    if args.copy_shares:  # subsets by calibration misses per byte, inside the budget
+        counts = miss_counts(ckpt, dtype, stats_docs, budget, stats, tools)
+        full = copies
+        copies, copy_bytes = {}, {}
+        for bits in args.copy_bits:
+            for share in args.copy_shares:
+                key = f"{bits}@{share}"
+                copies[key], copy_bytes[key] = select_copies(full[bits], counts, int(share * total))
+                chosen[key] = None
+                for t in THRESHOLDS:
+                    config = dict(copies_config(t, args.copies_mode), copies_in_budget=True)
+                    if row("calib", config, key, t)["dppl_pct"] > args.target:
+                        break
+                    chosen[key] = t
+                if chosen[key] is not None:
+                    row("eval", dict(copies_config(chosen[key], args.copies_mode), copies_in_budget=True), key,
+                        chosen[key])
+        return {"model": name, "checkpoint": str(ckpt), "expert_bytes": total, "budget": budget,
+                "mode": args.copies_mode, "share": args.copies_budget, "target_pct": args.target, "chosen": chosen,
+                "copy_bytes": copy_bytes, "copy_shares": args.copy_shares, "misses_counted": sum(counts.values()),
+                "resident": base, "rows": rows, "tokens": {k: v["tokens"] for k, v in base.items()}}
     for bits in args.copy_bits:
         chosen[bits] = None
         for t in THRESHOLDS:  # ascending: more substitutions each; stop at the first over the target
@@ -107,7 +176,8 @@ def markdown(results: list[dict]) -> list[str]:
         lines += [f"## {res['model']}", "",
                   f"Expert bytes {res['expert_bytes'] / mib:.1f} MiB, budget {100 * res['share']:.0f} % "
                   f"({res['budget'] / mib:.1f} MiB) + copies "
-                  + ", ".join(f"{b}-bit {v / mib:.1f} MiB ({v / res['expert_bytes']:.0%})"
+                  + ", ".join(f"{str(b).replace('@', '-bit subset ')}{'' if '@' in str(b) else '-bit'} "
+                              f"{v / mib:.1f} MiB ({v / res['expert_bytes']:.0%})"
                               for b, v in res["copy_bytes"].items())
                   + f"; tokens: calibration {res['tokens']['calib']}, evaluation {res['tokens']['eval']}; "
                   f"fully resident ppl {res['resident']['calib']['ppl']:.3f} (calibration text), "
@@ -119,8 +189,11 @@ def markdown(results: list[dict]) -> list[str]:
                   "bytes fetched / token | Δppl % | memory (experts) |", "|---|---|---|---|---|---|---|---|---|"]
         for r in res["rows"]:
             thr = "-" if r["threshold"] is None else ("every miss" if r["threshold"] >= 1000 else f"{r['threshold']}")
-            mem = res["budget"] + (r.get("copy_bytes", res["copy_bytes"][r["bits"]]) if r["bits"] else 0)
-            lines.append(f"| {r['text']} | {'-' if not r['bits'] else str(r['bits']) + '-bit'} | {thr} | "
+            inside = r.get("copies_in_budget") and r["bits"]
+            mem = res["budget"] + (r.get("copy_bytes", res["copy_bytes"][r["bits"]]) if r["bits"] and not inside
+                                   else 0)
+            what = "-" if not r["bits"] else str(r["bits"]).replace("@", "-bit, subset ") + ("" if inside else "-bit")
+            lines.append(f"| {r['text']} | {what} | {thr} | "
                          f"{r['hit_rate']:.3f} | {r['served_rate']:.3f} | "
                          f"{r['substitutions'] / max(1, r['uses']):.3f} | "
                          f"{r['bytes_per_token'] / 1024:.1f} KiB | {r['dppl_pct']:+.3f} | "

@@ -155,7 +155,8 @@ def run_time(args, tools, save) -> dict:
     finally:
         detach_store(modules)
     res["warm_s"] = time.time() - t0 - built - copies_s
-    for share, name, fields in _rows(args.budgets, CONFIGS):
+    configs = [c for c in CONFIGS if not args.configs or c[0] in args.configs]  # --configs: only these rows
+    for share, name, fields in _rows(args.budgets, configs):
         budget = int(share * total)
         config = _config(budget, device, fields)
         t2 = time.time()
@@ -310,3 +311,5 @@ def run(args, tools, command: str) -> None:
             traceback.print_exc()
             print(f"part {part} failed: {exc}", flush=True)
         print(f"== part {part}: {time.time() - t0:.0f} s", flush=True)
+    if results.get("hits"):  # hit rate vs budget per policy (bench_store.plot's form)
+        tools.plot([{**results["hits"], "copy_bytes": None}], out / f"{args.out}_hit_rate.png")

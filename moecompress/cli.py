@@ -86,7 +86,8 @@ def _shard(args) -> None:
                       balance=args.balance, replicate=not args.no_replicate, eval_stats=args.eval_stats,
                       replicate_dense=not args.dense_on_one, balance_epsilon=args.balance_epsilon,
                       link=args.link, batch=args.batch, compute_profile=args.compute_profile,
-                      home_replicas=args.home_replicas, home_bits=args.home_bits)
+                      home_replicas=args.home_replicas, home_bits=args.home_bits, home_copies=args.home_copies,
+                      home_copies_budget=args.home_copies_budget, home_copies_from=args.home_copies_from)
 
 
 def _profile(args) -> None:
@@ -312,6 +313,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--home-bits", type=int, metavar="B", help="expert model: the home copies are the experts --model "
                    "stores at B bits (a checkpoint quantized with shard.home.home_bit_plan: more copies in the same "
                    "memory); with --home-replicas N, N of them per layer")
+    s.add_argument("--home-copies", type=int, metavar="BITS", help="expert model: every home's bundle also gets "
+                   "BITS-bit copies of experts it does not hold (server-K/home-copies/), which the token policy "
+                   "localize:copies=true computes on (run/generate/eval --bundles load them); taken from --model's "
+                   "own low-bit copies (recipe store.copy_bits) or --home-copies-from")
+    s.add_argument("--home-copies-budget", type=float, default=1.0, metavar="F", help="--home-copies: bytes per "
+                   "home, x the mean server's expert bytes (default 1.0); experts by calibration routing mass per byte")
+    s.add_argument("--home-copies-from", metavar="DIR", help="--home-copies: a checkpoint of the same model storing "
+                   "the experts at BITS (e.g. the model quantized at BITS), instead of --model's low-bit copies")
     s.set_defaults(func=_shard)
 
     pr = sub.add_parser("profile", help="measure a checkpoint's decode compute per layer on this machine (run it on "

@@ -37,3 +37,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def calibrated_qwen3():
+    """A tiny qwen3_moe (every expert in_features 64) calibrated on 8 x 32 random tokens: (model, layout, the
+    batches as (ids, mask), calibration statistics). Module-scoped: tests must not mutate the model."""
+    from moecompress.arch import describe
+    from moecompress.calibrate import CalibrationData, CalibrationOptions, calibrate
+
+    model = _tiny.tiny_model("qwen3_moe")
+    ids = torch.randint(3, 128, (8, 32), generator=torch.Generator().manual_seed(0))
+    data = CalibrationData(ids, torch.ones_like(ids))
+    stats = calibrate(model, None, data, CalibrationOptions(samples=8, seq_len=32, batch_size=8, progress=False))
+    return model, describe(model), [(i, m) for i, m, _ in data.batches(8)], stats

@@ -312,7 +312,7 @@ def test_home_copies_make_layers_local_through_the_runtime(built, tmp_path_facto
     lossless run's) make every token local under `localize:copies=true`: no round trip, every remote pair computed
     with a copy and counted; the copies hold exactly those experts' stored bytes; copying an expert the home holds
     is refused."""
-    from moecompress.runtime.edge.tokens import attach_home_copies
+    from moecompress.runtime.edge.tokens_copies import attach_home_copies
     from moecompress.shard.command import checkpoint_sizes
 
     tmp, _, _, (logits, tokens, counts) = built
@@ -322,8 +322,10 @@ def test_home_copies_make_layers_local_through_the_runtime(built, tmp_path_facto
         remote = [[e for e, servers in enumerate(layer) if home not in servers] for layer in assignment]
         with pytest.raises(MoecompressError, match="holds expert"):
             attach_home_copies(d, ck, [[e for e in range(len(layer))] for layer in assignment])
-        d.set_tokens("localize:threshold=1e-6,copies=true")
+        with pytest.raises(MoecompressError, match="home-copies"):  # neither attached nor bundled
+            d.set_tokens("localize:threshold=1e-6,copies=true")
         copy_bytes = attach_home_copies(d, ck, remote)
+        d.set_tokens("localize:threshold=1e-6,copies=true")
         expert_bytes, _ = checkpoint_sizes(ck)
         assert copy_bytes == sum(int(expert_bytes[l, e]) for l, ids in enumerate(remote) for e in ids)
         got_logits, got_tokens, got = run_calls(d)
@@ -339,7 +341,7 @@ def test_home_copies_make_layers_local_through_the_runtime(built, tmp_path_facto
 def test_home_copies_count_the_same_in_processes_and_the_simulation(built, tmp_path_factory):
     """Copies of every other remote expert, localize with copies and a copy threshold (some tokens go local on
     copies, others still make round trips): real gloo processes give the simulation's outputs and counts."""
-    from moecompress.runtime.edge.tokens import attach_home_copies
+    from moecompress.runtime.edge.tokens_copies import attach_home_copies
 
     tmp = built[0]
     ck = checkpoint(tmp_path_factory)[0]

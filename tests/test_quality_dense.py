@@ -9,8 +9,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from moecompress.allocate import AllocationRules, Budget, allocate
-from moecompress.arch import describe
-from moecompress.calibrate import CalibrationData, CalibrationOptions, calibrate
 from moecompress.errors import MoecompressError
 from moecompress.format.sizes import matrix_bytes
 from moecompress.quantize.rtn import fake_quantize
@@ -66,19 +64,8 @@ def test_linear_damage_equals_the_fisher_form_computed_by_hand():
     assert not any(p.requires_grad is False for p in model.parameters())  # flags restored
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    from moecompress.arch.tiny import tiny_model
-
-    model = tiny_model("qwen3_moe")
-    ids = torch.randint(3, 128, (8, 32), generator=torch.Generator().manual_seed(0))
-    data = CalibrationData(ids, torch.ones_like(ids))
-    stats = calibrate(model, None, data, CalibrationOptions(samples=8, seq_len=32, batch_size=8, progress=False))
-    return model, describe(model), [(i, m) for i, m, _ in data.batches(8)], stats
-
-
-def test_cost_table_with_attention_items_allocates_one_budget_over_both(tiny):
-    model, layout, batches, stats = tiny
+def test_cost_table_with_attention_items_allocates_one_budget_over_both(calibrated_qwen3):
+    model, layout, batches, stats = calibrated_qwen3
     attn = tuple(layout.attention_linears)
     assert attn
     n = torch.get_num_threads()

@@ -408,13 +408,14 @@ def test_bad_settings_are_clear_errors():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the pinned-memory -> GPU tier needs CUDA")
-def test_gpu_tier_exact(ckpt, sizes):
+@pytest.mark.parametrize("gpu_slots", [False, True])  # float32: the per-expert path, over its own slots or the table's
+def test_gpu_tier_exact(ckpt, sizes, gpu_slots):
     total, smallest = sizes
     model = moecompress.from_pretrained(ckpt[0], dtype=torch.float32, verify=False, device_map="cuda")
     ids = torch.tensor([[5, 17, 3, 99, 42, 7, 64, 8]], device="cuda")
     with torch.no_grad():
         ref = model(ids).logits
-    config = StoreConfig(budget=max(smallest, total // 3), tier="pinned", prefetch="router")
+    config = StoreConfig(budget=max(smallest, total // 3), tier="pinned", prefetch="router", gpu_slots=gpu_slots)
     with _attached(ckpt[0], config, model=model) as (_, store):
         with torch.no_grad():
             got = model(ids).logits
@@ -438,7 +439,8 @@ def test_gpu_tier_bf16_same_at_every_budget(ckpt, sizes):
     outs = []
     for budget, fields in ((smallest, dict(prefetch="router")), (total // 2, dict(overlap=False)),
                            (total, dict(policy="lfu"))):
-        with _attached(ckpt[0], StoreConfig(budget=budget, tier="pinned", **fields), model=model) as (_, store):
+        config = StoreConfig(budget=budget, tier="pinned", gpu_slots=False, **fields)  # the per-expert path
+        with _attached(ckpt[0], config, model=model) as (_, store):
             with torch.no_grad():
                 outs.append(model(ids).logits.float())
             c = store.counters()
@@ -601,7 +603,8 @@ def test_fused_decode_exact_at_every_budget(ckpt_fused):
             assert store.cache.working_set == top_k
             outs = _run_one(model)
             c = store.counters()
-            assert store._fused and all(v is not None for v in store._fused.values())  # it took the fused call
+            decided = store.fused.decided.values()
+            assert decided and all(v is not None for v in decided)  # it took the fused call
         finally:
             store.close()
         for got, ref in zip(outs, reference):
@@ -671,7 +674,7 @@ def test_fused_rows_summed_apart_equal_the_one_call(ckpt_fused):
     ckpt_dir, _ = ckpt_fused
     with _attached(ckpt_dir, StoreConfig(budget=1 << 40), load=_load_bf16) as (model, store):
         module = next(m for m in model.modules() if isinstance(m, PackedExperts))
-        settings = store._fused_settings(0, module, torch.zeros(1, 256, dtype=torch.bfloat16))
+        settings = store.fused.settings(0, module, torch.zeros(1, 256, dtype=torch.bfloat16))
         assert isinstance(settings, FusedSettings)
         E, K = module.num_experts, 4  # more than the model's top-2: the sum's order matters from 3 terms on
         for e in range(E):

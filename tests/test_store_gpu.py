@@ -60,7 +60,7 @@ def test_slot_path_equals_the_resident_kernels_at_every_budget(ckpt, reference):
         store = attach_store(model, ckpt, config, tier=tier)
         tier = store.cache.tier
         try:
-            assert store.slots is not None
+            assert store.slot_path is not None
             got = _decode(model, ids)
             c = store.counters()
         finally:
@@ -68,7 +68,7 @@ def test_slot_path_equals_the_resident_kernels_at_every_budget(ckpt, reference):
         assert c["slot_error"] is None, c["slot_error"]  # the slot path ran (no fallback to the per-expert one)
         assert all(torch.equal(a, b) for a, b in zip(got, ref)), (budget, fields)
         assert c["peak_bytes"] <= budget and c["uses"] > 0
-        table = store.slots.table  # per projection and width a pool within the budget (test_store_slots.py)
+        table = store.slot_path.table  # per projection and width a pool within the budget (test_store_slots.py)
         assert table.device_bytes <= len(table.pools) * budget
         if budget < total // 2:
             assert c["misses"] > 0 and c["stall_s"] > 0  # misses computed from the host copy, its time measured

@@ -151,6 +151,13 @@ def test_capacity_is_what_the_budget_holds(modules):
     # bytes are within the budget (a model of one width: the pools are the budget)
     for key, pool in table.pools.items():
         assert sum(t.numel() * t.element_size() for t in pool.buffers()) <= budget
+    for (layer, proj), by_bits in table.keys.items():  # the kernels' group bounds: multiples of 16 at any budget
+        spans = table.kernel_groups(layer, proj)
+        assert [pos0 for _, pos0 in spans] == [pos0 for _, pos0 in table.device_groups(layer, proj)]
+        for (g, pos0), (pool, _) in zip(spans, table.device_groups(layer, proj)):
+            assert pos0 % 16 == 0 and len(g.experts) % 16 == 0 and len(g.experts) >= len(pool.experts)
+        i = list(host.groups[layer]).index(proj)
+        assert int(table.drop_device[layer][i]) == spans[-1][1] + len(spans[-1][0].experts)
     with pytest.raises(MoecompressError, match="no free slot"):
         for layer in host.groups:
             for e in range(modules[layer].num_experts):
@@ -198,7 +205,7 @@ def test_store_on_the_slot_table(tmp_path_factory, modules, share, fields):
     """The store's slot-table path end to end on the CPU: every call split exactly between the two plans, the
     table's residents = the cache's, counters consistent, the budget held."""
     from moecompress.runtime.store import StoreConfig, attach_store, detach_store
-    from moecompress.runtime.store.deferred import Bookkeeper
+    from moecompress.runtime.store.slot_path import SlotPath
 
     ckpt = tmp_path_factory.getbasetemp() / "slots0" / "ck"
     model = moecompress.from_pretrained(ckpt, dtype=torch.float32, verify=False).eval()
@@ -210,14 +217,15 @@ def test_store_on_the_slot_table(tmp_path_factory, modules, share, fields):
         table = SlotTable(host, store.cache.layout.nbytes, store.cache.capacity, "cpu",
                           {layer: m.num_experts for layer, m in mods.items()})
         store.cache.tier.host, store.cache.tier.slots = host, table
-        store.slots, store.book = _CpuSlotLayers(table), Bookkeeper(store._account)
+        store.slot_path = SlotPath(store, _CpuSlotLayers(table))
         ids = torch.tensor([[5, 17, 3, 99, 42, 7, 64, 8, 11, 23]])
         past = None
         with torch.no_grad():
             for i in range(ids.shape[1]):
                 past = model(ids[:, i:i + 1], past_key_values=past, use_cache=True).past_key_values
         c = store.counters()
-        assert store.slots.calls == ids.shape[1] * len(mods) and store.slots.mismatches == 0
+        layers = store.slot_path.layers
+        assert c["slot_error"] is None and layers.calls == ids.shape[1] * len(mods) and layers.mismatches == 0
         assert set(table.taken) == set(store.cache.slots)  # fills and evictions went through the table
         assert c["hits"] + c["misses"] == c["uses"] > 0 and c["peak_bytes"] <= int(share * total)
         if fields["policy"] == "demand":
@@ -226,5 +234,60 @@ def test_store_on_the_slot_table(tmp_path_factory, modules, share, fields):
             assert c["hits"] > 0 and c["misses"] > 0 and c["bytes_fetched"] > 0
         if fields.get("prefetch"):
             assert c["prefetches"] > 0  # read ahead through the table too
+        # the slot path's reads build no PackedGroups (its launches read the pools): the groups wait for a use
+        from moecompress.runtime.store.cache import LazyGroups
+
+        assert all(isinstance(s.groups, LazyGroups) and s.groups._groups is None for s in store.cache.slots.values())
+        book = store.slot_path.book.cpu_s
+        assert book > 0 and c["background_cpu_s"] >= book  # the bookkeeping thread's CPU time is counted
     finally:
         detach_store(model.modules())  # closes the one store once per MoE layer (3 here): must return
+
+
+class _DecodeOnly(_CpuSlotLayers):
+    """Takes one-token calls only: a prompt's call runs on the store's per-expert path over the table's slots."""
+
+    def eligible(self, layer, module, hidden, top_k_index) -> bool:
+        return hidden.shape[0] == 1 and super().eligible(layer, module, hidden, top_k_index)
+
+
+def test_per_expert_path_over_the_slot_table(tmp_path_factory, modules):
+    """Calls the slot path does not take (a prompt here; on a GPU also float32, copies, overlap=False) compute one
+    expert at a time from the table's slots (views of its pools): the same logits as the fully resident model, the
+    table's residents = the cache's, the budget held."""
+    from moecompress.runtime.store import StoreConfig, attach_store, detach_store
+    from moecompress.runtime.store.slot_path import SlotPath
+
+    ckpt = tmp_path_factory.getbasetemp() / "slots0" / "ck"
+    ids = torch.tensor([[5, 17, 3, 99, 42, 7, 64, 8, 11, 23]])
+    resident = moecompress.from_pretrained(ckpt, dtype=torch.float32, verify=False).eval()
+    model = moecompress.from_pretrained(ckpt, dtype=torch.float32, verify=False).eval()
+    mods = dict(enumerate(m for m in model.modules() if isinstance(m, PackedExperts)))
+    host = HostExperts(mods, pin=False)
+    budget = int(0.4 * sum(_nbytes(host).values()))
+    store = attach_store(model, ckpt, StoreConfig(budget=budget, policy="lru"))
+    try:
+        table = SlotTable(host, store.cache.layout.nbytes, store.cache.capacity, "cpu",
+                          {layer: m.num_experts for layer, m in mods.items()})
+        store.cache.tier.host, store.cache.tier.slots = host, table
+        store.slot_path = SlotPath(store, _DecodeOnly(table))
+        outs = []
+        for m in (resident, model):
+            with torch.no_grad():
+                out = m(ids[:, :6], use_cache=True)  # the prompt: the per-expert path
+                logits, past = [out.logits], out.past_key_values
+                for i in range(6, ids.shape[1]):  # then one token per call: the slot path
+                    out = m(ids[:, i:i + 1], past_key_values=past, use_cache=True)
+                    logits.append(out.logits)
+                    past = out.past_key_values
+            outs.append(logits)
+        c = store.counters()
+        layers = store.slot_path.layers
+        assert layers.calls == (ids.shape[1] - 6) * len(mods) and layers.mismatches == 0
+        for a, b in zip(*outs):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * float(a.abs().max()))
+        assert set(table.taken) == set(store.cache.slots) and c["peak_bytes"] <= budget
+        assert c["misses"] > 0 and c["hits"] > 0 and c["slot_error"] is None
+        assert any(s.groups._groups is not None for s in store.cache.slots.values())  # the prompt's built them
+    finally:
+        detach_store(model.modules())

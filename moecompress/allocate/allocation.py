@@ -92,16 +92,7 @@ def allocate(
             f"item at its lowest allowed bits{copies}, is {budget.describe(least + copy_bytes, numel, meta)}"
         )
 
-    sol = solve_lagrangian(nbytes, damage, valid, items_budget)
-    lag_damage = total(damage, sol.choice)
-    if solver == "milp" or (solver == "auto" and relative_gap(lag_damage, sol.lower_bound) > AUTO_MILP_ABOVE_GAP):
-        exact = solve_milp(nbytes, damage, valid, items_budget, node_limit=node_limit, mip_rel_gap=mip_rel_gap,
-                           time_limit=time_limit)
-        if exact is None:
-            sol = Solution(sol.choice, sol.lower_bound, "lagrangian (milp timed out)")
-        elif total(damage, exact.choice) <= lag_damage:
-            sol = Solution(exact.choice, max(exact.lower_bound, sol.lower_bound), exact.solver)
-
+    sol = choose(nbytes, damage, valid, items_budget, solver, node_limit, mip_rel_gap, time_limit)
     chosen = tuple(it.bits[cols[j]] for it, cols, j in zip(items, allowed, sol.choice))
     predicted = math.fsum(damage[np.arange(len(items)), sol.choice])
     return Allocation(
@@ -116,6 +107,21 @@ def allocate(
         lower_bound=min(sol.lower_bound, predicted),  # a bound above the value is float rounding
         copy_bytes=copy_bytes,
     )
+
+
+def choose(nbytes: np.ndarray, damage: np.ndarray, valid: np.ndarray, budget_bytes: int, solver: str = "auto",
+           node_limit: int = MILP_NODE_LIMIT, mip_rel_gap: float = 1e-6, time_limit: float = 600.0) -> Solution:
+    """The solver step of `allocate` on padded option arrays (see solvers.py); the caller checks feasibility."""
+    sol = solve_lagrangian(nbytes, damage, valid, budget_bytes)
+    lag_damage = total(damage, sol.choice)
+    if solver == "milp" or (solver == "auto" and relative_gap(lag_damage, sol.lower_bound) > AUTO_MILP_ABOVE_GAP):
+        exact = solve_milp(nbytes, damage, valid, budget_bytes, node_limit=node_limit, mip_rel_gap=mip_rel_gap,
+                           time_limit=time_limit)
+        if exact is None:
+            sol = Solution(sol.choice, sol.lower_bound, "lagrangian (milp timed out)")
+        elif total(damage, exact.choice) <= lag_damage:
+            sol = Solution(exact.choice, max(exact.lower_bound, sol.lower_bound), exact.solver)
+    return sol
 
 
 def copies_bytes(layout: ModelLayout, bits: int | None, group_size: int, symmetric: bool) -> int:

@@ -142,14 +142,17 @@ def bundle_description(placement: Placement, server: int, placement_sha256: str)
 
 
 def write_bundles(checkpoint: str | Path, placement: Placement, out: str | Path, traffic: dict | None = None,
-                  overwrite: bool = False, verify: bool = True, similarity: torch.Tensor | None = None) -> Placement:
+                  overwrite: bool = False, verify: bool = True, similarity: torch.Tensor | None = None,
+                  extra=None) -> Placement:
     """Write OUT/server-K/ for every server and OUT/placement.json (with every file's sha256); atomically.
 
     `similarity` [MoE layers, experts, experts]: the expert similarity the `substitute` token policy reads, written
     into every expert-model bundle as expert_similarity.safetensors (runtime/edge/tokens.py), listed in its manifest.
 
     `verify=False` only where the caller has just verified the checkpoint's files (the shard command does, before it
-    reads any size), so that they are hashed once."""
+    reads any size), so that they are hashed once. `extra(server, bundle_dir)`: writes more files into a bundle
+    (a sub-directory with its own manifest, e.g. the home copies: shard/home_copies.py) and returns {path in the
+    bundle: sha256}, which placement.json pins too."""
     checkpoint, out = Path(checkpoint), Path(out)
     if verify:
         verify_files(checkpoint)
@@ -175,6 +178,8 @@ def write_bundles(checkpoint: str | Path, placement: Placement, out: str | Path,
             manifest = write_manifest(bundle, {"format": "moecompress", "server": server,
                                                "num_servers": placement.num_servers})
             files[server] = {f"server-{server}/{n}": v["sha256"] for n, v in manifest["files"].items()}
+            if extra is not None:
+                files[server].update({f"server-{server}/{n}": sha for n, sha in extra(server, bundle).items()})
         placement = Placement(**{**placement.__dict__, "files": files})
         doc = {**placement.to_json(), "checkpoint": str(checkpoint), "experts_paths": list(spec.experts)}
         if traffic is not None:

@@ -100,7 +100,8 @@ def run_shard_command(model: str, stats: str, servers: str, out: str, method: st
                       eval_stats: str | None = None, replicate_dense: bool = True, balance_epsilon: float = 0.1,
                       payload_bytes: int = 2, link: str | None = None, batch: int = 1,
                       compute_profile: str | None = None,
-                      home_replicas: int = 0, home_bits: int | None = None):
+                      home_replicas: int = 0, home_bits: int | None = None, home_copies: int | None = None,
+                      home_copies_budget: float = 1.0, home_copies_from: str | None = None):
     """mode "auto" (default): with --method, that method's execution model; without, every method of both models,
     the fastest by modeled decode time on `link` for `batch` sequences (compute from `compute_profile`, a
     `moecompress profile` file measured on the servers, else measured here on this machine). `link` None: planned
@@ -108,14 +109,23 @@ def run_shard_command(model: str, stats: str, servers: str, out: str, method: st
     'a+b': for those links. `home_replicas` > 0:
     the expert model with a home copy of each MoE layer's that many hottest experts, in the same memory
     (shard/home.py). `home_bits` B: the home copies are the experts `model` stores at B bits (a checkpoint quantized
-    with shard/home.home_bit_plan), `home_replicas` (if given) of them per layer."""
+    with shard/home.home_bit_plan), `home_replicas` (if given) of them per layer. `home_copies` B: every home's
+    bundle also gets low-bit copies of remote experts (B bits, `home_copies_budget` x the mean server's expert bytes,
+    from the checkpoint's own copies or `home_copies_from`; shard/home_copies.py) for `localize:copies=true`."""
     if home_bits is not None:
         from moecompress.artifacts.bit_plan import check_bits
 
         check_bits(home_bits, "--home-bits")  # before any file is read
         if mode == "pipeline":
             raise MoecompressError("--home-bits is for the expert model's home copies; the pipeline model has none")
-    if (home_replicas or home_bits is not None) and mode == AUTO:
+    copies = None
+    if home_copies is not None:
+        from moecompress.shard.home_copies import HomeCopies
+
+        copies = HomeCopies(home_copies, home_copies_budget, home_copies_from)  # checked before any file is read
+        if mode == "pipeline":
+            raise MoecompressError("--home-copies is for the expert model's homes; the pipeline model has none")
+    if (home_replicas or home_bits is not None or copies is not None) and mode == AUTO:
         mode = "expert"  # home replicas exist only in the expert model
     if mode == AUTO and method is not None:
         mode = mode_of(method)
@@ -152,8 +162,21 @@ def run_shard_command(model: str, stats: str, servers: str, out: str, method: st
                                           payload_bytes, sizes.moe_decoder_layers)
     from moecompress.shard.home import coactivation_similarity
 
+    extra = None
+    if copies is not None:
+        from moecompress.shard.home_copies import choose_for_homes, copy_source, write_home_copies
+
+        source = copy_source(checkpoint, copies)
+        chosen = choose_for_homes(placement, calib.mass.numpy(), source, copies.budget)
+        extra = lambda server, bundle: (write_home_copies(bundle, source, chosen[server], server)  # noqa: E731
+                                        if server in chosen else {})
+        traffic["home_copies"] = {"bits": copies.bits, "budget": copies.budget, "homes": {
+            str(h): {"experts": sum(map(len, ids)), "bytes": int(sum(source.expert_bytes[layer, e] for layer, row
+                                                                    in enumerate(ids) for e in row))}
+            for h, ids in chosen.items()}}
     placement = write_bundles(checkpoint, placement, out, traffic=traffic, verify=False,  # verified above
-                              similarity=coactivation_similarity(rstats) if placement.mode == "expert" else None)
+                              similarity=coactivation_similarity(rstats) if placement.mode == "expert" else None,
+                              extra=extra)
     from moecompress.shard.inspect import format_placement
 
     print(format_placement(out))

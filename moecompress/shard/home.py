@@ -195,12 +195,13 @@ def coactivation_similarity(stats: RoutingStats):
     return torch.stack([similarity_from_coactivation(torch.from_numpy(c)) for c in counts]).float()
 
 
-def choose_home_copies(placement: Placement, mass, copy_bytes, budget: int) -> list[list[int]]:
-    """[L][expert ids] low-bit home copies of remote experts to hold within `budget` bytes: the experts the home does
-    not hold, taken greedily by calibration routing mass per copy byte (`mass` [L, E], e.g. CalibrationStats.mass;
-    `copy_bytes` [L, E]: each expert's bytes in the low-bit checkpoint), skipping those that no longer fit. The
-    runtime computes them only for tokens a token policy makes local (`localize:copies=true`,
-    runtime/edge/tokens.attach_home_copies); the home's bytes grow by what they hold."""
+def choose_home_copies(placement: Placement, mass, copy_bytes, budget: int, home: int | None = None) -> list[list[int]]:
+    """[L][expert ids] low-bit home copies of remote experts to hold within `budget` bytes: the experts the home
+    (`home`, default the placement's) does not hold, taken greedily by calibration routing mass per copy byte
+    (`mass` [L, E], e.g. CalibrationStats.mass; `copy_bytes` [L, E]: each expert's bytes in the low-bit checkpoint),
+    skipping those that no longer fit. The runtime computes them only for tokens a token policy makes local
+    (`localize:copies=true`; shard/home_copies.py writes them, runtime/edge/tokens_copies.py loads them); the home's
+    bytes grow by what they hold."""
     if placement.mode != "expert":
         raise MoecompressError("home copies are for the expert model (the pipeline model has no home)")
     m, b = np.asarray(mass, dtype=np.float64), np.asarray(copy_bytes, dtype=np.int64)
@@ -209,7 +210,8 @@ def choose_home_copies(placement: Placement, mass, copy_bytes, budget: int) -> l
         raise MoecompressError(f"mass and copy bytes must be [{L}, {E}] like the placement, got {m.shape}, {b.shape}")
     if budget < 0:
         raise MoecompressError(f"the home copies' budget must be >= 0 bytes, got {budget}")
-    home = placement.home if getattr(placement, "home", None) is not None else placement.dense_servers[0]
+    if home is None:
+        home = placement.home if getattr(placement, "home", None) is not None else placement.dense_servers[0]
     candidates = [(-m[layer, e] / max(b[layer, e], 1), layer, e) for layer in range(L) for e in range(E)
                   if home not in placement.assignment[layer][e] and m[layer, e] > 0]
     chosen, left = [[] for _ in range(L)], int(budget)

@@ -29,4 +29,9 @@ def format_placement(out: str | Path) -> str:
         lines.append(f"replayed held-out text ({name}, {r['calls']} calls): {r['bytes_per_token']:.1f} bytes/token, "
                      f"{r['hops_per_call']:.2f} one-way hops per call, balance summed {r['balance']:.3f}, "
                      f"worst layer {r['layer_balance']:.3f}")
+    copies = (doc.get("traffic") or {}).get("home_copies")
+    if copies:  # shard --home-copies (shard/home_copies.py)
+        lines.append(f"home copies ({copies['bits']}-bit, budget {copies['budget']:g} x a server's expert bytes; "
+                     "server-K/home-copies/): " + ", ".join(f"home {h}: {c['experts']} experts, {c['bytes'] * mb:.2f} MB"
+                                                            for h, c in copies["homes"].items()))
     return "\n".join(lines)

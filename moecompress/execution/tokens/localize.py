@@ -14,6 +14,7 @@ from moecompress.execution.tokens.plan import DispatchPlan, LayerContext, send_o
 from moecompress.execution.tokens.prune import _limit
 
 LOCALIZE_MEASURES = ("remote", "gap")
+COPY_BITS = (0, 2, 3, 4, 8)  # localize's copy_bits knob: 0 = the copies' own bits
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,8 @@ class Localize:
     goes local only while the weight of its remote pairs computed with copies is below `copy_threshold` (absolute,
     or relative with `relative`; the default 2 never binds; `copy_thresholds`: one per MoE layer, `/`-separated,
     instead). A token that is not localized sends its remote pairs
-    to their full-precision copies as without this policy (the round trip is paid anyway)."""
+    to their full-precision copies as without this policy (the round trip is paid anyway). `copy_bits`: the bits
+    the copies must have (a deployment whose copies bundle holds other bits is refused; 0: whatever it holds)."""
 
     name: ClassVar[str] = "localize"
     stage: ClassVar[str] = "prune"
@@ -51,11 +53,15 @@ class Localize:
     copies: bool = False
     copy_threshold: float = 2.0
     copy_thresholds: str = ""
+    copy_bits: int = 0
 
     def __post_init__(self):
         if self.measure not in LOCALIZE_MEASURES:
             raise MoecompressError(f"localize: measure must be one of {', '.join(LOCALIZE_MEASURES)}, got "
                                    f"{self.measure!r}")
+        if self.copy_bits not in COPY_BITS:
+            raise MoecompressError(f"localize: copy_bits must be one of {', '.join(map(str, COPY_BITS))} (0: any), "
+                                   f"got {self.copy_bits!r}")
         self.per_layer()  # a malformed list is refused when the policy is made
         self.per_layer("copy_thresholds")
 
@@ -142,6 +148,6 @@ class Localize:
         if copies is None or copies.ndim != 2 or copies.shape[1] != ctx.num_experts or ctx.layer >= copies.shape[0]:
             raise MoecompressError(
                 "localize:copies=true needs the home's low-bit copies (PolicyState(copies=[MoE layers, experts] "
-                "bool)); attach them with runtime.edge.tokens.attach_home_copies (deploy) or pass them to "
-                "token_policies")
+                "bool)); shard with `moecompress shard --home-copies BITS` (deployments then load them), attach them "
+                "with runtime.edge.tokens_copies.attach_home_copies, or pass them to token_policies")
         return copies[ctx.layer].bool()[None, :].expand(ctx.num_tokens, -1)

@@ -180,6 +180,10 @@ def _deploy_homes(out: Path, homes: tuple[int, ...], simulate: bool, servers, dt
                                     infos[h].experts_paths, expert_budget)  # no router prefetch: see home_model
             transport, own, recorder = InProcess(h, {}, num_servers), counters(), [] if record else None
             install_dispatchers(model, infos[h].experts_paths, tables, h, transport, own, recorder, settings[h])
+            if settings[h] is not None:  # each home's own low-bit copies (tokens_copies.py), as home_model does
+                from moecompress.runtime.edge.tokens_copies import settings_with_copies
+
+                settings_with_copies(model, infos[h], settings[h])
             handlers[h] = home_server(h, model, num_experts)
             deployments[h] = Deployment(model, infos[h], transport, own, bundle_tokenizer(infos[h].directory),
                                         None, recorder, settings[h])

@@ -42,11 +42,12 @@ class Deployment:
         """Switch the token policies of the running deployment (the servers need nothing: every request says what
         it carries); None: off. The counters keep counting; see `reset_counters`."""
         from moecompress.runtime.edge.dispatcher import DispatchedExperts
-        from moecompress.runtime.edge.tokens import home_copies, resolve_pipeline, token_settings
+        from moecompress.runtime.edge.tokens import resolve_pipeline, token_settings
+        from moecompress.runtime.edge.tokens_copies import use_bundled_copies
 
         pipeline = resolve_pipeline(tokens)
-        settings = token_settings(self.info, pipeline, similarity, home_copies(self.model)) \
-            if pipeline.policies else None
+        copies = use_bundled_copies(self.model, self.info, pipeline) if pipeline.policies else None
+        settings = token_settings(self.info, pipeline, similarity, copies) if pipeline.policies else None
         for module in self.model.modules():
             if isinstance(module, DispatchedExperts):
                 module.tokens = settings
@@ -215,6 +216,10 @@ def home_model(info: BundleInfo, dtype, transport, counters, recorder, settings=
                             expert_budget, model if router_prefetch else None)
     install_dispatchers(model, info.experts_paths, ExpertTables.from_assignment(info.assignment, info.num_servers),
                         info.home, transport, counters, recorder, settings)
+    if settings is not None:  # low-bit home copies, when the token policies compute on them (tokens_copies.py)
+        from moecompress.runtime.edge.tokens_copies import settings_with_copies
+
+        settings_with_copies(model, info, settings)
     return model, tokenizer
 
 

@@ -6,7 +6,8 @@ execution/tokens/policy.py), a YAML file with a `tokens:` section (a recipe, or 
 of policies, or a TokenPipeline. User policies registered with `register_policy` are found by name. The
 `substitute` policy's expert similarity: passed in, else the home bundle's expert_similarity.safetensors (the
 calibration co-activation `moecompress shard` writes). Low-bit copies of remote experts on the home, for
-`localize:copies=true`: `attach_home_copies(deployment, low_bit_checkpoint, copies)`.
+`localize:copies=true`: tokens_copies.py (the copies bundle `moecompress shard --home-copies` writes, or
+`attach_home_copies(deployment, low_bit_checkpoint, copies)`).
 """
 from __future__ import annotations
 
@@ -60,7 +61,8 @@ def load_similarity(similarity) -> torch.Tensor | None:
 
 def token_settings(info, pipeline: TokenPipeline, similarity=None, copies: torch.Tensor | None = None):
     """The dispatchers' TokenSettings for the home of `info` (expert model only); copies [L, E] bool: the home's
-    low-bit copies (`home_copies`)."""
+    low-bit copies (tokens_copies.home_copies). Without them, a pipeline that asks for copies needs the home's copies
+    bundle (checked here, before anything starts; loaded with the model: tokens_copies.use_bundled_copies)."""
     import json
 
     from moecompress.execution.routing import Mode
@@ -82,95 +84,10 @@ def token_settings(info, pipeline: TokenPipeline, similarity=None, copies: torch
     if sim is not None and tuple(sim.shape) != (L, E, E):
         raise MoecompressError(f"expert similarity must be [{L}, {E}, {E}] for this deployment, got "
                                f"{tuple(sim.shape)}")
+    if copies is None:
+        from moecompress.runtime.edge.tokens_copies import bundled_copies
+
+        bundled_copies(info, pipeline)  # a missing bundle or other bits: a clear error now
     config = json.loads((Path(info.directory) / "config.json").read_text())
     renormalize = bool(config.get("norm_topk_prob", True))
     return TokenSettings(pipeline, renormalize, PolicyState(similarity=sim, copies=copies))
-
-
-def keep_experts(module, experts) -> int:
-    """Trim a PackedExperts, before its first call, to `experts` (the others' packed tensors are freed; they
-    contribute nothing); returns
-    the bytes it still holds (every packed tensor of the kept experts: qweight, scales, zeros, bias)."""
-    from moecompress.runtime.experts.packed_experts import ProjGroups
-    from moecompress.runtime.experts.packed_group import PackedGroup
-
-    keep = {int(e) for e in experts}
-    for group in module.modules():
-        if isinstance(group, PackedGroup):
-            idx = [i for i, e in enumerate(group.experts) if e in keep]
-            for name, buf in list(group._buffers.items()):
-                if buf is not None:
-                    group._buffers[name] = buf[idx].clone()
-            group.experts = tuple(group.experts[i] for i in idx)
-    for proj in module.modules():
-        if isinstance(proj, ProjGroups):
-            proj.set_computed(keep)
-    return sum(b.numel() * b.element_size() for g in module.modules() if isinstance(g, PackedGroup)
-               for b in g._buffers.values() if b is not None)
-
-
-def load_home_copies(checkpoint, experts_paths, copies, dtype) -> tuple[list, int]:
-    """([L] PackedExperts holding only the experts `copies` [L][ids] of the low-bit `checkpoint` (None for a layer
-    without any), their bytes in total): the home's low-bit copies of remote experts."""
-    from moecompress.runtime.edge.rank_model import materialise, meta_model
-
-    checkpoint = Path(checkpoint)
-    if len(copies) != len(experts_paths):
-        raise MoecompressError(f"home copies list {len(copies)} MoE layers, the deployment has {len(experts_paths)}")
-    wanted = [p for p, ids in zip(experts_paths, copies) if len(ids)]
-    model = meta_model(checkpoint, dtype)
-    materialise(model, checkpoint, wanted, dtype)
-    modules, total = [], 0
-    for path, ids in zip(experts_paths, copies):
-        if not len(ids):
-            modules.append(None)
-            continue
-        module = model.get_submodule(path)
-        missing = sorted({int(e) for e in ids} - set(module.held_experts()))
-        if missing:
-            raise MoecompressError(f"{checkpoint} holds no expert {missing[:4]} of {path}; copies must be experts "
-                                   "of that checkpoint")
-        total += keep_experts(module, ids)
-        modules.append(module)
-    return modules, total
-
-
-def attach_home_copies(deployment, checkpoint, copies) -> int:
-    """Give the home of a running expert-model deployment low-bit copies of remote experts: `copies` [L][expert ids]
-    read from the low-bit `checkpoint` (same model, e.g. every expert at 2-3 bits). Only token policies use them
-    (`localize:copies=true` computes a localized token's copied experts with them; every other pair is computed as
-    before). Returns the bytes the copies hold (what the home spends on them). Experts the home already holds at
-    full precision are refused (copy only remote experts)."""
-    from moecompress.runtime.edge.dispatcher import DispatchedExperts
-
-    info = deployment.info
-    dispatchers = {m.layer: m for m in deployment.model.modules() if isinstance(m, DispatchedExperts)}
-    if not dispatchers:
-        raise MoecompressError("home copies need the expert model's dispatchers (deploy a --mode expert shard)")
-    for layer, ids in enumerate(copies):
-        held = [int(e) for e in ids if info.home in info.assignment[layer][int(e)]]
-        if held:
-            raise MoecompressError(f"MoE layer {layer}: the home holds expert(s) {held[:4]} already; copy only remote "
-                                   "experts")
-    dtype = next(deployment.model.parameters()).dtype
-    modules, total = load_home_copies(checkpoint, info.experts_paths, copies, dtype)
-    for layer, module in enumerate(modules):
-        dispatchers[layer].copies = module
-    settings = deployment.tokens
-    if settings is not None:  # the running policies see the copies now
-        deployment.set_tokens(settings.pipeline, settings.state.similarity)
-    return total
-
-
-def home_copies(model) -> torch.Tensor | None:
-    """[L, E] bool: the low-bit copies attached to a home model's dispatchers (None when it has none)."""
-    from moecompress.runtime.edge.dispatcher import DispatchedExperts
-
-    layers = sorted((m.layer, m) for m in model.modules() if isinstance(m, DispatchedExperts))
-    if not any(m.copies is not None for _, m in layers):
-        return None
-    out = torch.zeros(len(layers), layers[0][1].num_experts, dtype=torch.bool)
-    for layer, m in layers:
-        if m.copies is not None:
-            out[layer, list(m.copies.held_experts())] = True
-    return out

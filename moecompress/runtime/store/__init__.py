@@ -8,10 +8,11 @@ by name, prefetch of layer l+1 while layer l computes, optional low-bit copies f
     model.expert_store.counters()                                               # hits, misses, bytes/token, ...
     deploy(bundles, expert_budget=2 << 30)   # or --expert-budget: each server's experts (rank.py)
 
-Decode steps take the fused CPU call over the slots where the resident model would (fused.py). On a GPU box
-(`tier="pinned"`) the slots are preallocated device pools indexed per layer by expert (slots.py), so decode calls
-run the CUDA pair path's kernels over them in one batched launch per projection, the other experts from the pinned
-host copy, with no host sync (gpu_layer.py); the bookkeeping follows on a thread (deferred.py).
+Decode steps take the fused CPU call over the slots where the resident model would (fused_path.py, fused.py). On a
+GPU box (`tier="pinned"`) the slots are preallocated device pools indexed per layer by expert (slots.py), so decode
+calls run the CUDA pair path's kernels over them in one batched launch per projection, the other experts from the
+pinned host copy, with no host sync, bit-equal to the resident model (slot_path.py, gpu_layer.py); the bookkeeping
+follows on a thread (deferred.py). `StoreConfig(gpu_slots=False)`: one expert at a time instead (store.py).
 """
 from moecompress.runtime.store.attach import attach_store, detach_store
 from moecompress.runtime.store.policies import EVICTION_POLICIES

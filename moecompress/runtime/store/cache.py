@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -38,12 +39,36 @@ class ProjShape:
 
 @dataclass
 class Slot:
-    groups: dict[str, PackedGroup]  # proj -> single-expert group
+    groups: Mapping[str, PackedGroup]  # proj -> single-expert group
     nbytes: int
     pinned: bool = False
     prefetched: bool = False  # read by the prefetcher and not used yet
     in_use: int = 0
     buffers: list = field(default_factory=list)  # the row buffers its tensors view (given back to the tier on eviction)
+
+
+class LazyGroups(Mapping):
+    """A slot's proj -> PackedGroup, built at the first lookup (the GPU slot table's reads: most are never computed
+    one expert at a time, and building the groups cost the bookkeeping thread more than the read itself)."""
+
+    def __init__(self, build):
+        self._build, self._groups, self._lock = build, None, threading.Lock()
+
+    def _get(self) -> dict:
+        if self._groups is None:
+            with self._lock:
+                if self._groups is None:
+                    self._groups = self._build()
+        return self._groups
+
+    def __getitem__(self, proj: str) -> PackedGroup:
+        return self._get()[proj]
+
+    def __iter__(self):
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
 
 
 @dataclass
@@ -139,11 +164,19 @@ class ExpertCache:
     def _build(self, key) -> Slot:
         layer, e = key
         tensors = self.tier.read_expert(key)
+        if getattr(self.tier, "slots", None) is not None:  # the GPU slot table: views of its pools; the groups only
+            # when the per-expert path computes the expert (the slot path's launches read the pools themselves)
+            return Slot(LazyGroups(lambda: self._groups(key, tensors)), self.layout.nbytes[key])
         buffers = {}  # storage address -> the whole buffer a row was read into (tiers.py: one per row)
         for t in tensors.values():
             if t.device.type == "cpu" and t._base is not None:
                 storage = t.untyped_storage()
                 buffers[storage.data_ptr()] = torch.empty(0, dtype=torch.uint8).set_(storage)
+        return Slot(self._groups(key, tensors), self.layout.nbytes[key], buffers=list(buffers.values()))
+
+    def _groups(self, key, tensors: dict) -> dict[str, PackedGroup]:
+        """proj -> the single-expert PackedGroup over an expert's read tensors {(proj, name): tensor}."""
+        layer, e = key
         groups = {}
         for proj, shape in self.layout.shapes[layer][e].items():
             g = PackedGroup((e,), shape.bits, shape.in_features, shape.out_features, self.layout.group_size,
@@ -155,7 +188,7 @@ class ExpertCache:
                 g._buffers[name] = t.to(self.layout.device)
             g.prepare(self.layout.compute_dtype)
             groups[proj] = g
-        return Slot(groups, self.layout.nbytes[key], buffers=list(buffers.values()))
+        return groups
 
     def fill(self, key, *, pinned: bool = False, prefetched: bool = False, wait: bool = True,
              after_copy: bool = False) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,7 @@ class Bookkeeper:
         self.handle = handle
         self.queue: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
+        self.cpu_s = 0.0  # CPU seconds of `handle` so far (its thread's clock, the waits for the device left out)
         self.thread = threading.Thread(target=self._run, name="moecompress-bookkeeping", daemon=True)
         self.thread.start()
 
@@ -65,7 +67,9 @@ class Bookkeeper:
                     return
                 if record.event is not None:
                     record.event.synchronize()
+                start = time.thread_time()
                 self.handle(record)
+                self.cpu_s += time.thread_time() - start
             except BaseException as exc:  # noqa: BLE001 (raised on the compute thread at its next submit / drain)
                 self.error = exc
             finally:

@@ -76,7 +76,7 @@ class SlotLayers:
             projs = [SimpleNamespace(num_experts=getattr(module, n).num_experts,
                                      out_features=getattr(module, n).out_features) for n in names]
             gated = silu_gate(module)
-            on_device = PairPlan(module, *[(projs[i], t.device_groups(layer, n), t.lut_device[layer][i])
+            on_device = PairPlan(module, *[(projs[i], t.kernel_groups(layer, n), t.lut_device[layer][i])
                                            for i, n in enumerate(names)], gated, tokens, top_k, dtype, device)
             on_host = PairPlan(module, *[(projs[i], _viewed(t.host.groups[layer][n], device), t.lut_host[layer][i])
                                          for i, n in enumerate(names)], gated, tokens, top_k, dtype, device)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 
@@ -33,6 +34,14 @@ PACKED = ("qweight", "scales", "zeros")
 # the lookups' dtype: that of the resident layer's (ProjGroups._lookup_tensor), so the pair path's kernels compiled
 # for the resident layer serve the slot table's plans too (Triton specialises on pointer dtypes)
 LUT_DTYPE = torch.int64
+
+
+POSITION_ALIGN = 16  # Triton specialises integer arguments on divisibility by 16 (and on == 1)
+
+
+def _span(pool: PackedGroup) -> int:
+    """Positions a device pool claims in a layer's lookups: its capacity rounded up to POSITION_ALIGN (at least one)."""
+    return max(1, -(-len(pool.experts) // POSITION_ALIGN)) * POSITION_ALIGN
 
 
 def _width(num_experts: int) -> int:
@@ -150,34 +159,58 @@ class SlotTable:
         self.compute = torch.cuda.current_stream(self.device) if self.cuda else None
         self.bytes_read, self._copy_events, self._busy = 0, [], 0.0
         self.ready: dict[tuple[int, int], object] = {}  # expert -> event: its rows are in its slots
+        self.evicted: dict[tuple[int, int], object] = {}  # expert -> event after its eviction (its next read waits)
+        self._source_cache: dict[tuple[int, int], list] = {}  # expert -> where its rows are and go (_sources)
 
     # -- positions ---------------------------------------------------------------------------------------------------
     def device_groups(self, layer: int, proj: str) -> list[tuple[PackedGroup, int]]:
-        """The pools a layer's projection computes from, bits in order, with their first positions."""
+        """The pools a layer's projection computes from, bits in order, with their first positions (each pool spans
+        `_span` positions: its capacity rounded up to POSITION_ALIGN)."""
         out, pos = [], 0
         for bits in sorted(self.keys[(layer, proj)]):
             pool = self.pools[self.keys[(layer, proj)][bits]]
             out.append((pool, pos))
-            pos += len(pool.experts)
+            pos += _span(pool)
         return out
 
-    def _size(self, layer: int, proj: str) -> int:
-        return sum(len(g.experts) for g, _ in self.device_groups(layer, proj))
+    def kernel_groups(self, layer: int, proj: str) -> list[tuple[SimpleNamespace, int]]:
+        """device_groups as the pair path's plans take them: each pool claims its whole span of positions (the
+        positions past its capacity never appear in a lookup), so every group bound the kernels get is a multiple of
+        POSITION_ALIGN, whatever the budget: the same Triton specialisation at every budget (and, for a model of one
+        width and a multiple of 16 experts, the resident layer's own compiled kernels)."""
+        return [(SimpleNamespace(bits=g.bits, experts=range(_span(g)), symmetric=g.symmetric, group_size=g.group_size,
+                                 in_features=g.in_features, out_features=g.out_features, qweight=g.qweight,
+                                 scales=g.scales, zeros=g._buffers.get("zeros")), pos0)
+                for g, pos0 in self.device_groups(layer, proj)]
 
-    def _position(self, layer: int, proj: str, key: PoolKey, slot: int) -> int:
-        return next(pos0 for g, pos0 in self.device_groups(layer, proj) if g is self.pools[key]) + slot
+    def _size(self, layer: int, proj: str) -> int:
+        """The drop position of a projection's device lookup: past every pool's span."""
+        return sum(_span(g) for g, _ in self.device_groups(layer, proj))
+
+    def _sources(self, key) -> list[tuple[int, str, PackedGroup, int, PoolKey, int]]:
+        """Per projection of expert `key`: (index, proj, host group, row, pool, the pool's first position), cached
+        (static: a read looks it up instead of scanning the groups again)."""
+        out = self._source_cache.get(key)
+        if out is None:
+            layer, e = key
+            out = []
+            for i, proj in enumerate(self.host.groups[layer]):
+                group, row = self.host.where(layer, proj, e)
+                pool_key = self.keys[(layer, proj)][group.bits]
+                pos0 = next(p0 for g, p0 in self.device_groups(layer, proj) if g is self.pools[pool_key])
+                out.append((i, proj, group, row, pool_key, pos0))
+            self._source_cache[key] = out
+        return out
 
     # -- filling and evicting ----------------------------------------------------------------------------------------
     def read_expert(self, key) -> dict:
         """Copy expert `key` into free slots (side stream on CUDA) -> {(proj, name): its slot rows [1, ...]}; its
         flag is set on the device once the rows are there (the same stream)."""
         layer, e = key
-        projs = list(self.host.groups[layer])
+        sources = self._sources(key)
         with self.lock:
             taken = {}
-            for proj in projs:
-                group, _ = self.host.where(layer, proj, e)
-                pool_key = self.keys[(layer, proj)][group.bits]
+            for _, proj, _, _, pool_key, _ in sources:
                 if not self.free[pool_key]:
                     for k, s in taken.values():
                         self.free[k].append(s)
@@ -185,20 +218,21 @@ class SlotTable:
                                            f"{len(self.pools[pool_key].experts)}); this is a bug in the budget")
                 taken[proj] = (pool_key, self.free[pool_key].pop())
             self.taken[key] = taken
+            # read again after an eviction: the side stream sets its flag only after the compute stream has cleared
+            # it (else the late clear would leave a resident expert flagged missing: counted as a miss at every use)
+            evicted = self.evicted.pop(key, None)
         out, nbytes = {}, 0
         stream = torch.cuda.stream(self.side) if self.cuda else _Null()
         with stream:
             start = done = None
             if self.cuda:
-                for pool_key, slot in taken.values():
-                    event = self.free_after.pop((pool_key, slot), None)
+                for event in [self.free_after.pop(t, None) for t in taken.values()] + [evicted]:
                     if event is not None:
                         self.side.wait_event(event)
                 start, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record(self.side)
-            for i, proj in enumerate(projs):
-                group, row = self.host.where(layer, proj, e)
-                pool_key, slot = taken[proj]
+            for i, proj, group, row, pool_key, pos0 in sources:
+                slot = taken[proj][1]
                 pool = self.pools[pool_key]
                 for name in PACKED:
                     src = group._buffers.get(name)
@@ -207,8 +241,8 @@ class SlotTable:
                     dst = pool._buffers[name][slot:slot + 1]
                     dst.copy_(src[row:row + 1], non_blocking=True)
                     out[(proj, name)] = dst
-                    nbytes += src[row].numel() * src.element_size()
-                self.positions[layer][i, e:e + 1].fill_(self._position(layer, proj, pool_key, slot))
+                    nbytes += src[0].numel() * src.element_size()
+                self.positions[layer][i, e:e + 1].fill_(pos0 + slot)
             self.resident[layer][e:e + 1].fill_(True)
             if self.cuda:
                 done.record(self.side)
@@ -240,6 +274,8 @@ class SlotTable:
                 if event is not None:
                     self.free_after[(pool_key, slot)] = event
                 self.free[pool_key].append(slot)
+            if event is not None:
+                self.evicted[key] = event
 
     def wait_ready(self, key) -> None:
         """The current stream waits until expert `key`'s rows are in its slots (the per-expert path's hits)."""

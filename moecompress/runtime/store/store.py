@@ -2,20 +2,16 @@
 with pinning, prefetch (prefetch.py) and optional low-bit copies. Each PackedExperts module calls `forward` through
 its `expert_store` hook (a `LayerView`); routing, gate and activation stay the model's own.
 
-Two computes, the same as the fully resident PackedExperts would take for the call: decode steps that the resident
-layer runs as cpu_moe's fused C++ call run that call over the slots (store/fused.py): one call for all routed
-experts when all are resident, resident low-bit copies joining it; on a miss, one call for the resident ones while
-reader threads read the missing ones (the C++ call runs without the GIL), one for those, then the one call's sum
-(`overlap=False`: wait for every miss, then the one call). Everything else (prefill, float32 without int8
-activations, GPU) runs one expert at a time with the per-group kernels, the demand reads overlapping the hits'
+Three computes, the same as the fully resident PackedExperts would take for the call where it can: decode steps that
+the resident layer runs as cpu_moe's fused C++ call run that call over the slots (fused_path.py), decode steps on the
+GPU tier's slot table the CUDA pair path's kernels (slot_path.py, below). Everything else (prefill, float32 without
+int8 activations, the GPU tier without the slot table) runs one expert at a time with the per-group kernels, the demand reads overlapping the hits'
 compute (on CUDA a token's experts are summed in k order: no atomics, the same outputs at every budget; the resident
 layer there takes the fused CUDA kernels, so bf16 outputs differ from it by rounding).
 
-GPU tier with the slot table (StoreConfig(tier="pinned", gpu_slots=True), opt-in until it has run on a GPU): decode
-calls that the resident layer would run on the CUDA pair path run the same kernels over the slot table's device
-pools plus the pinned host copy (slots.py, gpu_layer.py), equal to the resident layer bit for bit and with no host sync; counting,
-the policy, reads into slots and prediction follow on the bookkeeping thread once the device has run the call
-(deferred.py). Other calls there (prefill, copies, overlap=False) take the per-expert path over the same slots.
+GPU tier with the slot table (StoreConfig(tier="pinned", gpu_slots=True)): decode calls that the resident layer would
+run on the CUDA pair path take slot_path.py (the same kernels over device slots + the pinned host copy, bit for bit,
+no host sync). Other calls there (prefill, copies, overlap=False) take the per-expert path over the same slots.
 
 Low-bit copies (optional, resident): a miss routed below `copy_threshold` (a routing weight, or with copy_relative
 a multiple of the token's mean top-k weight) is computed by its copy. With copy_fetch (HOBBIT) its full expert is
@@ -39,16 +35,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from moecompress.errors import MoecompressError
-from moecompress.runtime.experts import cpu_moe
 from moecompress.runtime.store.cache import ExpertCache
 from moecompress.runtime.store.config import (DEFAULT_COPIES, DEFAULT_COPY_THRESHOLD, DEFAULT_PIN_SHARE,  # noqa: F401
                                               DEFAULTS, TIERS, StoreConfig, default_config)  # (re-exported)
-from moecompress.runtime.store.deferred import Bookkeeper, CallRecord, to_host
-from moecompress.runtime.store.fused import (FusedSettings, fused_call, fused_rows, layer_settings, settings_key,
-                                             weighted_sum)
+from moecompress.runtime.store.fused_path import FusedPath
 from moecompress.runtime.store.gpu_layer import SlotLayers
 from moecompress.runtime.store.prefetch import Prefetcher, RankPrecision
+from moecompress.runtime.store.slot_path import SlotPath
 
 
 class ExpertStore:
@@ -66,13 +59,10 @@ class ExpertStore:
         self._baseline = cache.tier.bytes_read
         self._busy_baseline = getattr(cache.tier, "busy_s", None) or 0.0
         self._calls = 0  # layer calls so far
-        self._fused: dict = {}  # (layer, settings_key) -> FusedSettings or None: the fused decode call's decision
+        self.fused = FusedPath(self)  # the CPU's fused decode call over the slots (fused_path.py)
         self.first_layer = min(layer for layer, _ in cache.layout.nbytes)  # tokens are counted there
         table = getattr(cache.tier, "slots", None)  # the GPU slot table (attach.py), or None
-        self.slots = SlotLayers(table) if table is not None else None
-        self.book = Bookkeeper(self._account) if table is not None else None
-        self._full: dict[int, int] = {}  # layer -> its evictions when a call last saw every held expert resident
-        self._slots_ran, self.slot_error = False, None
+        self.slot_path = SlotPath(self, SlotLayers(table)) if table is not None else None
 
     # -- the experts module's compute -------------------------------------------------------------------------------
     def forward(self, layer: int, module, hidden: torch.Tensor, top_k_index: torch.Tensor,
@@ -81,18 +71,16 @@ class ExpertStore:
         resident layer would take it (store/fused.py), else one expert (all projections) at a time."""
         if layer == self.first_layer:
             self.cache.counters.tokens += top_k_index.shape[0]
-        if self.slots is not None and self.config.copy_threshold is None and self.config.overlap and \
-                self.slots.eligible(layer, module, hidden, top_k_index):
+        path = self.slot_path
+        if path is not None and path.takes(layer, module, hidden, top_k_index):
             try:
-                out = self._forward_slots(layer, module, hidden, top_k_index, top_k_weights)
-                self._slots_ran = True
-                return out
+                return path.forward(layer, module, hidden, top_k_index, top_k_weights)
             except Exception as exc:  # noqa: BLE001
-                if self._slots_ran:
+                if path.ran:
                     raise
                 # the slot path failed at its first call (kernels or pinned-memory access on this machine): the
                 # per-expert path over the same slots computes instead; counters() reports why
-                self.slot_error, self.slots = f"{type(exc).__name__}: {exc}", None
+                path.error = f"{type(exc).__name__}: {exc}"
         self.cache.begin_call(layer)
         if self.prefetcher is not None:
             self.prefetcher.begin_call()
@@ -109,9 +97,9 @@ class ExpertStore:
     def _compute(self, layer: int, module, hidden: torch.Tensor, top_k_index: torch.Tensor,
                  top_k_weights: torch.Tensor) -> torch.Tensor:
         num_tokens, top_k = top_k_index.shape
-        settings = self._fused_settings(layer, module, hidden)
+        settings = self.fused.settings(layer, module, hidden)
         if settings is not None:
-            return self._forward_fused(layer, module, settings, hidden, top_k_index, top_k_weights)
+            return self.fused.forward(layer, module, settings, hidden, top_k_index, top_k_weights)
         flat = top_k_index.reshape(-1)  # [S], S = T * K
         flat_w = top_k_weights.reshape(-1)
         first_name, down_name = module.proj_names
@@ -167,97 +155,10 @@ class ExpertStore:
         out = torch.zeros(num_tokens, y.shape[-1], dtype=torch.float32, device=y.device).index_add_(0, order // top_k, y)
         return out.to(hidden.dtype)
 
-    def _fused_settings(self, layer: int, module, hidden: torch.Tensor) -> FusedSettings | None:
-        if hidden.shape[0] > cpu_moe.max_tokens() or hidden.device.type != "cpu":
-            return None
-        key = (layer, settings_key(hidden.dtype))
-        if key not in self._fused:
-            self._fused[key] = layer_settings(module, self.cache.layout, layer, self.copies.get(layer, {}), hidden.dtype)
-        return self._fused[key]
-
-    def _forward_fused(self, layer: int, module, settings: FusedSettings, hidden, top_k_index, top_k_weights):
-        """One fused call per chunk of tokens whose experts fit in the cache together (normally the whole call)."""
-        held = self.cache.layout.shapes[layer]
-        rows = [[e for e in r if e in held] for r in top_k_index.tolist()]  # per token: its held experts
-        nbytes, room = self.cache.layout.nbytes, self.cache.room()
-        chunks, chunk, size = [], [], 0  # token ranges whose distinct experts fit in `room` together
-        seen: set = set()
-        for t, experts in enumerate(rows):
-            new = {e for e in experts if e not in seen}
-            extra = sum(nbytes[(layer, e)] for e in new)
-            if chunk and size + extra > room:
-                chunks.append(chunk)
-                chunk, size, seen = [], 0, set()
-                new = set(experts)
-                extra = sum(nbytes[(layer, e)] for e in new)
-            if extra > room:
-                raise MoecompressError(f"MoE layer {layer}: one token's routed experts ({extra} bytes) do not fit in "
-                                       f"the expert cache's {room} unpinned bytes; give a larger expert budget")
-            chunk.append(t)
-            seen |= new
-            size += extra
-        chunks.append(chunk)
-        self._calls += 1
-        if len(chunks) == 1:
-            out = self._fused_chunk(layer, module, settings, hidden, top_k_index, top_k_weights)
-        else:
-            out = torch.cat([self._fused_chunk(layer, module, settings, hidden[c[0]:c[-1] + 1],
-                                               top_k_index[c[0]:c[-1] + 1], top_k_weights[c[0]:c[-1] + 1])
-                             for c in chunks])
-        self.cache.end_layer(layer)
-        return out
-
-    def _fused_chunk(self, layer, module, settings, hidden, top_k_index, top_k_weights) -> torch.Tensor:
-        threshold, copies = self.config.copy_threshold, self.copies.get(layer)
-        held_here = self.cache.layout.shapes[layer]
-        weight: dict[int, float] = {}  # held expert -> its highest routing weight in the chunk
-        for experts, ws in zip(top_k_index.tolist(), self._copy_weights(top_k_weights).tolist()):
-            for e, w in zip(experts, ws):
-                if e in held_here:
-                    weight[e] = max(weight.get(e, w), w)
-        order = list(weight)
-        copy_slot = copies[module.proj_names[0]].slot if copies else {}  # expert -> its row in the copy groups
-        may_copy = [threshold is not None and e in copy_slot and weight[e] < threshold for e in order]
-        kinds = self.cache.classify([((layer, e), sub) for e, sub in zip(order, may_copy)],
-                                    copy_inflight=self.config.copy_fetch,
-                                    copy_always=self.config.copy_deterministic)
-        held = [(layer, e) for e, kind in zip(order, kinds) if kind == "hit"]
-        self._submit_reads(layer, order, kinds)  # misses are read by the reader threads, in parallel
-        table = {}
-        try:
-            for e, kind in zip(order, kinds):
-                if kind == "copy":  # the resident low-bit copy computes it
-                    table[e] = (copies, copy_slot[e])
-                elif kind == "hit":
-                    table[e] = (self.cache.slots[(layer, e)].groups, 0)
-            if "miss" not in kinds or not self.config.overlap:  # (every miss read, then) the one call
-                late = self._wait_misses(layer, order, kinds, held)
-                return fused_call(settings, module.proj_names, module.num_experts, hidden, top_k_index, top_k_weights,
-                                  {**table, **late})
-            # misses: the resident experts compute (the C++ call runs without the GIL) while the reader threads
-            # read the missing ones; then those; the rows are summed in the one call's order (fused.weighted_sum)
-            args = (settings, module.proj_names, module.num_experts, hidden, top_k_index)
-            parts = [fused_rows(*args, table)] if table else []
-            parts.append(fused_rows(*args, self._wait_misses(layer, order, kinds, held)))
-            return weighted_sum(parts, top_k_weights, hidden.dtype)
-        finally:
-            for key in held:
-                self.cache.release(key)
-
     def _copy_weights(self, top_k_weights: torch.Tensor) -> torch.Tensor:
         """[T, K] routing weights in copy_threshold's unit (float32): as routed, or over the token's mean."""
         w = top_k_weights.float()
         return w / w.mean(-1, keepdim=True).clamp(min=1e-30) if self.config.copy_relative else w
-
-    def _wait_misses(self, layer: int, order: list[int], kinds: list[str], held: list) -> dict:
-        """The missed experts' slots once read (added to `held`, released by the caller): expert -> (groups, 0)."""
-        late = {}
-        for e, kind in zip(order, kinds):
-            if kind == "miss":
-                slot = self.cache.wait_for((layer, e))
-                held.append((layer, e))
-                late[e] = (slot.groups, 0)
-        return late
 
     def _submit_reads(self, layer: int, experts: list[int], kinds: list[str]) -> list:
         """Misses to the reader threads (this call waits for them; -> their futures); with copy_fetch, the experts
@@ -335,69 +236,10 @@ class ExpertStore:
         if ranked:
             self.prefetcher.request(layer + 1, ranked)
 
-    # -- the GPU slot table's path (slots.py, gpu_layer.py, deferred.py) -------------------------------------------
-    def _forward_slots(self, layer: int, module, hidden, top_k_index, top_k_weights) -> torch.Tensor:
-        """One batched launch per projection over the resident slots, one over the pinned host copy for the others;
-        the bookkeeping (counters, policy, reads, prediction) follows on the bookkeeping thread."""
-        table, top_k = self.slots.table, top_k_index.shape[1]
-        x, flat = hidden.contiguous(), top_k_index.reshape(-1).contiguous()
-        weights = top_k_weights.reshape(-1).contiguous()
-        scores = None
-        if self.predictor is not None:
-            scores = self.predictor.scores(layer, hidden, top_k_index, top_k_weights)
-        on_cuda = x.is_cuda
-        timing = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if on_cuda else None
-        with table.lock:  # no eviction between the snapshot and the launches that use it
-            table.lookups(layer)
-            unmaps = table.unmaps[layer]
-            host_pass = self._full.get(layer) != unmaps
-            out = self.slots.forward(layer, module, x, flat, weights, top_k, host_pass, timing)
-            snapshot = to_host(table.snap[layer])
-        refine = None
-        residual = self.residuals.pop(layer, None)
-        if residual is not None and self.predictor is not None:
-            refine = self.predictor.residual_scores(layer, residual.reshape(-1, residual.shape[-1]) +
-                                                    out.to(residual.dtype))
-        record = CallRecord(layer, top_k, None, to_host(flat), snapshot, unmaps,
-                            None if scores is None else to_host(scores.float()),
-                            None if refine is None else to_host(refine.float()), timing if host_pass else None)
-        if on_cuda:
-            record.event = torch.cuda.Event()
-            record.event.record()
-        self.book.submit(record)
-        return out
-
-    def _account(self, r: CallRecord) -> None:
-        """The bookkeeping thread's part of a layer call (after the device ran it)."""
-        layer, held = r.layer, self.cache.layout.shapes[r.layer]
-        routed = {e for e in r.routed.tolist() if e in held}
-        snap = r.snapshot.tolist()
-        hits = sorted(e for e in routed if snap[e])
-        misses = sorted(e for e in routed if not snap[e])
-        self.cache.begin_call(layer)
-        if self.prefetcher is not None:
-            self.prefetcher.begin_call()
-            self.precision.routed(layer, routed)
-            self.refine_precision.routed(layer, routed)
-        self.cache.account(layer, hits, misses)
-        if r.timing is not None:
-            with self.cache.cond:  # the compute stream's time on the host-memory plan: what the misses cost
-                self.cache.counters.stall_s += r.timing[0].elapsed_time(r.timing[1]) / 1000
-        self._calls += 1
-        if self.cache.policy.keep_after_layer:  # (on demand keeps nothing: its misses stay on the host copy)
-            for e in misses:
-                self.cache.fill((layer, e), wait=False)
-        self.cache.end_layer(layer)
-        if all(snap[e] for e in held):
-            self._full[layer] = r.unmaps
-        if self.prefetcher is not None:
-            self._request(layer, r.scores, r.top_k)
-            self._request_refined(layer, r.refine, r.top_k)
-
     # -- counters and life cycle ------------------------------------------------------------------------------------
     def counters(self) -> dict:
-        if self.book is not None:
-            self.book.drain()
+        if self.slot_path is not None:
+            self.slot_path.drain()
         c = self.cache.counters
         c.bytes_fetched = self.cache.tier.bytes_read - self._baseline
         busy = getattr(self.cache.tier, "busy_s", None)  # the GPU tier: seconds its side stream spent copying
@@ -405,12 +247,13 @@ class ExpertStore:
         return {**c.summary(), "budget": self.cache.budget, "min_budget": self.cache.min_budget,
                 "peak_bytes": self.cache.peak, "copy_bytes": self.cache.copy_bytes,
                 "copies_in_budget": self.config.copies_in_budget, "background_cpu_s": self.background_cpu_s(),
-                "slot_device_bytes": None if self.slots is None else self.slots.table.device_bytes,
-                "slot_error": self.slot_error}
+                "slot_device_bytes": None if self.slot_path is None else self.slot_path.table.device_bytes,
+                "slot_error": None if self.slot_path is None else self.slot_path.error}
 
     def background_cpu_s(self) -> float:
-        """CPU seconds the store's own threads (demand readers, prefetchers) have used so far: with the compute
-        thread's time.thread_time(), the store's whole CPU cost, independent of the machine's load."""
+        """CPU seconds the store's own threads (demand readers, prefetchers, the slot path's bookkeeping) have used so
+        far: with the compute thread's time.thread_time(), the store's whole CPU cost, independent of the machine's
+        load."""
         threads = list(getattr(self._readers, "_threads", ()))
         threads += self.prefetcher.threads if self.prefetcher is not None else []
         total = 0.0
@@ -420,12 +263,13 @@ class ExpertStore:
                     total += time.clock_gettime(time.pthread_getcpuclockid(t.ident))
                 except OSError:  # the thread ended between the check and the call
                     pass
-        return total
+        book = None if self.slot_path is None else self.slot_path.book
+        return total + (book.cpu_s if book is not None else 0.0)
 
     def reset_counters(self) -> None:
         """Zero the per-run counters (pinned bytes and bytes at load stay)."""
-        if self.book is not None:
-            self.book.drain()
+        if self.slot_path is not None:
+            self.slot_path.drain()
         with self.cache.cond:
             old = self.cache.counters
             self.cache.counters = type(old)(pinned_bytes=old.pinned_bytes, bytes_at_load=old.bytes_at_load)
@@ -436,10 +280,8 @@ class ExpertStore:
         for h in self.hooks:
             h.remove()
         self.hooks.clear()
-        if self.book is not None:  # detach_store closes the one store once per MoE layer: close the thread once
-            self.book.drain()
-            self.book.close()
-            self.book = None
+        if self.slot_path is not None:
+            self.slot_path.close()
         self._readers.shutdown(wait=True)
         if self.prefetcher is not None:
             self.prefetcher.close()

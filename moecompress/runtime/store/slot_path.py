@@ -1,0 +1,100 @@
+"""The expert store's GPU slot-table path (StoreConfig(tier="pinned", gpu_slots=True)): decode calls that the fully
+resident layer would run on the CUDA pair path run the same kernels over the slot table's device pools plus the
+pinned host copy (slots.py, gpu_layer.py), equal to the resident layer bit for bit and with no host sync; counting,
+the policy, reads into slots and prediction follow on the bookkeeping thread once the device has run the call
+(deferred.py). Other calls (prefill, copies, overlap=False) take the store's per-expert path over the same slots.
+"""
+from __future__ import annotations
+
+import torch
+
+from moecompress.runtime.store.deferred import Bookkeeper, CallRecord, to_host
+
+
+class SlotPath:
+    """One store's slot-table path: `layers` (gpu_layer.SlotLayers, or a stand-in with its interface) over
+    `layers.table` (slots.SlotTable); `store` (store.ExpertStore) holds the cache, the policy and the predictors."""
+
+    def __init__(self, store, layers):
+        self.store, self.layers, self.table = store, layers, layers.table
+        self.book = Bookkeeper(self.account)
+        self._full: dict[int, int] = {}  # layer -> its evictions when a call last saw every held expert resident
+        self.ran = False  # a call has run on this path (a later failure is raised, not fallen back from)
+        self.error: str | None = None  # why the path failed at its first call (the store then took the other path)
+
+    def takes(self, layer: int, module, hidden: torch.Tensor, top_k_index: torch.Tensor) -> bool:
+        config = self.store.config
+        return (self.error is None and config.copy_threshold is None and config.overlap
+                and self.layers.eligible(layer, module, hidden, top_k_index))
+
+    def forward(self, layer: int, module, hidden, top_k_index, top_k_weights) -> torch.Tensor:
+        """One batched launch per projection over the resident slots, one over the pinned host copy for the others;
+        the bookkeeping (counters, policy, reads, prediction) follows on the bookkeeping thread."""
+        store, table, top_k = self.store, self.table, top_k_index.shape[1]
+        x, flat = hidden.contiguous(), top_k_index.reshape(-1).contiguous()
+        weights = top_k_weights.reshape(-1).contiguous()
+        scores = None
+        if store.predictor is not None:
+            scores = store.predictor.scores(layer, hidden, top_k_index, top_k_weights)
+        on_cuda = x.is_cuda
+        with table.lock:  # no eviction between the snapshot and the launches that use it
+            table.lookups(layer)
+            unmaps = table.unmaps[layer]
+            host_pass = self._full.get(layer) != unmaps
+            timing = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) \
+                if on_cuda and host_pass else None
+            out = self.layers.forward(layer, module, x, flat, weights, top_k, host_pass, timing)
+            snapshot = to_host(table.snap[layer])
+        refine = None
+        residual = store.residuals.pop(layer, None)
+        if residual is not None and store.predictor is not None:
+            refine = store.predictor.residual_scores(layer, residual.reshape(-1, residual.shape[-1]) +
+                                                     out.to(residual.dtype))
+        record = CallRecord(layer, top_k, None, to_host(flat), snapshot, unmaps,
+                            None if scores is None else to_host(scores.float()),
+                            None if refine is None else to_host(refine.float()), timing)
+        if on_cuda:
+            record.event = torch.cuda.Event()
+            record.event.record()
+        self.book.submit(record)
+        self.ran = True
+        return out
+
+    def account(self, r: CallRecord) -> None:
+        """The bookkeeping thread's part of a layer call (after the device ran it)."""
+        store, cache = self.store, self.store.cache
+        layer, held = r.layer, cache.layout.shapes[r.layer]
+        routed = {e for e in r.routed.tolist() if e in held}
+        snap = r.snapshot.tolist()
+        hits = sorted(e for e in routed if snap[e])
+        misses = sorted(e for e in routed if not snap[e])
+        cache.begin_call(layer)
+        if store.prefetcher is not None:
+            store.prefetcher.begin_call()
+            store.precision.routed(layer, routed)
+            store.refine_precision.routed(layer, routed)
+        cache.account(layer, hits, misses)
+        if r.timing is not None:
+            with cache.cond:  # the compute stream's time on the host-memory plan: what the misses cost
+                cache.counters.stall_s += r.timing[0].elapsed_time(r.timing[1]) / 1000
+        store._calls += 1
+        if cache.policy.keep_after_layer:  # (on demand keeps nothing: its misses stay on the host copy)
+            for e in misses:
+                cache.fill((layer, e), wait=False)
+        cache.end_layer(layer)
+        if all(snap[e] for e in held):
+            self._full[layer] = r.unmaps
+        if store.prefetcher is not None:
+            store._request(layer, r.scores, r.top_k)
+            store._request_refined(layer, r.refine, r.top_k)
+
+    def drain(self) -> None:
+        """Wait until every layer call enqueued so far has been accounted."""
+        if self.book is not None:
+            self.book.drain()
+
+    def close(self) -> None:
+        if self.book is not None:  # detach_store closes the one store once per MoE layer: close the thread once
+            self.book.drain()
+            self.book.close()
+            self.book = None
