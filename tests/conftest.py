@@ -51,3 +51,15 @@ def calibrated_qwen3():
     data = CalibrationData(ids, torch.ones_like(ids))
     stats = calibrate(model, None, data, CalibrationOptions(samples=8, seq_len=32, batch_size=8, progress=False))
     return model, describe(model), [(i, m) for i, m, _ in data.batches(8)], stats
+
+
+@pytest.fixture
+def rank_threads(monkeypatch):
+    """For exact real-run == simulation comparisons: the rank processes (the launcher gives them OMP_NUM_THREADS,
+    default 1) and this process's simulation on one intra-op thread, since float sums can differ between thread
+    counts."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -84,6 +84,7 @@ def test_two_homes_in_processes_equal_the_simulation(built):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("rank_threads")
 def test_two_homes_with_token_policies_in_processes_equal_the_simulation(built):
     """Pruning, fusion and int8 payloads at both homes: the real run's outputs and every count (token-policy counts
     included, per home and in total) equal the simulation's; each home planned its own rows."""

@@ -159,6 +159,7 @@ def test_every_home_computes_on_its_own_copies(made):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("rank_threads")
 def test_processes_load_every_homes_copies_as_the_simulation(made):
     """Real gloo processes, one home and three homes: the outputs and every count equal the simulation's."""
     for homes in (None, (0, 1, 2)):
