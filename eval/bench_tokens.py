@@ -474,6 +474,18 @@ def calib_dppl(m: dict, lossless: dict, base: dict) -> float:
     return 100 * max(m["ppl"] / lossless["ppl"] - 1, m["ppl"] / base["ppl"] - 1)
 
 
+def calib_runner(d, spec_of, what: str, data, ref_logp, args, dppl):
+    """run(values): set the deployment `d`'s token policy to spec_of(values), measure it on the calibration text and
+    print one line (`what`: which per-layer knob the values are) -> the metrics."""
+    def run(values):
+        d.set_tokens(spec_of(values))
+        m = evaluate(d, data, ref_logp, args.batch)
+        print(f"calibration text: {what} {'/'.join(f'{v:g}' for v in values):<30} ppl {m['ppl']:.3f} "
+              f"(Δppl {dppl(m):+.2f} %) rt/tok {m['round_trips_per_token']:.2f}", flush=True)
+        return m
+    return run
+
+
 def undo_over_limit(run, now: list, taken: list, start: float, limit: float, dppl):
     """Measure the per-layer thresholds `now` (layers in `taken` raised, in that order) and undo the last raise back
     to `start` while Δppl is over `limit` -> (metrics, thresholds) of the first combination within it, or None."""
@@ -548,12 +560,7 @@ def per_layer_copies_pick(rows, measured, lossless, base, out_e, data, ref_logp,
     num_layers = len(json.loads((Path(out_e) / "placement.json").read_text())["assignment"])
     found = []  # (round trips, Δppl, thresholds)
     with deploy_expert(out_e, args) as d:
-        def run(cs):
-            d.set_tokens(spec_of(cs))
-            m = evaluate(d, data, ref_logp, args.batch)
-            print(f"calibration text: copy thresholds {'/'.join(f'{c:g}' for c in cs):<30} ppl {m['ppl']:.3f} "
-                  f"(Δppl {dppl(m):+.2f} %) rt/tok {m['round_trips_per_token']:.2f}", flush=True)
-            return m
+        run = calib_runner(d, spec_of, "copy thresholds", data, ref_logp, args, dppl)
         for start in starts:
             at_start = next(m for m, spec in curve if knob(spec, "copy_threshold") == start)
             steps = []
@@ -604,12 +611,7 @@ def per_layer_pick(rows, measured, lossless, base, out_e, data, ref_logp, args) 
     spec_of = lambda ts: "int8+localize:thresholds=" + "/".join(f"{t:g}" for t in ts)  # noqa: E731
     num_layers = len(json.loads((Path(out_e) / "placement.json").read_text())["assignment"])
     with deploy_expert(out_e, args) as d:
-        def run(ts):
-            d.set_tokens(spec_of(ts))
-            m = evaluate(d, data, ref_logp, args.batch)
-            print(f"calibration text: per-layer {'/'.join(f'{t:g}' for t in ts):<30} ppl {m['ppl']:.3f} "
-                  f"(Δppl {dppl(m):+.2f} %) rt/tok {m['round_trips_per_token']:.2f}", flush=True)
-            return m
+        run = calib_runner(d, spec_of, "per-layer", data, ref_logp, args, dppl)
         now = [start] * num_layers
         at_start = run(now)
         steps = []  # (rt saved per Δppl point, layer, value, rt saved, Δppl added)
