@@ -20,6 +20,9 @@ Per model, in a child process of its own (a failure on the device cannot stop th
   against GraphDecoder (ms per step of all rows), graph tokens == eager steps' with the same seed; packed models
   also with the launch defaults before session 21 (pair path always: PAIR_MAX_MEAN_ROWS inf), batch 1 and batched
   (--no-pair-always: not).
+Its decode figures are wall-clock differences of whole generate calls: a few % apart from run to run and between
+child processes (session 26: 0.996x where replay-timed graphs of the same call gave 1.04x); ratios within ~10 % of 1
+need eval/bench_gpu_trace.py (graph replays between CUDA events, settings interleaved in one process).
 """
 from __future__ import annotations
 

@@ -126,8 +126,9 @@ def holdout_metrics(model, batches, ref_logits: list | None = None) -> tuple[flo
     return nll / tokens, kl / tokens, logits
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def screen_parser(doc: str) -> argparse.ArgumentParser:
+    """The CPU screen's arguments (model, texts, sizes, calibration seed), shared with bench_quality_robust.py."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(ROOT.parent / "shared/models/refmoe-qwen3"))
     ap.add_argument("--name")
     ap.add_argument("--calib", default=str(ROOT.parent / "shared/data/corpus/calib.jsonl.gz"))
@@ -136,6 +137,11 @@ def main() -> None:
     ap.add_argument("--eval-samples", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--calib-seed", type=int, default=0, help="which calibration sequences are drawn (noise check)")
+    return ap
+
+
+def main() -> None:
+    ap = screen_parser(__doc__)
     ap.add_argument("--groups", default="32,64,128")
     ap.add_argument("--budgets", default="2.5,3.0", help="nominal avg bits at group 64; rows get those stored bytes")
     ap.add_argument("--out", default=str(ROOT / "eval/results"))

@@ -25,14 +25,18 @@ routing mass per byte within `--copies-budget` x a server's expert bytes: shard.
 with runtime/edge/tokens_copies.attach_home_copies, as `moecompress shard --home-copies B --home-copies-from CKPT` and
 a deployment's `localize:copies=true` do) for the curve `copies` (`localize:copies=true`: a token whose remote experts
 all have copies computes them on the home, no round trip); `--per-layer-copies` also picks per-layer copy thresholds
-on calibration text. Every row is also compared with shard's default expert placement at uniform
-`--bits` (its lossless run: Δppl 'vs default', round trips 'vs default placement').
+on calibration text; `--copies-high-bits 8 --copies-high-shares S,...` makes the copies mixed-bit within the same budget
+(the hottest remote experts at 8 bits, the primaries' own RTN tensors, on a share S of it, the rest at --copies-bits;
+one curve `copies_hiS` per share, attached with tokens_copies.attach_home_copy_sources). Every row is also compared
+with shard's default expert placement at uniform `--bits` (its lossless run: Δppl 'vs default', round trips 'vs
+default placement').
 
     nice .venv/bin/python eval/bench_tokens.py                       # refmoe-qwen3 -> eval/results/tokens.*
     nice .venv/bin/python eval/bench_tokens.py --home-replicas 4 --name tokens_home4
     nice .venv/bin/python eval/bench_tokens.py --model ../shared/models/refmoe-olmoe --name tokens_olmoe
     nice .venv/bin/python eval/bench_tokens.py --home-replicas 8 --home-bits 4 --name tokens_home8b4
     nice .venv/bin/python eval/bench_tokens.py --curves copies --copies-bits 4 --pick-on-calib 1.0 --name tokens_copies4
+    nice .venv/bin/python eval/bench_tokens.py --curves copies --copies-bits 4 --copies-high-bits 8 --pick-on-calib 1.0
 """
 from __future__ import annotations
 
@@ -72,7 +76,8 @@ from moecompress.execution.replay import decode_calls, replay  # noqa: E402
 
 
 def configs(quick: bool, curves: str = "", localize: str = "", copy_thresholds: str = "",
-            copies: bool = False, copies_localize: str = "0.0001") -> list[tuple[str, str, str | None]]:
+            copies: bool = False, copies_localize: str = "0.0001", high_shares: tuple = ()
+            ) -> list[tuple[str, str, str | None]]:
     """(curve, label, spec): baselines, then each policy on top of send once + int8 payloads, then combinations;
     `curves`: comma-separated curve names to keep (the baselines are always kept), "" for all."""
     rows = [("baseline", "naive per-(token, expert) bf16", "per_pair+bf16"),
@@ -91,11 +96,14 @@ def configs(quick: bool, curves: str = "", localize: str = "", copy_thresholds: 
         "copies": ("localize:threshold={},copies=true", tuple(float(v) for v in copies_localize.split(","))),
     }
     for curve, (fmt, values) in grids.items():
-        if curve == "copies":
-            for t in values:
-                for c in (tuple(float(v) for v in copy_thresholds.split(",")) if copy_thresholds else
-                          (0.2, 0.3, 0.4, 0.5, 0.7, 2.0)):
-                    rows.append(("copies", f"copies {t:g} / {c:g}", f"int8+{fmt.format(t)},copy_threshold={c}"))
+        if curve == "copies":  # with --copies-high-shares: one curve per share (`copies_hi S`, label `[hi S]`)
+            for share in high_shares or (None,):
+                tag = "" if share is None else f"[hi {share:g}] "
+                for t in values:
+                    for c in (tuple(float(v) for v in copy_thresholds.split(",")) if copy_thresholds else
+                              (0.2, 0.3, 0.4, 0.5, 0.7, 2.0)):
+                        rows.append(("copies" if share is None else f"copies_hi{share:g}",
+                                     f"copies {tag}{t:g} / {c:g}", f"int8+{fmt.format(t)},copy_threshold={c}"))
             continue
         for v in values[::2] if quick else values:
             rows.append((curve, f"{curve} {v}", f"int8+{fmt.format(v)}"))
@@ -107,9 +115,9 @@ def configs(quick: bool, curves: str = "", localize: str = "", copy_thresholds: 
               f"int8+{protect}+localize:threshold=0.3+prune_layer:threshold=0.1+fuse:threshold=0.9"]
     rows += [("combined", f"combo {i + 1}", spec) for i, spec in enumerate(combos[:2] if quick else combos)]
     if not copies:  # the copies curve needs --copies-bits
-        rows = [r for r in rows if r[0] != "copies"]
+        rows = [r for r in rows if not r[0].startswith("copies")]
     keep = set(filter(None, curves.split(",")))  # with --curves only the three baselines the ratios need
-    return [r for r in rows if not keep or r[0] in keep or r[2] in ("per_pair+bf16", "native", "int8")]
+    return [r for r in rows if not keep or r[0].split("_hi")[0] in keep or r[2] in ("per_pair+bf16", "native", "int8")]
 
 
 def export_rtn(model_path: str, bits: int, work: Path) -> Path:
@@ -235,15 +243,38 @@ def home_copies(args, tokenizer, placement) -> dict:
     copy_bytes = checkpoint_layer_sizes(checkpoint).expert_bytes
     per_server = server_expert_bytes(placement)
     budget = int(args.copies_budget * per_server.mean())
-    experts = choose_home_copies(placement, mass, copy_bytes, budget)
-    nbytes = int(sum(copy_bytes[layer, e] for layer, ids in enumerate(experts) for e in ids))
     remote = sum(int(placement.home) not in s for row in placement.assignment for s in row)
-    print(f"home copies at {args.copies_bits} bits ({args.copies_quant}): {sum(map(len, experts))} of the {remote} "
-          f"remote experts, {nbytes} bytes = {nbytes / per_server.mean():.1%} of a server's expert bytes (mean "
-          f"{per_server.mean():.0f}), home's own experts {per_server[placement.home]:.0f}", flush=True)
-    return {"checkpoint": str(checkpoint), "experts": experts, "bytes": nbytes, "copied": sum(map(len, experts)),
-            "remote_experts": remote, "server_expert_bytes": float(per_server.mean()),
+    base = {"remote_experts": remote, "server_expert_bytes": float(per_server.mean()),
             "home_expert_bytes": float(per_server[placement.home])}
+    if not args.high_shares:
+        experts = choose_home_copies(placement, mass, copy_bytes, budget)
+        nbytes = int(sum(copy_bytes[layer, e] for layer, ids in enumerate(experts) for e in ids))
+        print(f"home copies at {args.copies_bits} bits ({args.copies_quant}): {sum(map(len, experts))} of the "
+              f"{remote} remote experts, {nbytes} bytes = {nbytes / per_server.mean():.1%} of a server's expert bytes "
+              f"(mean {per_server.mean():.0f}), home's own experts {per_server[placement.home]:.0f}", flush=True)
+        return {"checkpoint": str(checkpoint), "experts": experts, "bytes": nbytes, "copied": sum(map(len, experts)),
+                "sources": [(str(checkpoint), experts)], **base}
+    high = export_rtn(args.model, args.copies_high_bits, Path(args.work))  # RTN at --bits: the primaries themselves
+    high_bytes = checkpoint_layer_sizes(high).expert_bytes
+    variants = {}
+    for share in args.high_shares:  # the hottest remote experts at high bits within share x budget, then low bits
+        hot = choose_home_copies(placement, mass, high_bytes, int(share * budget))
+        spent = int(sum(high_bytes[layer, e] for layer, ids in enumerate(hot) for e in ids))
+        rest = mass.copy()
+        for layer, ids in enumerate(hot):
+            rest[layer, ids] = 0.0  # chosen already: choose_home_copies skips experts without mass
+        low = choose_home_copies(placement, rest, copy_bytes, budget - spent)
+        nbytes = spent + int(sum(copy_bytes[layer, e] for layer, ids in enumerate(low) for e in ids))
+        experts = [sorted(a + b) for a, b in zip(hot, low)]
+        print(f"home copies, high share {share:g}: {sum(map(len, hot))} at {args.copies_high_bits} bits (rtn) + "
+              f"{sum(map(len, low))} at {args.copies_bits} bits ({args.copies_quant}) of the {remote} remote experts, "
+              f"{nbytes} bytes = {nbytes / per_server.mean():.1%} of a server's expert bytes", flush=True)
+        variants[share] = {"checkpoint": str(checkpoint), "high_checkpoint": str(high), "share": share,
+                           "experts": experts, "high": hot, "bytes": nbytes, "copied": sum(map(len, experts)),
+                           "copied_high": sum(map(len, hot)),
+                           "sources": [(str(high), hot), (str(checkpoint), low)], **base}
+    args.copies_variants = variants
+    return variants[args.high_shares[0]]
 
 
 @contextmanager
@@ -251,11 +282,27 @@ def deploy_expert(out_e, args):
     """The expert-model deployment (simulation), with the home's low-bit copies attached when --copies-bits."""
     with deploy(out_e, simulate=True, verify=False) as d:
         if args.copies:
-            from moecompress.runtime.edge.tokens_copies import attach_home_copies
-
-            held = attach_home_copies(d, args.copies["checkpoint"], args.copies["experts"])
-            assert held == args.copies["bytes"], (held, args.copies["bytes"])  # the counted bytes are what it holds
+            attach(d, args.copies)
         yield d
+
+
+def attach(d, copies: dict) -> None:
+    """Attach the copies variant `copies` (home_copies) to the running deployment `d` (replacing any)."""
+    from moecompress.runtime.edge.tokens_copies import attach_home_copy_sources
+
+    held = attach_home_copy_sources(d, copies["sources"])
+    assert held == copies["bytes"], (held, copies["bytes"])  # the counted bytes are what it holds
+    d.bench_copies = copies
+
+
+def set_row(d, label: str, spec, args, similarity=None) -> None:
+    """d.set_tokens(spec), after attaching the copies variant the row's label names (`[hi S]`) when it differs."""
+    if "[hi " in label:
+        share = float(label.split("[hi ")[1].split("]")[0])
+        variant = args.copies_variants[share]
+        if getattr(d, "bench_copies", None) is not variant:
+            attach(d, variant)
+    d.set_tokens(spec, similarity=similarity)
 
 
 @torch.no_grad()
@@ -370,6 +417,14 @@ def main() -> None:
                     "calibration routing mass per byte copied to the home within --copies-budget, used by the "
                     "curve `copies` (localize:copies=true)")
     ap.add_argument("--copies-quant", default="gptq", choices=("gptq", "rtn"))
+    ap.add_argument("--copies-high-bits", type=int, default=0, help="mixed-bit home copies (0: off): the hottest "
+                    "remote experts copied at these bits (RTN, group 64; at --bits they are the primaries' own "
+                    "tensors), the rest at --copies-bits, within the same --copies-budget")
+    ap.add_argument("--copies-high-shares", default="0.5", help="with --copies-high-bits: "
+                    "comma-separated shares of the budget spent on the high-bit copies (hottest remote experts by "
+                    "calibration routing mass per byte first); each share is its own copies set on the copies curve "
+                    "(curve copies_hiS, label `copies [hi S] T / C`): --pick-on-calib picks a threshold per share; default "
+                    "0.5, the share that met the round-trip goal on both reference models (session 26)")
     ap.add_argument("--per-layer-copies", action="store_true", help="with --pick-on-calib and --copies-bits: also "
                     "pick per-MoE-layer copy thresholds on the calibration text (curve copies_layers): layers made "
                     "fully local on the copies, greedily by round trips saved per Δppl point")
@@ -414,8 +469,9 @@ def main() -> None:
     print(f"compute profile (batch 1, context {args.decode_context}): "
           f"{1e3 * (profile.head_seconds + sum(profile.layer_seconds)):.2f} ms per decode step, experts "
           f"{1e3 * sum(profile.moe_seconds):.2f} ms ({profile.source})", flush=True)
+    args.high_shares = tuple(float(v) for v in args.copies_high_shares.split(",")) if args.copies_high_bits else ()
     rows = configs(args.quick, args.curves, args.localize, args.copy_thresholds, bool(args.copies_bits),
-                   args.copies_localize)
+                   args.copies_localize, args.high_shares)
     args.copies = home_copies(args, tokenizer, placement_e) if args.copies_bits else None
     sim = similarity(model, tokenizer, layout, args) if any("substitute" in r[2] for r in rows) else None
     data = load_eval_data(args.eval, tokenizer, args.samples, args.seq_len, calibration=args.calib)
@@ -455,7 +511,7 @@ def main() -> None:
     with deploy_expert(out_e, args) as d:
         for curve, label, spec in rows:
             t1 = time.time()
-            d.set_tokens(spec, similarity=sim if spec and "substitute" in spec else None)
+            set_row(d, label, spec, args, similarity=sim if spec and "substitute" in spec else None)
             r = evaluate(d, data, ref_logp, args.batch)
             r.update(decode(d, prompts, args.decode_tokens, placement_e, profile))
             r.update(curve=curve, label=label, spec=spec or "none", dppl_full=100 * (r["ppl"] / full_ppl - 1))
@@ -507,7 +563,7 @@ def pick_on_calibration(rows, out_e, out_d, data, ref_logp, args) -> list:
     measured = {}
     with deploy_expert(out_e, args) as d:
         for curve, label, spec in rows:
-            d.set_tokens(spec)
+            set_row(d, label, spec, args)
             measured[label] = evaluate(d, data, ref_logp, args.batch)
             print(f"calibration text: {label:<30} ppl {measured[label]['ppl']:.3f} rt/tok "
                   f"{measured[label]['round_trips_per_token']:.2f}", flush=True)
@@ -540,6 +596,9 @@ def per_layer_copies_pick(rows, measured, lossless, base, out_e, data, ref_logp,
     def dppl(m):
         return calib_dppl(m, lossless, base)
 
+    if args.high_shares:
+        print("calibration pick for copies_layers: not with mixed-bit copies (--copies-high-bits)", flush=True)
+        return []
     knob = lambda spec, name: float(spec.split(f"{name}=")[1].split(",")[0])  # noqa: E731
     curve = [(measured[label], spec) for c, label, spec in rows if c == "copies"]
     ok = [(m["round_trips_per_token"], knob(spec, "copy_threshold"), spec) for m, spec in curve
@@ -696,7 +755,13 @@ def write(results, pipe, full_ppl, args, local, extra, profile, replayed, second
                 f"a server's expert bytes (mean {args.copies['server_expert_bytes']:.0f}; the home's own experts "
                 f"{args.copies['home_expert_bytes']:.0f}). Row label `copies T / C`: localize threshold T (weight of "
                 "remote pairs without a copy), copy_threshold C (weight computed with copies).", ""]
-               if getattr(args, "copies", None) else []),
+               if getattr(args, "copies", None) and not getattr(args, "high_shares", ()) else []),
+             *(["Mixed-bit copies (`--copies-high-bits`): within the same budget, the hottest remote experts "
+                f"(calibration routing mass per byte) at {args.copies_high_bits} bits (RTN) on a share S of the "
+                f"budget, then the rest at {args.copies_bits} bits; label `copies [hi S] T / C`: " + "; ".join(
+                    f"S={s:g}: {v['copied_high']} at {args.copies_high_bits} + {v['copied'] - v['copied_high']} at "
+                    f"{args.copies_bits} bits, {v['bytes']} bytes" for s, v in args.copies_variants.items()), ""]
+               if getattr(args, "high_shares", ()) else []),
              "| policy | Δppl % | vs default % | vs full % | KL | bytes/token | vs naive | batch-1 bytes/token | "
              "round trips/token | vs lossless | vs default placement | decode rt/token | decode vs default | "
              "compute ms | lan ms/token | wan ms/token | pruned / substituted / fused / copy pairs per token |",

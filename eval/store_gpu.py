@@ -23,7 +23,9 @@ statistics (measured on calibration text) and the 2-bit copies (RTN of the float
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import statistics
 import time
 from pathlib import Path
 
@@ -32,13 +34,25 @@ import torch
 import store_time
 
 BUDGETS = (0.25, 0.5, 0.75, 1.0)
+GRAPHS = dict(gpu_graphs=True)  # each layer call one CUDA graph replay (runtime/store/slot_graphs.py)
 CONFIGS = [  # (name, StoreConfig fields besides the budget and tier, budget shares it runs at (None: all))
-    ("on demand (every use from the pinned host copy)", dict(policy="demand"), (0.5,)),
-    ("LRU", dict(policy="lru"), None),
-    ("pin + LRU", dict(policy="lru", pin_share=0.5), None),
-    ("pin + prefetch (router + refine, precision >= 0.5) (default)", store_time.DEFAULT, None),
+    # session 25's rows: every layer call's launches from the decode thread (gpu_graphs=False)
+    ("on demand (every use from the pinned host copy)", dict(policy="demand", gpu_graphs=False), (0.5,)),
+    ("LRU", dict(policy="lru", gpu_graphs=False), None),
+    ("pin + LRU", dict(policy="lru", pin_share=0.5, gpu_graphs=False), None),
+    ("pin + prefetch (router + refine, precision >= 0.5) (CPU default)", dict(store_time.DEFAULT, gpu_graphs=False),
+     None),
     ("LRU, per-expert path (session 23: no slot table)", dict(policy="lru", gpu_slots=False), (0.5,)),
+    # session 26: each layer call one graph replay (the GPU tier's default since)
+    ("on demand, graphs", dict(policy="demand", **GRAPHS), None),
+    ("LRU, graphs (GPU default)", dict(policy="lru", **GRAPHS), None),
+    ("pin + LRU, graphs", dict(policy="lru", pin_share=0.5, **GRAPHS), None),
+    ("pin + prefetch (router + refine, precision >= 0.5), graphs", dict(store_time.DEFAULT, **GRAPHS), None),
 ]
+# STORE_GPU_PROFILE=1: per layer call, the wall (and CPU) time of the experts call and of the slot path's steps
+PROFILE = os.environ.get("STORE_GPU_PROFILE") == "1"
+# STORE_GPU_REPEAT=N: run the selected rows N times, in turn (A/B spread inside one call)
+REPEAT = int(os.environ.get("STORE_GPU_REPEAT", "1"))
 HIT_CONFIGS = [(n, f, s) for n, f, s in CONFIGS if "per-expert" not in n] + [
     ("pin + prefetch (paths)", dict(policy="lru", pin_share=0.5, prefetch="paths"), (0.5,))]
 
@@ -116,11 +130,64 @@ def _config(budget: int, device: str, fields: dict | None = None):
     return StoreConfig(budget=budget, tier=_tier(device), **{"gpu_slots": True, **(fields or {})})
 
 
-def _rows(budgets, configs):
-    for share in budgets:
-        for name, fields, shares in configs:
-            if shares is None or share in shares:
-                yield share, name, fields
+def _rows(budgets, configs, repeat: int = 1):
+    for _ in range(repeat):
+        for share in budgets:
+            for name, fields, shares in configs:
+                if shares is None or share in shares:
+                    yield share, name, fields
+
+
+class Profile:
+    """Per layer call, the wall seconds (and the calling thread's CPU seconds where asked) of wrapped functions:
+    the experts call of each model (PackedExperts.forward: the resident layer's CUDA path or the store's) and the
+    slot path's steps. Wall minus CPU in the store's experts call = time the decode thread waited (the GIL, the
+    table's lock). Eval-only: the wrappers are class attributes set for one row and removed after it."""
+
+    def __init__(self):
+        from moecompress.runtime.experts.packed_experts import PackedExperts
+        from moecompress.runtime.store import deferred, gpu_layer, slot_graphs, slot_path, slots, store
+
+        self.samples: dict[str, list[tuple[float, float]]] = {}
+        self.undo = []
+        self._wrap(PackedExperts, "forward", lambda m, *a: "experts (store)" if m.expert_store is not None
+                   else "experts (resident)", cpu=True)
+        self._wrap(store.ExpertStore, "forward", "store.forward")
+        self._wrap(slot_path.SlotPath, "forward", "slot_path.forward", cpu=True)
+        self._wrap(slots.SlotTable, "lookups", "eager: lookups")
+        self._wrap(gpu_layer.SlotLayers, "forward", "eager: plans' launches")
+        self._wrap(slot_path, "to_host", "to_host (per copy)", static=True)
+        self._wrap(deferred.Bookkeeper, "submit", "submit")
+        self._wrap(slot_graphs.GraphCall, "load", "graph: input copies")
+        self._wrap(slot_graphs.GraphCall, "replay", "graph: replay + out copy")
+        self._wrap(slot_graphs.GraphCall, "capture", "graph: capture check")
+        self._wrap(slot_path.SlotPath, "account", "bookkeeping thread: account", cpu=True)
+
+    def _wrap(self, owner, attr, name, cpu=False, static=False):
+        orig = owner.__dict__[attr]
+        samples = self.samples
+
+        def wrapper(*a, **k):
+            w0, c0 = time.perf_counter(), time.thread_time() if cpu else 0.0
+            try:
+                return orig(*a, **k)
+            finally:
+                w, c = time.perf_counter() - w0, (time.thread_time() - c0) if cpu else float("nan")
+                samples.setdefault(name if isinstance(name, str) else name(*a), []).append((w, c))
+
+        setattr(owner, attr, staticmethod(wrapper) if static and isinstance(owner, type) else wrapper)
+        self.undo.append((owner, attr, orig))
+
+    def close(self) -> dict:
+        for owner, attr, orig in reversed(self.undo):
+            setattr(owner, attr, orig)
+        out = {}
+        for name, xs in self.samples.items():
+            half = xs[len(xs) // 2:]  # the steady half of the row
+            out[name] = {"calls": len(xs), "wall_us_median": 1e6 * statistics.median(w for w, _ in half),
+                         "wall_us_mean": 1e6 * statistics.fmean(w for w, _ in half),
+                         "cpu_us_median": 1e6 * statistics.median(c for _, c in half)}
+        return out
 
 
 def run_time(args, tools, save) -> dict:
@@ -156,10 +223,11 @@ def run_time(args, tools, save) -> dict:
         detach_store(modules)
     res["warm_s"] = time.time() - t0 - built - copies_s
     configs = [c for c in CONFIGS if not args.configs or c[0] in args.configs]  # --configs: only these rows
-    for share, name, fields in _rows(args.budgets, configs):
+    for share, name, fields in _rows(args.budgets, configs, REPEAT):
         budget = int(share * total)
         config = _config(budget, device, fields)
         t2 = time.time()
+        profile = Profile() if PROFILE else None
         try:
             own_tier = fields.get("gpu_slots", True) is False  # the session-23 path: its own PinnedTier
             store = attach_store(model, ckpt, config, stats=stats, copies=copies if "copy_threshold" in fields else {},
@@ -175,8 +243,13 @@ def run_time(args, tools, save) -> dict:
         except Exception as exc:  # one row's failure must not lose the others (one device call)
             r = {"error": f"{type(exc).__name__}: {exc}"}
             attach_s = None
+        if profile is not None:
+            r["profile"] = profile.close()
         res["rows"].append({"config": name, "share": share, "budget": budget, "attach_s": attach_s, **r})
         print(f"{share:.0%} {name}: " + _fmt_time(res["rows"][-1]), flush=True)
+        for pname, p in r.get("profile", {}).items():
+            print(f"    {pname}: {p['wall_us_median']:.1f} us median wall ({p['wall_us_mean']:.1f} mean), cpu "
+                  f"{p['cpu_us_median']:.1f} us, {p['calls']} calls", flush=True)
         save(res)
     return res
 
@@ -238,7 +311,9 @@ def _fmt_time(r: dict) -> str:
             f"{st['hit_rate']:.3f} served {st['served_rate']:.3f} stall {1000 * st['stall_s_per_token']:.2f} ms/token "
             f"copies {'-' if copy is None else f'{1000 * copy:.2f}'} ms/token {st['bytes_per_token'] / 2**20:.1f} "
             f"MiB/token; cold {r['cold']['ratio']:.2f}x; max |Δlogit| {r['max_logit_diff']:.3g} equal "
-            f"{r.get('logits_equal')} slots {r.get('slot_device_bytes')}")
+            f"{r.get('logits_equal')} slots {r.get('slot_device_bytes')} graph_error {r.get('graph_error')} graph_waits "
+            f"{r.get('graph_waits')} decode-thread cpu {1000 * st['store_cpu_s']:.2f} vs {1000 * st['resident_cpu_s']:.2f} "
+            f"ms/token, background {1000 * st['background_cpu_s']:.2f} ms/token")
 
 
 def markdown(results: dict, command: str) -> str:

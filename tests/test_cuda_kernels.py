@@ -292,20 +292,39 @@ def test_pair_plan_calls_after_the_first_equal_the_reference(fast, monkeypatch):
         assert len(plans) == 1 and (plans[0].first._compiled is not None) == fast
 
 
+@pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("tokens,pair", [(2, True), (8, False), (16, False)])
-def test_few_large_experts_take_the_tables_path(tokens, pair, monkeypatch):
-    """More than launch.PAIR_MAX_MEAN_ROWS pairs per expert (here 2; 4 experts, top-2: above 4 tokens): the routing
-    tables (each expert's rows one block, its bytes read once; the DECODE_DENSE tile) instead of the pair path; same
-    function."""
+def test_few_large_experts_take_the_tables_path(tokens, pair, gated, monkeypatch):
+    """More than launch.PAIR_MAX_MEAN_ROWS pairs per expert (here 2; 4 experts, top-2: above 4 tokens) and the pair
+    path's extra reads above PAIR_DENSE_MIN_BYTES (here 0): the routing tables (each expert's rows one block, its
+    bytes read once; the DECODE_DENSE tile) instead of the pair path; same function, with the gate in torch or fused
+    into the first projection (DECODE_GATED)."""
     from moecompress.runtime.cuda import launch
 
     monkeypatch.setattr(launch, "PAIR_MAX_MEAN_ROWS", 2)
+    monkeypatch.setattr(launch, "PAIR_DENSE_MIN_BYTES", 0)
+    monkeypatch.setattr(launch, "DECODE_GATED", gated)
     layer = random_experts(4, 256, 128, [2, 3, 4, 8], seed=13)
     x = activations(tokens, 256, seed=9)
     idx, w = routing(tokens, 4, 2, "cuda", seed=tokens)
     out = layer(x, idx, w)
     assert rel_err(out, reference_layer(layer, x, idx, w)) < tolerance(tokens)
     assert bool(getattr(layer, "_cuda_pair_plans", None)) == pair
+
+
+def test_small_experts_keep_the_pair_path(monkeypatch):
+    """Above PAIR_MAX_MEAN_ROWS pairs per expert but with the pair path's extra reads below PAIR_DENSE_MIN_BYTES
+    (4 small experts, 16 tokens, top-2: 28 x 55 KB = 1.5 MB): the pair path (a launch-bound layer); same function."""
+    from moecompress.runtime.cuda import launch
+
+    monkeypatch.setattr(launch, "PAIR_MAX_MEAN_ROWS", 2)
+    monkeypatch.setattr(launch, "PAIR_DENSE_MIN_BYTES", 16e6)
+    layer = random_experts(4, 256, 128, [2, 3, 4, 8], seed=13)
+    x = activations(16, 256, seed=9)
+    idx, w = routing(16, 4, 2, "cuda", seed=16)
+    out = layer(x, idx, w)
+    assert rel_err(out, reference_layer(layer, x, idx, w)) < tolerance(16)
+    assert layer._cuda_pair_plans
 
 
 @pytest.mark.parametrize("gated", [True, False])

@@ -259,3 +259,85 @@ def test_kernels_refuse_bad_slots_and_offsets(int4_layout):
         kernels.packed_mm(x, raw.qweight, raw.scales, raw.zeros, 2, GROUP, [-1], [3])
     with pytest.raises(RuntimeError, match="starts"):
         kernels.int4_mm(x, group.int4_weight, group.int4_sz, [0, 1], [2, 2], group._int4_block, GROUP)
+
+
+def test_pack_blocked_is_the_layout_unpack_blocked_reads():
+    q = torch.randint(0, 16, (3, OUT, IN), generator=torch.Generator().manual_seed(6)).to(torch.uint8)
+    packed = cpu_int4.pack_blocked(q, 64)
+    assert packed.shape == (3, OUT, IN // 2)
+    assert torch.equal(cpu_int4.unpack_blocked(packed, 64).transpose(-2, -1), q)
+    if cpu_int4.block_layout(OUT, IN) == 64:  # PyTorch packs 64-row blocks on this CPU: the same bytes
+        assert torch.equal(packed[1], cpu_int4.pack_int4(q[1]))
+
+
+def dense_group(bits: int = 4, symmetric: bool = False):
+    """A one-expert group (what PackedLinear is: attention, shared experts) and its reference weight [1, out, in]."""
+    return make_group(bits, symmetric, bias=False, n=1, seed=7)
+
+
+@pytest.fixture
+def amx_forced(monkeypatch):
+    """The registry's AMX rows, looked up on any CPU (the kernels themselves run on AMX CPUs only)."""
+    from moecompress.runtime.kernels import cpu_kernels
+
+    monkeypatch.setattr(cpu_features, "best_isa", lambda features=None: "cpu:amx")
+    monkeypatch.setattr(cpu_kernels, "amx", lambda: True)
+
+
+@pytest.mark.parametrize("opt_in", ["0", "1"])
+def test_amx_dense_4bit_prefill_kernel_is_opt_in_and_decode_stays_q8(opt_in, amx_forced, monkeypatch):
+    monkeypatch.setenv(kernel_registry.AMX_DENSE_INT4_ENV, opt_in)
+    dense, _ = dense_group()
+    experts, _ = make_group(4, bias=False)
+    sel = lambda bits, path, group, dtype=torch.bfloat16: kernel_registry.select(bits, path, group, dtype).name
+    assert sel(4, "prefill", dense) == ("int4_amx_dense" if opt_in == "1" else "packed_amx")
+    assert sel(4, "prefill", experts) == "packed_amx"  # many experts: our packing's AMX kernel
+    assert sel(2, "prefill", dense_group(2)[0]) == "packed_amx"
+    assert sel(4, "prefill", dense, torch.float32) != "int4_amx_dense"
+    assert sel(4, "decode", dense) == "q8_avx512_vnni"  # what the C++ decode step reads: the format's packing
+    monkeypatch.setenv(kernel_registry.AMX_DENSE_INT4_ENV, "yes")
+    with pytest.raises(Exception, match="MOECOMPRESS_AMX_DENSE_INT4"):
+        sel(4, "prefill", dense)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_amx_dense_int4_copy_keeps_the_packed_weights_and_their_numbers(symmetric, amx_forced, monkeypatch):
+    """prepare() adds the int4 prefill copy beside the format's packing: the same integers, (zero, scale) giving the
+    same weights up to bf16 rounding of the scale, state_dict unchanged, idempotent."""
+    monkeypatch.setenv(kernel_registry.AMX_DENSE_INT4_ENV, "1")
+    group, ref_w = dense_group(symmetric=symmetric)
+    before = {k: v.clone() for k, v in group.state_dict().items()}
+    group.prepare(torch.bfloat16)
+    assert "qweight" in group._buffers and group._int4 is None  # still a packed group for the decode kernels
+    packed, sz = group.int4_copy_weight, group.int4_copy_sz
+    q = cpu_int4.unpack_blocked(packed, 64).transpose(-2, -1)  # [1, out, in]
+    from moecompress.format.pack import unpack
+
+    assert torch.equal(q, unpack(group.qweight, 4, IN))
+    s = sz[..., 0].float().transpose(-2, -1).repeat_interleave(GROUP, -1)  # [1, out, in]
+    zero = sz[..., 1].float().transpose(-2, -1).repeat_interleave(GROUP, -1)
+    w = q.float() * s + (zero - 8 * s)  # the int4 kernel's formula
+    assert (w - ref_w).abs().max() <= 2**-7 * ref_w.abs().max()
+    after = group.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    group.prepare(torch.bfloat16)
+    assert group.int4_copy_weight is packed
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_amx_dense_int4_prefill_equals_the_dequantized_reference(symmetric, monkeypatch):
+    """On an AMX CPU: a dense 4-bit projection's prefill through the int4 copy, its decode through q8, vs float64."""
+    kernels = cpp_kernels()
+    if not kernels.amx():
+        pytest.skip("no AMX BF16 on this CPU (or the OS does not grant it)")
+    monkeypatch.setenv(kernel_registry.AMX_DENSE_INT4_ENV, "1")
+    group, ref_w = dense_group(symmetric=symmetric)
+    group.prepare(torch.bfloat16)
+    decode, prefill = group._kernels(torch.bfloat16)
+    assert (decode.name, prefill.name) == ("q8_avx512_vnni", "int4_amx_dense")
+    gen = torch.Generator().manual_seed(8)
+    for rows in (1, 5, 6, 17, 70):  # decode below AMX_MIN_ROWS, prefill from it; partial 16-row tiles
+        x = torch.randn(rows, IN, generator=gen).to(torch.bfloat16)
+        want = x.double() @ ref_w[0].double().t()
+        got = group.linear_sorted(x, [rows]).double()
+        assert (got - want).abs().max() < 3e-2 * want.abs().max(), rows

@@ -46,7 +46,8 @@ def reference(ckpt):
     return ids, _decode(_model(ckpt), ids)
 
 
-def test_slot_path_equals_the_resident_kernels_at_every_budget(ckpt, reference):
+@pytest.mark.parametrize("graphs", [False, True])  # True: each layer call one CUDA graph replay (slot_graphs.py)
+def test_slot_path_equals_the_resident_kernels_at_every_budget(ckpt, reference, graphs):
     ids, ref = reference
     model = _model(ckpt)
     modules = [m for m in model.modules() if isinstance(m, PackedExperts)]
@@ -56,7 +57,7 @@ def test_slot_path_equals_the_resident_kernels_at_every_budget(ckpt, reference):
     for budget, fields in ((smallest, dict(policy="lru")), (total // 4, dict(prefetch="router", pin_share=0.5)),
                            (total // 2, dict(policy="lfu", prefetch="paths")), (total // 2, dict(policy="demand")),
                            (total, dict(policy="lru"))):
-        config = StoreConfig(budget=budget, tier="pinned", gpu_slots=True, **fields)
+        config = StoreConfig(budget=budget, tier="pinned", gpu_slots=True, gpu_graphs=graphs, **fields)
         store = attach_store(model, ckpt, config, tier=tier)
         tier = store.cache.tier
         try:
@@ -66,23 +67,30 @@ def test_slot_path_equals_the_resident_kernels_at_every_budget(ckpt, reference):
         finally:
             detach_store(modules)
         assert c["slot_error"] is None, c["slot_error"]  # the slot path ran (no fallback to the per-expert one)
+        assert c["graph_error"] is None, c["graph_error"]  # (graphs: every call a replay, none fell back)
+        if graphs:
+            calls = store.slot_path.layers.graphs.values()
+            assert sum(g.submitted for g in calls) == STEPS * len(modules)  # every decode call replayed a graph
         assert all(torch.equal(a, b) for a, b in zip(got, ref)), (budget, fields)
         assert c["peak_bytes"] <= budget and c["uses"] > 0
         table = store.slot_path.table  # per projection and width a pool within the budget (test_store_slots.py)
         assert table.device_bytes <= len(table.pools) * budget
         if budget < total // 2:
-            assert c["misses"] > 0 and c["stall_s"] > 0  # misses computed from the host copy, its time measured
+            assert c["misses"] > 0  # misses computed from the host copy, its time measured (graphs: where torch can)
+            assert c["stall_s"] > 0 or (graphs and not store.slot_path.graph_timing)
         if budget == total:
             assert c["hits"] > c["misses"]
 
 
-def test_a_step_adds_no_host_sync(ckpt, reference):
+@pytest.mark.parametrize("graphs", [False, True])
+def test_a_step_adds_no_host_sync(ckpt, reference, graphs):
     """With every expert resident, a decode step synchronizes the host no more often than the resident model's."""
     ids, _ = reference
     resident = _model(ckpt)
     model = _model(ckpt)
     modules = [m for m in model.modules() if isinstance(m, PackedExperts)]
-    store = attach_store(model, ckpt, StoreConfig(budget=1 << 40, tier="pinned", gpu_slots=True, policy="lru"))
+    store = attach_store(model, ckpt, StoreConfig(budget=1 << 40, tier="pinned", gpu_slots=True, policy="lru",
+                                                  gpu_graphs=graphs))
     try:
         _decode(model, ids[:, :4])  # every expert read in and seen resident (the host-memory plan skipped)
         _decode(model, ids[:, :4])

@@ -291,3 +291,108 @@ def test_per_expert_path_over_the_slot_table(tmp_path_factory, modules):
         assert any(s.groups._groups is not None for s in store.cache.slots.values())  # the prompt's built them
     finally:
         detach_store(model.modules())
+
+
+class _CpuGraphCall:
+    """slot_graphs.GraphCall's interface on the CPU: a 'replay' computes with _CpuSlotLayers and writes the record
+    into one reused buffer (as the graph writes its pinned one), and logs what it wrote."""
+
+    def __init__(self, layers, layer, module, x, flat, weights, top_k):
+        self.layers, self.layer, self.module, self.top_k = layers, layer, module, top_k
+        self.width = layers.table.snap[layer].numel()
+        self.record = torch.zeros(self.width + flat.numel(), dtype=torch.int64)
+        self.snapshot, self.routed = self.record[:self.width], self.record[self.width:]
+        self.event, self.graphs, self.timing = None, {}, {False: None, True: None}
+        self.submitted = self.read = self.waits = 0
+
+    pending = property(lambda self: self.read != self.submitted)
+
+    def release(self, seq):
+        self.read = seq
+
+    def load(self, x, flat, weights):
+        self.x, self.flat, self.weights = x.clone(), flat.clone(), weights.clone()
+
+    def capture(self, host_pass):
+        self.graphs[host_pass] = True
+
+    def replay(self, host_pass):
+        table = self.layers.table
+        table.lookups(self.layer)
+        out = self.layers.forward(self.layer, self.module, self.x, self.flat, self.weights, self.top_k, host_pass)
+        self.record[:self.width].copy_(table.snap[self.layer])
+        self.record[self.width:].copy_(self.flat)
+        self.layers.written.append((self.layer, self.record.tolist()))
+        self.submitted += 1
+        return out
+
+
+class _CpuGraphLayers(_CpuSlotLayers):
+    def __init__(self, table):
+        super().__init__(table)
+        self.graphs, self.written = {}, []
+
+    def graph_call(self, layer, module, x, flat, weights, top_k):
+        key = (layer, x.shape[0], top_k)
+        if key not in self.graphs:
+            self.graphs[key] = _CpuGraphCall(self, layer, module, x, flat, weights, top_k)
+        return self.graphs[key]
+
+
+def test_graph_records_are_read_before_they_are_overwritten(tmp_path_factory, modules):
+    """StoreConfig(gpu_graphs=True): a layer call's record lives in a buffer its next replay reuses; with the
+    bookkeeping thread held back, the next call of that layer waits for it (counted), and the thread reads every
+    record exactly as its call wrote it, in order."""
+    import threading
+
+    from moecompress.runtime.store import StoreConfig, attach_store, detach_store
+    from moecompress.runtime.store.slot_path import SlotPath
+
+    ckpt = tmp_path_factory.getbasetemp() / "slots0" / "ck"
+    model = moecompress.from_pretrained(ckpt, dtype=torch.float32, verify=False).eval()
+    mods = dict(enumerate(m for m in model.modules() if isinstance(m, PackedExperts)))
+    host = HostExperts(mods, pin=False)
+    total = sum(_nbytes(host).values())
+    store = attach_store(model, ckpt, StoreConfig(budget=int(0.5 * total), policy="lru", gpu_graphs=True))
+    try:
+        table = SlotTable(host, store.cache.layout.nbytes, store.cache.capacity, "cpu",
+                          {layer: m.num_experts for layer, m in mods.items()})
+        store.cache.tier.host, store.cache.tier.slots = host, table
+        path = store.slot_path = SlotPath(store, _CpuGraphLayers(table))
+        gate, read, account, drain = threading.Event(), [], path.account, path.book.drain
+
+        def held_account(r):  # the first record waits until the compute thread has to wait for it
+            gate.wait(timeout=60)
+            read.append((r.layer, torch.cat([r.snapshot, r.routed]).tolist()))
+            account(r)
+
+        def opening_drain():
+            gate.set()
+            drain()
+
+        path.book.handle, path.book.drain = held_account, opening_drain
+        ids = torch.tensor([[5, 17, 3, 99, 42, 7, 64, 8]])
+        past = None
+        with torch.no_grad():
+            for i in range(ids.shape[1]):
+                past = model(ids[:, i:i + 1], past_key_values=past, use_cache=True).past_key_values
+        c = store.counters()
+        layers = path.layers
+        assert c["graph_error"] is None and c["graph_waits"] >= 1
+        assert read == layers.written and len(read) == ids.shape[1] * len(mods)  # each record as written, in order
+        assert layers.mismatches == 0 and c["hits"] + c["misses"] == c["uses"] > 0 and c["hits"] > 0
+        assert set(table.taken) == set(store.cache.slots) and c["peak_bytes"] <= int(0.5 * total)
+    finally:
+        detach_store(model.modules())
+
+
+def test_gpu_tier_defaults():
+    """default_config(tier="pinned"): LRU without pinning or prefetch, each layer call a graph replay (the H200's
+    best); the file tier keeps pin + router prefetch."""
+    from moecompress.runtime.store.config import default_config
+
+    gpu, cpu = default_config(1 << 30, tier="pinned"), default_config(1 << 30)
+    assert (gpu.tier, gpu.policy, gpu.pin_share, gpu.prefetch, gpu.gpu_slots, gpu.gpu_graphs) == \
+        ("pinned", "lru", 0.0, None, True, True)
+    assert (cpu.tier, cpu.prefetch, cpu.pin_share, cpu.budget) == ("file", "router", 0.5, 1 << 30)
+    assert default_config(1 << 30, has_stats=False).pin_share == 0.0

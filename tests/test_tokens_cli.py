@@ -30,7 +30,8 @@ from moecompress.format.files import PLACEMENT_FILE
 from moecompress.format.spec import group_prefix
 from moecompress.quantize.stage import QuantizeOptions, quantize_copies
 from moecompress.runtime.edge import deploy
-from moecompress.runtime.edge.tokens_copies import HOME_COPIES_DIR, HOME_COPIES_FILE, attach_home_copies
+from moecompress.runtime.edge.tokens_copies import (HOME_COPIES_DIR, HOME_COPIES_FILE, attach_home_copies,
+                                                     attach_home_copy_sources)
 from moecompress.shard.command import checkpoint_sizes
 from moecompress.shard.home_copies import server_expert_bytes
 
@@ -158,6 +159,32 @@ def test_every_home_computes_on_its_own_copies(made):
         assert per_home[h]["token_policies"]["total"]["copy_pairs"] > 0
 
 
+def test_copies_from_several_checkpoints_compute_each_expert_with_its_source(made):
+    """Mixed-bit copies (attach_home_copy_sources): the copies split over two sources of the same checkpoint give
+    exactly the outputs, bytes and counts of one source; with another checkpoint for one part its bytes and outputs
+    change; an expert copied from two sources is refused."""
+    experts = description(made / "out", 0)["experts"]
+    first = [ids[:len(ids) // 2] for ids in experts]
+    second = [ids[len(ids) // 2:] for ids in experts]
+    assert sum(map(len, first)) > 0 and sum(map(len, second)) > 0
+    runs = {}
+    for name, sources in (("one", [(made / "low4", experts)]), ("split", [(made / "low4", first),
+                                                                          (made / "low4", second)]),
+                          ("mixed", [(made / "ck", first), (made / "low4", second)])):
+        with deploy(made / "plain", simulate=True, verify=False) as d:
+            nbytes = attach_home_copy_sources(d, sources)
+            d.set_tokens(SPEC)
+            runs[name] = (nbytes, *run_calls(d))
+    one, split, mixed = runs["one"], runs["split"], runs["mixed"]
+    assert split[0] == one[0] and torch.equal(split[1], one[1]) and torch.equal(split[2], one[2])
+    assert split[3] == one[3] and one[3]["token_policies"]["total"]["copy_pairs"] > 0
+    assert mixed[0] != one[0] and mixed[3]["token_policies"]["total"]["copy_pairs"] > 0
+    assert not torch.equal(mixed[1], one[1])  # the first part computed with ck's tensors
+    with deploy(made / "plain", simulate=True, verify=False) as d:
+        with pytest.raises(MoecompressError, match="copied from two checkpoints"):
+            attach_home_copy_sources(d, [(made / "low4", experts), (made / "ck", first)])
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("rank_threads")
 def test_processes_load_every_homes_copies_as_the_simulation(made):
@@ -194,7 +221,8 @@ def test_bad_input_is_a_clear_error(made, tmp_path, capsys):
         assert rc == 2 and len(err) == 1, (extra, err)
         assert re.search(message, err[0]), (extra, err[0])
         assert not (tmp_path / "o").exists()
-    # a copies file altered after shard: named by verify and refused by a run that loads it
+    # a copies file altered after shard: named by verify and refused by a run that loads it (verify=False skips
+    # the sha256 checks of the bundle and of its copies alike: the run starts)
     bad = tmp_path / "bad"
     shutil.copytree(made / "out", bad)
     target = bad / "server-0" / HOME_COPIES_DIR / "model.safetensors"
@@ -204,4 +232,7 @@ def test_bad_input_is_a_clear_error(made, tmp_path, capsys):
     with pytest.raises(MoecompressError, match="home-copies/model.safetensors: sha256"):
         verify_bundles(bad)
     with pytest.raises(MoecompressError, match="sha256 does not match"):
-        deploy(bad, simulate=True, tokens=SPEC, verify=False)
+        deploy(bad, simulate=True, tokens=SPEC)
+    with deploy(bad, simulate=True, tokens=SPEC, verify=False) as d:
+        d.forward(IDS, MASK)
+        assert d.counters.counts()["token_policies"]["total"]["copy_pairs"] > 0

@@ -9,8 +9,9 @@ CUDA graph (warm up once first: Triton compiles at the first call).
 Paths: up to PAIR_TOKENS tokens per call and PAIR_MAX_MEAN_ROWS rows per expert, layers whose groups are all packed
 2/3/4/8-bit (no bias, no post-expert norm) take the pair path (decode.py, run by a plan cached per layer and shape:
 pairs.py): 4-5 launches per layer, all bit-widths in one launch per projection, no routing tables, the SiLU gate
-fused where the model's gate is SiLU(gate) * up. Above PAIR_MAX_MEAN_ROWS rows per expert (few large experts) the
-decode path below runs with the DECODE_DENSE tile.
+fused where the model's gate is SiLU(gate) * up. Above PAIR_MAX_MEAN_ROWS rows per expert, where the pair path's
+extra reads of the same expert reach PAIR_DENSE_MIN_BYTES (few large experts: launch.dense_decode), the decode path
+below runs with the DECODE_DENSE tile (and the gate fused into its first projection with launch.DECODE_GATED).
 Otherwise up to DECODE_ROWS tokens per call (and <= routing.SMALL_PAIRS pairs) take the decode path (one program
 builds the routing tables; every hit expert is one block of rows, so its packed bytes are read once per column
 tile); one token per call runs gemv_kernel there (CUDA cores; launch.GEMV_ENABLED), 2-16 tokens packed_kernel.
@@ -184,6 +185,20 @@ def _pair_plan(experts, x: torch.Tensor, flat: torch.Tensor, weights: torch.Tens
     return plan
 
 
+def _expert_bytes(experts) -> float:
+    """Packed bytes of one expert, the mean over the layer's experts (both projections; cached on the layer)."""
+    cached = experts.__dict__.get("_cuda_expert_bytes")
+    if cached is None:
+        total, count = 0, getattr(experts, experts.proj_names[0]).num_experts
+        for name in experts.proj_names:
+            for group in getattr(experts, name).children():
+                if group.experts:
+                    total += sum(t.numel() * t.element_size() for t in group.parameters()) + sum(
+                        t.numel() * t.element_size() for t in group.buffers())
+        cached = experts.__dict__["_cuda_expert_bytes"] = total / max(1, count)
+    return cached
+
+
 def _signature(experts) -> tuple[int, ...]:
     """Where the layer's packed tensors are (data pointers of each projection's first group): a plan or a
     `supports` answer made for other tensors is not reused."""
@@ -200,15 +215,18 @@ def forward(experts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top
     pairs = tokens * top_k
     x = hidden_states.contiguous()
     flat = top_k_index.reshape(-1)
-    dense = pairs > launch.PAIR_MAX_MEAN_ROWS * getattr(experts, experts.proj_names[0]).num_experts
-    if tokens <= launch.PAIR_TOKENS and pair_supported(experts) and not dense:
+    n_experts = getattr(experts, experts.proj_names[0]).num_experts
+    dense = pairs > launch.PAIR_MAX_MEAN_ROWS * n_experts  # the tables path's tile: DECODE_DENSE
+    if (tokens <= launch.PAIR_TOKENS and pair_supported(experts)
+            and not (dense and launch.dense_decode(pairs, n_experts, _expert_bytes(experts)))):
         weights = top_k_weights.reshape(-1).contiguous()
         flat = flat.contiguous()
         return _pair_plan(experts, x, flat, weights, tokens, top_k)(x, flat, weights)
     path = _path(tokens, pairs)
     first, down = (getattr(experts, name) for name in experts.proj_names)
     groups, tables = _tables(first, flat, path, pairs)
-    gated = (path == "prefill" and (launch.PREFILL_TALL_GATED if tables.block_rows >= 256 else launch.PREFILL_GATED)
+    gated = ((launch.DECODE_GATED and dense if path == "decode" else
+              launch.PREFILL_TALL_GATED if tables.block_rows >= 256 else launch.PREFILL_GATED)
              and prefill_gate_fused(experts, groups))
     h = torch.empty(pairs, first.out_features // 2 if gated else first.out_features, dtype=x.dtype,
                     device=x.device)  # [S, out_first], by pair

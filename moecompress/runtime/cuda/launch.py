@@ -89,6 +89,25 @@ PAIR_TOKENS = 16  # tokens per call up to which eligible layers run decode.pair_
 # e.g. Mixtral at 16 tokens). Measured on an H200 (session 21, --sweeps adopt): no slower on any of 8 decode shapes
 # (worst 1.005x), 0.58x / 0.77x of the pair path's time for Mixtral at 16 tokens mix / 4-bit
 PAIR_MAX_MEAN_ROWS = float(os.environ.get("MOECOMPRESS_PAIR_MAX_MEAN_ROWS", "2"))
+# ... and only where the pair path's extra reads (each pair reads its expert's packed bytes: (pairs - experts) x the
+# bytes of one expert more than the tables path) reach PAIR_DENSE_MIN_BYTES: below, the layer is launch-bound and the
+# pair path's 4 launches beat the tables path's 10-14. H200, refmoe-qwen3 (16 experts of 256 x 128, 2.0-2.6 MB of
+# extra reads) at 16 rows, whole CUDA-graph step (eval/bench_gpu_trace.py, session 26): 1.190 -> 1.027 ms mix, 1.095 ->
+# 1.009 ms 4-bit; Mixtral-8x7B at 16 tokens (1.6 GB of extra reads) keeps the tables path (0.58x / 0.77x of the
+# pair path's time, session 21). 32 MB lies between the two, not a measured crossover. 0: rows alone (sessions 21-25)
+PAIR_DENSE_MIN_BYTES = float(os.environ.get("MOECOMPRESS_PAIR_DENSE_MIN_BYTES", "32e6"))
+# the tables path of a dense decode layer computes SiLU(gate) * up in its first projection (packed_kernel GATED, as
+# the prefill path does) instead of the model's gate in torch after it. Session 26, refmoe-qwen3 at 16 rows on the
+# tables path: 1.193 -> 1.172 ms (mix), 1.100 -> 1.069 (4-bit) per step; not measured where the tables path is the
+# default now (Mixtral): off, MOECOMPRESS_DECODE_GATED=1 on
+DECODE_GATED = os.environ.get("MOECOMPRESS_DECODE_GATED", "0") == "1"
+
+
+def dense_decode(pairs: int, experts: int, expert_bytes: float) -> bool:
+    """Whether a call of `pairs` (token, expert) pairs over a layer of `experts` experts of `expert_bytes` packed
+    bytes each takes the routing-table path (each hit expert's bytes read once) rather than the pair path (once per
+    pair): above PAIR_MAX_MEAN_ROWS pairs per expert, when the pair path's extra reads reach PAIR_DENSE_MIN_BYTES."""
+    return pairs > PAIR_MAX_MEAN_ROWS * experts and (pairs - experts) * expert_bytes >= PAIR_DENSE_MIN_BYTES
 
 
 def values_per_unit(bits: int) -> tuple[int, int]:

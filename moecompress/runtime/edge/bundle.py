@@ -31,6 +31,7 @@ class BundleInfo:
     holds: str  # "full" | "experts" | "layers"
     placement_sha256: str
     experts_paths: tuple[str, ...]  # module path of every MoE layer's experts, in layer order
+    verify: bool = True  # files checked against their manifests when read (this bundle's, its home copies')
 
     @property
     def directory(self) -> Path:
@@ -85,7 +86,7 @@ def read_bundle(out: str | Path, server: int, world_size: int | None = None, ver
         out=out, server=server, num_servers=num_servers, mode=mode, home=home,
         assignment=tuple(tuple(tuple(int(s) for s in c) for c in layer) for layer in described["assignment"]),
         dense_servers=dense, layer_servers=layer_servers, holds=str(described["holds"]),
-        placement_sha256=digest, experts_paths=tuple(doc.get("experts_paths") or spec.experts),
+        placement_sha256=digest, experts_paths=tuple(doc.get("experts_paths") or spec.experts), verify=verify,
     )
 
 

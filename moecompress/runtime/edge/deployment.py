@@ -13,10 +13,10 @@ import torch
 
 from moecompress.errors import MoecompressError
 from moecompress.execution.counters import Counters
-from moecompress.execution.routing import ExpertTables, Mode
+from moecompress.execution.routing import Mode
 from moecompress.runtime.edge.bundle import BundleInfo, placement_doc, read_bundle
 from moecompress.runtime.edge.handlers import build_handler
-from moecompress.runtime.edge.running import Deployment, bundle_tokenizer, home_model
+from moecompress.runtime.edge.running import Deployment, home_model
 from moecompress.runtime.edge.transport import InProcess, TorchDistributed
 
 __all__ = ["Deployment", "deploy"]
@@ -157,7 +157,6 @@ def _deploy_homes(out: Path, homes: tuple[int, ...], simulate: bool, servers, dt
                                    "shard without --dense-on-one")
     settings = {h: token_settings(infos[h], pipeline, similarity) if pipeline.policies else None for h in homes}
     num_experts = len(infos[front].assignment[0]) if infos[front].assignment else 0
-    tables = ExpertTables.from_assignment(infos[front].assignment, num_servers)
 
     def counters():
         c = Counters(num_servers, len(infos[front].experts_paths))
@@ -165,28 +164,15 @@ def _deploy_homes(out: Path, homes: tuple[int, ...], simulate: bool, servers, dt
         return c
 
     if simulate:
-        from moecompress.runtime.edge.dispatcher import install_dispatchers
-        from moecompress.runtime.edge.rank_model import load_full
-
         handlers = {n: build_handler(read_bundle(out, n, world_size=num_servers, verify=verify), dtype,
                                      expert_budget) for n in range(num_servers) if n not in homes}
         deployments = {}
-        for h in homes:
-            model = load_full(infos[h], dtype)
-            if expert_budget is not None:  # the home's own experts under a store (as home_model does)
-                from moecompress.runtime.store.rank import attach_server_store, held_experts_modules
-
-                attach_server_store(infos[h].directory, held_experts_modules(model, infos[h].experts_paths),
-                                    infos[h].experts_paths, expert_budget)  # no router prefetch: see home_model
+        for h in homes:  # no router prefetch for a home's store: see home_model
             transport, own, recorder = InProcess(h, {}, num_servers), counters(), [] if record else None
-            install_dispatchers(model, infos[h].experts_paths, tables, h, transport, own, recorder, settings[h])
-            if settings[h] is not None:  # each home's own low-bit copies (tokens_copies.py), as home_model does
-                from moecompress.runtime.edge.tokens_copies import settings_with_copies
-
-                settings_with_copies(model, infos[h], settings[h])
+            model, tokenizer = home_model(infos[h], dtype, transport, own, recorder, settings[h], expert_budget,
+                                          router_prefetch=False)
             handlers[h] = home_server(h, model, num_experts)
-            deployments[h] = Deployment(model, infos[h], transport, own, bundle_tokenizer(infos[h].directory),
-                                        None, recorder, settings[h])
+            deployments[h] = Deployment(model, infos[h], transport, own, tokenizer, None, recorder, settings[h])
         for h, d in deployments.items():
             d.transport.handlers = {n: handler for n, handler in handlers.items() if n != h}
         return HomesDeployment(homes, deployments, deployments[front],

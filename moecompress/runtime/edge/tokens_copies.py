@@ -63,7 +63,8 @@ def bundled_copies(info, pipeline: TokenPipeline) -> tuple[Path, dict] | None:
 
 def use_bundled_copies(model, info, pipeline: TokenPipeline) -> torch.Tensor | None:
     """[L, E] bool: the copies the home model has: those attached already, else, when `pipeline` computes on copies,
-    the home's copies bundle (checked against its manifest and description, then attached); None without."""
+    the home's copies bundle (checked against its manifest unless the bundle was read with verify=False, and against
+    its description, then attached); None without."""
     have = home_copies(model)
     found = bundled_copies(info, pipeline) if have is None else None
     if found is None:
@@ -72,7 +73,8 @@ def use_bundled_copies(model, info, pipeline: TokenPipeline) -> torch.Tensor | N
     from moecompress.format.spec import read_spec
 
     directory, desc = found
-    verify_files(directory)
+    if info.verify:
+        verify_files(directory)
     spec = read_spec(directory)
     for path, ids in zip(info.experts_paths, desc["experts"]):
         es = spec.experts.get(path)
@@ -145,23 +147,69 @@ def load_home_copies(checkpoint, experts_paths, copies, dtype) -> tuple[list, in
     return modules, total
 
 
+class CopiesUnion(torch.nn.Module):
+    """The copies of one MoE layer read from several checkpoints (e.g. the hottest remote experts at 8 bits, the
+    others at 4): called like one PackedExperts, each part computes the pairs of the experts it holds (the others'
+    ids become the sentinel `num_experts`, which contributes nothing) and the parts' outputs add up."""
+
+    def __init__(self, parts: list):
+        super().__init__()
+        self.parts = torch.nn.ModuleList(parts)
+        self.num_experts = parts[0].num_experts
+        self._held = [torch.tensor(p.held_experts(), dtype=torch.long) for p in parts]
+
+    def held_experts(self) -> tuple[int, ...]:
+        return tuple(sorted(e for p in self.parts for e in p.held_experts()))
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        out = None
+        for part, held in zip(self.parts, self._held):
+            mine = torch.isin(top_k_index, held.to(top_k_index.device))
+            if not bool(mine.any()):
+                continue
+            ids = torch.where(mine, top_k_index, torch.full_like(top_k_index, self.num_experts))
+            y = part(hidden_states, ids, top_k_weights)
+            out = y if out is None else out + y
+        return torch.zeros_like(hidden_states) if out is None else out
+
+
 def attach_copies(model, info, checkpoint, copies) -> int:
     """Give the dispatchers of a home `model` (the home of `info`) the experts `copies` [L][ids] of the low-bit
     `checkpoint`; returns their bytes. Experts the home holds at full precision are refused."""
+    return attach_copy_sources(model, info, [(checkpoint, copies)])
+
+
+def attach_copy_sources(model, info, sources) -> int:
+    """attach_copies from several checkpoints: `sources` [(checkpoint, copies [L][ids])], each expert from one of them
+    (an expert listed twice is refused); returns the bytes they hold together."""
     from moecompress.runtime.edge.dispatcher import DispatchedExperts
 
     dispatchers = {m.layer: m for m in model.modules() if isinstance(m, DispatchedExperts)}
     if not dispatchers:
         raise MoecompressError("home copies need the expert model's dispatchers (deploy a --mode expert shard)")
-    for layer, ids in enumerate(copies):
-        held = [int(e) for e in ids if info.home in info.assignment[layer][int(e)]]
-        if held:
-            raise MoecompressError(f"MoE layer {layer}: the home holds expert(s) {held[:4]} already; copy only remote "
-                                   "experts")
+    seen = [set() for _ in info.experts_paths]
+    for _, copies in sources:
+        for layer, ids in enumerate(copies):
+            held = [int(e) for e in ids if info.home in info.assignment[layer][int(e)]]
+            if held:
+                raise MoecompressError(f"MoE layer {layer}: the home holds expert(s) {held[:4]} already; copy only "
+                                       "remote experts")
+            twice = sorted(seen[layer] & {int(e) for e in ids}) if layer < len(seen) else []
+            if twice:
+                raise MoecompressError(f"MoE layer {layer}: expert(s) {twice[:4]} are copied from two checkpoints; "
+                                       "give each expert one source")
+            if layer < len(seen):
+                seen[layer] |= {int(e) for e in ids}
     dtype = next(model.parameters()).dtype
-    modules, total = load_home_copies(checkpoint, info.experts_paths, copies, dtype)
-    for layer, module in enumerate(modules):
-        dispatchers[layer].copies = module
+    parts, total = [[] for _ in info.experts_paths], 0
+    for checkpoint, copies in sources:
+        modules, nbytes = load_home_copies(checkpoint, info.experts_paths, copies, dtype)
+        total += nbytes
+        for layer, module in enumerate(modules):
+            if module is not None:
+                parts[layer].append(module)
+    for layer, found in enumerate(parts):
+        dispatchers[layer].copies = None if not found else found[0] if len(found) == 1 else CopiesUnion(found)
     return total
 
 
@@ -171,7 +219,14 @@ def attach_home_copies(deployment, checkpoint, copies) -> int:
     (`localize:copies=true` computes a localized token's copied experts with them; every other pair is computed as
     before). Returns the bytes the copies hold (what the home spends on them). Experts the home already holds at
     full precision are refused (copy only remote experts)."""
-    total = attach_copies(deployment.model, deployment.info, checkpoint, copies)
+    return attach_home_copy_sources(deployment, [(checkpoint, copies)])
+
+
+def attach_home_copy_sources(deployment, sources) -> int:
+    """attach_home_copies from several checkpoints, `sources` [(checkpoint, copies [L][ids])] (e.g. the hottest remote
+    experts from an 8-bit checkpoint, the others from a 4-bit one; each expert from one source): a token made local
+    computes each copied expert with the copy of its source. Returns the bytes of all the copies."""
+    total = attach_copy_sources(deployment.model, deployment.info, sources)
     settings = deployment.tokens
     if settings is not None:  # the running policies see the copies now
         deployment.set_tokens(settings.pipeline, settings.state.similarity)

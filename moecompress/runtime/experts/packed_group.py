@@ -94,8 +94,11 @@ class PackedGroup(nn.Module):
         if self._int4 is not None or self.bits == 16 or len(self.experts) == 0 or self.qweight.device.type != "cpu":
             return
         # looking the kernels up builds the C++ modules they need, now rather than in the first forward
-        layouts = {kernel_registry.select(self.bits, path, self, compute_dtype).layout for path in kernel_registry.PATHS}
-        if "int4" not in layouts:
+        kernels = [kernel_registry.select(self.bits, path, self, compute_dtype) for path in kernel_registry.PATHS]
+        for kernel in kernels:
+            if kernel.prepare is not None:  # e.g. a copy in another layout (kernel_registry.INT4_DENSE)
+                kernel.prepare(self, compute_dtype)
+        if "int4" not in {kernel.layout for kernel in kernels}:
             return
         if compute_dtype == torch.bfloat16:
             cpu_kernels.available()  # the one-pass C++ dequantization of the int4 layout

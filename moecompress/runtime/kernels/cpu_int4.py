@@ -70,6 +70,15 @@ def unpack_blocked(packed: torch.Tensor, block: int, dtype: torch.dtype = torch.
     return out
 
 
+def pack_blocked(q: torch.Tensor, block: int = 64) -> torch.Tensor:
+    """q uint8 [..., n, k] values 0..15 -> the blocked layout that `unpack_blocked` reads, [..., n, k/2] (without
+    PyTorch's packer, whose layout depends on the CPU: the fused AMX kernel reads 64-row blocks on any machine)."""
+    *lead, n, k = q.shape
+    halves = q.reshape(*lead, n // block, 2, block // 2, k)  # rows j and j + block/2 of each block
+    byte = halves[..., 0, :, :] | (halves[..., 1, :, :] << 4)  # [..., n/b, b/2, k]
+    return byte.transpose(-2, -1).contiguous().view(*lead, n, k // 2)
+
+
 def block_layout(n: int, k: int) -> int | None:
     """The block size (64 on AVX-512, 32 on AVX2) when PyTorch packs an [n, k] weight in the plain blocked layout
     that `unpack_blocked` reads, checked on a probe of two blocks; None when it does not (other CPUs, odd shapes)."""

@@ -8,7 +8,7 @@ start from is the CPU's best, read at run time (cpu_features.best_isa; MOECOMPRE
 
 | ISA              | 2/3/8-bit decode        | 2/3/8-bit prefill        | 4-bit decode            | 4-bit prefill            |
 |------------------|-------------------------|--------------------------|-------------------------|--------------------------|
-| cpu:amx          | q8_avx512_vnni          | packed_amx (fused AMX)   | q8_avx512_vnni          | packed_amx (fused AMX)   |
+| cpu:amx          | q8_avx512_vnni          | packed_amx (fused AMX)   | q8_avx512_vnni          | packed_amx (fused AMX)***|
 | cpu:avx512_vnni  | q8_avx512_vnni          | tile_mm_avx2             | q8_avx512_vnni          | tile_mm_avx2             |
 | cpu:avx2         | q8_avx2                 | q8_avx2**, tile_mm_avx2  | q8_avx2                 | q8_avx2**, tile_mm_avx2  |
 | cpu:neon_dotprod | q8_neon_dotprod         | tile_mm_portable         | q8_neon_dotprod         | tile_mm_portable         |
@@ -32,7 +32,8 @@ groups keep the format's packing like the other widths (session 24, Xeon Emerald
 eval/bench_cpu.py at 4 bits: the int4 layout's decode ran 107 tok/s through transformers, since the whole-model C++
 step takes packed groups only; packed with q8_avx512_vnni in that step 333 tok/s; 4-bit prefill through packed_amx
 not measured there, 2-bit through it 1940 tok/s against 1635 for the int4 layout at 4 bits). **bf16 / float16 x and in_features >= Q8_PREFILL_MIN_IN, else the tiles.
-float32 x on AMX CPUs: the avx512_vnni row. 16-bit groups are plain matmuls and never looked up.
+float32 x on AMX CPUs: the avx512_vnni row. ***Dense (one-expert) 4-bit groups with MOECOMPRESS_AMX_DENSE_INT4=1:
+int4_amx_dense, an int4 prefill copy beside the packed form (AMX_DENSE_INT4_ENV). 16-bit groups are plain matmuls and never looked up.
 
 A whole MoE layer of at most cpu_moe.FUSED_MAX_TOKENS tokens (decode steps) runs in one C++ call (cpu_moe.py) when
 every group of its two projections takes a q8_* decode kernel here (all of one ISA) and the gate is the default
@@ -47,6 +48,7 @@ from typing import Callable
 import torch
 
 from moecompress.errors import MoecompressError
+from moecompress.format.pack import unpack
 from moecompress.runtime.kernels import cpu_features, cpu_int4, cpu_kernels, cpu_lowbit
 from moecompress.runtime import cuda
 
@@ -75,6 +77,14 @@ Q8_PREFILL_MIN_IN = 0
 # more CPU time with it (2031 vs 1878 ms, loaded): there the q8 prefill kernel calls the decode kernels.
 Q8_GEMM_MAX_IN = 1024
 AMX_MIN_ROWS = 6
+# 4-bit dense projections (one-expert groups: attention, a shared expert) on AMX CPUs: a prefill copy in the blocked
+# int4 layout for the fused int4 kernel (cpu_kernels.int4_mm, the one the int4 layout ran before session 24's fix),
+# while the format's packing stays for the decode kernels and the C++ decode step. It costs a second copy of those
+# weights (+3.6 % of a 2-bit model (b) checkpoint). Measured (session 26, Emerald Rapids, 2 threads, 512 rows,
+# eval/results/cpu_amx_prefill_s26.md): 1.1-2.2x faster per projection (q_proj 4096 x 2048 7.8 vs 13.5 ms), the dense
+# projections' share of a model (b) prefill 12-26 % less, the whole prefill only 1.4-7.6 % faster (experts: ~70 % of it).
+# "1": on; "0" (default): packed_amx (the copy's memory for a few per cent of prefill).
+AMX_DENSE_INT4_ENV = "MOECOMPRESS_AMX_DENSE_INT4"
 # int8 activations (the q8 kernels): "auto" for bfloat16 / float16 x only, so that float32 models stay exact up to
 # summation order (what the end-to-end tests hold them to); "always" also for float32 x; "never".
 INT8_ACTIVATIONS_ENV = "MOECOMPRESS_INT8_ACTIVATIONS"
@@ -88,6 +98,7 @@ class Kernel:
     available: Callable[[], bool]  # built / usable in this process
     supports: Callable  # (group, dtype) -> bool: the group's shapes and x's dtype fit
     min_rows: int = 0  # prefill kernels: rows per expert from which they beat the decode kernels (measured)
+    prepare: Callable | None = None  # (group, compute_dtype) -> None: load-time work (PackedGroup.prepare calls it)
 
 
 def _lowbit_shapes(group, dtype: torch.dtype) -> bool:
@@ -134,7 +145,39 @@ def _packed_amx_shapes(group, dtype: torch.dtype) -> bool:
             and group.scales.dtype == torch.float16)
 
 
-PACKED_AMX = Kernel("packed_amx", "packed", _packed_amx_run, cpu_kernels.amx, _packed_amx_shapes, AMX_MIN_ROWS)
+PACKED_AMX = Kernel("packed_amx", "packed", _packed_amx_run, lambda: cpu_kernels.amx(), _packed_amx_shapes, AMX_MIN_ROWS)
+
+
+def amx_dense_int4() -> bool:
+    value = os.environ.get(AMX_DENSE_INT4_ENV, "0")
+    if value not in ("0", "1"):
+        raise MoecompressError(f"{AMX_DENSE_INT4_ENV}={value!r}; allowed: 0 (packed_amx), 1 (the int4 prefill copy)")
+    return value == "1"
+
+
+def int4_copy(group, compute_dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 4-bit group's prefill copy in the blocked int4 layout, made once (non-persistent buffers: state_dict keeps
+    the format's tensors only): packed uint8 [n, out, in/2] (64-row blocks), sz bf16 [n, in/g, out, 2]."""
+    if "int4_copy_weight" not in group._buffers:
+        q = unpack(group.qweight, 4, group.in_features)  # [n, out, in]
+        group.register_buffer("int4_copy_weight", cpu_int4.pack_blocked(q, 64), persistent=False)
+        group.register_buffer("int4_copy_sz", cpu_int4.scales_and_zeros(group.scales, _zeros(group), torch.bfloat16),
+                              persistent=False)
+    return group.int4_copy_weight, group.int4_copy_sz
+
+
+def _int4_dense_run(group, x, slots, counts):
+    packed, sz = int4_copy(group)
+    return cpu_kernels.int4_mm(x, packed, sz, slots, counts, 64, group.group_size)
+
+
+def _int4_dense_shapes(group, dtype: torch.dtype) -> bool:
+    return (amx_dense_int4() and group.bits == 4 and len(group.experts) == 1 and dtype == torch.bfloat16
+            and group.out_features % 64 == 0 and group.in_features % 32 == 0 and _lowbit_shapes(group, dtype))
+
+
+INT4_DENSE = Kernel("int4_amx_dense", "packed", _int4_dense_run, lambda: cpu_kernels.amx(), _int4_dense_shapes,
+                    AMX_MIN_ROWS, prepare=lambda group, dtype: int4_copy(group))
 
 
 def _int4_run(group, x, slots, counts):
@@ -177,7 +220,7 @@ KERNELS: dict[tuple[str, int, str], tuple[Kernel, ...]] = {}
 for _bits in (2, 3, 4, 8):
     # AMX CPUs have AVX-512 VNNI too: its int8 decode beats packed_amx at 1-4 rows (4x at 1 row, eval/bench_kernels.py)
     KERNELS[("cpu:amx", _bits, "decode")] = (Q8["cpu:avx512_vnni"], PACKED_AMX)
-    KERNELS[("cpu:amx", _bits, "prefill")] = (PACKED_AMX,)
+    KERNELS[("cpu:amx", _bits, "prefill")] = ((INT4_DENSE,) if _bits == 4 else ()) + (PACKED_AMX,)
     for _isa in Q8:
         KERNELS[(_isa, _bits, "decode")] = (Q8[_isa], TILE_MM[_isa])  # float32 x: the exact tiles
         KERNELS[(_isa, _bits, "prefill")] = ((Q8_PREFILL[_isa],) if _isa in Q8_PREFILL else ()) + (TILE_MM[_isa],)
@@ -209,7 +252,7 @@ del _bits, _path
 
 def settings() -> tuple:
     """The environment settings that change what `select` returns (callers caching a lookup key on them)."""
-    return os.environ.get(cpu_features.ISA_ENV), os.environ.get(INT8_ACTIVATIONS_ENV)
+    return os.environ.get(cpu_features.ISA_ENV), os.environ.get(INT8_ACTIVATIONS_ENV), os.environ.get(AMX_DENSE_INT4_ENV)
 
 
 def select(bits: int, path: str, group, dtype: torch.dtype, isa: str | None = None, layout: str | None = None) -> Kernel:

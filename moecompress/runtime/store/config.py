@@ -49,6 +49,11 @@ class StoreConfig:
     # the resident time per token at a 50 % budget with LRU / pin + LRU, against 3.46x on the per-expert path that
     # False keeps: eval/results/store_gpu.md)
     gpu_slots: bool = True
+    # gpu_slots: each decode layer call as one CUDA graph replay (slot_graphs.py: captured per layer, shape and host
+    # pass) instead of ~12 launches and copies from the decode thread; same outputs bit for bit (H200, 50 %, LRU and
+    # pin + LRU: 1.11-1.19x the resident time per token against 1.30-1.41x with eager launches:
+    # eval/results/store_gpu_s26.md)
+    gpu_graphs: bool = True
 
     def __post_init__(self):
         if type(self.budget) is not int or self.budget < 0:
@@ -80,12 +85,16 @@ class StoreConfig:
             raise MoecompressError(f"prefetch_width must be at least 1, got {self.prefetch_width}")
 
 
-def default_config(budget: int, has_stats: bool = True, copy_bits: int | None = None) -> StoreConfig:
+def default_config(budget: int, has_stats: bool = True, copy_bits: int | None = None,
+                   tier: str = "file") -> StoreConfig:
     """The defaults chosen on both reference models (eval/results/store.md); pinning only with statistics; with the
     checkpoint's (or bundle's) low-bit copies of `copy_bits`, misses under that width's DEFAULT_COPY_THRESHOLD run on
-    them (DEFAULT_COPIES; the copies inside the budget)."""
+    them (DEFAULT_COPIES; the copies inside the budget). tier "pinned" (the GPU tier): GPU_DEFAULTS."""
     copies = {} if copy_bits is None else {**DEFAULT_COPIES, "copy_threshold": DEFAULT_COPY_THRESHOLD[copy_bits]}
-    return StoreConfig(budget=int(budget), **DEFAULTS, pin_share=DEFAULT_PIN_SHARE if has_stats else 0.0, **copies)
+    if tier == "pinned":
+        return StoreConfig(budget=int(budget), tier=tier, **GPU_DEFAULTS, **copies)
+    return StoreConfig(budget=int(budget), tier=tier, **DEFAULTS, pin_share=DEFAULT_PIN_SHARE if has_stats else 0.0,
+                       **copies)
 
 
 # Chosen by steady-state CPU time and bytes read on the 30B-dims model and hit rate on refmoe-qwen3 / refmoe-olmoe
@@ -94,6 +103,12 @@ def default_config(budget: int, has_stats: bool = True, copy_bits: int | None = 
 # from the residual stream lifts refmoe-qwen3's hit rate from 0.88-0.89 to 0.90-0.91.
 DEFAULTS = {"policy": "lru", "prefetch": "router", "prefetch_refine": True, "prefetch_min_precision": 0.5}
 DEFAULT_PIN_SHARE = 0.5
+# The GPU tier (slot table, each layer call a graph replay): LRU, no pinning, no prefetch. On the H200 (30B dims,
+# eval/results/store_gpu_s26.md) the router prediction's CPU per layer call (its scores on the decode thread, more
+# bookkeeping) cost 1.56-1.60x the resident time per token at 50 % against 1.11-1.19x for LRU with or without pinning
+# (a miss there costs only the host plan's PCIe reads: on demand, every use a miss, 2.0 ms of GPU time per token);
+# pinning half the slots lost at 25 % (1.45x vs LRU's 1.26x; refmoe-qwen3 hit rate 0.20 vs 0.52, session 25).
+GPU_DEFAULTS = {"policy": "lru", "pin_share": 0.0, "prefetch": None, "gpu_slots": True, "gpu_graphs": True}
 # Chosen on calibration text (eval/results/store_copies.md; bench_store.py --copies): per copy width, the largest
 # relative threshold (x the token's mean top-k weight; 1000: every miss) whose Δppl stayed within 0.4 % on both
 # reference models at a 50 % budget (RTN copies, 4-bit main experts); 4- and 8-bit copies: every miss (not measured).

@@ -26,6 +26,7 @@ class CallRecord:
     scores: torch.Tensor | None = None  # prediction for layer + 1 (host), or None
     refine: torch.Tensor | None = None  # second prediction for layer + 1 (host), or None
     timing: tuple | None = None  # (start, end) CUDA events around the host-memory plan, or None
+    release: object = None  # called once routed, snapshot and timing were read (a graph reuses them), or None
 
 
 def to_host(t: torch.Tensor) -> torch.Tensor:

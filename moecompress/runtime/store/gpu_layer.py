@@ -54,6 +54,7 @@ class SlotLayers:
     def __init__(self, table):
         self.table = table
         self.plans: dict = {}
+        self.graphs: dict = {}  # (layer, tokens, top_k, dtypes) -> slot_graphs.GraphCall (StoreConfig.gpu_graphs)
 
     def eligible(self, layer: int, module, hidden: torch.Tensor, top_k_index: torch.Tensor) -> bool:
         from moecompress.runtime.cuda import experts as cuda_experts, launch
@@ -88,6 +89,13 @@ class SlotLayers:
         """x [T, H] contiguous, flat [T * top_k] expert ids, weights [T * top_k] -> [T, H]; the lookups must be
         current (SlotTable.lookups, same stream). timing: (start, end) CUDA events around the host plan."""
         on_device, on_host = self._plans(layer, module, x.shape[0], top_k, x.dtype, x.device)
+        out = torch.empty(x.shape[0], on_device.hidden, dtype=x.dtype, device=x.device)
+        self.compute(on_device, on_host, x, flat, weights, out, host_pass, timing)
+        return out
+
+    @staticmethod
+    def compute(on_device, on_host, x, flat, weights, out, host_pass: bool, timing) -> None:
+        """The launches of one call into `out` [T, H] (eagerly, or captured by slot_graphs.GraphCall)."""
         on_device.project(x, flat)
         if host_pass:
             if timing is not None:
@@ -96,6 +104,14 @@ class SlotLayers:
             on_device.partial.add_(on_host.partial)  # a pair's row is zero in the plan that dropped it: exact
             if timing is not None:
                 timing[1].record()
-        out = torch.empty(x.shape[0], on_device.hidden, dtype=x.dtype, device=x.device)
         on_device.sum(weights, out)
-        return out
+
+    def graph_call(self, layer: int, module, x: torch.Tensor, flat: torch.Tensor, weights: torch.Tensor, top_k: int):
+        """The layer's slot_graphs.GraphCall for these shapes and dtypes (made at the first such call)."""
+        key = (layer, x.shape[0], top_k, x.dtype, flat.dtype, weights.dtype)
+        call = self.graphs.get(key)
+        if call is None:
+            from moecompress.runtime.store.slot_graphs import GraphCall
+
+            call = self.graphs[key] = GraphCall(self, layer, module, x, flat, weights, top_k)
+        return call

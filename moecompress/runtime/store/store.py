@@ -248,7 +248,10 @@ class ExpertStore:
                 "peak_bytes": self.cache.peak, "copy_bytes": self.cache.copy_bytes,
                 "copies_in_budget": self.config.copies_in_budget, "background_cpu_s": self.background_cpu_s(),
                 "slot_device_bytes": None if self.slot_path is None else self.slot_path.table.device_bytes,
-                "slot_error": None if self.slot_path is None else self.slot_path.error}
+                "slot_error": None if self.slot_path is None else self.slot_path.error,
+                "graph_error": None if self.slot_path is None else self.slot_path.graph_error,
+                "graph_waits": None if self.slot_path is None else sum(
+                    g.waits for g in getattr(self.slot_path.layers, "graphs", {}).values())}
 
     def background_cpu_s(self) -> float:
         """CPU seconds the store's own threads (demand readers, prefetchers, the slot path's bookkeeping) have used so

@@ -119,16 +119,19 @@ torch::Tensor packed_mm_amx(torch::Tensor x, torch::Tensor qweight, torch::Tenso
   for (int64_t s = 0; s < S; ++s) first_tile[s + 1] = first_tile[s] + (sl.start[s + 1] - sl.start[s] + 15) / 16;
   std::vector<uint32_t> xv(first_tile[S] * steps * 256);
   const uint32_t* x32 = reinterpret_cast<const uint32_t*>(mc::bf16_data(x));
-  at::parallel_for(0, S, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t s = begin; s < end; ++s)
-      for (int64_t tile = first_tile[s]; tile < first_tile[s + 1]; ++tile) {
-        const int64_t r0 = sl.start[s] + (tile - first_tile[s]) * 16, rows = std::min<int64_t>(16, sl.start[s + 1] - r0);
-        uint32_t* dst = xv.data() + tile * steps * 256;
-        for (int64_t ks = 0; ks < steps; ++ks)  // one 1 KiB tile at a time, so that it stays in L1 while filled
-          for (int64_t c = 0; c < 16; ++c)
-            for (int64_t t = 0; t < 16; ++t)
-              dst[ks * 256 + t * 16 + c] = c < rows ? x32[(r0 + c) * (k / 2) + ks * 16 + t] : 0u;
-      }
+  // by tiles, not slots: a dense projection (one slot of many rows) spreads over the threads too
+  std::vector<int64_t> tile_slot(first_tile[S]);
+  for (int64_t s = 0; s < S; ++s) std::fill(tile_slot.begin() + first_tile[s], tile_slot.begin() + first_tile[s + 1], s);
+  at::parallel_for(0, first_tile[S], 1, [&](int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t s = tile_slot[tile];
+      const int64_t r0 = sl.start[s] + (tile - first_tile[s]) * 16, rows = std::min<int64_t>(16, sl.start[s + 1] - r0);
+      uint32_t* dst = xv.data() + tile * steps * 256;
+      for (int64_t ks = 0; ks < steps; ++ks)  // one 1 KiB tile at a time, so that it stays in L1 while filled
+        for (int64_t c = 0; c < 16; ++c)
+          for (int64_t t = 0; t < 16; ++t)
+            dst[ks * 256 + t * 16 + c] = c < rows ? x32[(r0 + c) * (k / 2) + ks * 16 + t] : 0u;
+    }
   });
   uint16_t* o = mc::bf16_data(out);
   at::parallel_for(0, (n / 64) * S, 1, [&](int64_t begin, int64_t end) {
