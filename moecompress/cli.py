@@ -87,7 +87,9 @@ def _shard(args) -> None:
                       replicate_dense=not args.dense_on_one, balance_epsilon=args.balance_epsilon,
                       link=args.link, batch=args.batch, compute_profile=args.compute_profile,
                       home_replicas=args.home_replicas, home_bits=args.home_bits, home_copies=args.home_copies,
-                      home_copies_budget=args.home_copies_budget, home_copies_from=args.home_copies_from)
+                      home_copies_budget=args.home_copies_budget, home_copies_from=args.home_copies_from,
+                      home_copies_high=args.home_copies_high, home_copies_high_share=args.home_copies_high_share,
+                      home_copies_high_from=args.home_copies_high_from)
 
 
 def _profile(args) -> None:
@@ -135,7 +137,11 @@ def _eval_bundles(args) -> None:
         model = lambda input_ids, attention_mask, **_: SimpleNamespace(logits=d(input_ids, attention_mask))  # noqa: E731
         result = evaluate(model, d.tokenizer, resolve_dataset(args.dataset), args.samples, args.seq_len, args.seed,
                           reference_model=reference, batch_size=args.batch_size,
-                          method=args.method or f"bundles:{args.bundles}", reference=args.reference)
+                          method=args.method or f"bundles:{args.bundles}", reference=args.reference,
+                          calibration=resolve_dataset(args.calibration) if args.calibration else None,
+                          keep_overlap=args.keep_overlap)
+        if result.overlap is not None:  # as `eval --model` prints it
+            print(result.overlap.describe())
         print(format_table([result]))
         report_counters(d.counters, args.counters_out)
 
@@ -321,6 +327,15 @@ def parser() -> argparse.ArgumentParser:
                    "home, x the mean server's expert bytes (default 1.0); experts by calibration routing mass per byte")
     s.add_argument("--home-copies-from", metavar="DIR", help="--home-copies: a checkpoint of the same model storing "
                    "the experts at BITS (e.g. the model quantized at BITS), instead of --model's low-bit copies")
+    s.add_argument("--home-copies-high", type=int, metavar="BITS", help="--home-copies: mixed-bit copies in the "
+                   "same budget: the hottest remote experts (routing mass per byte) at these bits (above "
+                   "--home-copies) on --home-copies-high-share of it, the rest at --home-copies BITS; one bundle "
+                   "holds both")
+    s.add_argument("--home-copies-high-share", type=float, metavar="S", help="--home-copies-high: the share of the "
+                   "budget for the high-bit copies, in [0, 1] (default 0.5)")
+    s.add_argument("--home-copies-high-from", metavar="DIR", help="--home-copies-high: a checkpoint of the same model "
+                   "storing the experts at those bits (default: --model's low-bit copies at those bits, else the "
+                   "experts --model stores at those bits, e.g. an 8-bit model's own tensors)")
     s.set_defaults(func=_shard)
 
     pr = sub.add_parser("profile", help="measure a checkpoint's decode compute per layer on this machine (run it on "

@@ -76,6 +76,17 @@ def test_eval_bundles_matches_eval_of_the_checkpoint(built, tmp_path, capsys):
         return rows[-1][rows[0].index(" ppl ")]
 
     assert ppl(bundles_out) == ppl(model_out) != " – "  # the same perplexity through the runtime
+    # with calibration text: both drop the same overlap (eval --bundles used to ignore --calibration)
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text("\n".join(data.read_text().splitlines()[:2]))
+    common = [c for c in common if c != "--keep-overlap"] + ["--calibration", str(calib)]
+    assert main(["eval", "--bundles", str(built.parent / "cli-expert"), "--simulate", *common]) == 0
+    bundles_out = capsys.readouterr().out
+    assert main(["eval", "--model", str(built), *common]) == 0
+    model_out = capsys.readouterr().out
+    overlap = [line for line in model_out.splitlines() if "overlap" in line.lower()]
+    assert overlap and overlap == [line for line in bundles_out.splitlines() if "overlap" in line.lower()]
+    assert ppl(bundles_out) == ppl(model_out) != " – "
 
 
 def test_generate_refuses_a_wrong_server_count(built, capsys):

@@ -41,9 +41,10 @@ BUDGET = 0.6  # x the mean server's expert bytes: some remote experts copied, no
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
-    """A tiny qwen3_moe: `ck` (mixed bits, with 4-bit RTN low-bit copies), `low4` (every expert at 4 bits, RTN), the
-    calibration stats; `out`: `moecompress shard ... --home-copies 4 --home-copies-from low4` on 3 servers (dense
-    weights on each: three homes), `own`: the same from ck's own copies, `plain`: without copies."""
+    """A tiny qwen3_moe: `ck` (mixed bits, with 4-bit RTN low-bit copies), `low4` (every expert at 4 bits, RTN), `hi8`
+    (at 8 bits, RTN), the calibration stats; `out`: `moecompress shard ... --home-copies 4 --home-copies-from low4` on
+    3 servers (dense weights on each: three homes), `own`: the same from ck's own copies, `mixed`: mixed-bit copies
+    (the hottest from hi8 on half the budget, the rest from low4), `plain`: without copies."""
     from conftest import _build
 
     tmp = tmp_path_factory.mktemp("tokens_cli")
@@ -56,6 +57,9 @@ def made(tmp_path_factory):
     uniform = BitPlan.uniform(layout, 4, group_size=plan.group_size)
     _, _, q4 = quantize_tiny(model, plan=uniform)
     export_checkpoint(model, layout, uniform, q4, tmp / "low4", dtype=torch.float32)
+    uniform8 = BitPlan.uniform(layout, 8, group_size=plan.group_size)
+    _, _, q8 = quantize_tiny(model, plan=uniform8)
+    export_checkpoint(model, layout, uniform8, q8, tmp / "hi8", dtype=torch.float32)
     ids = torch.randint(3, 128, (16, 32), generator=torch.Generator().manual_seed(0))
     data = CalibrationData(input_ids=ids, attention_mask=torch.ones_like(ids))
     calibrate(model, None, data, CalibrationOptions(samples=16, seq_len=32, hessians=False, progress=False)
@@ -68,6 +72,8 @@ def made(tmp_path_factory):
     copies4 = ["--home-copies", "4", "--home-copies-budget", str(BUDGET)]
     assert cli_main(shard + ["--out", str(tmp / "out"), *copies4, "--home-copies-from", str(tmp / "low4")]) == 0
     assert cli_main(shard + ["--out", str(tmp / "own"), *copies4]) == 0
+    assert cli_main(shard + ["--out", str(tmp / "mixed"), *copies4, "--home-copies-from", str(tmp / "low4"),
+                             "--home-copies-high", "8", "--home-copies-high-from", str(tmp / "hi8")]) == 0
     return tmp
 
 
@@ -133,10 +139,20 @@ def test_a_run_loads_the_bundle_and_equals_the_python_api(made, tmp_path, capsys
     assert cli == text_counts and cli["token_policies"]["total"]["copy_pairs"] > 0
 
 
-def test_every_home_computes_on_its_own_copies(made):
-    """Three homes (sequences round robin): each home loads its own copies bundle, and each one's counts equal a
-    single-home run of its rows with its copies attached through the Python API."""
-    out = made / "out"
+def api_sources(made, out, home):
+    """What attach_home_copy_sources is given for the copies of `home` in bundles `out` (one or two parts)."""
+    desc = description(out, home)
+    if "high" not in desc:
+        return [(made / "low4", desc["experts"])]
+    high = desc["high"]["experts"]
+    return [(made / "hi8", high), (made / "low4", [sorted(set(a) - set(h)) for a, h in zip(desc["experts"], high)])]
+
+
+@pytest.mark.parametrize("bundles", ["out", "mixed"])
+def test_every_home_computes_on_its_own_copies(made, bundles):
+    """Three homes (sequences round robin): each home loads its own copies bundle (single- or mixed-bit), and each
+    one's counts equal a single-home run of its rows with its copies attached through the Python API."""
+    out = made / bundles
     with deploy(out, simulate=True, tokens=SPEC, homes=(0, 1, 2)) as d:
         logits = d(IDS, MASK)
         per_home = {h: c.counts() for h, c in d.home_counters().items()}
@@ -150,7 +166,7 @@ def test_every_home_computes_on_its_own_copies(made):
         rows = torch.arange(IDS.shape[0])[h::3]
         with deploy(made / "plain", simulate=True, homes=(h, *[x for x in range(3) if x != h]), verify=False) as d:
             front = d.front
-            attach_home_copies(front, made / "low4", description(out, h)["experts"])
+            attach_home_copy_sources(front, api_sources(made, out, h))
             front.set_tokens(SPEC)
             alone = front(IDS[rows], MASK[rows])
             counts = front.counters.counts()
@@ -185,14 +201,141 @@ def test_copies_from_several_checkpoints_compute_each_expert_with_its_source(mad
             attach_home_copy_sources(d, [(made / "low4", experts), (made / "ck", first)])
 
 
+def test_mixed_bit_bundle_holds_the_hottest_at_high_bits_within_the_budget(made, capsys):
+    """shard --home-copies 4 --home-copies-high 8: each home's one copies bundle holds both widths; the experts are
+    the bench's choice (choose_home_copies at 8 bits within half the budget, then at 4 bits in what is left), the
+    tensors the sources' rows; verify checks it, inspect shows it."""
+    from moecompress.shard.home import choose_home_copies
+
+    out = made / "mixed"
+    doc = verify_bundles(out)
+    assert cli_main(["verify", str(out)]) == 0
+    placement = Placement.from_json(doc)
+    budget = int(BUDGET * server_expert_bytes(placement).mean())
+    low4_bytes, _ = checkpoint_sizes(made / "low4")
+    hi8_bytes, _ = checkpoint_sizes(made / "hi8")
+    mass = load_mass(made / "stats")
+    spread = set()
+    for server in range(3):
+        desc = description(out, server)
+        high, experts = desc["high"]["experts"], desc["experts"]
+        assert desc["home"] == server and desc["bits"] == 4 and desc["high"]["bits"] == 8
+        want_high = choose_home_copies(placement, mass, hi8_bytes, int(0.5 * budget), home=server)
+        spent = sum(int(hi8_bytes[layer, e]) for layer, ids in enumerate(want_high) for e in ids)
+        rest = mass.copy()
+        for layer, ids in enumerate(want_high):
+            rest[layer, ids] = 0.0
+        want_low = choose_home_copies(placement, rest, low4_bytes, budget - spent, home=server)
+        assert high == want_high and experts == [sorted(a + b) for a, b in zip(want_high, want_low)]
+        assert sum(map(len, high)) > 0 and sum(map(len, want_low)) > 0
+        assert desc["bytes"] == spent + sum(int(low4_bytes[layer, e]) for layer, ids in enumerate(want_low)
+                                            for e in ids) <= budget
+        assert spent <= 0.5 * budget
+        spread.add(json.dumps(experts))
+        layer = next(i for i, ids in enumerate(high) if ids and want_low[i])
+        path = doc["experts_paths"][layer]
+        with safe_open(str(out / f"server-{server}" / HOME_COPIES_DIR / "model.safetensors"), "pt") as f, \
+                safe_open(str(made / "hi8" / "model.safetensors"), "pt") as g8, \
+                safe_open(str(made / "low4" / "model.safetensors"), "pt") as g4:
+            for bits, ids, g in ((8, high[layer], g8), (4, want_low[layer], g4)):
+                key = f"{group_prefix(path, 'down', bits)}.qweight"
+                assert torch.equal(f.get_tensor(key), g.get_tensor(key)[ids])
+    assert len(spread) == 3  # every home its own copies
+    capsys.readouterr()
+    assert cli_main(["inspect", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "home copies (8/4-bit mixed, 8-bit on a share 0.5" in shown
+    h0 = json.loads((out / PLACEMENT_FILE).read_text())["traffic"]["home_copies"]["homes"]["0"]
+    assert h0["high_experts"] == sum(map(len, description(out, 0)["high"]["experts"]))
+    assert f"home 0: {h0['experts']} experts ({h0['high_experts']} at 8 bits)" in shown
+
+
+def load_mass(stats):
+    from moecompress.artifacts.calibration_stats import CalibrationStats
+
+    return CalibrationStats.load(stats).mass.numpy()
+
+
+def test_a_mixed_bit_run_equals_the_python_api(made, tmp_path, capsys):
+    """generate --bundles on mixed-bit copies == deploy(tokens=...) == deploy + attach_home_copy_sources([(hi8,
+    high), (low4, rest)]): the same logits, tokens, counts and copy bytes; copy_bits=4 (the low width) is the same
+    run, copy_bits=8 is refused."""
+    out = made / "mixed"
+    with deploy(out, simulate=True, tokens=SPEC) as d:
+        text = d.generate_text(["hello ed", "ge"], max_new_tokens=4)
+        text_counts = d.reset_counters().counts()
+        bundled = run_calls(d)
+    with deploy(out, simulate=True, tokens=SPEC.replace("copies=true", "copies=true,copy_bits=4")) as d:
+        low_named = run_calls(d)
+    with deploy(made / "plain", simulate=True, verify=False) as d:
+        nbytes = attach_home_copy_sources(d, api_sources(made, out, 0))
+        d.set_tokens(SPEC)
+        api = run_calls(d)
+    with deploy(made / "out", simulate=True, tokens=SPEC) as d:
+        single = run_calls(d)
+    assert nbytes == description(out, 0)["bytes"]
+    assert torch.equal(bundled[0], api[0]) and torch.equal(bundled[1], api[1]) and bundled[2] == api[2]
+    assert torch.equal(low_named[0], api[0]) and torch.equal(low_named[1], api[1])
+    named, want = ({k: v for k, v in c["token_policies"].items() if k != "spec"} for c in (low_named[2], api[2]))
+    assert named == want  # the same counts (the spec string names copy_bits=4)
+    assert api[2]["token_policies"]["total"]["copy_pairs"] > 0
+    assert not torch.equal(single[0], api[0])  # other copies than the single-width bundle's
+    counters = tmp_path / "c.json"
+    rc = cli_main(["generate", "--bundles", str(out), "--simulate", "--prompt", "hello ed", "--prompt", "ge",
+                   "--max-new-tokens", "4", "--tokens", SPEC, "--counters-out", str(counters)])
+    assert rc == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    assert [x["continuation"] for x in lines] == text
+    assert Counters.from_json(json.loads(counters.read_text())).counts() == text_counts
+    with pytest.raises(MoecompressError, match="asks for 8-bit home copies.*holds 8/4-bit mixed copies.*copy_bits=4"):
+        deploy(out, simulate=True, tokens=SPEC.replace("copies=true", "copies=true,copy_bits=8"))
+
+
+def test_mixed_bit_bad_input_is_a_clear_error(made, tmp_path, capsys):
+    base = ["shard", "--model", str(made / "ck"), "--stats", str(made / "stats"), "--servers", "3x1GB",
+            "--mode", "expert", "--home-copies-budget", str(BUDGET)]
+    low = ["--home-copies", "4", "--home-copies-from", str(made / "low4")]
+    for extra, message in (
+            ([*low, "--home-copies-high", "4"], "--home-copies-high 4: bits above --home-copies 4"),
+            ([*low, "--home-copies-high", "3"], "--home-copies-high 3: bits above --home-copies 4"),
+            ([*low, "--home-copies-high", "8", "--home-copies-high-share", "1.5"],
+             "--home-copies-high-share 1.5: a number in \\[0, 1\\]"),
+            ([*low, "--home-copies-high", "8", "--home-copies-high-share", "nan"], "--home-copies-high-share nan"),
+            ([*low, "--home-copies-high-share", "0.5"], "--home-copies-high-share is for mixed-bit copies"),
+            (["--home-copies-high", "8"], "add --home-copies BITS"),
+            ([*low, "--home-copies-high", "8", "--home-copies-high-from", str(made / "low4")],
+             "--home-copies-high 8: .*low4 stores no expert at 8 bits"),
+            ([*low, "--home-copies-high", "8"],  # ck: no expert at 8 bits in every projection, copies at 4
+             "--home-copies-high 8: .*ck stores no expert at 8 bits in every projection \\(its low-bit copies are "
+             "at 4 bits\\); pass --home-copies-high-from")):
+        rc = cli_main(base + ["--out", str(tmp_path / "o"), *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1, (extra, err)
+        assert re.search(message, err[0]), (extra, err[0])
+        assert not (tmp_path / "o").exists()
+    # a description whose high part is not among its experts, or not above the low bits: refused at load
+    for change in (lambda d: d["high"]["experts"][0].append(99), lambda d: d["high"].update(bits=4)):
+        bad = tmp_path / "bad"
+        shutil.copytree(made / "mixed", bad)
+        target = bad / "server-0" / HOME_COPIES_DIR / HOME_COPIES_FILE
+        desc = json.loads(target.read_text())
+        change(desc)
+        target.write_text(json.dumps(desc))
+        with pytest.raises(MoecompressError, match="a \"high\" part at higher bits"):
+            deploy(bad, simulate=True, tokens=SPEC, verify=False)
+        shutil.rmtree(bad)
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("rank_threads")
-def test_processes_load_every_homes_copies_as_the_simulation(made):
-    """Real gloo processes, one home and three homes: the outputs and every count equal the simulation's."""
+@pytest.mark.parametrize("bundles", ["out", "mixed"])
+def test_processes_load_every_homes_copies_as_the_simulation(made, bundles):
+    """Real gloo processes, one home and three homes, single- and mixed-bit copies: the outputs and every count equal
+    the simulation's."""
     for homes in (None, (0, 1, 2)):
         runs = []
         for simulate in (True, False):
-            with deploy(made / "out", simulate=simulate, tokens=SPEC, homes=homes, timeout=60) as d:
+            with deploy(made / bundles, simulate=simulate, tokens=SPEC, homes=homes, timeout=60) as d:
                 runs.append((d(IDS, MASK), d.generate(IDS, MASK, max_new_tokens=3, stop_at_eos=False),
                              d.counters.counts()))
         (sim_l, sim_t, sim), (real_l, real_t, real) = runs

@@ -101,7 +101,9 @@ def run_shard_command(model: str, stats: str, servers: str, out: str, method: st
                       payload_bytes: int = 2, link: str | None = None, batch: int = 1,
                       compute_profile: str | None = None,
                       home_replicas: int = 0, home_bits: int | None = None, home_copies: int | None = None,
-                      home_copies_budget: float = 1.0, home_copies_from: str | None = None):
+                      home_copies_budget: float = 1.0, home_copies_from: str | None = None,
+                      home_copies_high: int | None = None, home_copies_high_share: float | None = None,
+                      home_copies_high_from: str | None = None):
     """mode "auto" (default): with --method, that method's execution model; without, every method of both models,
     the fastest by modeled decode time on `link` for `batch` sequences (compute from `compute_profile`, a
     `moecompress profile` file measured on the servers, else measured here on this machine). `link` None: planned
@@ -111,7 +113,9 @@ def run_shard_command(model: str, stats: str, servers: str, out: str, method: st
     (shard/home.py). `home_bits` B: the home copies are the experts `model` stores at B bits (a checkpoint quantized
     with shard/home.home_bit_plan), `home_replicas` (if given) of them per layer. `home_copies` B: every home's
     bundle also gets low-bit copies of remote experts (B bits, `home_copies_budget` x the mean server's expert bytes,
-    from the checkpoint's own copies or `home_copies_from`; shard/home_copies.py) for `localize:copies=true`."""
+    from the checkpoint's own copies or `home_copies_from`; shard/home_copies.py) for `localize:copies=true`;
+    `home_copies_high` H: mixed-bit copies, the hottest at H bits on `home_copies_high_share` (default 0.5) of the
+    budget (from `home_copies_high_from`, else the checkpoint's copies or experts at H bits), the rest at B."""
     if home_bits is not None:
         from moecompress.artifacts.bit_plan import check_bits
 
@@ -119,10 +123,15 @@ def run_shard_command(model: str, stats: str, servers: str, out: str, method: st
         if mode == "pipeline":
             raise MoecompressError("--home-bits is for the expert model's home copies; the pipeline model has none")
     copies = None
+    if home_copies is None and (home_copies_high is not None or home_copies_high_share is not None
+                                or home_copies_high_from is not None):
+        raise MoecompressError("--home-copies-high* make the home copies mixed-bit: add --home-copies BITS (the low "
+                               "bits)")
     if home_copies is not None:
         from moecompress.shard.home_copies import HomeCopies
 
-        copies = HomeCopies(home_copies, home_copies_budget, home_copies_from)  # checked before any file is read
+        copies = HomeCopies(home_copies, home_copies_budget, home_copies_from, home_copies_high,
+                            home_copies_high_share, home_copies_high_from)  # checked before any file is read
         if mode == "pipeline":
             raise MoecompressError("--home-copies is for the expert model's homes; the pipeline model has none")
     if (home_replicas or home_bits is not None or copies is not None) and mode == AUTO:
@@ -164,16 +173,17 @@ def run_shard_command(model: str, stats: str, servers: str, out: str, method: st
 
     extra = None
     if copies is not None:
-        from moecompress.shard.home_copies import choose_for_homes, copy_source, write_home_copies
+        from moecompress.shard.home_copies import choose_for_homes, copy_source, high_copy_source, write_home_copies
 
         source = copy_source(checkpoint, copies)
-        chosen = choose_for_homes(placement, calib.mass.numpy(), source, copies.budget)
-        extra = lambda server, bundle: (write_home_copies(bundle, source, chosen[server], server)  # noqa: E731
+        high = high_copy_source(checkpoint, copies) if copies.high_bits is not None else None
+        chosen = choose_for_homes(placement, calib.mass.numpy(), source, copies.budget, high, copies.share)
+        extra = lambda server, bundle: (write_home_copies(bundle, chosen[server], server)  # noqa: E731
                                         if server in chosen else {})
         traffic["home_copies"] = {"bits": copies.bits, "budget": copies.budget, "homes": {
-            str(h): {"experts": sum(map(len, ids)), "bytes": int(sum(source.expert_bytes[layer, e] for layer, row
-                                                                    in enumerate(ids) for e in row))}
-            for h, ids in chosen.items()}}
+            str(h): copies_row(parts) for h, parts in chosen.items()}}
+        if high is not None:
+            traffic["home_copies"]["high"] = {"bits": high.bits, "share": copies.share}
     placement = write_bundles(checkpoint, placement, out, traffic=traffic, verify=False,  # verified above
                               similarity=coactivation_similarity(rstats) if placement.mode == "expert" else None,
                               extra=extra)
@@ -181,6 +191,16 @@ def run_shard_command(model: str, stats: str, servers: str, out: str, method: st
 
     print(format_placement(out))
     return placement
+
+
+def copies_row(parts) -> dict:
+    """A home's copies in the traffic report: experts and bytes (and those of the high-bit part, when mixed)."""
+    counts = [(sum(map(len, ids)), int(sum(src.expert_bytes[layer, e] for layer, row in enumerate(ids) for e in row)))
+              for src, ids in parts]
+    row = {"experts": sum(c for c, _ in counts), "bytes": sum(b for _, b in counts)}
+    if len(parts) > 1:
+        row.update(high_experts=counts[0][0], high_bytes=counts[0][1])
+    return row
 
 
 def auto_placement(checkpoint: Path, calib: CalibrationStats, rstats: RoutingStats, sizes: LayerSizes, spec,

@@ -31,7 +31,12 @@ def format_placement(out: str | Path) -> str:
                      f"worst layer {r['layer_balance']:.3f}")
     copies = (doc.get("traffic") or {}).get("home_copies")
     if copies:  # shard --home-copies (shard/home_copies.py)
-        lines.append(f"home copies ({copies['bits']}-bit, budget {copies['budget']:g} x a server's expert bytes; "
-                     "server-K/home-copies/): " + ", ".join(f"home {h}: {c['experts']} experts, {c['bytes'] * mb:.2f} MB"
-                                                            for h, c in copies["homes"].items()))
+        high = copies.get("high")  # mixed-bit: the hottest at high bits on a share of the budget
+        width = (f"{high['bits']}/{copies['bits']}-bit mixed, {high['bits']}-bit on a share {high['share']:g}"
+                 if high else f"{copies['bits']}-bit")
+        lines.append(f"home copies ({width}, budget {copies['budget']:g} x a server's expert bytes; "
+                     "server-K/home-copies/): " + ", ".join(
+                         f"home {h}: {c['experts']} experts"
+                         + (f" ({c['high_experts']} at {high['bits']} bits)" if high else "")
+                         + f", {c['bytes'] * mb:.2f} MB" for h, c in copies["homes"].items()))
     return "\n".join(lines)

@@ -6,7 +6,11 @@ low_bit_checkpoint, copies)` (Python API). The copies bundle, `server-K/home-cop
 checkpoint in the format of every other bundle (format/spec.py: config.json's quantization_config lists the experts
 it holds, at `bits`, model.safetensors their packed tensors, the checksum manifest moecompress.json) holding only
 the experts chosen for home K, plus home_copies.json: {"home": K, "bits": B, "experts": [[ids] per MoE layer],
-"bytes": stored bytes}; placement.json pins its files as it pins the bundle's.
+"bytes": stored bytes}; placement.json pins its files as it pins the bundle's. Mixed-bit copies (`--home-copies-high
+H`): the bundle holds both widths (a mixed checkpoint) and home_copies.json adds "high": {"bits": H, "experts": [[ids]
+per MoE layer]}, the experts of "experts" held at H bits (the others at B); the runtime computes them as
+attach_home_copy_sources does with the two parts (CopiesUnion: the high part, then the low one). A policy's
+`copy_bits=B` names the copies' low width (the bits every copy has at least): B of a mixed bundle is accepted, H is not.
 """
 from __future__ import annotations
 
@@ -49,16 +53,35 @@ def bundled_copies(info, pipeline: TokenPipeline) -> tuple[Path, dict] | None:
     desc = read_json_object(directory / HOME_COPIES_FILE, "home copies description")
     L = len(info.experts_paths)
     experts = desc.get("experts")
-    if (desc.get("home") != info.server or type(desc.get("bits")) is not int or not isinstance(experts, list)
-            or len(experts) != L or not all(isinstance(ids, list) and all(type(e) is int for e in ids)
-                                            for ids in experts)):
+    high = desc.get("high", {"bits": desc.get("bits"), "experts": [[] for _ in range(L)]})
+
+    def id_lists(x):
+        return isinstance(x, list) and len(x) == L and all(
+            isinstance(ids, list) and all(type(e) is int for e in ids) for ids in x)
+
+    if (desc.get("home") != info.server or type(desc.get("bits")) is not int or not id_lists(experts)
+            or not isinstance(high, dict) or type(high.get("bits")) is not int or not id_lists(high.get("experts"))
+            or any(not set(h) <= set(ids) for h, ids in zip(high["experts"], experts))
+            or ("high" in desc and high["bits"] <= desc["bits"])):
         raise MoecompressError(f"{directory / HOME_COPIES_FILE}: expected home {info.server}, integer bits and "
-                               f"{L} lists of expert ids; re-run `moecompress shard --home-copies`")
+                               f"{L} lists of expert ids (and for mixed bits a \"high\" part at higher bits listing "
+                               "some of them); re-run `moecompress shard --home-copies`")
     if bits and desc["bits"] != bits:
+        mixed = f"{high['bits']}/{desc['bits']}-bit mixed copies (low width {desc['bits']})" if "high" in desc \
+            else f"{desc['bits']}-bit copies"
         raise MoecompressError(f"the token policy asks for {bits}-bit home copies (copy_bits={bits}); {directory} "
-                               f"holds {desc['bits']}-bit copies: use copy_bits={desc['bits']} (or leave it out), "
+                               f"holds {mixed}: use copy_bits={desc['bits']} (or leave it out), "
                                f"or re-shard with --home-copies {bits}")
     return directory, desc
+
+
+def copy_parts(desc: dict) -> list[tuple[int, list[list[int]]]]:
+    """[(bits, [L][ids])] of a checked home_copies.json: the high-bit part first when mixed, then the low-bit one."""
+    high = desc.get("high")
+    if high is None:
+        return [(desc["bits"], desc["experts"])]
+    low = [sorted(set(ids) - set(h)) for ids, h in zip(desc["experts"], high["experts"])]
+    return [(high["bits"], high["experts"]), (desc["bits"], low)]
 
 
 def use_bundled_copies(model, info, pipeline: TokenPipeline) -> torch.Tensor | None:
@@ -76,14 +99,16 @@ def use_bundled_copies(model, info, pipeline: TokenPipeline) -> torch.Tensor | N
     if info.verify:
         verify_files(directory)
     spec = read_spec(directory)
-    for path, ids in zip(info.experts_paths, desc["experts"]):
-        es = spec.experts.get(path)
-        groups = [set(g.get(desc["bits"], ())) for g in es.groups.values()] if es is not None else []
-        if ids and (not groups or any(g != set(ids) for g in groups)):
-            raise MoecompressError(f"{directory}: {path} does not hold experts {ids[:4]} at {desc['bits']} bits as "
-                                   f"{HOME_COPIES_FILE} says (it holds {sorted(groups[0])[:4] if groups else []} "
-                                   "at those bits); re-shard")
-    nbytes = attach_copies(model, info, directory, desc["experts"])
+    parts = copy_parts(desc)
+    for bits, experts in parts:  # each width's groups hold exactly its experts
+        for path, ids in zip(info.experts_paths, experts):
+            es = spec.experts.get(path)
+            groups = [set(g.get(bits, ())) for g in es.groups.values()] if es is not None else []
+            if (ids or groups) and (not groups or any(g != set(ids) for g in groups)):
+                raise MoecompressError(f"{directory}: {path} does not hold experts {ids[:4]} at {bits} bits as "
+                                       f"{HOME_COPIES_FILE} says (it holds {sorted(groups[0])[:4] if groups else []} "
+                                       "at those bits); re-shard")
+    nbytes = attach_copy_sources(model, info, [(directory, experts) for _, experts in parts if any(experts)])
     if nbytes != desc.get("bytes"):
         raise MoecompressError(f"{directory}: the copies hold {nbytes} bytes, {HOME_COPIES_FILE} says "
                                f"{desc.get('bytes')}; re-shard")
