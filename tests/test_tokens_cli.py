@@ -113,6 +113,17 @@ def test_every_home_gets_a_verified_bundle_of_remote_copies_within_the_budget(ma
     assert description(made / "own", 0) == desc
 
 
+
+def cli_generate(out, tmp_path, capsys):
+    """`moecompress generate --bundles out --simulate --tokens SPEC` of two prompts: (continuations, counts)."""
+    counters = tmp_path / "c.json"
+    rc = cli_main(["generate", "--bundles", str(out), "--simulate", "--prompt", "hello ed", "--prompt", "ge",
+                   "--max-new-tokens", "4", "--tokens", SPEC, "--counters-out", str(counters)])
+    assert rc == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    return [x["continuation"] for x in lines], Counters.from_json(json.loads(counters.read_text())).counts()
+
+
 def test_a_run_loads_the_bundle_and_equals_the_python_api(made, tmp_path, capsys):
     """generate --bundles (CLI) == deploy(tokens=...) on the bundle == deploy + attach_home_copies(low4) (Python
     API): the same continuations, the same logits and tokens, the same counts; copies are used."""
@@ -129,13 +140,8 @@ def test_a_run_loads_the_bundle_and_equals_the_python_api(made, tmp_path, capsys
     assert torch.equal(bundled[0], api[0]) and torch.equal(bundled[1], api[1]) and bundled[2] == api[2]
     tok = api[2]["token_policies"]["total"]
     assert tok["copy_pairs"] > 0 and tok["remote_tokens"] > 0
-    counters = tmp_path / "c.json"
-    rc = cli_main(["generate", "--bundles", str(out), "--simulate", "--prompt", "hello ed", "--prompt", "ge",
-                   "--max-new-tokens", "4", "--tokens", SPEC, "--counters-out", str(counters)])
-    assert rc == 0
-    lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
-    assert [x["continuation"] for x in lines] == text
-    cli = Counters.from_json(json.loads(counters.read_text())).counts()
+    continuations, cli = cli_generate(out, tmp_path, capsys)
+    assert continuations == text
     assert cli == text_counts and cli["token_policies"]["total"]["copy_pairs"] > 0
 
 
@@ -280,13 +286,7 @@ def test_a_mixed_bit_run_equals_the_python_api(made, tmp_path, capsys):
     assert named == want  # the same counts (the spec string names copy_bits=4)
     assert api[2]["token_policies"]["total"]["copy_pairs"] > 0
     assert not torch.equal(single[0], api[0])  # other copies than the single-width bundle's
-    counters = tmp_path / "c.json"
-    rc = cli_main(["generate", "--bundles", str(out), "--simulate", "--prompt", "hello ed", "--prompt", "ge",
-                   "--max-new-tokens", "4", "--tokens", SPEC, "--counters-out", str(counters)])
-    assert rc == 0
-    lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
-    assert [x["continuation"] for x in lines] == text
-    assert Counters.from_json(json.loads(counters.read_text())).counts() == text_counts
+    assert cli_generate(out, tmp_path, capsys) == (text, text_counts)
     with pytest.raises(MoecompressError, match="asks for 8-bit home copies.*holds 8/4-bit mixed copies.*copy_bits=4"):
         deploy(out, simulate=True, tokens=SPEC.replace("copies=true", "copies=true,copy_bits=8"))
 
