@@ -234,7 +234,7 @@ def home_copies(args, tokenizer, placement) -> dict:
     """The home's low-bit copies: every expert at --copies-bits (export_copies), the remote experts with the most
     calibration routing mass per copy byte (shard.home.choose_home_copies) within --copies-budget x the mean
     server's expert bytes; {checkpoint, experts [L][ids], bytes, server_expert_bytes, home_expert_bytes}."""
-    from moecompress.shard.home import choose_home_copies
+    from moecompress.shard.home import choose_home_copies, choose_mixed_home_copies, copies_bytes
     from moecompress.shard.home_copies import server_expert_bytes
 
     checkpoint = export_copies(args.model, tokenizer, args.copies_bits, args.copies_quant, args)
@@ -248,7 +248,7 @@ def home_copies(args, tokenizer, placement) -> dict:
             "home_expert_bytes": float(per_server[placement.home])}
     if not args.high_shares:
         experts = choose_home_copies(placement, mass, copy_bytes, budget)
-        nbytes = int(sum(copy_bytes[layer, e] for layer, ids in enumerate(experts) for e in ids))
+        nbytes = copies_bytes(copy_bytes, experts)
         print(f"home copies at {args.copies_bits} bits ({args.copies_quant}): {sum(map(len, experts))} of the "
               f"{remote} remote experts, {nbytes} bytes = {nbytes / per_server.mean():.1%} of a server's expert bytes "
               f"(mean {per_server.mean():.0f}), home's own experts {per_server[placement.home]:.0f}", flush=True)
@@ -258,13 +258,8 @@ def home_copies(args, tokenizer, placement) -> dict:
     high_bytes = checkpoint_layer_sizes(high).expert_bytes
     variants = {}
     for share in args.high_shares:  # the hottest remote experts at high bits within share x budget, then low bits
-        hot = choose_home_copies(placement, mass, high_bytes, int(share * budget))
-        spent = int(sum(high_bytes[layer, e] for layer, ids in enumerate(hot) for e in ids))
-        rest = mass.copy()
-        for layer, ids in enumerate(hot):
-            rest[layer, ids] = 0.0  # chosen already: choose_home_copies skips experts without mass
-        low = choose_home_copies(placement, rest, copy_bytes, budget - spent)
-        nbytes = spent + int(sum(copy_bytes[layer, e] for layer, ids in enumerate(low) for e in ids))
+        hot, low = choose_mixed_home_copies(placement, mass, high_bytes, copy_bytes, budget, share)
+        nbytes = copies_bytes(high_bytes, hot) + copies_bytes(copy_bytes, low)
         experts = [sorted(a + b) for a, b in zip(hot, low)]
         print(f"home copies, high share {share:g}: {sum(map(len, hot))} at {args.copies_high_bits} bits (rtn) + "
               f"{sum(map(len, low))} at {args.copies_bits} bits ({args.copies_quant}) of the {remote} remote experts, "

@@ -195,8 +195,9 @@ def run_shard_command(model: str, stats: str, servers: str, out: str, method: st
 
 def copies_row(parts) -> dict:
     """A home's copies in the traffic report: experts and bytes (and those of the high-bit part, when mixed)."""
-    counts = [(sum(map(len, ids)), int(sum(src.expert_bytes[layer, e] for layer, row in enumerate(ids) for e in row)))
-              for src, ids in parts]
+    from moecompress.shard.home import copies_bytes
+
+    counts = [(sum(map(len, ids)), copies_bytes(src.expert_bytes, ids)) for src, ids in parts]
     row = {"experts": sum(c for c, _ in counts), "bytes": sum(b for _, b in counts)}
     if len(parts) > 1:
         row.update(high_experts=counts[0][0], high_bytes=counts[0][1])

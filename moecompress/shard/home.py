@@ -220,3 +220,24 @@ def choose_home_copies(placement: Placement, mass, copy_bytes, budget: int, home
             chosen[layer].append(e)
             left -= int(b[layer, e])
     return [sorted(c) for c in chosen]
+
+
+def copies_bytes(copy_bytes, copies) -> int:
+    """The bytes of home copies `copies` [L][expert ids] whose sizes are `copy_bytes` [L, E]."""
+    return int(sum(int(copy_bytes[layer, e]) for layer, ids in enumerate(copies) for e in ids))
+
+
+def choose_mixed_home_copies(placement: Placement, mass, high_bytes, low_bytes, budget: int, share: float,
+                             home: int | None = None) -> tuple[list[list[int]], list[list[int]]]:
+    """(high, low) [L][expert ids]: mixed-bit home copies within `budget` bytes: first choose_home_copies at the high
+    bits (`high_bytes` [L, E]) within `share` x budget, then at the low bits (`low_bytes`) in what is left, the experts
+    chosen at high bits no candidates again. An expert without a copy at a width (0 bytes there) is no candidate."""
+    m = np.asarray(mass, dtype=np.float64)
+    high_bytes, low_bytes = np.asarray(high_bytes), np.asarray(low_bytes)
+    high = choose_home_copies(placement, np.where(high_bytes > 0, m, 0.0), high_bytes, int(share * budget), home)
+    rest = m.copy()
+    for layer, ids in enumerate(high):
+        rest[layer, ids] = 0.0  # chosen already: choose_home_copies skips experts without mass
+    low = choose_home_copies(placement, np.where(low_bytes > 0, rest, 0.0), low_bytes,
+                             budget - copies_bytes(high_bytes, high), home)
+    return high, low

@@ -30,7 +30,7 @@ from moecompress.format.sizes import DTYPE_BYTES
 from moecompress.format.spec import QUANT_BITS, ExpertsSpec, FormatSpec, group_prefix, read_spec
 from moecompress.runtime.edge.tokens_copies import HOME_COPIES_DIR, HOME_COPIES_FILE
 from moecompress.shard.bundles import split_group_key
-from moecompress.shard.home import choose_home_copies
+from moecompress.shard.home import choose_home_copies, choose_mixed_home_copies
 
 
 DEFAULT_HIGH_SHARE = 0.5  # --home-copies-high-share: the session-26 bench's best share on both reference models
@@ -161,21 +161,13 @@ def choose_for_homes(placement: Placement, mass, source: CopySource, budget: flo
     byte. With `high`: first the `high` copies within `share` x that budget, then `source`'s in what is left (the
     experts chosen at high bits are not candidates again); the high part first."""
     nbytes = int(budget * server_expert_bytes(placement).mean())
-    out = {}
-    for h in placement.dense_servers:
-        parts, left, m = [], nbytes, np.asarray(mass, dtype=np.float64).copy()
-        for src, part_budget in ((high, int(share * nbytes)), (source, None)):
-            if src is None:
-                continue
-            candidates = np.where(src.expert_bytes > 0, m, 0.0)  # no copy: no candidate
-            ids = choose_home_copies(placement, candidates, src.expert_bytes, left if part_budget is None
-                                     else part_budget, home=h)
-            left -= int(sum(src.expert_bytes[layer, e] for layer, row in enumerate(ids) for e in row))
-            for layer, row in enumerate(ids):
-                m[layer, row] = 0.0  # chosen already: choose_home_copies skips experts without mass
-            parts.append((src, ids))
-        out[h] = parts
-    return out
+    if high is not None:
+        return {h: list(zip((high, source), choose_mixed_home_copies(placement, mass, high.expert_bytes,
+                                                                      source.expert_bytes, nbytes, share, home=h)))
+                for h in placement.dense_servers}
+    m = np.where(source.expert_bytes > 0, np.asarray(mass, dtype=np.float64), 0.0)  # no copy: no candidate
+    return {h: [(source, choose_home_copies(placement, m, source.expert_bytes, nbytes, home=h))]
+            for h in placement.dense_servers}
 
 
 def copies_tensors(source: CopySource, experts: list[list[int]]) -> dict[str, torch.Tensor]:
