@@ -32,6 +32,7 @@ import bench_cpu_llama as llama
 import bench_cpu_probe as probe
 import bench_runtime as rt
 from bench_cpu_report import active_bytes_gguf, active_bytes_hf, cpu_info, write_report
+from bench_cpu_rss import rss_parts
 
 REPO = Path(__file__).resolve().parents[1]
 PLANS = ("bf16", "8", "4", "3", "2", "mixed")
@@ -141,6 +142,7 @@ def measure_ours(directory: Path, threads: int, prefill: int, prompt: int, gen: 
     out["hwm_end"] = rt.vm_kib("VmHWM") * 1024
     out["rss_end"] = rt.vm_kib("VmRSS") * 1024
     out["rss_libs_added"] = shared_library_rss() - lib_base
+    out.update(rss_parts(model, directory, out["rss_end"] - base - out["rss_libs_added"]))  # trims: after the above
     return out
 
 

@@ -67,11 +67,17 @@ def _incr(r: dict) -> int:
     return r["rss_end"] - r["rss_base"] - r.get("rss_libs_added", 0)
 
 
+def _parts(r: dict) -> str:
+    """The increase after the run split (bench_cpu_rss.py): model tensors + freed heap glibc kept + the rest."""
+    keys = ("rss_weights", "rss_freed_heap", "rss_other")
+    return " + ".join(f"{r[k] * MB:.1f}" for k in keys) if all(k in r for k in keys) else "-"
+
+
 def engine_table(rows: list[dict], bw: float, batches) -> list[str]:
     head = ["engine", "weights", "file MB", "active MB/token (b1)", "prefill tok/s"]
     head += [f"decode b{b} tok/s" for b in batches] + [f"bound b{b}" for b in batches] + ["decode b1 / bound"]
     head += ["RSS after load MB (incr)", "RSS after run MB (incr)", "peak RSS MB", "RSS incr after run / file",
-             "rounds"]
+             "of which weights + freed heap + other MB", "rounds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         bound = {b: b * bw / r["active"][f"b{b}"] for b in batches}
@@ -83,10 +89,10 @@ def engine_table(rows: list[dict], bw: float, batches) -> list[str]:
         if ours:
             cells += [f"{r['rss_load'] * MB:.0f} ({(r['rss_load'] - r['rss_base']) * MB:.0f})",
                       f"{r['rss_end'] * MB:.0f} ({(r['rss_end'] - r['rss_base']) * MB:.0f})", f"{r['hwm_end'] * MB:.0f}",
-                      f"{_incr(r) / r['bytes']:.2f}"]
+                      f"{_incr(r) / r['bytes']:.2f}", _parts(r)]
         else:
             peak = max(r.get("rss_peak", 0), r.get("rss_peak_bench", 0))
-            cells += ["-", "-", f"{peak * MB:.0f}", f"{peak / r['bytes']:.2f} (peak / file)"]
+            cells += ["-", "-", f"{peak * MB:.0f}", f"{peak / r['bytes']:.2f} (peak / file)", "-"]
         cells.append(str(r.get("rounds_done", "")))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -145,7 +151,10 @@ def write_report(result: dict, out: Path) -> str:
              "the increase over the process before loading (torch, transformers, modeling code paged in); peak: "
              "VmHWM at the end. llama.cpp: peak VmHWM of llama-bench / llama-batched-bench (includes its runtime, "
              "buffers and any repacked weights). RSS incr after run / file: that increase less shared libraries loaded "
-             "meanwhile (the C++ kernel modules), over the checkpoint's tensor bytes (packed + dense).",
+             "meanwhile (the C++ kernel modules), over the checkpoint's tensor bytes (packed + dense); of which "
+             "(eval/bench_cpu_rss.py, at the run's end): the model's tensors resident, freed heap that malloc_trim "
+             "then returns, and the rest (per-process state: imported modules' objects, first-use state of torch and "
+             "transformers, threads).",
              "RTN with min-max ranges (random weights: quality is not measured here); our quantized plans also "
              "quantize the attention linears (8-bit for plan 8, else 4-bit, group as the experts); "
              + ("lm_head, router and norms stay bf16" if result.get("head_bits", "16") == "16" else

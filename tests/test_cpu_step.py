@@ -11,6 +11,8 @@ two tokens are within TIE_TOL.
 """
 from __future__ import annotations
 
+import gc
+import sys
 from pathlib import Path
 
 import pytest
@@ -189,6 +191,42 @@ def test_greedy_steps_equal_one_step_at_a_time(tmp_path_factory):
     last = max(int((torch.isin(loop[r], torch.tensor(eos))).nonzero()[0, 0]) for r in range(3))
     decoder.prefill(ids, mask)
     assert torch.equal(decoder.greedy_steps(first, pos, n, 10, eos), loop[:, :last + 1])
+
+
+def _mapping(ptr: int):
+    """(start, end, resident bytes) of this process's mapping that holds address `ptr`, or None."""
+    found = None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if len(head) >= 5 and "-" in head[0] and not head[0].endswith(":"):
+                lo, hi = (int(x, 16) for x in head[0].split("-"))
+                inside = lo <= ptr < hi
+            elif inside and line.startswith("Rss:"):
+                found = (lo, hi, int(head[1]) * 1024)
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_the_kv_cache_is_its_own_mapping_and_leaves_with_the_decoder(tmp_path_factory):
+    """The decoder's KV cache (kernels/heap.mapped_zeros) is resident only where written and is unmapped with the
+    decoder, never kept in malloc's free lists (session 27: 2.4 MB of a batch-4 decoder stayed in the heap)."""
+    model = load(checkpoint("qwen3_moe", tmp_path_factory))
+    decoder = CpuDecoder(model, max_cache_len=4096, batch_size=2)
+    ptrs = [decoder.k_cache.data_ptr(), decoder.v_cache.data_ptr()]
+    spans = [_mapping(p) for p in ptrs]
+    for p, (lo, hi, rss) in zip(ptrs, spans):
+        assert lo == p and hi - lo >= decoder.k_cache.numel() * 4 and rss == 0  # nothing written yet
+    ids, mask = prompts(2)
+    out = decoder.generate(ids, 5, attention_mask=mask)
+    assert out.shape == (2, ids.shape[1] + 5)
+    for p, (lo, hi, _) in zip(ptrs, spans):
+        rss = _mapping(p)[2]
+        assert 0 < rss < (hi - lo) / 2  # 14 of 4096 positions written
+    del decoder
+    gc.collect()
+    for p, (lo, hi, _) in zip(ptrs, spans):
+        assert _mapping(p) is None or _mapping(p)[:2] != (lo, hi)
 
 
 def test_sampling_is_seeded_and_stays_in_the_nucleus(tmp_path_factory):

@@ -49,11 +49,9 @@ def test_a_live_builder_is_waited_for_then_timeout(tmp_path):
 @pytest.mark.slow
 def test_kernels_load_after_a_killed_build(tmp_path):
     """A torch lock left in the real build directory (as a kill mid-compile leaves it) no longer hangs the load."""
-    code = ("import hashlib, torch, moecompress.runtime.kernels.cpu_kernels as k\n"
-            "from moecompress.runtime.kernels.build_lock import build_directory\n"
-            "text = ''.join(p.read_text() for p in k.SOURCES + k.HEADERS)\n"
-            "tag = hashlib.sha256((k._cpu_flags() + torch.__version__ + text).encode()).hexdigest()[:12]\n"
-            "d = build_directory(f'moecompress_cpu_kernels_{tag}')\n"
+    code = ("import moecompress.runtime.kernels.cpu_kernels as k\n"
+            "from moecompress.runtime.kernels.extension import build_directory\n"
+            "d = build_directory(k.build_name())\n"
             "(d / 'lock').write_text('')\n"
             "print('available', k.available())\n")
     env = {k: v for k, v in os.environ.items() if k != "MOECOMPRESS_NO_CPP"}

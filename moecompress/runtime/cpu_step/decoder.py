@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from moecompress.errors import MoecompressError
-from moecompress.runtime.kernels import cpu_lowbit, huge_pages
+from moecompress.runtime.kernels import cpu_lowbit, heap, huge_pages
 from moecompress.runtime.cpu_step.plan import MAX_BATCH, QK_NORM_ID, StepPlan, UnsupportedModel
 from moecompress.runtime.sampling import check_request, pick_tokens
 
@@ -63,8 +63,8 @@ class CpuDecoder:
                                    f"< max_cache_len {max_cache_len} (the step attends to the whole cache)")
         self.max_cache_len, self.batch_size = max_cache_len, batch_size
         layers = len(p.layers)
-        self.k_cache = torch.zeros(layers, batch_size, p.kv_heads, max_cache_len, p.head_dim)
-        self.v_cache = torch.zeros_like(self.k_cache)
+        shape = (layers, batch_size, p.kv_heads, max_cache_len, p.head_dim)  # float32
+        self.k_cache, self.v_cache = heap.mapped_zeros(shape), heap.mapped_zeros(shape)  # returned whole when freed
         self.mask = torch.zeros(batch_size, max_cache_len, dtype=torch.uint8)
         cos, sin = p.rope_tables(max_cache_len)
         mod = cpu_lowbit._module()
@@ -95,7 +95,11 @@ class CpuDecoder:
             self.v_cache[i, :, :, :n].copy_(layer.values)
         self.mask.zero_()
         self.mask[:, :n] = attention_mask.to(torch.uint8)
-        return out.logits[:, -1].float(), positions
+        logits = out.logits[:, -1].float()
+        del out, cache
+        if input_ids.numel() >= heap.TRIM_MIN_TOKENS:  # the prompt's own KV cache, freed now (heap.py)
+            heap.trim()
+        return logits, positions
 
     def step_logits(self, ids: torch.Tensor, positions: torch.Tensor, slot: int) -> torch.Tensor:
         """One token per row (ids [B]) at RoPE positions [B], written at cache slot `slot` -> logits float32 [B, V]."""

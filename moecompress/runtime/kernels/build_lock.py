@@ -20,12 +20,6 @@ TORCH_LOCK = "lock"  # torch.utils.cpp_extension's FileBaton in the build direct
 FRESH_S = 10.0  # a pid file younger than this may still be being written
 
 
-def build_directory(name: str) -> Path:
-    from torch.utils.cpp_extension import _get_build_directory
-
-    return Path(_get_build_directory(name, verbose=False))
-
-
 def _holder(path: Path) -> int | None:
     try:
         text = path.read_text().strip()

@@ -16,13 +16,13 @@ reads back 4x the packed bytes (8x at 2 bits). The kernels here do better:
 Each weight is rounded once to bf16 from its exact float32 value: q * scale + (zero - 8 * scale) from the int4
 layout's bf16 (scale, zero), (q - z) * s from our format. The module is compiled with torch.utils.cpp_extension the
 first time it is needed (when a packed model computing in bf16 loads on CPU: a minute or two, cached in torch's
-extension directory per CPU, torch version and source). Without a C++ compiler, or with MOECOMPRESS_NO_CPP=1,
-`available()` is False and callers keep the torch-ops paths (the int4 one computes the same formula in three passes,
-its shift rounded to bf16 first: results may differ in the last bf16 bit).
+extension directory per CPU, torch version, flags and source; later loads import the build directly, extension.py).
+Without a C++ compiler, or with MOECOMPRESS_NO_CPP=1, `available()` is False and callers keep the torch-ops paths
+(the int4 one computes the same formula in three passes, its shift rounded to bf16 first: results may differ in the
+last bf16 bit).
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from functools import cache
@@ -30,8 +30,20 @@ from pathlib import Path
 
 import torch
 
+from moecompress.runtime.kernels.extension import extension_name, load_extension
+
 SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))
 HEADERS = sorted((Path(__file__).parent / "csrc").glob("*.h"))
+
+
+# -march=native: the build is cached per CPU (its flags are part of the build's name)
+CFLAGS, LDFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"], ["-fopenmp"]
+
+
+def build_name() -> str:
+    """The build's name: sources, headers, flags, the CPU's flags, torch version (extension.extension_name)."""
+    return extension_name("moecompress_cpu_kernels", SOURCES + HEADERS, CFLAGS + LDFLAGS, _cpu_flags(),
+                          torch.__version__)
 
 
 @cache
@@ -39,18 +51,7 @@ def _module():
     if os.environ.get("MOECOMPRESS_NO_CPP"):
         return None
     try:
-        from torch.utils.cpp_extension import load
-
-        from moecompress.runtime.kernels.build_lock import build_directory, build_guard
-
-        # -march=native: the build is cached per CPU (flags hashed into the name), torch version and source
-        text = "".join(p.read_text() for p in SOURCES + HEADERS)
-        tag = hashlib.sha256((_cpu_flags() + torch.__version__ + text).encode()).hexdigest()[:12]
-        name = f"moecompress_cpu_kernels_{tag}"
-        with build_guard(build_directory(name)):  # survives a build killed earlier
-            return load(name=name, sources=[str(p) for p in SOURCES],
-                        extra_cflags=["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"],
-                        extra_ldflags=["-fopenmp"], verbose=False)
+        return load_extension(build_name(), SOURCES, CFLAGS, LDFLAGS)
     except Exception as exc:  # no compiler, no ninja, failed build: the torch-ops path stays in use
         warnings.warn(f"moecompress: the C++ CPU kernels are unavailable ({type(exc).__name__}: {str(exc)[:200]}); "
                       f"using the slower torch-ops paths")

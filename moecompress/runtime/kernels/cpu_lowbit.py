@@ -11,14 +11,13 @@
 - Threads: both split the work over (expert, block of weight rows) with at::parallel_for.
 
 The module is compiled with torch.utils.cpp_extension on first use (tens of seconds, cached in torch's extension
-directory by machine type, torch version and source). It is built with the compiler's baseline flags, never
--march=native: each ISA's kernels carry their own target pragma and run only where cpu_features finds that ISA, so
-one build runs on every CPU of the architecture. Without a compiler, or with MOECOMPRESS_NO_CPP=1, `available()`
+directory by machine type, torch version, flags and source; later loads import the build directly, extension.py).
+It is built with the compiler's baseline flags, never -march=native: each ISA's kernels carry their own target
+pragma and run only where cpu_features finds that ISA, so one build runs on every CPU of the architecture. Without a compiler, or with MOECOMPRESS_NO_CPP=1, `available()`
 is False and the registry falls back to the torch-ops paths.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import platform
 import warnings
@@ -27,9 +26,20 @@ from pathlib import Path
 
 import torch
 
+from moecompress.runtime.kernels.extension import extension_name, load_extension
+
 CSRC = Path(__file__).parent / "csrc" / "lowbit"
 ISA_ID = {"cpu:portable": 0, "cpu:avx2": 1, "cpu:avx512_vnni": 2, "cpu:neon_dotprod": 3}  # the Isa enum of lowbit.h
 TILE_ROWS = 128  # weight rows per prefill tile: 128 x 2048 float32 = 1 MiB, one core's L2 on current x86 CPUs
+
+
+CFLAGS, LDFLAGS = ["-O3", "-ffp-contract=off", "-fopenmp"], ["-fopenmp"]
+
+
+def build_name() -> str:
+    """The build's name: sources (.cpp, .h), flags, machine type, torch version (extension.extension_name)."""
+    files = [p for p in sorted(CSRC.iterdir()) if p.suffix in (".cpp", ".h")]
+    return extension_name("moecompress_lowbit", files, CFLAGS + LDFLAGS, platform.machine(), torch.__version__)
 
 
 @cache
@@ -37,17 +47,7 @@ def _module():
     if os.environ.get("MOECOMPRESS_NO_CPP"):
         return None
     try:
-        from torch.utils.cpp_extension import load
-
-        from moecompress.runtime.kernels.build_lock import build_directory, build_guard
-
-        sources = sorted(CSRC.glob("*.cpp"))
-        text = "".join(p.read_text() for p in sorted(CSRC.iterdir()) if p.suffix in (".cpp", ".h"))
-        tag = hashlib.sha256((platform.machine() + torch.__version__ + text).encode()).hexdigest()[:12]
-        name = f"moecompress_lowbit_{tag}"
-        with build_guard(build_directory(name)):  # survives a build killed earlier
-            return load(name=name, sources=[str(p) for p in sources],
-                        extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+        return load_extension(build_name(), sorted(CSRC.glob("*.cpp")), CFLAGS, LDFLAGS)
     except Exception as exc:  # no compiler, no ninja, failed build: the torch-ops paths stay in use
         warnings.warn(f"moecompress: the low-bit C++ CPU kernels are unavailable ({type(exc).__name__}: "
                       f"{str(exc)[:200]}); using the slower torch-ops paths")
