@@ -53,3 +53,28 @@ def test_expert_bytes_of_a_mixed_layer():
     layer = random_experts(4, 256, 128, bits, group_size=64, device="cpu")
     want = sum(packed_bytes(256, 256, b, 64) + packed_bytes(256, 128, b, 64) for b in bits) / 4
     assert cuda_experts._expert_bytes(layer) == pytest.approx(want, rel=1e-9)
+
+
+def test_prefill_dequant_rule(monkeypatch):
+    """launch.prefill_dequant: dequant.py where the mean rows per computed expert reach PREFILL_DEQUANT_MIN_ROWS and the
+    mean bits per weight are at most PREFILL_DEQUANT_MAX_BITS (Mixtral-8x7B at 2,048 tokens: 512 rows; Qwen3-30B-A3B:
+    128), never when PREFILL_DEQUANT is off."""
+    monkeypatch.setattr(launch, "PREFILL_DEQUANT", True)
+    monkeypatch.setattr(launch, "PREFILL_DEQUANT_MIN_ROWS", 512.0)
+    monkeypatch.setattr(launch, "PREFILL_DEQUANT_MAX_BITS", 3.5)
+    assert launch.prefill_dequant(2048 * 2, 8, 3.0)  # Mixtral mix 2/3/4: 512 rows per expert
+    assert not launch.prefill_dequant(2048 * 2, 8, 4.0)  # Mixtral 4-bit
+    assert not launch.prefill_dequant(1024 * 2, 8, 3.0)  # 256 rows per expert
+    assert not launch.prefill_dequant(2048 * 8, 128, 3.0)  # Qwen3-30B-A3B: 128 rows per expert
+    assert launch.prefill_dequant(1024 * 2, 4, 3.0)  # a bundle computing 4 of the 8 experts: 512 rows per expert
+    monkeypatch.setattr(launch, "PREFILL_DEQUANT", False)
+    assert not launch.prefill_dequant(2048 * 2, 8, 3.0)
+
+
+def test_mean_bits_of_a_layer():
+    """experts.mean_bits: bits per weight over the first projection's experts, bf16 groups counting 16."""
+    from test_cuda_kernels import random_experts
+
+    assert cuda_experts.mean_bits(random_experts(4, 64, 32, [2, 3, 4, 3], group_size=32, device="cpu")) == 3.0
+    assert cuda_experts.mean_bits(random_experts(4, 64, 32, [2, 16, 4, 2], group_size=32, device="cpu",
+                                                 held=[0, 1])) == 9.0

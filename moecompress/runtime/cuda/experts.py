@@ -20,6 +20,8 @@ SiLU gate fused into the first projection where the model's gate is that (launch
 sm90 (launch.hopper_device) packed groups with K % 128 == 0 take hopper.wgmma_kernel instead (row blocks of at most
 128; x permuted once per projection input), the others packed_kernel; a down projection with few long programs
 (Mixtral) splits K there (launch.hopper_split_k: partial outputs in copies of y, summed in a fixed order).
+Prefill calls with many rows per expert and few bits (launch.prefill_dequant: Mixtral-8x7B's mix at 2,048 tokens) take
+dequant.py instead: each expert dequantized once into a bf16 scratch, then torch._grouped_mm.
 (A grouped-matmul formulation that dequantizes each packed value's own weight tile, Marlin/MxMoE style, measured
 1.2-2.8x slower than packed_kernel on an H200 and was not kept: eval/results/gpu_grouped.md.)
 """
@@ -224,6 +226,11 @@ def forward(experts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top
         return _pair_plan(experts, x, flat, weights, tokens, top_k)(x, flat, weights)
     path = _path(tokens, pairs)
     first, down = (getattr(experts, name) for name in experts.proj_names)
+    if (path == "prefill" and launch.prefill_dequant(pairs, first._lookup[-1], mean_bits(experts))
+            and _dequant_supported(experts)):
+        from moecompress.runtime.cuda import dequant
+
+        return dequant.forward(experts, x, top_k_index, top_k_weights)
     groups, tables = _tables(first, flat, path, pairs)
     gated = ((launch.DECODE_GATED and dense if path == "decode" else
               launch.PREFILL_TALL_GATED if tables.block_rows >= 256 else launch.PREFILL_GATED)
@@ -251,6 +258,26 @@ def forward(experts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top
         if split_k > 1:  # (partial sums of K, rounded to bf16 each as the unsplit product is)
             y = y.view(split_k, pairs, hidden).sum(0)
     return y.view(tokens, top_k, hidden).sum(1).to(hidden_states.dtype)
+
+
+def mean_bits(experts) -> float:
+    """Mean bits per weight over the first projection's experts (bf16 groups: 16; cached on the layer)."""
+    cached = experts.__dict__.get("_cuda_mean_bits")
+    if cached is None:
+        groups = [g for g in getattr(experts, experts.proj_names[0]).children() if g.experts]
+        cached = sum(g.bits * len(g.experts) for g in groups) / max(1, sum(len(g.experts) for g in groups))
+        experts.__dict__["_cuda_mean_bits"] = cached
+    return cached
+
+
+def _dequant_supported(experts) -> bool:
+    """Whether the layer can take dequant.py's prefill (cached on the layer: its groups do not change)."""
+    cached = experts.__dict__.get("_cuda_dequant_supported")
+    if cached is None:
+        from moecompress.runtime.cuda import dequant
+
+        cached = experts.__dict__["_cuda_dequant_supported"] = dequant.supported(experts)
+    return cached
 
 
 def linear_sorted(group, x: torch.Tensor, slots: list[int], counts: list[int], path: str) -> torch.Tensor:

@@ -307,3 +307,24 @@ def split_k(groups: int) -> int:
     while groups % ks:
         ks -= 1
     return ks
+
+
+# Prefill of few large experts by dequantize-then-GEMM (dequant.py, session 27): every expert's weights dequantized
+# once into a bf16 scratch, then torch._grouped_mm, instead of hopper.py's one dequantization per row block of at most
+# 128 rows. Taken where the mean rows per computed expert reach PREFILL_DEQUANT_MIN_ROWS and the layer's mean bits per
+# weight are at most PREFILL_DEQUANT_MAX_BITS (prefill_dequant). H200, one Mixtral-8x7B layer, graph µs, fused ->
+# dequant (eval/results/gpu_prefill_s27.md): 2,048 tokens (512 rows per expert) mix 2/3/4 (3.0 bits) 4772 -> 4255,
+# 4-bit 4125 -> 4345; mix at 1,024 tokens (256 rows) 2885 -> 3108, 512 tokens 1865 -> 2724; Qwen3-30B-A3B mix at 2,048
+# (128 rows) 1126 -> 1840. The only measured gain is the first; 512 rows and 3.5 bits bound it, neither is a measured
+# crossover. Costs +1.9 GB of transient scratch on Mixtral. MOECOMPRESS_PREFILL_DEQUANT=0: the fused kernels always
+PREFILL_DEQUANT = os.environ.get("MOECOMPRESS_PREFILL_DEQUANT", "1") != "0"
+PREFILL_DEQUANT_MIN_ROWS = float(os.environ.get("MOECOMPRESS_PREFILL_DEQUANT_MIN_ROWS", "512"))
+PREFILL_DEQUANT_MAX_BITS = float(os.environ.get("MOECOMPRESS_PREFILL_DEQUANT_MAX_BITS", "3.5"))
+
+
+def prefill_dequant(pairs: int, positions: int, mean_bits: float) -> bool:
+    """Whether a prefill call of `pairs` (token, expert) pairs over `positions` computed experts whose weights have
+    `mean_bits` bits on average (bf16 groups: 16) takes dequant.py: pairs / positions >= PREFILL_DEQUANT_MIN_ROWS and
+    mean_bits <= PREFILL_DEQUANT_MAX_BITS, where PREFILL_DEQUANT."""
+    return (PREFILL_DEQUANT and pairs >= PREFILL_DEQUANT_MIN_ROWS * max(1, positions)
+            and mean_bits <= PREFILL_DEQUANT_MAX_BITS)
