@@ -15,12 +15,26 @@ the default "ours" costs (loss-aware, per projection, on the GPTQ weights) measu
   weighting of the per-domain costs, allocate/robust.py), all with the same GPTQ weights, in the same stored bytes;
 - evaluation: --eval-samples x --seq-len of eval.jsonl.gz without the calibration overlap: ppl and KL to bf16.
 
+--oracle (session 27) adds rows that are BOUNDS, NEVER METHODS: they use the evaluation text that is then scored. The
+GPTQ weights stay the calibration-fitted ones; only the allocation sees the evaluation text:
+- `oracle: eval-text costs`: the same costs (loss-aware, per projection, the same GPTQ weights), measured on the
+  evaluation sequences themselves, allocated by the same solver in the same bytes;
+- `oracle: calibration costs at the eval domain mix`: the calibration's per-domain costs re-weighted to the
+  evaluation text's domain shares (allocate/robust.py `mixture`): what knowing only the mix would give;
+- `oracle: popularity with eval routing`: popularity-only with the routing shares counted on the evaluation text;
+- `oracle: eval-text costs, progressive`: the eval-text costs re-measured (on the evaluation text) in the model
+  quantized as the oracle planned, --oracle-rounds rounds of pipeline/progressive.py (half the predicted damage
+  pinned per round): what the separable costs miss of the interactions between items;
+and a "predicted (eval-text costs)" column: each plan's damage under the eval-text costs, so the oracle's own cost
+model says how far below popularity-only any plan can go by this measure.
+
     OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python eval/bench_quality_robust.py --model ../shared/models/refmoe-qwen3
+    OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python eval/bench_quality_robust.py --model ../shared/models/refmoe-qwen3 \
+        --oracle --prefix quality_oracle --suffix _s27   # + the oracle bound rows
     .venv/bin/python eval/bench_quality_robust.py --summarize 0,1,2   # mean ratios over --calib-seed runs
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 import sys
@@ -34,10 +48,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "eval"))
 
-from bench_quality import fake_quantized, machine, popularity_costs  # noqa: E402
+from bench_quality import fake_quantized, popularity_costs  # noqa: E402
 from bench_quality_groups import BITS, RULES, cost_table, quantize_at, screen_parser  # noqa: E402
+from quality_robust_report import family, summarize, write  # noqa: E402,F401 (family: the tests' entry)
 from moecompress.allocate import Budget, allocate  # noqa: E402
-from moecompress.allocate.robust import DomainCosts, estimate, leave_one_domain_out, worst_domain_costs  # noqa: E402
+from moecompress.allocate.robust import (DomainCosts, estimate, leave_one_domain_out, mixture,  # noqa: E402
+                                        popularity, worst_domain_costs)
 from moecompress.arch.adapters import describe, proj_weights  # noqa: E402
 from moecompress.artifacts.cost_table import CostItem, CostTable  # noqa: E402
 from moecompress.artifacts.quantized import QuantizedTensors, expert_key  # noqa: E402
@@ -45,6 +61,7 @@ from moecompress.calibrate.dataset import CalibrationData, build_calibration_dat
 from moecompress.calibrate.options import CalibrationOptions  # noqa: E402
 from moecompress.calibrate.run import calibrate  # noqa: E402
 from moecompress.evaluate import evaluate, prepare_eval_data  # noqa: E402
+from moecompress.pipeline.progressive import ProgressiveOptions, progressive_allocation  # noqa: E402
 from moecompress.sensitivity.capture import LayerCapture  # noqa: E402
 from moecompress.sensitivity.deltas import QuantizerSettings  # noqa: E402
 from moecompress.sensitivity.loss_aware import capture_with_grads  # noqa: E402
@@ -101,9 +118,13 @@ def main() -> None:
                                         "model, seed and settings instead of measuring them")
     ap.add_argument("--rows", default="", help="evaluate only the rows matching this regex (and popularity-only)")
     ap.add_argument("--summarize", help="comma-separated seeds: only write the mean over those seeds' result files")
+    ap.add_argument("--oracle", action="store_true", help="add the oracle rows: allocations that see the evaluation "
+                                                          "text (a bound, never a method; see the module doc)")
+    ap.add_argument("--oracle-rounds", type=int, default=1, help="rounds of the progressive oracle row (0: none)")
+    ap.add_argument("--prefix", default="quality_robust", help="result file names: PREFIX_<model>[_seed<s>]SUFFIX")
     args = ap.parse_args()
     if args.summarize:
-        return summarize(Path(args.out), [int(s) for s in args.summarize.split(",")], args.suffix)
+        return summarize(Path(args.out), [int(s) for s in args.summarize.split(",")], args.suffix, args.prefix)
     name = args.name or Path(args.model).name
     torch.manual_seed(0)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -120,9 +141,7 @@ def main() -> None:
     print(f"{name}: calibrated and quantized in {time.time() - t0:.0f}s", flush=True)
 
     captures, _ = capture_with_grads(model, layout, [(i, m) for i, m, _ in batches], progress=False)
-    # token -> (sequence, domain) in the captures' order (kept tokens, batch order)
-    seq_of = torch.cat([torch.arange(s, s + m.shape[0]).repeat_interleave(m.sum(1)) for s, (_, m, _) in
-                        zip(range(0, args.calib_samples, 8), batches)])  # [T]
+    seq_of = token_sequences(batches)  # [T]
     dom_of = data.domain_ids[seq_of]  # [T]
 
     def exact_of(q: dict):
@@ -135,9 +154,10 @@ def main() -> None:
             return w
         return exact
 
-    def costs_on(sel: torch.Tensor, q: dict) -> CostTable:
-        """Loss-aware costs of the GPTQ weights `q` (bits -> QuantizedTensors) on the captured tokens `sel`."""
-        damage = captured_costs(model, layout, subset(captures, sel), int(sel.sum()), BITS + (16,),
+    def costs_on(sel: torch.Tensor, q: dict, caps: list[LayerCapture] = captures) -> CostTable:
+        """Loss-aware costs of the GPTQ weights `q` (bits -> QuantizedTensors) on the captured tokens `sel` of
+        `caps` (default the calibration captures)."""
+        damage = captured_costs(model, layout, subset(caps, sel), int(sel.sum()), BITS + (16,),
                                 QuantizerSettings(group_size=64), "projection", stats, fisher=True, progress=False,
                                 weights=exact_of(q))
         return cost_table(layout, damage, 64, "loss_aware exact g64")
@@ -149,21 +169,23 @@ def main() -> None:
     items = ours.items
     cols = [[it.bits.index(b) for b in BITS] for it in items]
 
-    def domain_costs(parts) -> DomainCosts:
-        """parts(d) -> [(token selection, GPTQ weights)]: the damage of domain d summed over its parts."""
+    def domain_costs(parts, caps: list[LayerCapture] = captures, dom: torch.Tensor = dom_of,
+                     domains: tuple[str, ...] = tuple(data.domains)) -> DomainCosts:
+        """parts(d) -> [(token selection, GPTQ weights)]: the damage of domain d summed over its parts; the tokens
+        of `caps` (default the calibration captures) with domain ids `dom` [T] into `domains`."""
         damage, rows, tokens = [], [], []
-        for d in range(len(data.domains)):
-            sel = dom_of == d
+        for d in range(len(domains)):
+            sel = dom == d
             total = np.zeros((len(items), len(BITS)))
             for part, q in parts(d):
-                t = costs_on(part, q)
+                t = costs_on(part, q, caps)
                 total += np.array([[it.damage[c] * float(part.sum()) for c in cc] for it, cc in zip(t.items, cols)])
             damage.append(total)
-            counts = {m.layer: torch.bincount(captures[m.layer].top_k_index[sel].reshape(-1).clamp(0, m.num_experts),
+            counts = {m.layer: torch.bincount(caps[m.layer].top_k_index[sel].reshape(-1).clamp(0, m.num_experts),
                                               minlength=m.num_experts + 1) for m in layout.moe_layers}
             rows.append([float(counts[it.layer][it.expert]) for it in items])
             tokens.append(float(sel.sum()))
-        return DomainCosts(tuple(data.domains), BITS, np.array([gid[(it.layer, it.proj)] for it in items]),
+        return DomainCosts(tuple(domains), BITS, np.array([gid[(it.layer, it.proj)] for it in items]),
                            np.array(damage), np.array(rows), np.array(tokens))
 
     if args.from_dump:  # the per-domain costs of an earlier run with the same settings (skips their measurement)
@@ -176,6 +198,25 @@ def main() -> None:
         dc, dcx = measure_domains(domain_costs, data, model, tokenizer, layout, args, dom_of, seq_of, quantized)
     print(f"{name}: per-domain costs (measured, cross-fitted) ready at {time.time() - t0:.0f}s; tokens per domain "
           + ", ".join(f"{d} {int(n)}" for d, n in zip(dc.domains, dc.tokens)), flush=True)
+
+    eval_data, overlap = prepare_eval_data(args.eval, tokenizer, args.eval_samples, args.seq_len, seed=1,
+                                           calibration=args.calib)
+
+    def plan_weights(plan: dict) -> QuantizedTensors:
+        """The GPTQ weights of a plan (item key -> bits)."""
+        keys = [(it.key, expert_key(it.path, it.proj, it.expert)) for it in items]
+        return QuantizedTensors(weights={k: quantized[plan[ik]].weights[k] for ik, k in keys}, fallbacks={})
+
+    dce = None
+    if args.oracle:  # a bound: the same costs measured on the evaluation text that is then scored
+        ebatches = list(eval_data.batches(8))
+        epairs = [(i, m) for i, m, _ in ebatches]
+        ecaps, _ = capture_with_grads(model, layout, epairs, progress=False)
+        edom = eval_data.domain_ids[token_sequences(ebatches)]  # [T]
+        dce = domain_costs(lambda d: [(edom == d, quantized)], ecaps, edom, tuple(eval_data.domains))
+        del ecaps
+        print(f"{name}: ORACLE eval-text costs ready at {time.time() - t0:.0f}s; eval tokens per domain "
+              + ", ".join(f"{d} {int(n)}" for d, n in zip(dce.domains, dce.tokens)), flush=True)
 
     budgets = [float(x) for x in args.budgets.split(",")]
     nbytes = np.array([[it.bytes[c] for c in cc] for it, cc in zip(items, cols)], dtype=np.int64)
@@ -201,6 +242,16 @@ def main() -> None:
               "ours cross-fitted pooled": with_damage(ours, estimate(dcx), "cross-fitted"),
               f"ours cross-fitted robust (kappa {kx:g}, tau {tx:g})": with_damage(ours, estimate(dcx, kx, tx),
                                                                                    "cross-fitted robust")}
+    if dce is not None:
+        tables.update(oracle_tables(ours, dc, dce, name))
+
+    def in_context(bp) -> CostTable:
+        """The eval-text costs measured in the model quantized as `bp` (BitPlan) plans (progressive oracle)."""
+        m = fake_quantized(model, layout, plan_weights({it.key: bp.experts[it.path][it.proj][it.expert]
+                                                        for it in items}))
+        caps, n = capture_with_grads(m, layout, epairs, progress=False)
+        del m
+        return costs_on(torch.ones(n, dtype=torch.bool), quantized, caps)
     plans = {}
     for avg, nb in zip(budgets, budget_bytes):
         for label, table in tables.items():
@@ -210,23 +261,28 @@ def main() -> None:
         worst, weights = worst_domain_costs(dc, ref, nbytes, nb)
         a = allocate(with_damage(ours, worst, "worst domain"), Budget(avg_bits=avg), RULES)
         plans[f"ours worst-domain {avg}"] = {it.key: b for it, b in zip(a.items, a.bits)}
+        if dce is not None and args.oracle_rounds > 0:
+            a, hist = progressive_allocation(tables[ORACLE], Budget(avg_bits=avg), RULES, layout, in_context,
+                                             ProgressiveOptions(rounds=args.oracle_rounds))
+            plans[f"oracle: eval-text costs, progressive ({args.oracle_rounds} round) {avg}"] = {
+                it.key: b for it, b in zip(a.items, a.bits)}
+            print(f"{name}: {avg} bits: progressive oracle " + "; ".join(
+                f"round {h['round']}: {h['pinned']} pinned, damage {h['damage']:.4g}" for h in hist)
+                + f" ({time.time() - t0:.0f}s)", flush=True)
         print(f"{name}: {avg} bits: worst-domain weights " + ", ".join(
             f"{d} {w:.3f}" for d, w in zip(dc.domains, weights)), flush=True)
     plans = {k: v for k, v in plans.items() if re.search(args.rows, k) or k.startswith("popularity-only")}
     for b in (2, 3):
         plans[f"uniform {b}-bit"] = {it.key: b for it in items}
 
-    eval_data, overlap = prepare_eval_data(args.eval, tokenizer, args.eval_samples, args.seq_len, seed=1,
-                                           calibration=args.calib)
     pooled = {it.key: it for it in tables["ours pooled"].items}
+    oracle = {it.key: it for it in tables[ORACLE].items} if dce is not None else None
     honest = {it.key: it for it in tables["ours cross-fitted pooled"].items}
     r = evaluate(model, tokenizer, eval_data, method="bf16", family="bf16", progress=False)
     out_rows = [{"method": "bf16", "ppl": r.perplexity, "kl": 0.0,
                  "domains": {d.name: [d.nll, d.kl, d.tokens] for d in r.domains}}]
     for label, plan in plans.items():
-        weights = {expert_key(it.path, it.proj, it.expert): quantized[plan[it.key]].weights[
-            expert_key(it.path, it.proj, it.expert)] for it in items}
-        m = fake_quantized(model, layout, QuantizedTensors(weights=weights, fallbacks={}))
+        m = fake_quantized(model, layout, plan_weights(plan))
         r = evaluate(m, tokenizer, eval_data, reference_model=model, method=label, family=label, progress=False)
         hist = {b: list(plan.values()).count(b) for b in BITS}
         pred = sum(pooled[k].damage[pooled[k].bits.index(b)] for k, b in plan.items())
@@ -234,112 +290,44 @@ def main() -> None:
         out_rows.append({"method": label, "ppl": r.perplexity, "kl": r.kl, "predicted_pooled": pred,
                          "predicted_crossfit": predx, "histogram": hist,
                          "domains": {d.name: [d.nll, d.kl, d.tokens] for d in r.domains}})
+        if oracle is not None:
+            out_rows[-1]["predicted_eval"] = sum(oracle[k].damage[oracle[k].bits.index(b)] for k, b in plan.items())
         print(f"{name} {label:40s} ppl {r.perplexity:8.3f} Δ {r.perplexity - out_rows[0]['ppl']:+.3f} kl {r.kl:.4f} "
               f"{hist}", flush=True)
         del m
     write(out_rows, {"measured": (val, dc), "cross-fitted": (valx, dcx)}, args, name, time.time() - t0,
-          overlap.describe(), budgets)
+          overlap.describe(), budgets, dce)
 
 
-def write(rows, vals: dict, args, name, seconds, overlap, budgets) -> None:
-    """vals: label -> (Validation, DomainCosts) of the leave-one-domain-out runs."""
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cmd = ("OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python eval/bench_quality_robust.py "
-           + " ".join(sys.argv[1:]).replace(str(ROOT.parent), ".."))
-    base = rows[0]["ppl"]
-    lines = [f"## {name}: costs that carry to new text (screen, session 26)", "", f"`{cmd}`", "",
-             f"({seconds:.0f}s on {machine('cpu')}; calib {args.calib_samples} x {args.seq_len} (seed "
-             f"{args.calib_seed}), eval {args.eval_samples} x {args.seq_len}; GPTQ + clipping search, group 64; "
-             f"{overlap})", "",
-             "| method | ppl | Δppl | KL | predicted (measured costs) | predicted (cross-fitted costs) | "
-             "items at 2/3/4/8 bits |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        h = r.get("histogram", {})
-        lines.append(f"| {r['method']} | {r['ppl']:.3f} | {r['ppl'] - base:+.3f} | {r['kl']:.4f} | "
-                     f"{format(r['predicted_pooled'], '.4g') if 'predicted_pooled' in r else '-'} | "
-                     f"{format(r['predicted_crossfit'], '.4g') if 'predicted_crossfit' in r else '-'} | "
-                     f"{'/'.join(str(h.get(b, 0)) for b in BITS) if h else '-'} |")
-    find = {r["method"]: r for r in rows}
-    lines.append("")
-    for avg in budgets:
-        pop = find[f"popularity-only {avg}"]
-        for r in rows:
-            if r["method"].endswith(f" {avg}") and r is not pop:
-                lines.append(f"- {avg} bits: {r['method'][:-len(str(avg)) - 1]} / popularity-only: Δppl "
-                             f"{(r['ppl'] - base) / (pop['ppl'] - base):.3f}, KL {r['kl'] / pop['kl']:.3f}, predicted "
-                             f"{r['predicted_pooled'] / pop['predicted_pooled']:.3f} (measured) / "
-                             f"{r['predicted_crossfit'] / pop['predicted_crossfit']:.3f} (cross-fitted)")
-    for label, (val, dc) in vals.items():
-        taus = sorted({k[1] for k in val.scores}, reverse=True)
-        lines += ["", f"Leave-one-domain-out, {label} costs (the held-out domain's {label} cost of the plan over the "
-                  f"popularity-only plan's, geometric mean over {len(dc.domains)} domains x budgets {budgets}); "
-                  f"picked kappa {val.best[0]:g}, tau {val.best[1]:g}:", "",
-                  "| kappa \\ tau | " + " | ".join(f"{t:g}" for t in taus) + " |", "|---" * (1 + len(taus)) + "|"]
-        for k in sorted({k[0] for k in val.scores}):
-            lines.append(f"| {k:g} | " + " | ".join(f"{math.exp(val.scores[(k, t)]):.3f}" for t in taus) + " |")
-        lines += ["", "Per held-out domain (kappa 0 tau 1 / picked): " + ", ".join(
-            f"{d} {a:.3f}/{b:.3f}"
-            for d, a, b in zip(dc.domains, val.per_domain[(0.0, 1.0)], val.per_domain[val.best]))]
-    text = "\n".join(lines)
-    stem = f"quality_robust_{name}{'' if args.calib_seed == 0 else f'_seed{args.calib_seed}'}{args.suffix}"
-    (out / f"{stem}.md").write_text(text + "\n")
-    (out / f"{stem}.json").write_text(json.dumps(
-        {"command": cmd, "rows": rows, "args": vars(args), "seconds": seconds,
-         **{label: {"lodo": {f"{k[0]:g},{k[1]:g}": v for k, v in val.scores.items()},
-                    "lodo_per_domain": {f"{k[0]:g},{k[1]:g}": v for k, v in val.per_domain.items()},
-                    "best": list(val.best), "domains": list(dc.domains), "tokens": dc.tokens.tolist()}
-            for label, (val, dc) in vals.items()}}, indent=1))
-    print(text, flush=True)
+ORACLE = "oracle: eval-text costs"
 
 
-def family(method: str) -> str:
-    """A row's label without its picked (kappa, tau), which may differ between calibration seeds."""
-    return re.sub(r" \(kappa [^)]*\)", " (picked)", method)
+def token_sequences(batches) -> torch.Tensor:
+    """[T] the sequence index of every captured token, in the captures' order (kept tokens, batch order)."""
+    out, s = [], 0
+    for _, m, _ in batches:
+        out.append(torch.arange(s, s + m.shape[0]).repeat_interleave(m.sum(1)))
+        s += m.shape[0]
+    return torch.cat(out)
 
 
-def summarize(out: Path, seeds: list[int], suffix: str) -> None:
-    """quality_robust_s26.md/json: per model, budget and row, Δppl and KL over popularity-only's, per seed and mean."""
-    lines = ["## Costs that carry to new text: ratios to popularity-only over calibration seeds (session 26)", "",
-             f"`.venv/bin/python eval/bench_quality_robust.py --summarize {','.join(map(str, seeds))}` over "
-             f"quality_robust_<model>[_seed<s>]{suffix}.json", ""]
-    summary = {}
-    for path in sorted(out.glob(f"quality_robust_*{suffix}.json")):
-        if "_seed" in path.stem:
-            continue
-        name = path.stem[len("quality_robust_"):-len(suffix)]
-        runs = {}
-        for s in seeds:
-            p = path if s == 0 else out / f"quality_robust_{name}_seed{s}{suffix}.json"
-            if p.exists():
-                runs[s] = json.loads(p.read_text())
-        if not runs:
-            continue
-        lines += [f"### {name} (seeds {', '.join(map(str, runs))})", "",
-                  "| row | budget | Δppl ratio per seed | mean | KL ratio per seed | mean | picked (kappa, tau) |",
-                  "|---|---|---|---|---|---|---|"]
-        table = {}
-        for s, run in runs.items():
-            base = run["rows"][0]["ppl"]
-            rows = {r["method"]: r for r in run["rows"]}
-            for m, r in rows.items():
-                budget = m.rsplit(" ", 1)[-1]
-                pop = rows.get(f"popularity-only {budget}")
-                if pop is None or r is pop:
-                    continue
-                key = (family(m.rsplit(" ", 1)[0]), budget)
-                picked = m[m.index("(kappa"):m.index(")") + 1] if "(kappa" in m else ""
-                table.setdefault(key, []).append(((r["ppl"] - base) / (pop["ppl"] - base), r["kl"] / pop["kl"],
-                                                  picked))
-        for (row, budget), vals in table.items():
-            d, k, picked = zip(*vals)
-            lines.append(f"| {row} | {budget} | {' / '.join(f'{x:.3f}' for x in d)} | {sum(d) / len(d):.3f} | "
-                         f"{' / '.join(f'{x:.3f}' for x in k)} | {sum(k) / len(k):.3f} | {' / '.join(picked)} |")
-        summary[name] = {f"{row} {budget}": vals for (row, budget), vals in table.items()}
-        lines.append("")
-    (out / f"quality_robust{suffix}.md").write_text("\n".join(lines) + "\n")
-    (out / f"quality_robust{suffix}.json").write_text(json.dumps(summary, indent=1))
-    print("\n".join(lines))
+def eval_mix(dc: DomainCosts, dce: DomainCosts) -> np.ndarray:
+    """[D] the evaluation text's token share of each calibration domain (0 where the evaluation has none)."""
+    missing = set(dce.domains) - set(dc.domains)
+    if missing:
+        raise SystemExit(f"evaluation domains {sorted(missing)} have no calibration costs: no mix oracle")
+    share = dict(zip(dce.domains, dce.tokens / dce.tokens.sum()))
+    return np.array([share.get(d, 0.0) for d in dc.domains])
+
+
+def oracle_tables(ours: CostTable, dc: DomainCosts, dce: DomainCosts, name: str) -> dict[str, CostTable]:
+    """The bound rows (module doc): they use the evaluation text, never a method."""
+    mix = eval_mix(dc, dce)
+    print(f"{name}: eval domain mix over the calibration domains: "
+          + ", ".join(f"{d} {w:.3f}" for d, w in zip(dc.domains, mix)), flush=True)
+    return {ORACLE: with_damage(ours, estimate(dce), "oracle: eval-text costs"),
+            "oracle: calibration costs at the eval domain mix": with_damage(ours, mixture(dc, mix), "oracle: mix"),
+            "oracle: popularity with eval routing": with_damage(ours, popularity(dce), "oracle: eval routing")}
 
 
 if __name__ == "__main__":

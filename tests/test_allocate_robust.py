@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from moecompress.allocate.allocation import choose
-from moecompress.allocate.robust import DomainCosts, estimate, leave_one_domain_out, popularity, worst_domain_costs
+from moecompress.allocate.robust import (DomainCosts, estimate, leave_one_domain_out, mixture, popularity,
+                                        worst_domain_costs)
 from moecompress.errors import MoecompressError
 
 BITS = (2, 3, 4, 8)
@@ -118,3 +119,15 @@ def test_worst_domain_plan_protects_the_domain_the_pooled_plan_sacrifices():
     assert worst == pytest.approx(11 / 16)  # both domains at 11/16 of their reference damage; pooled's worst is 1
     with pytest.raises(MoecompressError, match="steps"):
         worst_domain_costs(dc, ref, nbytes, 7, steps=0)
+
+
+def test_mixture_at_the_token_shares_is_the_pooled_cost_and_one_hot_is_one_domain():
+    dc = two_domains()
+    np.testing.assert_allclose(mixture(dc, dc.tokens), estimate(dc), rtol=1e-12)
+    np.testing.assert_allclose(mixture(dc, np.array([0., 5.])), dc.damage[1] / 30.0, rtol=1e-12)
+    # equal weights: the mean of the two domains' per-token costs
+    np.testing.assert_allclose(mixture(dc, np.array([1., 1.])), (dc.damage[0] / 10 + dc.damage[1] / 30) / 2,
+                               rtol=1e-12)
+    for bad in (np.array([1.]), np.array([-1., 2.]), np.array([0., 0.]), np.array([np.nan, 1.])):
+        with pytest.raises(MoecompressError, match="mixture weights"):
+            mixture(dc, bad)

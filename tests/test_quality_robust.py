@@ -1,5 +1,5 @@
 """The robust-costs screen's pieces (eval/bench_quality_robust.py): capture subsets by token, a cost table's damages
-replaced column by column, row labels merged across calibration seeds."""
+replaced column by column, row labels merged across calibration seeds, the oracle's token order and domain mix."""
 from __future__ import annotations
 
 import importlib.util
@@ -7,8 +7,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
+from moecompress.allocate.robust import DomainCosts
 from moecompress.artifacts.cost_table import CostItem, CostTable
 from moecompress.sensitivity.capture import LayerCapture
 
@@ -40,3 +42,23 @@ def test_with_damage_replaces_the_candidates_and_keeps_16_bits_free():
 def test_family_drops_the_picked_setting():
     assert bench.family("ours robust (kappa 300, tau 1)") == "ours robust (picked)"
     assert bench.family("ours pooled") == "ours pooled"
+
+
+def test_token_sequences_follow_the_kept_tokens_in_batch_order():
+    masks = [torch.tensor([[1, 1, 0], [1, 1, 1]]), torch.tensor([[1, 0, 0]])]
+    batches = [(None, m, None) for m in masks]
+    assert bench.token_sequences(batches).tolist() == [0, 0, 1, 1, 1, 2]
+
+
+def _domains(names, tokens) -> DomainCosts:
+    n = len(names)
+    return DomainCosts(tuple(names), (2, 3, 4, 8), np.zeros(1, dtype=int), np.ones((n, 1, 4)), np.ones((n, 1)),
+                       np.array(tokens, dtype=float))
+
+
+def test_eval_mix_puts_the_eval_shares_on_the_calibration_domains():
+    calib = _domains(["a", "b", "c"], [10, 10, 10])
+    mix = bench.eval_mix(calib, _domains(["c", "a"], [30, 10]))
+    np.testing.assert_allclose(mix, [0.25, 0.0, 0.75])
+    with pytest.raises(SystemExit, match="'z'"):  # an eval domain without calibration costs stops the oracle
+        bench.eval_mix(calib, _domains(["a", "z"], [1, 1]))

@@ -16,7 +16,8 @@ measured cost sum_d D_i,d(b) / sum_d n_d. `leave_one_domain_out` picks (kappa, t
 domain d, allocate from the other domains' estimate and score the plan with domain d's own measured costs, as a ratio
 to the popularity-only plan made from the same other domains.
 
-A third estimate changes the objective instead: `worst_domain_costs` weighs each domain's costs, relative to a
+`mixture` re-weighs the per-domain costs to another mix of the same domains (the evaluation text's, for the
+oracle bound of the benchmark; never a method). A third estimate changes the objective instead: `worst_domain_costs` weighs each domain's costs, relative to a
 reference plan's damage on that domain, by the weights of the worst-case mixture of domains (group DRO, solved by
 multiplicative weights), so that no calibration domain is sacrificed for the others.
 """
@@ -85,6 +86,18 @@ def estimate(dc: DomainCosts, kappa: float = 0.0, tau: float = 1.0, keep: np.nda
         tempered = share ** tau / (share ** tau).sum()
         out[m] = (total_rows / n) * tempered[:, None] * per_row
     return out
+
+
+def mixture(dc: DomainCosts, weights: np.ndarray) -> np.ndarray:
+    """[n, B] cost per token under another mix of the same domains: sum_d w_d * truth(d), `weights` [D] >= 0
+    normalised to sum 1 (a domain of weight 0 is left out). weights = dc.tokens gives estimate(dc) (kappa 0,
+    tau 1); the evaluation text's domain shares give the calibration costs at the evaluation mix (a bound's input,
+    eval/bench_quality_robust.py --oracle)."""
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != (len(dc.domains),) or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise MoecompressError(f"mixture weights need one finite value >= 0 per domain ({len(dc.domains)}: "
+                               f"{', '.join(dc.domains)}) and a positive sum, got {w.tolist()}")
+    return np.tensordot(w / w.sum(), dc.damage / dc.tokens[:, None, None], 1)
 
 
 def popularity(dc: DomainCosts, keep: np.ndarray | None = None) -> np.ndarray:
