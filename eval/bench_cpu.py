@@ -118,7 +118,7 @@ def measure_ours(directory: Path, threads: int, prefill: int, prompt: int, gen: 
            "load_s": load_s}
     vocab = model.config.vocab_size
     gen_ids = torch.Generator().manual_seed(0)
-    if decoder == "step":  # models the step does not run (bf16: unpacked experts) decode through transformers
+    if decoder == "step":  # models the step does not run decode through transformers (the reason kept)
         from moecompress.runtime.cpu_step import StepPlan, UnsupportedModel
 
         try:
@@ -261,7 +261,7 @@ def prepare(args) -> tuple[list[tuple], object]:
         ggufs = {t: ggufs[t] for t in [*([] if args.skip_gguf_bf16 else ["bf16"]), *args.gguf] if t in ggufs}
         for p, d in dirs.items():
             configs.append((key, "ours", p, d, bf16_dir))
-            if args.ours_transformers and p != "bf16":
+            if args.ours_transformers:
                 configs.append((key, "ours-transformers", p, d, bf16_dir))
             if args.compare_fused and p != "bf16":
                 configs.append((key, "ours-unfused", p, d, bf16_dir))

@@ -5,6 +5,7 @@ over --rounds interleaved rounds; per token: CPU time of this thread (time.threa
 on a loaded machine) and wall time; medians. Checkpoints: eval/bench_cpu.py's (kept under its --workdir).
 
     OMP_NUM_THREADS=1 .venv/bin/python eval/bench_cpu_step.py --models a-4,b-4 --threads 1
+    OMP_NUM_THREADS=1 .venv/bin/python eval/bench_cpu_step.py --models a-bf16,a-8 --threads 1 --clock cpu --profile
     .venv/bin/python eval/bench_cpu_step.py --models a-8,a-4,a-2,b-4 --threads 2 --out eval/results/cpu_step.md
 
 --profile: instead, where the step's wall time goes, per part of step.cpp (DecodeStep.profile: embedding, norms,
@@ -26,9 +27,17 @@ import torch
 WORKDIR = Path("/tmp/moecompress-bench-cpu")
 
 
+REF_MODEL = Path(__file__).resolve().parents[2] / "shared" / "models" / "refmoe-qwen3"
+
+
 def checkpoint(name: str, workdir: Path) -> Path:
-    """a-4 -> workdir/a-4-densematch (bench_cpu.py's naming; b's with the head8 suffix when present)."""
+    """a-4 -> workdir/a-4-densematch (bench_cpu.py's naming; b's with the head8 suffix when present); a-bf16 ->
+    ../shared/models/refmoe-qwen3, b-bf16 -> workdir/b-bf16 (the unquantized transformers checkpoints)."""
     key, plan = name.split("-", 1)
+    if plan == "bf16":
+        d = REF_MODEL if key == "a" else workdir / "b-bf16"
+        if d.exists():
+            return d
     for suffix in ("-densematch-head8", "-densematch") if key == "b" else ("-densematch",):
         d = workdir / f"{key}-{plan}{suffix}"
         if d.exists():
@@ -65,11 +74,20 @@ def step_loop(decoder, ids: torch.Tensor, gen: int) -> tuple[float, float]:
     return time.thread_time() - c0, time.perf_counter() - w0
 
 
-def measure(directory: Path, args) -> list[dict]:
+def load(directory: Path):
+    """A moecompress checkpoint, or an unquantized transformers one (bf16), in bfloat16."""
     import moecompress
+    from transformers import AutoModelForCausalLM
+
+    if (directory / "moecompress.json").exists():
+        return moecompress.from_pretrained(directory, dtype=torch.bfloat16).eval()
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16).eval()
+
+
+def measure(directory: Path, args) -> list[dict]:
     from moecompress.runtime.cpu_step import CpuDecoder
 
-    model = moecompress.from_pretrained(directory, dtype=torch.bfloat16).eval()
+    model = load(directory)
     vocab, rows = model.config.vocab_size, []
     gen_ids = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -94,10 +112,9 @@ PROFILE_COLUMNS = "| checkpoint | batch | part | ms / token | share | MB / token
 
 def profile(directory: Path, args) -> list[str]:
     """Rows of the per-part table: the step's own clock over --rounds x --gen tokens after the prompt."""
-    import moecompress
     from moecompress.runtime.cpu_step import CpuDecoder
 
-    model = moecompress.from_pretrained(directory, dtype=torch.bfloat16).eval()
+    model = load(directory)
     gen_ids = torch.Generator().manual_seed(0)
     lines = []
     with torch.no_grad():

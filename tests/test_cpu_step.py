@@ -243,8 +243,11 @@ def test_sampling_is_seeded_and_stays_in_the_nucleus(tmp_path_factory):
 def test_refusals_say_why(tiny_model, tmp_path_factory):
     with pytest.raises(UnsupportedModel, match="model_type 'deepseek_v2'"):
         StepPlan.of(tiny_model("deepseek_v2"))
-    with pytest.raises(UnsupportedModel, match="not a packed MoE layer"):  # an unquantized transformers model
-        StepPlan.of(tiny_model("qwen3_moe"))
+    plain = tiny_model("qwen3_moe")  # an unquantized transformers model: read (test_unquantized_...), unless ...
+    StepPlan.of(plain)
+    plain.model.layers[2].mlp.experts.is_transposed = True  # ... its experts are laid out otherwise
+    with pytest.raises(UnsupportedModel, match="layer 2: experts other than"):
+        StepPlan.of(plain)
     model = load(checkpoint("mixtral", tmp_path_factory))
     model.config.sliding_window = 8
     with pytest.raises(UnsupportedModel, match="sliding window 8"):
@@ -253,6 +256,69 @@ def test_refusals_say_why(tiny_model, tmp_path_factory):
     model.model.layers[1].mlp.experts.expert_store = object()
     with pytest.raises(UnsupportedModel, match="layer 1: experts in a tiered expert store"):
         CpuDecoder(model, max_cache_len=32)
+
+
+def unquantized(arch: str, dtype: torch.dtype):
+    """(a tiny transformers model of `arch` in `dtype`, the same weights in float32): the step computes in float32,
+    so the float32 model's forward is its exact reference."""
+    from conftest import _build
+
+    model = _build(arch)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(p.numel()))
+    return model.to(dtype).eval(), model.to(dtype).float().eval()
+
+
+def step_errors(model, ref, ids, mask, extra, cache_len: int) -> tuple[list[float], float]:
+    """The prompt through `ref` (its KV cache into the step's), then extra's tokens one step at a time through the
+    step of `model` -> (each step's max |logit error| per row against ref's full forward, the logits' scale)."""
+    decoder = CpuDecoder(model, max_cache_len=cache_len, batch_size=ids.shape[0])
+    decoder.model = ref  # the prompt's cache in float32, as the reference computes it
+    _, positions = decoder.prefill(ids, mask)
+    decoder.model = model
+    full_ids, full_mask = torch.cat([ids, extra], 1), torch.cat([mask, torch.ones_like(extra)], 1)
+    with torch.no_grad():
+        want = ref(input_ids=full_ids, attention_mask=full_mask,
+                   position_ids=(full_mask.cumsum(-1) - 1).clamp(min=0)).logits
+    n, position, errors = ids.shape[1], positions[:, -1].clone(), []
+    for t in range(extra.shape[1]):
+        position += 1
+        got = decoder.step_logits(extra[:, t], position, n + t)
+        errors += (got - want[:, n + t]).abs().amax(-1).tolist()
+    return errors, want[:, n:].abs().max().item()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_unquantized_models_step_logits_match_the_forward(arch, dtype):
+    """A plain transformers model (experts as fused 3-D gate_up_proj / down_proj, dense linears): the step reads its
+    weights as they are (bfloat16 / float32 views, float16 one float32 copy) and computes in float32, so against the
+    float32 forward of the same weights it differs by summation order only, every row, batch 3 left-padded."""
+    model, ref = unquantized(arch, dtype)
+    plan = StepPlan.of(model)
+    if dtype != torch.float16:  # views of the model's own expert tensors, no copies
+        own = {p.data_ptr() for p in model.parameters()}
+        assert all(t.data_ptr() in own for L in plan.layers for ts in (L.experts.args[0], L.experts.args[5]) for t in ts)
+    ids, mask = prompts(3, seed=1)
+    extra = torch.randint(3, 128, (3, 3), generator=torch.Generator().manual_seed(2))
+    errors, scale = step_errors(model, ref, ids, mask, extra, 16)
+    assert max(errors) <= SUM_ORDER_TOL * scale, errors
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "olmoe"])
+def test_unquantized_greedy_equals_transformers_generate(arch):
+    model, _ = unquantized(arch, torch.float32)
+    ids, mask = prompts(3)
+    with torch.no_grad():
+        ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0,
+                             eos_token_id=None, return_dict_in_generate=True, output_logits=True)
+    from moecompress.runtime.generation import pick_decoder
+
+    decoder, name, _ = pick_decoder(model, 3, ids.shape[1] + NEW, {"attention_mask": True, "sample": False})
+    assert name == "cpu_step"
+    assert_same_greedy(decoder.generate(ids, NEW, attention_mask=mask), ref, ids.shape[1])
 
 
 def test_generate_cli_with_model(tmp_path_factory, capsys):
@@ -290,3 +356,29 @@ def test_refmoe_qwen3_greedy_equals_transformers(tmp_path):
                              eos_token_id=None, return_dict_in_generate=True, output_logits=True)
     got = CpuDecoder(model, max_cache_len=64, batch_size=3).generate(ids, 24, attention_mask=mask)
     assert_same_greedy(got, ref, ids.shape[1])
+
+
+SHARED = REF_MODEL.parent
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["refmoe-qwen3", "refmoe-olmoe"])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_refmoe_bf16_step_equals_the_float32_forward(name, batch):
+    """The shared reference models as stored (bfloat16), unquantized: 5 steps after a 20-token prompt (batch 4
+    left-padded) against the float32 forward of the same weights, within summation order."""
+    if not (SHARED / name).exists():
+        pytest.skip(f"../shared/models/{name} is absent")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(SHARED / name, dtype=torch.bfloat16).eval()
+    ref = AutoModelForCausalLM.from_pretrained(SHARED / name, dtype=torch.float32).eval()
+    ids = torch.randint(3, 1000, (batch, 20), generator=torch.Generator().manual_seed(batch))
+    mask = torch.ones_like(ids)
+    if batch == 4:
+        mask[1, :3] = 0
+        mask[2, :7] = 0
+        ids[mask == 0] = 0
+    extra = torch.randint(3, 1000, (batch, 5), generator=torch.Generator().manual_seed(9))
+    errors, scale = step_errors(model, ref, ids, mask, extra, 40)
+    assert max(errors) <= SUM_ORDER_TOL * scale, errors

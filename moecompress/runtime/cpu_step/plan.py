@@ -5,6 +5,9 @@ keeps its tensors as they are (no copies of packed or bf16 weights; norms and bi
 config numbers. What the step does not implement is refused with the reason (`UnsupportedModel`): another
 architecture, MLA attention, sliding windows shorter than the cache, dense MLP layers, experts in a tiered store or
 on another device, a gate other than SiLU, packed weights without an int8-activation (q8_*) decode kernel here.
+Experts come packed (PackedExperts, 16-bit groups included) or as transformers' own fused 3-D tensors (a bf16 /
+float32 checkpoint or a plain HF model: `_unpacked_experts`, views of gate_up_proj / down_proj, computed by moe.cpp's
+dense GEMV).
 
 Supported (ARCHS): Qwen3-MoE (q/k RMSNorm per head), OLMoE (q/k RMSNorm over the whole projection, optional
 clip_qkv), Mixtral, Qwen2-MoE (q/k/v biases, sigmoid-gated shared expert). All four: pre-norm decoder layers,
@@ -165,6 +168,38 @@ def _dense(weight: torch.Tensor, name: str, bias) -> LinearSpec:
     return LinearSpec(None, None, None, 16, 0, "cpu:portable", w.contiguous(), bias)
 
 
+def _unpacked_experts(experts, mlp, i: int, isa: str) -> cpu_moe.FusedLayer:
+    """transformers' own fused experts (gate_up_proj [E, 2I, H], down_proj [E, H, I], bfloat16 / float32) as one
+    16-bit group per projection of the fused MoE call: views of the model's tensors, no copies (float16: one float32
+    copy each, as _dense does); moe.cpp computes them with the dense GEMV."""
+    gate_up, down = (getattr(experts, n, None) for n in ("gate_up_proj", "down_proj"))
+    if not all(isinstance(w, torch.Tensor) and w.dim() == 3 for w in (gate_up, down)):
+        _refuse(f"layer {i}: its MLP is not a MoE layer the step reads ({type(experts or mlp).__name__}: dense MLP "
+                "layers, and experts without 3-D gate_up_proj / down_proj, are not read by the step)")
+    layout = (getattr(experts, "has_gate", True), getattr(experts, "is_concatenated", True),
+              getattr(experts, "is_transposed", False), getattr(experts, "has_bias", False),
+              getattr(experts, "has_post_expert_norm", False))
+    if layout != (True, True, False, False, False) or not cpu_moe.gated_silu_fn(
+            experts, getattr(type(experts), "_apply_gate", None)):
+        _refuse(f"layer {i}: experts other than [gate; up] -> SiLU(gate) * up -> down without biases "
+                "(transposed, interleaved, biased or post-normed experts, or another activation)")
+    if gate_up.device.type != "cpu" or down.device.type != "cpu":
+        _refuse(f"layer {i}: experts on {gate_up.device}, not the CPU")
+    n = gate_up.shape[0]
+    if gate_up.shape[1] != 2 * down.shape[2] or gate_up.shape[2] != down.shape[1] or down.shape[0] != n:
+        _refuse(f"layer {i}: expert shapes {tuple(gate_up.shape)} / {tuple(down.shape)}, expected [E, 2I, H] / "
+                "[E, H, I]")
+    where = torch.stack([torch.zeros(n, dtype=torch.int64), torch.arange(n)], 1)  # expert -> (group 0, slot e)
+    args = []
+    for w in (gate_up, down):
+        w = w.detach()
+        if w.dtype not in (torch.float32, torch.bfloat16):
+            w = w.float()  # float16: one float32 copy (moe.cpp's dense GEMV reads float32 or bfloat16)
+        args += [[w.contiguous()], [torch.empty(0, dtype=torch.float16)], [torch.empty(0, dtype=torch.uint8)], [16],
+                 where.clone()]
+    return cpu_moe.FusedLayer(tuple(args), 32, isa)
+
+
 def _decode_isa() -> str:
     isa = cpu_moe.dense_isa()
     if isa is None or not cpu_lowbit.available():
@@ -197,15 +232,15 @@ def build_plan(model) -> StepPlan:
         if not hasattr(attn, "q_proj") or getattr(attn, "head_dim", head_dim) != head_dim:
             _refuse(f"layer {i}: attention without q_proj/k_proj/v_proj (MLA or another form)")
         experts = getattr(mlp, "experts", None)
-        if not isinstance(experts, PackedExperts):
-            _refuse(f"layer {i}: its MLP is not a packed MoE layer ({type(experts or mlp).__name__}; dense MLP "
-                    "layers and unquantized experts are not read by the step)")
-        if experts.expert_store is not None:
-            _refuse(f"layer {i}: experts in a tiered expert store (read on use)")
-        fused = cpu_moe.dense_layer(experts)
-        if fused is None:
-            _refuse(f"layer {i}: experts the fused MoE call does not take (gate other than SiLU, biases, int4 layout, "
-                    "another device, or no q8 decode kernel)")
+        if isinstance(experts, PackedExperts):
+            if experts.expert_store is not None:
+                _refuse(f"layer {i}: experts in a tiered expert store (read on use)")
+            fused = cpu_moe.dense_layer(experts)
+            if fused is None:
+                _refuse(f"layer {i}: experts the fused MoE call does not take (gate other than SiLU, biases, int4 "
+                        "layout, another device, or no q8 decode kernel)")
+        else:
+            fused = _unpacked_experts(experts, mlp, i, isa)
         if fused.isa != isa:
             _refuse(f"layer {i}: experts' decode kernels are {fused.isa}, the CPU's {isa}")
         name = f"model.layers.{i}"

@@ -87,14 +87,19 @@ def max_tokens() -> int:
 
 
 def gated_silu(module) -> bool:
+    return (gated_silu_fn(module, module._gate_fn) and module.has_gate and not module.has_bias
+            and not module.has_post_expert_norm and len(module.proj_names) == 2)
+
+
+def gated_silu_fn(module, gate_fn) -> bool:
+    """`gate_fn` (the gate function the module applies) is transformers' default ([gate; up] -> silu(gate) * up) and
+    the module's act_fn is SiLU."""
     try:
         from transformers.activations import SiLUActivation
         from transformers.integrations.moe import _default_apply_gate
     except ImportError:
         return False
-    act = getattr(module, "act_fn", None)
-    return (module.has_gate and module._gate_fn is _default_apply_gate and isinstance(act, (SiLUActivation, torch.nn.SiLU))
-            and not module.has_bias and not module.has_post_expert_norm and len(module.proj_names) == 2)
+    return gate_fn is _default_apply_gate and isinstance(getattr(module, "act_fn", None), (SiLUActivation, torch.nn.SiLU))
 
 
 def build_layer(module, dtype: torch.dtype, dense: bool = False) -> FusedLayer | None:

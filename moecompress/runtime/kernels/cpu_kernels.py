@@ -37,7 +37,7 @@ HEADERS = sorted((Path(__file__).parent / "csrc").glob("*.h"))
 
 
 # -march=native: the build is cached per CPU (its flags are part of the build's name)
-CFLAGS, LDFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"], ["-fopenmp"]
+CFLAGS, LDFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp"), ("-fopenmp",)
 
 
 def build_name() -> str:

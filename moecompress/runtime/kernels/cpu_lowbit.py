@@ -33,7 +33,7 @@ ISA_ID = {"cpu:portable": 0, "cpu:avx2": 1, "cpu:avx512_vnni": 2, "cpu:neon_dotp
 TILE_ROWS = 128  # weight rows per prefill tile: 128 x 2048 float32 = 1 MiB, one core's L2 on current x86 CPUs
 
 
-CFLAGS, LDFLAGS = ["-O3", "-ffp-contract=off", "-fopenmp"], ["-fopenmp"]
+CFLAGS, LDFLAGS = ("-O3", "-ffp-contract=off", "-fopenmp"), ("-fopenmp",)
 
 
 def build_name() -> str:

@@ -73,5 +73,7 @@ def load_extension(name: str, sources: list[Path], extra_cflags: list[str], extr
     from torch.utils.cpp_extension import load
 
     with build_guard(build_directory(name)):  # survives a build killed earlier
-        return load(name=name, sources=[str(p) for p in sources], extra_cflags=extra_cflags,
-                    extra_ldflags=extra_ldflags, verbose=False)
+        # copies: torch appends its own flags to the lists it is given (_prepare_ldflags), which would change the
+        # caller's flags and so the name build_name computes after a build in this process
+        return load(name=name, sources=[str(p) for p in sources], extra_cflags=list(extra_cflags),
+                    extra_ldflags=list(extra_ldflags), verbose=False)
