@@ -35,6 +35,9 @@ import store_time
 
 BUDGETS = (0.25, 0.5, 0.75, 1.0)
 GRAPHS = dict(gpu_graphs=True)  # each layer call one CUDA graph replay (runtime/store/slot_graphs.py)
+# router prefetch + refine + precision gate with the prediction computed inside each layer's graph (session 27)
+PREDICT_IN_GRAPH = dict(policy="lru", prefetch="router", prefetch_refine=True, prefetch_min_precision=0.5,
+                        graph_prediction=True, **GRAPHS)
 CONFIGS = [  # (name, StoreConfig fields besides the budget and tier, budget shares it runs at (None: all))
     # session 25's rows: every layer call's launches from the decode thread (gpu_graphs=False)
     ("on demand (every use from the pinned host copy)", dict(policy="demand", gpu_graphs=False), (0.5,)),
@@ -47,7 +50,12 @@ CONFIGS = [  # (name, StoreConfig fields besides the budget and tier, budget sha
     ("on demand, graphs", dict(policy="demand", **GRAPHS), None),
     ("LRU, graphs (GPU default)", dict(policy="lru", **GRAPHS), None),
     ("pin + LRU, graphs", dict(policy="lru", pin_share=0.5, **GRAPHS), None),
-    ("pin + prefetch (router + refine, precision >= 0.5), graphs", dict(store_time.DEFAULT, **GRAPHS), None),
+    ("pin + prefetch (router + refine, precision >= 0.5), graphs", dict(store_time.DEFAULT, graph_prediction=False,
+                                                                         **GRAPHS), None),
+    # session 27: layer l+1's router prediction inside layer l's graph (runtime/store/graph_predict.py)
+    ("prefetch in graph (router + refine, precision >= 0.5)", dict(PREDICT_IN_GRAPH, pin_share=0.0), None),
+    ("pin 0.25 + prefetch in graph", dict(PREDICT_IN_GRAPH, pin_share=0.25), None),
+    ("pin + prefetch in graph", dict(PREDICT_IN_GRAPH, pin_share=0.5), None),
 ]
 # STORE_GPU_PROFILE=1: per layer call, the wall (and CPU) time of the experts call and of the slot path's steps
 PROFILE = os.environ.get("STORE_GPU_PROFILE") == "1"
@@ -92,24 +100,32 @@ def build_checkpoint(out: Path, layers: int, device: str, small: bool = False) -
 
 
 def prepare(directory: Path, args, tools) -> None:
-    """CPU box: what the hit-rate part needs on the GPU machine, into `directory` (a folder that travels)."""
+    """CPU box: what the hit-rate part needs on the GPU machine, per model of --models, into `directory` (a folder
+    that travels): NAME-rtn4/ (the checkpoint, tokenizer included) and NAME.pt (texts, statistics, copies)."""
+    for name in args.models.split(","):
+        _prepare_model(directory, name, args, tools)
+
+
+def _prepare_model(directory: Path, name: str, args, tools) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import bench_edge
 
-    src = tools.SHARED / "models" / "refmoe-qwen3"
+    src = tools.SHARED / "models" / name
     ckpt = bench_edge.export_4bit(str(src), Path(args.work))
     directory.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(ckpt, directory / "refmoe-qwen3-rtn4", dirs_exist_ok=True)
+    shutil.copytree(ckpt, directory / f"{name}-rtn4", dirs_exist_ok=True)
     tok = AutoTokenizer.from_pretrained(src)
     calib = tools.docs(tools.SHARED / "data/corpus/calib.jsonl.gz", tok, args.calib_docs, args.length)
     texts = tools.docs(tools.SHARED / "data/corpus/eval.jsonl.gz", tok, args.docs, args.length)
     resident = tools.load(ckpt, torch.float32)
     stats = tools.routing_stats(resident, calib, stepwise=True)  # decode kernels only (no prefill path)
-    float_model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    copies = tools.rtn_copies(float_model, resident, 2, 64, False)
+    copies = {}  # only the rows with low-bit copies use them
+    if any("copy_threshold" in f for _, f, _ in HIT_CONFIGS):
+        float_model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+        copies = tools.rtn_copies(float_model, resident, 2, 64, False)
     torch.save({"texts": texts, "stats": (stats.mass, stats.tokens, stats.paths), "copies": copies},
-               directory / "refmoe-qwen3.pt")
+               directory / f"{name}.pt")
 
 
 def _load(ckpt: Path, device: str):
@@ -254,15 +270,15 @@ def run_time(args, tools, save) -> dict:
     return res
 
 
-def run_hits(args, tools, save) -> dict:
-    """Hit rates (and time per token, Δppl) on refmoe-qwen3 on the GPU tier, from --gpu-data."""
+def run_hits(args, tools, save, name: str = "refmoe-qwen3") -> dict:
+    """Hit rates (and time per token, Δppl) of reference model `name` on the GPU tier, from --gpu-data."""
     from moecompress.format.expert_stats import ExpertStats
     from moecompress.runtime.experts.packed_experts import PackedExperts
     from moecompress.runtime.store import attach_store, detach_store
 
     device = args.device
-    data = torch.load(Path(args.gpu_data) / "refmoe-qwen3.pt")
-    ckpt = Path(args.gpu_data) / "refmoe-qwen3-rtn4"
+    data = torch.load(Path(args.gpu_data) / f"{name}.pt")
+    ckpt = Path(args.gpu_data) / f"{name}-rtn4"
     texts = [t.to(device) for t in data["texts"]]
     stats = ExpertStats.from_counts(*data["stats"])
     resident = _load(ckpt, device)
@@ -274,9 +290,10 @@ def run_hits(args, tools, save) -> dict:
                          copies={})
     total, tier = sum(probe.cache.layout.nbytes.values()), probe.cache.tier
     detach_store(modules)
-    res = {"model": "refmoe-qwen3", "device": _device_name(device), "expert_bytes": total, "resident": base,
+    res = {"model": name, "device": _device_name(device), "expert_bytes": total, "resident": base,
            "tokens": base["tokens"], "rows": []}
-    for share, name, fields in _rows([b for b in args.budgets if b < 1], HIT_CONFIGS):
+    configs = [c for c in HIT_CONFIGS if not args.configs or c[0] in args.configs]  # --configs: only these rows
+    for share, row, fields in _rows([b for b in args.budgets if b < 1], configs):
         budget = int(share * total)
         try:
             config = _config(budget, device, fields)
@@ -292,8 +309,8 @@ def run_hits(args, tools, save) -> dict:
                      dppl_pct=100 * (r["ppl"] / base["ppl"] - 1))
         except Exception as exc:
             r = {"error": f"{type(exc).__name__}: {exc}"}
-        res["rows"].append({"config": name, "share": share, "budget": budget, **r})
-        print(f"refmoe-qwen3 {share:.0%} {name}: " + (r.get("error") or tools.fmt(r)), flush=True)
+        res["rows"].append({"config": row, "share": share, "budget": budget, **r})
+        print(f"{name} {share:.0%} {row}: " + (r.get("error") or tools.fmt(r)), flush=True)
         save(res)
     return res
 
@@ -347,8 +364,7 @@ def markdown(results: dict, command: str) -> str:
                          f"{1000 * st['stall_s_per_token']:.2f} | {hidden} | {r['cold']['ratio']:.2f}x | "
                          f"{'-' if acc is None else f'{acc:.2f}'} | {r['max_logit_diff']:.3g} | {mem:.0%} |")
         lines.append("")
-    h = results.get("hits")
-    if h:
+    for h in results.get("hits") or []:
         lines += [f"## {h['model']} (hit rates) -- {h['device']}", "",
                   f"{h['tokens']} eval tokens; fully resident {1000 * h['resident']['time_per_token_s']:.2f} ms per "
                   f"token, ppl {h['resident']['ppl']:.3f}.", "",
@@ -372,14 +388,23 @@ def run(args, tools, command: str) -> None:
     results: dict = {"args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, list, type(None)))}}
 
     def save(part):
-        results["time" if "random-init" in part["model"] else "hits"] = part
+        if "random-init" in part["model"]:
+            results["time"] = part
+        else:  # one entry per reference model
+            hits = results.setdefault("hits", [])
+            hits[:] = [h for h in hits if h["model"] != part["model"]] + [part]
         (out / f"{args.out}.json").write_text(json.dumps(results, indent=1, default=str))
         (out / f"{args.out}.md").write_text(markdown(results, command))
 
     for part in args.gpu_parts:
         t0 = time.time()
         try:
-            run_time(args, tools, save) if part == "time" else run_hits(args, tools, save)
+            if part == "time":
+                run_time(args, tools, save)
+            else:
+                for name in args.models.split(","):
+                    if (Path(args.gpu_data) / f"{name}.pt").exists():
+                        run_hits(args, tools, save, name)
         except Exception as exc:
             import traceback
 
@@ -387,4 +412,4 @@ def run(args, tools, command: str) -> None:
             print(f"part {part} failed: {exc}", flush=True)
         print(f"== part {part}: {time.time() - t0:.0f} s", flush=True)
     if results.get("hits"):  # hit rate vs budget per policy (bench_store.plot's form)
-        tools.plot([{**results["hits"], "copy_bytes": None}], out / f"{args.out}_hit_rate.png")
+        tools.plot([{**h, "copy_bytes": None} for h in results["hits"]], out / f"{args.out}_hit_rate.png")

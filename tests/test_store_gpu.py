@@ -82,15 +82,19 @@ def test_slot_path_equals_the_resident_kernels_at_every_budget(ckpt, reference, 
             assert c["hits"] > c["misses"]
 
 
-@pytest.mark.parametrize("graphs", [False, True])
+PREDICT = dict(policy="lru", prefetch="router", prefetch_refine=True, prefetch_min_precision=0.5, gpu_graphs=True,
+               graph_prediction=True)
+
+
+@pytest.mark.parametrize("graphs", [False, True, "predict"])  # predict: + the router prediction inside the graphs
 def test_a_step_adds_no_host_sync(ckpt, reference, graphs):
     """With every expert resident, a decode step synchronizes the host no more often than the resident model's."""
     ids, _ = reference
     resident = _model(ckpt)
     model = _model(ckpt)
     modules = [m for m in model.modules() if isinstance(m, PackedExperts)]
-    store = attach_store(model, ckpt, StoreConfig(budget=1 << 40, tier="pinned", gpu_slots=True, policy="lru",
-                                                  gpu_graphs=graphs))
+    fields = PREDICT if graphs == "predict" else dict(policy="lru", gpu_graphs=graphs)
+    store = attach_store(model, ckpt, StoreConfig(budget=1 << 40, tier="pinned", gpu_slots=True, **fields))
     try:
         _decode(model, ids[:, :4])  # every expert read in and seen resident (the host-memory plan skipped)
         _decode(model, ids[:, :4])
@@ -109,3 +113,54 @@ def test_a_step_adds_no_host_sync(ckpt, reference, graphs):
         assert counts[1] <= counts[0], counts
     finally:
         detach_store(modules)
+
+
+@pytest.mark.parametrize("wrong", [False, True])
+def test_graph_prediction_is_the_routers_and_never_changes_outputs(ckpt, reference, wrong):
+    """StoreConfig(graph_prediction=True): each layer's graph writes layer l+1's prediction: the first equal (as a
+    set) to the top-k of RouterPredictor.scores on the call's input; the bookkeeping thread reads ahead from it; the
+    logits equal the resident model's with the model's routers and with random ones."""
+    from moecompress.runtime.store.prefetch import RouterPredictor
+
+    ids, ref = reference
+    model = _model(ckpt)
+    modules = [m for m in model.modules() if isinstance(m, PackedExperts)]
+    probe = attach_store(model, ckpt, StoreConfig(budget=1 << 40, tier="pinned", **PREDICT))
+    total, tier, predictor = sum(probe.cache.layout.nbytes.values()), probe.cache.tier, probe.predictor
+    detach_store(modules)
+    if wrong:
+        gen = torch.Generator().manual_seed(1)
+        predictor = RouterPredictor([None if r is None else torch.randn(r.shape, generator=gen).to(r) for r in
+                                     predictor.routers], predictor.norms, predictor.eps)
+    inputs: dict = {}  # layer -> the experts' inputs, call by call
+    hooks = [m.register_forward_pre_hook(lambda mod, args, i=i: inputs.setdefault(i, []).append(args[0].clone()))
+             for i, m in enumerate(modules)]
+    store = attach_store(model, ckpt, StoreConfig(budget=total // 2, tier="pinned", pin_share=0.5, **PREDICT),
+                         predictor=predictor, tier=tier)
+    predicted: dict = {}
+    account, book = store.slot_path.account, store.slot_path.book
+
+    def logged(r):
+        if r.predicted is not None:
+            predicted.setdefault(r.layer, []).append(r.predicted[0].tolist())
+        account(r)
+
+    book.handle = logged
+    try:
+        got = _decode(model, ids)
+        c = store.counters()
+        queued = len(store.prefetcher.requests)  # (the prefetch threads': the bookkeeping thread read ahead itself)
+    finally:
+        for h in hooks:
+            h.remove()
+        detach_store(modules)
+    assert c["graph_error"] is None and c["slot_error"] is None
+    assert all(torch.equal(a, b) for a, b in zip(got, ref))
+    assert c["prefetches"] > 0 and queued == 0
+    last = len(modules) - 1
+    assert set(predicted) == set(range(last))  # every layer but the last predicts its successor
+    for layer, calls in predicted.items():
+        assert len(calls) == STEPS
+        for x, got_ids in zip(inputs[layer], calls):
+            scores = predictor.scores(layer, x.reshape(-1, x.shape[-1]), None, None)
+            assert set(got_ids) == set(torch.topk(scores, len(got_ids)).indices.tolist())

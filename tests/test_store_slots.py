@@ -295,13 +295,17 @@ def test_per_expert_path_over_the_slot_table(tmp_path_factory, modules):
 
 class _CpuGraphCall:
     """slot_graphs.GraphCall's interface on the CPU: a 'replay' computes with _CpuSlotLayers and writes the record
-    into one reused buffer (as the graph writes its pinned one), and logs what it wrote."""
+    (with a graph_predict.GraphPrediction, layer l+1's ranked prediction after it) into one reused buffer (as the
+    graph writes its pinned one), and logs what it wrote."""
 
-    def __init__(self, layers, layer, module, x, flat, weights, top_k):
-        self.layers, self.layer, self.module, self.top_k = layers, layer, module, top_k
+    def __init__(self, layers, layer, module, x, flat, weights, top_k, predict=None):
+        self.layers, self.layer, self.module, self.top_k, self.predict = layers, layer, module, top_k, predict
         self.width = layers.table.snap[layer].numel()
-        self.record = torch.zeros(self.width + flat.numel(), dtype=torch.int64)
-        self.snapshot, self.routed = self.record[:self.width], self.record[self.width:]
+        rows, width = (predict.rows, predict.width) if predict is not None else (0, 0)
+        self.record = torch.zeros(self.width + flat.numel() + rows * width, dtype=torch.int64)
+        self.snapshot, self.routed = self.record[:self.width], self.record[self.width:self.width + flat.numel()]
+        self.predicted = self.record[self.width + flat.numel():].view(rows, width)
+        self.values = torch.zeros(rows, width)
         self.event, self.graphs, self.timing = None, {}, {False: None, True: None}
         self.submitted = self.read = self.waits = 0
 
@@ -310,8 +314,10 @@ class _CpuGraphCall:
     def release(self, seq):
         self.read = seq
 
-    def load(self, x, flat, weights):
+    def load(self, x, flat, weights, residual=None):
         self.x, self.flat, self.weights = x.clone(), flat.clone(), weights.clone()
+        self.residual = None if residual is None else residual.reshape(x.shape).clone()
+        return self.predict is not None and self.predict.refine and residual is not None
 
     def capture(self, host_pass):
         self.graphs[host_pass] = True
@@ -321,7 +327,13 @@ class _CpuGraphCall:
         table.lookups(self.layer)
         out = self.layers.forward(self.layer, self.module, self.x, self.flat, self.weights, self.top_k, host_pass)
         self.record[:self.width].copy_(table.snap[self.layer])
-        self.record[self.width:].copy_(self.flat)
+        self.record[self.width:self.width + self.flat.numel()].copy_(self.flat)
+        if self.predict is not None:
+            residual = self.residual if self.residual is not None else torch.zeros_like(self.x)
+            values, ids = self.predict(self.x, residual, out)
+            self.predicted.copy_(ids)
+            self.values.copy_(values)
+            self.layers.predicted.append((self.layer, self.x, residual, out, ids.clone()))
         self.layers.written.append((self.layer, self.record.tolist()))
         self.submitted += 1
         return out
@@ -330,12 +342,12 @@ class _CpuGraphCall:
 class _CpuGraphLayers(_CpuSlotLayers):
     def __init__(self, table):
         super().__init__(table)
-        self.graphs, self.written = {}, []
+        self.graphs, self.written, self.predicted = {}, [], []
 
-    def graph_call(self, layer, module, x, flat, weights, top_k):
+    def graph_call(self, layer, module, x, flat, weights, top_k, predict=None):
         key = (layer, x.shape[0], top_k)
         if key not in self.graphs:
-            self.graphs[key] = _CpuGraphCall(self, layer, module, x, flat, weights, top_k)
+            self.graphs[key] = _CpuGraphCall(self, layer, module, x, flat, weights, top_k, predict)
         return self.graphs[key]
 
 
@@ -386,13 +398,109 @@ def test_graph_records_are_read_before_they_are_overwritten(tmp_path_factory, mo
         detach_store(model.modules())
 
 
+def _decode_on_cpu_graphs(ckpt, mods, config, predictor=None, steps: int = 10):
+    """Decode `steps` tokens with the store's slot path on _CpuGraphLayers -> (logits, store counters, layers)."""
+    from moecompress.runtime.store import attach_store, detach_store
+    from moecompress.runtime.store.slot_path import SlotPath
+
+    model = moecompress.from_pretrained(ckpt, dtype=torch.float32, verify=False).eval()
+    mods = dict(enumerate(m for m in model.modules() if isinstance(m, PackedExperts)))
+    host = HostExperts(mods, pin=False)
+    store = attach_store(model, ckpt, config, predictor=predictor)
+    try:
+        table = SlotTable(host, store.cache.layout.nbytes, store.cache.capacity, "cpu",
+                          {layer: m.num_experts for layer, m in mods.items()})
+        store.cache.tier.host, store.cache.tier.slots = host, table
+        store.slot_path = SlotPath(store, _CpuGraphLayers(table))
+        ids = torch.tensor([[5, 17, 3, 99, 42, 7, 64, 8, 11, 23, 1, 77][:steps]])
+        past, logits = None, []
+        with torch.no_grad():
+            for i in range(ids.shape[1]):
+                out = model(ids[:, i:i + 1], past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                logits.append(out.logits)
+        c = store.counters()
+        c["requests_left"] = None if store.prefetcher is None else len(store.prefetcher.requests)
+        assert set(table.taken) == set(store.cache.slots)
+        return logits, c, store.slot_path.layers, store
+    finally:
+        detach_store(model.modules())
+
+
+def test_graph_prediction_is_the_routers_and_reads_ahead(tmp_path_factory, modules):
+    """StoreConfig(graph_prediction=True) (graph_predict.py): each layer call's 'graph' writes layer l+1's ranked
+    prediction with its record: the first equal to the top-k of RouterPredictor.scores on the call's input, the
+    refined one to that of residual_scores on the stream + the call's output; the bookkeeping thread reads ahead from
+    it itself (nothing queued for the prefetch threads), the precision gate applies, and the logits equal those of
+    the same store without prefetch and of one with a wrong router (a prediction never changes results)."""
+    from moecompress.runtime.store import StoreConfig
+    from moecompress.runtime.store.prefetch import RouterPredictor
+
+    ckpt = tmp_path_factory.getbasetemp() / "slots0" / "ck"
+    total = sum(_nbytes(HostExperts(modules, pin=False)).values())
+    base = dict(budget=int(0.5 * total), policy="lru", gpu_graphs=True)
+    ref, c0, _, _ = _decode_on_cpu_graphs(ckpt, modules, StoreConfig(**base))
+    fields = dict(base, prefetch="router", prefetch_refine=True, prefetch_min_precision=0.5)
+    got, c, layers, store = _decode_on_cpu_graphs(ckpt, modules, StoreConfig(**fields))
+    assert all(torch.equal(a, b) for a, b in zip(got, ref)) and layers.mismatches == 0
+    top_k = next(iter(layers.graphs.values())).top_k
+    predictor = store.predictor
+    last = max(modules)
+    assert layers.predicted and all(layer < last for layer, *_ in layers.predicted)  # none for the last layer
+    assert {layer for layer, *_ in layers.predicted} == set(range(last))
+    for layer, x, residual, out, ids in layers.predicted:
+        first = torch.topk(predictor.scores(layer, x, None, None), top_k).indices
+        refined = torch.topk(predictor.residual_scores(layer, residual + out), top_k).indices
+        assert ids.shape == (2, top_k) and torch.equal(ids[0], first) and torch.equal(ids[1], refined)
+    assert c["prefetches"] > 0 and c["requests_left"] == 0  # read ahead from the bookkeeping thread
+    assert c["hits"] + c["misses"] == c["uses"] == c0["uses"] and c["peak_bytes"] <= base["budget"]
+    assert c["graph_error"] is None and c["slot_error"] is None
+    # the gate: a rank is read ahead only while its precision is >= 0.5, and every rank was checked
+    assert store.precision.precision and all(0.0 <= p <= 1.0 for p in store.precision.precision.values())
+    # a wrong router (random weights) changes what is read ahead, never the logits
+    gen = torch.Generator().manual_seed(1)
+    wrong = RouterPredictor([torch.randn(predictor.routers[i].shape, generator=gen) if predictor.routers[i] is not None
+                             else None for i in range(len(predictor.routers))], predictor.norms, predictor.eps)
+    bad, cw, _, _ = _decode_on_cpu_graphs(ckpt, modules, StoreConfig(**fields), predictor=wrong)
+    assert all(torch.equal(a, b) for a, b in zip(bad, ref)) and cw["prefetches"] > 0
+
+
+def test_request_ranked_applies_floor_and_gate():
+    """ExpertStore._request_ranked (the graph prediction's and the decode thread's common rules): the score floor
+    (x the mean score), ranks whose precision fell below the gate, experts not held at layer l+1; inline fills stop
+    at the first that finds no room."""
+    from types import SimpleNamespace
+
+    from moecompress.runtime.store.prefetch import RankPrecision
+    from moecompress.runtime.store.store import ExpertStore
+
+    filled, requested = [], []
+    cache = SimpleNamespace(layout=SimpleNamespace(shapes=[{0: 1, 1: 1}, {e: 1 for e in range(6) if e != 4}]),
+                            fill=lambda key, **kw: filled.append(key) or key[1] != 2)
+    store = SimpleNamespace(cache=cache, config=SimpleNamespace(prefetch_floor=1.0),
+                            prefetcher=SimpleNamespace(request=lambda layer, ranked: requested.append((layer, ranked))))
+    precision = RankPrecision(0.5)
+    precision.precision[(1, 1)] = 0.25  # rank 1 proved imprecise
+    ranked, values = [3, 5, 4, 2, 0, 1], [0.4, 0.3, 0.2, 0.05, 0.03, 0.02]  # mean score 1/6
+    ExpertStore._request_ranked(store, 0, ranked, values, 1 / 6, precision)
+    assert requested == [(1, [3])] and precision.pending[1] == [3, 5, 4]  # floor; then the gate (5), 4 not held
+    requested.clear()
+    ExpertStore._request_ranked(store, 0, [0, 2, 1, 3], None, None, RankPrecision(0.5), inline=True)
+    assert filled == [(1, 0), (1, 2)] and not requested  # stops at the fill that found no room
+    ExpertStore._request_ranked(store, 1, [0], None, None, precision, inline=True)  # no layer after the last
+    assert filled == [(1, 0), (1, 2)]
+
+
 def test_gpu_tier_defaults():
-    """default_config(tier="pinned"): LRU without pinning or prefetch, each layer call a graph replay (the H200's
-    best); the file tier keeps pin + router prefetch."""
+    """default_config(tier="pinned"): pin 0.5 + LRU + router prefetch (+ refine, precision >= 0.5) made inside each
+    layer call's graph (the H200's only setting meeting both 50 % goals, session 27); no pinning without statistics;
+    the file tier keeps pin + router prefetch on the decode path."""
     from moecompress.runtime.store.config import default_config
 
     gpu, cpu = default_config(1 << 30, tier="pinned"), default_config(1 << 30)
-    assert (gpu.tier, gpu.policy, gpu.pin_share, gpu.prefetch, gpu.gpu_slots, gpu.gpu_graphs) == \
-        ("pinned", "lru", 0.0, None, True, True)
+    assert (gpu.tier, gpu.policy, gpu.pin_share, gpu.prefetch, gpu.prefetch_refine, gpu.prefetch_min_precision,
+            gpu.gpu_slots, gpu.gpu_graphs, gpu.graph_prediction) == \
+        ("pinned", "lru", 0.5, "router", True, 0.5, True, True, True)
+    assert default_config(1 << 30, has_stats=False, tier="pinned").pin_share == 0.0
     assert (cpu.tier, cpu.prefetch, cpu.pin_share, cpu.budget) == ("file", "router", 0.5, 1 << 30)
     assert default_config(1 << 30, has_stats=False).pin_share == 0.0

@@ -27,6 +27,13 @@ class CallRecord:
     refine: torch.Tensor | None = None  # second prediction for layer + 1 (host), or None
     timing: tuple | None = None  # (start, end) CUDA events around the host-memory plan, or None
     release: object = None  # called once routed, snapshot and timing were read (a graph reuses them), or None
+    # layer + 1's prediction made inside a graph (graph_predict.py): ranked ids [rows, width] and their scores (host,
+    # the graph's buffers: read before release), the mean score (prefetch_floor's unit), whether row 1 (the refined
+    # prediction) is valid
+    predicted: torch.Tensor | None = None
+    predicted_values: torch.Tensor | None = None
+    predicted_mean: float | None = None
+    refined: bool = False
 
 
 def to_host(t: torch.Tensor) -> torch.Tensor:

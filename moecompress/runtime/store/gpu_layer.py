@@ -106,12 +106,14 @@ class SlotLayers:
                 timing[1].record()
         on_device.sum(weights, out)
 
-    def graph_call(self, layer: int, module, x: torch.Tensor, flat: torch.Tensor, weights: torch.Tensor, top_k: int):
-        """The layer's slot_graphs.GraphCall for these shapes and dtypes (made at the first such call)."""
+    def graph_call(self, layer: int, module, x: torch.Tensor, flat: torch.Tensor, weights: torch.Tensor, top_k: int,
+                   predict=None):
+        """The layer's slot_graphs.GraphCall for these shapes and dtypes (made at the first such call; predict: its
+        graph_predict.GraphPrediction, fixed then)."""
         key = (layer, x.shape[0], top_k, x.dtype, flat.dtype, weights.dtype)
         call = self.graphs.get(key)
         if call is None:
             from moecompress.runtime.store.slot_graphs import GraphCall
 
-            call = self.graphs[key] = GraphCall(self, layer, module, x, flat, weights, top_k)
+            call = self.graphs[key] = GraphCall(self, layer, module, x, flat, weights, top_k, predict)
         return call

@@ -58,6 +58,13 @@ class RouterPredictor:
                 a, b = self.norms[layer], self.norms[layer + 1]
                 self.scale[layer + 1] = torch.where(a.abs() > 1e-6, b / a, torch.zeros_like(b))
 
+    def to(self, device) -> RouterPredictor:
+        """Its norm weights and rescales moved to `device` (once: a CUDA graph capture cannot copy them from host
+        memory at each call, graph_predict.py)."""
+        self.norms = [None if t is None else t.to(device) for t in self.norms]
+        self.scale = [None if t is None else t.to(device) for t in self.scale]
+        return self
+
     def scores(self, layer: int, hidden, top_k_index, top_k_weights) -> torch.Tensor | None:
         if layer + 1 >= len(self.routers) or self.routers[layer + 1] is None:
             return None

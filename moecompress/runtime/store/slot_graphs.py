@@ -9,7 +9,8 @@ the eager call's bit for bit. A replay is one operation on the compute stream: a
 on the same stream) lands wholly before or after it, never between the snapshot and the launches that use it.
 
 The record the bookkeeping thread reads (the snapshot's resident flags, then the routed expert ids: int64 [W + T*K])
-is written by the graph into pinned host memory that the graph reuses: a call waits, before its replay, until the
+(and, with a graph_predict.GraphPrediction, layer l+1's ranked predicted ids and their scores) is written by the
+graph into pinned host memory that the graph reuses: a call waits, before its replay, until the
 bookkeeping has read the previous record of the same buffers (`pending`; the thread is about a layer call behind, so
 this is rare and counted in `waits`). The host plan's time is measured with events recorded inside the graph
 (external events) where this torch has them.
@@ -34,8 +35,9 @@ class GraphCall:
     pass (captured at its first call)."""
 
     def __init__(self, layers, layer: int, module, x: torch.Tensor, flat: torch.Tensor, weights: torch.Tensor,
-                 top_k: int):
-        self.layers, self.layer, self.module, self.top_k = layers, layer, module, top_k
+                 top_k: int, predict=None):
+        """predict: graph_predict.GraphPrediction (layer l+1's prediction, captured after the launches) or None."""
+        self.layers, self.layer, self.module, self.top_k, self.predict = layers, layer, module, top_k, predict
         device, table = x.device, layers.table
         self.on_device, self.on_host = layers._plans(layer, module, x.shape[0], top_k, x.dtype, device)
         self.x = torch.zeros_like(x)  # [T, H] (static inputs: the graph reads them)
@@ -43,9 +45,16 @@ class GraphCall:
         self.weights = torch.zeros_like(weights)  # [T * K]
         self.out = torch.empty(x.shape[0], self.on_device.hidden, dtype=x.dtype, device=device)  # [T, H]
         self.width = table.snap[layer].numel()
-        self.record = torch.zeros(self.width + flat.numel(), dtype=torch.int64, pin_memory=True)  # [W + T*K]
-        self.snapshot, self.routed = self.record[:self.width], self.record[self.width:]
+        rows, width = (predict.rows, predict.width) if predict is not None else (0, 0)
+        self.residual = torch.zeros_like(x) if predict is not None and predict.refine else None  # [T, H]
+        # [W + T*K + rows*width]: the snapshot, the routed ids, then layer l+1's predicted ids (ranked, per row)
+        self.record = torch.zeros(self.width + flat.numel() + rows * width, dtype=torch.int64, pin_memory=True)
+        self.snapshot = self.record[:self.width]
+        self.routed = self.record[self.width:self.width + flat.numel()]
+        self.predicted = self.record[self.width + flat.numel():].view(rows, width)
+        self.values = torch.zeros(rows, width, dtype=torch.float32, pin_memory=True)  # their scores
         self._record_view = _device_view(self.record, device)
+        self._values_view = _device_view(self.values, device)
         self.event = torch.cuda.Event()  # after the replay: the record is written
         self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}
         self.timing: dict[bool, tuple | None] = {}
@@ -61,10 +70,17 @@ class GraphCall:
         """The bookkeeping thread read record `seq` (the only writer of `read`)."""
         self.read = seq
 
-    def load(self, x: torch.Tensor, flat: torch.Tensor, weights: torch.Tensor) -> None:
+    def load(self, x: torch.Tensor, flat: torch.Tensor, weights: torch.Tensor,
+             residual: torch.Tensor | None = None) -> bool:
+        """The call's inputs into the static ones; -> whether the refined prediction of this replay is valid (its
+        residual stream was given)."""
         self.x.copy_(x)
         self.flat.copy_(flat)
         self.weights.copy_(weights)
+        if self.residual is None or residual is None:
+            return False
+        self.residual.copy_(residual.reshape(self.residual.shape))
+        return True
 
     def capture(self, host_pass: bool) -> None:
         """Capture the graph of this host pass unless done (with the table's lock held)."""
@@ -84,8 +100,13 @@ class GraphCall:
         table.lookups(layer)
         self.layers.compute(self.on_device, self.on_host, self.x, self.flat, self.weights, self.out, host_pass,
                             timing)
+        routed_end = self.width + self.flat.numel()
         self._record_view[:self.width].copy_(table.snap[layer], non_blocking=True)
-        self._record_view[self.width:].copy_(self.flat, non_blocking=True)
+        self._record_view[self.width:routed_end].copy_(self.flat, non_blocking=True)
+        if self.predict is not None:  # layer l+1's prediction (graph_predict.py): nothing above depends on it
+            values, ids = self.predict(self.x, self.residual, self.out)
+            self._record_view[routed_end:].copy_(ids.reshape(-1), non_blocking=True)
+            self._values_view.copy_(values, non_blocking=True)
 
     def _capture(self, host_pass: bool) -> torch.cuda.CUDAGraph:
         device = self.x.device

@@ -23,6 +23,7 @@ class SlotPath:
         self.store, self.layers, self.table = store, layers, layers.table
         self.book = Bookkeeper(self.account)
         self._full: dict[int, int] = {}  # layer -> its evictions when a call last saw every held expert resident
+        self._predictions: dict = {}  # (layer, top_k) -> graph_predict.GraphPrediction or None
         self.ran = False  # a call has run on this path (a later failure is raised, not fallen back from)
         self.error: str | None = None  # why the path failed at its first call (the store then took the other path)
         self.graph_error: str | None = None  # why capturing a layer call's graph failed (then eager launches)
@@ -39,17 +40,15 @@ class SlotPath:
         store, table, top_k = self.store, self.table, top_k_index.shape[1]
         x, flat = hidden.contiguous(), top_k_index.reshape(-1).contiguous()
         weights = top_k_weights.reshape(-1).contiguous()
-        scores = None
-        if store.predictor is not None:
-            scores = store.predictor.scores(layer, hidden, top_k_index, top_k_weights)
         on_cuda = x.is_cuda
-        call = None
+        residual = store.residuals.pop(layer, None)  # (the refine's stream, hooked in front of the block)
+        call, refined = None, False
         if store.config.gpu_graphs and self.graph_error is None and hasattr(self.layers, "graph_call"):
-            call = self.layers.graph_call(layer, module, x, flat, weights, top_k)
+            call = self.layers.graph_call(layer, module, x, flat, weights, top_k, self._prediction(layer, top_k, x))
             if call.pending:  # the bookkeeping has not read its last record yet: let it (rare; counted)
                 call.waits += 1
                 self.book.drain()
-            call.load(x, flat, weights)
+            refined = call.load(x, flat, weights, residual)
         with table.lock:  # no eviction between the snapshot and the launches that use it
             unmaps = table.unmaps[layer]
             host_pass = self._full.get(layer) != unmaps
@@ -69,14 +68,19 @@ class SlotPath:
                 snapshot, routed, event = call.snapshot, call.routed, call.event
                 timing = call.timing[host_pass] if self.graph_timing else None
                 release = functools.partial(call.release, call.submitted)
-        refine = None
-        residual = store.residuals.pop(layer, None)
-        if residual is not None and store.predictor is not None:
-            refine = store.predictor.residual_scores(layer, residual.reshape(-1, residual.shape[-1]) +
-                                                     out.to(residual.dtype))
+        predict = None if call is None else call.predict  # layer l+1's prediction made by the replay
+        scores = refine = None
+        if store.predictor is not None and predict is None:  # on this thread (the eager and the paths predictors)
+            scores = store.predictor.scores(layer, hidden, top_k_index, top_k_weights)
+            if residual is not None:
+                refine = store.predictor.residual_scores(layer, residual.reshape(-1, residual.shape[-1]) +
+                                                         out.to(residual.dtype))
         record = CallRecord(layer, top_k, event, routed, snapshot, unmaps,
                             None if scores is None else to_host(scores.float()),
                             None if refine is None else to_host(refine.float()), timing, release)
+        if predict is not None:
+            record.predicted, record.predicted_values = call.predicted, call.values
+            record.predicted_mean, record.refined = 1.0 / predict.experts, refined
         if on_cuda and (event is None or scores is not None or refine is not None):
             record.event = torch.cuda.Event()  # (after the copies above)
             record.event.record()
@@ -84,12 +88,29 @@ class SlotPath:
         self.ran = True
         return out
 
+    def _prediction(self, layer: int, top_k: int, x: torch.Tensor):
+        """The graph_predict.GraphPrediction a layer's graph computes (StoreConfig.graph_prediction, the router
+        predictor), or None (then any prediction runs on this thread as before)."""
+        store, config = self.store, self.store.config
+        if not (config.graph_prediction and store.predictor is not None):
+            return None
+        key = (layer, top_k)
+        if key not in self._predictions:
+            from moecompress.runtime.store.graph_predict import GraphPrediction
+
+            if hasattr(store.predictor, "to"):
+                store.predictor.to(x.device)
+            self._predictions[key] = GraphPrediction.make(store.predictor, layer, top_k, config.prefetch_width,
+                                                          config.prefetch_refine and bool(store.hooks))
+        return self._predictions[key]
+
     def account(self, r: CallRecord) -> None:
         """The bookkeeping thread's part of a layer call (after the device ran it)."""
         store, cache = self.store, self.store.cache
         layer, held = r.layer, cache.layout.shapes[r.layer]
         routed = {e for e in r.routed.tolist() if e in held}
         snap = r.snapshot.tolist()
+        predicted = None if r.predicted is None else (r.predicted.tolist(), r.predicted_values.tolist())
         stall = None
         if r.timing is not None:
             try:
@@ -118,7 +139,12 @@ class SlotPath:
         cache.end_layer(layer)
         if all(snap[e] for e in held):
             self._full[layer] = r.unmaps
-        if store.prefetcher is not None:
+        if store.prefetcher is not None and predicted is not None:  # made by the graph: copies enqueued from here
+            (ids, *refined), (values, *_) = predicted
+            store._request_ranked(layer, ids, values, r.predicted_mean, store.precision, inline=True)
+            if refined and r.refined:
+                store._request_ranked(layer, refined[0], None, None, store.refine_precision, inline=True)
+        elif store.prefetcher is not None:
             store._request(layer, r.scores, r.top_k)
             store._request_refined(layer, r.refine, r.top_k)
 

@@ -212,15 +212,9 @@ class ExpertStore:
         if scores is None or layer + 1 >= len(self.cache.layout.shapes):
             return
         width = min(self.config.prefetch_width or top_k, scores.shape[0])
-        held = self.cache.layout.shapes[layer + 1]
         top = torch.topk(scores.float().cpu(), width)
-        ranked = top.indices.tolist()
-        if self.config.prefetch_floor > 0:  # x the uniform score
-            floor = self.config.prefetch_floor * float(scores.sum()) / scores.shape[0]
-            ranked = [e for e, v in zip(ranked, top.values.tolist()) if v >= floor]
-        ranked = [e for e in self.precision.predicted(layer + 1, ranked) if e in held]
-        if ranked:
-            self.prefetcher.request(layer + 1, ranked)
+        self._request_ranked(layer, top.indices.tolist(), top.values.tolist(), float(scores.sum()) / scores.shape[0],
+                             self.precision)
 
     def _refine(self, layer: int, residual: torch.Tensor, top_k: int) -> None:
         """The second prediction for layer l+1, once layer l's output is known (config.prefetch_refine)."""
@@ -230,11 +224,29 @@ class ExpertStore:
         if scores is None:
             return
         width = min(self.config.prefetch_width or top_k, scores.shape[0])
+        self._request_ranked(layer, torch.topk(scores, width).indices.tolist(), None, None, self.refine_precision)
+
+    def _request_ranked(self, layer: int, ranked: list[int], values: list[float] | None, mean: float | None,
+                        precision: RankPrecision, inline: bool = False) -> None:
+        """Read ahead layer l+1's experts `ranked` (best first; `values` their scores, `mean` the mean score over
+        all experts: the unit of prefetch_floor; None: no floor) that pass the floor and `precision`'s gate. inline
+        (the GPU tier's bookkeeping thread): fill from this thread (the slot table's copies are asynchronous),
+        stopping at the first that finds no room; else hand them to the prefetch threads."""
+        if layer + 1 >= len(self.cache.layout.shapes):
+            return
+        if self.config.prefetch_floor > 0 and values is not None:
+            floor = self.config.prefetch_floor * mean
+            ranked = [e for e, v in zip(ranked, values) if v >= floor]
         held = self.cache.layout.shapes[layer + 1]
-        ranked = torch.topk(scores, width).indices.tolist()
-        ranked = [e for e in self.refine_precision.predicted(layer + 1, ranked) if e in held]
-        if ranked:
+        ranked = [e for e in precision.predicted(layer + 1, ranked) if e in held]
+        if not ranked:
+            return
+        if not inline:
             self.prefetcher.request(layer + 1, ranked)
+            return
+        for e in ranked:
+            if not self.cache.fill((layer + 1, e), prefetched=True, wait=False):
+                break
 
     # -- counters and life cycle ------------------------------------------------------------------------------------
     def counters(self) -> dict:
