@@ -331,13 +331,13 @@ def test_small_experts_keep_the_pair_path(monkeypatch):
 def test_prefill_gate_fused_or_not(gated, monkeypatch):
     """packed_kernel's prefill with SiLU(gate) * up fused into the first projection (GATED) or the model's gate in
     torch: row blocks up to 128 (PREFILL) and of 256 (PREFILL_TALL), symmetric group 32, every packed bit-width."""
-    from moecompress.runtime.cuda import experts as cuda_experts, launch
+    from moecompress.runtime.cuda import experts as cuda_experts, launch, routing as cuda_routing
 
     monkeypatch.setattr(launch, "PREFILL_GATED", gated)
     monkeypatch.setattr(launch, "PREFILL_TALL_GATED", gated)
     monkeypatch.setattr(launch, "HOPPER_PREFILL", False)  # packed_kernel here (test_hopper_prefill: sm90's)
     layer = random_experts(4, 384, 160, [3, 2, 8, 4], group_size=32, symmetric=True, seed=12)
-    assert cuda_experts.prefill_gate_fused(layer, cuda_experts._proj_groups(layer.gate_up)[0])
+    assert cuda_experts.prefill_gate_fused(layer, cuda_routing.proj_groups(layer.gate_up)[0])
     for tokens in (40, 600):
         x = activations(tokens, 384, seed=11)
         idx, w = routing(tokens, 4, 2, "cuda", seed=tokens)

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from moecompress.runtime.cuda import launch
-from moecompress.runtime.cuda.experts import _lookup, _proj_groups
+from moecompress.runtime.cuda.routing import lookup, proj_groups
 from moecompress.runtime.cuda.kernels import _weights
 
 # dequant_kernel's tile: output rows x values of K per program, warps. H200, Mixtral mix / 4-bit, both projections
@@ -92,7 +92,7 @@ def supported(experts) -> bool:
 
 def _scratch(proj, dtype, device) -> torch.Tensor:
     """An empty [P, N, K] scratch for every position's weights of one projection."""
-    groups, positions = _proj_groups(proj)
+    groups, positions = proj_groups(proj)
     first = groups[0][0]
     return torch.empty(positions, first.out_features, first.in_features, dtype=dtype, device=device)  # [P, N, K]
 
@@ -100,7 +100,7 @@ def _scratch(proj, dtype, device) -> torch.Tensor:
 def _dequantize_all(proj, dtype, device) -> torch.Tensor:
     """[P, N, K]: every position's weights of one projection."""
     w = _scratch(proj, dtype, device)
-    for group, pos0 in _proj_groups(proj)[0]:
+    for group, pos0 in proj_groups(proj)[0]:
         dequantize_into(group, w[pos0:pos0 + len(group.experts)])
     return w
 
@@ -109,7 +109,7 @@ def _route(experts, flat: torch.Tensor):
     """(order [S] pairs by position, keys sorted [S], rows per position [P], end offsets int32 [P], positions)."""
     first = getattr(experts, experts.proj_names[0])
     positions = first._lookup[-1]
-    keys = _lookup(first, flat.device)[flat.clamp(max=first.num_experts)]  # [S]; positions = not computed
+    keys = lookup(first, flat.device)[flat.clamp(max=first.num_experts)]  # [S]; positions = not computed
     sorted_keys, order = torch.sort(keys, stable=True)
     counts = torch.zeros(positions + 1, dtype=torch.int32, device=flat.device)
     counts.scatter_add_(0, keys.long(), torch.ones_like(keys, dtype=torch.int32))

@@ -33,23 +33,6 @@ import torch.nn.functional as F
 from moecompress.runtime.cuda import launch, routing
 
 
-def _proj_groups(proj):
-    """(group, first position) of each non-empty group of a ProjGroups, in position order."""
-    out, pos = [], 0
-    for group in proj.children():
-        if group.experts:
-            out.append((group, pos))
-        pos += len(group.experts)
-    return out, pos
-
-
-def _lookup(proj, device) -> torch.Tensor:
-    """expert id -> position (ProjGroups' own table, cached on it as its `route` does)."""
-    if proj._lookup_tensor is None or proj._lookup_tensor.device != device:
-        proj._lookup_tensor = torch.tensor(proj._lookup, device=device)
-    return proj._lookup_tensor
-
-
 def supports(experts, x: torch.Tensor) -> bool:
     """Whether this layer runs on the CUDA kernels for activations x (shapes and dtypes the kernels take); the
     answer is cached on the layer per dtype, device and packed tensors."""
@@ -86,8 +69,8 @@ def _path(tokens: int, pairs: int) -> str:
 
 
 def _tables(proj, flat: torch.Tensor, path: str, pairs: int):
-    groups, positions = _proj_groups(proj)
-    keys = _lookup(proj, flat.device)[flat.clamp(max=proj.num_experts)]  # [S]; -1 -> the last entry (dropped)
+    groups, positions = routing.proj_groups(proj)
+    keys = routing.lookup(proj, flat.device)[flat.clamp(max=proj.num_experts)]  # [S]; -1 -> the last entry (dropped)
     max_rows = launch.HOPPER_MAX_ROWS if path == "prefill" and launch.hopper_device(flat.device) else None
     rows = launch.DECODE_ROWS if path == "decode" else launch.prefill_rows(pairs, positions, max_rows)
     return groups, routing.build(keys, positions, rows, small=path == "decode")
@@ -180,7 +163,7 @@ def _pair_plan(experts, x: torch.Tensor, flat: torch.Tensor, weights: torch.Tens
         from moecompress.runtime.cuda.pairs import PairPlan
 
         projs = [getattr(experts, name) for name in experts.proj_names]
-        plan = PairPlan(experts, *[(p, _proj_groups(p)[0], _lookup(p, x.device)) for p in projs], silu_gate(experts),
+        plan = PairPlan(experts, *[(p, routing.proj_groups(p)[0], routing.lookup(p, x.device)) for p in projs], silu_gate(experts),
                         tokens, top_k, x.dtype, x.device)
         plan.signature = _signature(experts)
         plans[key] = plan
@@ -244,7 +227,7 @@ def forward(experts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top
     if not experts._same_order:
         groups, tables = _tables(down, flat, path, pairs)
     else:
-        groups = _proj_groups(down)[0]
+        groups = routing.proj_groups(down)[0]
     hidden = down.out_features
     if experts.has_post_expert_norm:
         y = torch.zeros(pairs, hidden, dtype=x.dtype, device=x.device)

@@ -93,3 +93,20 @@ def from_counts(counts: list[int], block_rows: int, device) -> Tables:
     as_tensor = lambda v: torch.tensor(v, dtype=torch.int32).to(device, non_blocking=True)  # noqa: E731
     return Tables(torch.arange(row, dtype=torch.int32, device=device), as_tensor(blocks), as_tensor(first),
                   block_rows, False)
+
+
+def proj_groups(proj):
+    """(group, first position) of each non-empty group of a ProjGroups, in position order."""
+    out, pos = [], 0
+    for group in proj.children():
+        if group.experts:
+            out.append((group, pos))
+        pos += len(group.experts)
+    return out, pos
+
+
+def lookup(proj, device) -> torch.Tensor:
+    """expert id -> position (ProjGroups' own table, cached on it as its `route` does)."""
+    if proj._lookup_tensor is None or proj._lookup_tensor.device != device:
+        proj._lookup_tensor = torch.tensor(proj._lookup, device=device)
+    return proj._lookup_tensor

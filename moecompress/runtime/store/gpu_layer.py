@@ -19,20 +19,9 @@ from types import SimpleNamespace
 import torch
 
 from moecompress.runtime import cuda
+from moecompress.runtime.store.tiers import device_view
 
 DECODE_DTYPES = (torch.bfloat16, torch.float16)
-
-
-def _device_view(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A CUDA tensor over pinned host tensor `t`'s memory (unified addressing: the host pointer is valid on the
-    device), so the kernels read it like device memory; `t` must outlive the view (HostExperts keeps it)."""
-    if t.device.type != "cpu" or not t.is_pinned():
-        return t
-    try:
-        storage = torch._C._construct_storage_from_data_pointer(t.data_ptr(), device, t.numel() * t.element_size())
-    except (AttributeError, RuntimeError, TypeError):  # no such entry in this torch: Triton takes the pinned tensor
-        return t
-    return torch.empty(0, dtype=t.dtype, device=device).set_(storage, 0, t.shape, t.stride())
 
 
 def _viewed(groups: list, device: torch.device) -> list:
@@ -43,7 +32,7 @@ def _viewed(groups: list, device: torch.device) -> list:
                             in_features=g.in_features, out_features=g.out_features)
         for name in ("qweight", "scales", "zeros"):
             t = g._buffers.get(name)
-            setattr(v, name, None if t is None else _device_view(t, device))
+            setattr(v, name, None if t is None else device_view(t, device))
         out.append((v, pos0))
     return out
 

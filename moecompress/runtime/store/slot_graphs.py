@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from moecompress.runtime.store.gpu_layer import _device_view
+from moecompress.runtime.store.tiers import device_view
 
 
 def _timing_events():
@@ -53,8 +53,8 @@ class GraphCall:
         self.routed = self.record[self.width:self.width + flat.numel()]
         self.predicted = self.record[self.width + flat.numel():].view(rows, width)
         self.values = torch.zeros(rows, width, dtype=torch.float32, pin_memory=True)  # their scores
-        self._record_view = _device_view(self.record, device)
-        self._values_view = _device_view(self.values, device)
+        self._record_view = device_view(self.record, device)
+        self._values_view = device_view(self.values, device)
         self.event = torch.cuda.Event()  # after the replay: the record is written
         self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}
         self.timing: dict[bool, tuple | None] = {}

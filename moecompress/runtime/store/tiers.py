@@ -215,3 +215,15 @@ class PinnedTier:
             self.bytes_read += sum(t.numel() * t.element_size() for t in out.values())
             self.busy_s += start.elapsed_time(done) / 1000
         return out
+
+
+def device_view(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CUDA tensor over pinned host tensor `t`'s memory (unified addressing: the host pointer is valid on the
+    device), so the kernels read it like device memory; `t` must outlive the view (HostExperts keeps it)."""
+    if t.device.type != "cpu" or not t.is_pinned():
+        return t
+    try:
+        storage = torch._C._construct_storage_from_data_pointer(t.data_ptr(), device, t.numel() * t.element_size())
+    except (AttributeError, RuntimeError, TypeError):  # no such entry in this torch: Triton takes the pinned tensor
+        return t
+    return torch.empty(0, dtype=t.dtype, device=device).set_(storage, 0, t.shape, t.stride())
