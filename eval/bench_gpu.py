@@ -75,29 +75,34 @@ def sync():
     torch.cuda.synchronize()
 
 
-def time_calls(calls, graph: bool, repeats: int = 7) -> float:
-    """Median microseconds per call of running `calls` back to back, eagerly or as one CUDA graph of all of them."""
+def runner(calls, graph: bool):
+    """A function running `calls` once each, back to back: a CUDA-graph replay of all of them, or eagerly (each call
+    run once first: compiles, warms the allocator)."""
     with torch.no_grad():
-        for c in calls[:2]:
+        for c in calls:
             c()
         sync()
-        if graph:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for c in calls:
-                    c()
-            torch.cuda.current_stream().wait_stream(stream)
-            sync()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                for c in calls:
-                    c()
-            run = g.replay
-        else:
-            def run():
-                for c in calls:
-                    c()
+        if not graph:
+            return lambda: [c() for c in calls]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for c in calls:
+                c()
+        torch.cuda.current_stream().wait_stream(stream)
+        sync()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for c in calls:
+                c()
+        sync()
+        return g.replay
+
+
+def time_calls(calls, graph: bool, repeats: int = 7) -> float:
+    """Median microseconds per call of running `calls` back to back, eagerly or as one CUDA graph of all of them."""
+    run = runner(calls, graph)
+    with torch.no_grad():
         run()
         sync()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -30,10 +30,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "eval"))
 sys.path.insert(0, str(ROOT))
-from bench_gpu import GROUP_SIZE, MIXES, SHAPES, bf16_experts, bits_for, routings  # noqa: E402
+from bench_gpu import GROUP_SIZE, MIXES, SHAPES, bf16_experts, bits_for, routings, runner  # noqa: E402
+from bench_gpu_trace import Setting  # noqa: E402
 from test_cuda_kernels import random_experts  # noqa: E402  (bench_gpu put tests/ on the path)
 
-from moecompress.runtime.cuda import launch  # noqa: E402
 
 CASES = [("mixtral-8x7b", "mix 2/3/4", 2048), ("mixtral-8x7b", "4-bit", 2048), ("mixtral-8x7b", "mix 2/3/4", 1024),
          ("mixtral-8x7b", "mix 2/3/4", 512), ("qwen3-30b-a3b", "mix 2/3/4", 2048)]
@@ -46,45 +46,8 @@ DEQUANT_TILES = [(32, 256, 4), (128, 128, 8), (64, 256, 8)]  # dequant.py's tile
 ROUNDS, REPEATS = 5, 3
 
 
-class Setting:
-    def __init__(self, attrs: dict):
-        self.attrs, self.saved = attrs, {}
-
-    def __enter__(self):
-        self.saved = {k: getattr(launch, k) for k in self.attrs}
-        for k, v in self.attrs.items():
-            setattr(launch, k, v)
-
-    def __exit__(self, *exc):
-        for k, v in self.saved.items():
-            setattr(launch, k, v)
-
-
 def sync():
     torch.cuda.synchronize()
-
-
-def runner(calls, graph: bool):
-    """A function running `calls` once each: a CUDA-graph replay of all of them, or eagerly (warmed up first)."""
-    with torch.no_grad():
-        for c in calls:
-            c()
-        sync()
-        if not graph:
-            return lambda: [c() for c in calls]
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for c in calls:
-                c()
-        torch.cuda.current_stream().wait_stream(stream)
-        sync()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for c in calls:
-                c()
-        sync()
-        return g.replay
 
 
 def time_us(run, n_calls: int) -> float:
@@ -160,7 +123,7 @@ def run_case(model: str, mix: str, tokens: int, rows: list, profile: bool) -> No
     calls = [lambda x=x, i=i, w=w: layer(x, i, w) for x, i, w in inputs]
     runners, outs, info = {}, {}, {}
     for label, setting in SETTINGS.items():
-        with Setting(setting):
+        with Setting(**setting):
             try:
                 with torch.no_grad():
                     outs[label] = calls[0]().float()
@@ -198,7 +161,7 @@ def run_case(model: str, mix: str, tokens: int, rows: list, profile: bool) -> No
     settings = {label: SETTINGS.get(label, {}) for label in runners}
     for _ in range(ROUNDS):
         for label, run in runners.items():
-            with Setting(settings[label]):
+            with Setting(**settings[label]):
                 times[label].append(time_us(run, n_calls[label]))
     flops = 2 * tokens * shape["top_k"] * 3 * shape["hidden"] * shape["inter"]
     bf16_best = min(statistics.median(times[k]) for k in ("bf16 grouped_mm", "bf16 eager") if k in times)
@@ -223,7 +186,7 @@ def profiles(calls, settings: dict) -> dict:
 
     out = {}
     for label in SETTINGS:
-        with Setting(settings.get(label, SETTINGS[label])), torch.no_grad():
+        with Setting(**settings.get(label, SETTINGS[label])), torch.no_grad():
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 calls[0]()
                 sync()
@@ -278,7 +241,7 @@ def main(argv=None) -> None:
                                bits_for(shape["experts"], MIXES[mix]), group_size=GROUP_SIZE, device="cuda")
         x, idx, w = routings(tokens, shape, 1)[0]
         for label, setting in SETTINGS.items():
-            with Setting(setting), torch.no_grad():
+            with Setting(**setting), torch.no_grad():
                 layer(x, idx, w)
         sync()
         print(f"warm {CASES[args.warm]}: done", flush=True)
