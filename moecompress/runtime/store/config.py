@@ -95,10 +95,8 @@ def default_config(budget: int, has_stats: bool = True, copy_bits: int | None = 
     checkpoint's (or bundle's) low-bit copies of `copy_bits`, misses under that width's DEFAULT_COPY_THRESHOLD run on
     them (DEFAULT_COPIES; the copies inside the budget). tier "pinned" (the GPU tier): GPU_DEFAULTS."""
     copies = {} if copy_bits is None else {**DEFAULT_COPIES, "copy_threshold": DEFAULT_COPY_THRESHOLD[copy_bits]}
-    if tier == "pinned":
-        return StoreConfig(budget=int(budget), tier=tier, **GPU_DEFAULTS,
-                           pin_share=DEFAULT_PIN_SHARE if has_stats else 0.0, **copies)
-    return StoreConfig(budget=int(budget), tier=tier, **DEFAULTS, pin_share=DEFAULT_PIN_SHARE if has_stats else 0.0,
+    defaults = GPU_DEFAULTS if tier == "pinned" else DEFAULTS
+    return StoreConfig(budget=int(budget), tier=tier, **defaults, pin_share=DEFAULT_PIN_SHARE if has_stats else 0.0,
                        **copies)
 
 
