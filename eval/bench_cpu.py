@@ -32,7 +32,7 @@ import bench_cpu_llama as llama
 import bench_cpu_probe as probe
 import bench_runtime as rt
 from bench_cpu_report import active_bytes_gguf, active_bytes_hf, cpu_info, write_report
-from bench_cpu_rss import rss_parts
+from bench_cpu_rss import mappings, rss_parts
 
 REPO = Path(__file__).resolve().parents[1]
 PLANS = ("bf16", "8", "4", "3", "2", "mixed")
@@ -149,15 +149,7 @@ def measure_ours(directory: Path, threads: int, prefill: int, prompt: int, gen: 
 def shared_library_rss() -> int:
     """Resident bytes of this process's mappings of shared libraries (.so): code, not model memory (the C++ kernel
     modules load after the baseline)."""
-    total, lib = 0, False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split()
-            if len(head) >= 5 and "-" in head[0] and not head[0].endswith(":"):
-                lib = len(head) > 5 and ".so" in head[5]
-            elif lib and line.startswith("Rss:"):
-                total += int(head[1]) * 1024
-    return total
+    return sum(rss for _, _, path, rss in mappings() if ".so" in path)
 
 
 def _generate(model, prompt_ids, gen: int) -> float:

@@ -19,7 +19,7 @@ from pathlib import Path
 from moecompress.runtime.kernels import heap
 
 
-def _mappings() -> list[tuple[int, int, str, int]]:
+def mappings() -> list[tuple[int, int, str, int]]:
     """(start, end, path or "", resident bytes) of every mapping of this process."""
     out = []
     with open("/proc/self/smaps") as f:
@@ -35,7 +35,7 @@ def _mappings() -> list[tuple[int, int, str, int]]:
 
 def weights_rss(model, directory: Path) -> int:
     """Resident bytes of `model`'s CPU tensors (see the module docstring)."""
-    maps = _mappings()
+    maps = mappings()
     root = str(Path(directory).resolve())
     storages = {}
     for t in (*model.parameters(), *model.buffers()):
