@@ -48,14 +48,14 @@ CONFIGS = [  # (name, StoreConfig fields besides the budget and tier, budget sha
     ("LRU, per-expert path (session 23: no slot table)", dict(policy="lru", gpu_slots=False), (0.5,)),
     # session 26: each layer call one graph replay (the GPU tier's default since)
     ("on demand, graphs", dict(policy="demand", **GRAPHS), None),
-    ("LRU, graphs (GPU default)", dict(policy="lru", **GRAPHS), None),
+    ("LRU, graphs", dict(policy="lru", **GRAPHS), None),
     ("pin + LRU, graphs", dict(policy="lru", pin_share=0.5, **GRAPHS), None),
     ("pin + prefetch (router + refine, precision >= 0.5), graphs", dict(store_time.DEFAULT, graph_prediction=False,
                                                                          **GRAPHS), None),
     # session 27: layer l+1's router prediction inside layer l's graph (runtime/store/graph_predict.py)
     ("prefetch in graph (router + refine, precision >= 0.5)", dict(PREDICT_IN_GRAPH, pin_share=0.0), None),
     ("pin 0.25 + prefetch in graph", dict(PREDICT_IN_GRAPH, pin_share=0.25), None),
-    ("pin + prefetch in graph", dict(PREDICT_IN_GRAPH, pin_share=0.5), None),
+    ("pin + prefetch in graph (GPU default)", dict(PREDICT_IN_GRAPH, pin_share=0.5), None),
 ]
 # STORE_GPU_PROFILE=1: per layer call, the wall (and CPU) time of the experts call and of the slot path's steps
 PROFILE = os.environ.get("STORE_GPU_PROFILE") == "1"
