@@ -328,3 +328,57 @@ def prefill_dequant(pairs: int, positions: int, mean_bits: float) -> bool:
     mean_bits <= PREFILL_DEQUANT_MAX_BITS, where PREFILL_DEQUANT."""
     return (PREFILL_DEQUANT and pairs >= PREFILL_DEQUANT_MIN_ROWS * max(1, positions)
             and mean_bits <= PREFILL_DEQUANT_MAX_BITS)
+
+
+@dataclass(frozen=True)
+class A8Config:
+    """a8.a8_kernel's tile: BM rows per block of the routing tables, BN output columns, BK values of K per step (one
+    int8 dot and one promotion; at most the group size), warps, pipeline stages."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 8
+    num_stages: int = 3
+
+
+# W{2,3,4,8}A8 prefill (a8.py, session 28): int8 activations per (row, step of K) against the unpacked low-bit weights
+# on the int8 tensor cores. Not bit-equal to the bf16 reference (int8 rounding of x and h: 1.7e-2 norm-relative from
+# the exact result against the bf16 path's 5.1e-3). Off by default: it lost on an H200 (graph µs, bf16 grouped_mm /
+# default packed path / a8): Mixtral-8x7B 2,048 tokens mix 3242 / 4181 / 7521, 4-bit 3268 / 4001 / 6211, mix at 1,024
+# 2012 / 2846 / 4252 and 512 1581 / 1874 / 2609; Qwen3-30B-A3B mix 2,048 1230 / 1111 / 1211 (eval/results/
+# gpu_prefill_a8_s28.md). MOECOMPRESS_PREFILL_A8=1 takes it where the mean rows per computed expert reach
+# PREFILL_A8_MIN_ROWS (prefill_a8)
+def _env_a8(default: str) -> tuple[A8Config, bool]:
+    """MOECOMPRESS_A8_TILE="BMxBNxBK:wWARPS:sSTAGES[:T]" (T: a8_kernel's TRANS operand order), e.g. 64x128x128:w4:s3;
+    an unreadable value is an error."""
+    text = os.environ.get("MOECOMPRESS_A8_TILE", default)
+    try:
+        parts = text.lower().split(":")
+        bm, bn, bk = (int(v) for v in parts[0].split("x"))
+        opts = {p[0]: p[1:] for p in parts[1:]}
+        if set(opts) - {"w", "s", "t"}:
+            raise ValueError
+        config = A8Config(bm, bn, bk, int(opts.get("w", 4)), int(opts.get("s", 3)))
+    except (ValueError, IndexError):
+        raise MoecompressError(f"MOECOMPRESS_A8_TILE={text!r}: expected BMxBNxBK:wWARPS:sSTAGES[:T], e.g. "
+                               "64x128x128:w4:s3") from None
+    return config, "t" in opts
+
+
+# H200, session 28, eval/bench_gpu_a8.py (eval/results/gpu_prefill_a8_s28.md): BM 64 x BN 128 x BK 128 with 4 warps
+# was the fastest tile on every case of both sweeps (12 tiles, then 9); 4 stages 7271 / 5920 µs against 3 stages'
+# 7551 / 5966 on Mixtral-8x7B mix / 4-bit at 2,048 tokens, within 1 % elsewhere
+A8, A8_TRANS = _env_a8("64x128x128:w4:s4")
+# a8_kernel's promotion: the int32 dot accumulates onto 1.5 * 2**23's float bits (minus the zero correction), so one
+# float subtraction makes it a float; 0: I2F (a quarter-rate conversion on sm90). H200: 0.6 % slower on Mixtral mix at
+# 2,048 tokens, 1.5-2.7 % faster on the other four cases (session 28's second sweep)
+A8_MAGIC = os.environ.get("MOECOMPRESS_A8_MAGIC", "1") != "0"
+PREFILL_A8 = os.environ.get("MOECOMPRESS_PREFILL_A8", "0") == "1"
+PREFILL_A8_MIN_ROWS = float(os.environ.get("MOECOMPRESS_PREFILL_A8_MIN_ROWS", "128"))
+
+
+def prefill_a8(pairs: int, positions: int) -> bool:
+    """Whether a prefill call of `pairs` pairs over `positions` computed experts takes a8.py: PREFILL_A8 and
+    pairs / positions >= PREFILL_A8_MIN_ROWS."""
+    return PREFILL_A8 and pairs >= PREFILL_A8_MIN_ROWS * max(1, positions)
