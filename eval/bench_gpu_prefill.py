@@ -38,9 +38,7 @@ from test_cuda_kernels import random_experts  # noqa: E402  (bench_gpu put tests
 CASES = [("mixtral-8x7b", "mix 2/3/4", 2048), ("mixtral-8x7b", "4-bit", 2048), ("mixtral-8x7b", "mix 2/3/4", 1024),
          ("mixtral-8x7b", "mix 2/3/4", 512), ("qwen3-30b-a3b", "mix 2/3/4", 2048)]
 SETTINGS = {"fused (hopper.py)": dict(PREFILL_DEQUANT=False),
-            "dequant grouped": dict(PREFILL_DEQUANT=True, PREFILL_DEQUANT_MIN_ROWS=0, PREFILL_DEQUANT_MAX_BITS=16),
-            # session 28: int8 activations x low-bit weights on the int8 tensor cores (a8.py; launch.A8's tile)
-            "a8 (int8 activations)": dict(PREFILL_A8=True, PREFILL_A8_MIN_ROWS=0)}
+            "dequant grouped": dict(PREFILL_DEQUANT=True, PREFILL_DEQUANT_MIN_ROWS=0, PREFILL_DEQUANT_MAX_BITS=16)}
 # session 27's run also timed two forms since removed from dequant.py (its docstring): "dequant grouped overlap" (the
 # down projection dequantized on a side stream) and "dequant experts" (one torch.mm per expert after a host sync)
 EAGER_ONLY = {"bf16 eager"}

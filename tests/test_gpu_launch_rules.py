@@ -78,24 +78,3 @@ def test_mean_bits_of_a_layer():
     assert cuda_experts.mean_bits(random_experts(4, 64, 32, [2, 3, 4, 3], group_size=32, device="cpu")) == 3.0
     assert cuda_experts.mean_bits(random_experts(4, 64, 32, [2, 16, 4, 2], group_size=32, device="cpu",
                                                  held=[0, 1])) == 9.0
-
-
-def test_prefill_a8_rule(monkeypatch):
-    """launch.prefill_a8: a8.py only where PREFILL_A8 is on (off by default: not bit-equal to the bf16 reference) and
-    the mean rows per computed expert reach PREFILL_A8_MIN_ROWS."""
-    monkeypatch.setattr(launch, "PREFILL_A8", False)
-    assert not launch.prefill_a8(2048 * 2, 8)
-    monkeypatch.setattr(launch, "PREFILL_A8", True)
-    monkeypatch.setattr(launch, "PREFILL_A8_MIN_ROWS", 128.0)
-    assert launch.prefill_a8(2048 * 2, 8) and launch.prefill_a8(2048 * 8, 128)  # 512 / 128 rows per expert
-    assert not launch.prefill_a8(1000 * 8, 128)
-
-
-def test_a8_tile_from_the_environment(monkeypatch):
-    monkeypatch.setenv("MOECOMPRESS_A8_TILE", "128x64x128:w8:s4:T")
-    assert launch._env_a8("64x128x128:w4:s3") == (launch.A8Config(128, 64, 128, 8, 4), True)
-    monkeypatch.delenv("MOECOMPRESS_A8_TILE")
-    assert launch._env_a8("64x128x128:w4:s3") == (launch.A8Config(64, 128, 128, 4, 3), False)
-    monkeypatch.setenv("MOECOMPRESS_A8_TILE", "64x128")
-    with pytest.raises(launch.MoecompressError, match="BMxBNxBK"):
-        launch._env_a8("64x128x128:w4:s3")

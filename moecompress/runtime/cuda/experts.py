@@ -21,9 +21,7 @@ sm90 (launch.hopper_device) packed groups with K % 128 == 0 take hopper.wgmma_ke
 128; x permuted once per projection input), the others packed_kernel; a down projection with few long programs
 (Mixtral) splits K there (launch.hopper_split_k: partial outputs in copies of y, summed in a fixed order).
 Prefill calls with many rows per expert and few bits (launch.prefill_dequant: Mixtral-8x7B's mix at 2,048 tokens) take
-dequant.py instead: each expert dequantized once into a bf16 scratch, then torch._grouped_mm. With
-launch.PREFILL_A8 (off by default: slower on an H200, and not bit-equal) prefill calls take a8.py: int8 activations
-against the unpacked low-bit weights on the int8 tensor cores.
+dequant.py instead: each expert dequantized once into a bf16 scratch, then torch._grouped_mm.
 (A grouped-matmul formulation that dequantizes each packed value's own weight tile, Marlin/MxMoE style, measured
 1.2-2.8x slower than packed_kernel on an H200 and was not kept: eval/results/gpu_grouped.md.)
 """
@@ -211,10 +209,6 @@ def forward(experts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top
         return _pair_plan(experts, x, flat, weights, tokens, top_k)(x, flat, weights)
     path = _path(tokens, pairs)
     first, down = (getattr(experts, name) for name in experts.proj_names)
-    if path == "prefill" and launch.prefill_a8(pairs, first._lookup[-1]) and _a8_supported(experts):
-        from moecompress.runtime.cuda import a8
-
-        return a8.forward(experts, x, top_k_index, top_k_weights)
     if (path == "prefill" and launch.prefill_dequant(pairs, first._lookup[-1], mean_bits(experts))
             and _dequant_supported(experts)):
         from moecompress.runtime.cuda import dequant
@@ -266,16 +260,6 @@ def _dequant_supported(experts) -> bool:
         from moecompress.runtime.cuda import dequant
 
         cached = experts.__dict__["_cuda_dequant_supported"] = dequant.supported(experts)
-    return cached
-
-
-def _a8_supported(experts) -> bool:
-    """Whether the layer can take a8.py's prefill (cached on the layer)."""
-    cached = experts.__dict__.get("_cuda_a8_supported")
-    if cached is None:
-        from moecompress.runtime.cuda import a8
-
-        cached = experts.__dict__["_cuda_a8_supported"] = a8.supported(experts)
     return cached
 
 
