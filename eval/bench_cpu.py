@@ -39,6 +39,14 @@ PLANS = ("bf16", "8", "4", "3", "2", "mixed")
 # The GGUF type each of our plans is compared with (decode goal: ours >= llama.cpp at the matching type).
 MATCH = {"bf16": "bf16", "8": "Q8_0", "4": "Q4_0", "3": "Q3_K_M", "2": "Q2_K"}
 GROUP_SIZE = {"a": 64, "b": 128}
+# --avx2-only: ours as on an AVX2-only CPU (AMD EPYC Zen 1-3), emulated on a CPU with AVX-512 / AMX: our kernels forced
+# to AVX2, torch's own kernels (ATen), oneDNN and MKL capped at AVX2; llama.cpp built without AVX-512 / AMX
+# (bench_cpu_llama.AVX2_ONLY_FLAGS). An emulation: the same core, caches and memory as the native rows.
+AVX2_ENV = {"MOECOMPRESS_CPU_ISA": "cpu:avx2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+            "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+EMULATION = ("**Emulated AVX2-only CPU** (--avx2-only): ours with " + " ".join(f"{k}={v}" for k, v in AVX2_ENV.items())
+             + ", llama.cpp built without AVX-512 / AMX (bench_cpu_llama.AVX2_ONLY_FLAGS); the flags above are the "
+             "host's. Same cores, caches and memory as a native run: not a measurement on an AVX2-only CPU.")
 PREFILL_REPEATS = 3  # 512-token forwards of ours per configuration and round (median)
 
 
@@ -106,6 +114,7 @@ def measure_ours(directory: Path, threads: int, prefill: int, prompt: int, gen: 
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import moecompress  # noqa: F401  (imported before the baseline RSS)
+    from moecompress.runtime.experts.cpu_prefill16 import Gemm16Prefill
 
     with torch.device("meta"):  # page in the modeling code first: library memory is not model memory
         AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory))
@@ -131,10 +140,12 @@ def measure_ours(directory: Path, threads: int, prefill: int, prompt: int, gen: 
         generate(model, torch.randint(0, vocab, (1, 32), generator=gen_ids), 4)  # warm-up (kernels, allocator)
         ids = torch.randint(0, vocab, (1, prefill), generator=gen_ids)
         times = []
-        for _ in range(PREFILL_REPEATS):  # the median of a few forwards (llama-bench averages 5 repetitions)
-            t0 = time.perf_counter()
-            model(ids, use_cache=True, logits_to_keep=1)
-            times.append(time.perf_counter() - t0)
+        with Gemm16Prefill(model) as switched:  # what CpuDecoder.prefill runs its forward in
+            for _ in range(PREFILL_REPEATS):  # the median of a few forwards (llama-bench averages 5 repetitions)
+                t0 = time.perf_counter()
+                model(ids, use_cache=True, logits_to_keep=1)
+                times.append(time.perf_counter() - t0)
+        out["prefill_gemm16"] = {"isa": switched.isa, "experts": switched.experts, "linears": switched.linears}
         out["prefill"] = prefill / statistics.median(times)
         for b in batches:
             secs = generate(model, torch.randint(0, vocab, (b, prompt), generator=gen_ids), gen)
@@ -186,7 +197,7 @@ def ours_subprocess(directory: Path, args, fused: bool = True, decoder: str = "s
     cmd = [sys.executable, __file__, "--measure", str(directory), "--threads", str(args.threads), "--prefill",
            str(args.prefill), "--prompt", str(args.prompt), "--gen", str(args.gen), "--batches",
            ",".join(map(str, args.batches)), "--decoder", decoder]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(AVX2_ENV if args.avx2_only else {})}
     if not fused:  # PackedExperts' general path at decode too (runtime/experts/cpu_moe.py)
         env["MOECOMPRESS_CPU_FUSED_TOKENS"] = "0"
         env["MOECOMPRESS_CPU_PREFILL_FUSED"] = "0"  # nor the fused prefill call (experts/cpu_prefill.py)
@@ -238,7 +249,8 @@ def prepare(args) -> tuple[list[tuple], object]:
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     ref = (REPO / args.ref_model).resolve()
-    lib = None if args.no_llama else llama.ensure_built(Path(args.llama_dir), jobs=args.jobs)
+    flags = llama.AVX2_ONLY_FLAGS if args.avx2_only else llama.cmake_flags(args.llama_cmake)
+    lib = None if args.no_llama else llama.ensure_built(Path(args.llama_dir), jobs=args.jobs, cmake_flags=flags)
     configs = []
     for key in args.models:
         bf16_dir = ref if key == "a" else work / "b-bf16"
@@ -332,6 +344,10 @@ def parse_args(argv=None):
     ap.add_argument("--decoder", default="step", choices=("step", "transformers"), help=argparse.SUPPRESS)
     ap.add_argument("--prepare-only", action="store_true", help="build, export and convert the models, then stop")
     ap.add_argument("--llama-dir", default=str(llama.DEFAULT_DIR), help="llama.cpp source + build cache")
+    ap.add_argument("--llama-cmake", default="", help='extra cmake flags for llama.cpp ("avx2": without AVX-512 / AMX), '
+                    "built in their own folder")
+    ap.add_argument("--avx2-only", action="store_true",
+                    help="emulate an AVX2-only CPU: ours under AVX2_ENV, llama.cpp built with --llama-cmake avx2")
     ap.add_argument("--jobs", type=int, default=2, help="threads that build llama.cpp and run llama-quantize (not the "
                     "timed runs)")
     ap.add_argument("--ref-model", default="../shared/models/refmoe-qwen3", help="model (a), relative to the repo")
@@ -366,6 +382,8 @@ def main(argv=None) -> None:
     command = "python eval/bench_cpu.py " + " ".join(sys.argv[1:] if argv is None else argv)
 
     def report(result: dict) -> str:
+        if args.avx2_only:
+            result["emulation"] = EMULATION
         result.update(command=command, head_bits=args.head_bits, wall_s=time.time() - t0, load=(load0, os.getloadavg()[0]),
                       threads=args.threads, shapes={"prefill": args.prefill, "prompt": args.prompt, "gen": args.gen,
                                                     "batches": args.batches})

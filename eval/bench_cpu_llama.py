@@ -9,6 +9,7 @@ convert_hf_to_gguf.py; the build is CPU only (-DGGML_NATIVE=ON) and cached under
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -23,6 +24,17 @@ LLAMA_CPP_PYTHON = "0.3.36"
 DEFAULT_DIR = Path.home() / ".cache" / "moecompress" / "llama.cpp"
 GGUF_TYPES = ("Q8_0", "Q4_0", "Q4_K_M", "Q3_K_M", "Q2_K")
 TOOLS = ("llama-bench", "llama-quantize", "llama-batched-bench")
+# A build for AVX2-only x86 CPUs (AMD EPYC Zen 1-3, Haswell .. Cascade Lake without AVX-512), also on a CPU that has
+# AVX-512 / AMX: how this box stands in for one (--cmake-flags avx2 here, --llama-cmake avx2 in bench_cpu.py).
+AVX2_ONLY_FLAGS = ("-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
+                   "-DGGML_BMI2=ON", "-DGGML_AVX512=OFF", "-DGGML_AVX512_VBMI=OFF", "-DGGML_AVX512_VNNI=OFF",
+                   "-DGGML_AVX512_BF16=OFF", "-DGGML_AVX_VNNI=OFF", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF",
+                   "-DGGML_AMX_BF16=OFF")
+
+
+def cmake_flags(value: str) -> tuple[str, ...]:
+    """--cmake-flags / --llama-cmake: "" (the native build), "avx2" (AVX2_ONLY_FLAGS) or flags separated by spaces."""
+    return AVX2_ONLY_FLAGS if value == "avx2" else tuple(value.split())
 
 
 @dataclass(frozen=True)
@@ -44,13 +56,15 @@ def _run(cmd: list, log: Path, **kw) -> None:
         raise RuntimeError(f"{cmd[0]} failed (exit {proc.returncode}); see {log}")
 
 
-def ensure_built(root: Path, version: str = LLAMA_CPP_PYTHON, jobs: int = 2) -> LlamaCpp:
+def ensure_built(root: Path, version: str = LLAMA_CPP_PYTHON, jobs: int = 2, cmake_flags: tuple[str, ...] = ()) -> LlamaCpp:
     """Download the llama-cpp-python sdist, unpack it and build llama-bench + llama-quantize (each step skipped when
-    its output exists)."""
+    its output exists). `cmake_flags` come after ours (a later -D wins: e.g. AVX2_ONLY_FLAGS for a build without
+    AVX-512 / AMX) and build into their own folder, build-<hash of the flags>."""
     root.mkdir(parents=True, exist_ok=True)
     log = root / "build.log"
     source = root / f"llama_cpp_python-{version}" / "vendor" / "llama.cpp"
-    build = root / "build"
+    build = root / ("build" if not cmake_flags else
+                    "build-" + hashlib.sha256(" ".join(cmake_flags).encode()).hexdigest()[:8])
     lib = LlamaCpp(source, build / "bin")
     if all(lib.tool(t).exists() for t in TOOLS):
         return lib
@@ -63,7 +77,7 @@ def ensure_built(root: Path, version: str = LLAMA_CPP_PYTHON, jobs: int = 2) -> 
             tar.extractall(root, filter="data")
     _run(["cmake", "-S", source, "-B", build, "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF",
           "-DGGML_CUDA=OFF", "-DGGML_METAL=OFF", "-DGGML_VULKAN=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-          "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DBUILD_SHARED_LIBS=OFF"], log)
+          "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DBUILD_SHARED_LIBS=OFF", *cmake_flags], log)
     _run(["cmake", "--build", build, "--config", "Release", "-j", str(jobs), "--target", *TOOLS], log)
     return lib
 
@@ -178,9 +192,11 @@ def main(argv=None) -> None:
     ap.add_argument("--llama-dir", type=Path, default=DEFAULT_DIR)
     ap.add_argument("--build-only", action="store_true")
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--cmake-flags", default="", type=cmake_flags,
+                    help='extra cmake flags ("avx2": an AVX2-only build, no AVX-512 / AMX), their own build folder')
     args = ap.parse_args(argv)
     t0 = time.time()
-    lib = ensure_built(args.llama_dir, jobs=args.jobs)
+    lib = ensure_built(args.llama_dir, jobs=args.jobs, cmake_flags=args.cmake_flags)
     print(f"built {lib.bin} in {time.time() - t0:.0f} s")
 
 

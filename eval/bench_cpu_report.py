@@ -138,6 +138,7 @@ def write_report(result: dict, out: Path) -> str:
     lines = ["# CPU benchmark: moecompress vs llama.cpp", "",
              f"CPU: {cpu['model_name']} ({cpu['cpus']} CPUs), flags: {', '.join(cpu['flags'])}; "
              f"{result['threads']} threads. {_bandwidth_text(result)}",
+             *([result["emulation"]] if result.get("emulation") else []),
              f"Command: `{result['command']}` (wall {result['wall_s'] / 60:.1f} min, load average "
              f"{result['load'][0]:.1f} before, {result['load'][1]:.1f} after).",
              f"Prefill: one {s['prefill']}-token sequence. Decode: {s['gen']} tokens one step at a time with the KV "

@@ -11,6 +11,7 @@ two tokens are within TIE_TOL.
 """
 from __future__ import annotations
 
+import copy
 import gc
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ from moecompress.export.checkpoint import export_checkpoint
 from moecompress.runtime.kernels import cpu_features, cpu_lowbit, kernel_registry
 from moecompress.runtime.experts import packed_group
 from moecompress.runtime.cpu_step import CpuDecoder, StepPlan, UnsupportedModel
+from moecompress.runtime.cpu_step import decoder as decoder_module
 
 pytestmark = [pytest.mark.skipif(not cpu_lowbit.available(), reason="the low-bit C++ kernels are not built"),
               pytest.mark.usefixtures("one_thread")]  # tiny ops: threads only spin (test_two_threads checks them)
@@ -268,7 +270,8 @@ def unquantized(arch: str, dtype: torch.dtype):
         for p in model.parameters():
             if p.dim() >= 2:
                 p.normal_(0, 0.1, generator=torch.Generator().manual_seed(p.numel()))
-    return model.to(dtype).eval(), model.to(dtype).float().eval()
+    ref = copy.deepcopy(model).to(dtype).float().eval()  # Module.to is in place: a copy for the reference
+    return model.to(dtype).eval(), ref
 
 
 def step_errors(model, ref, ids, mask, extra, cache_len: int) -> tuple[list[float], float]:
@@ -382,3 +385,44 @@ def test_refmoe_bf16_step_equals_the_float32_forward(name, batch):
     extra = torch.randint(3, 1000, (batch, 5), generator=torch.Generator().manual_seed(9))
     errors, scale = step_errors(model, ref, ids, mask, extra, 40)
     assert max(errors) <= SUM_ORDER_TOL * scale, errors
+
+
+def _safetensors_rss() -> int:
+    """Resident bytes of this process's mappings of .safetensors files (/proc/self/smaps)."""
+    total, current = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if head and "-" in head[0] and not head[0].endswith(":"):
+                current = len(head) > 5 and head[5].endswith(".safetensors")
+            elif current and head[0] == "Rss:":
+                total += int(head[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not REF_MODEL.exists(), reason="../shared/models/refmoe-qwen3 is absent")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_decoder_drops_the_file_pages_of_experts_transformers_copied(monkeypatch):
+    """transformers copies an unquantized checkpoint's experts into fused tensors at load; their file pages stayed
+    resident beside the copies (every expert byte twice in RSS). The first decoder of the model drops them: what
+    stays resident of the file mappings is at most the tensors that still view them (+ a page each), before and
+    after generating, and the tokens equal those of the same model loaded again and decoded without the drop."""
+    from transformers import AutoModelForCausalLM
+
+    from moecompress.runtime.loading.file_pages import file_mappings
+
+    model = AutoModelForCausalLM.from_pretrained(REF_MODEL, dtype=torch.bfloat16).eval()
+    ranges = [(a, b) for a, b, _ in file_mappings()]
+    viewing = [t for t in (*model.parameters(), *model.buffers()) if any(a <= t.data_ptr() < b for a, b in ranges)]
+    viewed = sum(t.untyped_storage().nbytes() + 4096 for t in viewing)
+    experts = sum(t.nbytes for n, t in model.named_parameters() if ".experts." in n)
+    before = _safetensors_rss()
+    assert before > viewed + experts // 2  # the copied experts' pages are resident after load
+    decoder = CpuDecoder(model, max_cache_len=32, batch_size=2)
+    assert _safetensors_rss() <= viewed
+    ids = torch.randint(3, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    got = decoder.generate(ids, 8)
+    assert _safetensors_rss() <= viewed
+    monkeypatch.setattr(decoder_module, "release_unused", lambda model: 0)
+    kept = AutoModelForCausalLM.from_pretrained(REF_MODEL, dtype=torch.bfloat16).eval()
+    assert torch.equal(got, CpuDecoder(kept, 32, 2).generate(ids, 8))

@@ -2,8 +2,10 @@
 
 A batch-1 decode step of a small MoE model through transformers is mostly Python: ~60 small torch ops per layer
 (norms, attention glue, router, the linears' dispatch). llama.cpp runs its graph without Python between ops; so does
-this decoder. The prompt runs through the model's own forward (one call, fast enough), its KV cache is copied into
-the step's float32 cache, then each new token is one `DecodeStep.forward` (all layers, the logits) plus the pick;
+this decoder. The prompt runs through the model's own forward (one call, fast enough; a bf16 / float16 model's
+experts and attention linears through our float32-FMA GEMM on CPUs without native bf16, experts/cpu_prefill16.py),
+its KV cache is copied into the step's float32 cache, then each new token is one `DecodeStep.forward` (all layers, the
+logits) plus the pick;
 greedy generation runs all its steps, argmax included, in one C++ call (`greedy_steps`):
 
     from moecompress.runtime.cpu_step import CpuDecoder
@@ -25,19 +27,26 @@ from __future__ import annotations
 import torch
 
 from moecompress.errors import MoecompressError
+from moecompress.runtime.experts.cpu_prefill16 import Gemm16Prefill
 from moecompress.runtime.kernels import cpu_lowbit, heap, huge_pages
+from moecompress.runtime.loading.file_pages import release_unused
 from moecompress.runtime.cpu_step.plan import MAX_BATCH, QK_NORM_ID, StepPlan, UnsupportedModel
 from moecompress.runtime.sampling import check_request, pick_tokens
 
 
 def on_huge_pages(model, plan: StepPlan) -> int:
     """Move the weights the step streams (the model's own tensor objects, so that its forward reads them there too)
-    onto huge pages once per model (kernels/huge_pages.py) -> bytes moved by this call."""
+    onto huge pages once per model (kernels/huge_pages.py) -> bytes moved by this call. Then, also once per model,
+    drop the checkpoint's file pages that no tensor views any more (loading/file_pages.py): an unquantized model's
+    experts, which transformers copies into fused tensors at load, stay resident in the file mapping otherwise
+    (every expert byte counted twice in the process's RSS)."""
     if huge_pages.ATTR in model.__dict__:
         return 0
     wanted = {t.data_ptr() for t in plan.streamed()}
     own = [t for t in (*model.parameters(), *model.buffers()) if t.data_ptr() in wanted]
-    return huge_pages.move(model, own)
+    moved = huge_pages.move(model, own)
+    release_unused(model)
+    return moved
 
 
 def prompt_positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -87,8 +96,9 @@ class CpuDecoder:
         float32, positions [B, n])."""
         n = input_ids.shape[1]
         positions = prompt_positions(attention_mask)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
-                         logits_to_keep=1)
+        with Gemm16Prefill(self.model):  # 16-bit experts / attention linears through our GEMM where bf16 is slow
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                             use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
         for i, layer in enumerate(cache.layers):
             self.k_cache[i, :, :, :n].copy_(layer.keys)

@@ -9,6 +9,8 @@
   into a per-thread tile, (q - z) * s exact in float32 (bf16 where the CPU computes bf16 natively, see
   cpu_features.compute_dtype), and multiplied with at::mm. No more than one tile per thread is ever dequantized.
 - Threads: both split the work over (expert, block of weight rows) with at::parallel_for.
+- `linear16` / `moe_prefill16`: 16-bit (bf16 / float16) weights x float32 activations, for unquantized models on CPUs
+  without native bf16 (csrc/lowbit/gemm16.h: panels of weight rows converted to float32 once, a 6 x 16 FMA kernel).
 
 The module is compiled with torch.utils.cpp_extension on first use (tens of seconds, cached in torch's extension
 directory by machine type, torch version, flags and source; later loads import the build directly, extension.py).
@@ -137,3 +139,20 @@ def dequant_tile(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
                  slot: int, rows: tuple[int, int], isa: str) -> torch.Tensor:
     """Weight rows [rows[0], rows[1]) of one slot, float32 [r, k], in the ISA's block order (what `prefill` uses)."""
     return _module().dequant_tile(qweight, scales, _zeros(zeros), bits, group, slot, rows[0], rows[1], ISA_ID[isa])
+
+
+def linear16(x: torch.Tensor, weight: torch.Tensor, isa: str) -> torch.Tensor:
+    """x [M, k] @ weight [n, k]^T with bfloat16 / float16 weights, computed in float32 by the packed-panel GEMM
+    (csrc/lowbit/gemm16.h; AVX2 on the x86 SIMD ISAs, else portable C++): [M, n] in x's dtype."""
+    y = _module().linear16(x.float().contiguous(), weight.contiguous(), ISA_ID[isa])
+    return y.to(x.dtype)
+
+
+def moe_prefill16(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                  gate_up: torch.Tensor, down: torch.Tensor, isa: str) -> torch.Tensor:
+    """A MoE layer of many tokens from transformers' fused 16-bit experts (gate_up [E, 2I, H], down [E, H, I]) in one
+    call (csrc/lowbit/moe_prefill16.cpp): hidden [T, H], top_k_index / top_k_weights [T, K] -> [T, H] in hidden's
+    dtype; float32 in between."""
+    y = _module().moe_prefill16(hidden.float().contiguous(), top_k_index.long().contiguous(),
+                                top_k_weights.float().contiguous(), gate_up, down, ISA_ID[isa])
+    return y.to(hidden.dtype)

@@ -33,7 +33,8 @@ eval/bench_cpu.py at 4 bits: the int4 layout's decode ran 107 tok/s through tran
 step takes packed groups only; packed with q8_avx512_vnni in that step 333 tok/s; 4-bit prefill through packed_amx
 not measured there, 2-bit through it 1940 tok/s against 1635 for the int4 layout at 4 bits). **bf16 / float16 x and in_features >= Q8_PREFILL_MIN_IN, else the tiles.
 float32 x on AMX CPUs: the avx512_vnni row. ***Dense (one-expert) 4-bit groups with MOECOMPRESS_AMX_DENSE_INT4=1:
-int4_amx_dense, an int4 prefill copy beside the packed form (AMX_DENSE_INT4_ENV). 16-bit groups are plain matmuls and never looked up.
+int4_amx_dense, an int4 prefill copy beside the packed form (AMX_DENSE_INT4_ENV). 16-bit groups are plain matmuls and never looked up
+(unquantized bf16 / float16 models on CPUs without native bf16 prefill through experts/cpu_prefill16.py's GEMM).
 
 A whole MoE layer of at most cpu_moe.FUSED_MAX_TOKENS tokens (decode steps) runs in one C++ call (cpu_moe.py) when
 every group of its two projections takes a q8_* decode kernel here (all of one ISA) and the gate is the default

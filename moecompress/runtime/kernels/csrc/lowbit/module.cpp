@@ -203,6 +203,11 @@ torch::Tensor moe_prefill(torch::Tensor x, torch::Tensor topk_index, torch::Tens
 torch::Tensor prefill_q8(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor zeros, int64_t bits,
                          int64_t group, torch::Tensor slots, torch::Tensor starts, int64_t isa);
 int64_t prefill_gemm_min_rows(int64_t rows);
+// 16-bit weights x float32 activations (gemm16.cpp, moe_prefill16.cpp): the prefill of bf16 / float16 models on CPUs
+// without native bf16
+torch::Tensor linear16(torch::Tensor x, torch::Tensor w, int64_t isa);
+torch::Tensor moe_prefill16(torch::Tensor x, torch::Tensor topk_index, torch::Tensor topk_weights,
+                            torch::Tensor gate_up, torch::Tensor down, int64_t isa);
 }  // namespace mc_lowbit
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -219,6 +224,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("prefill_gemm_min_rows", &mc_lowbit::prefill_gemm_min_rows,
         "rows from which the prefill GEMM runs (sets it; < 0 reads it); returns the value before");
+  m.def("linear16", &mc_lowbit::linear16, "x float32 @ W^T, W bfloat16 / float16 [n, k]: the packed-panel FMA GEMM",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("moe_prefill16", &mc_lowbit::moe_prefill16,
+        "a MoE layer of many tokens, 16-bit fused experts gate_up [E, 2I, H] / down [E, H, I], float32 compute",
+        py::call_guard<py::gil_scoped_release>());
   m.def("block_order", &block_order_tensor, "lane of each input of a 32-input block in the SIMD kernels");
   mc_lowbit::bind_step(m);  // the whole-model decode step (step.cpp)
 }

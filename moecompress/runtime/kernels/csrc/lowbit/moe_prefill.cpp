@@ -182,18 +182,23 @@ torch::Tensor moe_prefill(torch::Tensor x, torch::Tensor topk_index, torch::Tens
   // the weighted sum per token, its experts in k order
   const float* w = topk_weights.data_ptr<float>();
   float* o = out.data_ptr<float>();
+  weighted_sum(row_of.data(), w, yd.data(), o, T, K, H);
+  return out;
+}
+
+void weighted_sum(const int64_t* row_of, const float* w, const float* rows, float* out, int64_t T, int64_t K,
+                  int64_t H) {
   at::parallel_for(0, T, 4, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t)
       for (int64_t k = 0; k < K; ++k) {
         const int64_t j = row_of[t * K + k];
         if (j < 0) continue;
         const float wk = w[t * K + k];
-        const float* src = &yd[j * H];
-        float* dst = o + t * H;
+        const float* src = rows + j * H;
+        float* dst = out + t * H;
         for (int64_t c = 0; c < H; ++c) dst[c] += src[c] * wk;
       }
   });
-  return out;
 }
 
 }  // namespace mc_lowbit
