@@ -13,7 +13,7 @@ from moecompress.runtime.kernels import cpu_features, cpu_lowbit
 
 pytestmark = pytest.mark.skipif(not cpu_lowbit.available(), reason="the low-bit C++ kernels are not built")
 
-ISAS = ["cpu:portable"] + (["cpu:avx2"] if cpu_features.detect().has("cpu:avx2") else [])
+ISAS = ["cpu:portable"] + [isa for isa in ("cpu:avx2", "cpu:avx512_vnni") if cpu_features.detect().has(isa)]
 SHAPES = [(1, 1, 1), (5, 17, 9), (6, 16, 256), (7, 64, 257), (13, 70, 300), (19, 129, 513), (40, 200, 64)]  # M, n, k
 U = 2.0 ** -24  # float32 unit roundoff
 

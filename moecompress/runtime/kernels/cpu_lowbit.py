@@ -143,7 +143,7 @@ def dequant_tile(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
 
 def linear16(x: torch.Tensor, weight: torch.Tensor, isa: str) -> torch.Tensor:
     """x [M, k] @ weight [n, k]^T with bfloat16 / float16 weights, computed in float32 by the packed-panel GEMM
-    (csrc/lowbit/gemm16.h; AVX2 on the x86 SIMD ISAs, else portable C++): [M, n] in x's dtype."""
+    (csrc/lowbit/gemm16.h; AVX-512F on cpu:avx512_vnni, AVX2 on cpu:avx2, else portable C++): [M, n] in x's dtype."""
     y = _module().linear16(x.float().contiguous(), weight.contiguous(), ISA_ID[isa])
     return y.to(x.dtype)
 

@@ -51,7 +51,8 @@ void gemm16_portable(const float* x, int64_t ldx, int64_t M, const uint16_t* w, 
 Gemm16Fn gemm16_kernel(int64_t isa) {
   decode_kernel(isa);  // checks the ISA
 #if defined(__x86_64__) || defined(_M_X64)
-  if (isa == kAvx2 || isa == kAvx512Vnni) return gemm16_avx2;
+  if (isa == kAvx512Vnni) return gemm16_avx512;
+  if (isa == kAvx2) return gemm16_avx2;
 #endif
   return gemm16_portable;
 }

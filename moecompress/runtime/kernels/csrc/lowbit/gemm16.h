@@ -29,8 +29,11 @@ void gemm16_portable(const float* x, int64_t ldx, int64_t M, const uint16_t* w, 
                      int64_t r1, float* y, int64_t ldy);
 void gemm16_avx2(const float* x, int64_t ldx, int64_t M, const uint16_t* w, int64_t type, int64_t k, int64_t r0,
                  int64_t r1, float* y, int64_t ldy);
+void gemm16_avx512(const float* x, int64_t ldx, int64_t M, const uint16_t* w, int64_t type, int64_t k, int64_t r0,
+                   int64_t r1, float* y, int64_t ldy);
 
-// The kernel of an Isa id (lowbit.h): AVX2 on the x86 SIMD ISAs, else the portable one.
+// The kernel of an Isa id (lowbit.h): AVX-512F on kAvx512Vnni (gemm16_avx512.cpp: two panels per step), AVX2 on
+// kAvx2, else the portable one.
 Gemm16Fn gemm16_kernel(int64_t isa);
 
 }  // namespace mc_lowbit
