@@ -10,7 +10,8 @@
   cpu_features.compute_dtype), and multiplied with at::mm. No more than one tile per thread is ever dequantized.
 - Threads: both split the work over (expert, block of weight rows) with at::parallel_for.
 - `linear16` / `moe_prefill16`: 16-bit (bf16 / float16) weights x float32 activations, for unquantized models on CPUs
-  without native bf16 (csrc/lowbit/gemm16.h: panels of weight rows converted to float32 once, a 6 x 16 FMA kernel).
+  without native bf16 (csrc/lowbit/gemm16.h: panels of weight rows converted to float32 once, a 6 x 16 FMA kernel
+  on AVX2, 6 x 32 on AVX-512).
 
 The module is compiled with torch.utils.cpp_extension on first use (tens of seconds, cached in torch's extension
 directory by machine type, torch version, flags and source; later loads import the build directly, extension.py).
