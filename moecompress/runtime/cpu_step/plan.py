@@ -176,11 +176,7 @@ def _unpacked_experts(experts, mlp, i: int, isa: str) -> cpu_moe.FusedLayer:
     if not all(isinstance(w, torch.Tensor) and w.dim() == 3 for w in (gate_up, down)):
         _refuse(f"layer {i}: its MLP is not a MoE layer the step reads ({type(experts or mlp).__name__}: dense MLP "
                 "layers, and experts without 3-D gate_up_proj / down_proj, are not read by the step)")
-    layout = (getattr(experts, "has_gate", True), getattr(experts, "is_concatenated", True),
-              getattr(experts, "is_transposed", False), getattr(experts, "has_bias", False),
-              getattr(experts, "has_post_expert_norm", False))
-    if layout != (True, True, False, False, False) or not cpu_moe.gated_silu_fn(
-            experts, getattr(type(experts), "_apply_gate", None)):
+    if not cpu_moe.plain_fused_experts(experts):
         _refuse(f"layer {i}: experts other than [gate; up] -> SiLU(gate) * up -> down without biases "
                 "(transposed, interleaved, biased or post-normed experts, or another activation)")
     if gate_up.device.type != "cpu" or down.device.type != "cpu":

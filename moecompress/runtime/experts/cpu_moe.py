@@ -102,6 +102,16 @@ def gated_silu_fn(module, gate_fn) -> bool:
     return gate_fn is _default_apply_gate and isinstance(getattr(module, "act_fn", None), (SiLUActivation, torch.nn.SiLU))
 
 
+def plain_fused_experts(experts) -> bool:
+    """transformers' fused experts in the layout the C++ MoE calls compute: [gate; up] concatenated, not transposed,
+    no biases, no post-expert norm, SiLU(gate) * up by the default gate function."""
+    layout = (getattr(experts, "has_gate", True), getattr(experts, "is_concatenated", True),
+              getattr(experts, "is_transposed", False), getattr(experts, "has_bias", False),
+              getattr(experts, "has_post_expert_norm", False))
+    gate_fn = getattr(type(experts), "_apply_gate", None)
+    return layout == (True, True, False, False, False) and gated_silu_fn(experts, gate_fn)
+
+
 def build_layer(module, dtype: torch.dtype, dense: bool = False) -> FusedLayer | None:
     """dense: 16-bit groups join the call too (moe.cpp computes them in float32 with its dense GEMV; the whole-model
     decode step, cpu_step/, uses that), else a layer holding any is left to the general path."""

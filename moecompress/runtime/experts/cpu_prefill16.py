@@ -81,12 +81,8 @@ def fits(experts: nn.Module) -> bool:
     if not all(isinstance(w, torch.Tensor) and w.dim() == 3 and w.dtype in DTYPES and w.device.type == "cpu"
                and w.is_contiguous() for w in (gate_up, down)):
         return False
-    layout = (getattr(experts, "has_gate", True), getattr(experts, "is_concatenated", True),
-              getattr(experts, "is_transposed", False), getattr(experts, "has_bias", False),
-              getattr(experts, "has_post_expert_norm", False))
-    return (layout == (True, True, False, False, False) and gate_up.dtype == down.dtype
-            and gate_up.shape[1] == 2 * down.shape[2] and gate_up.shape[2] == down.shape[1]
-            and cpu_moe.gated_silu_fn(experts, getattr(type(experts), "_apply_gate", None)))
+    return (gate_up.dtype == down.dtype and gate_up.shape[1] == 2 * down.shape[2]
+            and gate_up.shape[2] == down.shape[1] and cpu_moe.plain_fused_experts(experts))
 
 
 def _linear_forward(module: nn.Linear, isa: str):

@@ -1,21 +1,15 @@
 // The 16-bit-weight GEMM (gemm16.h): its portable version, the dispatch, and the dense linear's torch op.
 #include <ATen/Parallel.h>
 #include <algorithm>
-#include <cstring>
 #include <vector>
+#include "dense.h"
 #include "gemm16.h"
 #include "ops.h"
 
 namespace mc_lowbit {
 namespace {
 
-float value16(uint16_t h, int64_t type) {
-  if (type == kF16) return half_to_float(h);
-  const uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+float value16(uint16_t h, int64_t type) { return type == kF16 ? half_to_float(h) : bf16_value(h); }
 
 }  // namespace
 

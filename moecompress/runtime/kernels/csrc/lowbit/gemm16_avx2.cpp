@@ -1,11 +1,11 @@
 // The AVX2 + FMA + F16C GEMM of 16-bit weights x float32 activations (gemm16.h): panels of 16 weight rows converted
 // to float32 by an 8 x 8 transposition, a 6 x 16 register-blocked FMA micro-kernel.
+#include "dense.h"
 #include "gemm16.h"
 #if defined(__x86_64__) || defined(_M_X64)
 // every header before the target pragma: no inline function of theirs is compiled for this ISA alone
 #include <immintrin.h>
 #include <algorithm>
-#include <cstring>
 #include <vector>
 #pragma GCC target("avx2,fma,f16c")
 
@@ -59,12 +59,9 @@ inline void micro(const float* x, int64_t ldx, const float* wp, int64_t kc, floa
 struct Avx2 {
   static constexpr int64_t kPanelsPerStep = 1;
   template <int MR>
-  static void rows(const float* x, int64_t ldx, const float* buf, int64_t panels, int64_t kc, int64_t r0, int64_t r1,
-                   float* y, int64_t ldy, bool accumulate) {
-    for (int64_t p = 0; p < panels; ++p) {
-      const int64_t r = r0 + p * kNr16;
-      micro<MR>(x, ldx, buf + p * kKc16 * kNr16, kc, y + r, ldy, std::min<int64_t>(kNr16, r1 - r), accumulate);
-    }
+  static void tile(const float* x, int64_t ldx, const float* wp, int64_t kc, float* c, int64_t ldc, int64_t cols,
+                   bool accumulate) {
+    micro<MR>(x, ldx, wp, kc, c, ldc, cols, accumulate);
   }
 };
 

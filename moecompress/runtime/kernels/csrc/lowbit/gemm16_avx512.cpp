@@ -2,12 +2,12 @@
 // Skylake-SP to Ice Lake; with AVX512_BF16 or AMX torch's bf16 matmul runs natively and is faster): the AVX2 file's
 // panels (gemm16_x86.h), two at a time: a 6 x 32 micro-kernel, one 16-float vector per panel and x row (12
 // accumulators of 32 registers), per input two panel loads, six broadcasts of x, twelve FMAs.
+#include "dense.h"
 #include "gemm16.h"
 #if defined(__x86_64__) || defined(_M_X64)
 // every header before the target pragma: no inline function of theirs is compiled for this ISA alone
 #include <immintrin.h>
 #include <algorithm>
-#include <cstring>
 #include <vector>
 #pragma GCC target("avx512f,avx2,fma,f16c")
 
@@ -52,12 +52,9 @@ inline void micro2(const float* x, int64_t ldx, const float* wp, int64_t kc, flo
 struct Avx512 {
   static constexpr int64_t kPanelsPerStep = 2;
   template <int MR>
-  static void rows(const float* x, int64_t ldx, const float* buf, int64_t panels, int64_t kc, int64_t r0, int64_t r1,
-                   float* y, int64_t ldy, bool accumulate) {
-    for (int64_t p = 0; p < panels; p += 2) {
-      const int64_t r = r0 + p * kNr16;
-      micro2<MR>(x, ldx, buf + p * kKc16 * kNr16, kc, y + r, ldy, std::min<int64_t>(2 * kNr16, r1 - r), accumulate);
-    }
+  static void tile(const float* x, int64_t ldx, const float* wp, int64_t kc, float* c, int64_t ldc, int64_t cols,
+                   bool accumulate) {
+    micro2<MR>(x, ldx, wp, kc, c, ldc, cols, accumulate);
   }
 };
 

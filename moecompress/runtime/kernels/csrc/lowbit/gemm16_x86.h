@@ -1,39 +1,15 @@
 // What the x86 GEMMs of 16-bit weights share (gemm16.h): the conversion of a panel of weight rows to float32 and
 // the blocking over kKc16 inputs. Included by gemm16_avx2.cpp and gemm16_avx512.cpp after their target pragma and
 // inside their anonymous namespace, so that each compiles it for its own ISA; needs <immintrin.h>, <algorithm>,
-// <cstring>, <vector>.
+// <vector> and dense.h (bf16_value).
+#include "transpose_x86.h"
 
 inline __m256 cvt8(const uint16_t* p, int64_t type) {  // 8 bfloat16 / float16 -> float32
   const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return type == kBf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)) : _mm256_cvtph_ps(h);
 }
 
-inline float cvt1(uint16_t h, int64_t type) {
-  if (type == kF16) return _cvtsh_ss(h);
-  const uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-// v[i]: 8 floats of row i -> v[j]: element j of rows 0..7
-inline void transpose8(__m256 v[8]) {
-  __m256 t[8], u[8];
-  for (int i = 0; i < 8; i += 2) {
-    t[i] = _mm256_unpacklo_ps(v[i], v[i + 1]);
-    t[i + 1] = _mm256_unpackhi_ps(v[i], v[i + 1]);
-  }
-  for (int i = 0; i < 8; i += 4) {
-    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
-    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
-    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-  }
-  for (int j = 0; j < 4; ++j) {
-    v[j] = _mm256_permute2f128_ps(u[j], u[j + 4], 0x20);
-    v[j + 4] = _mm256_permute2f128_ps(u[j], u[j + 4], 0x31);
-  }
-}
+inline float cvt1(uint16_t h, int64_t type) { return type == kF16 ? _cvtsh_ss(h) : bf16_value(h); }
 
 // Rows r .. r + rows (rows <= 16; the panel's other rows 0) of W, inputs k0 .. k0 + kc -> dst[kk * 16 + i].
 void pack_panel(const uint16_t* w, int64_t type, int64_t k, int64_t r, int64_t rows, int64_t k0, int64_t kc,
@@ -46,19 +22,32 @@ void pack_panel(const uint16_t* w, int64_t type, int64_t k, int64_t r, int64_t r
       continue;
     }
     for (int64_t kk = 0; kk < kc8; kk += 8) {
-      __m256 v[8];
-      for (int i = 0; i < 8; ++i) v[i] = i < n ? cvt8(w + (r + base + i) * k + k0 + kk, type) : _mm256_setzero_ps();
+      __m256i v[8];  // float32 bits
+      for (int i = 0; i < 8; ++i)
+        v[i] = i < n ? _mm256_castps_si256(cvt8(w + (r + base + i) * k + k0 + kk, type)) : _mm256_setzero_si256();
       transpose8(v);
-      for (int j = 0; j < 8; ++j) _mm256_storeu_ps(dst + (kk + j) * 16 + base, v[j]);
+      for (int j = 0; j < 8; ++j) _mm256_storeu_ps(dst + (kk + j) * 16 + base, _mm256_castsi256_ps(v[j]));
     }
     for (int64_t kk = kc8; kk < kc; ++kk)
       for (int i = 0; i < 8; ++i) dst[kk * 16 + base + i] = i < n ? cvt1(w[(r + base + i) * k + k0 + kk], type) : 0.f;
   }
 }
 
+// MR x rows against every step of the unit's panels: Kernel::tile<MR>(x, ldx, step's first panel, kc, y's columns,
+// ldy, columns stored, accumulate).
+template <class Kernel, int MR>
+void unit_rows(const float* x, int64_t ldx, const float* buf, int64_t panels, int64_t kc, int64_t r0, int64_t r1,
+               float* y, int64_t ldy, bool accumulate) {
+  for (int64_t p = 0; p < panels; p += Kernel::kPanelsPerStep) {
+    const int64_t r = r0 + p * kNr16;
+    Kernel::template tile<MR>(x, ldx, buf + p * kKc16 * kNr16, kc, y + r, ldy,
+                              std::min<int64_t>(Kernel::kPanelsPerStep * kNr16, r1 - r), accumulate);
+  }
+}
+
 // The blocking (gemm16.h's GEMM contract): for each block of kKc16 inputs, the next block prefetched into L2, the
 // unit's panels packed into a per-thread buffer (rounded up to Kernel::kPanelsPerStep with zero panels), then
-// Kernel::rows<MR> over x's rows 6 at a time and the 1-5 left.
+// Kernel::tile<MR> on each step of kPanelsPerStep panels, over x's rows 6 at a time and the 1-5 left.
 template <class Kernel>
 void gemm16_blocked(const float* x, int64_t ldx, int64_t M, const uint16_t* w, int64_t type, int64_t k, int64_t r0,
                     int64_t r1, float* y, int64_t ldy) {
@@ -83,15 +72,15 @@ void gemm16_blocked(const float* x, int64_t ldx, int64_t M, const uint16_t* w, i
     const bool acc = k0 > 0;
     int64_t m = 0;
     for (; m + 6 <= M; m += 6)
-      Kernel::template rows<6>(x + m * ldx + k0, ldx, buf.data(), panels, kc, r0, r1, y + m * ldy, ldy, acc);
+      unit_rows<Kernel, 6>(x + m * ldx + k0, ldx, buf.data(), panels, kc, r0, r1, y + m * ldy, ldy, acc);
     const float* xm = x + m * ldx + k0;
     float* ym = y + m * ldy;
     switch (M - m) {
-      case 5: Kernel::template rows<5>(xm, ldx, buf.data(), panels, kc, r0, r1, ym, ldy, acc); break;
-      case 4: Kernel::template rows<4>(xm, ldx, buf.data(), panels, kc, r0, r1, ym, ldy, acc); break;
-      case 3: Kernel::template rows<3>(xm, ldx, buf.data(), panels, kc, r0, r1, ym, ldy, acc); break;
-      case 2: Kernel::template rows<2>(xm, ldx, buf.data(), panels, kc, r0, r1, ym, ldy, acc); break;
-      case 1: Kernel::template rows<1>(xm, ldx, buf.data(), panels, kc, r0, r1, ym, ldy, acc); break;
+      case 5: unit_rows<Kernel, 5>(xm, ldx, buf.data(), panels, kc, r0, r1, ym, ldy, acc); break;
+      case 4: unit_rows<Kernel, 4>(xm, ldx, buf.data(), panels, kc, r0, r1, ym, ldy, acc); break;
+      case 3: unit_rows<Kernel, 3>(xm, ldx, buf.data(), panels, kc, r0, r1, ym, ldy, acc); break;
+      case 2: unit_rows<Kernel, 2>(xm, ldx, buf.data(), panels, kc, r0, r1, ym, ldy, acc); break;
+      case 1: unit_rows<Kernel, 1>(xm, ldx, buf.data(), panels, kc, r0, r1, ym, ldy, acc); break;
       default: break;
     }
   }

@@ -12,24 +12,7 @@
 namespace mc_lowbit {
 namespace {
 
-// v[i] holds eight 32-bit words of row i; afterwards v[j] holds word j of rows 0..7.
-inline void transpose8(__m256i v[8]) {
-  __m256i t[8], u[8];
-  for (int i = 0; i < 8; i += 2) {
-    t[i] = _mm256_unpacklo_epi32(v[i], v[i + 1]);
-    t[i + 1] = _mm256_unpackhi_epi32(v[i], v[i + 1]);
-  }
-  for (int i = 0; i < 8; i += 4) {
-    u[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
-    u[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
-    u[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
-    u[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
-  }
-  for (int j = 0; j < 4; ++j) {
-    v[j] = _mm256_permute2x128_si256(u[j], u[j + 4], 0x20);
-    v[j + 4] = _mm256_permute2x128_si256(u[j], u[j + 4], 0x31);
-  }
-}
+#include "transpose_x86.h"
 
 // Weight rows r .. r + 8 of expert e -> wp[b * 8 + q]: lanes 4q .. 4q + 3 of block b of the 8 rows (8-bit: q - 128);
 // fac[g * 16 + i] = s of row i, fac[g * 16 + 8 + i] = s * (z - shift) of row i, group g.

@@ -16,10 +16,6 @@
 #include "ops.h"
 
 namespace mc_lowbit {
-
-int64_t type16(const torch::Tensor& w);  // gemm16.cpp
-const uint16_t* bits16(const torch::Tensor& w);
-
 namespace {
 
 // Pairs [P] sorted by expert, starts[e] .. starts[e + 1] those of expert e; x [P, k] -> y [P, n] per expert.

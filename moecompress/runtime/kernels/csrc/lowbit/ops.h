@@ -58,6 +58,10 @@ void moe_decode_into(const MoeLayer& L, const float* x, int64_t T, const int64_t
 // The decode step of a whole model (step.cpp): its Python classes StepLinear and DecodeStep.
 void bind_step(py::module& m);
 
+// A 16-bit weight tensor's WType16 (checked: bfloat16 or float16) and its bits (gemm16.cpp).
+int64_t type16(const torch::Tensor& w);
+const uint16_t* bits16(const torch::Tensor& w);
+
 // out[t] += sum over k of w[t, k] * rows[row_of[t, k]] (rows [P, H]; row_of -1: skipped), tokens in parallel, each
 // token's experts in k order (moe_prefill.cpp; the packed and the 16-bit prefill calls share it).
 void weighted_sum(const int64_t* row_of, const float* w, const float* rows, float* out, int64_t T, int64_t K,
