@@ -17,6 +17,21 @@ from moecompress.quantize.stage import QuantizeOptions, quantize_model
 MIXED = (2, 3, 4, 8, 16)
 
 
+def decode_logits(model, ids: torch.Tensor, prompt: int = 0) -> list[torch.Tensor]:
+    """Each call's logits: ids[:, :prompt] in one call (when prompt > 0), then one token per call with the KV cache."""
+    past, logits = None, []
+    with torch.no_grad():
+        if prompt:
+            out = model(ids[:, :prompt], use_cache=True)
+            past = out.past_key_values
+            logits.append(out.logits)
+        for i in range(prompt, ids.shape[1]):
+            out = model(ids[:, i:i + 1], past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            logits.append(out.logits)
+    return logits
+
+
 def mixed_plan(layout, group_size: int = 32, symmetric: bool = False, linears: dict | None = None) -> BitPlan:
     """Every bit-width in every layer: expert e of layer l gets MIXED[(e + l + proj) % 5]."""
     experts = {

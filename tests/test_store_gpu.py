@@ -14,6 +14,7 @@ from moecompress.runtime import cuda
 from moecompress.runtime.experts.packed_experts import PackedExperts
 from moecompress.runtime.store import StoreConfig, attach_store, detach_store
 
+from helpers import decode_logits
 from test_store_slots import build_packed_checkpoint
 
 pytestmark = pytest.mark.skipif(not cuda.available(), reason=f"GPU slot table: {cuda.unavailable_reason()}")
@@ -29,21 +30,10 @@ def _model(ckpt):
     return moecompress.from_pretrained(ckpt, dtype=torch.bfloat16, verify=False, device_map="cuda").eval()
 
 
-def _decode(model, ids) -> list[torch.Tensor]:
-    """Every step's logits, one token per step with a KV cache (every MoE call takes the pair path)."""
-    past, outs = None, []
-    with torch.no_grad():
-        for t in range(ids.shape[1]):
-            out = model(ids[:, t:t + 1], past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            outs.append(out.logits)
-    return outs
-
-
 @pytest.fixture(scope="module")
 def reference(ckpt):
     ids = torch.randint(0, 100, (1, STEPS), generator=torch.Generator().manual_seed(0)).cuda()
-    return ids, _decode(_model(ckpt), ids)
+    return ids, decode_logits(_model(ckpt), ids)
 
 
 @pytest.mark.parametrize("graphs", [False, True])  # True: each layer call one CUDA graph replay (slot_graphs.py)
@@ -62,7 +52,7 @@ def test_slot_path_equals_the_resident_kernels_at_every_budget(ckpt, reference, 
         tier = store.cache.tier
         try:
             assert store.slot_path is not None
-            got = _decode(model, ids)
+            got = decode_logits(model, ids)
             c = store.counters()
         finally:
             detach_store(modules)
@@ -96,8 +86,8 @@ def test_a_step_adds_no_host_sync(ckpt, reference, graphs):
     fields = PREDICT if graphs == "predict" else dict(policy="lru", gpu_graphs=graphs)
     store = attach_store(model, ckpt, StoreConfig(budget=1 << 40, tier="pinned", gpu_slots=True, **fields))
     try:
-        _decode(model, ids[:, :4])  # every expert read in and seen resident (the host-memory plan skipped)
-        _decode(model, ids[:, :4])
+        decode_logits(model, ids[:, :4])  # every expert read in and seen resident (the host-memory plan skipped)
+        decode_logits(model, ids[:, :4])
         store.counters()  # the bookkeeping thread idle
         counts = []
         for m in (resident, model):
@@ -106,7 +96,7 @@ def test_a_step_adds_no_host_sync(ckpt, reference, graphs):
                 warnings.simplefilter("always")
                 torch.cuda.set_sync_debug_mode("warn")
                 try:
-                    _decode(m, ids[:, :2])
+                    decode_logits(m, ids[:, :2])
                 finally:
                     torch.cuda.set_sync_debug_mode("default")
             counts.append(sum("synchroniz" in str(w.message) for w in caught))
@@ -147,7 +137,7 @@ def test_graph_prediction_is_the_routers_and_never_changes_outputs(ckpt, referen
 
     book.handle = logged
     try:
-        got = _decode(model, ids)
+        got = decode_logits(model, ids)
         c = store.counters()
         queued = len(store.prefetcher.requests)  # (the prefetch threads': the bookkeeping thread read ahead itself)
     finally:

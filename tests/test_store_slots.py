@@ -16,7 +16,7 @@ from moecompress.format.pack import unpack
 from moecompress.runtime.experts.packed_experts import PackedExperts
 from moecompress.runtime.store.slots import HostExperts, SlotTable, slot_table_supported
 
-from helpers import quantize_tiny
+from helpers import decode_logits, quantize_tiny
 
 PACKED_BITS = (2, 3, 4, 8)
 
@@ -219,10 +219,7 @@ def test_store_on_the_slot_table(tmp_path_factory, modules, share, fields):
         store.cache.tier.host, store.cache.tier.slots = host, table
         store.slot_path = SlotPath(store, _CpuSlotLayers(table))
         ids = torch.tensor([[5, 17, 3, 99, 42, 7, 64, 8, 11, 23]])
-        past = None
-        with torch.no_grad():
-            for i in range(ids.shape[1]):
-                past = model(ids[:, i:i + 1], past_key_values=past, use_cache=True).past_key_values
+        decode_logits(model, ids)
         c = store.counters()
         layers = store.slot_path.layers
         assert c["slot_error"] is None and layers.calls == ids.shape[1] * len(mods) and layers.mismatches == 0
@@ -271,16 +268,8 @@ def test_per_expert_path_over_the_slot_table(tmp_path_factory, modules):
                           {layer: m.num_experts for layer, m in mods.items()})
         store.cache.tier.host, store.cache.tier.slots = host, table
         store.slot_path = SlotPath(store, _DecodeOnly(table))
-        outs = []
-        for m in (resident, model):
-            with torch.no_grad():
-                out = m(ids[:, :6], use_cache=True)  # the prompt: the per-expert path
-                logits, past = [out.logits], out.past_key_values
-                for i in range(6, ids.shape[1]):  # then one token per call: the slot path
-                    out = m(ids[:, i:i + 1], past_key_values=past, use_cache=True)
-                    logits.append(out.logits)
-                    past = out.past_key_values
-            outs.append(logits)
+        # the prompt (6 tokens) takes the per-expert path, then one token per call the slot path
+        outs = [decode_logits(m, ids, prompt=6) for m in (resident, model)]
         c = store.counters()
         layers = store.slot_path.layers
         assert layers.calls == (ids.shape[1] - 6) * len(mods) and layers.mismatches == 0
@@ -384,10 +373,7 @@ def test_graph_records_are_read_before_they_are_overwritten(tmp_path_factory, mo
 
         path.book.handle, path.book.drain = held_account, opening_drain
         ids = torch.tensor([[5, 17, 3, 99, 42, 7, 64, 8]])
-        past = None
-        with torch.no_grad():
-            for i in range(ids.shape[1]):
-                past = model(ids[:, i:i + 1], past_key_values=past, use_cache=True).past_key_values
+        decode_logits(model, ids)
         c = store.counters()
         layers = path.layers
         assert c["graph_error"] is None and c["graph_waits"] >= 1
@@ -413,12 +399,7 @@ def _decode_on_cpu_graphs(ckpt, mods, config, predictor=None, steps: int = 10):
         store.cache.tier.host, store.cache.tier.slots = host, table
         store.slot_path = SlotPath(store, _CpuGraphLayers(table))
         ids = torch.tensor([[5, 17, 3, 99, 42, 7, 64, 8, 11, 23, 1, 77][:steps]])
-        past, logits = None, []
-        with torch.no_grad():
-            for i in range(ids.shape[1]):
-                out = model(ids[:, i:i + 1], past_key_values=past, use_cache=True)
-                past = out.past_key_values
-                logits.append(out.logits)
+        logits = decode_logits(model, ids)
         c = store.counters()
         c["requests_left"] = None if store.prefetcher is None else len(store.prefetcher.requests)
         assert set(table.taken) == set(store.cache.slots)
